@@ -1,0 +1,647 @@
+//! Typed configuration: defaults, the environment variables of the Python
+//! program it replaces, command-line flags, and validation with messages that
+//! name the setting to fix.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::auth::{JwtSettings, JwtVerifier, parse_algorithm};
+
+/// The upstream path KubeVirt serves VNC at.
+pub const DEFAULT_API_PATH: &str = "/apis/subresources.kubevirt.io/v1/namespaces/{namespace}/virtualmachineinstances/{vmi_name}/vnc";
+
+/// One configuration option: its variable, its flag, its default, its meaning.
+/// This table drives flag parsing and `--help`, so the two cannot disagree.
+struct Opt {
+    var: &'static str,
+    flag: &'static str,
+    default: &'static str,
+    help: &'static str,
+}
+
+const OPTIONS: &[Opt] = &[
+    Opt {
+        var: "HOST",
+        flag: "--host",
+        default: "0.0.0.0",
+        help: "address to listen on",
+    },
+    Opt {
+        var: "PORT",
+        flag: "--port",
+        default: "5001",
+        help: "port to listen on",
+    },
+    Opt {
+        var: "HOST_PATH_PREFIX",
+        flag: "--host-path-prefix",
+        default: "",
+        help: "one leading path segment to expect and strip (behind a reverse proxy)",
+    },
+    Opt {
+        var: "SECRET_KEY",
+        flag: "--secret-key",
+        default: "",
+        help: "HMAC secret for HS* tokens (required unless JWT_PUBLIC_KEY_FILE is set)",
+    },
+    Opt {
+        var: "JWT_ALGORITHMS",
+        flag: "--jwt-algorithms",
+        default: "HS256",
+        help: "accepted algorithms, comma-separated: HS256/384/512, RS256/384/512, PS256/384/512, ES256/384, EdDSA",
+    },
+    Opt {
+        var: "JWT_PUBLIC_KEY_FILE",
+        flag: "--jwt-public-key-file",
+        default: "",
+        help: "PEM public key for the asymmetric algorithms",
+    },
+    Opt {
+        var: "JWT_LEEWAY_SECONDS",
+        flag: "--jwt-leeway-seconds",
+        default: "30",
+        help: "clock skew allowed on exp and nbf",
+    },
+    Opt {
+        var: "LOCAL_DEV_MODE",
+        flag: "--local-dev-mode",
+        default: "false",
+        help: "true: plain ws:// upstream at WS_REMOTE_URL; false: in-cluster mode",
+    },
+    Opt {
+        var: "WS_REMOTE_URL",
+        flag: "--ws-remote-url",
+        default: "ws://localhost:8001",
+        help: "upstream base URL in local dev mode",
+    },
+    Opt {
+        var: "API_PATH",
+        flag: "--api-path",
+        default: DEFAULT_API_PATH,
+        help: "upstream path template with {namespace} and {vmi_name}",
+    },
+    Opt {
+        var: "LOGLEVEL",
+        flag: "--loglevel",
+        default: "INFO",
+        help: "DEBUG, INFO, WARNING or ERROR (RUST_LOG wins when set)",
+    },
+    Opt {
+        var: "MAX_REQUEST_HEAD_BYTES",
+        flag: "--max-request-head-bytes",
+        default: "8192",
+        help: "largest client request head accepted (431 above)",
+    },
+    Opt {
+        var: "HANDSHAKE_TIMEOUT_SECONDS",
+        flag: "--handshake-timeout-seconds",
+        default: "10",
+        help: "time a client has to send its request head (408 after)",
+    },
+    Opt {
+        var: "UPSTREAM_TIMEOUT_SECONDS",
+        flag: "--upstream-timeout-seconds",
+        default: "10",
+        help: "time the upstream has to connect and answer the upgrade (504 after)",
+    },
+    Opt {
+        var: "RELAY_BUFFER_BYTES",
+        flag: "--relay-buffer-bytes",
+        default: "65536",
+        help: "size of the fixed buffer per relay direction",
+    },
+    Opt {
+        var: "MAX_FRAME_SIZE",
+        flag: "--max-frame-size",
+        default: "67108864",
+        help: "largest frame payload relayed (close 1009 above)",
+    },
+];
+
+/// A configuration problem: which setting, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The environment variable (or flag) at fault.
+    pub var: String,
+    /// What is wrong, in words an operator can act on.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(var: &str, message: impl Into<String>) -> Self {
+        ConfigError {
+            var: var.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "configuration error: {}: {}", self.var, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where to reach the upstream (KubeVirt's API, `kubectl proxy`, or a
+/// stand-in): a plain `ws://` URL in local dev mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    /// Host name or IP literal (without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Path prefix from the URL, without a trailing slash (often empty).
+    pub base_path: String,
+}
+
+impl UpstreamUrl {
+    /// Parse `ws://host[:port][/path]`.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let rest = if let Some(rest) = url.strip_prefix("ws://") {
+            rest
+        } else if url.starts_with("wss://") {
+            return Err("wss:// upstreams are not supported yet; use a ws:// URL".into());
+        } else {
+            return Err(format!("'{url}' is not a ws:// URL"));
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if path.contains(['?', '#']) {
+            return Err("the URL must not have a query or fragment".into());
+        }
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, after) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("unclosed '[' in '{url}'"))?;
+            (h, after.strip_prefix(':'))
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            }
+        };
+        if host.is_empty() || host.contains('@') {
+            return Err(format!("'{url}' has no usable host"));
+        }
+        let port = match port {
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("'{p}' is not a port number"))?,
+            None => 80,
+        };
+        Ok(UpstreamUrl {
+            host: host.to_owned(),
+            port,
+            base_path: path.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// The `Host` header value for this upstream.
+    pub fn host_header(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        if self.port == 80 {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+}
+
+/// Everything the proxy needs to run. Build it with [`Config::from_env`] (as
+/// the binary does), [`Config::from_sources`], or in code from
+/// [`Config::local_dev`] and then adjust fields.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to listen on (`HOST`).
+    pub host: String,
+    /// Port to listen on (`PORT`); 0 picks a free port.
+    pub port: u16,
+    /// One path segment expected before the token (`HOST_PATH_PREFIX`).
+    pub path_prefix: Option<String>,
+    /// Keys and algorithms for tokens.
+    pub jwt: JwtSettings,
+    /// Where the upstream is (`WS_REMOTE_URL`).
+    pub upstream: UpstreamUrl,
+    /// Upstream path template (`API_PATH`).
+    pub api_path: String,
+    /// Log level name (`LOGLEVEL`), used by the binary to set up logging.
+    pub log_level: log::LevelFilter,
+    /// Largest request head accepted.
+    pub max_head_bytes: usize,
+    /// Time a client has to send its request head.
+    pub handshake_timeout: Duration,
+    /// Time the upstream has to connect and answer the upgrade.
+    pub upstream_timeout: Duration,
+    /// Bytes per relay buffer (one per direction, only while data is in flight).
+    pub buffer_size: usize,
+    /// Largest frame payload relayed.
+    pub max_frame_size: u64,
+    /// Time allowed for the closing handshake and for lingering after a
+    /// refusal before a socket is closed regardless.
+    pub close_timeout: Duration,
+}
+
+/// What the command line asked for.
+#[derive(Debug)]
+pub enum Command {
+    /// Run the proxy with this configuration.
+    Run(Box<Config>),
+    /// Print the help text.
+    Help,
+    /// Print the version.
+    Version,
+}
+
+impl Config {
+    /// A local-dev-mode configuration with defaults, for use in code: the
+    /// upstream at `remote_url` (`ws://…`), HS256 with `secret`, listening on
+    /// 127.0.0.1 on a free port.
+    pub fn local_dev(remote_url: &str, secret: &[u8]) -> Result<Config, ConfigError> {
+        let mut c = Self::from_sources(
+            [
+                ("LOCAL_DEV_MODE".to_owned(), "true".to_owned()),
+                ("WS_REMOTE_URL".to_owned(), remote_url.to_owned()),
+                ("HOST".to_owned(), "127.0.0.1".to_owned()),
+                ("PORT".to_owned(), "0".to_owned()),
+            ],
+            Vec::<String>::new(),
+        )
+        .and_then(|c| match c {
+            Command::Run(c) => Ok(*c),
+            _ => Err(ConfigError::new("args", "unexpected command")),
+        })?;
+        c.jwt.secret = Some(secret.to_vec());
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Read the process environment and command line.
+    pub fn from_env() -> Result<Command, ConfigError> {
+        Self::from_sources(std::env::vars(), std::env::args().skip(1))
+    }
+
+    /// Build from explicit environment pairs and arguments; a flag wins over
+    /// its variable.
+    pub fn from_sources(
+        env: impl IntoIterator<Item = (String, String)>,
+        args: impl IntoIterator<Item = String>,
+    ) -> Result<Command, ConfigError> {
+        let mut values: Vec<(&'static str, String)> = Vec::new();
+        let known: Vec<(String, String)> = env.into_iter().collect();
+        for opt in OPTIONS {
+            if let Some((_, v)) = known.iter().find(|(k, _)| k == opt.var) {
+                values.push((opt.var, v.clone()));
+            }
+        }
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "-h" | "--help" => return Ok(Command::Help),
+                "-V" | "--version" => return Ok(Command::Version),
+                _ => {}
+            }
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) => (f.to_owned(), Some(v.to_owned())),
+                None => (arg.clone(), None),
+            };
+            let Some(opt) = OPTIONS.iter().find(|o| o.flag == flag) else {
+                return Err(ConfigError::new(&arg, "unknown argument (see --help)"));
+            };
+            let value = match inline.or_else(|| args.next()) {
+                Some(v) => v,
+                None => return Err(ConfigError::new(opt.flag, "needs a value")),
+            };
+            values.retain(|(k, _)| *k != opt.var);
+            values.push((opt.var, value));
+        }
+        let get = |var: &str| -> Option<String> {
+            values
+                .iter()
+                .find(|(k, _)| *k == var)
+                .map(|(_, v)| v.clone())
+        };
+        let or_default = |var: &'static str| -> String {
+            get(var).unwrap_or_else(|| {
+                OPTIONS
+                    .iter()
+                    .find(|o| o.var == var)
+                    .map(|o| o.default.to_owned())
+                    .unwrap_or_default()
+            })
+        };
+
+        let local_dev = parse_bool("LOCAL_DEV_MODE", &or_default("LOCAL_DEV_MODE"))?;
+        if !local_dev {
+            return Err(ConfigError::new(
+                "LOCAL_DEV_MODE",
+                "in-cluster mode is not implemented yet; set LOCAL_DEV_MODE=true and WS_REMOTE_URL",
+            ));
+        }
+        let algorithms = or_default("JWT_ALGORITHMS")
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|name| {
+                parse_algorithm(name).ok_or_else(|| {
+                    ConfigError::new(
+                        "JWT_ALGORITHMS",
+                        format!("unknown algorithm '{}'", name.trim()),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let public_key_pem = match get("JWT_PUBLIC_KEY_FILE").filter(|s| !s.is_empty()) {
+            Some(path) => Some(std::fs::read(&path).map_err(|e| {
+                ConfigError::new("JWT_PUBLIC_KEY_FILE", format!("cannot read '{path}': {e}"))
+            })?),
+            None => None,
+        };
+        let prefix = or_default("HOST_PATH_PREFIX");
+        let prefix = prefix.trim_matches('/');
+        if prefix.contains('/') {
+            return Err(ConfigError::new(
+                "HOST_PATH_PREFIX",
+                "must be a single path segment (no '/' inside)",
+            ));
+        }
+        let config = Config {
+            host: or_default("HOST"),
+            port: parse_num("PORT", &or_default("PORT"))?,
+            path_prefix: (!prefix.is_empty()).then(|| prefix.to_owned()),
+            jwt: JwtSettings {
+                algorithms,
+                secret: get("SECRET_KEY")
+                    .filter(|s| !s.is_empty())
+                    .map(String::into_bytes),
+                public_key_pem,
+                leeway_secs: parse_num("JWT_LEEWAY_SECONDS", &or_default("JWT_LEEWAY_SECONDS"))?,
+            },
+            upstream: UpstreamUrl::parse(&or_default("WS_REMOTE_URL"))
+                .map_err(|m| ConfigError::new("WS_REMOTE_URL", m))?,
+            api_path: or_default("API_PATH"),
+            log_level: parse_level(&or_default("LOGLEVEL"))?,
+            max_head_bytes: parse_num(
+                "MAX_REQUEST_HEAD_BYTES",
+                &or_default("MAX_REQUEST_HEAD_BYTES"),
+            )?,
+            handshake_timeout: Duration::from_secs(parse_num(
+                "HANDSHAKE_TIMEOUT_SECONDS",
+                &or_default("HANDSHAKE_TIMEOUT_SECONDS"),
+            )?),
+            upstream_timeout: Duration::from_secs(parse_num(
+                "UPSTREAM_TIMEOUT_SECONDS",
+                &or_default("UPSTREAM_TIMEOUT_SECONDS"),
+            )?),
+            buffer_size: parse_num("RELAY_BUFFER_BYTES", &or_default("RELAY_BUFFER_BYTES"))?,
+            max_frame_size: parse_num("MAX_FRAME_SIZE", &or_default("MAX_FRAME_SIZE"))?,
+            close_timeout: Duration::from_secs(5),
+        };
+        config.validate()?;
+        Ok(Command::Run(Box::new(config)))
+    }
+
+    /// Check the values together (ranges, keys usable, templates complete).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.jwt.secret.is_none() && self.jwt.public_key_pem.is_none() {
+            return Err(ConfigError::new(
+                "SECRET_KEY",
+                "not set (required unless JWT_PUBLIC_KEY_FILE is set)",
+            ));
+        }
+        JwtVerifier::new(&self.jwt).map_err(|(var, m)| ConfigError::new(var, m))?;
+        if !self.api_path.starts_with('/') {
+            return Err(ConfigError::new("API_PATH", "must start with '/'"));
+        }
+        if self
+            .api_path
+            .contains(|c: char| c.is_whitespace() || c.is_control())
+        {
+            return Err(ConfigError::new(
+                "API_PATH",
+                "must not contain spaces or control characters",
+            ));
+        }
+        if !(512..=1 << 20).contains(&self.max_head_bytes) {
+            return Err(ConfigError::new(
+                "MAX_REQUEST_HEAD_BYTES",
+                "must be between 512 and 1048576",
+            ));
+        }
+        if !(1024..=16 << 20).contains(&self.buffer_size) {
+            return Err(ConfigError::new(
+                "RELAY_BUFFER_BYTES",
+                "must be between 1024 and 16777216",
+            ));
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "HANDSHAKE_TIMEOUT_SECONDS",
+                "must be at least 1",
+            ));
+        }
+        if self.upstream_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "UPSTREAM_TIMEOUT_SECONDS",
+                "must be at least 1",
+            ));
+        }
+        if self.max_frame_size == 0 {
+            return Err(ConfigError::new("MAX_FRAME_SIZE", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The upstream request path for one session: `WS_REMOTE_URL`'s path
+    /// followed by `API_PATH` with the (already validated) names filled in.
+    pub fn upstream_path(&self, namespace: &str, vmi: &str) -> String {
+        format!(
+            "{}{}",
+            self.upstream.base_path,
+            self.api_path
+                .replace("{namespace}", namespace)
+                .replace("{vmi_name}", vmi)
+        )
+    }
+}
+
+/// The `--help` text, generated from the option table.
+pub fn help_text() -> String {
+    let mut s = String::from(
+        "kubevirt-vnc-proxy: WebSocket proxy from noVNC to KubeVirt VNC, guarded by JWT\n\n\
+         USAGE: kubevirt-vnc-proxy [OPTIONS]\n\n\
+         Every option can be set by its environment variable or its flag; the flag wins.\n\n\
+         OPTIONS:\n",
+    );
+    for o in OPTIONS {
+        let default = if o.var == "SECRET_KEY" || o.default.is_empty() {
+            "none".to_owned()
+        } else {
+            o.default.to_owned()
+        };
+        s.push_str(&format!(
+            "  {} <value>   [env {}] [default: {}]\n      {}\n",
+            o.flag, o.var, default, o.help
+        ));
+    }
+    s.push_str("  -h, --help      print this help\n  -V, --version   print the version\n");
+    s
+}
+
+/// Booleans as the Python program accepted them.
+pub fn parse_bool(var: &str, v: &str) -> Result<bool, ConfigError> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError::new(
+            var,
+            format!("'{v}' is not a boolean (true/false, 1/0, yes/no, on/off)"),
+        )),
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(var: &str, v: &str) -> Result<T, ConfigError> {
+    v.trim()
+        .parse()
+        .map_err(|_| ConfigError::new(var, format!("'{v}' is not a valid number")))
+}
+
+fn parse_level(v: &str) -> Result<log::LevelFilter, ConfigError> {
+    Ok(match v.trim().to_ascii_uppercase().as_str() {
+        "DEBUG" => log::LevelFilter::Debug,
+        "INFO" => log::LevelFilter::Info,
+        "WARNING" | "WARN" => log::LevelFilter::Warn,
+        "ERROR" | "CRITICAL" => log::LevelFilter::Error,
+        _ => {
+            return Err(ConfigError::new(
+                "LOGLEVEL",
+                format!("'{v}' is not one of DEBUG, INFO, WARNING, ERROR"),
+            ));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn run(pairs: &[(&str, &str)], args: &[&str]) -> Result<Config, ConfigError> {
+        match Config::from_sources(env(pairs), args.iter().map(|s| s.to_string()))? {
+            Command::Run(c) => Ok(*c),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    const BASE: &[(&str, &str)] = &[("SECRET_KEY", "s"), ("LOCAL_DEV_MODE", "TRUE")];
+
+    #[test]
+    fn defaults_match_the_python_program() {
+        let c = run(BASE, &[]).unwrap();
+        assert_eq!((c.host.as_str(), c.port), ("0.0.0.0", 5001));
+        assert_eq!(c.api_path, DEFAULT_API_PATH);
+        assert_eq!(c.upstream.host, "localhost");
+        assert_eq!(c.upstream.port, 8001);
+        assert_eq!(c.path_prefix, None);
+        assert_eq!(c.log_level, log::LevelFilter::Info);
+        assert_eq!(c.max_head_bytes, 8192);
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(
+            c.upstream_path("ns", "vm"),
+            "/apis/subresources.kubevirt.io/v1/namespaces/ns/virtualmachineinstances/vm/vnc"
+        );
+    }
+
+    #[test]
+    fn flags_win_over_environment() {
+        let mut e = BASE.to_vec();
+        e.push(("PORT", "6000"));
+        assert_eq!(run(&e, &[]).unwrap().port, 6000);
+        assert_eq!(run(&e, &["--port", "7000"]).unwrap().port, 7000);
+        assert_eq!(run(&e, &["--port=7001"]).unwrap().port, 7001);
+        let c = run(&e, &["--host-path-prefix", "/vnc/"]).unwrap();
+        assert_eq!(c.path_prefix.as_deref(), Some("vnc"));
+    }
+
+    #[test]
+    fn booleans_as_python_accepted_them() {
+        for t in ["true", "True", "1", "yes", "ON"] {
+            assert_eq!(parse_bool("X", t), Ok(true));
+        }
+        for f in ["false", "FALSE", "0", "no", "off"] {
+            assert_eq!(parse_bool("X", f), Ok(false));
+        }
+        assert_eq!(parse_bool("X", "maybe").unwrap_err().var, "X");
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let var = |pairs: &[(&str, &str)], args: &[&str]| run(pairs, args).unwrap_err().var;
+        assert_eq!(var(&[("LOCAL_DEV_MODE", "true")], &[]), "SECRET_KEY");
+        assert_eq!(var(&[("LOCAL_DEV_MODE", "perhaps")], &[]), "LOCAL_DEV_MODE");
+        assert_eq!(var(&[("SECRET_KEY", "s")], &[]), "LOCAL_DEV_MODE");
+        let mut e = BASE.to_vec();
+        e.push(("PORT", "70000"));
+        assert_eq!(var(&e, &[]), "PORT");
+        assert_eq!(var(BASE, &["--ws-remote-url", "http://x"]), "WS_REMOTE_URL");
+        assert_eq!(
+            var(BASE, &["--jwt-algorithms", "HS256,none"]),
+            "JWT_ALGORITHMS"
+        );
+        assert_eq!(
+            var(BASE, &["--jwt-algorithms", "RS256"]),
+            "JWT_PUBLIC_KEY_FILE"
+        );
+        assert_eq!(var(BASE, &["--loglevel", "LOUD"]), "LOGLEVEL");
+        assert_eq!(var(BASE, &["--bogus"]), "--bogus");
+        assert_eq!(var(BASE, &["--port"]), "--port");
+        assert_eq!(var(BASE, &["--api-path", "no-slash"]), "API_PATH");
+    }
+
+    #[test]
+    fn help_lists_every_option() {
+        let h = help_text();
+        for o in OPTIONS {
+            assert!(h.contains(o.var) && h.contains(o.flag), "{}", o.var);
+        }
+        assert!(matches!(
+            Config::from_sources(env(BASE), ["--help".to_string()]),
+            Ok(Command::Help)
+        ));
+    }
+
+    #[test]
+    fn upstream_urls() {
+        let u = UpstreamUrl::parse("ws://[::1]:9000/base/").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.base_path.as_str()),
+            ("::1", 9000, "/base")
+        );
+        assert_eq!(u.host_header(), "[::1]:9000");
+        assert_eq!(UpstreamUrl::parse("ws://h").unwrap().host_header(), "h");
+        for bad in [
+            "http://h",
+            "ws://",
+            "ws://h:0",
+            "ws://h:x",
+            "ws://h/p?q",
+            "ws://[::1",
+        ] {
+            assert!(UpstreamUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,584 @@
+//! WebSocket frame headers as they pass through the relay (RFC 6455 §5).
+//!
+//! The relay never re-encodes a message: client frames arrive masked, which is
+//! exactly what the upstream (a server) must receive, and upstream frames arrive
+//! unmasked, which is exactly what the client must receive. So the proxy only
+//! *reads* frame headers, to validate them per direction and to know where
+//! frames start and end. Everything here is pure: no I/O, no allocation on the
+//! scanning path, so it can be fuzzed and unit-tested in isolation.
+
+/// Which way bytes travel; each direction has its own rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Browser to upstream: every frame must be masked.
+    ClientToUpstream,
+    /// Upstream to browser: no frame may be masked.
+    UpstreamToClient,
+}
+
+/// Frame opcodes (RFC 6455 §5.2).
+pub mod opcode {
+    /// Continuation of a fragmented message.
+    pub const CONTINUATION: u8 = 0x0;
+    /// A text data frame.
+    pub const TEXT: u8 = 0x1;
+    /// A binary data frame.
+    pub const BINARY: u8 = 0x2;
+    /// Close control frame.
+    pub const CLOSE: u8 = 0x8;
+    /// Ping control frame.
+    pub const PING: u8 = 0x9;
+    /// Pong control frame.
+    pub const PONG: u8 = 0xA;
+}
+
+/// The largest control-frame payload RFC 6455 allows.
+pub const MAX_CONTROL_PAYLOAD: usize = 125;
+
+/// The longest possible frame header: 2 + 8 (length) + 4 (mask).
+pub const MAX_HEADER_LEN: usize = 14;
+
+/// One parsed frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// FIN bit: last frame of its message.
+    pub fin: bool,
+    /// The three RSV bits, in the low bits.
+    pub rsv: u8,
+    /// The opcode.
+    pub opcode: u8,
+    /// The masking key, when the MASK bit is set.
+    pub mask: Option<[u8; 4]>,
+    /// Payload length in bytes.
+    pub payload_len: u64,
+    /// Length of the header itself in bytes (2 to 14).
+    pub header_len: usize,
+}
+
+impl FrameHeader {
+    /// Parse a header from the start of `buf`. Returns `Ok(None)` when `buf`
+    /// holds only part of a header (nothing is consumed; call again with more).
+    pub fn parse(buf: &[u8]) -> Result<Option<FrameHeader>, Violation> {
+        if buf.len() < 2 {
+            return Ok(None);
+        }
+        let b0 = buf[0];
+        let b1 = buf[1];
+        let masked = b1 & 0x80 != 0;
+        let len7 = b1 & 0x7F;
+        let (payload_len, len_bytes) = match len7 {
+            126 => {
+                let Some(bytes) = buf.get(2..4) else {
+                    return Ok(None);
+                };
+                let len = u64::from(u16::from_be_bytes([bytes[0], bytes[1]]));
+                if len < 126 {
+                    return Err(Violation::NonMinimalLength);
+                }
+                (len, 2)
+            }
+            127 => {
+                let Some(bytes) = buf.get(2..10) else {
+                    return Ok(None);
+                };
+                let mut be = [0u8; 8];
+                be.copy_from_slice(bytes);
+                let len = u64::from_be_bytes(be);
+                if len >> 63 != 0 {
+                    return Err(Violation::LengthTooLarge);
+                }
+                if len <= u64::from(u16::MAX) {
+                    return Err(Violation::NonMinimalLength);
+                }
+                (len, 8)
+            }
+            n => (u64::from(n), 0),
+        };
+        let mask_at = 2 + len_bytes;
+        let (mask, header_len) = if masked {
+            let Some(key) = buf.get(mask_at..mask_at + 4) else {
+                return Ok(None);
+            };
+            ([key[0], key[1], key[2], key[3]].into(), mask_at + 4)
+        } else {
+            (None, mask_at)
+        };
+        Ok(Some(FrameHeader {
+            fin: b0 & 0x80 != 0,
+            rsv: (b0 >> 4) & 0x07,
+            opcode: b0 & 0x0F,
+            mask,
+            payload_len,
+            header_len,
+        }))
+    }
+
+    /// True for close, ping and pong.
+    pub fn is_control(&self) -> bool {
+        self.opcode & 0x08 != 0
+    }
+}
+
+/// A frame that breaks RFC 6455 or the proxy's limits. Each maps to a close
+/// code and a short reason the peer (and the log) can read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Violation {
+    /// Client frame without mask, or upstream frame with one.
+    WrongMasking,
+    /// RSV bits set although no extension was negotiated.
+    ReservedBits,
+    /// Opcode 3-7 or B-F.
+    ReservedOpcode,
+    /// Control frame with more than 125 payload bytes.
+    ControlTooLong,
+    /// Control frame with FIN clear.
+    FragmentedControl,
+    /// Continuation frame outside a fragmented message.
+    UnexpectedContinuation,
+    /// New text/binary frame while a fragmented message is still open.
+    ExpectedContinuation,
+    /// 64-bit length with the most significant bit set.
+    LengthTooLarge,
+    /// A length that could have been encoded in fewer bytes.
+    NonMinimalLength,
+    /// A close frame whose payload is one byte (a code needs two).
+    BadClosePayload,
+    /// A frame larger than the configured maximum.
+    FrameTooLarge,
+}
+
+impl Violation {
+    /// The close code to send to the peer that broke the rule.
+    pub fn close_code(self) -> u16 {
+        match self {
+            Violation::FrameTooLarge => 1009,
+            _ => 1002,
+        }
+    }
+
+    /// A short, human-readable reason (fits a close frame).
+    pub fn reason(self) -> &'static str {
+        match self {
+            Violation::WrongMasking => "wrong frame masking",
+            Violation::ReservedBits => "reserved bits set",
+            Violation::ReservedOpcode => "reserved opcode",
+            Violation::ControlTooLong => "control frame too long",
+            Violation::FragmentedControl => "fragmented control frame",
+            Violation::UnexpectedContinuation => "unexpected continuation frame",
+            Violation::ExpectedContinuation => "expected continuation frame",
+            Violation::LengthTooLarge => "frame length out of range",
+            Violation::NonMinimalLength => "non-minimal frame length",
+            Violation::BadClosePayload => "invalid close payload",
+            Violation::FrameTooLarge => "frame too large",
+        }
+    }
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.reason())
+    }
+}
+
+/// Check one header against the rules of its direction.
+pub fn validate(
+    h: &FrameHeader,
+    dir: Direction,
+    max_frame: u64,
+    in_fragmented_message: bool,
+) -> Result<(), Violation> {
+    let must_mask = dir == Direction::ClientToUpstream;
+    if h.mask.is_some() != must_mask {
+        return Err(Violation::WrongMasking);
+    }
+    if h.rsv != 0 {
+        return Err(Violation::ReservedBits);
+    }
+    match h.opcode {
+        opcode::CONTINUATION => {
+            if !in_fragmented_message {
+                return Err(Violation::UnexpectedContinuation);
+            }
+        }
+        opcode::TEXT | opcode::BINARY => {
+            if in_fragmented_message {
+                return Err(Violation::ExpectedContinuation);
+            }
+        }
+        opcode::CLOSE | opcode::PING | opcode::PONG => {
+            if h.payload_len > MAX_CONTROL_PAYLOAD as u64 {
+                return Err(Violation::ControlTooLong);
+            }
+            if !h.fin {
+                return Err(Violation::FragmentedControl);
+            }
+            if h.opcode == opcode::CLOSE && h.payload_len == 1 {
+                return Err(Violation::BadClosePayload);
+            }
+        }
+        _ => return Err(Violation::ReservedOpcode),
+    }
+    if h.payload_len > max_frame {
+        return Err(Violation::FrameTooLarge);
+    }
+    Ok(())
+}
+
+/// What one call to [`FrameScanner::scan`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scan {
+    /// How many bytes from the start of the input are validated and may be
+    /// forwarded. Always ends at a frame boundary or inside a payload, never
+    /// inside a header.
+    pub forwardable: usize,
+    /// What stopped the scan before the end of the input, if anything.
+    pub stop: Option<ScanStop>,
+}
+
+/// Why a scan stopped early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScanStop {
+    /// A complete close frame ends at `forwardable`; nothing after it may be
+    /// forwarded (RFC 6455 §5.5.1: no data after close).
+    Close {
+        /// The close code, if the payload carried one.
+        code: Option<u16>,
+    },
+    /// The frame starting at `forwardable` breaks the rules.
+    Violation(Violation),
+}
+
+/// Tracks frame boundaries in one direction of the relay, across reads.
+///
+/// Feed it every byte exactly once, in order, via [`scan`](Self::scan); it
+/// remembers how much of the current frame's payload is still to come and
+/// whether a fragmented message is open. It never copies the payload.
+#[derive(Debug, Clone)]
+pub struct FrameScanner {
+    dir: Direction,
+    max_frame: u64,
+    /// Payload bytes of the current frame not yet seen.
+    remaining: u64,
+    /// A text/binary message was started without FIN and is not finished.
+    fragmented: bool,
+    /// The current frame is a close frame: its payload is collected here so
+    /// the code can be read even when the frame arrives in pieces.
+    close: Option<CloseCollector>,
+    /// A close frame was completed: nothing more is scanned.
+    closed: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CloseCollector {
+    mask: Option<[u8; 4]>,
+    seen: usize,
+    code: [u8; 2],
+}
+
+impl FrameScanner {
+    /// A scanner for `dir`, refusing frames over `max_frame` payload bytes.
+    pub fn new(dir: Direction, max_frame: u64) -> Self {
+        FrameScanner {
+            dir,
+            max_frame,
+            remaining: 0,
+            fragmented: false,
+            close: None,
+            closed: false,
+        }
+    }
+
+    /// True when the bytes validated so far end exactly at a frame boundary,
+    /// so the relay may insert a frame of its own after them.
+    pub fn at_boundary(&self) -> bool {
+        self.remaining == 0
+    }
+
+    /// Payload bytes of the current frame still to come (0 at a boundary).
+    pub fn remaining(&self) -> u64 {
+        self.remaining
+    }
+
+    /// True once a complete close frame has been scanned.
+    pub fn closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Scan `input`, which must start right after the last byte any previous
+    /// call reported as forwardable. Bytes past `forwardable` (an incomplete
+    /// header) must be presented again, with more, on the next call.
+    pub fn scan(&mut self, input: &[u8]) -> Scan {
+        let mut pos = 0usize;
+        if self.closed {
+            return Scan {
+                forwardable: 0,
+                stop: Some(ScanStop::Close { code: None }),
+            };
+        }
+        loop {
+            if self.remaining > 0 {
+                let avail = input.len() - pos;
+                let take = usize::try_from(self.remaining).map_or(avail, |r| r.min(avail));
+                if let Some(c) = self.close.as_mut() {
+                    for (i, &b) in input[pos..pos + take].iter().enumerate() {
+                        let at = c.seen + i;
+                        if at < 2 {
+                            let m = c.mask.map_or(0, |k| k[at % 4]);
+                            c.code[at] = b ^ m;
+                        }
+                    }
+                    c.seen += take;
+                }
+                pos += take;
+                self.remaining -= take as u64;
+                if self.remaining > 0 {
+                    return Scan {
+                        forwardable: pos,
+                        stop: None,
+                    };
+                }
+                if let Some(c) = self.close.take() {
+                    self.closed = true;
+                    return Scan {
+                        forwardable: pos,
+                        stop: Some(ScanStop::Close {
+                            code: Some(u16::from_be_bytes(c.code)),
+                        }),
+                    };
+                }
+            }
+            if pos == input.len() {
+                return Scan {
+                    forwardable: pos,
+                    stop: None,
+                };
+            }
+            let header = match FrameHeader::parse(&input[pos..]) {
+                Ok(Some(h)) => h,
+                Ok(None) => {
+                    return Scan {
+                        forwardable: pos,
+                        stop: None,
+                    };
+                }
+                Err(v) => {
+                    return Scan {
+                        forwardable: pos,
+                        stop: Some(ScanStop::Violation(v)),
+                    };
+                }
+            };
+            if let Err(v) = validate(&header, self.dir, self.max_frame, self.fragmented) {
+                return Scan {
+                    forwardable: pos,
+                    stop: Some(ScanStop::Violation(v)),
+                };
+            }
+            if !header.is_control() {
+                self.fragmented = !header.fin;
+            }
+            pos += header.header_len;
+            self.remaining = header.payload_len;
+            if header.opcode == opcode::CLOSE {
+                if header.payload_len == 0 {
+                    self.closed = true;
+                    return Scan {
+                        forwardable: pos,
+                        stop: Some(ScanStop::Close { code: None }),
+                    };
+                }
+                self.close = Some(CloseCollector {
+                    mask: header.mask,
+                    seen: 0,
+                    code: [0; 2],
+                });
+            }
+        }
+    }
+}
+
+/// Build a close frame (unmasked, to the client; masked with `mask`, to the
+/// upstream) into `out`, returning its length. The reason is cut to fit the
+/// 125-byte control-frame limit at a character boundary.
+pub fn close_frame(code: u16, reason: &str, mask: Option<[u8; 4]>, out: &mut [u8; 131]) -> usize {
+    let mut reason_len = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
+    while !reason.is_char_boundary(reason_len) {
+        reason_len -= 1;
+    }
+    let payload_len = 2 + reason_len;
+    out[0] = 0x80 | opcode::CLOSE;
+    out[1] = payload_len as u8;
+    let mut at = 2;
+    if let Some(key) = mask {
+        out[1] |= 0x80;
+        out[2..6].copy_from_slice(&key);
+        at = 6;
+    }
+    out[at..at + 2].copy_from_slice(&code.to_be_bytes());
+    out[at + 2..at + payload_len].copy_from_slice(&reason.as_bytes()[..reason_len]);
+    if let Some(key) = mask {
+        for (i, b) in out[at..at + payload_len].iter_mut().enumerate() {
+            *b ^= key[i % 4];
+        }
+    }
+    at + payload_len
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(fin: bool, op: u8, mask: Option<[u8; 4]>, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![(if fin { 0x80 } else { 0 }) | op];
+        let m = if mask.is_some() { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => v.push(m | n as u8),
+            n if n <= 0xFFFF => {
+                v.push(m | 126);
+                v.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                v.push(m | 127);
+                v.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        if let Some(k) = mask {
+            v.extend_from_slice(&k);
+            v.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+        } else {
+            v.extend_from_slice(payload);
+        }
+        v
+    }
+
+    const K: Option<[u8; 4]> = Some([1, 2, 3, 4]);
+
+    #[test]
+    fn parses_all_length_forms() {
+        for n in [0usize, 125, 126, 65535, 65536] {
+            let f = frame(true, opcode::BINARY, None, &vec![7; n]);
+            let h = FrameHeader::parse(&f).unwrap().unwrap();
+            assert_eq!(h.payload_len, n as u64);
+            assert_eq!(h.header_len + n, f.len());
+            // Every strict prefix of the header is incomplete, never an error.
+            for cut in 0..h.header_len {
+                assert_eq!(FrameHeader::parse(&f[..cut]), Ok(None));
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_non_minimal_and_huge_lengths() {
+        assert_eq!(
+            FrameHeader::parse(&[0x82, 126, 0, 5]),
+            Err(Violation::NonMinimalLength)
+        );
+        let mut f = vec![0x82, 127];
+        f.extend_from_slice(&(1u64 << 63).to_be_bytes());
+        assert_eq!(FrameHeader::parse(&f), Err(Violation::LengthTooLarge));
+    }
+
+    #[test]
+    fn scanner_splits_anywhere() {
+        let mut stream = frame(false, opcode::TEXT, K, b"hello ");
+        stream.extend(frame(true, opcode::PING, K, b"p"));
+        stream.extend(frame(true, opcode::CONTINUATION, K, b"world"));
+        stream.extend(frame(true, opcode::BINARY, K, &[9; 300]));
+        let close_at = stream.len();
+        stream.extend(frame(true, opcode::CLOSE, K, &[0x03, 0xE8, b'o', b'k']));
+        let total = stream.len();
+        stream.extend(frame(true, opcode::BINARY, K, b"after close"));
+        for split in 0..total {
+            let mut s = FrameScanner::new(Direction::ClientToUpstream, 1 << 20);
+            let first = s.scan(&stream[..split]);
+            assert_eq!(first.stop, None, "split {split}");
+            let rest = s.scan(&stream[first.forwardable..]);
+            assert_eq!(first.forwardable + rest.forwardable, total, "split {split}");
+            assert_eq!(rest.stop, Some(ScanStop::Close { code: Some(1000) }));
+            assert!(s.closed());
+            assert!(close_at < total);
+        }
+    }
+
+    #[test]
+    fn direction_rules() {
+        let mut s = FrameScanner::new(Direction::ClientToUpstream, 1 << 20);
+        let r = s.scan(&frame(true, opcode::BINARY, None, b"x"));
+        assert_eq!(r.stop, Some(ScanStop::Violation(Violation::WrongMasking)));
+        let mut s = FrameScanner::new(Direction::UpstreamToClient, 1 << 20);
+        let r = s.scan(&frame(true, opcode::BINARY, K, b"x"));
+        assert_eq!(r.stop, Some(ScanStop::Violation(Violation::WrongMasking)));
+    }
+
+    #[test]
+    fn control_and_opcode_rules() {
+        let cases: Vec<(Vec<u8>, Violation)> = vec![
+            (
+                frame(true, opcode::PING, K, &[0; 126]),
+                Violation::ControlTooLong,
+            ),
+            (
+                frame(false, opcode::PING, K, b""),
+                Violation::FragmentedControl,
+            ),
+            (frame(true, 0x3, K, b""), Violation::ReservedOpcode),
+            (frame(true, 0xB, K, b""), Violation::ReservedOpcode),
+            (
+                frame(true, opcode::CONTINUATION, K, b""),
+                Violation::UnexpectedContinuation,
+            ),
+            (
+                frame(true, opcode::CLOSE, K, b"x"),
+                Violation::BadClosePayload,
+            ),
+            (
+                {
+                    let mut f = frame(true, opcode::BINARY, K, b"");
+                    f[0] |= 0x40;
+                    f
+                },
+                Violation::ReservedBits,
+            ),
+            (
+                frame(true, opcode::BINARY, K, &[0; 2000]),
+                Violation::FrameTooLarge,
+            ),
+        ];
+        for (bytes, want) in cases {
+            let mut s = FrameScanner::new(Direction::ClientToUpstream, 1000);
+            let r = s.scan(&bytes);
+            assert_eq!(r.forwardable, 0);
+            assert_eq!(r.stop, Some(ScanStop::Violation(want)));
+        }
+        let mut s = FrameScanner::new(Direction::ClientToUpstream, 1000);
+        let mut two = frame(false, opcode::TEXT, K, b"a");
+        let first_len = two.len();
+        two.extend(frame(true, opcode::TEXT, K, b"b"));
+        let r = s.scan(&two);
+        assert_eq!(r.forwardable, first_len);
+        assert_eq!(
+            r.stop,
+            Some(ScanStop::Violation(Violation::ExpectedContinuation))
+        );
+    }
+
+    #[test]
+    fn close_frames_round_trip() {
+        let mut out = [0u8; 131];
+        let long = "é".repeat(100);
+        for mask in [None, K] {
+            let n = close_frame(1011, &long, mask, &mut out);
+            let dir = if mask.is_some() {
+                Direction::ClientToUpstream
+            } else {
+                Direction::UpstreamToClient
+            };
+            let mut s = FrameScanner::new(dir, 1000);
+            let r = s.scan(&out[..n]);
+            assert_eq!(r.forwardable, n);
+            assert_eq!(r.stop, Some(ScanStop::Close { code: Some(1011) }));
+            let h = FrameHeader::parse(&out[..n]).unwrap().unwrap();
+            assert!(h.payload_len <= 125);
+        }
+    }
+}

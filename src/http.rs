@@ -1,0 +1,510 @@
+//! The HTTP/1.1 parts of a session: the client's upgrade request, the
+//! responses the proxy writes, the upgrade it sends upstream and the upstream's
+//! answer. Pure functions over byte slices; the session does the I/O.
+
+use std::fmt;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+
+/// Headers accepted in one request head; more is refused with 431.
+const MAX_HEADERS: usize = 64;
+
+/// A refusal before the upgrade: an HTTP status and a short plain-text reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The HTTP status code.
+    pub status: u16,
+    /// A short reason, sent as the body and logged.
+    pub reason: String,
+}
+
+impl Refusal {
+    /// A refusal with `status` and `reason`.
+    pub fn new(status: u16, reason: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.status, self.reason)
+    }
+}
+
+/// A valid WebSocket upgrade request from a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpgradeRequest {
+    /// The request target (path and query), as sent.
+    pub target: String,
+    /// The client's `Sec-WebSocket-Key`, as sent.
+    pub key: String,
+    /// The subprotocols the client offered, in order.
+    pub protocols: Vec<String>,
+    /// The `Origin` header, if any.
+    pub origin: Option<String>,
+    /// Length of the request head in bytes; anything after it is frame data.
+    pub head_len: usize,
+}
+
+fn header_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(|t| t.trim_ascii())
+}
+
+fn has_token(value: &[u8], token: &str) -> bool {
+    header_tokens(value).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// Parse the client's request head from `buf` (everything read so far).
+///
+/// `Ok(None)`: incomplete, read more (unless `buf` is already `max_len` long,
+/// which is reported as 431). `Err`: refuse with that status.
+pub fn parse_upgrade_request(
+    buf: &[u8],
+    max_len: usize,
+) -> Result<Option<UpgradeRequest>, Refusal> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            if buf.len() >= max_len {
+                return Err(Refusal::new(431, "request head too large"));
+            }
+            return Ok(None);
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Refusal::new(431, "too many request headers"));
+        }
+        Err(e) => return Err(Refusal::new(400, format!("malformed request: {e}"))),
+    };
+    if head_len > max_len {
+        return Err(Refusal::new(431, "request head too large"));
+    }
+    // httparse tolerates bare LF line ends; a proxy must not, since a peer
+    // that splits lines differently could see another request (smuggling).
+    if buf[..head_len]
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || buf[i - 1] != b'\r'))
+    {
+        return Err(Refusal::new(400, "malformed request: bare LF line ending"));
+    }
+    if req.method != Some("GET") {
+        return Err(Refusal::new(400, "WebSocket upgrade must use GET"));
+    }
+    if req.version != Some(1) {
+        return Err(Refusal::new(400, "WebSocket upgrade requires HTTP/1.1"));
+    }
+    let target = req.path.unwrap_or_default().to_owned();
+
+    let mut upgrade_ok = false;
+    let mut connection_ok = false;
+    let mut version: Option<&[u8]> = None;
+    let mut key: Option<&[u8]> = None;
+    let mut host = false;
+    let mut protocols = Vec::new();
+    let mut origin = None;
+    for h in req.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("upgrade") {
+            upgrade_ok |= has_token(h.value, "websocket");
+        } else if name.eq_ignore_ascii_case("connection") {
+            connection_ok |= has_token(h.value, "upgrade");
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            if version.replace(h.value).is_some() {
+                return Err(Refusal::new(400, "duplicate Sec-WebSocket-Version"));
+            }
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            if key.replace(h.value).is_some() {
+                return Err(Refusal::new(400, "duplicate Sec-WebSocket-Key"));
+            }
+        } else if name.eq_ignore_ascii_case("host") {
+            if host {
+                return Err(Refusal::new(400, "duplicate Host"));
+            }
+            host = true;
+        } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
+            for p in header_tokens(h.value).filter(|t| !t.is_empty()) {
+                protocols.push(String::from_utf8_lossy(p).into_owned());
+            }
+        } else if name.eq_ignore_ascii_case("origin") {
+            origin = Some(String::from_utf8_lossy(h.value).into_owned());
+        } else if name.eq_ignore_ascii_case("content-length")
+            || name.eq_ignore_ascii_case("transfer-encoding")
+        {
+            // An upgrade request has no body; one that claims a body is
+            // either confused or smuggling.
+            return Err(Refusal::new(400, "upgrade request must not have a body"));
+        }
+    }
+    if !host {
+        return Err(Refusal::new(400, "missing Host header"));
+    }
+    if !upgrade_ok || !connection_ok {
+        return Err(Refusal::new(
+            400,
+            "not a WebSocket upgrade (Upgrade: websocket and Connection: upgrade required)",
+        ));
+    }
+    if version.map(<[u8]>::trim_ascii) != Some(b"13") {
+        return Err(Refusal::new(426, "Sec-WebSocket-Version 13 required"));
+    }
+    let key = key.map(<[u8]>::trim_ascii).unwrap_or_default();
+    match BASE64.decode(key) {
+        Ok(raw) if raw.len() == 16 => {}
+        _ => {
+            return Err(Refusal::new(
+                400,
+                "Sec-WebSocket-Key must be 16 bytes in base64",
+            ));
+        }
+    }
+    Ok(Some(UpgradeRequest {
+        target,
+        key: String::from_utf8_lossy(key).into_owned(),
+        protocols,
+        origin,
+        head_len,
+    }))
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        408 => "Request Timeout",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    }
+}
+
+/// The response for a refusal: status, plain-text reason, `Connection: close`.
+pub fn refusal_response(r: &Refusal) -> Vec<u8> {
+    let body = format!("{}\n", r.reason);
+    let extra = if r.status == 426 {
+        "Sec-WebSocket-Version: 13\r\n"
+    } else {
+        ""
+    };
+    format!(
+        "HTTP/1.1 {} {}\r\n{extra}Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        r.status,
+        reason_phrase(r.status),
+        body.len(),
+    )
+    .into_bytes()
+}
+
+/// The 101 response completing the client's upgrade.
+pub fn switching_protocols(client_key: &str, protocol: Option<&str>) -> Vec<u8> {
+    let accept = tungstenite::handshake::derive_accept_key(client_key.as_bytes());
+    let proto = protocol
+        .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
+        .unwrap_or_default();
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{proto}\r\n"
+    )
+    .into_bytes()
+}
+
+/// A fresh random `Sec-WebSocket-Key` for the upstream handshake.
+pub fn new_key() -> String {
+    let mut raw = [0u8; 16];
+    // The OS RNG failing is not something a session can recover from; a
+    // predictable key only weakens a check against confused proxies, so fall
+    // back to the clock rather than abort the session.
+    if getrandom::fill(&mut raw).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        raw = t.to_le_bytes();
+    }
+    BASE64.encode(raw)
+}
+
+/// The upgrade request the proxy sends upstream.
+pub fn upstream_request(
+    path: &str,
+    host: &str,
+    key: &str,
+    extra_headers: &[(&str, &str)],
+) -> Vec<u8> {
+    let mut req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+    );
+    for (name, value) in extra_headers {
+        req.push_str(name);
+        req.push_str(": ");
+        req.push_str(value);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    req.into_bytes()
+}
+
+/// The upstream's answer to the upgrade.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamAnswer {
+    /// 101 with a correct accept key; `head_len` bytes are the head, the rest
+    /// is already frame data.
+    Upgraded {
+        /// Length of the response head.
+        head_len: usize,
+        /// The subprotocol the upstream chose, if any.
+        protocol: Option<String>,
+    },
+    /// Anything else: the status and reason to pass to the client.
+    Refused(Refusal),
+}
+
+/// Parse the upstream's response head from `buf`.
+///
+/// `Ok(None)`: incomplete. For a non-101 answer with a body, the body is
+/// awaited (up to `max_len` bytes in all, or until `eof`) so the upstream's
+/// own reason can reach the client.
+pub fn parse_upstream_response(
+    buf: &[u8],
+    key: &str,
+    max_len: usize,
+    eof: bool,
+) -> Result<Option<UpstreamAnswer>, Refusal> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            if eof {
+                return Err(Refusal::new(502, "upstream closed during the handshake"));
+            }
+            if buf.len() >= max_len {
+                return Err(Refusal::new(502, "upstream response head too large"));
+            }
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(Refusal::new(
+                502,
+                format!("upstream sent a malformed response: {e}"),
+            ));
+        }
+    };
+    let code = resp.code.unwrap_or(0);
+    let find = |name: &str| {
+        resp.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
+    if code != 101 {
+        let body_len = find("content-length")
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        let have = buf.len() - head_len;
+        let complete = match body_len {
+            Some(n) => have >= n || head_len + n > max_len,
+            None => eof || buf.len() >= max_len,
+        };
+        if !complete && !eof && buf.len() < max_len {
+            return Ok(None);
+        }
+        let body_end = body_len.map_or(buf.len(), |n| (head_len + n).min(buf.len()));
+        let body = &buf[head_len..body_end];
+        let detail = upstream_reason(body)
+            .or_else(|| resp.reason.filter(|r| !r.is_empty()).map(str::to_owned))
+            .unwrap_or_else(|| "no reason given".into());
+        let status = match code {
+            404 | 503 => code,
+            _ => 502,
+        };
+        return Ok(Some(UpstreamAnswer::Refused(Refusal::new(
+            status,
+            format!("upstream answered {code}: {detail}"),
+        ))));
+    }
+    let upgrade_ok = find("upgrade").is_some_and(|v| has_token(v, "websocket"));
+    let connection_ok = find("connection").is_some_and(|v| has_token(v, "upgrade"));
+    if !upgrade_ok || !connection_ok {
+        return Err(Refusal::new(
+            502,
+            "upstream answered 101 without a WebSocket upgrade",
+        ));
+    }
+    let expected = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    if find("sec-websocket-accept").map(<[u8]>::trim_ascii) != Some(expected.as_bytes()) {
+        return Err(Refusal::new(
+            502,
+            "upstream sent a wrong Sec-WebSocket-Accept",
+        ));
+    }
+    if find("sec-websocket-extensions").is_some() {
+        return Err(Refusal::new(
+            502,
+            "upstream negotiated an extension the proxy did not offer",
+        ));
+    }
+    let protocol = find("sec-websocket-protocol")
+        .map(|v| String::from_utf8_lossy(v.trim_ascii()).into_owned());
+    Ok(Some(UpstreamAnswer::Upgraded { head_len, protocol }))
+}
+
+/// The readable reason in an upstream error body: a Kubernetes `Status`
+/// object's `message`, else the first line of text, cut short.
+fn upstream_reason(body: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    let message = serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|v| v.get("message")?.as_str().map(str::to_owned))
+        .unwrap_or_else(|| text.lines().next().unwrap_or_default().to_owned());
+    let mut cut = message.len().min(200);
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    // Keep the reason on one line and free of control characters: it is
+    // written into an HTTP body and a log line.
+    Some(
+        message[..cut]
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    fn req(extra: &str) -> String {
+        format!(
+            "GET /t/vm HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n{extra}\r\n"
+        )
+    }
+
+    #[test]
+    fn accepts_a_browser_upgrade_incrementally() {
+        let full = req("Sec-WebSocket-Protocol: binary, base64\r\nOrigin: http://o\r\n");
+        let mut bytes = full.clone().into_bytes();
+        bytes.extend_from_slice(b"\x82\x80");
+        for cut in 0..full.len() {
+            assert_eq!(parse_upgrade_request(&bytes[..cut], 8192), Ok(None));
+        }
+        let r = parse_upgrade_request(&bytes, 8192).unwrap().unwrap();
+        assert_eq!(r.head_len, full.len());
+        assert_eq!(r.target, "/t/vm");
+        assert_eq!(r.protocols, ["binary", "base64"]);
+        assert_eq!(r.origin.as_deref(), Some("http://o"));
+    }
+
+    #[test]
+    fn refusals_have_precise_statuses() {
+        let status = |s: &str| {
+            parse_upgrade_request(s.as_bytes(), 8192)
+                .unwrap_err()
+                .status
+        };
+        assert_eq!(status(&req("").replace("GET", "POST")), 400);
+        assert_eq!(status(&req("").replace("HTTP/1.1", "HTTP/1.0")), 400);
+        assert_eq!(status(&req("").replace("Upgrade: websocket\r\n", "")), 400);
+        assert_eq!(
+            status(&req("").replace("keep-alive, Upgrade", "keep-alive")),
+            400
+        );
+        assert_eq!(status(&req("").replace("Version: 13", "Version: 8")), 426);
+        assert_eq!(status(&req("").replace(KEY, "c2hvcnQ=")), 400);
+        assert_eq!(status(&req("Sec-WebSocket-Key: x\r\n")), 400);
+        assert_eq!(status(&req("Content-Length: 0\r\n")), 400);
+        assert_eq!(status(&req("Transfer-Encoding: chunked\r\n")), 400);
+        assert_eq!(status(&req("").replace("Host: x\r\n", "")), 400);
+        // Obsolete line folding and bare LF line ends are refused.
+        assert_eq!(status(&req(" folded\r\n")), 400);
+        assert_eq!(status(&req("").replace("Host: x\r\n", "Host: x\n")), 400);
+        assert_eq!(status("GET / HTTP/1.1\r\nHost: x\r\n garbage\r\n\r\n"), 400);
+        let big = req(&format!("X-Big: {}\r\n", "X".repeat(9000)));
+        assert_eq!(
+            parse_upgrade_request(&big.as_bytes()[..8192], 8192)
+                .unwrap_err()
+                .status,
+            431
+        );
+        let many: String = (0..70).map(|i| format!("X-{i}: y\r\n")).collect();
+        assert_eq!(status(&req(&many)), 431);
+        let resp = String::from_utf8(refusal_response(&Refusal::new(426, "v13"))).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 426 Upgrade Required\r\n"));
+        assert!(resp.contains("Sec-WebSocket-Version: 13\r\n"));
+        assert!(resp.contains("Connection: close\r\n"));
+    }
+
+    #[test]
+    fn upstream_answers() {
+        let accept = tungstenite::handshake::derive_accept_key(KEY.as_bytes());
+        let ok = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\nRFB"
+        );
+        let a = parse_upstream_response(ok.as_bytes(), KEY, 8192, false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            a,
+            UpstreamAnswer::Upgraded {
+                head_len: ok.len() - 3,
+                protocol: None
+            }
+        );
+        let bad = ok.replace(&accept, "AAAA");
+        assert_eq!(
+            parse_upstream_response(bad.as_bytes(), KEY, 8192, false)
+                .unwrap_err()
+                .status,
+            502
+        );
+        let body = r#"{"kind":"Status","message":"VMI is not running","code":404}"#;
+        let nf = format!(
+            "HTTP/1.1 404 Not Found\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        assert_eq!(
+            parse_upstream_response(&nf.as_bytes()[..nf.len() - 1], KEY, 8192, false),
+            Ok(None)
+        );
+        let Some(UpstreamAnswer::Refused(r)) =
+            parse_upstream_response(nf.as_bytes(), KEY, 8192, false).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(r.status, 404);
+        assert!(r.reason.contains("VMI is not running"), "{}", r.reason);
+        let busy = "HTTP/1.1 500 Oops\r\n\r\nline one\nline two";
+        let Some(UpstreamAnswer::Refused(r)) =
+            parse_upstream_response(busy.as_bytes(), KEY, 8192, true).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (r.status, r.reason.as_str()),
+            (502, "upstream answered 500: line one")
+        );
+        assert_eq!(
+            parse_upstream_response(b"HTTP/1.1 10", KEY, 8192, true)
+                .unwrap_err()
+                .status,
+            502
+        );
+    }
+}

@@ -1,0 +1,363 @@
+//! One direction of an established session: bytes from a source socket,
+//! through one fixed buffer, to a destination socket, with every frame
+//! header checked on the way.
+//!
+//! Backpressure: a pipe reads only while its buffer has room. With mio's
+//! edge-triggered readiness a socket that stays readable raises no new
+//! event, so the pipe remembers `readable` itself and resumes reading as
+//! soon as a write makes room; the kernel's socket buffers and TCP flow
+//! control then push back on the sender. Memory per pipe is one buffer.
+
+use std::io::{self, Read, Write};
+
+use mio::net::TcpStream;
+
+use crate::buffer::{Buffer, BufferPool};
+use crate::frame::{Direction, FrameScanner, ScanStop, Violation, close_frame};
+
+/// A socket and the readiness the proxy has seen but not yet used up.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub stream: TcpStream,
+    pub readable: bool,
+    pub writable: bool,
+}
+
+/// The result of one read or write.
+pub(crate) enum Io {
+    Done(usize),
+    WouldBlock,
+    Eof,
+    Failed(io::Error),
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream) -> Self {
+        Conn {
+            stream,
+            readable: false,
+            writable: false,
+        }
+    }
+
+    /// One read; clears `readable` when the socket is drained.
+    pub fn read(&mut self, buf: &mut [u8]) -> Io {
+        // EINTR is retried once; a second one is left for the next pass.
+        for _ in 0..2 {
+            match self.stream.read(buf) {
+                Ok(0) => return Io::Eof,
+                Ok(n) => return Io::Done(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.readable = false;
+                    return Io::WouldBlock;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Io::Failed(e),
+            }
+        }
+        Io::WouldBlock
+    }
+
+    /// One write; clears `writable` when the socket is full.
+    pub fn write(&mut self, buf: &[u8]) -> Io {
+        for _ in 0..2 {
+            match self.stream.write(buf) {
+                Ok(0) => return Io::Failed(io::ErrorKind::WriteZero.into()),
+                Ok(n) => return Io::Done(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.writable = false;
+                    return Io::WouldBlock;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Io::Failed(e),
+            }
+        }
+        Io::WouldBlock
+    }
+}
+
+/// Why a pipe's source stopped delivering frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SourceEnd {
+    /// A close frame was relayed (the normal end); its code if it had one.
+    Close(Option<u16>),
+    /// TCP ended without a close frame.
+    Eof,
+    /// The socket failed.
+    Failed(String),
+    /// The source broke the protocol.
+    Violation(Violation),
+    /// The proxy stopped reading (the session is ending for another reason).
+    Stopped,
+}
+
+/// One direction of the relay.
+#[derive(Debug)]
+pub(crate) struct Pipe {
+    dir: Direction,
+    buf: Option<Buffer>,
+    /// Bytes at the head of `buf` that are validated and may be written.
+    ready: usize,
+    scanner: FrameScanner,
+    /// Set once the source delivers nothing more.
+    pub end: Option<SourceEnd>,
+    /// Read only to the end of the current frame, then stop (so a frame of
+    /// the proxy's own can follow).
+    stop_at_boundary: bool,
+    /// A control frame of the proxy's own, written once `ready` is drained
+    /// at a frame boundary: bytes, length, bytes written.
+    inject: Option<([u8; 131], usize, usize)>,
+    /// A close frame went (or is going) to the destination.
+    pub close_sent: bool,
+    /// Bytes written to the destination.
+    pub bytes: u64,
+    /// Times the buffer filled up and reading paused.
+    pub pauses: u64,
+}
+
+/// What one [`Pipe::pump`] did.
+pub(crate) struct Pump {
+    /// Anything was read or written.
+    pub progress: bool,
+    /// The destination failed while writing.
+    pub dst_failed: Option<io::Error>,
+}
+
+impl Pipe {
+    pub fn new(dir: Direction, max_frame: u64) -> Self {
+        Pipe {
+            dir,
+            buf: None,
+            ready: 0,
+            scanner: FrameScanner::new(dir, max_frame),
+            end: None,
+            stop_at_boundary: false,
+            inject: None,
+            close_sent: false,
+            bytes: 0,
+            pauses: 0,
+        }
+    }
+
+    /// Put bytes in front of everything else: `raw` is written as is (the
+    /// 101 response), `frames` is frame data that arrived with a handshake
+    /// and is scanned like anything read later.
+    pub fn preload(&mut self, pool: &mut BufferPool, raw: &[u8], frames: &[u8]) {
+        if raw.is_empty() && frames.is_empty() {
+            return;
+        }
+        let buf = self.buf.get_or_insert_with(|| pool.get());
+        let taken = buf.push(raw) + buf.push(frames);
+        // Config validation keeps the buffer larger than any handshake
+        // leftover, so nothing is cut here.
+        debug_assert_eq!(taken, raw.len() + frames.len());
+        self.ready += raw.len();
+        self.scan_new();
+    }
+
+    /// Validate newly buffered bytes and extend `ready`.
+    fn scan_new(&mut self) {
+        let Some(buf) = self.buf.as_mut() else {
+            return;
+        };
+        if self.end.is_some() {
+            buf.truncate(self.ready);
+            return;
+        }
+        let mut unscanned = &buf.data()[self.ready..];
+        if self.stop_at_boundary {
+            let rest = self.scanner.remaining();
+            unscanned = &unscanned
+                [..usize::try_from(rest).map_or(unscanned.len(), |r| r.min(unscanned.len()))];
+        }
+        let scan = self.scanner.scan(unscanned);
+        self.ready += scan.forwardable;
+        match scan.stop {
+            Some(ScanStop::Close { code }) => {
+                self.end = Some(SourceEnd::Close(code));
+                self.close_sent = true;
+            }
+            Some(ScanStop::Violation(v)) => self.end = Some(SourceEnd::Violation(v)),
+            None if self.stop_at_boundary && self.scanner.at_boundary() => {
+                self.end = Some(SourceEnd::Stopped);
+            }
+            None => {}
+        }
+        if self.end.is_some() {
+            buf.truncate(self.ready);
+        }
+    }
+
+    /// Stop relaying from the source at the next frame boundary and then send
+    /// the destination a close frame of the proxy's own (unless a close frame
+    /// already went that way).
+    pub fn finish_with_close(&mut self, code: u16, reason: &str) {
+        if self.close_sent {
+            // A close frame already went (or is queued) that way: nothing
+            // more to say, and the source keeps its current stopping rule.
+            return;
+        }
+        self.close_sent = true;
+        let mask = match self.dir {
+            Direction::ClientToUpstream => Some(random_mask()),
+            Direction::UpstreamToClient => None,
+        };
+        let mut frame = [0u8; 131];
+        let len = close_frame(code, reason, mask, &mut frame);
+        self.inject = Some((frame, len, 0));
+        if self.end.is_none() {
+            if self.scanner.at_boundary() {
+                self.end = Some(SourceEnd::Stopped);
+                if let Some(buf) = self.buf.as_mut() {
+                    buf.truncate(self.ready);
+                }
+            } else {
+                self.stop_at_boundary = true;
+            }
+        }
+    }
+
+    /// Stop relaying at once: nothing more is read and nothing unsent is kept
+    /// (the destination is gone or being dropped).
+    pub fn abort(&mut self, pool: &mut BufferPool) {
+        if self.end.is_none() {
+            self.end = Some(SourceEnd::Stopped);
+        }
+        self.inject = None;
+        self.ready = 0;
+        if let Some(buf) = self.buf.take() {
+            pool.put(buf);
+        }
+    }
+
+    /// True when the source has ended and everything owed to the destination
+    /// has been written (or can never be).
+    pub fn finished(&self) -> bool {
+        self.end.is_some() && self.ready == 0 && self.inject.is_none()
+    }
+
+    /// Move bytes from `src` to `dst` until neither can make progress or
+    /// `budget` rounds are spent (so one busy session cannot starve the loop).
+    pub fn pump(
+        &mut self,
+        src: &mut Conn,
+        dst: &mut Conn,
+        pool: &mut BufferPool,
+        budget: usize,
+    ) -> Pump {
+        let mut out = Pump {
+            progress: false,
+            dst_failed: None,
+        };
+        for _ in 0..budget {
+            let mut moved = false;
+            // Read while there is room and the source is still delivering.
+            if self.end.is_none() && src.readable {
+                let buf = self.buf.get_or_insert_with(|| pool.get());
+                if buf.is_full() {
+                    self.pauses += 1;
+                } else {
+                    match src.read(buf.space()) {
+                        Io::Done(n) => {
+                            buf.fill(n);
+                            moved = true;
+                            self.scan_new();
+                        }
+                        Io::WouldBlock => {}
+                        Io::Eof => self.end_source(SourceEnd::Eof),
+                        Io::Failed(e) => self.end_source(SourceEnd::Failed(e.to_string())),
+                    }
+                }
+            }
+            // Write what is validated, then any frame of the proxy's own.
+            if dst.writable && self.ready > 0 {
+                if let Some(buf) = self.buf.as_mut() {
+                    match dst.write(&buf.data()[..self.ready]) {
+                        Io::Done(n) => {
+                            buf.consume(n);
+                            self.ready -= n;
+                            self.bytes += n as u64;
+                            moved = true;
+                        }
+                        Io::WouldBlock => {}
+                        Io::Eof => {}
+                        Io::Failed(e) => {
+                            out.dst_failed = Some(e);
+                            return out;
+                        }
+                    }
+                }
+            }
+            if dst.writable && self.ready == 0 && self.end.is_some() {
+                if let Some((frame, len, written)) = self.inject.as_mut() {
+                    if !self.scanner.at_boundary() {
+                        // The source ended inside a frame: a frame of our own
+                        // cannot follow without corrupting the stream.
+                        self.inject = None;
+                    } else {
+                        match dst.write(&frame[*written..*len]) {
+                            Io::Done(n) => {
+                                *written += n;
+                                moved = true;
+                                if *written == *len {
+                                    self.inject = None;
+                                }
+                            }
+                            Io::WouldBlock | Io::Eof => {}
+                            Io::Failed(e) => {
+                                out.dst_failed = Some(e);
+                                return out;
+                            }
+                        }
+                    }
+                }
+            }
+            // An idle pipe gives its buffer back: idle sessions hold none.
+            if self.buf.as_ref().is_some_and(Buffer::is_empty) {
+                if let Some(buf) = self.buf.take() {
+                    pool.put(buf);
+                }
+            }
+            if !moved {
+                break;
+            }
+            out.progress = true;
+        }
+        out
+    }
+
+    fn end_source(&mut self, end: SourceEnd) {
+        self.end = Some(end);
+        if let Some(buf) = self.buf.as_mut() {
+            buf.truncate(self.ready);
+        }
+    }
+
+    /// True when the pipe stopped with rounds left but could still move bytes
+    /// (its budget ran out): the session must be driven again soon.
+    pub fn has_pending_work(&self, src: &Conn, dst: &Conn) -> bool {
+        let can_read =
+            self.end.is_none() && src.readable && !self.buf.as_ref().is_some_and(Buffer::is_full);
+        let can_write =
+            dst.writable && (self.ready > 0 || (self.end.is_some() && self.inject.is_some()));
+        can_read || can_write
+    }
+
+    /// Return the buffer to the pool (the session is over).
+    pub fn release(&mut self, pool: &mut BufferPool) {
+        if let Some(buf) = self.buf.take() {
+            pool.put(buf);
+        }
+    }
+}
+
+/// A masking key for the proxy's own frames to the upstream. RFC 6455 asks
+/// for unpredictable keys; these frames are tiny and rare, so the OS RNG is
+/// fine here.
+fn random_mask() -> [u8; 4] {
+    let mut k = [0u8; 4];
+    if getrandom::fill(&mut k).is_err() {
+        k = [0x5a, 0x17, 0xc3, 0x8e];
+    }
+    k
+}

@@ -1,0 +1,184 @@
+//! The request target: `/[PREFIX/]TOKEN/VMI_NAME[?query]`.
+//!
+//! Pure functions only. Names are percent-decoded exactly once and then
+//! compared byte for byte; the Kubernetes name rules are checked here so no
+//! upstream URL is ever built from a name that could change its path.
+
+use std::fmt;
+
+/// A request target that matched the route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The token as it appeared in the path, percent-decoded once.
+    pub token: String,
+    /// The VMI name, percent-decoded once (not yet checked against the rules).
+    pub vmi: String,
+    /// The raw query string after `?`, if any.
+    pub query: Option<String>,
+}
+
+/// Why a request target did not match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteError {
+    /// The path has the wrong shape or prefix (HTTP 404).
+    NotFound(&'static str),
+    /// A segment has broken percent-encoding or is not UTF-8 (HTTP 400).
+    BadEncoding,
+}
+
+impl fmt::Display for RouteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RouteError::NotFound(why) => f.write_str(why),
+            RouteError::BadEncoding => f.write_str("malformed percent-encoding in path"),
+        }
+    }
+}
+
+/// Split a request target into token, VMI name and query.
+///
+/// `prefix` is one path segment (without slashes) that must come first and is
+/// stripped, as set by `HOST_PATH_PREFIX` behind a reverse proxy.
+pub fn parse_target(target: &str, prefix: Option<&str>) -> Result<Route, RouteError> {
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q.to_owned())),
+        None => (target, None),
+    };
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err(RouteError::NotFound("path must start with /"));
+    };
+    let mut segments = rest.split('/');
+    if let Some(prefix) = prefix {
+        if segments.next() != Some(prefix) {
+            return Err(RouteError::NotFound("path prefix does not match"));
+        }
+    }
+    let (Some(token), Some(vmi), None) = (segments.next(), segments.next(), segments.next()) else {
+        return Err(RouteError::NotFound("expected /TOKEN/VMI_NAME"));
+    };
+    if token.is_empty() || vmi.is_empty() {
+        return Err(RouteError::NotFound("expected /TOKEN/VMI_NAME"));
+    }
+    Ok(Route {
+        token: percent_decode(token).ok_or(RouteError::BadEncoding)?,
+        vmi: percent_decode(vmi).ok_or(RouteError::BadEncoding)?,
+        query,
+    })
+}
+
+/// Decode `%XX` escapes once. `None` for a broken escape or non-UTF-8 result.
+/// `+` is left alone: in a path it is a literal plus.
+pub fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hi = hex_value(*bytes.get(i + 1)?)?;
+            let lo = hex_value(*bytes.get(i + 2)?)?;
+            out.push(hi << 4 | lo);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// A Kubernetes DNS-1123 label: 1-63 of `[a-z0-9-]`, alphanumeric at both ends.
+/// Namespaces must be labels.
+pub fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// A Kubernetes DNS-1123 subdomain: at most 253 characters of dot-separated
+/// labels. VMI names must be subdomains.
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns1123_label)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_with_and_without_prefix() {
+        let r = parse_target("/tok/ubuntu?preserveSession=true", None).unwrap();
+        assert_eq!(r.token, "tok");
+        assert_eq!(r.vmi, "ubuntu");
+        assert_eq!(r.query.as_deref(), Some("preserveSession=true"));
+        let r = parse_target("/vnc/tok/ubuntu", Some("vnc")).unwrap();
+        assert_eq!((r.token.as_str(), r.vmi.as_str()), ("tok", "ubuntu"));
+        assert!(matches!(
+            parse_target("/other/tok/ubuntu", Some("vnc")),
+            Err(RouteError::NotFound(_))
+        ));
+        for bad in ["/", "/tok", "/tok/", "//vm", "/a/b/c", "tok/vm", "/tok/vm/"] {
+            assert!(
+                matches!(parse_target(bad, None), Err(RouteError::NotFound(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn decodes_exactly_once() {
+        let r = parse_target("/t/%2e%2e", None).unwrap();
+        assert_eq!(r.vmi, "..");
+        let r = parse_target("/t/a%252Fb", None).unwrap();
+        assert_eq!(r.vmi, "a%2Fb");
+        assert_eq!(parse_target("/t/%zz", None), Err(RouteError::BadEncoding));
+        assert_eq!(parse_target("/t/%C3", None), Err(RouteError::BadEncoding));
+        assert_eq!(percent_decode("a+b%20c").as_deref(), Some("a+b c"));
+    }
+
+    #[test]
+    fn kubernetes_name_rules() {
+        for ok in ["a", "ubuntu", "win-10", "a.b-c.d", &"a".repeat(63)] {
+            assert!(is_dns1123_subdomain(ok), "{ok}");
+        }
+        let long = format!(
+            "{}.{}.{}.{}",
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(62)
+        );
+        assert_eq!(long.len(), 254);
+        for bad in [
+            "",
+            "Ubuntu",
+            "-a",
+            "a-",
+            "a..b",
+            ".",
+            "..",
+            "a.",
+            "a/b",
+            "a%2Fb",
+            "a_b",
+            &long,
+            &"a".repeat(64),
+        ] {
+            assert!(!is_dns1123_subdomain(bad), "{bad}");
+        }
+        assert!(is_dns1123_label("lab-ns"));
+        assert!(!is_dns1123_label("lab.ns"));
+    }
+}

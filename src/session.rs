@@ -1,0 +1,709 @@
+//! One client's session, as a state machine driven by readiness events and
+//! one deadline. See `LIFECYCLE.md` beside this file for the states.
+//!
+//! Every way a session can fail maps to exactly one client-visible outcome
+//! (an HTTP status before the upgrade, a close code after it) and one log line.
+
+use std::io::{self, Read};
+use std::net::{Shutdown, SocketAddr};
+use std::time::Instant;
+
+use log::{debug, info};
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+
+use crate::auth::{Grant, JwtVerifier, fingerprint};
+use crate::buffer::BufferPool;
+use crate::config::Config;
+use crate::frame::Direction;
+use crate::http::{self, Refusal, UpstreamAnswer};
+use crate::relay::{Conn, Io, Pipe, SourceEnd};
+use crate::route::{RouteError, parse_target};
+
+/// Rounds of reads and writes one pipe may do per drive before yielding to
+/// other sessions.
+const PUMP_BUDGET: usize = 16;
+
+/// First token used by sessions; lower ones belong to the server.
+pub(crate) const FIRST_SESSION_TOKEN: usize = 2;
+
+pub(crate) fn client_token(key: usize) -> Token {
+    Token(FIRST_SESSION_TOKEN + 2 * key)
+}
+
+pub(crate) fn upstream_token(key: usize) -> Token {
+    Token(FIRST_SESSION_TOKEN + 2 * key + 1)
+}
+
+/// What a session needs from the server while it is driven.
+pub(crate) struct Ctx<'a> {
+    pub registry: &'a Registry,
+    pub pool: &'a mut BufferPool,
+    pub config: &'a Config,
+    pub verifier: &'a JwtVerifier,
+    pub upstream_addrs: &'a [SocketAddr],
+    pub upstream_host: &'a str,
+    pub now: Instant,
+}
+
+/// Which socket of the session an event is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Client,
+    Upstream,
+}
+
+/// The handshake in progress with the upstream.
+#[derive(Debug)]
+struct Handshake {
+    client_key: String,
+    /// Frame bytes the client sent right after its request head.
+    early: Vec<u8>,
+    /// The upgrade request for the upstream.
+    request: Vec<u8>,
+    upstream_key: String,
+}
+
+#[derive(Debug)]
+enum State {
+    /// Reading the client's request head.
+    ReadingRequest { head: Vec<u8> },
+    /// Connecting to the upstream; `next_addr` is the address to try if this
+    /// one fails.
+    Dialing {
+        hs: Box<Handshake>,
+        next_addr: usize,
+    },
+    /// Sending the upgrade to the upstream and reading its answer.
+    UpstreamHandshake {
+        hs: Box<Handshake>,
+        sent: usize,
+        response: Vec<u8>,
+    },
+    /// Relaying frames both ways.
+    Relaying { up: Box<Pipe>, down: Box<Pipe> },
+    /// Writing an HTTP refusal to the client.
+    Refusing { out: Vec<u8>, written: usize },
+    /// Our side is shut down for writing; draining what the peers still send
+    /// until they close too (so the kernel does not answer with a reset that
+    /// could destroy our last words), bounded by the deadline.
+    Lingering,
+    /// Nothing left to do: the server drops the session.
+    Done,
+}
+
+/// How a session ended, for the log line and for tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Handshake,
+    Relayed,
+}
+
+/// One client connection and, once authorized, its upstream connection.
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub id: u64,
+    key: usize,
+    peer: SocketAddr,
+    client: Conn,
+    upstream: Option<Conn>,
+    state: State,
+    /// When the current state gives up.
+    pub deadline: Option<Instant>,
+    started: Instant,
+    grant: Option<Grant>,
+    phase: Phase,
+    /// Why the session ended (for the closing log line).
+    outcome: Option<String>,
+    bytes_up: u64,
+    bytes_down: u64,
+}
+
+impl Session {
+    pub fn new(
+        id: u64,
+        key: usize,
+        stream: TcpStream,
+        peer: SocketAddr,
+        now: Instant,
+        config: &Config,
+    ) -> Self {
+        Session {
+            id,
+            key,
+            peer,
+            client: Conn::new(stream),
+            upstream: None,
+            state: State::ReadingRequest { head: Vec::new() },
+            deadline: Some(now + config.handshake_timeout),
+            started: now,
+            grant: None,
+            phase: Phase::Handshake,
+            outcome: None,
+            bytes_up: 0,
+            bytes_down: 0,
+        }
+    }
+
+    pub fn register(&mut self, registry: &Registry) -> io::Result<()> {
+        registry.register(
+            &mut self.client.stream,
+            client_token(self.key),
+            Interest::READABLE | Interest::WRITABLE,
+        )
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    /// Record readiness from an event. Errors and hang-ups count as both:
+    /// the next read or write reports what happened.
+    pub fn ready(&mut self, side: Side, readable: bool, writable: bool) {
+        let conn = match side {
+            Side::Client => Some(&mut self.client),
+            Side::Upstream => self.upstream.as_mut(),
+        };
+        if let Some(c) = conn {
+            c.readable |= readable;
+            c.writable |= writable;
+        }
+    }
+
+    /// Make all the progress possible now. Returns true when the session
+    /// stopped with work left (a budget ran out) and must be driven again
+    /// soon, without waiting for an event.
+    pub fn drive(&mut self, ctx: &mut Ctx<'_>) -> bool {
+        // Each transition either waits for an event or moves to a state that
+        // gets its own pass; a handful of passes covers the longest chain
+        // (request -> dial -> handshake -> relay).
+        for _ in 0..8 {
+            let before = std::mem::discriminant(&self.state);
+            let more = match &mut self.state {
+                State::ReadingRequest { .. } => {
+                    self.read_request(ctx);
+                    false
+                }
+                State::Dialing { .. } => {
+                    self.check_dial(ctx);
+                    false
+                }
+                State::UpstreamHandshake { .. } => {
+                    self.upstream_handshake(ctx);
+                    false
+                }
+                State::Relaying { .. } => self.relay(ctx),
+                State::Refusing { .. } => {
+                    self.write_refusal(ctx);
+                    false
+                }
+                State::Lingering => {
+                    self.linger(ctx);
+                    false
+                }
+                State::Done => return false,
+            };
+            if more {
+                return true;
+            }
+            if std::mem::discriminant(&self.state) == before {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The deadline passed: give up on the current state.
+    pub fn on_deadline(&mut self, ctx: &mut Ctx<'_>) {
+        self.deadline = None;
+        match &self.state {
+            State::ReadingRequest { head } => {
+                if head.is_empty() {
+                    debug!(
+                        "session {} {}: no request within the handshake timeout",
+                        self.id, self.peer
+                    );
+                }
+                self.refuse(
+                    ctx,
+                    Refusal::new(408, "timed out waiting for the request head"),
+                );
+            }
+            State::Dialing { .. } | State::UpstreamHandshake { .. } => {
+                let secs = ctx.config.upstream_timeout.as_secs();
+                self.refuse(
+                    ctx,
+                    Refusal::new(504, format!("upstream did not answer within {secs} s")),
+                );
+            }
+            State::Relaying { .. } => {
+                self.outcome = Some("closing handshake timed out".into());
+                self.finish(ctx);
+            }
+            State::Refusing { .. } | State::Lingering => self.finish(ctx),
+            State::Done => {}
+        }
+        self.drive(ctx);
+    }
+
+    fn read_request(&mut self, ctx: &mut Ctx<'_>) {
+        let State::ReadingRequest { head } = &mut self.state else {
+            return;
+        };
+        let max = ctx.config.max_head_bytes;
+        let mut chunk = [0u8; 4096];
+        // A head is at most `max` bytes; reading stops there either way.
+        while self.client.readable && head.len() < max {
+            let want = (max - head.len()).min(chunk.len());
+            match self.client.read(&mut chunk[..want]) {
+                Io::Done(n) => head.extend_from_slice(&chunk[..n]),
+                Io::WouldBlock => break,
+                Io::Eof | Io::Failed(_) => {
+                    debug!(
+                        "session {} {}: client left before sending a request",
+                        self.id, self.peer
+                    );
+                    self.outcome = Some("client left during the request".into());
+                    self.finish(ctx);
+                    return;
+                }
+            }
+        }
+        match http::parse_upgrade_request(head, max) {
+            Ok(None) => {}
+            Err(refusal) => self.refuse(ctx, refusal),
+            Ok(Some(req)) => {
+                let early = head[req.head_len..].to_vec();
+                self.authorize(ctx, req, early);
+            }
+        }
+    }
+
+    fn authorize(&mut self, ctx: &mut Ctx<'_>, req: http::UpgradeRequest, early: Vec<u8>) {
+        let route = match parse_target(&req.target, ctx.config.path_prefix.as_deref()) {
+            Ok(r) => r,
+            Err(e @ RouteError::NotFound(_)) => {
+                return self.refuse(ctx, Refusal::new(404, e.to_string()));
+            }
+            Err(e @ RouteError::BadEncoding) => {
+                return self.refuse(ctx, Refusal::new(400, e.to_string()));
+            }
+        };
+        let grant = match ctx.verifier.authorize(&route.token, &route.vmi) {
+            Ok(g) => g,
+            Err(e) => {
+                // The token itself never reaches a log line; its fingerprint
+                // lets an operator match this line with a user's report.
+                info!(
+                    "session {} {}: token {} refused: {e}",
+                    self.id,
+                    self.peer,
+                    fingerprint(&route.token)
+                );
+                return self.refuse_quietly(ctx, Refusal::new(e.status(), e.to_string()));
+            }
+        };
+        let upstream_key = http::new_key();
+        let path = ctx.config.upstream_path(&grant.namespace, &grant.vmi);
+        let request = http::upstream_request(&path, ctx.upstream_host, &upstream_key, &[]);
+        debug!(
+            "session {} {}: token id {} ({}) allows {}/{}; dialing upstream",
+            self.id,
+            self.peer,
+            grant.token_id,
+            fingerprint(&route.token),
+            grant.namespace,
+            grant.vmi
+        );
+        self.grant = Some(grant);
+        let hs = Box::new(Handshake {
+            client_key: req.key,
+            early,
+            request,
+            upstream_key,
+        });
+        self.deadline = Some(ctx.now + ctx.config.upstream_timeout);
+        self.dial(ctx, hs, 0, None);
+    }
+
+    /// Start connecting to the `index`th upstream address (the host was
+    /// resolved once at start; no DNS here).
+    fn dial(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        hs: Box<Handshake>,
+        index: usize,
+        last_error: Option<io::Error>,
+    ) {
+        let mut last_error = last_error;
+        for (i, addr) in ctx.upstream_addrs.iter().enumerate().skip(index) {
+            match TcpStream::connect(*addr) {
+                Ok(mut stream) => {
+                    if let Err(e) = ctx.registry.register(
+                        &mut stream,
+                        upstream_token(self.key),
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
+                        last_error = Some(e);
+                        continue;
+                    }
+                    self.upstream = Some(Conn::new(stream));
+                    self.state = State::Dialing {
+                        hs,
+                        next_addr: i + 1,
+                    };
+                    return;
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        let why = last_error.map_or_else(|| "no address".to_owned(), |e| e.to_string());
+        self.refuse(
+            ctx,
+            Refusal::new(502, format!("upstream unreachable: {why}")),
+        );
+    }
+
+    fn check_dial(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(up) = self.upstream.as_mut() else {
+            return;
+        };
+        if !up.writable && !up.readable {
+            return;
+        }
+        // mio: a connect has finished when the socket is writable; then
+        // take_error tells failure, and peer_addr tells a spurious wake-up.
+        let failed = match up.stream.take_error() {
+            Ok(Some(e)) | Err(e) => Some(e),
+            Ok(None) => match up.stream.peer_addr() {
+                Ok(_) => None,
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                    up.readable = false;
+                    up.writable = false;
+                    return;
+                }
+                Err(e) => Some(e),
+            },
+        };
+        let State::Dialing { hs, next_addr } = std::mem::replace(&mut self.state, State::Lingering)
+        else {
+            return;
+        };
+        match failed {
+            Some(e) => {
+                self.drop_upstream(ctx);
+                self.dial(ctx, hs, next_addr, Some(e));
+            }
+            None => {
+                let _ = up.stream.set_nodelay(true);
+                self.state = State::UpstreamHandshake {
+                    hs,
+                    sent: 0,
+                    response: Vec::new(),
+                };
+            }
+        }
+    }
+
+    fn upstream_handshake(&mut self, ctx: &mut Ctx<'_>) {
+        let State::UpstreamHandshake { hs, sent, response } = &mut self.state else {
+            return;
+        };
+        let Some(up) = self.upstream.as_mut() else {
+            return;
+        };
+        while up.writable && *sent < hs.request.len() {
+            match up.write(&hs.request[*sent..]) {
+                Io::Done(n) => *sent += n,
+                Io::WouldBlock | Io::Eof => break,
+                Io::Failed(e) => {
+                    let r = Refusal::new(502, format!("upstream failed during the handshake: {e}"));
+                    return self.refuse(ctx, r);
+                }
+            }
+        }
+        let max = ctx.config.max_head_bytes;
+        let mut chunk = [0u8; 4096];
+        let mut eof = false;
+        while up.readable && response.len() < max {
+            let want = (max - response.len()).min(chunk.len());
+            match up.read(&mut chunk[..want]) {
+                Io::Done(n) => response.extend_from_slice(&chunk[..n]),
+                Io::WouldBlock => break,
+                Io::Eof => {
+                    eof = true;
+                    break;
+                }
+                Io::Failed(e) => {
+                    let r = Refusal::new(502, format!("upstream failed during the handshake: {e}"));
+                    return self.refuse(ctx, r);
+                }
+            }
+        }
+        if response.is_empty() && !eof {
+            return;
+        }
+        match http::parse_upstream_response(response, &hs.upstream_key, max, eof) {
+            Ok(None) => {}
+            Err(r) | Ok(Some(UpstreamAnswer::Refused(r))) => self.refuse(ctx, r),
+            Ok(Some(UpstreamAnswer::Upgraded {
+                protocol: Some(p), ..
+            })) => {
+                let r = Refusal::new(
+                    502,
+                    format!("upstream chose subprotocol '{p}' that was not offered"),
+                );
+                self.refuse(ctx, r);
+            }
+            Ok(Some(UpstreamAnswer::Upgraded {
+                head_len,
+                protocol: None,
+            })) => {
+                let max_frame = ctx.config.max_frame_size;
+                let mut up_pipe = Box::new(Pipe::new(Direction::ClientToUpstream, max_frame));
+                let mut down_pipe = Box::new(Pipe::new(Direction::UpstreamToClient, max_frame));
+                down_pipe.preload(
+                    ctx.pool,
+                    &http::switching_protocols(&hs.client_key, None),
+                    &response[head_len..],
+                );
+                up_pipe.preload(ctx.pool, &[], &hs.early);
+                self.phase = Phase::Relayed;
+                self.deadline = None;
+                if let Some(g) = &self.grant {
+                    info!(
+                        "session {} {}: relaying to {}/{} (token id {})",
+                        self.id, self.peer, g.namespace, g.vmi, g.token_id
+                    );
+                }
+                self.state = State::Relaying {
+                    up: up_pipe,
+                    down: down_pipe,
+                };
+            }
+        }
+    }
+
+    /// Pump both directions and run the closing rules. Returns true when a
+    /// budget ran out with work left.
+    fn relay(&mut self, ctx: &mut Ctx<'_>) -> bool {
+        let State::Relaying { up, down } = &mut self.state else {
+            return false;
+        };
+        let Some(upstream) = self.upstream.as_mut() else {
+            return false;
+        };
+        let client = &mut self.client;
+        for _ in 0..4 {
+            let a = up.pump(client, upstream, ctx.pool, PUMP_BUDGET);
+            let b = down.pump(upstream, client, ctx.pool, PUMP_BUDGET);
+            if let Some(e) = a.dst_failed {
+                // Writing to the upstream failed: it is gone.
+                debug!("session {}: upstream write failed: {e}", self.id);
+                up.abort(ctx.pool);
+                if down.end.is_none() {
+                    down.end = Some(SourceEnd::Failed(e.to_string()));
+                }
+            }
+            if let Some(e) = b.dst_failed {
+                debug!("session {}: client write failed: {e}", self.id);
+                down.abort(ctx.pool);
+                if up.end.is_none() {
+                    up.end = Some(SourceEnd::Failed(e.to_string()));
+                }
+            }
+            let changed = apply_closing_rules(up, down, ctx.pool);
+            if !(a.progress || b.progress || changed) {
+                break;
+            }
+        }
+        self.bytes_up = up.bytes;
+        self.bytes_down = down.bytes;
+        if up.finished() && down.finished() {
+            self.outcome = Some(describe_end(up, down));
+            up.release(ctx.pool);
+            down.release(ctx.pool);
+            self.finish(ctx);
+            return false;
+        }
+        if (up.end.is_some() || down.end.is_some()) && self.deadline.is_none() {
+            self.deadline = Some(ctx.now + ctx.config.close_timeout);
+        }
+        up.has_pending_work(client, upstream) || down.has_pending_work(upstream, client)
+    }
+
+    /// Answer the client with an HTTP refusal and log it once.
+    fn refuse(&mut self, ctx: &mut Ctx<'_>, r: Refusal) {
+        info!("session {} {}: refused with {}", self.id, self.peer, r);
+        self.refuse_quietly(ctx, r);
+    }
+
+    /// Like [`refuse`](Self::refuse) when the caller already logged.
+    fn refuse_quietly(&mut self, ctx: &mut Ctx<'_>, r: Refusal) {
+        self.drop_upstream(ctx);
+        self.outcome = Some(format!("refused with {}", r.status));
+        self.state = State::Refusing {
+            out: http::refusal_response(&r),
+            written: 0,
+        };
+        self.deadline = Some(ctx.now + ctx.config.close_timeout);
+    }
+
+    fn write_refusal(&mut self, ctx: &mut Ctx<'_>) {
+        let State::Refusing { out, written } = &mut self.state else {
+            return;
+        };
+        while self.client.writable && *written < out.len() {
+            match self.client.write(&out[*written..]) {
+                Io::Done(n) => *written += n,
+                Io::WouldBlock | Io::Eof => return,
+                Io::Failed(_) => {
+                    self.state = State::Done;
+                    return;
+                }
+            }
+        }
+        if *written == out.len() {
+            self.finish(ctx);
+        }
+    }
+
+    /// Shut our sides down for writing and wait (bounded) for the peers to
+    /// close theirs.
+    fn finish(&mut self, ctx: &mut Ctx<'_>) {
+        let _ = self.client.stream.shutdown(Shutdown::Write);
+        if let Some(up) = self.upstream.as_mut() {
+            let _ = up.stream.shutdown(Shutdown::Write);
+        }
+        self.state = State::Lingering;
+        self.client.readable = true;
+        if let Some(up) = self.upstream.as_mut() {
+            up.readable = true;
+        }
+        self.deadline = Some(ctx.now + ctx.config.close_timeout);
+    }
+
+    fn linger(&mut self, ctx: &mut Ctx<'_>) {
+        let mut sink = [0u8; 4096];
+        let mut open = false;
+        for conn in [Some(&mut self.client), self.upstream.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            let mut closed = false;
+            for _ in 0..PUMP_BUDGET {
+                match conn.stream.read(&mut sink) {
+                    Ok(0) => {
+                        closed = true;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            conn.readable = false;
+            open |= !closed;
+        }
+        if !open {
+            self.drop_upstream(ctx);
+            self.state = State::Done;
+        }
+    }
+
+    fn drop_upstream(&mut self, ctx: &mut Ctx<'_>) {
+        if let Some(mut up) = self.upstream.take() {
+            let _ = ctx.registry.deregister(&mut up.stream);
+        }
+    }
+
+    /// Release everything (called by the server when the session is removed).
+    pub fn close(&mut self, ctx: &mut Ctx<'_>) {
+        if let State::Relaying { up, down } = &mut self.state {
+            self.bytes_up = up.bytes;
+            self.bytes_down = down.bytes;
+            up.release(ctx.pool);
+            down.release(ctx.pool);
+        }
+        self.drop_upstream(ctx);
+        let _ = ctx.registry.deregister(&mut self.client.stream);
+        self.state = State::Done;
+        if self.phase == Phase::Relayed {
+            let outcome = self.outcome.as_deref().unwrap_or("closed");
+            let (ns, vmi, id) = self.grant.as_ref().map_or(("-", "-", "-"), |g| {
+                (g.namespace.as_str(), g.vmi.as_str(), g.token_id.as_str())
+            });
+            info!(
+                "session {} {}: {ns}/{vmi} (token id {id}) ended: {outcome}; {:.1} s, {} bytes up, {} bytes down",
+                self.id,
+                self.peer,
+                self.started.elapsed().as_secs_f64(),
+                self.bytes_up,
+                self.bytes_down
+            );
+        }
+    }
+}
+
+/// When one direction ends, decide what the other side is told. Returns true
+/// if anything changed.
+fn apply_closing_rules(up: &mut Pipe, down: &mut Pipe, pool: &mut BufferPool) -> bool {
+    let before = (
+        up.close_sent,
+        down.close_sent,
+        up.end.clone(),
+        down.end.clone(),
+    );
+    match up.end.clone() {
+        // The client's close frame goes upstream as is; its answer comes back
+        // through `down` on its own.
+        None | Some(SourceEnd::Close(_)) | Some(SourceEnd::Stopped) => {}
+        Some(SourceEnd::Eof) | Some(SourceEnd::Failed(_)) => {
+            // The client is gone: nothing more can reach it.
+            down.abort(pool);
+            up.finish_with_close(1001, "client went away");
+        }
+        Some(SourceEnd::Violation(v)) => {
+            down.finish_with_close(v.close_code(), v.reason());
+            up.finish_with_close(1001, "client broke the protocol");
+        }
+    }
+    match down.end.clone() {
+        None | Some(SourceEnd::Close(_)) | Some(SourceEnd::Stopped) => {}
+        Some(SourceEnd::Eof) => {
+            up.abort(pool);
+            down.finish_with_close(1001, "upstream closed the connection");
+        }
+        Some(SourceEnd::Failed(_)) => {
+            up.abort(pool);
+            down.finish_with_close(1011, "upstream connection failed");
+        }
+        Some(SourceEnd::Violation(v)) => {
+            up.finish_with_close(v.close_code(), v.reason());
+            down.finish_with_close(1011, "upstream broke the protocol");
+        }
+    }
+    before
+        != (
+            up.close_sent,
+            down.close_sent,
+            up.end.clone(),
+            down.end.clone(),
+        )
+}
+
+fn describe_end(up: &Pipe, down: &Pipe) -> String {
+    let side = |end: &Option<SourceEnd>| match end {
+        Some(SourceEnd::Close(Some(code))) => format!("close {code}"),
+        Some(SourceEnd::Close(None)) => "close".to_owned(),
+        Some(SourceEnd::Eof) => "dropped the connection".to_owned(),
+        Some(SourceEnd::Failed(e)) => format!("failed ({e})"),
+        Some(SourceEnd::Violation(v)) => format!("protocol violation ({v})"),
+        Some(SourceEnd::Stopped) | None => "stopped by the proxy".to_owned(),
+    };
+    format!("client {}, upstream {}", side(&up.end), side(&down.end))
+}
