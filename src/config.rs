@@ -267,7 +267,7 @@ impl Config {
     /// upstream at `remote_url` (`ws://…`), HS256 with `secret`, listening on
     /// 127.0.0.1 on a free port.
     pub fn local_dev(remote_url: &str, secret: &[u8]) -> Result<Config, ConfigError> {
-        let mut c = Self::from_sources(
+        let mut c = Self::parse_unvalidated(
             [
                 ("LOCAL_DEV_MODE".to_owned(), "true".to_owned()),
                 ("WS_REMOTE_URL".to_owned(), remote_url.to_owned()),
@@ -293,6 +293,17 @@ impl Config {
     /// Build from explicit environment pairs and arguments; a flag wins over
     /// its variable.
     pub fn from_sources(
+        env: impl IntoIterator<Item = (String, String)>,
+        args: impl IntoIterator<Item = String>,
+    ) -> Result<Command, ConfigError> {
+        let command = Self::parse_unvalidated(env, args)?;
+        if let Command::Run(c) = &command {
+            c.validate()?;
+        }
+        Ok(command)
+    }
+
+    fn parse_unvalidated(
         env: impl IntoIterator<Item = (String, String)>,
         args: impl IntoIterator<Item = String>,
     ) -> Result<Command, ConfigError> {
@@ -405,7 +416,6 @@ impl Config {
             max_frame_size: parse_num("MAX_FRAME_SIZE", &or_default("MAX_FRAME_SIZE"))?,
             close_timeout: Duration::from_secs(5),
         };
-        config.validate()?;
         Ok(Command::Run(Box::new(config)))
     }
 

@@ -270,17 +270,37 @@ impl Pipe {
                 }
             }
             // Write what is validated, then any frame of the proxy's own.
-            if dst.writable && self.ready > 0 {
-                if let Some(buf) = self.buf.as_mut() {
-                    match dst.write(&buf.data()[..self.ready]) {
+            if let Some(buf) = self.buf.as_mut().filter(|_| dst.writable && self.ready > 0) {
+                match dst.write(&buf.data()[..self.ready]) {
+                    Io::Done(n) => {
+                        buf.consume(n);
+                        self.ready -= n;
+                        self.bytes += n as u64;
+                        moved = true;
+                    }
+                    Io::WouldBlock | Io::Eof => {}
+                    Io::Failed(e) => {
+                        out.dst_failed = Some(e);
+                        return out;
+                    }
+                }
+            }
+            let may_inject = dst.writable && self.ready == 0 && self.end.is_some();
+            if let Some((frame, len, written)) = self.inject.as_mut().filter(|_| may_inject) {
+                if !self.scanner.at_boundary() {
+                    // The source ended inside a frame: a frame of our own
+                    // cannot follow without corrupting the stream.
+                    self.inject = None;
+                } else {
+                    match dst.write(&frame[*written..*len]) {
                         Io::Done(n) => {
-                            buf.consume(n);
-                            self.ready -= n;
-                            self.bytes += n as u64;
+                            *written += n;
                             moved = true;
+                            if *written == *len {
+                                self.inject = None;
+                            }
                         }
-                        Io::WouldBlock => {}
-                        Io::Eof => {}
+                        Io::WouldBlock | Io::Eof => {}
                         Io::Failed(e) => {
                             out.dst_failed = Some(e);
                             return out;
@@ -288,35 +308,9 @@ impl Pipe {
                     }
                 }
             }
-            if dst.writable && self.ready == 0 && self.end.is_some() {
-                if let Some((frame, len, written)) = self.inject.as_mut() {
-                    if !self.scanner.at_boundary() {
-                        // The source ended inside a frame: a frame of our own
-                        // cannot follow without corrupting the stream.
-                        self.inject = None;
-                    } else {
-                        match dst.write(&frame[*written..*len]) {
-                            Io::Done(n) => {
-                                *written += n;
-                                moved = true;
-                                if *written == *len {
-                                    self.inject = None;
-                                }
-                            }
-                            Io::WouldBlock | Io::Eof => {}
-                            Io::Failed(e) => {
-                                out.dst_failed = Some(e);
-                                return out;
-                            }
-                        }
-                    }
-                }
-            }
             // An idle pipe gives its buffer back: idle sessions hold none.
-            if self.buf.as_ref().is_some_and(Buffer::is_empty) {
-                if let Some(buf) = self.buf.take() {
-                    pool.put(buf);
-                }
+            if let Some(buf) = self.buf.take_if(|b| b.is_empty()) {
+                pool.put(buf);
             }
             if !moved {
                 break;

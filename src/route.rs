@@ -48,10 +48,8 @@ pub fn parse_target(target: &str, prefix: Option<&str>) -> Result<Route, RouteEr
         return Err(RouteError::NotFound("path must start with /"));
     };
     let mut segments = rest.split('/');
-    if let Some(prefix) = prefix {
-        if segments.next() != Some(prefix) {
-            return Err(RouteError::NotFound("path prefix does not match"));
-        }
+    if prefix.is_some_and(|p| segments.next() != Some(p)) {
+        return Err(RouteError::NotFound("path prefix does not match"));
     }
     let (Some(token), Some(vmi), None) = (segments.next(), segments.next(), segments.next()) else {
         return Err(RouteError::NotFound("expected /TOKEN/VMI_NAME"));

@@ -318,7 +318,7 @@ impl Proxy {
                 WAKER => {}
                 Token(t) => {
                     let rel = t - FIRST_SESSION_TOKEN;
-                    let side = if rel % 2 == 0 {
+                    let side = if rel.is_multiple_of(2) {
                         Side::Client
                     } else {
                         Side::Upstream

@@ -240,7 +240,12 @@ impl Session {
                 self.outcome = Some("closing handshake timed out".into());
                 self.finish(ctx);
             }
-            State::Refusing { .. } | State::Lingering => self.finish(ctx),
+            State::Refusing { .. } => self.finish(ctx),
+            State::Lingering => {
+                // The peers had their chance to close; close regardless.
+                self.drop_upstream(ctx);
+                self.state = State::Done;
+            }
             State::Done => {}
         }
         self.drive(ctx);
@@ -294,13 +299,15 @@ impl Session {
             Err(e) => {
                 // The token itself never reaches a log line; its fingerprint
                 // lets an operator match this line with a user's report.
+                let r = Refusal::new(e.status(), e.to_string());
                 info!(
-                    "session {} {}: token {} refused: {e}",
+                    "session {} {}: refused with {} (token {})",
                     self.id,
                     self.peer,
+                    r,
                     fingerprint(&route.token)
                 );
-                return self.refuse_quietly(ctx, Refusal::new(e.status(), e.to_string()));
+                return self.refuse_quietly(ctx, r);
             }
         };
         let upstream_key = http::new_key();

@@ -1,0 +1,337 @@
+//! Every refusal in the table of the core issue, through real sockets: the
+//! precise HTTP status, a plain-text reason, `Connection: close`, the socket
+//! closed, and no upstream connection for anything refused before the token
+//! and name checks passed.
+
+mod common;
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::tokens::{self, SECRET, lab_claims, mint, mint_claims, now};
+use common::{Harness, NS, RawAnswer, raw_request, upgrade_request};
+use jsonwebtoken::{Algorithm, Header};
+
+/// Send `request`, expect a well-formed refusal (and the socket closed:
+/// `raw_request` reads until EOF).
+fn refused(h: &Harness, request: &[u8]) -> RawAnswer {
+    let a = raw_request(h.addr, request);
+    assert!(a.head.contains("Connection: close"), "{}", a.head);
+    assert!(a.head.contains("Content-Type: text/plain"), "{}", a.head);
+    assert!(!a.body.trim().is_empty(), "a refusal carries a reason");
+    a
+}
+
+fn assert_no_upstream<F: FnOnce() -> RawAnswer>(h: &Harness, f: F) -> RawAnswer {
+    let before = h.upstream.connections_total();
+    let a = f();
+    assert_eq!(
+        h.upstream.connections_total(),
+        before,
+        "refused with {} but an upstream connection was made",
+        a.status
+    );
+    a
+}
+
+#[test]
+fn malformed_and_non_upgrade_requests_get_400() {
+    let h = Harness::start();
+    let tok = Harness::token(&["echo"]);
+    let path = format!("/{tok}/echo");
+    let cases: Vec<(Vec<u8>, u16)> = vec![
+        (b"garbage\r\n\r\n".to_vec(), 400),
+        (
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes(),
+            400,
+        ),
+        (
+            String::from_utf8(upgrade_request(&path, ""))
+                .unwrap()
+                .replace("GET", "POST")
+                .into_bytes(),
+            400,
+        ),
+        (
+            String::from_utf8(upgrade_request(&path, ""))
+                .unwrap()
+                .replace("HTTP/1.1", "HTTP/1.0")
+                .into_bytes(),
+            400,
+        ),
+        (
+            String::from_utf8(upgrade_request(&path, ""))
+                .unwrap()
+                .replace("dGhlIHNhbXBsZSBub25jZQ==", "dG9vc2hvcnQ=")
+                .into_bytes(),
+            400,
+        ),
+        (
+            upgrade_request(&path, "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"),
+            400,
+        ),
+        (upgrade_request(&path, "Content-Length: 5\r\n"), 400),
+        (
+            upgrade_request(&path, "Transfer-Encoding: chunked\r\n"),
+            400,
+        ),
+        (upgrade_request(&path, "X-Folded: a\r\n b\r\n"), 400),
+        (
+            String::from_utf8(upgrade_request(&path, ""))
+                .unwrap()
+                .replace("Host: proxy\r\n", "Host: proxy\n")
+                .into_bytes(),
+            400,
+        ),
+        (upgrade_request("/t/%zz", ""), 400),
+    ];
+    for (req, want) in cases {
+        let a = assert_no_upstream(&h, || refused(&h, &req));
+        assert_eq!(
+            a.status,
+            want,
+            "{}\n-> {}",
+            String::from_utf8_lossy(&req),
+            a.body
+        );
+    }
+}
+
+#[test]
+fn wrong_websocket_version_gets_426_with_the_supported_version() {
+    let h = Harness::start();
+    let path = format!("/{}/echo", Harness::token(&["echo"]));
+    let req = String::from_utf8(upgrade_request(&path, ""))
+        .unwrap()
+        .replace("Version: 13", "Version: 8");
+    let a = assert_no_upstream(&h, || refused(&h, req.as_bytes()));
+    assert_eq!(a.status, 426);
+    assert!(a.head.contains("Sec-WebSocket-Version: 13"));
+}
+
+#[test]
+fn oversized_heads_get_431() {
+    let h = Harness::start();
+    let path = format!("/{}/echo", Harness::token(&["echo"]));
+    let big = format!("X-Pad: {}\r\n", "a".repeat(9000));
+    let a = assert_no_upstream(&h, || refused(&h, &upgrade_request(&path, &big)));
+    assert_eq!(a.status, 431);
+}
+
+#[test]
+fn unknown_paths_and_prefixes_get_404() {
+    let h = Harness::start_with(|c| c.path_prefix = Some("console".into()));
+    let tok = Harness::token(&["echo"]);
+    for path in [
+        format!("/{tok}/echo"),
+        format!("/other/{tok}/echo"),
+        format!("/console/{tok}"),
+        format!("/console/{tok}/echo/extra"),
+        "/".to_owned(),
+    ] {
+        let a = assert_no_upstream(&h, || refused(&h, &upgrade_request(&path, "")));
+        assert_eq!(a.status, 404, "{path}");
+    }
+    // And the prefix does route.
+    let mut ws = h.ws_path(&format!("/console/{tok}/echo"));
+    ws.send(tungstenite::Message::text("via prefix")).unwrap();
+    assert_eq!(ws.read().unwrap(), tungstenite::Message::text("via prefix"));
+}
+
+#[test]
+fn bad_tokens_get_401_before_any_upstream_work() {
+    let h = Harness::start();
+    let claims = lab_claims(NS, &["echo"], now() + 600);
+    let mut nbf = claims.clone();
+    nbf["nbf"] = serde_json::json!(now() + 3600);
+    let mut tampered = mint(SECRET, NS, &["echo"], now() + 600);
+    tampered.replace_range(tampered.len() - 3.., "AAA");
+    let cases = [
+        ("garbage", "not.a.jwt".to_owned()),
+        (
+            "wrong secret",
+            mint(
+                "another-secret-that-is-32-bytes-long!",
+                NS,
+                &["echo"],
+                now() + 600,
+            ),
+        ),
+        ("tampered signature", tampered),
+        ("expired", mint(SECRET, NS, &["echo"], now() - 120)),
+        ("not yet valid", mint_claims(SECRET, &nbf)),
+        ("alg none", tokens::unsigned(&claims)),
+        (
+            "HS512 not configured",
+            tokens::mint_with_header(SECRET.as_bytes(), Header::new(Algorithm::HS512), &claims),
+        ),
+        (
+            "no exp",
+            mint_claims(
+                SECRET,
+                &serde_json::json!({"lab_instance": {"namespace_name": NS, "allowed_vmi_names": ["echo"]}}),
+            ),
+        ),
+        (
+            "no lab_instance",
+            mint_claims(SECRET, &serde_json::json!({"exp": now() + 600})),
+        ),
+        (
+            "wrong types",
+            mint_claims(
+                SECRET,
+                &serde_json::json!({"exp": now() + 600, "lab_instance": {"namespace_name": 5, "allowed_vmi_names": "echo"}}),
+            ),
+        ),
+    ];
+    for (what, token) in cases {
+        let a = assert_no_upstream(&h, || {
+            refused(&h, &upgrade_request(&format!("/{token}/echo"), ""))
+        });
+        assert_eq!(a.status, 401, "{what}: {}", a.body);
+    }
+}
+
+#[test]
+fn forbidden_names_get_403_before_any_upstream_work() {
+    let h = Harness::start();
+    let tok = mint(SECRET, NS, &["echo", "Echo", "a..b"], now() + 600);
+    for vmi in [
+        "other",
+        "Echo",
+        "a..b",
+        "%2e%2e",
+        "echo%2Fx",
+        "echo.",
+        "e%2565cho",
+    ] {
+        let a = assert_no_upstream(&h, || {
+            refused(&h, &upgrade_request(&format!("/{tok}/{vmi}"), ""))
+        });
+        assert_eq!(a.status, 403, "{vmi}: {}", a.body);
+    }
+    let bad_ns = mint(SECRET, "Bad_Namespace", &["echo"], now() + 600);
+    let a = assert_no_upstream(&h, || {
+        refused(&h, &upgrade_request(&format!("/{bad_ns}/echo"), ""))
+    });
+    assert_eq!(a.status, 403);
+    // The VMI is compared after decoding once: %65 is 'e'.
+    let mut ws = h.ws_path(&format!("/{tok}/%65cho"));
+    ws.send(tungstenite::Message::text("decoded once")).unwrap();
+    assert_eq!(
+        ws.read().unwrap(),
+        tungstenite::Message::text("decoded once")
+    );
+}
+
+#[test]
+fn tokens_minted_by_pyjwt_are_accepted_unchanged() {
+    let h = Harness::start();
+    for fixture in ["pyjwt_hs256.jwt", "pyjwt_hs256_string_ids.jwt"] {
+        let token = std::fs::read_to_string(format!("tests/fixtures/{fixture}")).unwrap();
+        let mut ws = h.ws_path(&format!("/{}/ubuntu", token.trim()));
+        ws.send(tungstenite::Message::text(fixture)).unwrap();
+        assert_eq!(ws.read().unwrap(), tungstenite::Message::text(fixture));
+    }
+    let expired = std::fs::read_to_string("tests/fixtures/pyjwt_hs256_expired.jwt").unwrap();
+    let a = refused(
+        &h,
+        &upgrade_request(&format!("/{}/ubuntu", expired.trim()), ""),
+    );
+    assert_eq!(a.status, 401);
+}
+
+#[test]
+fn rs256_tokens_with_a_public_key() {
+    let h = Harness::start_with(|c| {
+        c.jwt.algorithms = vec![Algorithm::RS256];
+        c.jwt.secret = Some(SECRET.as_bytes().to_vec());
+        c.jwt.public_key_pem = Some(std::fs::read("tests/fixtures/rsa_public.pem").unwrap());
+    });
+    let token = std::fs::read_to_string("tests/fixtures/pyjwt_rs256.jwt").unwrap();
+    let mut ws = h.ws_path(&format!("/{}/ubuntu", token.trim()));
+    ws.send(tungstenite::Message::text("rsa")).unwrap();
+    assert_eq!(ws.read().unwrap(), tungstenite::Message::text("rsa"));
+    // An HS256 token is refused although the secret is configured: only the
+    // configured algorithms count. And an HS256 token signed with the RSA
+    // public key as its secret (algorithm confusion) is refused as well.
+    let claims = lab_claims(NS, &["ubuntu"], now() + 600);
+    let hs = mint_claims(SECRET, &claims);
+    let pem = std::fs::read("tests/fixtures/rsa_public.pem").unwrap();
+    let confused = tokens::mint_with_header(&pem, Header::new(Algorithm::HS256), &claims);
+    for t in [hs, confused] {
+        let a = assert_no_upstream(&h, || {
+            refused(&h, &upgrade_request(&format!("/{t}/ubuntu"), ""))
+        });
+        assert_eq!(a.status, 401);
+    }
+}
+
+#[test]
+fn upstream_failures_map_to_502_404_503() {
+    let h = Harness::start();
+    let cases = [
+        ("status-500", 502, "stand-in says 500"),
+        ("status-404", 404, "stand-in says 404"),
+        ("status-503", 503, "stand-in says 503"),
+        ("status-403", 502, "stand-in says 403"),
+        ("badaccept", 502, "Sec-WebSocket-Accept"),
+    ];
+    for (vmi, status, reason) in cases {
+        let tok = Harness::token(&[vmi]);
+        let a = raw_request(h.addr, &upgrade_request(&format!("/{tok}/{vmi}"), ""));
+        assert_eq!(a.status, status, "{vmi}: {}", a.body);
+        assert!(a.body.contains(reason), "{vmi}: {}", a.body);
+    }
+}
+
+#[test]
+fn unreachable_upstream_gets_502() {
+    // A port with nothing listening: bind, note the port, close.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let h = Harness::start_with(|c| c.upstream.port = port);
+    let tok = Harness::token(&["echo"]);
+    let a = raw_request(h.addr, &upgrade_request(&format!("/{tok}/echo"), ""));
+    assert_eq!(a.status, 502, "{}", a.body);
+    assert!(a.body.contains("unreachable"), "{}", a.body);
+}
+
+#[test]
+fn silent_upstream_gets_504_after_the_timeout() {
+    let h = Harness::start_with(|c| c.upstream_timeout = Duration::from_secs(1));
+    let tok = Harness::token(&["silent"]);
+    let started = Instant::now();
+    let a = raw_request(h.addr, &upgrade_request(&format!("/{tok}/silent"), ""));
+    assert_eq!(a.status, 504, "{}", a.body);
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert!(h.wait_idle());
+}
+
+#[test]
+fn slow_clients_get_408_after_the_handshake_timeout() {
+    let h = Harness::start_with(|c| c.handshake_timeout = Duration::from_secs(1));
+    let mut s = TcpStream::connect(h.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /x/y HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let a = common::read_answer(&mut s);
+    assert_eq!(a.status, 408);
+    // Meanwhile, and after, the proxy keeps serving.
+    let mut ws = h.ws("echo");
+    ws.send(tungstenite::Message::text("still here")).unwrap();
+    assert_eq!(ws.read().unwrap(), tungstenite::Message::text("still here"));
+}
+
+#[test]
+fn refusals_close_the_socket_and_leave_nothing_open() {
+    let h = Harness::start();
+    for _ in 0..20 {
+        let a = refused(&h, &upgrade_request("/nope", ""));
+        assert_eq!(a.status, 404);
+    }
+    assert!(h.wait_idle());
+}

@@ -1,0 +1,253 @@
+//! Sessions that go through: the relay, end to end over loopback.
+
+mod common;
+
+use std::time::Duration;
+
+use common::upstream::{self, pattern_vec};
+use common::{Harness, NS};
+use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::Frame;
+use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tungstenite::{Bytes, Message};
+
+#[test]
+fn echoes_text_and_binary_both_ways() {
+    let h = Harness::start();
+    let mut ws = h.ws("echo");
+    ws.send(Message::text("hello VM")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("hello VM"));
+    let bin: Vec<u8> = (0..=255).collect();
+    ws.send(Message::binary(bin.clone())).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::binary(bin));
+    ws.close(None).unwrap();
+    // The close handshake completes through the proxy, and then the proxy
+    // closes TCP (the server side closes first).
+    assert!(matches!(ws.read(), Ok(Message::Close(_))));
+    assert!(matches!(
+        ws.read(),
+        Err(tungstenite::Error::ConnectionClosed)
+    ));
+    drop(ws);
+    assert!(
+        h.wait_idle(),
+        "proxy still holds sockets after a clean close"
+    );
+}
+
+#[test]
+fn bytes_the_upstream_sends_with_its_101_are_not_lost() {
+    // A VNC server speaks first: its greeting can arrive in the same TCP
+    // segment as the 101.
+    let h = Harness::start();
+    let mut ws = h.ws("vnc");
+    assert_eq!(
+        ws.read().unwrap(),
+        Message::binary(b"RFB 003.008\n".to_vec())
+    );
+    ws.send(Message::binary(b"RFB 003.008\n".to_vec())).unwrap();
+    assert_eq!(
+        ws.read().unwrap(),
+        Message::binary(b"RFB 003.008\n".to_vec())
+    );
+}
+
+#[test]
+fn upstream_sees_the_filled_in_path_and_host() {
+    let h = Harness::start();
+    let mut ws = h.ws("echo-path");
+    ws.send(Message::text("x")).unwrap();
+    ws.read().unwrap();
+    let seen = h.upstream.seen();
+    let req = seen.last().expect("upstream saw a request");
+    assert_eq!(
+        req.path,
+        format!(
+            "/apis/subresources.kubevirt.io/v1/namespaces/{NS}/virtualmachineinstances/echo-path/vnc"
+        )
+    );
+    assert_eq!(
+        req.header("host"),
+        Some(h.upstream.addr().to_string().as_str())
+    );
+    assert_eq!(req.header("sec-websocket-version"), Some("13"));
+    // A fresh key per session, never the client's.
+    assert_ne!(
+        req.header("sec-websocket-key"),
+        Some("dGhlIHNhbXBsZSBub25jZQ==")
+    );
+}
+
+#[test]
+fn a_16_mib_message_arrives_intact() {
+    let h = Harness::start();
+    let mut ws = h.ws("echo-big");
+    let big = pattern_vec(7, 16 << 20);
+    ws.send(Message::binary(big.clone())).unwrap();
+    match ws.read().unwrap() {
+        Message::Binary(got) => assert!(got[..] == big[..], "16 MiB echo differs"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn a_message_in_1000_fragments_arrives_intact() {
+    let h = Harness::start();
+    let mut ws = h.ws("echo-frag");
+    let mut whole = Vec::new();
+    for i in 0..1000u32 {
+        let part = pattern_vec(u64::from(i) * 100, 100 + (i as usize % 7));
+        whole.extend_from_slice(&part);
+        let opcode = if i == 0 {
+            OpCode::Data(Data::Binary)
+        } else {
+            OpCode::Data(Data::Continue)
+        };
+        ws.write(Message::Frame(Frame::message(part, opcode, i == 999)))
+            .unwrap();
+        if i % 50 == 0 {
+            // A ping between fragments is legal and must pass too.
+            ws.write(Message::Ping(Bytes::from_static(b"mid"))).unwrap();
+        }
+    }
+    ws.flush().unwrap();
+    let mut pongs = 0;
+    loop {
+        match ws.read().unwrap() {
+            Message::Pong(p) => {
+                assert_eq!(&p[..], b"mid");
+                pongs += 1;
+            }
+            Message::Binary(got) => {
+                assert_eq!(got.len(), whole.len());
+                assert!(got[..] == whole[..]);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(pongs > 0);
+}
+
+#[test]
+fn pings_and_pongs_pass_end_to_end() {
+    let h = Harness::start();
+    let mut ws = h.ws("echo-ping");
+    ws.send(Message::Ping(Bytes::from_static(b"are you there")))
+        .unwrap();
+    assert_eq!(
+        ws.read().unwrap(),
+        Message::Pong(Bytes::from_static(b"are you there"))
+    );
+}
+
+#[test]
+fn upstream_dropping_tcp_gives_the_client_a_close_frame() {
+    let h = Harness::start();
+    let mut ws = h.ws("dropafter-5000");
+    assert_eq!(ws.read().unwrap(), Message::binary(pattern_vec(0, 5000)));
+    match ws.read() {
+        Ok(Message::Close(Some(CloseFrame { code, reason }))) => {
+            assert_eq!(code, CloseCode::Away);
+            assert!(reason.contains("upstream"), "{reason}");
+        }
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    drop(ws);
+    assert!(
+        h.wait_idle(),
+        "proxy still holds sockets after the upstream dropped"
+    );
+}
+
+#[test]
+fn upstream_closing_normally_is_relayed() {
+    let h = Harness::start();
+    let mut ws = h.ws("closeafter-100");
+    assert_eq!(ws.read().unwrap(), Message::binary(pattern_vec(0, 100)));
+    match ws.read() {
+        Ok(Message::Close(Some(CloseFrame { code, reason }))) => {
+            assert_eq!(code, CloseCode::Normal);
+            assert_eq!(reason.as_str(), "done");
+        }
+        other => panic!("expected the upstream's close frame, got {other:?}"),
+    }
+    // tungstenite answers the close; then the proxy closes TCP.
+    let _ = ws.flush();
+    assert!(matches!(
+        ws.read(),
+        Err(tungstenite::Error::ConnectionClosed)
+    ));
+    drop(ws);
+    assert!(h.wait_idle());
+}
+
+#[test]
+fn client_dropping_tcp_mid_stream_gives_the_upstream_a_close_frame() {
+    let h = Harness::start();
+    let mut ws = h.ws("sink");
+    for i in 0..10u64 {
+        ws.send(Message::binary(pattern_vec(i * 1000, 1000)))
+            .unwrap();
+    }
+    // Drop TCP without a close frame.
+    ws.get_mut().shutdown(std::net::Shutdown::Both).unwrap();
+    drop(ws);
+    assert!(upstream::wait_until(Duration::from_secs(10), || !h
+        .upstream
+        .sink_results()
+        .is_empty()));
+    let (bytes, sum) = h.upstream.sink_results()[0];
+    assert_eq!(bytes, 10_000);
+    assert_eq!(
+        sum,
+        upstream::fnv1a(upstream::FNV_OFFSET, &pattern_vec(0, 10_000))
+    );
+    assert_eq!(
+        h.upstream.close_codes(),
+        vec![Some(1001)],
+        "the upstream must get a close frame 1001, not a bare FIN"
+    );
+    assert!(
+        h.wait_idle(),
+        "proxy still holds sockets after the client dropped"
+    );
+}
+
+#[test]
+fn a_client_that_never_closes_its_socket_is_dropped_after_the_close_timeout() {
+    let h = Harness::start_with(|c| c.close_timeout = Duration::from_secs(1));
+    let mut ws = h.ws("closeafter-10");
+    assert_eq!(ws.read().unwrap(), Message::binary(pattern_vec(0, 10)));
+    assert!(matches!(ws.read(), Ok(Message::Close(_))));
+    // The close reply goes out, but the socket stays open: the proxy must
+    // not wait for it forever.
+    let _ = ws.flush();
+    assert!(
+        h.wait_idle(),
+        "the proxy kept a lingering socket past its close timeout"
+    );
+    drop(ws);
+}
+
+#[test]
+fn a_thousand_concurrent_sessions() {
+    let h = Harness::start();
+    let token = Harness::token(&["echo-many"]);
+    let mut sockets = Vec::with_capacity(1000);
+    for _ in 0..1000 {
+        sockets.push(h.ws_path(&format!("/{token}/echo-many")));
+    }
+    assert_eq!(h.handle().stats().open_sessions, 1000);
+    for (i, ws) in sockets.iter_mut().enumerate() {
+        ws.send(Message::text(format!("session {i}"))).unwrap();
+    }
+    for (i, ws) in sockets.iter_mut().enumerate() {
+        assert_eq!(ws.read().unwrap(), Message::text(format!("session {i}")));
+    }
+    for mut ws in sockets {
+        ws.close(None).unwrap();
+        let _ = ws.flush();
+    }
+    assert!(h.wait_idle(), "sessions left: {:?}", h.handle().stats());
+}
