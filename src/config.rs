@@ -3,6 +3,7 @@
 //! name the setting to fix.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::auth::{JwtSettings, JwtVerifier, parse_algorithm};
@@ -19,103 +20,33 @@ struct Opt {
     help: &'static str,
 }
 
+#[rustfmt::skip]
 const OPTIONS: &[Opt] = &[
-    Opt {
-        var: "HOST",
-        flag: "--host",
-        default: "0.0.0.0",
-        help: "address to listen on",
-    },
-    Opt {
-        var: "PORT",
-        flag: "--port",
-        default: "5001",
-        help: "port to listen on",
-    },
-    Opt {
-        var: "HOST_PATH_PREFIX",
-        flag: "--host-path-prefix",
-        default: "",
-        help: "one leading path segment to expect and strip (behind a reverse proxy)",
-    },
-    Opt {
-        var: "SECRET_KEY",
-        flag: "--secret-key",
-        default: "",
-        help: "HMAC secret for HS* tokens (required unless JWT_PUBLIC_KEY_FILE is set)",
-    },
-    Opt {
-        var: "JWT_ALGORITHMS",
-        flag: "--jwt-algorithms",
-        default: "HS256",
-        help: "accepted algorithms, comma-separated: HS256/384/512, RS256/384/512, PS256/384/512, ES256/384, EdDSA",
-    },
-    Opt {
-        var: "JWT_PUBLIC_KEY_FILE",
-        flag: "--jwt-public-key-file",
-        default: "",
-        help: "PEM public key for the asymmetric algorithms",
-    },
-    Opt {
-        var: "JWT_LEEWAY_SECONDS",
-        flag: "--jwt-leeway-seconds",
-        default: "30",
-        help: "clock skew allowed on exp and nbf",
-    },
-    Opt {
-        var: "LOCAL_DEV_MODE",
-        flag: "--local-dev-mode",
-        default: "false",
-        help: "true: plain ws:// upstream at WS_REMOTE_URL; false: in-cluster mode",
-    },
-    Opt {
-        var: "WS_REMOTE_URL",
-        flag: "--ws-remote-url",
-        default: "ws://localhost:8001",
-        help: "upstream base URL in local dev mode",
-    },
-    Opt {
-        var: "API_PATH",
-        flag: "--api-path",
-        default: DEFAULT_API_PATH,
-        help: "upstream path template with {namespace} and {vmi_name}",
-    },
-    Opt {
-        var: "LOGLEVEL",
-        flag: "--loglevel",
-        default: "INFO",
-        help: "DEBUG, INFO, WARNING or ERROR (RUST_LOG wins when set)",
-    },
-    Opt {
-        var: "MAX_REQUEST_HEAD_BYTES",
-        flag: "--max-request-head-bytes",
-        default: "8192",
-        help: "largest client request head accepted (431 above)",
-    },
-    Opt {
-        var: "HANDSHAKE_TIMEOUT_SECONDS",
-        flag: "--handshake-timeout-seconds",
-        default: "10",
-        help: "time a client has to send its request head (408 after)",
-    },
-    Opt {
-        var: "UPSTREAM_TIMEOUT_SECONDS",
-        flag: "--upstream-timeout-seconds",
-        default: "10",
-        help: "time the upstream has to connect and answer the upgrade (504 after)",
-    },
-    Opt {
-        var: "RELAY_BUFFER_BYTES",
-        flag: "--relay-buffer-bytes",
-        default: "65536",
-        help: "size of the fixed buffer per relay direction",
-    },
-    Opt {
-        var: "MAX_FRAME_SIZE",
-        flag: "--max-frame-size",
-        default: "67108864",
-        help: "largest frame payload relayed (close 1009 above)",
-    },
+    Opt { var: "HOST", flag: "--host", default: "0.0.0.0", help: "address to listen on" },
+    Opt { var: "PORT", flag: "--port", default: "5001", help: "port to listen on" },
+    Opt { var: "HOST_PATH_PREFIX", flag: "--host-path-prefix", default: "", help: "one leading path segment to expect and strip (behind a reverse proxy)" },
+    Opt { var: "SECRET_KEY", flag: "--secret-key", default: "", help: "HMAC secret for HS* tokens (required unless JWT_PUBLIC_KEY_FILE is set)" },
+    Opt { var: "JWT_ALGORITHMS", flag: "--jwt-algorithms", default: "HS256", help: "accepted algorithms, comma-separated: HS256/384/512, RS256/384/512, PS256/384/512, ES256/384, EdDSA" },
+    Opt { var: "JWT_PUBLIC_KEY_FILE", flag: "--jwt-public-key-file", default: "", help: "PEM public key for the asymmetric algorithms" },
+    Opt { var: "JWT_LEEWAY_SECONDS", flag: "--jwt-leeway-seconds", default: "30", help: "clock skew allowed on exp and nbf" },
+    Opt { var: "LOCAL_DEV_MODE", flag: "--local-dev-mode", default: "false", help: "true: upstream at WS_REMOTE_URL (e.g. kubectl proxy); false: in-cluster mode" },
+    Opt { var: "WS_REMOTE_URL", flag: "--ws-remote-url", default: "ws://localhost:8001", help: "upstream base URL, ws://… or wss://… (in-cluster mode: only when set explicitly)" },
+    Opt { var: "KUBERNETES_SERVICE_HOST", flag: "--kubernetes-service-host", default: "", help: "API server host in in-cluster mode (set by Kubernetes)" },
+    Opt { var: "KUBERNETES_SERVICE_PORT", flag: "--kubernetes-service-port", default: "443", help: "API server port in in-cluster mode (set by Kubernetes)" },
+    Opt { var: "SERVICE_ACCOUNT_DIR", flag: "--service-account-dir", default: "/var/run/secrets/kubernetes.io/serviceaccount", help: "directory with the service account's ca.crt and token" },
+    Opt { var: "UPSTREAM_CA_FILE", flag: "--upstream-ca-file", default: "", help: "PEM CA bundle, the only trust anchors for a wss:// upstream (default: SERVICE_ACCOUNT_DIR/ca.crt)" },
+    Opt { var: "UPSTREAM_TOKEN_FILE", flag: "--upstream-token-file", default: "", help: "bearer token file sent upstream (default in-cluster: SERVICE_ACCOUNT_DIR/token)" },
+    Opt { var: "CREDENTIALS_CHECK_SECONDS", flag: "--credentials-check-seconds", default: "5", help: "how often the CA and token files are checked for rotation" },
+    Opt { var: "API_PATH", flag: "--api-path", default: DEFAULT_API_PATH, help: "upstream path template with {namespace} and {vmi_name}" },
+    Opt { var: "UPSTREAM_SUBPROTOCOLS", flag: "--upstream-subprotocols", default: "plain.kubevirt.io", help: "subprotocols offered to the upstream, comma-separated (empty: none)" },
+    Opt { var: "CLIENT_SUBPROTOCOLS", flag: "--client-subprotocols", default: "binary,plain.kubevirt.io", help: "subprotocols a client may be answered with (the first it offers that is listed)" },
+    Opt { var: "UPSTREAM_QUERY_PARAMS", flag: "--upstream-query-params", default: "preserveSession", help: "query parameters passed on to the upstream, comma-separated; others are dropped" },
+    Opt { var: "LOGLEVEL", flag: "--loglevel", default: "INFO", help: "DEBUG, INFO, WARNING or ERROR (RUST_LOG wins when set)" },
+    Opt { var: "MAX_REQUEST_HEAD_BYTES", flag: "--max-request-head-bytes", default: "8192", help: "largest client request head accepted (431 above)" },
+    Opt { var: "HANDSHAKE_TIMEOUT_SECONDS", flag: "--handshake-timeout-seconds", default: "10", help: "time a client has to send its request head (408 after)" },
+    Opt { var: "UPSTREAM_TIMEOUT_SECONDS", flag: "--upstream-timeout-seconds", default: "10", help: "time the upstream has to connect, finish TLS and answer the upgrade (504 after)" },
+    Opt { var: "RELAY_BUFFER_BYTES", flag: "--relay-buffer-bytes", default: "65536", help: "size of the fixed buffer per relay direction" },
+    Opt { var: "MAX_FRAME_SIZE", flag: "--max-frame-size", default: "67108864", help: "largest frame payload relayed (close 1009 above)" },
 ];
 
 /// A configuration problem: which setting, and what is wrong with it.
@@ -148,6 +79,8 @@ impl std::error::Error for ConfigError {}
 /// stand-in): a plain `ws://` URL in local dev mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamUrl {
+    /// `wss://`: TLS to the upstream.
+    pub tls: bool,
     /// Host name or IP literal (without brackets).
     pub host: String,
     /// TCP port.
@@ -157,14 +90,14 @@ pub struct UpstreamUrl {
 }
 
 impl UpstreamUrl {
-    /// Parse `ws://host[:port][/path]`.
+    /// Parse `ws://host[:port][/path]` or `wss://…`.
     pub fn parse(url: &str) -> Result<Self, String> {
-        let rest = if let Some(rest) = url.strip_prefix("ws://") {
-            rest
-        } else if url.starts_with("wss://") {
-            return Err("wss:// upstreams are not supported yet; use a ws:// URL".into());
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("ws://") {
+            (false, rest)
+        } else if let Some(rest) = url.strip_prefix("wss://") {
+            (true, rest)
         } else {
-            return Err(format!("'{url}' is not a ws:// URL"));
+            return Err(format!("'{url}' is not a ws:// or wss:// URL"));
         };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -193,9 +126,11 @@ impl UpstreamUrl {
                 .ok()
                 .filter(|p| *p != 0)
                 .ok_or_else(|| format!("'{p}' is not a port number"))?,
+            None if tls => 443,
             None => 80,
         };
         Ok(UpstreamUrl {
+            tls,
             host: host.to_owned(),
             port,
             base_path: path.trim_end_matches('/').to_owned(),
@@ -209,7 +144,7 @@ impl UpstreamUrl {
         } else {
             self.host.clone()
         };
-        if self.port == 80 {
+        if self.port == if self.tls { 443 } else { 80 } {
             host
         } else {
             format!("{host}:{}", self.port)
@@ -230,8 +165,22 @@ pub struct Config {
     pub path_prefix: Option<String>,
     /// Keys and algorithms for tokens.
     pub jwt: JwtSettings,
-    /// Where the upstream is (`WS_REMOTE_URL`).
+    /// Where the upstream is (`WS_REMOTE_URL`, or the API server in-cluster).
     pub upstream: UpstreamUrl,
+    /// In-cluster mode (`LOCAL_DEV_MODE=false`).
+    pub in_cluster: bool,
+    /// The only trust anchors for a `wss://` upstream.
+    pub ca_file: Option<PathBuf>,
+    /// A bearer token file sent upstream as `Authorization: Bearer …`.
+    pub token_file: Option<PathBuf>,
+    /// How often the credential files are checked for rotation.
+    pub credentials_check_interval: Duration,
+    /// Subprotocols offered to the upstream.
+    pub upstream_subprotocols: Vec<String>,
+    /// Subprotocols the proxy may accept from a client.
+    pub client_subprotocols: Vec<String>,
+    /// Query parameters passed on to the upstream.
+    pub upstream_query_params: Vec<String>,
     /// Upstream path template (`API_PATH`).
     pub api_path: String,
     /// Log level name (`LOGLEVEL`), used by the binary to set up logging.
@@ -352,12 +301,45 @@ impl Config {
         };
 
         let local_dev = parse_bool("LOCAL_DEV_MODE", &or_default("LOCAL_DEV_MODE"))?;
-        if !local_dev {
-            return Err(ConfigError::new(
-                "LOCAL_DEV_MODE",
-                "in-cluster mode is not implemented yet; set LOCAL_DEV_MODE=true and WS_REMOTE_URL",
-            ));
-        }
+        let upstream = match get("WS_REMOTE_URL").filter(|_| !local_dev) {
+            // In a cluster the API server is where Kubernetes says it is,
+            // unless the operator names another endpoint explicitly.
+            None if !local_dev => {
+                let host = get("KUBERNETES_SERVICE_HOST").filter(|h| !h.is_empty()).ok_or_else(|| {
+                    ConfigError::new(
+                        "KUBERNETES_SERVICE_HOST",
+                        "not set: in-cluster mode (LOCAL_DEV_MODE=false) needs it; outside a cluster set LOCAL_DEV_MODE=true",
+                    )
+                })?;
+                let port: u16 = parse_num(
+                    "KUBERNETES_SERVICE_PORT",
+                    &or_default("KUBERNETES_SERVICE_PORT"),
+                )?;
+                let host = host.trim().trim_start_matches('[').trim_end_matches(']');
+                UpstreamUrl {
+                    tls: true,
+                    host: host.to_owned(),
+                    port,
+                    base_path: String::new(),
+                }
+            }
+            _ => UpstreamUrl::parse(&or_default("WS_REMOTE_URL"))
+                .map_err(|m| ConfigError::new("WS_REMOTE_URL", m))?,
+        };
+        let sa_dir = PathBuf::from(or_default("SERVICE_ACCOUNT_DIR"));
+        let file = |var: &str| get(var).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let ca_file =
+            file("UPSTREAM_CA_FILE").or_else(|| upstream.tls.then(|| sa_dir.join("ca.crt")));
+        let token_file =
+            file("UPSTREAM_TOKEN_FILE").or_else(|| (!local_dev).then(|| sa_dir.join("token")));
+        let list = |var: &'static str| -> Vec<String> {
+            or_default(var)
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
         let algorithms = or_default("JWT_ALGORITHMS")
             .split(',')
             .filter(|s| !s.trim().is_empty())
@@ -396,8 +378,17 @@ impl Config {
                 public_key_pem,
                 leeway_secs: parse_num("JWT_LEEWAY_SECONDS", &or_default("JWT_LEEWAY_SECONDS"))?,
             },
-            upstream: UpstreamUrl::parse(&or_default("WS_REMOTE_URL"))
-                .map_err(|m| ConfigError::new("WS_REMOTE_URL", m))?,
+            upstream,
+            in_cluster: !local_dev,
+            ca_file,
+            token_file,
+            credentials_check_interval: Duration::from_secs(parse_num(
+                "CREDENTIALS_CHECK_SECONDS",
+                &or_default("CREDENTIALS_CHECK_SECONDS"),
+            )?),
+            upstream_subprotocols: list("UPSTREAM_SUBPROTOCOLS"),
+            client_subprotocols: list("CLIENT_SUBPROTOCOLS"),
+            upstream_query_params: list("UPSTREAM_QUERY_PARAMS"),
             api_path: or_default("API_PATH"),
             log_level: parse_level(&or_default("LOGLEVEL"))?,
             max_head_bytes: parse_num(
@@ -603,7 +594,7 @@ mod tests {
         let var = |pairs: &[(&str, &str)], args: &[&str]| run(pairs, args).unwrap_err().var;
         assert_eq!(var(&[("LOCAL_DEV_MODE", "true")], &[]), "SECRET_KEY");
         assert_eq!(var(&[("LOCAL_DEV_MODE", "perhaps")], &[]), "LOCAL_DEV_MODE");
-        assert_eq!(var(&[("SECRET_KEY", "s")], &[]), "LOCAL_DEV_MODE");
+        assert_eq!(var(&[("SECRET_KEY", "s")], &[]), "KUBERNETES_SERVICE_HOST");
         let mut e = BASE.to_vec();
         e.push(("PORT", "70000"));
         assert_eq!(var(&e, &[]), "PORT");

@@ -189,6 +189,21 @@ fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
+/// The Kubernetes precedent for a bearer token carried as a subprotocol;
+/// such a protocol carries a credential and is never echoed back.
+pub const BEARER_PROTOCOL_PREFIX: &str = "base64url.bearer.authorization.k8s.io.";
+
+/// The subprotocol to answer the client with: the first one it offered that
+/// is in `allowed`, never one carrying a credential, never one it did not
+/// offer; `None` when nothing fits (the upgrade then names no protocol).
+pub fn select_client_protocol<'a>(offered: &'a [String], allowed: &[String]) -> Option<&'a str> {
+    offered
+        .iter()
+        .filter(|p| !p.starts_with(BEARER_PROTOCOL_PREFIX))
+        .find(|p| allowed.iter().any(|a| a == *p))
+        .map(String::as_str)
+}
+
 /// The response for a refusal: status, plain-text reason, `Connection: close`.
 pub fn refusal_response(r: &Refusal) -> Vec<u8> {
     let body = format!("{}\n", r.reason);
@@ -449,6 +464,28 @@ mod tests {
         assert!(resp.starts_with("HTTP/1.1 426 Upgrade Required\r\n"));
         assert!(resp.contains("Sec-WebSocket-Version: 13\r\n"));
         assert!(resp.contains("Connection: close\r\n"));
+    }
+
+    #[test]
+    fn client_protocol_choice() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let allowed = v(&["binary", "plain.kubevirt.io"]);
+        assert_eq!(select_client_protocol(&v(&[]), &allowed), None);
+        assert_eq!(select_client_protocol(&v(&["base64"]), &allowed), None);
+        assert_eq!(
+            select_client_protocol(&v(&["base64", "plain.kubevirt.io", "binary"]), &allowed),
+            Some("plain.kubevirt.io")
+        );
+        let bearer = format!("{BEARER_PROTOCOL_PREFIX}abc");
+        let allowed_bearer = v(&[&bearer, "binary"]);
+        assert_eq!(
+            select_client_protocol(&v(&[&bearer]), &allowed_bearer),
+            None
+        );
+        assert_eq!(
+            select_client_protocol(&v(&[&bearer, "binary"]), &allowed_bearer),
+            Some("binary")
+        );
     }
 
     #[test]

@@ -25,12 +25,14 @@
 pub mod auth;
 pub mod buffer;
 pub mod config;
+mod conn;
 pub mod frame;
 pub mod http;
 mod relay;
 pub mod route;
 mod server;
 mod session;
+mod upstream;
 
 pub use config::{Command, Config, ConfigError};
 pub use server::{Handle, Proxy, Running, StartError, Stats};

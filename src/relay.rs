@@ -8,73 +8,11 @@
 //! soon as a write makes room; the kernel's socket buffers and TCP flow
 //! control then push back on the sender. Memory per pipe is one buffer.
 
-use std::io::{self, Read, Write};
-
-use mio::net::TcpStream;
+use std::io;
 
 use crate::buffer::{Buffer, BufferPool};
+use crate::conn::{Conn, Io};
 use crate::frame::{Direction, FrameScanner, ScanStop, Violation, close_frame};
-
-/// A socket and the readiness the proxy has seen but not yet used up.
-#[derive(Debug)]
-pub(crate) struct Conn {
-    pub stream: TcpStream,
-    pub readable: bool,
-    pub writable: bool,
-}
-
-/// The result of one read or write.
-pub(crate) enum Io {
-    Done(usize),
-    WouldBlock,
-    Eof,
-    Failed(io::Error),
-}
-
-impl Conn {
-    pub fn new(stream: TcpStream) -> Self {
-        Conn {
-            stream,
-            readable: false,
-            writable: false,
-        }
-    }
-
-    /// One read; clears `readable` when the socket is drained.
-    pub fn read(&mut self, buf: &mut [u8]) -> Io {
-        // EINTR is retried once; a second one is left for the next pass.
-        for _ in 0..2 {
-            match self.stream.read(buf) {
-                Ok(0) => return Io::Eof,
-                Ok(n) => return Io::Done(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.readable = false;
-                    return Io::WouldBlock;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Io::Failed(e),
-            }
-        }
-        Io::WouldBlock
-    }
-
-    /// One write; clears `writable` when the socket is full.
-    pub fn write(&mut self, buf: &[u8]) -> Io {
-        for _ in 0..2 {
-            match self.stream.write(buf) {
-                Ok(0) => return Io::Failed(io::ErrorKind::WriteZero.into()),
-                Ok(n) => return Io::Done(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.writable = false;
-                    return Io::WouldBlock;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Io::Failed(e),
-            }
-        }
-        Io::WouldBlock
-    }
-}
 
 /// Why a pipe's source stopped delivering frames.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,8 +189,16 @@ impl Pipe {
         };
         for _ in 0..budget {
             let mut moved = false;
+            // TLS records accepted earlier go out as the socket allows.
+            if dst.writable
+                && dst.has_pending_output()
+                && let Err(e) = dst.flush()
+            {
+                out.dst_failed = Some(e);
+                return out;
+            }
             // Read while there is room and the source is still delivering.
-            if self.end.is_none() && src.readable {
+            if self.end.is_none() && src.can_read() {
                 let buf = self.buf.get_or_insert_with(|| pool.get());
                 if buf.is_full() {
                     self.pauses += 1;

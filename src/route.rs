@@ -93,6 +93,38 @@ fn hex_value(b: u8) -> Option<u8> {
     }
 }
 
+/// Keep only the query parameters named in `allowed` (exact, case-sensitive
+/// names, as KubeVirt reads them), decoded once and re-encoded so nothing but
+/// plain `name=value` pairs reaches the upstream. `Err` for broken escapes.
+pub fn filter_query(query: &str, allowed: &[String]) -> Result<Option<String>, RouteError> {
+    let mut out = String::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let decode = |s: &str| percent_decode(&s.replace('+', " ")).ok_or(RouteError::BadEncoding);
+        let (k, v) = (decode(k)?, decode(v)?);
+        if !allowed.contains(&k) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push('&');
+        }
+        percent_encode_into(&k, &mut out);
+        out.push('=');
+        percent_encode_into(&v, &mut out);
+    }
+    Ok((!out.is_empty()).then_some(out))
+}
+
+fn percent_encode_into(s: &str, out: &mut String) {
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+}
+
 /// A Kubernetes DNS-1123 label: 1-63 of `[a-z0-9-]`, alphanumeric at both ends.
 /// Namespaces must be labels.
 pub fn is_dns1123_label(s: &str) -> bool {
@@ -144,6 +176,31 @@ mod tests {
         assert_eq!(parse_target("/t/%zz", None), Err(RouteError::BadEncoding));
         assert_eq!(parse_target("/t/%C3", None), Err(RouteError::BadEncoding));
         assert_eq!(percent_decode("a+b%20c").as_deref(), Some("a+b c"));
+    }
+
+    #[test]
+    fn query_pass_through() {
+        let allowed = vec!["preserveSession".to_string()];
+        assert_eq!(
+            filter_query("preserveSession=true&x=1&token=abc", &allowed)
+                .unwrap()
+                .as_deref(),
+            Some("preserveSession=true")
+        );
+        assert_eq!(filter_query("x=1&y", &allowed).unwrap(), None);
+        assert_eq!(
+            filter_query("preserveSession=a%26b%3Dc+d", &allowed)
+                .unwrap()
+                .as_deref(),
+            Some("preserveSession=a%26b%3Dc%20d")
+        );
+        assert_eq!(
+            filter_query("preserve%53ession=true", &allowed)
+                .unwrap()
+                .as_deref(),
+            Some("preserveSession=true")
+        );
+        assert!(filter_query("preserveSession=%zz", &allowed).is_err());
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::auth::JwtVerifier;
 use crate::buffer::BufferPool;
 use crate::config::{Config, ConfigError};
 use crate::session::{Ctx, FIRST_SESSION_TOKEN, Session, Side};
+use crate::upstream::Credentials;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -172,6 +173,7 @@ pub struct Proxy {
     verifier: JwtVerifier,
     upstream_addrs: Vec<SocketAddr>,
     upstream_host: String,
+    credentials: Credentials,
     next_id: u64,
     shared: Arc<Shared>,
 }
@@ -220,6 +222,8 @@ impl Proxy {
                     message: "no address".into(),
                 })
             })?;
+        // Credential files are read now, so a missing one stops the start.
+        let credentials = Credentials::load(&config, Instant::now())?;
         let mut listener = TcpListener::bind(listen)?;
         let local_addr = listener.local_addr()?;
         let poll = Poll::new()?;
@@ -238,6 +242,7 @@ impl Proxy {
             again: Vec::new(),
             pool: BufferPool::new(config.buffer_size, SPARE_BUFFERS),
             upstream_host: config.upstream.host_header(),
+            credentials,
             config,
             verifier,
             upstream_addrs,
@@ -367,6 +372,7 @@ impl Proxy {
                 verifier: &self.verifier,
                 upstream_addrs: &self.upstream_addrs,
                 upstream_host: &self.upstream_host,
+                credentials: &mut self.credentials,
                 now,
             },
         )

@@ -5,7 +5,7 @@
 //! (an HTTP status before the upgrade, a close code after it) and one log line.
 
 use std::io::{self, Read};
-use std::net::{Shutdown, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use log::{debug, info};
@@ -15,10 +15,12 @@ use mio::{Interest, Registry, Token};
 use crate::auth::{Grant, JwtVerifier, fingerprint};
 use crate::buffer::BufferPool;
 use crate::config::Config;
+use crate::conn::{Conn, Io};
 use crate::frame::Direction;
 use crate::http::{self, Refusal, UpstreamAnswer};
-use crate::relay::{Conn, Io, Pipe, SourceEnd};
-use crate::route::{RouteError, parse_target};
+use crate::relay::{Pipe, SourceEnd};
+use crate::route::{RouteError, filter_query, parse_target};
+use crate::upstream::Credentials;
 
 /// Rounds of reads and writes one pipe may do per drive before yielding to
 /// other sessions.
@@ -43,6 +45,7 @@ pub(crate) struct Ctx<'a> {
     pub verifier: &'a JwtVerifier,
     pub upstream_addrs: &'a [SocketAddr],
     pub upstream_host: &'a str,
+    pub credentials: &'a mut Credentials,
     pub now: Instant,
 }
 
@@ -57,6 +60,10 @@ pub(crate) enum Side {
 #[derive(Debug)]
 struct Handshake {
     client_key: String,
+    /// The subprotocol the client will be answered with.
+    client_protocol: Option<String>,
+    /// TLS configuration for a `wss://` upstream.
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// Frame bytes the client sent right after its request head.
     early: Vec<u8>,
     /// The upgrade request for the upstream.
@@ -310,9 +317,40 @@ impl Session {
                 return self.refuse_quietly(ctx, r);
             }
         };
+        let query = match route
+            .query
+            .as_deref()
+            .map(|q| filter_query(q, &ctx.config.upstream_query_params))
+        {
+            None => None,
+            Some(Ok(q)) => q,
+            Some(Err(e)) => return self.refuse(ctx, Refusal::new(400, format!("query: {e}"))),
+        };
+        let creds = match ctx.credentials.current(ctx.now) {
+            Ok(c) => c,
+            Err(e) => {
+                return self.refuse(
+                    ctx,
+                    Refusal::new(502, format!("upstream credentials unavailable: {e}")),
+                );
+            }
+        };
         let upstream_key = http::new_key();
-        let path = ctx.config.upstream_path(&grant.namespace, &grant.vmi);
-        let request = http::upstream_request(&path, ctx.upstream_host, &upstream_key, &[]);
+        let mut path = ctx.config.upstream_path(&grant.namespace, &grant.vmi);
+        if let Some(q) = query {
+            path.push('?');
+            path.push_str(&q);
+        }
+        let bearer = creds.bearer.map(|t| format!("Bearer {t}"));
+        let protocols = ctx.config.upstream_subprotocols.join(", ");
+        let mut headers: Vec<(&str, &str)> = Vec::new();
+        if let Some(b) = &bearer {
+            headers.push(("Authorization", b));
+        }
+        if !protocols.is_empty() {
+            headers.push(("Sec-WebSocket-Protocol", &protocols));
+        }
+        let request = http::upstream_request(&path, ctx.upstream_host, &upstream_key, &headers);
         debug!(
             "session {} {}: token id {} ({}) allows {}/{}; dialing upstream",
             self.id,
@@ -323,8 +361,13 @@ impl Session {
             grant.vmi
         );
         self.grant = Some(grant);
+        let client_protocol =
+            http::select_client_protocol(&req.protocols, &ctx.config.client_subprotocols)
+                .map(str::to_owned);
         let hs = Box::new(Handshake {
             client_key: req.key,
+            client_protocol,
+            tls: creds.tls,
             early,
             request,
             upstream_key,
@@ -403,6 +446,26 @@ impl Session {
             }
             None => {
                 let _ = up.stream.set_nodelay(true);
+                if let (Some(tls), Some(name)) = (&hs.tls, &ctx.credentials.server_name) {
+                    match rustls::ClientConnection::new(tls.clone(), name.clone()) {
+                        Ok(conn) => {
+                            let Some(plain) = self.upstream.take() else {
+                                return;
+                            };
+                            let mut wrapped =
+                                Conn::with_tls(plain.stream, conn, ctx.config.buffer_size);
+                            wrapped.readable = plain.readable;
+                            wrapped.writable = plain.writable;
+                            self.upstream = Some(wrapped);
+                        }
+                        Err(e) => {
+                            return self.refuse(
+                                ctx,
+                                Refusal::new(502, format!("upstream TLS setup failed: {e}")),
+                            );
+                        }
+                    }
+                }
                 self.state = State::UpstreamHandshake {
                     hs,
                     sent: 0,
@@ -419,12 +482,24 @@ impl Session {
         let Some(up) = self.upstream.as_mut() else {
             return;
         };
+        let failed = |up: &Conn, e: io::Error| {
+            let what = if up.is_handshaking() {
+                "TLS handshake"
+            } else {
+                "handshake"
+            };
+            Refusal::new(502, format!("upstream failed during the {what}: {e}"))
+        };
+        if let Err(e) = up.flush() {
+            let r = failed(up, e);
+            return self.refuse(ctx, r);
+        }
         while up.writable && *sent < hs.request.len() {
             match up.write(&hs.request[*sent..]) {
                 Io::Done(n) => *sent += n,
                 Io::WouldBlock | Io::Eof => break,
                 Io::Failed(e) => {
-                    let r = Refusal::new(502, format!("upstream failed during the handshake: {e}"));
+                    let r = failed(up, e);
                     return self.refuse(ctx, r);
                 }
             }
@@ -432,7 +507,7 @@ impl Session {
         let max = ctx.config.max_head_bytes;
         let mut chunk = [0u8; 4096];
         let mut eof = false;
-        while up.readable && response.len() < max {
+        while up.can_read() && response.len() < max {
             let want = (max - response.len()).min(chunk.len());
             match up.read(&mut chunk[..want]) {
                 Io::Done(n) => response.extend_from_slice(&chunk[..n]),
@@ -442,7 +517,7 @@ impl Session {
                     break;
                 }
                 Io::Failed(e) => {
-                    let r = Refusal::new(502, format!("upstream failed during the handshake: {e}"));
+                    let r = failed(up, e);
                     return self.refuse(ctx, r);
                 }
             }
@@ -450,45 +525,37 @@ impl Session {
         if response.is_empty() && !eof {
             return;
         }
-        match http::parse_upstream_response(response, &hs.upstream_key, max, eof) {
-            Ok(None) => {}
-            Err(r) | Ok(Some(UpstreamAnswer::Refused(r))) => self.refuse(ctx, r),
-            Ok(Some(UpstreamAnswer::Upgraded {
-                protocol: Some(p), ..
-            })) => {
-                let r = Refusal::new(
-                    502,
-                    format!("upstream chose subprotocol '{p}' that was not offered"),
-                );
-                self.refuse(ctx, r);
-            }
-            Ok(Some(UpstreamAnswer::Upgraded {
-                head_len,
-                protocol: None,
-            })) => {
-                let max_frame = ctx.config.max_frame_size;
-                let mut up_pipe = Box::new(Pipe::new(Direction::ClientToUpstream, max_frame));
-                let mut down_pipe = Box::new(Pipe::new(Direction::UpstreamToClient, max_frame));
-                down_pipe.preload(
-                    ctx.pool,
-                    &http::switching_protocols(&hs.client_key, None),
-                    &response[head_len..],
-                );
-                up_pipe.preload(ctx.pool, &[], &hs.early);
-                self.phase = Phase::Relayed;
-                self.deadline = None;
-                if let Some(g) = &self.grant {
-                    info!(
-                        "session {} {}: relaying to {}/{} (token id {})",
-                        self.id, self.peer, g.namespace, g.vmi, g.token_id
-                    );
-                }
-                self.state = State::Relaying {
-                    up: up_pipe,
-                    down: down_pipe,
-                };
-            }
+        let answer = match http::parse_upstream_response(response, &hs.upstream_key, max, eof) {
+            Ok(None) => return,
+            Err(r) | Ok(Some(UpstreamAnswer::Refused(r))) => return self.refuse(ctx, r),
+            Ok(Some(UpstreamAnswer::Upgraded { head_len, protocol })) => (head_len, protocol),
+        };
+        let (head_len, protocol) = answer;
+        if let Some(p) = protocol.filter(|p| !ctx.config.upstream_subprotocols.contains(p)) {
+            let r = Refusal::new(
+                502,
+                format!("upstream chose subprotocol '{p}' that was not offered"),
+            );
+            return self.refuse(ctx, r);
         }
+        let max_frame = ctx.config.max_frame_size;
+        let mut up_pipe = Box::new(Pipe::new(Direction::ClientToUpstream, max_frame));
+        let mut down_pipe = Box::new(Pipe::new(Direction::UpstreamToClient, max_frame));
+        let accept = http::switching_protocols(&hs.client_key, hs.client_protocol.as_deref());
+        down_pipe.preload(ctx.pool, &accept, &response[head_len..]);
+        up_pipe.preload(ctx.pool, &[], &hs.early);
+        self.phase = Phase::Relayed;
+        self.deadline = None;
+        if let Some(g) = &self.grant {
+            info!(
+                "session {} {}: relaying to {}/{} (token id {})",
+                self.id, self.peer, g.namespace, g.vmi, g.token_id
+            );
+        }
+        self.state = State::Relaying {
+            up: up_pipe,
+            down: down_pipe,
+        };
     }
 
     /// Pump both directions and run the closing rules. Returns true when a
@@ -526,7 +593,10 @@ impl Session {
         }
         self.bytes_up = up.bytes;
         self.bytes_down = down.bytes;
-        if up.finished() && down.finished() {
+        // With TLS, bytes rustls accepted must reach the wire before the
+        // session may end.
+        let flushed = !client.has_pending_output() && !upstream.has_pending_output();
+        if up.finished() && down.finished() && flushed {
             self.outcome = Some(describe_end(up, down));
             up.release(ctx.pool);
             down.release(ctx.pool);
@@ -578,9 +648,9 @@ impl Session {
     /// Shut our sides down for writing and wait (bounded) for the peers to
     /// close theirs.
     fn finish(&mut self, ctx: &mut Ctx<'_>) {
-        let _ = self.client.stream.shutdown(Shutdown::Write);
+        self.client.shutdown_write();
         if let Some(up) = self.upstream.as_mut() {
-            let _ = up.stream.shutdown(Shutdown::Write);
+            up.shutdown_write();
         }
         self.state = State::Lingering;
         self.client.readable = true;

@@ -171,8 +171,8 @@ fn the_binary_refuses_bad_configuration_with_status_2() {
     };
     for (env, var) in [
         (vec![("LOCAL_DEV_MODE", "true")], "SECRET_KEY"),
-        // In-cluster mode (the default) is not built yet: a clear refusal.
-        (vec![("SECRET_KEY", "s")], "LOCAL_DEV_MODE"),
+        // In-cluster mode (the default) outside a cluster: a clear refusal.
+        (vec![("SECRET_KEY", "s")], "KUBERNETES_SERVICE_HOST"),
         (
             vec![("SECRET_KEY", "s"), ("LOCAL_DEV_MODE", "sometimes")],
             "LOCAL_DEV_MODE",

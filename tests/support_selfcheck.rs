@@ -2,18 +2,27 @@
 //! directly with a tungstenite client (no proxy involved), and the token helpers.
 
 mod support {
+    pub mod pki;
     pub mod tokens;
     pub mod upstream;
 }
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, mpsc};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use serde_json::{Value, json};
+use support::pki::TestPki;
 use support::tokens;
-use support::upstream::{self, FNV_OFFSET, StandIn, fnv1a, pattern, pattern_vec, wait_until};
+use support::upstream::{
+    self, FNV_OFFSET, StandIn, StandInOptions, fnv1a, pattern, pattern_vec, wait_until,
+};
+use tungstenite::client::IntoClientRequest;
 use tungstenite::error::ProtocolError;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -55,7 +64,7 @@ fn connect(si: &StandIn, vmi: &str) -> WebSocket<TcpStream> {
 }
 
 /// Reads until the close handshake completes; returns the peer's close frame (if it sent one).
-fn finish(ws: &mut WebSocket<TcpStream>) -> Option<(u16, String)> {
+fn finish<S: Read + Write>(ws: &mut WebSocket<S>) -> Option<(u16, String)> {
     let mut got = None;
     for _ in 0..1000 {
         match ws.read() {
@@ -370,9 +379,10 @@ fn masked_frame_rejected_by_client() {
         Err(WsError::Protocol(ProtocolError::MaskedFrameFromServer)) => {}
         other => panic!("expected a masked-frame error, got {other:?}"),
     }
-    // The raw bytes after the 101, for the record.
+    // The raw bytes after the 101, for the record. (Another VMI name: the first session is
+    // still open, and the path asks for preserveSession=true.)
     let mut s = raw_stream(&si);
-    s.write_all(upgrade_request(&vmi_path("masked")).as_bytes())
+    s.write_all(upgrade_request(&vmi_path("masked-raw")).as_bytes())
         .unwrap();
     let mut buf = vec![0u8; 4096];
     let mut got = Vec::new();
@@ -509,4 +519,595 @@ fn b64url_vectors() {
     for (input, want) in cases {
         assert_eq!(tokens::b64url(input), want);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Options: TLS, bearer, KubeVirt paths, preserveSession, subprotocol, bridge
+
+type TlsClient = StreamOwned<ClientConnection, TcpStream>;
+
+fn path_with(version: &str, vmi: &str, query: &str) -> String {
+    format!(
+        "/apis/subresources.kubevirt.io/{version}/namespaces/lab-ns/virtualmachineinstances/{vmi}/vnc{query}"
+    )
+}
+
+/// Dials `addr` over TLS expecting `name`, and completes the handshake. A certificate the
+/// client refuses comes back as the rustls error.
+fn tls_connect(
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+    name: &str,
+) -> Result<TlsClient, rustls::Error> {
+    let mut sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(T)).unwrap();
+    sock.set_write_timeout(Some(T)).unwrap();
+    let name = ServerName::try_from(name.to_string()).unwrap();
+    let mut conn = ClientConnection::new(config, name).unwrap();
+    while conn.is_handshaking() {
+        if let Err(e) = conn.complete_io(&mut sock) {
+            let text = e.to_string();
+            return match e.into_inner().map(|b| b.downcast::<rustls::Error>()) {
+                Some(Ok(tls)) => Err(*tls),
+                _ => panic!("TLS handshake I/O error: {text}"),
+            };
+        }
+    }
+    Ok(StreamOwned::new(conn, sock))
+}
+
+/// A WebSocket handshake over `stream` for `url`, with extra request headers.
+fn ws_over<S: Read + Write>(
+    stream: S,
+    url: &str,
+    headers: &[(&'static str, &str)],
+) -> Result<(WebSocket<S>, tungstenite::handshake::client::Response), WsError> {
+    let mut req = url.into_client_request().unwrap();
+    for (name, value) in headers {
+        req.headers_mut().append(*name, value.parse().unwrap());
+    }
+    match tungstenite::client::client_with_config(req, stream, None) {
+        Ok(x) => Ok(x),
+        Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
+        Err(tungstenite::HandshakeError::Interrupted(_)) => unreachable!("blocking stream"),
+    }
+}
+
+/// Sends `request` over `stream` and reads the whole answer until EOF (or TLS close_notify).
+fn exchange_on(mut stream: impl Read + Write, request: &str) -> String {
+    stream.write_all(request.as_bytes()).unwrap();
+    stream.flush().unwrap();
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out).unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+/// Sends `request` and reads only the response head (the 101 keeps the connection open).
+fn head_on(stream: &mut impl Read, request_writer: impl FnOnce()) -> String {
+    request_writer();
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "EOF inside the head");
+        got.push(byte[0]);
+    }
+    String::from_utf8(got).unwrap()
+}
+
+fn raw_head(si: &StandIn, request: &str) -> String {
+    let mut s = raw_stream(si);
+    let mut w = s.try_clone().unwrap();
+    head_on(&mut s, || w.write_all(request.as_bytes()).unwrap())
+}
+
+fn upgrade_request_with(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: upstream\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+fn status_body(resp: &str) -> (u16, Value) {
+    let (code, _, _, body) = parse_response(resp);
+    (code, serde_json::from_str(&body).unwrap())
+}
+
+fn echo_once<S: Read + Write>(ws: &mut WebSocket<S>, payload: Vec<u8>) {
+    ws.send(Message::binary(payload.clone())).unwrap();
+    match ws.read().unwrap() {
+        Message::Binary(b) => assert!(b[..] == payload[..], "echo intact"),
+        m => panic!("unexpected {m:?}"),
+    }
+}
+
+#[test]
+fn tls_echo_with_bearer_and_kubevirt_paths() {
+    let pki = TestPki::new();
+    let si = StandIn::start_with(StandInOptions {
+        tls: Some(pki.server_tls()),
+        bearer: Some("sa-token".into()),
+        kubevirt_paths_only: true,
+        ..Default::default()
+    });
+    assert!(si.is_tls());
+    assert_eq!(si.base_url(), format!("wss://{}", si.addr()));
+
+    // Both names in the certificate work.
+    for name in ["127.0.0.1", "localhost"] {
+        let stream = tls_connect(si.addr(), pki.client_config(), name).unwrap();
+        // A VMI name per round: the path asks for preserveSession=true, and the previous
+        // round's session may still be ending on the stand-in's side.
+        let url = format!("{}{}", si.base_url(), vmi_path(&format!("echo-tls-{name}")));
+        let (mut ws, resp) = ws_over(stream, &url, &[("authorization", "Bearer sa-token")])
+            .unwrap_or_else(|e| panic!("wss via {name}: {e}"));
+        assert_eq!(resp.status(), 101);
+        ws.send(Message::text("over tls")).unwrap();
+        assert_eq!(ws.read().unwrap(), Message::text("over tls"));
+        echo_once(&mut ws, pattern_vec(3, 1 << 20));
+        ws.close(None).unwrap();
+        assert_eq!(finish(&mut ws), None);
+    }
+
+    // The refusals come over TLS too, and end with close_notify (read_to_end sees a clean EOF).
+    let tls = || tls_connect(si.addr(), pki.client_config(), "127.0.0.1").unwrap();
+    let resp = exchange_on(tls(), &upgrade_request(&vmi_path("echo")));
+    assert_eq!(status_body(&resp).0, 401);
+    let resp = exchange_on(
+        tls(),
+        &upgrade_request_with("/echo", "Authorization: Bearer sa-token\r\n"),
+    );
+    assert_eq!(status_body(&resp).0, 404);
+
+    assert!(wait_until(T, || si.connections_open() == 0));
+    assert_eq!(si.seen().len(), 4);
+    assert_eq!(
+        si.seen()[0].header("authorization"),
+        Some("Bearer sa-token")
+    );
+}
+
+#[test]
+fn tls_sessions_of_every_kind() {
+    // The behaviours are generic over the stream: spot-check the ones with special endings.
+    let pki = TestPki::new();
+    let si = StandIn::start_with(StandInOptions {
+        tls: Some(pki.server_tls()),
+        ..Default::default()
+    });
+    let tls = || tls_connect(si.addr(), pki.client_config(), "localhost").unwrap();
+    let url = |vmi: &str| format!("{}{}", si.base_url(), vmi_path(vmi));
+
+    let (mut ws, _) = ws_over(tls(), &url("stream-300000-10000"), &[]).unwrap();
+    let mut got = Vec::new();
+    let close = loop {
+        match ws.read().unwrap() {
+            Message::Binary(b) => got.extend_from_slice(&b),
+            Message::Close(f) => break f.map(|f| u16::from(f.code)),
+            m => panic!("unexpected {m:?}"),
+        }
+    };
+    assert!(got == pattern_vec(0, 300_000));
+    assert_eq!(close, Some(1000));
+    assert!(matches!(ws.read(), Err(WsError::ConnectionClosed)));
+
+    let (mut ws, _) = ws_over(tls(), &url("sink-tls"), &[]).unwrap();
+    ws.send(Message::binary(pattern_vec(0, 50_000))).unwrap();
+    ws.close(None).unwrap();
+    finish(&mut ws);
+    assert_eq!(
+        si.sink_results(),
+        vec![(50_000, fnv1a(FNV_OFFSET, &pattern_vec(0, 50_000)))]
+    );
+    assert_eq!(si.close_codes(), vec![Some(1005)]);
+
+    let (mut ws, _) = ws_over(tls(), &url("dropafter-1000"), &[]).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::binary(pattern_vec(0, 1000)));
+    assert!(ws.read().is_err(), "dropped without a close frame");
+
+    let resp = exchange_on(tls(), &upgrade_request(&vmi_path("status-418")));
+    assert_eq!(status_body(&resp).0, 418);
+    assert!(wait_until(T, || si.connections_open() == 0));
+}
+
+#[test]
+fn tls_wrong_ca_is_rejected() {
+    let trusted = TestPki::new();
+    let other = TestPki::new();
+    assert_ne!(trusted.ca_pem, other.ca_pem);
+    let si = StandIn::start_with(StandInOptions {
+        tls: Some(other.server_tls()),
+        ..Default::default()
+    });
+    match tls_connect(si.addr(), trusted.client_config(), "127.0.0.1") {
+        Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) => {}
+        other => panic!("expected UnknownIssuer, got {:?}", other.map(|_| ())),
+    }
+    // The stand-in's own CA is fine; the failed one left nothing behind.
+    assert!(tls_connect(si.addr(), other.client_config(), "127.0.0.1").is_ok());
+    assert!(wait_until(T, || si.connections_open() == 0));
+    assert!(si.seen().is_empty());
+    assert_eq!(si.connections_total(), 2);
+}
+
+#[test]
+fn tls_name_mismatch_is_rejected() {
+    let pki = TestPki::new();
+    let si = StandIn::start_with(StandInOptions {
+        tls: Some(pki.server_tls_for_name("not-the-host.example")),
+        ..Default::default()
+    });
+    for dialed in ["127.0.0.1", "localhost"] {
+        match tls_connect(si.addr(), pki.client_config(), dialed) {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) => {}
+            other => panic!(
+                "{dialed}: expected a name mismatch, got {:?}",
+                other.map(|_| ())
+            ),
+        }
+    }
+    // The same certificate is accepted for the name it was made for.
+    let stream = tls_connect(si.addr(), pki.client_config(), "not-the-host.example").unwrap();
+    let url = format!("wss://not-the-host.example{}", vmi_path("echo"));
+    let (mut ws, _) = ws_over(stream, &url, &[]).unwrap();
+    echo_once(&mut ws, b"named".to_vec());
+}
+
+#[test]
+fn pki_helpers() {
+    let pki = TestPki::new();
+    assert!(pki.ca_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+    let tls = pki.server_tls();
+    assert_eq!(tls.chain.len(), 1);
+    assert!(tls.server_config().is_ok());
+    let copy = tls.clone();
+    assert_eq!(copy.chain, tls.chain);
+    assert_eq!(copy.key.secret_der(), tls.key.secret_der());
+    assert!(!format!("{tls:?}").contains(&format!("{:?}", tls.key.secret_der())));
+
+    let path = std::env::temp_dir().join(format!("stand-in-ca-{}.pem", std::process::id()));
+    pki.write_ca(&path).unwrap();
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), pki.ca_pem);
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn bearer_required() {
+    let si = StandIn::start_with(StandInOptions {
+        bearer: Some("sa-token".into()),
+        ..Default::default()
+    });
+    let want = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                      "message": "Unauthorized", "reason": "Unauthorized", "code": 401});
+    for extra in [
+        "",
+        "Authorization: Bearer wrong\r\n",
+        "Authorization: Bearer sa-token-and-more\r\n",
+        "Authorization: bearer sa-token\r\n",
+        "Authorization: Basic c2EtdG9rZW4=\r\n",
+        "Authorization: Bearer sa-token\r\nAuthorization: Bearer sa-token\r\n",
+    ] {
+        let resp = raw_exchange(&si, &upgrade_request_with(&vmi_path("echo"), extra));
+        let (code, reason, _, body) = parse_response(&resp);
+        assert_eq!((code, reason.as_str()), (401, "Unauthorized"), "{extra:?}");
+        assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), want);
+    }
+    // Even the non-upgrading behaviours are behind the check.
+    let resp = raw_exchange(&si, &upgrade_request(&vmi_path("status-200")));
+    assert_eq!(parse_response(&resp).0, 401);
+
+    let url = format!("{}{}", si.base_url(), vmi_path("echo-auth"));
+    let (mut ws, resp) = ws_over(
+        raw_stream(&si),
+        &url,
+        &[("authorization", "Bearer sa-token")],
+    )
+    .unwrap();
+    assert_eq!(resp.status(), 101);
+    echo_once(&mut ws, b"authorized".to_vec());
+    ws.close(None).unwrap();
+    finish(&mut ws);
+
+    let seen = si.seen();
+    assert_eq!(seen.len(), 8, "refused requests are recorded too");
+    assert_eq!(seen[0].header("authorization"), None);
+    assert_eq!(seen[1].header("authorization"), Some("Bearer wrong"));
+    assert_eq!(seen[7].header("authorization"), Some("Bearer sa-token"));
+}
+
+#[test]
+fn kubevirt_paths_only() {
+    let si = StandIn::start_with(StandInOptions {
+        kubevirt_paths_only: true,
+        ..Default::default()
+    });
+    for version in ["v1", "v1alpha3"] {
+        for query in ["", "?preserveSession=false"] {
+            let url = format!("{}{}", si.base_url(), path_with(version, "echo", query));
+            let (mut ws, _) = ws_over(raw_stream(&si), &url, &[]).unwrap();
+            echo_once(&mut ws, version.as_bytes().to_vec());
+            ws.close(None).unwrap();
+            finish(&mut ws);
+        }
+    }
+    // Behaviours still apply on the right paths.
+    let resp = raw_exchange(&si, &upgrade_request(&path_with("v1", "status-503", "")));
+    assert_eq!(parse_response(&resp).0, 503);
+
+    for path in [
+        "/".to_string(),
+        "/echo".to_string(),
+        path_with("v2", "echo", ""),
+        path_with("v1", "echo", "").replace("/vnc", "/console"),
+        path_with("v1", "echo", "/extra"),
+        path_with("v1", "", ""),
+        path_with("v1", "echo", "").replace("lab-ns", ""),
+        path_with("v1", "echo", "").replace("subresources.kubevirt.io", "kubevirt.io"),
+        format!("/prefix{}", path_with("v1", "echo", "")),
+    ] {
+        let resp = raw_exchange(&si, &upgrade_request(&path));
+        let (code, v) = status_body(&resp);
+        assert_eq!(code, 404, "{path}");
+        assert_eq!(v["reason"], "NotFound");
+        assert_eq!(v["code"], 404);
+        let message = v["message"].as_str().unwrap();
+        assert!(message.contains("not found"), "{message}");
+        assert!(
+            message.contains(path.split('?').next().unwrap()),
+            "{message}"
+        );
+    }
+    assert!(upstream::is_kubevirt_vnc_path(&path_with(
+        "v1alpha3", "x", "?a=b"
+    )));
+    assert!(!upstream::is_kubevirt_vnc_path(
+        "/apis/subresources.kubevirt.io/v1"
+    ));
+}
+
+#[test]
+fn preserve_session_refuses_a_second_session() {
+    let si = StandIn::start();
+    let flagged = |vmi: &str| path_with("v1", vmi, "?preserveSession=true");
+    let url = |path: String| format!("{}{path}", si.base_url());
+
+    let (mut first, _) = ws_over(raw_stream(&si), &url(flagged("win")), &[]).unwrap();
+    assert_eq!(si.sessions_open(), 1);
+
+    // Same VMI, flag set: 503 with KubeVirt's message; also via v1alpha3 and among other params.
+    for path in [
+        flagged("win"),
+        path_with("v1alpha3", "win", "?preserveSession=true"),
+        path_with("v1", "win", "?x=1&preserveSession=true"),
+    ] {
+        let resp = raw_exchange(&si, &upgrade_request(&path));
+        let (code, reason, _, body) = parse_response(&resp);
+        assert_eq!(
+            (code, reason.as_str()),
+            (503, "Service Unavailable"),
+            "{path}"
+        );
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["message"], "Active VNC connection. Request denied.");
+        assert_eq!(v["code"], 503);
+    }
+    match ws_over(raw_stream(&si), &url(flagged("win")), &[]) {
+        Err(WsError::Http(resp)) => assert_eq!(resp.status(), 503),
+        other => panic!("expected HTTP 503, got {:?}", other.map(|_| ())),
+    }
+
+    // Without the flag (or with another value) the new session proceeds.
+    let (mut second, _) = ws_over(raw_stream(&si), &url(path_with("v1", "win", "")), &[]).unwrap();
+    echo_once(&mut second, b"second".to_vec());
+    let (mut third, _) = ws_over(
+        raw_stream(&si),
+        &url(path_with("v1", "win", "?preserveSession=false")),
+        &[],
+    )
+    .unwrap();
+    // Another VMI, or the same name in another namespace, is not affected.
+    let (mut other, _) = ws_over(raw_stream(&si), &url(flagged("linux")), &[]).unwrap();
+    let other_ns = flagged("win").replace("lab-ns", "other-ns");
+    let (mut other_ns, _) = ws_over(raw_stream(&si), &url(other_ns), &[]).unwrap();
+    assert_eq!(si.sessions_open(), 5);
+    echo_once(&mut first, b"first still works".to_vec());
+
+    for ws in [
+        &mut first,
+        &mut second,
+        &mut third,
+        &mut other,
+        &mut other_ns,
+    ] {
+        ws.close(None).unwrap();
+        finish(ws);
+    }
+    assert!(wait_until(T, || si.sessions_open() == 0));
+    let (mut again, _) = ws_over(raw_stream(&si), &url(flagged("win")), &[]).unwrap();
+    echo_once(&mut again, b"again".to_vec());
+}
+
+#[test]
+fn subprotocol_answered_only_when_offered() {
+    let si = StandIn::start();
+    let url = format!("{}{}", si.base_url(), vmi_path("echo-proto"));
+    let (mut ws, resp) = ws_over(
+        raw_stream(&si),
+        &url,
+        &[("sec-websocket-protocol", "plain.kubevirt.io")],
+    )
+    .unwrap();
+    assert_eq!(
+        resp.headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.to_str().unwrap()),
+        Some("plain.kubevirt.io")
+    );
+    echo_once(&mut ws, b"proto".to_vec());
+    ws.close(None).unwrap();
+    finish(&mut ws);
+    assert_eq!(
+        si.seen()[0].header("sec-websocket-protocol"),
+        Some("plain.kubevirt.io")
+    );
+
+    let answered = |extra: &str| {
+        // No preserveSession here: the previous raw session may not have ended yet.
+        let head = raw_head(
+            &si,
+            &upgrade_request_with(&path_with("v1", "echo", ""), extra),
+        );
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        head.lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Protocol: "))
+            .map(str::to_string)
+    };
+    assert_eq!(answered(""), None);
+    let offered = [
+        "Sec-WebSocket-Protocol: other, plain.kubevirt.io\r\n",
+        "Sec-WebSocket-Protocol: other\r\nSec-WebSocket-Protocol: plain.kubevirt.io\r\n",
+    ];
+    for extra in offered {
+        assert_eq!(answered(extra).as_deref(), Some("plain.kubevirt.io"));
+    }
+    for extra in [
+        "Sec-WebSocket-Protocol: base64url.bearer.authorization.k8s.io.c2EtdG9rZW4\r\n",
+        "Sec-WebSocket-Protocol: Plain.Kubevirt.IO\r\n",
+    ] {
+        assert_eq!(answered(extra), None, "{extra:?}");
+    }
+}
+
+/// A tiny VNC-like TCP server: greets with `RFB 003.008\n`, echoes bytes, closes when it has
+/// received `quit`, and reports each connection's end (`"eof"` or `"quit"`) on the channel.
+fn tcp_echo_server(conns: usize) -> (SocketAddr, mpsc::Receiver<&'static str>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for conn in listener.incoming().take(conns) {
+            let Ok(mut s) = conn else { continue };
+            let tx = tx.clone();
+            thread::spawn(move || {
+                s.set_read_timeout(Some(T)).unwrap();
+                s.write_all(b"RFB 003.008\n").unwrap();
+                let mut all = Vec::new();
+                let mut buf = [0u8; 8192];
+                let end = loop {
+                    match s.read(&mut buf) {
+                        Ok(0) => break "eof",
+                        Ok(n) => {
+                            all.extend_from_slice(&buf[..n]);
+                            if all.windows(4).any(|w| w == b"quit") {
+                                break "quit";
+                            }
+                            s.write_all(&buf[..n]).unwrap();
+                        }
+                        Err(_) => break "error",
+                    }
+                };
+                drop(s);
+                let _ = tx.send(end);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Reads binary messages until `len` bytes arrived.
+fn read_bytes<S: Read + Write>(ws: &mut WebSocket<S>, len: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    while got.len() < len {
+        match ws.read().unwrap() {
+            Message::Binary(b) => got.extend_from_slice(&b),
+            m => panic!("unexpected {m:?}"),
+        }
+    }
+    got
+}
+
+#[test]
+fn bridge_relays_both_ways() {
+    let (vnc, ends) = tcp_echo_server(3);
+    let pki = TestPki::new();
+    let plain = StandIn::start_with(StandInOptions {
+        bridge_to: Some(vnc),
+        ..Default::default()
+    });
+    let tls = StandIn::start_with(StandInOptions {
+        bridge_to: Some(vnc),
+        tls: Some(pki.server_tls()),
+        ..Default::default()
+    });
+
+    // The client closes: the VNC server sees EOF.
+    let started = Instant::now();
+    let (mut ws, _) = ws_over(
+        raw_stream(&plain),
+        &format!("{}{}", plain.base_url(), vmi_path("bridge-1")),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(read_bytes(&mut ws, 12), b"RFB 003.008\n");
+    let big = pattern_vec(11, 300_000);
+    ws.send(Message::binary(big.clone())).unwrap();
+    assert!(
+        read_bytes(&mut ws, big.len()) == big,
+        "relayed intact both ways"
+    );
+    // Text is dropped, as virt-handler does; the next binary message still goes through.
+    ws.send(Message::text("dropped")).unwrap();
+    ws.send(Message::binary(&b"after"[..])).unwrap();
+    assert_eq!(read_bytes(&mut ws, 5), b"after");
+    ws.close(None).unwrap();
+    assert_eq!(finish(&mut ws), None);
+    assert_eq!(ends.recv_timeout(T), Ok("eof"));
+
+    // The VNC server closes: the client gets close 1000.
+    let (mut ws, _) = ws_over(
+        raw_stream(&plain),
+        &format!("{}{}", plain.base_url(), vmi_path("bridge-2")),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(read_bytes(&mut ws, 12), b"RFB 003.008\n");
+    ws.send(Message::binary(&b"qu"[..])).unwrap();
+    ws.send(Message::binary(&b"it"[..])).unwrap();
+    assert_eq!(ends.recv_timeout(T), Ok("quit"));
+    assert_eq!(finish(&mut ws), Some((1000, String::new())));
+    assert!(wait_until(T, || plain.connections_open() == 0));
+
+    // Over TLS.
+    let stream = tls_connect(tls.addr(), pki.client_config(), "127.0.0.1").unwrap();
+    let url = format!("{}{}", tls.base_url(), vmi_path("bridge-tls"));
+    let (mut ws, _) = ws_over(stream, &url, &[]).unwrap();
+    assert_eq!(read_bytes(&mut ws, 12), b"RFB 003.008\n");
+    ws.send(Message::binary(big.clone())).unwrap();
+    assert!(read_bytes(&mut ws, big.len()) == big);
+    ws.close(None).unwrap();
+    finish(&mut ws);
+    assert_eq!(ends.recv_timeout(T), Ok("eof"));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "no polling stalls"
+    );
+
+    // Not configured, or nobody listening: 502 before any upgrade.
+    let si = StandIn::start();
+    let resp = raw_exchange(&si, &upgrade_request(&vmi_path("bridge")));
+    assert_eq!(parse_response(&resp).0, 502);
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let si = StandIn::start_with(StandInOptions {
+        bridge_to: Some(closed),
+        ..Default::default()
+    });
+    let resp = raw_exchange(&si, &upgrade_request(&vmi_path("bridge")));
+    let (code, v) = status_body(&resp);
+    assert_eq!(code, 502);
+    assert!(v["message"].as_str().unwrap().contains("cannot connect"));
 }

@@ -17,6 +17,7 @@
 //! | `silent`, `silent-…`  | never answer; hold the socket until the peer closes it (max 60 s)     |
 //! | `badaccept`, `badaccept-…` | 101 with a wrong `Sec-WebSocket-Accept`                         |
 //! | `masked`, `masked-…`  | upgrade, then a *masked* server frame (protocol violation)           |
+//! | `bridge…`             | upgrade, then relay to the TCP server at [`StandInOptions::bridge_to`] (like websockify); 502 when that is not set or cannot be reached |
 //!
 //! A malformed parameter (`stream-x-1`, `status-abc`, a frame size of 0) gets a 400 Status.
 //! A request that is not a valid WebSocket upgrade gets a 400 (except for `status-*` and
@@ -25,19 +26,38 @@
 //! The VMI name is the path segment after `virtualmachineinstances/`, or else the last path
 //! segment (so `/` means echo). The query string is ignored for the choice but recorded.
 //!
+//! Like KubeVirt, every upgrade:
+//! - answers `Sec-WebSocket-Protocol: plain.kubevirt.io` when the client offers that
+//!   subprotocol, and no subprotocol otherwise;
+//! - with `?preserveSession=true` in the query, answers 503 (`Active VNC connection. Request
+//!   denied.`) while another WebSocket session to the same VMI is open on this stand-in. Without
+//!   the flag a second session simply proceeds (real KubeVirt would kick the first one).
+//!
+//! [`StandIn::start_with`] adds, in the order they are checked, after the request is recorded:
+//! a required bearer token (else 401), KubeVirt paths only (else 404), and TLS around it all
+//! (see [`StandInOptions`]). The behaviours are written once, generic over the connection
+//! (plain TCP or rustls over TCP).
+//!
 //! Every socket has read and write timeouts ([`IO_TIMEOUT`]) and every loop ends on EOF, error,
 //! timeout or a deadline, so no handler thread can hang forever. Dropping the [`StandIn`] stops
 //! the accept loop and shuts down the connections still open (as if the upstream died).
 //!
-//! Depends only on std, tungstenite and log: it is included by `#[path]` from tests, examples
-//! and benches.
+//! Depends only on std, tungstenite, log and rustls: it is included by `#[path]` from tests,
+//! examples and benches. The certificates for the TLS option come from `pki.rs` beside it,
+//! which callers include next to this module when they need them.
 
+use std::collections::HashMap;
+use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
 
 use tungstenite::handshake::derive_accept_key;
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -61,6 +81,17 @@ const WRITE_BUFFER: usize = 128 * 1024;
 const MAX_WRITE_BUFFER: usize = 1024 * 1024;
 /// `stream-N-F` flushes at least this often.
 const FLUSH_EVERY: usize = 256 * 1024;
+/// How long a `bridge` session waits for a client message before it looks at the VNC side
+/// again: the latency that the VNC-to-client direction can gain when the client is quiet.
+const BRIDGE_POLL: Duration = Duration::from_millis(5);
+/// How long a `bridge` session tries to connect to the VNC server.
+const BRIDGE_CONNECT: Duration = Duration::from_secs(5);
+/// Read size and number of chunks in flight from the VNC server to the client in `bridge`.
+const BRIDGE_CHUNK: usize = 64 * 1024;
+const BRIDGE_QUEUE: usize = 16;
+
+/// The subprotocol KubeVirt's VNC endpoint speaks when asked to.
+pub const KUBEVIRT_SUBPROTOCOL: &str = "plain.kubevirt.io";
 
 /// Initial state of [`fnv1a`].
 pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -146,6 +177,72 @@ struct Shared {
     closes: Mutex<Vec<Option<u16>>>,
     /// Clones of the open sockets, so that `Drop` can shut them down.
     live: Mutex<Vec<(usize, TcpStream)>>,
+    /// Open WebSocket sessions per VMI (`namespace/name`), for `preserveSession`.
+    sessions: Mutex<HashMap<String, usize>>,
+    settings: Settings,
+}
+
+/// A certificate chain (leaf first) and its private key, for [`StandInOptions::tls`].
+///
+/// Built by `pki.rs` (`TestPki::server_tls`), or from any rustls-compatible DER material.
+pub struct ServerTls {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl ServerTls {
+    /// A rustls server configuration (ring provider, TLS 1.2 and 1.3, no client auth).
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, rustls::Error> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        Ok(Arc::new(config))
+    }
+}
+
+impl Clone for ServerTls {
+    fn clone(&self) -> Self {
+        ServerTls {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("chain_len", &self.chain.len())
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// How a [`StandIn`] serves; `Default` is what [`StandIn::start`] does (plain TCP, no checks).
+#[derive(Debug, Clone, Default)]
+pub struct StandInOptions {
+    /// Serve TLS with this certificate chain and key (then `wss://`), the same behaviours inside.
+    pub tls: Option<ServerTls>,
+    /// Require exactly `Authorization: Bearer <token>` on every request, else 401 with a
+    /// Kubernetes Status body (`"message":"Unauthorized"`). The request is recorded either way.
+    pub bearer: Option<String>,
+    /// Serve only `/apis/subresources.kubevirt.io/{v1,v1alpha3}/namespaces/NS/
+    /// virtualmachineinstances/VMI/vnc` (any query); every other path gets 404.
+    pub kubevirt_paths_only: bool,
+    /// The plain TCP server (a real VNC server, e.g. QEMU's `-vnc 127.0.0.1:N`) that
+    /// `bridge…` sessions relay to.
+    pub bridge_to: Option<SocketAddr>,
+}
+
+/// [`StandInOptions`] as the connection threads use them.
+#[derive(Default)]
+struct Settings {
+    tls: Option<Arc<ServerConfig>>,
+    bearer: Option<String>,
+    kubevirt_paths_only: bool,
+    bridge_to: Option<SocketAddr>,
 }
 
 /// Locks, ignoring poisoning (a panicking handler thread must not break the test's view).
@@ -161,11 +258,29 @@ pub struct StandIn {
 }
 
 impl StandIn {
-    /// Binds `127.0.0.1:0` and starts the accept loop.
+    /// Binds `127.0.0.1:0` and starts the accept loop: plain TCP, no checks.
     pub fn start() -> StandIn {
+        StandIn::start_with(StandInOptions::default())
+    }
+
+    /// Like [`start`](Self::start), with options. Panics if the TLS material is unusable.
+    pub fn start_with(opts: StandInOptions) -> StandIn {
+        let tls = opts.tls.as_ref().map(|t| {
+            t.server_config()
+                .unwrap_or_else(|e| panic!("stand-in: unusable TLS certificate or key: {e}"))
+        });
+        let settings = Settings {
+            tls,
+            bearer: opts.bearer,
+            kubevirt_paths_only: opts.kubevirt_paths_only,
+            bridge_to: opts.bridge_to,
+        };
         let listener = TcpListener::bind("127.0.0.1:0").expect("stand-in: bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("stand-in: local_addr");
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            settings,
+            ..Shared::default()
+        });
         let accept = {
             let shared = Arc::clone(&shared);
             thread::Builder::new()
@@ -181,9 +296,25 @@ impl StandIn {
         }
     }
 
-    /// The address to dial (`ws://ADDR/...`).
+    /// The address to dial (`ws://ADDR/...`, or `wss://` with TLS).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Whether this stand-in serves TLS.
+    pub fn is_tls(&self) -> bool {
+        self.shared.settings.tls.is_some()
+    }
+
+    /// `ws://127.0.0.1:PORT`, or `wss://127.0.0.1:PORT` with TLS (no trailing slash).
+    pub fn base_url(&self) -> String {
+        let scheme = if self.is_tls() { "wss" } else { "ws" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// WebSocket sessions currently open (upgraded and not yet ended), over all VMIs.
+    pub fn sessions_open(&self) -> usize {
+        lock(&self.shared.sessions).values().sum()
     }
 
     /// Every request head received so far, in order of arrival.
@@ -306,6 +437,29 @@ impl Head {
             .any(|t| t.trim().eq_ignore_ascii_case(token))
     }
 
+    /// Whether the client offers subprotocol `proto` (names are case-sensitive, RFC 6455).
+    fn offers_protocol(&self, proto: &str) -> bool {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == "sec-websocket-protocol")
+            .flat_map(|(_, v)| v.split(','))
+            .any(|t| t.trim() == proto)
+    }
+
+    /// Whether the request carries exactly one `Authorization: Bearer <token>`.
+    fn has_bearer(&self, token: &str) -> bool {
+        let mut values = self
+            .headers
+            .iter()
+            .filter(|(n, _)| n == "authorization")
+            .map(|(_, v)| v.as_str());
+        let first = values.next();
+        values.next().is_none()
+            && first
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .is_some_and(|t| t == token)
+    }
+
     /// The `Sec-WebSocket-Key` if this is a valid RFC 6455 upgrade request.
     fn upgrade_key(&self) -> Option<&str> {
         let ok = self.method == "GET"
@@ -327,7 +481,7 @@ enum HeadError {
 }
 
 /// Reads until the blank line; returns the head bytes and whatever was read past them.
-fn read_head(stream: &mut TcpStream) -> Result<(Vec<u8>, Vec<u8>), HeadError> {
+fn read_head(stream: &mut impl Read) -> Result<(Vec<u8>, Vec<u8>), HeadError> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     loop {
@@ -390,6 +544,77 @@ pub fn vmi_name(target: &str) -> &str {
     }
 }
 
+/// Whether `target` is a path KubeVirt's virt-api serves the VNC subresource at:
+/// `/apis/subresources.kubevirt.io/{v1,v1alpha3}/namespaces/NS/virtualmachineinstances/VMI/vnc`,
+/// with any query.
+pub fn is_kubevirt_vnc_path(target: &str) -> bool {
+    let path = target.split('?').next().unwrap_or("");
+    let segments: Vec<&str> = path.split('/').collect();
+    matches!(
+        segments.as_slice(),
+        ["", "apis", "subresources.kubevirt.io", "v1" | "v1alpha3", "namespaces", ns,
+         "virtualmachineinstances", vmi, "vnc"] if !ns.is_empty() && !vmi.is_empty()
+    )
+}
+
+/// Whether the query of `target` has `name=true` (KubeVirt compares with `"true"` exactly).
+fn query_flag(target: &str, name: &str) -> bool {
+    target
+        .split_once('?')
+        .map(|(_, q)| q.split('#').next().unwrap_or(""))
+        .is_some_and(|q| {
+            q.split('&')
+                .any(|kv| kv.split_once('=') == Some((name, "true")))
+        })
+}
+
+/// Which VMI a request is for, for `preserveSession`: `namespace/name` (the namespace is empty
+/// when the path has none), the same for `v1` and `v1alpha3`.
+fn vmi_key(target: &str) -> String {
+    let path = target.split(['?', '#']).next().unwrap_or("");
+    let ns = path
+        .split_once("/namespaces/")
+        .and_then(|(_, rest)| rest.split('/').next())
+        .unwrap_or("");
+    format!("{ns}/{}", vmi_name(target))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connections: plain TCP or TLS over TCP
+
+/// What the behaviours need from a connection beyond `Read + Write`, so that they are written
+/// once for plain TCP and for TLS.
+trait Conn: Read + Write {
+    /// The TCP socket underneath: timeouts, shutdown, and raw reads that bypass TLS.
+    fn tcp(&self) -> &TcpStream;
+    /// Queues and sends a TLS `close_notify`, best effort; nothing for plain TCP. Called before
+    /// a polite end, so that a TLS peer sees a clean EOF rather than a truncation.
+    fn close_notify(&mut self);
+}
+
+impl Conn for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+
+    fn close_notify(&mut self) {}
+}
+
+type TlsStream = StreamOwned<ServerConnection, TcpStream>;
+
+impl Conn for TlsStream {
+    fn tcp(&self) -> &TcpStream {
+        &self.sock
+    }
+
+    fn close_notify(&mut self) {
+        if !self.conn.is_handshaking() {
+            self.conn.send_close_notify();
+            let _ = self.flush();
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Behaviours
 
@@ -408,6 +633,7 @@ enum Behaviour {
     Silent,
     BadAccept,
     Masked,
+    Bridge,
     /// A recognised prefix with a malformed parameter.
     Invalid,
 }
@@ -448,14 +674,15 @@ fn behaviour(name: &str) -> Behaviour {
         BadAccept
     } else if is_named(name, "masked") {
         Masked
+    } else if name.starts_with("bridge") {
+        Bridge
     } else if name.starts_with("vnc") {
         Vnc
     } else {
         Echo
     }
 }
-
-type Ws = WebSocket<TcpStream>;
+type Ws<S> = WebSocket<S>;
 
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
@@ -465,11 +692,54 @@ fn ws_config() -> WebSocketConfig {
         .max_frame_size(None)
 }
 
-fn handle(shared: &Shared, mut stream: TcpStream) {
+fn handle(shared: &Shared, stream: TcpStream) {
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_nodelay(true);
+    match &shared.settings.tls {
+        None => serve(shared, stream),
+        // The TLS handshake runs inside the first read of the request head, on this thread,
+        // under the same timeouts; a client that rejects the certificate just ends the
+        // connection (nothing is recorded in `seen`).
+        Some(config) => match ServerConnection::new(Arc::clone(config)) {
+            Ok(conn) => serve(shared, StreamOwned::new(conn, stream)),
+            Err(e) => log::warn!("stand-in: cannot start a TLS connection: {e}"),
+        },
+    }
+}
 
+/// Open-session registration for `preserveSession`; removed when the session ends.
+struct SessionGuard<'a> {
+    shared: &'a Shared,
+    key: String,
+}
+
+impl Drop for SessionGuard<'_> {
+    fn drop(&mut self) {
+        let mut sessions = lock(&self.shared.sessions);
+        if let Some(n) = sessions.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                sessions.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Registers a session to the VMI of `target`, or `None` when `preserveSession=true` is asked
+/// for and one is already open. Check and registration happen under one lock.
+fn open_session<'a>(shared: &'a Shared, target: &str) -> Option<SessionGuard<'a>> {
+    let key = vmi_key(target);
+    let mut sessions = lock(&shared.sessions);
+    let open = sessions.entry(key.clone()).or_insert(0);
+    if *open > 0 && query_flag(target, "preserveSession") {
+        return None;
+    }
+    *open += 1;
+    Some(SessionGuard { shared, key })
+}
+
+fn serve<S: Conn>(shared: &Shared, mut stream: S) {
     let (raw, rest) = match read_head(&mut stream) {
         Ok(x) => x,
         Err(HeadError::Gone) => return,
@@ -486,6 +756,26 @@ fn handle(shared: &Shared, mut stream: TcpStream) {
         path: head.target.clone(),
         headers: head.headers.clone(),
     });
+
+    let settings = &shared.settings;
+    if let Some(token) = &settings.bearer
+        && !head.has_bearer(token)
+    {
+        log::debug!("stand-in: {} {} -> 401", head.method, head.target);
+        respond_kube_status(&mut stream, 401, "Unauthorized", "Unauthorized");
+        return;
+    }
+    if settings.kubevirt_paths_only && !is_kubevirt_vnc_path(&head.target) {
+        log::debug!("stand-in: {} {} -> 404", head.method, head.target);
+        let path = head.target.split('?').next().unwrap_or("");
+        respond_kube_status(
+            &mut stream,
+            404,
+            &format!("the server could not find the requested resource: path {path:?} not found"),
+            "NotFound",
+        );
+        return;
+    }
 
     let name = vmi_name(&head.target);
     let what = behaviour(name);
@@ -520,14 +810,49 @@ fn handle(shared: &Shared, mut stream: TcpStream) {
         return;
     };
 
+    let Some(_session) = open_session(shared, &head.target) else {
+        respond_kube_status(
+            &mut stream,
+            503,
+            "Active VNC connection. Request denied.",
+            "ServiceUnavailable",
+        );
+        return;
+    };
+
+    // Like virt-api, reach the VNC side before upgrading the client.
+    let vnc = if what == Behaviour::Bridge {
+        let Some(to) = settings.bridge_to else {
+            respond_status(&mut stream, 502, "stand-in: bridge_to is not configured");
+            return;
+        };
+        match TcpStream::connect_timeout(&to, BRIDGE_CONNECT) {
+            Ok(vnc) => Some(vnc),
+            Err(e) => {
+                respond_status(
+                    &mut stream,
+                    502,
+                    &format!("stand-in: cannot connect to the VNC server at {to}: {e}"),
+                );
+                return;
+            }
+        }
+    } else {
+        None
+    };
+
+    let protocol = head
+        .offers_protocol(KUBEVIRT_SUBPROTOCOL)
+        .then_some(KUBEVIRT_SUBPROTOCOL);
+
     if what == Behaviour::BadAccept {
         let wrong = derive_accept_key(format!("{key}-wrong").as_bytes());
-        if write_101(&mut stream, &wrong).is_ok() {
+        if write_101(&mut stream, &wrong, protocol).is_ok() {
             drain_until_eof(&mut stream, HOLD_LIMIT);
         }
         return;
     }
-    if write_101(&mut stream, &derive_accept_key(key.as_bytes())).is_err() {
+    if write_101(&mut stream, &derive_accept_key(key.as_bytes()), protocol).is_err() {
         return;
     }
     if what == Behaviour::Masked {
@@ -557,35 +882,57 @@ fn handle(shared: &Shared, mut stream: TcpStream) {
             sink(shared, &mut ws);
             Ok(())
         }
-        Behaviour::DropAfter(n) => drop_after(ws, n),
+        // Drops the connection on purpose: no close_notify either.
+        Behaviour::DropAfter(n) => return log_err(name, drop_after(ws, n)),
         Behaviour::CloseAfter(n) => send_now(&mut ws, Message::binary(pattern_vec(0, n as usize)))
             .map(|_| close_and_wait(&mut ws, "done")),
+        Behaviour::Bridge => bridge(&mut ws, vnc.expect("connected above")),
         _ => unreachable!("handled above"),
     };
+    log_err(name, result);
+    ws.get_mut().close_notify();
+}
+
+fn log_err(name: &str, result: Result<(), WsError>) {
     if let Err(e) = result {
         log::debug!("stand-in: {name}: {e}");
     }
 }
 
-fn write_101(stream: &mut TcpStream, accept: &str) -> io::Result<()> {
+fn write_101(stream: &mut impl Write, accept: &str, protocol: Option<&str>) -> io::Result<()> {
+    let protocol = protocol
+        .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
+        .unwrap_or_default();
     let resp = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Accept: {accept}\r\n\r\n"
+         Sec-WebSocket-Accept: {accept}\r\n{protocol}\r\n"
     );
     stream.write_all(resp.as_bytes())?;
     stream.flush()
 }
 
 /// Answers with a Kubernetes `Status` body, then closes politely (FIN, wait for the peer's).
-fn respond_status(stream: &mut TcpStream, code: u16, message: &str) {
+fn respond_status(stream: &mut impl Conn, code: u16, message: &str) {
+    respond(stream, code, message, None);
+}
+
+/// Like [`respond_status`], with the Status `reason` the API server would put there.
+fn respond_kube_status(stream: &mut impl Conn, code: u16, message: &str, reason: &str) {
+    respond(stream, code, message, Some(reason));
+}
+
+fn respond(stream: &mut impl Conn, code: u16, message: &str, reason_field: Option<&str>) {
     let reason = tungstenite::http::StatusCode::from_u16(code)
         .ok()
         .and_then(|s| s.canonical_reason())
         .unwrap_or("Unknown");
     let message = message.replace('\\', "\\\\").replace('"', "\\\"");
+    let reason_field = reason_field
+        .map(|r| format!(",\"reason\":\"{r}\""))
+        .unwrap_or_default();
     let body = format!(
         "{{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"status\":\"Failure\",\
-         \"message\":\"{message}\",\"code\":{code}}}"
+         \"message\":\"{message}\"{reason_field},\"code\":{code}}}"
     );
     let resp = format!(
         "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\n\
@@ -597,19 +944,20 @@ fn respond_status(stream: &mut TcpStream, code: u16, message: &str) {
         .and_then(|_| stream.flush())
         .is_ok()
     {
-        let _ = stream.shutdown(Shutdown::Write);
+        stream.close_notify();
+        let _ = stream.tcp().shutdown(Shutdown::Write);
         // Reading to EOF before dropping avoids an RST that could destroy the response.
         drain_until_eof(stream, LINGER_LIMIT);
     }
 }
 
 /// Reads and discards until EOF, an error, or `limit` elapses.
-fn drain_until_eof(stream: &mut TcpStream, limit: Duration) {
+fn drain_until_eof(stream: &mut impl Conn, limit: Duration) {
     let deadline = Instant::now() + limit;
     let mut buf = [0u8; 4096];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+        if left.is_zero() || stream.tcp().set_read_timeout(Some(left)).is_err() {
             return;
         }
         match stream.read(&mut buf) {
@@ -623,7 +971,7 @@ fn drain_until_eof(stream: &mut TcpStream, limit: Duration) {
 
 /// Queues `msg`, coping with `WriteBufferFull`: flush (blocking, bounded by the write timeout),
 /// and if one frame alone exceeds the cap, raise the cap for it. Does not flush on success.
-fn send(ws: &mut Ws, msg: Message) -> Result<(), WsError> {
+fn send<S: Conn>(ws: &mut Ws<S>, msg: Message) -> Result<(), WsError> {
     let mut msg = msg;
     for _ in 0..3 {
         match ws.write(msg) {
@@ -644,12 +992,12 @@ fn send(ws: &mut Ws, msg: Message) -> Result<(), WsError> {
     )))
 }
 
-fn send_now(ws: &mut Ws, msg: Message) -> Result<(), WsError> {
+fn send_now<S: Conn>(ws: &mut Ws<S>, msg: Message) -> Result<(), WsError> {
     send(ws, msg)?;
     ws.flush()
 }
 
-fn echo(ws: &mut Ws) -> Result<(), WsError> {
+fn echo<S: Conn>(ws: &mut Ws<S>) -> Result<(), WsError> {
     loop {
         match ws.read() {
             Ok(m @ (Message::Text(_) | Message::Binary(_))) => send_now(ws, m)?,
@@ -662,7 +1010,7 @@ fn echo(ws: &mut Ws) -> Result<(), WsError> {
     }
 }
 
-fn stream_pattern(ws: &mut Ws, total: u64, frame: usize) -> Result<(), WsError> {
+fn stream_pattern<S: Conn>(ws: &mut Ws<S>, total: u64, frame: usize) -> Result<(), WsError> {
     let mut off = 0u64;
     let mut unflushed = 0usize;
     while off < total {
@@ -682,7 +1030,7 @@ fn stream_pattern(ws: &mut Ws, total: u64, frame: usize) -> Result<(), WsError> 
 
 /// Sends close 1000 with `reason` and reads until the peer's close reply (or EOF, error,
 /// [`CLOSE_WAIT`]). Messages arriving meanwhile are discarded.
-fn close_and_wait(ws: &mut Ws, reason: &str) {
+fn close_and_wait<S: Conn>(ws: &mut Ws<S>, reason: &str) {
     let frame = CloseFrame {
         code: CloseCode::Normal,
         reason: reason.to_string().into(),
@@ -693,7 +1041,7 @@ fn close_and_wait(ws: &mut Ws, reason: &str) {
     let deadline = Instant::now() + CLOSE_WAIT;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || ws.get_ref().set_read_timeout(Some(left)).is_err() {
+        if left.is_zero() || ws.get_ref().tcp().set_read_timeout(Some(left)).is_err() {
             return;
         }
         if ws.read().is_err() {
@@ -702,7 +1050,7 @@ fn close_and_wait(ws: &mut Ws, reason: &str) {
     }
 }
 
-fn sink(shared: &Shared, ws: &mut Ws) {
+fn sink<S: Conn>(shared: &Shared, ws: &mut Ws<S>) {
     let mut bytes = 0u64;
     let mut sum = FNV_OFFSET;
     let mut recorded = false;
@@ -738,20 +1086,117 @@ fn sink(shared: &Shared, ws: &mut Ws) {
     }
 }
 
-fn drop_after(mut ws: Ws, n: u64) -> Result<(), WsError> {
+fn drop_after<S: Conn>(mut ws: Ws<S>, n: u64) -> Result<(), WsError> {
     send_now(&mut ws, Message::binary(pattern_vec(0, n as usize)))?;
-    let mut stream = ws.into_inner();
+    let stream = ws.into_inner();
+    let mut tcp = stream.tcp();
     // Discard what the peer already sent so that closing does not turn into an RST
-    // (which could destroy the bytes just sent before the peer reads them).
-    if stream.set_nonblocking(true).is_ok() {
+    // (which could destroy the bytes just sent before the peer reads them). Raw reads: with
+    // TLS the records are discarded undecrypted, which is all that is needed here.
+    if tcp.set_nonblocking(true).is_ok() {
         let mut buf = [0u8; 4096];
         for _ in 0..1024 {
-            match stream.read(&mut buf) {
+            match tcp.read(&mut buf) {
                 Ok(n) if n > 0 => {}
                 _ => break,
             }
         }
     }
-    let _ = stream.shutdown(Shutdown::Both);
+    let _ = tcp.shutdown(Shutdown::Both);
     Ok(())
+}
+
+/// Shuts the VNC socket down (unblocking the reader thread) and joins that thread.
+struct BridgeGuard {
+    vnc: TcpStream,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Drop for BridgeGuard {
+    fn drop(&mut self) {
+        let _ = self.vnc.shutdown(Shutdown::Both);
+        if let Some(h) = self.reader.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Relays between the WebSocket client and a plain TCP server, like websockify: binary
+/// messages from the client become raw bytes to the server (text messages are dropped, as
+/// virt-handler does), raw bytes from the server become binary messages to the client. Either
+/// side ending ends both: the client gets close 1000 when the server goes away, the server gets
+/// a shutdown when the client closes or vanishes.
+///
+/// A reader thread does blocking reads on the server socket and hands chunks over through a
+/// bounded channel (backpressure); this thread writes to the server and polls the client with
+/// a [`BRIDGE_POLL`] read timeout, so it never spins.
+fn bridge<S: Conn>(ws: &mut Ws<S>, vnc: TcpStream) -> Result<(), WsError> {
+    let _ = vnc.set_nodelay(true);
+    vnc.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut vnc_write = vnc.try_clone()?;
+    let mut vnc_read = vnc.try_clone()?;
+    let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(BRIDGE_QUEUE);
+    let reader = thread::Builder::new()
+        .name("stand-in-bridge".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; BRIDGE_CHUNK];
+            loop {
+                match vnc_read.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        if tx.send(buf[..n].to_vec()).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return,
+                }
+            }
+        })?;
+    // Dropping the sender (reader thread ended) is how the server's EOF arrives here.
+    let _guard = BridgeGuard {
+        vnc,
+        reader: Some(reader),
+    };
+
+    ws.get_ref().tcp().set_read_timeout(Some(BRIDGE_POLL))?;
+    loop {
+        // Server -> client: everything queued so far, without waiting.
+        let mut server_gone = false;
+        loop {
+            match rx.try_recv() {
+                Ok(chunk) => send(ws, Message::binary(chunk))?,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    server_gone = true;
+                    break;
+                }
+            }
+        }
+        ws.flush()?;
+        if server_gone {
+            close_and_wait(ws, "");
+            return Ok(());
+        }
+
+        // Client -> server: at most one message, waiting at most BRIDGE_POLL for it.
+        match ws.read() {
+            Ok(Message::Binary(b)) => vnc_write.write_all(&b)?,
+            Ok(Message::Close(_)) => {
+                // tungstenite queued the close reply; send it and end.
+                let _ = ws.flush();
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(WsError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
 }

@@ -1,0 +1,225 @@
+//! A non-blocking socket as the session sees it: plain TCP, or TLS (rustls)
+//! over TCP, with the readiness the proxy has seen but not yet used up.
+//!
+//! Both kinds offer the same three operations (read, write, flush) with the
+//! same outcomes, so the relay does not care which one it pumps. With TLS,
+//! rustls' buffers are bounded (`set_buffer_limit`) so backpressure holds end
+//! to end: a full TLS send buffer reads as `WouldBlock`, like a full socket.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+
+use mio::net::TcpStream;
+use rustls::ClientConnection;
+
+/// The result of one read or write.
+pub(crate) enum Io {
+    Done(usize),
+    WouldBlock,
+    Eof,
+    Failed(io::Error),
+}
+
+/// A socket and the readiness the proxy has seen but not yet used up.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub stream: TcpStream,
+    tls: Option<Box<ClientConnection>>,
+    /// The socket may have bytes to read (edge-triggered readiness: set by an
+    /// event, cleared only when a read would block).
+    pub readable: bool,
+    /// The socket may accept bytes.
+    pub writable: bool,
+    /// rustls may hold decrypted bytes not yet read out (so the connection
+    /// is readable even though the socket is drained).
+    tls_plaintext: bool,
+}
+
+fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+impl Conn {
+    /// A plain TCP connection.
+    pub fn new(stream: TcpStream) -> Self {
+        Conn {
+            stream,
+            tls: None,
+            readable: false,
+            writable: false,
+            tls_plaintext: false,
+        }
+    }
+
+    /// A TLS client connection over `stream`; the handshake runs as the
+    /// connection is read and written.
+    pub fn with_tls(stream: TcpStream, mut tls: ClientConnection, buffer_limit: usize) -> Self {
+        tls.set_buffer_limit(Some(buffer_limit));
+        Conn {
+            stream,
+            tls: Some(Box::new(tls)),
+            readable: false,
+            writable: false,
+            tls_plaintext: false,
+        }
+    }
+
+    /// True when a read may return data without waiting for an event.
+    pub fn can_read(&self) -> bool {
+        self.readable || self.tls_plaintext
+    }
+
+    /// One read of decrypted (or plain) bytes.
+    pub fn read(&mut self, buf: &mut [u8]) -> Io {
+        if self.tls.is_none() {
+            return plain_read(&mut self.stream, &mut self.readable, buf);
+        }
+        // Bounded: each round reads TLS records from the socket or returns.
+        for _ in 0..8 {
+            let Some(tls) = self.tls.as_mut() else {
+                return Io::WouldBlock;
+            };
+            // Drain what rustls already decrypted before reading more TLS:
+            // its plaintext buffer is bounded and read_tls will not overfill it.
+            match tls.reader().read(buf) {
+                Ok(0) if !buf.is_empty() => return Io::Eof,
+                Ok(n) => {
+                    self.tls_plaintext = n == buf.len();
+                    return Io::Done(n);
+                }
+                Err(e) if would_block(&e) => self.tls_plaintext = false,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Io::Eof,
+                Err(e) => return Io::Failed(e),
+            }
+            if !self.readable {
+                return Io::WouldBlock;
+            }
+            match tls.read_tls(&mut self.stream) {
+                Ok(n) => {
+                    if n == 0 {
+                        // TCP ended: rustls now reports the end, after any
+                        // plaintext it still holds, on the next round.
+                        self.readable = false;
+                    }
+                    if let Err(e) = tls.process_new_packets() {
+                        // Send the alert rustls queued, best effort.
+                        let _ = tls.write_tls(&mut self.stream);
+                        return Io::Failed(io::Error::other(e));
+                    }
+                }
+                Err(e) if would_block(&e) => {
+                    self.readable = false;
+                    return Io::WouldBlock;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Io::Failed(e),
+            }
+            // Handshake messages and alerts produced by reading go out now.
+            if let Err(e) = self.flush_tls() {
+                return Io::Failed(e);
+            }
+        }
+        // Out of rounds with records still coming: stay readable.
+        self.tls_plaintext = true;
+        Io::WouldBlock
+    }
+
+    /// One write of plaintext. With TLS, `Done(n)` means rustls took `n`
+    /// bytes; they reach the wire as the socket accepts them (see `flush`).
+    pub fn write(&mut self, buf: &[u8]) -> Io {
+        if self.tls.is_none() {
+            return plain_write(&mut self.stream, &mut self.writable, buf);
+        }
+        if let Err(e) = self.flush_tls() {
+            return Io::Failed(e);
+        }
+        let Some(tls) = self.tls.as_mut() else {
+            return Io::WouldBlock;
+        };
+        let n = match tls.writer().write(buf) {
+            Ok(n) => n,
+            Err(e) => return Io::Failed(e),
+        };
+        if let Err(e) = self.flush_tls() {
+            return Io::Failed(e);
+        }
+        if n == 0 { Io::WouldBlock } else { Io::Done(n) }
+    }
+
+    /// True when bytes accepted earlier still wait to reach the socket.
+    pub fn has_pending_output(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.wants_write())
+    }
+
+    /// Push buffered TLS records to the socket while it accepts them.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.flush_tls()
+    }
+
+    fn flush_tls(&mut self) -> io::Result<()> {
+        let Some(tls) = self.tls.as_mut() else {
+            return Ok(());
+        };
+        // Bounded: each round either writes bytes or stops.
+        for _ in 0..64 {
+            if !tls.wants_write() || !self.writable {
+                return Ok(());
+            }
+            match tls.write_tls(&mut self.stream) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) if would_block(&e) => self.writable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Say goodbye (TLS close_notify, best effort) and shut the write side.
+    pub fn shutdown_write(&mut self) {
+        if let Some(tls) = self.tls.as_mut() {
+            tls.send_close_notify();
+            let _ = self.flush_tls();
+        }
+        let _ = self.stream.shutdown(Shutdown::Write);
+    }
+
+    /// True while the TLS handshake has not completed.
+    pub fn is_handshaking(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.is_handshaking())
+    }
+}
+
+fn plain_read(stream: &mut TcpStream, readable: &mut bool, buf: &mut [u8]) -> Io {
+    // EINTR is retried once; a second one is left for the next pass.
+    for _ in 0..2 {
+        match stream.read(buf) {
+            Ok(0) => return Io::Eof,
+            Ok(n) => return Io::Done(n),
+            Err(e) if would_block(&e) => {
+                *readable = false;
+                return Io::WouldBlock;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Io::Failed(e),
+        }
+    }
+    Io::WouldBlock
+}
+
+fn plain_write(stream: &mut TcpStream, writable: &mut bool, buf: &[u8]) -> Io {
+    for _ in 0..2 {
+        match stream.write(buf) {
+            Ok(0) => return Io::Failed(io::ErrorKind::WriteZero.into()),
+            Ok(n) => return Io::Done(n),
+            Err(e) if would_block(&e) => {
+                *writable = false;
+                return Io::WouldBlock;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Io::Failed(e),
+        }
+    }
+    Io::WouldBlock
+}
