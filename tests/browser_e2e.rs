@@ -1,0 +1,563 @@
+//! Browser end-to-end test: a real noVNC (from npm) in Debian's headless Chromium, driven by
+//! playwright-core, connects through the proxy binary to a real VNC server (QEMU's built-in
+//! VNC WebSocket, in front of a disk-less VM showing its SeaBIOS screen).
+//!
+//! Path (a), local dev mode: the proxy dials `ws://127.0.0.1:<qemu websocket port>` with
+//! `API_PATH=/` (QEMU's WebSocket server serves only `/`). [`run_browser_cases`] takes the
+//! proxy's environment and the VMI name, so another path (an in-cluster TLS upstream) can reuse
+//! it with its own environment.
+//!
+//! Needs /usr/bin/chromium, qemu-system-x86_64, node and tests/e2e/node_modules: run
+//! `bash tests/e2e/setup.sh` once. Without them the test fails (so CI cannot pass by not
+//! testing), unless `E2E_SKIP=1` is set. Screenshots land in `target/e2e/`.
+//!
+//! Every process started here is killed by its PID when its guard drops, every wait is bounded,
+//! and everything listens on and connects to 127.0.0.1 only.
+
+#[path = "support/tokens.rs"]
+mod tokens;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const NAMESPACE: &str = "lab-ns";
+const VMI: &str = "testvm";
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// For the whole `connect` case in run.mjs: browser start, RFB handshake, and the wait for the
+/// remote screen (QEMU under TCG on 2 cores can be slow to paint).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(90);
+/// For the whole `disconnect` case in run.mjs.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(45);
+/// Extra time allowed for run.mjs beyond its own timeout before it is killed.
+const NODE_GRACE: Duration = Duration::from_secs(45);
+/// For a started process to become ready (listening).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------------
+// The test
+
+#[test]
+fn novnc_in_chromium_through_proxy_to_qemu_local_dev_mode() {
+    if !prerequisites_or_skip() {
+        return;
+    }
+    let qemu = Qemu::start();
+    let remote = format!("ws://127.0.0.1:{}", qemu.ws_port);
+    let outcome = run_browser_cases(&ProxyPath {
+        label: "local-dev",
+        env: vec![
+            ("LOCAL_DEV_MODE".into(), "true".into()),
+            ("WS_REMOTE_URL".into(), remote),
+            // QEMU's WebSocket server accepts only `/` (no {namespace}/{vmi_name} to fill).
+            ("API_PATH".into(), "/".into()),
+            // QEMU refuses an offered subprotocol list without `binary` (its 400 answer is not
+            // even a complete HTTP head), so the default `plain.kubevirt.io` cannot be offered
+            // to it; like noVNC itself, offer none.
+            ("UPSTREAM_SUBPROTOCOLS".into(), String::new()),
+        ],
+        namespace: NAMESPACE,
+        vmi: VMI,
+    });
+    if let Err(report) = outcome {
+        panic!("{report}\n--- qemu output ---\n{}", qemu.proc.output());
+    }
+    qemu.proc.assert_running();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The reusable part: the proxy under a given environment, noVNC through it.
+
+/// How the proxy reaches a VNC WebSocket for one end-to-end path.
+struct ProxyPath<'a> {
+    /// Names the screenshots: `target/e2e/<label>.png`, `target/e2e/<label>-bad-token.png`.
+    label: &'a str,
+    /// Upstream configuration for the proxy (`LOCAL_DEV_MODE`, `WS_REMOTE_URL`, `API_PATH`, or
+    /// whatever an in-cluster path needs). `SECRET_KEY`, `HOST`, `PORT` and `LOGLEVEL` are
+    /// set by [`run_browser_cases`]; entries here override them.
+    env: Vec<(String, String)>,
+    /// The namespace put in the token.
+    namespace: &'a str,
+    /// The VMI name in the client's URL and in the token's `allowed_vmi_names`.
+    vmi: &'a str,
+}
+
+/// Starts the proxy with `path.env` and the static page server, then runs noVNC in Chromium
+/// twice: with a valid token (must connect and show a multi-colour screen) and with a token
+/// signed by another key (must be refused with an HTTP 4xx and never connect). Returns a report
+/// with every log on failure.
+fn run_browser_cases(path: &ProxyPath<'_>) -> Result<(), String> {
+    let out_dir = e2e_output_dir();
+    std::fs::create_dir_all(&out_dir).map_err(|e| format!("create {}: {e}", out_dir.display()))?;
+
+    let proxy = start_proxy(&path.env)?;
+    let server = start_static_server()?;
+    let page = server.ready.clone();
+    let with_logs = |msg: String| {
+        format!(
+            "{msg}\n--- proxy log ---\n{}\n--- static server log ---\n{}",
+            proxy.proc.output(),
+            server.proc.output()
+        )
+    };
+
+    // 1. A valid token: noVNC connects and draws the SeaBIOS screen.
+    let token = tokens::mint(
+        tokens::SECRET,
+        path.namespace,
+        &[path.vmi],
+        tokens::now() + 600,
+    );
+    let shot = out_dir.join(format!("{}.png", path.label));
+    let _ = std::fs::remove_file(&shot);
+    let url = format!("ws://{}/{token}/{}", proxy.addr, path.vmi);
+    let started = Instant::now();
+    run_novnc(&page, &url, "connect", &shot, CONNECT_TIMEOUT, None).map_err(&with_logs)?;
+    eprintln!(
+        "browser_e2e[{}]: valid token: connected and drew the screen in {:.1?}; screenshot {}",
+        path.label,
+        started.elapsed(),
+        shot.display()
+    );
+    if !shot.is_file() {
+        return Err(with_logs(format!("no screenshot at {}", shot.display())));
+    }
+
+    // 2. A token signed with another key: refused before any upstream work.
+    let bad = tokens::mint(
+        "another-secret-that-is-at-least-32-bytes-long",
+        path.namespace,
+        &[path.vmi],
+        tokens::now() + 600,
+    );
+    let shot = out_dir.join(format!("{}-bad-token.png", path.label));
+    let _ = std::fs::remove_file(&shot);
+    let url = format!("ws://{}/{bad}/{}", proxy.addr, path.vmi);
+    let started = Instant::now();
+    run_novnc(
+        &page,
+        &url,
+        "disconnect",
+        &shot,
+        REFUSAL_TIMEOUT,
+        Some("4xx"),
+    )
+    .map_err(&with_logs)?;
+    eprintln!(
+        "browser_e2e[{}]: bad token: refused in {:.1?}; screenshot {}",
+        path.label,
+        started.elapsed(),
+        shot.display()
+    );
+
+    // The proxy survived both, and never logged a token.
+    if let Some(status) = proxy.proc.exited() {
+        return Err(with_logs(format!(
+            "the proxy exited during the test: {status}"
+        )));
+    }
+    let log = proxy.proc.output();
+    for (what, t) in [("valid", &token), ("bad", &bad)] {
+        if log.contains(t.as_str()) || log.contains(t.rsplit('.').next().unwrap_or(t)) {
+            return Err(with_logs(format!("the proxy logged the {what} token")));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `node tests/e2e/run.mjs` and returns its output as the error when it fails.
+fn run_novnc(
+    page: &str,
+    url: &str,
+    expect: &str,
+    screenshot: &Path,
+    timeout: Duration,
+    expect_status: Option<&str>,
+) -> Result<(), String> {
+    let mut cmd = Command::new("node");
+    cmd.current_dir(e2e_dir())
+        .arg("run.mjs")
+        .args(["--page", page, "--url", url, "--expect", expect])
+        .arg("--screenshot")
+        .arg(screenshot)
+        .args(["--timeout-ms", &timeout.as_millis().to_string()])
+        .args(["--chromium", CHROMIUM]);
+    if let Some(status) = expect_status {
+        cmd.args(["--expect-status", status]);
+    }
+    let proc = Proc::spawn("run.mjs", &mut cmd).map_err(|e| format!("cannot run node: {e}"))?;
+    match proc.wait_exit(timeout + NODE_GRACE) {
+        Some(status) if status.success() => {
+            eprintln!("{}", proc.output());
+            Ok(())
+        }
+        Some(status) => Err(format!(
+            "run.mjs --expect {expect} failed ({status}); screenshot (if any): {}\n--- run.mjs output ---\n{}",
+            screenshot.display(),
+            proc.output()
+        )),
+        None => Err(format!(
+            "run.mjs --expect {expect} did not finish within {:?}; killed\n--- run.mjs output ---\n{}",
+            timeout + NODE_GRACE,
+            proc.output()
+        )),
+    }
+}
+
+struct Started {
+    proc: Proc,
+    addr: SocketAddr,
+}
+
+/// The proxy binary on 127.0.0.1 and a free port, in a clean environment plus `env`.
+fn start_proxy(env: &[(String, String)]) -> Result<Started, String> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kubevirt-vnc-proxy"));
+    // Nothing from the caller's environment (RUST_LOG, a stray SECRET_KEY...) leaks in.
+    cmd.env_clear();
+    for keep in ["PATH", "LLVM_PROFILE_FILE"] {
+        if let Some(v) = std::env::var_os(keep) {
+            cmd.env(keep, v);
+        }
+    }
+    cmd.env("SECRET_KEY", tokens::SECRET)
+        .env("HOST", "127.0.0.1")
+        .env("PORT", "0")
+        .env("LOGLEVEL", "INFO");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let proc =
+        Proc::spawn("proxy", &mut cmd).map_err(|e| format!("cannot start the proxy: {e}"))?;
+    let line = proc
+        .wait_for_line("listening on ", READY_TIMEOUT)
+        .map_err(|e| {
+            format!(
+                "the proxy did not start: {e}\n--- proxy log ---\n{}",
+                proc.output()
+            )
+        })?;
+    let addr = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|s| s.trim().parse::<SocketAddr>().ok())
+        .ok_or_else(|| format!("cannot parse the proxy's address from {line:?}"))?;
+    Ok(Started { proc, addr })
+}
+
+struct StaticServer {
+    proc: Proc,
+    /// `http://127.0.0.1:PORT/`
+    ready: String,
+}
+
+/// tests/e2e/serve.mjs: page.html, page.js and noVNC's modules over HTTP on 127.0.0.1.
+fn start_static_server() -> Result<StaticServer, String> {
+    let mut cmd = Command::new("node");
+    cmd.current_dir(e2e_dir()).arg("serve.mjs");
+    let proc = Proc::spawn("serve.mjs", &mut cmd)
+        .map_err(|e| format!("cannot start node serve.mjs: {e}"))?;
+    let line = proc
+        .wait_for_line("serving on ", READY_TIMEOUT)
+        .map_err(|e| format!("serve.mjs did not start: {e}\n{}", proc.output()))?;
+    let url = line
+        .split("serving on ")
+        .nth(1)
+        .map(str::trim)
+        .filter(|u| u.starts_with("http://127.0.0.1:"))
+        .ok_or_else(|| format!("cannot parse serve.mjs's address from {line:?}"))?
+        .to_owned();
+    Ok(StaticServer { proc, ready: url })
+}
+
+// ---------------------------------------------------------------------------------------------
+// QEMU: a disk-less VM whose screen is SeaBIOS's "No bootable device."
+
+struct Qemu {
+    proc: Proc,
+    ws_port: u16,
+    /// Holds the raw VNC unix socket; removed on drop, after QEMU is killed.
+    dir: PathBuf,
+}
+
+impl Qemu {
+    /// Starts QEMU with its VNC server on a unix socket (no display number to collide with
+    /// other runs) and its VNC WebSocket on 127.0.0.1 and a free port. Retries a few times if
+    /// that port was taken between choosing it and QEMU binding it.
+    fn start() -> Qemu {
+        let mut last = String::new();
+        for attempt in 0..5 {
+            let dir = std::env::temp_dir().join(format!(
+                "kvp-e2e-qemu-{}-{attempt}-{}",
+                std::process::id(),
+                tokens::now()
+            ));
+            std::fs::create_dir_all(&dir).expect("create the QEMU temp dir");
+            let sock = dir.join("vnc.sock");
+            let ws_port = free_port();
+            let mut cmd = Command::new("qemu-system-x86_64");
+            cmd.args(["-machine", "pc,accel=tcg", "-m", "64", "-smp", "1"])
+                // No default devices, no disks, no network: SeaBIOS tries the disk and the
+                // floppy, then prints "No bootable device." in VGA text mode (light grey on
+                // black: more than one colour).
+                .args(["-nodefaults", "-vga", "std", "-nic", "none"])
+                // Halt on boot failure instead of rebooting after 60 s (which blanks the screen).
+                .args(["-boot", "reboot-timeout=-1"])
+                .args(["-display", "none", "-serial", "none", "-monitor", "none"])
+                .arg("-vnc")
+                .arg(format!(
+                    "unix:{},websocket=127.0.0.1:{ws_port}",
+                    sock.display()
+                ));
+            let proc = Proc::spawn("qemu", &mut cmd)
+                .unwrap_or_else(|e| panic!("cannot start qemu-system-x86_64: {e}"));
+            let qemu = Qemu { proc, ws_port, dir };
+            match qemu.wait_listening() {
+                Ok(()) => return qemu,
+                Err(e) => {
+                    last = format!("{e}\n--- qemu output ---\n{}", qemu.proc.output());
+                    if !last.contains("in use") {
+                        break;
+                    }
+                }
+            }
+        }
+        panic!("QEMU did not start: {last}");
+    }
+
+    /// Until the WebSocket port accepts a TCP connection (bounded), or QEMU exits.
+    fn wait_listening(&self) -> Result<(), String> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.ws_port));
+        loop {
+            if let Some(status) = self.proc.exited() {
+                return Err(format!("qemu exited: {status}"));
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "qemu's websocket port {addr} not listening after {READY_TIMEOUT:?}"
+                ));
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        self.proc.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes: killed by PID on drop, output collected by reader threads.
+
+struct Proc {
+    name: &'static str,
+    child: Mutex<Child>,
+    output: Arc<Mutex<String>>,
+    lines: Receiver<String>,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout and stderr piped into [`Proc::output`], and stdin a pipe that
+    /// closes when this process dies (serve.mjs exits then, even if the kill never came).
+    fn spawn(name: &'static str, cmd: &mut Command) -> std::io::Result<Proc> {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let output = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let out = child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>);
+        let err = child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>);
+        for stream in [out, err].into_iter().flatten() {
+            let output = Arc::clone(&output);
+            let tx = tx.clone();
+            thread::spawn(move || {
+                // Drains the pipe until the process closes it, so the child never blocks on a
+                // full pipe.
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    {
+                        let mut all = output.lock().unwrap_or_else(|p| p.into_inner());
+                        all.push_str(&line);
+                        all.push('\n');
+                    }
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        Ok(Proc {
+            name,
+            child: Mutex::new(child),
+            output,
+            lines: rx,
+        })
+    }
+
+    /// Everything the process printed so far, stdout and stderr interleaved by line.
+    fn output(&self) -> String {
+        self.output
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn exited(&self) -> Option<ExitStatus> {
+        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        child.try_wait().ok().flatten()
+    }
+
+    fn assert_running(&self) {
+        if let Some(status) = self.exited() {
+            panic!(
+                "{} exited unexpectedly: {status}\n{}",
+                self.name,
+                self.output()
+            );
+        }
+    }
+
+    /// The first line containing `needle`, waiting at most `timeout`.
+    fn wait_for_line(&self, needle: &str, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("no line with {needle:?} within {timeout:?}"));
+            }
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(200)))
+            {
+                Ok(line) if line.contains(needle) => return Ok(line),
+                Ok(_) | Err(RecvTimeoutError::Timeout) => {
+                    if let Some(status) = self.exited() {
+                        // Lines printed just before exiting may still be queued.
+                        if let Some(line) = self.lines.try_iter().find(|l| l.contains(needle)) {
+                            return Ok(line);
+                        }
+                        return Err(format!("{} exited: {status}", self.name));
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(format!("{} closed its output", self.name));
+                }
+            }
+        }
+    }
+
+    /// Waits (bounded) for the process to exit by itself; kills it on timeout.
+    fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited() {
+                // Let the reader threads catch the last lines.
+                thread::sleep(Duration::from_millis(50));
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                return None;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL to this process's PID, then reap it.
+    fn kill(&self) {
+        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        if child.try_wait().ok().flatten().is_none() {
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prerequisites and paths
+
+/// True when the test should run. Panics when something it needs is missing, unless
+/// `E2E_SKIP=1`, which skips the test with a notice.
+fn prerequisites_or_skip() -> bool {
+    if std::env::var("E2E_SKIP").as_deref() == Ok("1") {
+        eprintln!("browser_e2e: SKIPPED (E2E_SKIP=1): the browser end-to-end test did not run");
+        return false;
+    }
+    let mut missing = Vec::new();
+    if !Path::new(CHROMIUM).is_file() {
+        missing.push(CHROMIUM.to_owned());
+    }
+    if find_in_path("qemu-system-x86_64").is_none() {
+        missing.push("qemu-system-x86_64".to_owned());
+    }
+    if find_in_path("node").is_none() {
+        missing.push("node (Node.js)".to_owned());
+    }
+    for module in [
+        "node_modules/@novnc/novnc/core/rfb.js",
+        "node_modules/playwright-core/package.json",
+    ] {
+        if !e2e_dir().join(module).is_file() {
+            missing.push(format!("tests/e2e/{module}"));
+        }
+    }
+    if !missing.is_empty() {
+        panic!(
+            "browser_e2e: missing {}.\nRun `bash tests/e2e/setup.sh` (as root: it installs \
+             chromium and qemu-system-x86 from Debian and noVNC + playwright-core from npm), \
+             or set E2E_SKIP=1 to skip this test.",
+            missing.join(", ")
+        );
+    }
+    true
+}
+
+fn find_in_path(program: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
+
+fn e2e_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("e2e")
+}
+
+/// `target/e2e/` (next to the `tmp/` cargo gives integration tests).
+fn e2e_output_dir() -> PathBuf {
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    tmp.parent().unwrap_or(tmp).join("e2e")
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
