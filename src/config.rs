@@ -626,6 +626,44 @@ mod tests {
     }
 
     #[test]
+    fn in_cluster_mode_brackets_ipv6_and_uses_the_service_account() {
+        let c = run(
+            &[
+                ("SECRET_KEY", "s"),
+                ("KUBERNETES_SERVICE_HOST", "fd00::1"),
+                ("KUBERNETES_SERVICE_PORT", "6443"),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert!(c.in_cluster && c.upstream.tls);
+        assert_eq!(c.upstream.host_header(), "[fd00::1]:6443");
+        let sa = "/var/run/secrets/kubernetes.io/serviceaccount";
+        assert_eq!(
+            c.ca_file.as_deref(),
+            Some(std::path::Path::new(&format!("{sa}/ca.crt")))
+        );
+        assert_eq!(
+            c.token_file.as_deref(),
+            Some(std::path::Path::new(&format!("{sa}/token")))
+        );
+        assert_eq!(c.upstream_subprotocols, ["plain.kubevirt.io"]);
+        assert_eq!(c.client_subprotocols, ["binary", "plain.kubevirt.io"]);
+        assert_eq!(c.upstream_query_params, ["preserveSession"]);
+        let c = run(
+            &[
+                ("SECRET_KEY", "s"),
+                ("KUBERNETES_SERVICE_HOST", "10.0.0.1"),
+                ("UPSTREAM_SUBPROTOCOLS", ""),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.upstream.host_header(), "10.0.0.1");
+        assert!(c.upstream_subprotocols.is_empty());
+    }
+
+    #[test]
     fn upstream_urls() {
         let u = UpstreamUrl::parse("ws://[::1]:9000/base/").unwrap();
         assert_eq!(

@@ -6,80 +6,12 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::upstream::{self, FNV_OFFSET, StandIn, fnv1a, pattern};
-use common::{Harness, SECRET, ws_connect};
+use common::{Harness, ProxyProcess, SECRET, ws_connect};
 use tungstenite::Message;
-
-/// The proxy binary as a child process, killed when dropped.
-struct ProxyProcess {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl ProxyProcess {
-    fn start(upstream: SocketAddr, extra_env: &[(&str, &str)]) -> ProxyProcess {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kubevirt-vnc-proxy"));
-        cmd.env_clear()
-            .env("SECRET_KEY", SECRET)
-            .env("LOCAL_DEV_MODE", "true")
-            .env("WS_REMOTE_URL", format!("ws://{upstream}"))
-            .env("HOST", "127.0.0.1")
-            .env("PORT", "0")
-            .env("LOGLEVEL", "INFO")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in extra_env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("start the proxy binary");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Keep draining stderr so the child never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("listening on ").nth(1) {
-                    let _ = tx.send(addr.trim().to_owned());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the proxy logs its address")
-            .parse()
-            .expect("an address");
-        ProxyProcess { child, addr }
-    }
-
-    fn status_field(&self, name: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} in /proc status"))
-    }
-
-    fn rss_kib(&self) -> u64 {
-        self.status_field("VmRSS:")
-    }
-
-    fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
-            .unwrap()
-            .count()
-    }
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 const TOTAL: u64 = 256 << 20;
 const FRAME: u64 = 64 << 10;
@@ -87,7 +19,7 @@ const FRAME: u64 = 64 << 10;
 #[test]
 fn a_stalled_client_costs_a_few_buffers_and_loses_nothing() {
     let standin = StandIn::start();
-    let proxy = ProxyProcess::start(standin.addr(), &[]);
+    let proxy = ProxyProcess::local_dev(standin.addr(), &[]);
     let fds_at_start = proxy.open_fds();
     let vmi = format!("stream-{TOTAL}-{FRAME}");
     let token = Harness::token(&[&vmi]);

@@ -3,14 +3,18 @@
 //! count of the sockets the proxy holds.
 #![allow(dead_code)]
 
+#[path = "../support/pki.rs"]
+pub mod pki;
 #[path = "../support/tokens.rs"]
 pub mod tokens;
 #[path = "../support/upstream.rs"]
 pub mod upstream;
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use kubevirt_vnc_proxy::{Config, Handle, Proxy, Running};
@@ -199,4 +203,114 @@ pub fn proxy_sockets(proxy_port: u16, upstream_port: u16) -> usize {
         }
     }
     count
+}
+
+/// The proxy binary as a child process, killed when dropped.
+pub struct ProxyProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl ProxyProcess {
+    /// The binary in local dev mode in front of `upstream`.
+    pub fn local_dev(upstream: SocketAddr, extra_env: &[(&str, &str)]) -> ProxyProcess {
+        let mut env = vec![
+            ("LOCAL_DEV_MODE", "true".to_owned()),
+            ("WS_REMOTE_URL", format!("ws://{upstream}")),
+        ];
+        env.extend(extra_env.iter().map(|(k, v)| (*k, v.to_string())));
+        Self::start(&env)
+    }
+
+    /// The binary with `SECRET_KEY`, `HOST=127.0.0.1`, `PORT=0`, `LOGLEVEL=INFO`
+    /// and `env`, nothing else from the environment.
+    pub fn start(env: &[(&str, String)]) -> ProxyProcess {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kubevirt-vnc-proxy"));
+        cmd.env_clear()
+            .env("SECRET_KEY", SECRET)
+            .env("HOST", "127.0.0.1")
+            .env("PORT", "0")
+            .env("LOGLEVEL", "INFO")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start the proxy binary");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Keep draining stderr so the child never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(addr.trim().to_owned());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the proxy logs its address")
+            .parse()
+            .expect("an address");
+        ProxyProcess { child, addr }
+    }
+
+    pub fn status_field(&self, name: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in /proc status"))
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        self.status_field("VmRSS:")
+    }
+
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .unwrap()
+            .count()
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A scratch directory under the system temp dir, removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("kvp-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Replace `name` atomically (write aside, rename), as Kubernetes swaps
+    /// projected files.
+    pub fn write(&self, name: &str, contents: &str) {
+        let tmp = self.0.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, contents).expect("write temp file");
+        std::fs::rename(&tmp, self.0.join(name)).expect("rename into place");
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
