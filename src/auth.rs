@@ -82,19 +82,46 @@ struct LabInstance {
     allowed_vmi_names: Vec<String>,
 }
 
+/// One verification key and the key id (`kid`) it answers to.
+struct Key {
+    kid: Option<String>,
+    key: DecodingKey,
+}
+
 /// Verifies tokens with the keys and algorithms from the configuration.
 pub struct JwtVerifier {
-    /// One entry per accepted algorithm, with the key of its family.
-    keys: Vec<(Algorithm, DecodingKey, Validation)>,
+    /// The accepted algorithms, each with its validation rules.
+    algorithms: Vec<(Algorithm, Validation)>,
+    /// Every configured key; a key is only ever used with algorithms of its
+    /// own family (`DecodingKey::family`).
+    keys: Vec<Key>,
 }
 
 impl fmt::Debug for JwtVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let algs: Vec<_> = self.keys.iter().map(|(a, _, _)| a).collect();
+        let algs: Vec<_> = self.algorithms.iter().map(|(a, _)| a).collect();
         f.debug_struct("JwtVerifier")
             .field("algorithms", &algs)
+            .field("keys", &self.keys.len())
             .finish()
     }
+}
+
+/// The smallest HMAC secret accepted without `ALLOW_WEAK_SECRET` (RFC 7518
+/// §3.2: a key of at least the hash size, 256 bits for HS256).
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// A key as configured: raw bytes (an HMAC secret or a PEM public key) and
+/// the key id it answers to (`None`: any token without a `kid`, or whose
+/// `kid` matches no key).
+#[derive(Clone)]
+pub struct KeyMaterial {
+    /// The key id, for rotation (`kid` in the token header).
+    pub kid: Option<String>,
+    /// The secret (HMAC) or the PEM text (public keys).
+    pub bytes: Vec<u8>,
+    /// Where it came from, for error messages: a variable or a file.
+    pub source: String,
 }
 
 /// The settings a [`JwtVerifier`] is built from.
@@ -102,24 +129,38 @@ impl fmt::Debug for JwtVerifier {
 pub struct JwtSettings {
     /// Accepted algorithms.
     pub algorithms: Vec<Algorithm>,
-    /// The HMAC secret (for HS256/384/512).
-    pub secret: Option<Vec<u8>>,
-    /// A PEM public key (for RS*, PS*, ES*, EdDSA).
-    pub public_key_pem: Option<Vec<u8>>,
+    /// HMAC secrets (for HS256/384/512), tried in order.
+    pub secrets: Vec<KeyMaterial>,
+    /// PEM public keys (for RS*, PS*, ES*, EdDSA), tried in order.
+    pub public_keys: Vec<KeyMaterial>,
     /// Clock skew allowed on `exp` and `nbf`, in seconds.
     pub leeway_secs: u64,
+    /// Accepted audiences; when not empty, `aud` is required.
+    pub audience: Vec<String>,
+    /// Accepted issuers; when not empty, `iss` is required.
+    pub issuer: Vec<String>,
+    /// Accept HMAC secrets shorter than [`MIN_SECRET_BYTES`].
+    pub allow_weak_secret: bool,
 }
 
 impl fmt::Debug for JwtSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never print key material.
+        let sources =
+            |keys: &[KeyMaterial]| keys.iter().map(|k| k.source.clone()).collect::<Vec<_>>();
         f.debug_struct("JwtSettings")
             .field("algorithms", &self.algorithms)
-            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
-            .field("public_key_pem", &self.public_key_pem.is_some())
+            .field("secrets", &sources(&self.secrets))
+            .field("public_keys", &sources(&self.public_keys))
             .field("leeway_secs", &self.leeway_secs)
+            .field("audience", &self.audience)
+            .field("issuer", &self.issuer)
             .finish()
     }
+}
+
+fn is_hmac(alg: Algorithm) -> bool {
+    matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
 }
 
 impl JwtVerifier {
@@ -129,44 +170,106 @@ impl JwtVerifier {
         if s.algorithms.is_empty() {
             return Err(("JWT_ALGORITHMS", "no algorithm configured".into()));
         }
-        let mut keys = Vec::new();
-        for &alg in &s.algorithms {
-            let key = match alg {
-                Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
-                    let Some(secret) = &s.secret else {
-                        return Err(("SECRET_KEY", format!("required for {alg:?} but not set")));
-                    };
-                    DecodingKey::from_secret(secret)
-                        .map_err(|e| ("SECRET_KEY", format!("unusable secret: {e}")))?
-                }
-                _ => {
-                    let Some(pem) = &s.public_key_pem else {
-                        return Err((
-                            "JWT_PUBLIC_KEY_FILE",
-                            format!("required for {alg:?} but not set"),
-                        ));
-                    };
-                    let key = match alg {
-                        Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(pem),
-                        Algorithm::EdDSA => DecodingKey::from_ed_pem(pem),
-                        _ => DecodingKey::from_rsa_pem(pem),
-                    };
-                    key.map_err(|e| {
-                        (
-                            "JWT_PUBLIC_KEY_FILE",
-                            format!("not a PEM public key usable for {alg:?}: {e}"),
-                        )
-                    })?
-                }
-            };
-            let mut v = Validation::new(alg);
-            v.leeway = s.leeway_secs;
-            v.validate_exp = true;
-            v.validate_nbf = true;
-            v.set_required_spec_claims(&["exp"]);
-            keys.push((alg, key, v));
+        let wants_hmac = s.algorithms.iter().any(|a| is_hmac(*a));
+        let wants_public: Vec<Algorithm> = s
+            .algorithms
+            .iter()
+            .copied()
+            .filter(|a| !is_hmac(*a))
+            .collect();
+        if wants_hmac && s.secrets.is_empty() {
+            return Err((
+                "SECRET_KEY",
+                "not set, but JWT_ALGORITHMS accepts an HMAC algorithm".into(),
+            ));
         }
-        Ok(JwtVerifier { keys })
+        if !wants_public.is_empty() && s.public_keys.is_empty() {
+            return Err((
+                "JWT_PUBLIC_KEY_FILE",
+                format!("not set, but JWT_ALGORITHMS accepts {wants_public:?}"),
+            ));
+        }
+        let mut keys = Vec::new();
+        if wants_hmac {
+            for m in &s.secrets {
+                if m.bytes.len() < MIN_SECRET_BYTES && !s.allow_weak_secret {
+                    return Err((
+                        "SECRET_KEY",
+                        format!(
+                            "the secret from {} is {} bytes; at least {MIN_SECRET_BYTES} are needed \
+                             (set ALLOW_WEAK_SECRET=true to accept it anyway)",
+                            m.source,
+                            m.bytes.len()
+                        ),
+                    ));
+                }
+                let key = DecodingKey::from_secret(&m.bytes).map_err(|e| {
+                    (
+                        "SECRET_KEY",
+                        format!("unusable secret from {}: {e}", m.source),
+                    )
+                })?;
+                keys.push(Key {
+                    kid: m.kid.clone(),
+                    key,
+                });
+            }
+        }
+        for m in s.public_keys.iter().filter(|_| !wants_public.is_empty()) {
+            // A PEM file holds one kind of key; use it for whichever
+            // configured family it parses as.
+            let mut parsed = None;
+            for alg in &wants_public {
+                let key = match alg {
+                    Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(&m.bytes),
+                    Algorithm::EdDSA => DecodingKey::from_ed_pem(&m.bytes),
+                    _ => DecodingKey::from_rsa_pem(&m.bytes),
+                };
+                if let Ok(k) = key {
+                    parsed = Some(k);
+                    break;
+                }
+            }
+            let Some(key) = parsed else {
+                return Err((
+                    "JWT_PUBLIC_KEY_FILE",
+                    format!(
+                        "{} is not a PEM public key usable for {wants_public:?}",
+                        m.source
+                    ),
+                ));
+            };
+            keys.push(Key {
+                kid: m.kid.clone(),
+                key,
+            });
+        }
+        let algorithms = s
+            .algorithms
+            .iter()
+            .map(|&alg| {
+                let mut v = Validation::new(alg);
+                v.leeway = s.leeway_secs;
+                v.validate_exp = true;
+                v.validate_nbf = true;
+                let mut required = vec!["exp"];
+                if !s.audience.is_empty() {
+                    v.set_audience(&s.audience);
+                    required.push("aud");
+                } else {
+                    // No audience configured: a token that names one is not
+                    // meant for us only if we say who we are, which we don't.
+                    v.validate_aud = false;
+                }
+                if !s.issuer.is_empty() {
+                    v.set_issuer(&s.issuer);
+                    required.push("iss");
+                }
+                v.set_required_spec_claims(&required);
+                (alg, v)
+            })
+            .collect();
+        Ok(JwtVerifier { algorithms, keys })
     }
 
     /// Verify `token` and decide whether it allows `vmi`.
@@ -175,11 +278,40 @@ impl JwtVerifier {
     /// a valid token learns anything about names (403).
     pub fn authorize(&self, token: &str, vmi: &str) -> Result<Grant, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(map_error)?;
-        let Some((_, key, validation)) = self.keys.iter().find(|(a, _, _)| *a == header.alg) else {
+        let Some((alg, validation)) = self.algorithms.iter().find(|(a, _)| *a == header.alg) else {
             return Err(AuthError::WrongAlgorithm);
         };
-        let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(map_error)?;
-        let claims = data.claims;
+        let family = alg.family();
+        let mut candidates = self
+            .keys
+            .iter()
+            .filter(|k| k.key.family() == family)
+            .filter(|k| header.kid.is_none() || k.kid.is_none() || k.kid == header.kid)
+            .peekable();
+        if candidates.peek().is_none() {
+            return Err(AuthError::Malformed(
+                "no key for this token's key id".into(),
+            ));
+        }
+        // With a kid, the named key comes first; keys without a kid are
+        // tried after it, in order (rotation without kids).
+        let mut ordered: Vec<&Key> = candidates.collect();
+        ordered.sort_by_key(|k| k.kid.is_none());
+        let mut result = Err(AuthError::BadSignature);
+        for key in ordered {
+            match jsonwebtoken::decode::<Claims>(token, &key.key, validation) {
+                Ok(data) => {
+                    result = Ok(data.claims);
+                    break;
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => continue,
+                Err(e) => {
+                    result = Err(map_error(e));
+                    break;
+                }
+            }
+        }
+        let claims = result?;
         let namespace = claims.lab_instance.namespace_name;
         if !is_dns1123_subdomain(vmi) {
             return Err(AuthError::Forbidden("invalid VMI name".into()));
@@ -205,6 +337,35 @@ impl JwtVerifier {
             },
             expires_at: claims.exp,
         })
+    }
+
+    /// A token's `id` claim without verifying anything, for log lines about
+    /// refused tokens ("-" when there is none or it cannot be read).
+    pub fn unverified_id(token: &str) -> String {
+        #[derive(Deserialize)]
+        struct IdOnly {
+            #[serde(default)]
+            id: Option<serde_json::Value>,
+        }
+        let Some(payload) = token.split('.').nth(1) else {
+            return "-".into();
+        };
+        use base64::Engine;
+        let Ok(bytes) =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('='))
+        else {
+            return "-".into();
+        };
+        match serde_json::from_slice::<IdOnly>(&bytes)
+            .ok()
+            .and_then(|c| c.id)
+        {
+            Some(serde_json::Value::String(s)) => {
+                s.chars().take(64).filter(|c| !c.is_control()).collect()
+            }
+            Some(v @ serde_json::Value::Number(_)) => v.to_string(),
+            _ => "-".into(),
+        }
     }
 }
 
@@ -269,9 +430,12 @@ mod tests {
     fn verifier() -> JwtVerifier {
         JwtVerifier::new(&JwtSettings {
             algorithms: vec![Algorithm::HS256],
-            secret: Some(SECRET.to_vec()),
-            public_key_pem: None,
-            leeway_secs: 0,
+            secrets: vec![KeyMaterial {
+                kid: None,
+                bytes: SECRET.to_vec(),
+                source: "SECRET_KEY".into(),
+            }],
+            ..Default::default()
         })
         .unwrap()
     }

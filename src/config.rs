@@ -6,7 +6,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::auth::{JwtSettings, JwtVerifier, parse_algorithm};
+use crate::auth::{JwtSettings, JwtVerifier, KeyMaterial, parse_algorithm};
+use crate::token::TokenSource;
 
 /// The upstream path KubeVirt serves VNC at.
 pub const DEFAULT_API_PATH: &str = "/apis/subresources.kubevirt.io/v1/namespaces/{namespace}/virtualmachineinstances/{vmi_name}/vnc";
@@ -27,8 +28,19 @@ const OPTIONS: &[Opt] = &[
     Opt { var: "HOST_PATH_PREFIX", flag: "--host-path-prefix", default: "", help: "one leading path segment to expect and strip (behind a reverse proxy)" },
     Opt { var: "SECRET_KEY", flag: "--secret-key", default: "", help: "HMAC secret for HS* tokens (required unless JWT_PUBLIC_KEY_FILE is set)" },
     Opt { var: "JWT_ALGORITHMS", flag: "--jwt-algorithms", default: "HS256", help: "accepted algorithms, comma-separated: HS256/384/512, RS256/384/512, PS256/384/512, ES256/384, EdDSA" },
-    Opt { var: "JWT_PUBLIC_KEY_FILE", flag: "--jwt-public-key-file", default: "", help: "PEM public key for the asymmetric algorithms" },
+    Opt { var: "JWT_PUBLIC_KEY_FILE", flag: "--jwt-public-key-file", default: "", help: "PEM public key files for the asymmetric algorithms, comma-separated (kid = file name without extension)" },
+    Opt { var: "SECRET_KEY_FILES", flag: "--secret-key-files", default: "", help: "more HMAC secrets, one file each, comma-separated (rotation; kid = file name without extension)" },
+    Opt { var: "ALLOW_WEAK_SECRET", flag: "--allow-weak-secret", default: "false", help: "accept HMAC secrets shorter than 32 bytes (with a warning)" },
     Opt { var: "JWT_LEEWAY_SECONDS", flag: "--jwt-leeway-seconds", default: "30", help: "clock skew allowed on exp and nbf" },
+    Opt { var: "JWT_AUDIENCE", flag: "--jwt-audience", default: "", help: "accepted audiences, comma-separated; when set, aud is required" },
+    Opt { var: "JWT_ISSUER", flag: "--jwt-issuer", default: "", help: "accepted issuers, comma-separated; when set, iss is required" },
+    Opt { var: "TOKEN_SOURCES", flag: "--token-sources", default: "path", help: "where tokens may travel: path, query, header, cookie, protocol (comma-separated)" },
+    Opt { var: "TOKEN_COOKIE", flag: "--token-cookie", default: "vnc_token", help: "cookie name for the cookie token source" },
+    Opt { var: "ALLOWED_ORIGINS", flag: "--allowed-origins", default: "", help: "exact Origin values allowed, comma-separated; others get 403 (required for the cookie source)" },
+    Opt { var: "CLOSE_ON_TOKEN_EXPIRY", flag: "--close-on-token-expiry", default: "true", help: "end a session when its token expires (client close 1008)" },
+    Opt { var: "MAX_CONNECTIONS", flag: "--max-connections", default: "10000", help: "open connections at most; at the limit accepting pauses until 90 %" },
+    Opt { var: "MAX_CONNECTIONS_PER_IP", flag: "--max-connections-per-ip", default: "0", help: "open connections per client address at most, 503 above (0: no limit; behind an ingress every client shares its address)" },
+    Opt { var: "REJECT_WITH", flag: "--reject-with", default: "http", help: "http: refuse with HTTP statuses; close: upgrade, then close with 44xx/45xx codes a web page can read" },
     Opt { var: "LOCAL_DEV_MODE", flag: "--local-dev-mode", default: "false", help: "true: upstream at WS_REMOTE_URL (e.g. kubectl proxy); false: in-cluster mode" },
     Opt { var: "WS_REMOTE_URL", flag: "--ws-remote-url", default: "ws://localhost:8001", help: "upstream base URL, ws://… or wss://… (in-cluster mode: only when set explicitly)" },
     Opt { var: "KUBERNETES_SERVICE_HOST", flag: "--kubernetes-service-host", default: "", help: "API server host in in-cluster mode (set by Kubernetes)" },
@@ -183,6 +195,20 @@ pub struct Config {
     pub upstream_query_params: Vec<String>,
     /// Upstream path template (`API_PATH`).
     pub api_path: String,
+    /// Where tokens may travel (`TOKEN_SOURCES`).
+    pub token_sources: Vec<TokenSource>,
+    /// Cookie name for [`TokenSource::Cookie`] (`TOKEN_COOKIE`).
+    pub token_cookie: String,
+    /// Exact Origin values allowed; empty: any (`ALLOWED_ORIGINS`).
+    pub allowed_origins: Vec<String>,
+    /// End sessions when their token expires (`CLOSE_ON_TOKEN_EXPIRY`).
+    pub close_on_token_expiry: bool,
+    /// Open connections at most (`MAX_CONNECTIONS`).
+    pub max_connections: usize,
+    /// Open connections per client address at most; 0: no limit.
+    pub max_connections_per_ip: usize,
+    /// Refuse by upgrading and closing with a 4xxx code (`REJECT_WITH=close`).
+    pub reject_with_close: bool,
     /// Log level name (`LOGLEVEL`), used by the binary to set up logging.
     pub log_level: log::LevelFilter,
     /// Largest request head accepted.
@@ -229,7 +255,11 @@ impl Config {
             Command::Run(c) => Ok(*c),
             _ => Err(ConfigError::new("args", "unexpected command")),
         })?;
-        c.jwt.secret = Some(secret.to_vec());
+        c.jwt.secrets = vec![KeyMaterial {
+            kid: None,
+            bytes: secret.to_vec(),
+            source: "SECRET_KEY".into(),
+        }];
         c.validate()?;
         Ok(c)
     }
@@ -352,11 +382,61 @@ impl Config {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let public_key_pem = match get("JWT_PUBLIC_KEY_FILE").filter(|s| !s.is_empty()) {
-            Some(path) => Some(std::fs::read(&path).map_err(|e| {
-                ConfigError::new("JWT_PUBLIC_KEY_FILE", format!("cannot read '{path}': {e}"))
-            })?),
-            None => None,
+        let files = |var: &'static str| -> Result<Vec<KeyMaterial>, ConfigError> {
+            list(var)
+                .into_iter()
+                .map(|path| {
+                    let bytes = std::fs::read(&path)
+                        .map_err(|e| ConfigError::new(var, format!("cannot read '{path}': {e}")))?;
+                    let kid = std::path::Path::new(&path)
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned());
+                    Ok(KeyMaterial {
+                        kid,
+                        bytes,
+                        source: path,
+                    })
+                })
+                .collect()
+        };
+        let mut secrets = Vec::new();
+        if let Some(secret) = get("SECRET_KEY").filter(|s| !s.is_empty()) {
+            secrets.push(KeyMaterial {
+                kid: None,
+                bytes: secret.into_bytes(),
+                source: "SECRET_KEY".into(),
+            });
+        }
+        secrets.extend(files("SECRET_KEY_FILES")?.into_iter().map(|mut k| {
+            // A secret file ends with a newline more often than not.
+            let trimmed = String::from_utf8_lossy(&k.bytes)
+                .trim_end_matches(['\r', '\n'])
+                .len();
+            k.bytes.truncate(trimmed);
+            k
+        }));
+        let public_keys = files("JWT_PUBLIC_KEY_FILE")?;
+        let token_sources = list("TOKEN_SOURCES")
+            .iter()
+            .map(|n| {
+                TokenSource::parse(n).ok_or_else(|| {
+                    ConfigError::new("TOKEN_SOURCES", format!("unknown source '{n}'"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let reject_with_close = match or_default("REJECT_WITH")
+            .trim()
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "http" => false,
+            "close" => true,
+            other => {
+                return Err(ConfigError::new(
+                    "REJECT_WITH",
+                    format!("'{other}' is not http or close"),
+                ));
+            }
         };
         let prefix = or_default("HOST_PATH_PREFIX");
         let prefix = prefix.trim_matches('/');
@@ -372,12 +452,29 @@ impl Config {
             path_prefix: (!prefix.is_empty()).then(|| prefix.to_owned()),
             jwt: JwtSettings {
                 algorithms,
-                secret: get("SECRET_KEY")
-                    .filter(|s| !s.is_empty())
-                    .map(String::into_bytes),
-                public_key_pem,
+                secrets,
+                public_keys,
                 leeway_secs: parse_num("JWT_LEEWAY_SECONDS", &or_default("JWT_LEEWAY_SECONDS"))?,
+                audience: list("JWT_AUDIENCE"),
+                issuer: list("JWT_ISSUER"),
+                allow_weak_secret: parse_bool(
+                    "ALLOW_WEAK_SECRET",
+                    &or_default("ALLOW_WEAK_SECRET"),
+                )?,
             },
+            token_sources,
+            token_cookie: or_default("TOKEN_COOKIE"),
+            allowed_origins: list("ALLOWED_ORIGINS"),
+            close_on_token_expiry: parse_bool(
+                "CLOSE_ON_TOKEN_EXPIRY",
+                &or_default("CLOSE_ON_TOKEN_EXPIRY"),
+            )?,
+            max_connections: parse_num("MAX_CONNECTIONS", &or_default("MAX_CONNECTIONS"))?,
+            max_connections_per_ip: parse_num(
+                "MAX_CONNECTIONS_PER_IP",
+                &or_default("MAX_CONNECTIONS_PER_IP"),
+            )?,
+            reject_with_close,
             upstream,
             in_cluster: !local_dev,
             ca_file,
@@ -412,11 +509,26 @@ impl Config {
 
     /// Check the values together (ranges, keys usable, templates complete).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.jwt.secret.is_none() && self.jwt.public_key_pem.is_none() {
+        if self.jwt.secrets.is_empty() && self.jwt.public_keys.is_empty() {
             return Err(ConfigError::new(
                 "SECRET_KEY",
                 "not set (required unless JWT_PUBLIC_KEY_FILE is set)",
             ));
+        }
+        if self.token_sources.is_empty() {
+            return Err(ConfigError::new("TOKEN_SOURCES", "no token source enabled"));
+        }
+        if self.token_sources.contains(&TokenSource::Cookie) && self.allowed_origins.is_empty() {
+            // A cookie goes with every request the browser makes, from any
+            // page: without an Origin check any site could open a console
+            // with the user's cookie (cross-site WebSocket hijacking).
+            return Err(ConfigError::new(
+                "ALLOWED_ORIGINS",
+                "must be set when TOKEN_SOURCES includes cookie (cross-site WebSocket hijacking)",
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::new("MAX_CONNECTIONS", "must be at least 1"));
         }
         JwtVerifier::new(&self.jwt).map_err(|(var, m)| ConfigError::new(var, m))?;
         if !self.api_path.starts_with('/') {
@@ -548,7 +660,8 @@ mod tests {
         }
     }
 
-    const BASE: &[(&str, &str)] = &[("SECRET_KEY", "s"), ("LOCAL_DEV_MODE", "TRUE")];
+    const LONG: &str = "0123456789abcdef0123456789abcdef";
+    const BASE: &[(&str, &str)] = &[("SECRET_KEY", LONG), ("LOCAL_DEV_MODE", "TRUE")];
 
     #[test]
     fn defaults_match_the_python_program() {
@@ -594,7 +707,40 @@ mod tests {
         let var = |pairs: &[(&str, &str)], args: &[&str]| run(pairs, args).unwrap_err().var;
         assert_eq!(var(&[("LOCAL_DEV_MODE", "true")], &[]), "SECRET_KEY");
         assert_eq!(var(&[("LOCAL_DEV_MODE", "perhaps")], &[]), "LOCAL_DEV_MODE");
-        assert_eq!(var(&[("SECRET_KEY", "s")], &[]), "KUBERNETES_SERVICE_HOST");
+        assert_eq!(var(&[("SECRET_KEY", LONG)], &[]), "KUBERNETES_SERVICE_HOST");
+        // RFC 8725 / RFC 7518: an HMAC key shorter than the hash is refused
+        // unless the operator says otherwise.
+        let weak = [("SECRET_KEY", "short"), ("LOCAL_DEV_MODE", "true")];
+        let e = run(&weak, &[]).unwrap_err();
+        assert_eq!(e.var, "SECRET_KEY");
+        assert!(e.message.contains("ALLOW_WEAK_SECRET"), "{}", e.message);
+        assert!(run(&weak, &["--allow-weak-secret", "yes"]).is_ok());
+        // The cookie transport needs an Origin allow-list.
+        assert_eq!(
+            var(BASE, &["--token-sources", "path,cookie"]),
+            "ALLOWED_ORIGINS"
+        );
+        assert!(
+            run(
+                BASE,
+                &[
+                    "--token-sources",
+                    "cookie",
+                    "--allowed-origins",
+                    "https://a"
+                ]
+            )
+            .is_ok()
+        );
+        assert_eq!(
+            var(BASE, &["--token-sources", "path,carrier-pigeon"]),
+            "TOKEN_SOURCES"
+        );
+        assert_eq!(var(BASE, &["--reject-with", "silence"]), "REJECT_WITH");
+        assert_eq!(
+            var(BASE, &["--secret-key-files", "/nonexistent/k1"]),
+            "SECRET_KEY_FILES"
+        );
         let mut e = BASE.to_vec();
         e.push(("PORT", "70000"));
         assert_eq!(var(&e, &[]), "PORT");
@@ -629,7 +775,7 @@ mod tests {
     fn in_cluster_mode_brackets_ipv6_and_uses_the_service_account() {
         let c = run(
             &[
-                ("SECRET_KEY", "s"),
+                ("SECRET_KEY", LONG),
                 ("KUBERNETES_SERVICE_HOST", "fd00::1"),
                 ("KUBERNETES_SERVICE_PORT", "6443"),
             ],
@@ -652,7 +798,7 @@ mod tests {
         assert_eq!(c.upstream_query_params, ["preserveSession"]);
         let c = run(
             &[
-                ("SECRET_KEY", "s"),
+                ("SECRET_KEY", LONG),
                 ("KUBERNETES_SERVICE_HOST", "10.0.0.1"),
                 ("UPSTREAM_SUBPROTOCOLS", ""),
             ],

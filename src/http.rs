@@ -46,6 +46,10 @@ pub struct UpgradeRequest {
     pub protocols: Vec<String>,
     /// The `Origin` header, if any.
     pub origin: Option<String>,
+    /// The `Authorization` header, if any.
+    pub authorization: Option<String>,
+    /// Every `Cookie` header value.
+    pub cookies: Vec<String>,
     /// Length of the request head in bytes; anything after it is frame data.
     pub head_len: usize,
 }
@@ -108,6 +112,8 @@ pub fn parse_upgrade_request(
     let mut host = false;
     let mut protocols = Vec::new();
     let mut origin = None;
+    let mut authorization = None;
+    let mut cookies = Vec::new();
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("upgrade") {
@@ -132,7 +138,17 @@ pub fn parse_upgrade_request(
                 protocols.push(String::from_utf8_lossy(p).into_owned());
             }
         } else if name.eq_ignore_ascii_case("origin") {
+            if origin.is_some() {
+                return Err(Refusal::new(400, "duplicate Origin"));
+            }
             origin = Some(String::from_utf8_lossy(h.value).into_owned());
+        } else if name.eq_ignore_ascii_case("authorization") {
+            if authorization.is_some() {
+                return Err(Refusal::new(400, "duplicate Authorization"));
+            }
+            authorization = Some(String::from_utf8_lossy(h.value).into_owned());
+        } else if name.eq_ignore_ascii_case("cookie") {
+            cookies.push(String::from_utf8_lossy(h.value).into_owned());
         } else if name.eq_ignore_ascii_case("content-length")
             || name.eq_ignore_ascii_case("transfer-encoding")
         {
@@ -168,6 +184,8 @@ pub fn parse_upgrade_request(
         key: String::from_utf8_lossy(key).into_owned(),
         protocols,
         origin,
+        authorization,
+        cookies,
         head_len,
     }))
 }
@@ -219,6 +237,20 @@ pub fn refusal_response(r: &Refusal) -> Vec<u8> {
         body.len(),
     )
     .into_bytes()
+}
+
+/// The close code a web page can read for a refusal with `REJECT_WITH=close`
+/// (`None`: the refusal has no such code and stays an HTTP response).
+pub fn refusal_close_code(status: u16) -> Option<u16> {
+    match status {
+        401 => Some(4401),
+        403 => Some(4403),
+        404 => Some(4404),
+        502 => Some(4502),
+        503 => Some(4503),
+        504 => Some(4504),
+        _ => None,
+    }
 }
 
 /// The 101 response completing the client's upgrade.

@@ -32,6 +32,7 @@ mod relay;
 pub mod route;
 mod server;
 mod session;
+pub mod token;
 mod upstream;
 
 pub use config::{Command, Config, ConfigError};

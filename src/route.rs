@@ -40,6 +40,34 @@ impl fmt::Display for RouteError {
 /// `prefix` is one path segment (without slashes) that must come first and is
 /// stripped, as set by `HOST_PATH_PREFIX` behind a reverse proxy.
 pub fn parse_target(target: &str, prefix: Option<&str>) -> Result<Route, RouteError> {
+    let t = parse_request_target(target, prefix, true, false)?;
+    Ok(Route {
+        token: t.path_token.unwrap_or_default(),
+        vmi: t.vmi,
+        query: t.query,
+    })
+}
+
+/// A request target that matched one of the enabled route shapes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The token from `/TOKEN/VMI`, percent-decoded once; `None` for the
+    /// `/VMI` shape (the token travels elsewhere).
+    pub path_token: Option<String>,
+    /// The VMI name, percent-decoded once (not yet checked against the rules).
+    pub vmi: String,
+    /// The raw query string after `?`, if any.
+    pub query: Option<String>,
+}
+
+/// Split a request target: `/[PREFIX/]TOKEN/VMI` when `path_token` is
+/// enabled, `/[PREFIX/]VMI` when another token source is (`vmi_only`).
+pub fn parse_request_target(
+    target: &str,
+    prefix: Option<&str>,
+    path_token: bool,
+    vmi_only: bool,
+) -> Result<Target, RouteError> {
     let (path, query) = match target.split_once('?') {
         Some((p, q)) => (p, Some(q.to_owned())),
         None => (target, None),
@@ -51,17 +79,26 @@ pub fn parse_target(target: &str, prefix: Option<&str>) -> Result<Route, RouteEr
     if prefix.is_some_and(|p| segments.next() != Some(p)) {
         return Err(RouteError::NotFound("path prefix does not match"));
     }
-    let (Some(token), Some(vmi), None) = (segments.next(), segments.next(), segments.next()) else {
-        return Err(RouteError::NotFound("expected /TOKEN/VMI_NAME"));
+    let segments: Vec<&str> = segments.take(3).collect();
+    let expected = match (path_token, vmi_only) {
+        (true, true) => "expected /TOKEN/VMI_NAME or /VMI_NAME",
+        (true, false) => "expected /TOKEN/VMI_NAME",
+        _ => "expected /VMI_NAME",
     };
-    if token.is_empty() || vmi.is_empty() {
-        return Err(RouteError::NotFound("expected /TOKEN/VMI_NAME"));
+    let decode = |s: &str| percent_decode(s).ok_or(RouteError::BadEncoding);
+    match segments[..] {
+        [token, vmi] if path_token && !token.is_empty() && !vmi.is_empty() => Ok(Target {
+            path_token: Some(decode(token)?),
+            vmi: decode(vmi)?,
+            query,
+        }),
+        [vmi] if vmi_only && !vmi.is_empty() => Ok(Target {
+            path_token: None,
+            vmi: decode(vmi)?,
+            query,
+        }),
+        _ => Err(RouteError::NotFound(expected)),
     }
-    Ok(Route {
-        token: percent_decode(token).ok_or(RouteError::BadEncoding)?,
-        vmi: percent_decode(vmi).ok_or(RouteError::BadEncoding)?,
-        query,
-    })
 }
 
 /// Decode `%XX` escapes once. `None` for a broken escape or non-UTF-8 result.
@@ -165,6 +202,17 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn vmi_only_shape_for_other_token_sources() {
+        let t = parse_request_target("/p/ubuntu?token=x", Some("p"), false, true).unwrap();
+        assert_eq!((t.path_token, t.vmi.as_str()), (None, "ubuntu"));
+        assert!(parse_request_target("/tok/ubuntu", None, false, true).is_err());
+        assert!(parse_request_target("/ubuntu", None, true, false).is_err());
+        let both = |p| parse_request_target(p, None, true, true).unwrap();
+        assert_eq!(both("/tok/vm").path_token.as_deref(), Some("tok"));
+        assert_eq!(both("/vm").path_token, None);
     }
 
     #[test]

@@ -2,16 +2,16 @@
 //! of deadlines, and a handle to stop it from another thread.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::io;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use log::{error, warn};
+use log::{error, info, warn};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
@@ -19,6 +19,7 @@ use slab::Slab;
 use crate::auth::JwtVerifier;
 use crate::buffer::BufferPool;
 use crate::config::{Config, ConfigError};
+use crate::http::Refusal;
 use crate::session::{Ctx, FIRST_SESSION_TOKEN, Session, Side};
 use crate::upstream::Credentials;
 
@@ -75,6 +76,7 @@ struct Counters {
     open: AtomicUsize,
     accepted: AtomicU64,
     buffers_in_use: AtomicUsize,
+    limits_hit: AtomicU64,
 }
 
 /// A snapshot of the proxy's counters.
@@ -86,6 +88,9 @@ pub struct Stats {
     pub accepted: u64,
     /// Relay buffers currently held by sessions.
     pub buffers_in_use: usize,
+    /// Times a connection limit was hit (MAX_CONNECTIONS reached, or a
+    /// client refused by MAX_CONNECTIONS_PER_IP).
+    pub limits_hit: u64,
 }
 
 #[derive(Debug)]
@@ -117,6 +122,7 @@ impl Handle {
             open_sessions: c.open.load(Ordering::Relaxed),
             accepted: c.accepted.load(Ordering::Relaxed),
             buffers_in_use: c.buffers_in_use.load(Ordering::Relaxed),
+            limits_hit: c.limits_hit.load(Ordering::Relaxed),
         }
     }
 }
@@ -163,6 +169,10 @@ pub struct Proxy {
     local_addr: SocketAddr,
     listener_ready: bool,
     accept_paused_until: Option<Instant>,
+    /// MAX_CONNECTIONS reached; accepting resumes at 90 %.
+    at_capacity: bool,
+    /// Open connections per client address (MAX_CONNECTIONS_PER_IP).
+    per_ip: HashMap<IpAddr, usize>,
     sessions: Slab<Session>,
     /// Deadlines as (when, slab key, session id); stale entries are skipped.
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
@@ -222,6 +232,18 @@ impl Proxy {
                     message: "no address".into(),
                 })
             })?;
+        for k in config
+            .jwt
+            .secrets
+            .iter()
+            .filter(|k| k.bytes.len() < crate::auth::MIN_SECRET_BYTES)
+        {
+            warn!(
+                "the HMAC secret from {} is only {} bytes (ALLOW_WEAK_SECRET=true): tokens can be forged by brute force",
+                k.source,
+                k.bytes.len()
+            );
+        }
         // Credential files are read now, so a missing one stops the start.
         let credentials = Credentials::load(&config, Instant::now())?;
         let mut listener = TcpListener::bind(listen)?;
@@ -237,6 +259,8 @@ impl Proxy {
             local_addr,
             listener_ready: false,
             accept_paused_until: None,
+            at_capacity: false,
+            per_ip: HashMap::new(),
             sessions: Slab::new(),
             timers: BinaryHeap::new(),
             again: Vec::new(),
@@ -426,6 +450,23 @@ impl Proxy {
 
     fn accept(&mut self, now: Instant) {
         for _ in 0..ACCEPT_BUDGET {
+            if self.sessions.len() >= self.config.max_connections {
+                // Stop accepting: new clients wait in the kernel's backlog
+                // (or get refused by it) instead of costing descriptors.
+                if !self.at_capacity {
+                    self.at_capacity = true;
+                    self.shared
+                        .counters
+                        .limits_hit
+                        .fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        "MAX_CONNECTIONS ({}) reached: not accepting until {} are open",
+                        self.config.max_connections,
+                        self.resume_at()
+                    );
+                }
+                return;
+            }
             match self.listener.accept() {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
@@ -445,6 +486,24 @@ impl Proxy {
                     let c = &self.shared.counters;
                     c.open.fetch_add(1, Ordering::Relaxed);
                     c.accepted.fetch_add(1, Ordering::Relaxed);
+                    let per_ip = self.per_ip.entry(peer.ip()).or_insert(0);
+                    *per_ip += 1;
+                    let limit = self.config.max_connections_per_ip;
+                    if limit > 0 && *per_ip > limit {
+                        c.limits_hit.fetch_add(1, Ordering::Relaxed);
+                        let (sessions, mut ctx) = self.ctx(now);
+                        if let Some(s) = sessions.get_mut(key) {
+                            let r = Refusal::new(
+                                503,
+                                format!(
+                                    "too many connections from {} (MAX_CONNECTIONS_PER_IP={limit})",
+                                    peer.ip()
+                                ),
+                            );
+                            s.reject(&mut ctx, r);
+                        }
+                        self.drive(key, now);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.listener_ready = false;
@@ -466,11 +525,34 @@ impl Proxy {
 
     fn remove(&mut self, key: usize, now: Instant) {
         let (sessions, mut ctx) = self.ctx(now);
-        if sessions.contains(key) {
-            let mut s = sessions.remove(key);
-            s.close(&mut ctx);
-            self.shared.counters.open.fetch_sub(1, Ordering::Relaxed);
+        if !sessions.contains(key) {
+            return;
         }
+        let mut s = sessions.remove(key);
+        s.close(&mut ctx);
+        self.shared.counters.open.fetch_sub(1, Ordering::Relaxed);
+        let ip = s.peer().ip();
+        if let Some(n) = self.per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&ip);
+            }
+        }
+        // Hysteresis: resume at 90 %, so a full proxy does not flap.
+        if self.at_capacity && self.sessions.len() <= self.resume_at() {
+            self.at_capacity = false;
+            info!(
+                "open connections down to {}: accepting again",
+                self.sessions.len()
+            );
+            // Clients may be waiting in the backlog; no new edge will come
+            // for them, so look now.
+            self.listener_ready = true;
+        }
+    }
+
+    fn resume_at(&self) -> usize {
+        self.config.max_connections * 9 / 10
     }
 
     fn close_all(&mut self) {

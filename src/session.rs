@@ -19,7 +19,8 @@ use crate::conn::{Conn, Io};
 use crate::frame::Direction;
 use crate::http::{self, Refusal, UpstreamAnswer};
 use crate::relay::{Pipe, SourceEnd};
-use crate::route::{RouteError, filter_query, parse_target};
+use crate::route::{RouteError, filter_query, parse_request_target};
+use crate::token::{Carriers, TokenSource, find_token};
 use crate::upstream::Credentials;
 
 /// Rounds of reads and writes one pipe may do per drive before yielding to
@@ -119,6 +120,12 @@ pub(crate) struct Session {
     pub deadline: Option<Instant>,
     started: Instant,
     grant: Option<Grant>,
+    /// The client's Sec-WebSocket-Key once a valid upgrade was read.
+    client_key: Option<String>,
+    /// When the token expires (session ends then, if configured).
+    expires: Option<Instant>,
+    /// When a started closing handshake is given up.
+    closing_by: Option<Instant>,
     phase: Phase,
     /// Why the session ended (for the closing log line).
     outcome: Option<String>,
@@ -145,6 +152,9 @@ impl Session {
             deadline: Some(now + config.handshake_timeout),
             started: now,
             grant: None,
+            client_key: None,
+            expires: None,
+            closing_by: None,
             phase: Phase::Handshake,
             outcome: None,
             bytes_up: 0,
@@ -158,6 +168,16 @@ impl Session {
             client_token(self.key),
             Interest::READABLE | Interest::WRITABLE,
         )
+    }
+
+    /// The client's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Refuse before reading anything (a limit was hit).
+    pub fn reject(&mut self, ctx: &mut Ctx<'_>, r: Refusal) {
+        self.refuse(ctx, r);
     }
 
     pub fn is_done(&self) -> bool {
@@ -223,7 +243,7 @@ impl Session {
     /// The deadline passed: give up on the current state.
     pub fn on_deadline(&mut self, ctx: &mut Ctx<'_>) {
         self.deadline = None;
-        match &self.state {
+        match &mut self.state {
             State::ReadingRequest { head } => {
                 if head.is_empty() {
                     debug!(
@@ -243,9 +263,21 @@ impl Session {
                     Refusal::new(504, format!("upstream did not answer within {secs} s")),
                 );
             }
-            State::Relaying { .. } => {
-                self.outcome = Some("closing handshake timed out".into());
-                self.finish(ctx);
+            State::Relaying { up, down } => {
+                let now = ctx.now;
+                if self.closing_by.is_some_and(|t| t <= now) {
+                    self.outcome = Some("closing handshake timed out".into());
+                    self.finish(ctx);
+                } else if self.expires.is_some_and(|t| t <= now) {
+                    // The grant ends with the token: the page learns why
+                    // (1008), the upstream gets a normal goodbye.
+                    info!("session {} {}: token expired, closing", self.id, self.peer);
+                    down.finish_with_close(1008, "token expired");
+                    up.finish_with_close(1000, "token expired");
+                    self.expires = None;
+                    self.closing_by = Some(now + ctx.config.close_timeout);
+                    self.deadline = nearest(self.expires, self.closing_by);
+                }
             }
             State::Refusing { .. } => self.finish(ctx),
             State::Lingering => {
@@ -292,7 +324,32 @@ impl Session {
     }
 
     fn authorize(&mut self, ctx: &mut Ctx<'_>, req: http::UpgradeRequest, early: Vec<u8>) {
-        let route = match parse_target(&req.target, ctx.config.path_prefix.as_deref()) {
+        // From here on the client sent a valid upgrade: refusals may be
+        // given as a close frame a web page can read (REJECT_WITH=close).
+        self.client_key = Some(req.key.clone());
+        let config = ctx.config;
+        // Origin first: a page from a foreign site learns nothing else.
+        if !config.allowed_origins.is_empty()
+            && !req
+                .origin
+                .as_ref()
+                .is_some_and(|o| config.allowed_origins.contains(o))
+        {
+            let what = req
+                .origin
+                .as_deref()
+                .map_or("missing".into(), |o| format!("'{o}' not allowed"));
+            return self.refuse(ctx, Refusal::new(403, format!("origin {what}")));
+        }
+        let sources = &config.token_sources;
+        let path_token = sources.contains(&TokenSource::Path);
+        let other_sources = sources.iter().any(|s| *s != TokenSource::Path);
+        let route = match parse_request_target(
+            &req.target,
+            config.path_prefix.as_deref(),
+            path_token,
+            other_sources,
+        ) {
             Ok(r) => r,
             Err(e @ RouteError::NotFound(_)) => {
                 return self.refuse(ctx, Refusal::new(404, e.to_string()));
@@ -301,18 +358,32 @@ impl Session {
                 return self.refuse(ctx, Refusal::new(400, e.to_string()));
             }
         };
-        let grant = match ctx.verifier.authorize(&route.token, &route.vmi) {
+        let carriers = Carriers {
+            query: route.query.as_deref(),
+            authorization: req.authorization.as_deref(),
+            cookies: &req.cookies,
+            protocols: &req.protocols,
+        };
+        let Some(token) = route
+            .path_token
+            .clone()
+            .or_else(|| find_token(sources, &carriers, &config.token_cookie))
+        else {
+            return self.refuse(ctx, Refusal::new(401, "token missing"));
+        };
+        let grant = match ctx.verifier.authorize(&token, &route.vmi) {
             Ok(g) => g,
             Err(e) => {
                 // The token itself never reaches a log line; its fingerprint
-                // lets an operator match this line with a user's report.
+                // and id let an operator match this line with a user's report.
                 let r = Refusal::new(e.status(), e.to_string());
                 info!(
-                    "session {} {}: refused with {} (token {})",
+                    "session {} {}: refused with {} (token {}, id {})",
                     self.id,
                     self.peer,
                     r,
-                    fingerprint(&route.token)
+                    fingerprint(&token),
+                    JwtVerifier::unverified_id(&token)
                 );
                 return self.refuse_quietly(ctx, r);
             }
@@ -356,7 +427,7 @@ impl Session {
             self.id,
             self.peer,
             grant.token_id,
-            fingerprint(&route.token),
+            fingerprint(&token),
             grant.namespace,
             grant.vmi
         );
@@ -545,7 +616,15 @@ impl Session {
         down_pipe.preload(ctx.pool, &accept, &response[head_len..]);
         up_pipe.preload(ctx.pool, &[], &hs.early);
         self.phase = Phase::Relayed;
-        self.deadline = None;
+        if ctx.config.close_on_token_expiry
+            && let Some(g) = &self.grant
+        {
+            // exp is wall-clock seconds; the loop's timers are monotonic.
+            let now_unix = jsonwebtoken::get_current_timestamp();
+            let left = (g.expires_at + ctx.config.jwt.leeway_secs).saturating_sub(now_unix);
+            self.expires = Some(ctx.now + std::time::Duration::from_secs(left));
+        }
+        self.deadline = nearest(self.expires, self.closing_by);
         if let Some(g) = &self.grant {
             info!(
                 "session {} {}: relaying to {}/{} (token id {})",
@@ -603,8 +682,9 @@ impl Session {
             self.finish(ctx);
             return false;
         }
-        if (up.end.is_some() || down.end.is_some()) && self.deadline.is_none() {
-            self.deadline = Some(ctx.now + ctx.config.close_timeout);
+        if (up.end.is_some() || down.end.is_some()) && self.closing_by.is_none() {
+            self.closing_by = Some(ctx.now + ctx.config.close_timeout);
+            self.deadline = nearest(self.expires, self.closing_by);
         }
         up.has_pending_work(client, upstream) || down.has_pending_work(upstream, client)
     }
@@ -619,10 +699,20 @@ impl Session {
     fn refuse_quietly(&mut self, ctx: &mut Ctx<'_>, r: Refusal) {
         self.drop_upstream(ctx);
         self.outcome = Some(format!("refused with {}", r.status));
-        self.state = State::Refusing {
-            out: http::refusal_response(&r),
-            written: 0,
+        let close = http::refusal_close_code(r.status).filter(|_| ctx.config.reject_with_close);
+        let out = match (close, &self.client_key) {
+            // A browser sees every HTTP refusal as 1006; a completed upgrade
+            // followed by a close frame lets the page read code and reason.
+            (Some(code), Some(key)) => {
+                let mut out = http::switching_protocols(key, None);
+                let mut frame = [0u8; 131];
+                let n = crate::frame::close_frame(code, &r.reason, None, &mut frame);
+                out.extend_from_slice(&frame[..n]);
+                out
+            }
+            _ => http::refusal_response(&r),
         };
+        self.state = State::Refusing { out, written: 0 };
         self.deadline = Some(ctx.now + ctx.config.close_timeout);
     }
 
@@ -724,6 +814,11 @@ impl Session {
             );
         }
     }
+}
+
+/// The nearest of two optional instants.
+fn nearest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    [a, b].into_iter().flatten().min()
 }
 
 /// When one direction ends, decide what the other side is told. Returns true

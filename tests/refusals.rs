@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use common::tokens::{self, SECRET, lab_claims, mint, mint_claims, now};
 use common::{Harness, NS, RawAnswer, raw_request, upgrade_request};
 use jsonwebtoken::{Algorithm, Header};
+use kubevirt_vnc_proxy::auth::KeyMaterial;
 
 /// Send `request`, expect a well-formed refusal (and the socket closed:
 /// `raw_request` reads until EOF).
@@ -252,8 +253,11 @@ fn tokens_minted_by_pyjwt_are_accepted_unchanged() {
 fn rs256_tokens_with_a_public_key() {
     let h = Harness::start_with(|c| {
         c.jwt.algorithms = vec![Algorithm::RS256];
-        c.jwt.secret = Some(SECRET.as_bytes().to_vec());
-        c.jwt.public_key_pem = Some(std::fs::read("tests/fixtures/rsa_public.pem").unwrap());
+        c.jwt.public_keys = vec![KeyMaterial {
+            kid: None,
+            bytes: std::fs::read("tests/fixtures/rsa_public.pem").unwrap(),
+            source: "tests/fixtures/rsa_public.pem".into(),
+        }];
     });
     let token = std::fs::read_to_string("tests/fixtures/pyjwt_rs256.jwt").unwrap();
     let mut ws = h.ws_path(&format!("/{}/ubuntu", token.trim()));
