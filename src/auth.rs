@@ -282,21 +282,22 @@ impl JwtVerifier {
             return Err(AuthError::WrongAlgorithm);
         };
         let family = alg.family();
-        let mut candidates = self
-            .keys
-            .iter()
-            .filter(|k| k.key.family() == family)
-            .filter(|k| header.kid.is_none() || k.kid.is_none() || k.kid == header.kid)
-            .peekable();
-        if candidates.peek().is_none() {
-            return Err(AuthError::Malformed(
-                "no key for this token's key id".into(),
-            ));
+        let same_family = self.keys.iter().filter(|k| k.key.family() == family);
+        // A kid that names a key selects that key alone; without a kid (or
+        // with one no key answers to) every key of the family is tried in
+        // order, which is how rotation works for tokens without kids.
+        let named: Vec<&Key> = same_family
+            .clone()
+            .filter(|k| header.kid.is_some() && k.kid == header.kid)
+            .collect();
+        let ordered: Vec<&Key> = if named.is_empty() {
+            same_family.collect()
+        } else {
+            named
+        };
+        if ordered.is_empty() {
+            return Err(AuthError::WrongAlgorithm);
         }
-        // With a kid, the named key comes first; keys without a kid are
-        // tried after it, in order (rotation without kids).
-        let mut ordered: Vec<&Key> = candidates.collect();
-        ordered.sort_by_key(|k| k.kid.is_none());
         let mut result = Err(AuthError::BadSignature);
         for key in ordered {
             match jsonwebtoken::decode::<Claims>(token, &key.key, validation) {
