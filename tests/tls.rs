@@ -385,7 +385,7 @@ fn backpressure_holds_through_tls() {
     let mut ws = ws_connect(proxy.addr, &format!("/{tok}/{vmi}")).unwrap();
     let mut received = 0u64;
     let mut sum = FNV_OFFSET;
-    let mut take = |m: Message, received: &mut u64, sum: &mut u64| match m {
+    let take = |m: Message, received: &mut u64, sum: &mut u64| match m {
         Message::Binary(b) => {
             *sum = fnv1a(*sum, &b);
             *received += b.len() as u64;
