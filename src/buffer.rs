@@ -83,6 +83,15 @@ impl Buffer {
         }
     }
 
+    /// Remove `len` bytes starting `at` bytes from the front (a frame the
+    /// proxy takes out of the stream); the bytes after move up.
+    pub fn remove(&mut self, at: usize, len: usize) {
+        debug_assert!(at + len <= self.len());
+        let from = self.start + at;
+        self.data.copy_within(from + len..self.end, from);
+        self.end -= len;
+    }
+
     /// Drop the bytes after the first `keep` (used to discard unvalidated
     /// input when a session is being closed).
     pub fn truncate(&mut self, keep: usize) {
@@ -158,8 +167,10 @@ mod tests {
         assert_eq!(b.space().len(), 3);
         assert_eq!(b.push(b"xyz!"), 3);
         assert_eq!(b.data(), b"defghxyz");
+        b.remove(1, 3);
+        assert_eq!(b.data(), b"dhxyz");
         b.truncate(2);
-        assert_eq!(b.data(), b"de");
+        assert_eq!(b.data(), b"dh");
         b.consume(2);
         assert!(b.is_empty());
         assert_eq!(b.capacity(), 8);

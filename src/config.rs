@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::auth::{JwtSettings, JwtVerifier, KeyMaterial, parse_algorithm};
+use crate::events::LogFormat;
 use crate::token::TokenSource;
 
 /// The upstream path KubeVirt serves VNC at.
@@ -54,6 +55,11 @@ const OPTIONS: &[Opt] = &[
     Opt { var: "CLIENT_SUBPROTOCOLS", flag: "--client-subprotocols", default: "binary,plain.kubevirt.io", help: "subprotocols a client may be answered with (the first it offers that is listed)" },
     Opt { var: "UPSTREAM_QUERY_PARAMS", flag: "--upstream-query-params", default: "preserveSession", help: "query parameters passed on to the upstream, comma-separated; others are dropped" },
     Opt { var: "LOGLEVEL", flag: "--loglevel", default: "INFO", help: "DEBUG, INFO, WARNING or ERROR (RUST_LOG wins when set)" },
+    Opt { var: "LOG_FORMAT", flag: "--log-format", default: "text", help: "text or json (one JSON object per line, access log included)" },
+    Opt { var: "METRICS_ADDR", flag: "--metrics-addr", default: "", help: "HOST:PORT to serve GET /metrics on (Prometheus text format); off when empty" },
+    Opt { var: "SHUTDOWN_GRACE_SECONDS", flag: "--shutdown-grace-seconds", default: "25", help: "on SIGTERM/SIGINT, how long open sessions may run before close 1001" },
+    Opt { var: "PING_INTERVAL_SECONDS", flag: "--ping-interval-seconds", default: "15", help: "ping a side after this much silence from it (0: no keepalive)" },
+    Opt { var: "PEER_TIMEOUT_SECONDS", flag: "--peer-timeout-seconds", default: "", help: "a side silent this long is gone: the other gets close 1001 (default 3 x PING_INTERVAL_SECONDS)" },
     Opt { var: "MAX_REQUEST_HEAD_BYTES", flag: "--max-request-head-bytes", default: "8192", help: "largest client request head accepted (431 above)" },
     Opt { var: "HANDSHAKE_TIMEOUT_SECONDS", flag: "--handshake-timeout-seconds", default: "10", help: "time a client has to send its request head (408 after)" },
     Opt { var: "UPSTREAM_TIMEOUT_SECONDS", flag: "--upstream-timeout-seconds", default: "10", help: "time the upstream has to connect, finish TLS and answer the upgrade (504 after)" },
@@ -209,6 +215,16 @@ pub struct Config {
     pub max_connections_per_ip: usize,
     /// Refuse by upgrading and closing with a 4xxx code (`REJECT_WITH=close`).
     pub reject_with_close: bool,
+    /// Access log (and, in the binary, all log lines) format (`LOG_FORMAT`).
+    pub log_format: LogFormat,
+    /// Where `/metrics` is served (`METRICS_ADDR`), off when `None`.
+    pub metrics_addr: Option<String>,
+    /// How long open sessions may run after SIGTERM (`SHUTDOWN_GRACE_SECONDS`).
+    pub shutdown_grace: Duration,
+    /// Ping a side after this much silence (`PING_INTERVAL_SECONDS`); zero: off.
+    pub ping_interval: Duration,
+    /// A side silent this long is gone (`PEER_TIMEOUT_SECONDS`).
+    pub peer_timeout: Duration,
     /// Log level name (`LOGLEVEL`), used by the binary to set up logging.
     pub log_level: log::LevelFilter,
     /// Largest request head accepted.
@@ -446,6 +462,10 @@ impl Config {
                 "must be a single path segment (no '/' inside)",
             ));
         }
+        let ping_interval: u64 = parse_num(
+            "PING_INTERVAL_SECONDS",
+            &or_default("PING_INTERVAL_SECONDS"),
+        )?;
         let config = Config {
             host: or_default("HOST"),
             port: parse_num("PORT", &or_default("PORT"))?,
@@ -488,6 +508,32 @@ impl Config {
             upstream_query_params: list("UPSTREAM_QUERY_PARAMS"),
             api_path: or_default("API_PATH"),
             log_level: parse_level(&or_default("LOGLEVEL"))?,
+            log_format: match or_default("LOG_FORMAT")
+                .trim()
+                .to_ascii_lowercase()
+                .as_str()
+            {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
+                    return Err(ConfigError::new(
+                        "LOG_FORMAT",
+                        format!("'{other}' is not text or json"),
+                    ));
+                }
+            },
+            metrics_addr: get("METRICS_ADDR").filter(|a| !a.trim().is_empty()),
+            shutdown_grace: Duration::from_secs(parse_num(
+                "SHUTDOWN_GRACE_SECONDS",
+                &or_default("SHUTDOWN_GRACE_SECONDS"),
+            )?),
+            ping_interval: Duration::from_secs(ping_interval),
+            peer_timeout: Duration::from_secs(
+                match get("PEER_TIMEOUT_SECONDS").filter(|v| !v.trim().is_empty()) {
+                    Some(v) => parse_num("PEER_TIMEOUT_SECONDS", &v)?,
+                    None => 3 * ping_interval,
+                },
+            ),
             max_head_bytes: parse_num(
                 "MAX_REQUEST_HEAD_BYTES",
                 &or_default("MAX_REQUEST_HEAD_BYTES"),
@@ -525,6 +571,12 @@ impl Config {
             return Err(ConfigError::new(
                 "ALLOWED_ORIGINS",
                 "must be set when TOKEN_SOURCES includes cookie (cross-site WebSocket hijacking)",
+            ));
+        }
+        if !self.ping_interval.is_zero() && self.peer_timeout <= self.ping_interval {
+            return Err(ConfigError::new(
+                "PEER_TIMEOUT_SECONDS",
+                "must be longer than PING_INTERVAL_SECONDS (a peer needs time to answer a ping)",
             ));
         }
         if self.max_connections == 0 {

@@ -266,7 +266,17 @@ pub struct FrameScanner {
     close: Option<CloseCollector>,
     /// A close frame was completed: nothing more is scanned.
     closed: bool,
+    /// Where, in the last scanned input, the last complete frame ended.
+    last_boundary: Option<usize>,
+    /// The payload of the proxy's own pings, while pongs to them are due
+    /// (how many), so those pongs can be taken out of the stream.
+    own_pong: Option<([u8; PING_PAYLOAD_LEN], u32)>,
+    /// Where an own pong was found in the last scanned input: (offset, len).
+    found_pong: Option<(usize, usize)>,
 }
+
+/// Length of the payload of the proxy's own pings.
+pub const PING_PAYLOAD_LEN: usize = 8;
 
 #[derive(Debug, Clone, Copy)]
 struct CloseCollector {
@@ -285,7 +295,28 @@ impl FrameScanner {
             fragmented: false,
             close: None,
             closed: false,
+            last_boundary: None,
+            own_pong: None,
+            found_pong: None,
         }
+    }
+
+    /// Expect one more pong carrying `payload` (the proxy sent a ping).
+    pub fn expect_pong(&mut self, payload: [u8; PING_PAYLOAD_LEN]) {
+        let due = self.own_pong.map_or(0, |(_, n)| n);
+        self.own_pong = Some((payload, due + 1));
+    }
+
+    /// Where the last scan stopped at one of the proxy's own pongs, as
+    /// (offset in that input, length): the caller removes those bytes and
+    /// scans the rest again.
+    pub fn take_own_pong(&mut self) -> Option<(usize, usize)> {
+        self.found_pong.take()
+    }
+
+    /// Where, in the last scanned input, the last complete frame ended.
+    pub fn last_boundary(&self) -> Option<usize> {
+        self.last_boundary
     }
 
     /// True when the bytes validated so far end exactly at a frame boundary,
@@ -309,6 +340,8 @@ impl FrameScanner {
     /// header) must be presented again, with more, on the next call.
     pub fn scan(&mut self, input: &[u8]) -> Scan {
         let mut pos = 0usize;
+        self.last_boundary = None;
+        self.found_pong = None;
         if self.closed {
             return Scan {
                 forwardable: 0,
@@ -337,6 +370,7 @@ impl FrameScanner {
                         stop: None,
                     };
                 }
+                self.last_boundary = Some(pos);
                 if let Some(c) = self.close.take() {
                     self.closed = true;
                     return Scan {
@@ -374,11 +408,40 @@ impl FrameScanner {
                     stop: Some(ScanStop::Violation(v)),
                 };
             }
+            if header.opcode == opcode::PONG
+                && header.payload_len == PING_PAYLOAD_LEN as u64
+                && let Some((expected, due)) = self.own_pong
+            {
+                // Pongs answering the proxy's pings must not reach the other
+                // side: hold the (tiny) frame until it is whole, then compare.
+                let len = header.header_len + PING_PAYLOAD_LEN;
+                let Some(frame) = input.get(pos..pos + len) else {
+                    return Scan {
+                        forwardable: pos,
+                        stop: None,
+                    };
+                };
+                let mut payload = [0u8; PING_PAYLOAD_LEN];
+                for (i, b) in frame[header.header_len..].iter().enumerate() {
+                    payload[i] = b ^ header.mask.map_or(0, |k| k[i % 4]);
+                }
+                if payload == expected {
+                    self.own_pong = (due > 1).then_some((expected, due - 1));
+                    self.found_pong = Some((pos, len));
+                    return Scan {
+                        forwardable: pos,
+                        stop: None,
+                    };
+                }
+            }
             if !header.is_control() {
                 self.fragmented = !header.fin;
             }
             pos += header.header_len;
             self.remaining = header.payload_len;
+            if self.remaining == 0 {
+                self.last_boundary = Some(pos);
+            }
             if header.opcode == opcode::CLOSE {
                 if header.payload_len == 0 {
                     self.closed = true;
@@ -422,6 +485,26 @@ pub fn close_frame(code: u16, reason: &str, mask: Option<[u8; 4]>, out: &mut [u8
         }
     }
     at + payload_len
+}
+
+/// Build a ping frame of the proxy's own (masked toward the upstream).
+pub fn ping_frame(
+    payload: [u8; PING_PAYLOAD_LEN],
+    mask: Option<[u8; 4]>,
+    out: &mut [u8; 131],
+) -> usize {
+    out[0] = 0x80 | opcode::PING;
+    out[1] = PING_PAYLOAD_LEN as u8;
+    let mut at = 2;
+    if let Some(key) = mask {
+        out[1] |= 0x80;
+        out[2..6].copy_from_slice(&key);
+        at = 6;
+    }
+    for (i, b) in payload.iter().enumerate() {
+        out[at + i] = b ^ mask.map_or(0, |k| k[i % 4]);
+    }
+    at + PING_PAYLOAD_LEN
 }
 
 #[cfg(test)]
@@ -560,6 +643,33 @@ mod tests {
             r.stop,
             Some(ScanStop::Violation(Violation::ExpectedContinuation))
         );
+    }
+
+    #[test]
+    fn own_pongs_are_found_whole_and_other_pongs_pass() {
+        let ours = [1, 2, 3, 4, 5, 6, 7, 8];
+        let mut stream = frame(true, opcode::BINARY, K, b"data");
+        let pong_at = stream.len();
+        stream.extend(frame(true, opcode::PONG, K, &ours));
+        let pong_len = stream.len() - pong_at;
+        stream.extend(frame(true, opcode::PONG, K, b"theirs!!"));
+        let mut s = FrameScanner::new(Direction::ClientToUpstream, 1000);
+        s.expect_pong(ours);
+        // Split inside our pong: nothing of it is forwarded yet.
+        let r = s.scan(&stream[..pong_at + 3]);
+        assert_eq!((r.forwardable, s.take_own_pong()), (pong_at, None));
+        assert_eq!(s.last_boundary(), Some(pong_at));
+        let r = s.scan(&stream[pong_at..]);
+        assert_eq!(r.forwardable, 0);
+        assert_eq!(s.take_own_pong(), Some((0, pong_len)));
+        // The caller removes it; the next pong is not ours and passes.
+        let rest = &stream[pong_at + pong_len..];
+        let r = s.scan(rest);
+        assert_eq!((r.forwardable, s.take_own_pong()), (rest.len(), None));
+        let mut out = [0u8; 131];
+        let n = ping_frame(ours, K, &mut out);
+        let h = FrameHeader::parse(&out[..n]).unwrap().unwrap();
+        assert_eq!((h.opcode, h.payload_len), (opcode::PING, 8));
     }
 
     #[test]

@@ -50,6 +50,8 @@ pub struct UpgradeRequest {
     pub authorization: Option<String>,
     /// Every `Cookie` header value.
     pub cookies: Vec<String>,
+    /// Every header, in order (for custom authorizers).
+    pub headers: Vec<(String, String)>,
     /// Length of the request head in bytes; anything after it is frame data.
     pub head_len: usize,
 }
@@ -60,6 +62,66 @@ fn header_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 fn has_token(value: &[u8], token: &str) -> bool {
     header_tokens(value).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// A request the proxy answers itself, without an upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// `GET /healthz`: alive.
+    Health,
+    /// `GET /readyz`: ready for new sessions.
+    Ready,
+    /// `GET /metrics`.
+    Metrics,
+}
+
+/// What a complete request head asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// A WebSocket upgrade.
+    Upgrade(UpgradeRequest),
+    /// A plain `GET` of a probe path (no `Upgrade` header).
+    Probe(Probe),
+}
+
+/// Parse a request head that may be a probe (`GET /healthz`, `/readyz`,
+/// `/metrics` without `Upgrade`) or an upgrade. See
+/// [`parse_upgrade_request`] for the rest.
+pub fn parse_request(buf: &[u8], max_len: usize) -> Result<Option<Request>, Refusal> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    if let Ok(httparse::Status::Complete(_)) = req.parse(buf)
+        && req.method == Some("GET")
+        && !req
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("upgrade"))
+    {
+        let probe = match req.path.map(|p| p.split('?').next().unwrap_or(p)) {
+            Some("/healthz") => Some(Probe::Health),
+            Some("/readyz") => Some(Probe::Ready),
+            Some("/metrics") => Some(Probe::Metrics),
+            _ => None,
+        };
+        if let Some(p) = probe {
+            return Ok(Some(Request::Probe(p)));
+        }
+    }
+    Ok(parse_upgrade_request(buf, max_len)?.map(Request::Upgrade))
+}
+
+/// A plain response to a probe.
+pub fn plain_response(status: u16, content_type: &str, body: &str) -> Vec<u8> {
+    let phrase = if status == 200 {
+        "OK"
+    } else {
+        reason_phrase(status)
+    };
+    format!(
+        "HTTP/1.1 {status} {phrase}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
 }
 
 /// Parse the client's request head from `buf` (everything read so far).
@@ -114,6 +176,16 @@ pub fn parse_upgrade_request(
     let mut origin = None;
     let mut authorization = None;
     let mut cookies = Vec::new();
+    let headers: Vec<(String, String)> = req
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_owned(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect();
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("upgrade") {
@@ -186,6 +258,7 @@ pub fn parse_upgrade_request(
         origin,
         authorization,
         cookies,
+        headers,
         head_len,
     }))
 }

@@ -23,11 +23,14 @@
 #![deny(missing_docs)]
 
 pub mod auth;
+pub mod authorize;
 pub mod buffer;
 pub mod config;
 mod conn;
+pub mod events;
 pub mod frame;
 pub mod http;
+pub mod metrics;
 mod relay;
 pub mod route;
 mod server;
@@ -35,5 +38,7 @@ mod session;
 pub mod token;
 mod upstream;
 
+pub use authorize::{AuthRequest, Authorizer, Decision, JwtAuthorizer, Ticket};
 pub use config::{Command, Config, ConfigError};
-pub use server::{Handle, Proxy, Running, StartError, Stats};
+pub use events::{Event, Observer};
+pub use server::{Handle, Proxy, ProxyBuilder, Running, StartError, Stats};

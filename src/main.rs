@@ -1,15 +1,35 @@
 //! The `kubevirt-vnc-proxy` binary: configuration from the environment and
-//! flags, logging, signals, run.
+//! flags, logging, signals, and the `token` and `check-config` subcommands.
+//! A thin host around the library.
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
+use kubevirt_vnc_proxy::config::help_text;
+use kubevirt_vnc_proxy::events::{LogFormat, json_string};
 use kubevirt_vnc_proxy::{Command, Config, Proxy, StartError};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+const SUBCOMMANDS: &str = "\nSUBCOMMANDS:\n  token          mint a LabOrchestrator-compatible token from SECRET_KEY (see token --help)\n  check-config   validate the configuration and credential files; exit 0 or 2\n";
 
 fn main() -> ExitCode {
-    let config = match Config::from_env() {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("token") => {
+            args.remove(0);
+            return mint(&args);
+        }
+        Some("check-config") => {
+            args.remove(0);
+            return check_config(args);
+        }
+        _ => {}
+    }
+    let config = match Config::from_sources(std::env::vars(), args) {
         Ok(Command::Run(c)) => *c,
         Ok(Command::Help) => {
-            print!("{}", kubevirt_vnc_proxy::config::help_text());
+            print!("{}{SUBCOMMANDS}", help_text());
             return ExitCode::SUCCESS;
         }
         Ok(Command::Version) => {
@@ -21,28 +41,202 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // LOGLEVEL sets the default; RUST_LOG, when set, wins.
-    env_logger::Builder::new()
-        .filter_level(config.log_level)
-        .parse_env("RUST_LOG")
-        .format_timestamp_millis()
-        .init();
+    init_logging(&config);
+    let grace = config.shutdown_grace;
     let proxy = match Proxy::bind(config) {
         Ok(p) => p,
-        Err(e @ (StartError::Config(_) | StartError::Resolve(_))) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return start_failed(e),
+    };
+    log::info!("listening on {}", proxy.local_addr());
+    if let Some(m) = proxy.metrics_addr() {
+        log::info!("serving /metrics on {m}");
+    }
+    // Signals are turned into handle calls on a thread of their own: the
+    // first SIGTERM/SIGINT drains (new sessions refused, open ones get
+    // SHUTDOWN_GRACE_SECONDS), a second one stops at once.
+    let handle = proxy.handle();
+    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+        Ok(s) => s,
         Err(e) => {
-            eprintln!("{e}");
+            eprintln!("cannot install signal handlers: {e}");
             return ExitCode::FAILURE;
         }
     };
-    log::info!("listening on {}", proxy.local_addr());
+    std::thread::spawn(move || {
+        let mut seen = 0;
+        for signal in signals.forever() {
+            seen += 1;
+            if seen == 1 {
+                log::info!("signal {signal}: draining for up to {grace:?} (again to stop at once)");
+                handle.drain(grace);
+            } else {
+                log::warn!("signal {signal} again: stopping now");
+                handle.shutdown();
+                break;
+            }
+        }
+    });
     match proxy.run() {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            log::info!("stopped");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             log::error!("event loop failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn start_failed(e: StartError) -> ExitCode {
+    eprintln!("{e}");
+    match e {
+        StartError::Config(_) | StartError::Resolve(_) => ExitCode::from(2),
+        StartError::Io(_) => ExitCode::FAILURE,
+    }
+}
+
+/// LOGLEVEL sets the default, RUST_LOG wins when set; LOG_FORMAT=json makes
+/// every line one JSON object (access lines are JSON already).
+fn init_logging(config: &Config) {
+    let mut b = env_logger::Builder::new();
+    b.filter_level(config.log_level).parse_env("RUST_LOG");
+    if config.log_format == LogFormat::Json {
+        b.format(|out, record| {
+            let msg = record.args().to_string();
+            if record.target() == "access" {
+                writeln!(out, "{msg}")
+            } else {
+                let ts = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or_default();
+                writeln!(
+                    out,
+                    "{{\"ts\":{ts:.3},\"level\":\"{}\",\"target\":{},\"msg\":{}}}",
+                    record.level(),
+                    json_string(record.target()),
+                    json_string(&msg)
+                )
+            }
+        });
+    } else {
+        b.format_timestamp_millis();
+    }
+    b.init();
+}
+
+/// `check-config`: everything the proxy checks at start, without listening.
+fn check_config(args: Vec<String>) -> ExitCode {
+    let config = match Config::from_sources(std::env::vars(), args) {
+        Ok(Command::Run(c)) => *c,
+        Ok(_) => {
+            print!("{}{SUBCOMMANDS}", help_text());
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    match Proxy::check(&config) {
+        Ok(summary) => {
+            println!("configuration ok: {summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `token`: mint a token as LabOrchestrator's API does, for operators
+/// testing a deployment.
+fn mint(args: &[String]) -> ExitCode {
+    const USAGE: &str = "USAGE: kubevirt-vnc-proxy token --vmi NAME [--vmi NAME ...] --namespace NS [--ttl SECONDS] [--user-id ID] [--lab-id N] [--lab-instance-id N]\n\
+        Signs with SECRET_KEY (HS256) from the environment or --secret-key. Prints the token.";
+    let mut vmis = Vec::new();
+    let mut namespace = None;
+    let mut ttl: u64 = 3600;
+    let mut user_id = String::from("1");
+    let mut lab_id = String::from("1");
+    let mut lab_instance_id = String::from("1");
+    let mut secret = std::env::var("SECRET_KEY").ok();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) => (f, Some(v.to_owned())),
+            None => (a.as_str(), None),
+        };
+        if flag == "-h" || flag == "--help" {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        let Some(value) = inline.or_else(|| it.next().cloned()) else {
+            eprintln!("token: {flag} needs a value\n{USAGE}");
+            return ExitCode::from(2);
+        };
+        match flag {
+            "--vmi" => vmis.push(value),
+            "--namespace" => namespace = Some(value),
+            "--ttl" => match value.parse() {
+                Ok(v) => ttl = v,
+                Err(_) => {
+                    eprintln!("token: --ttl: '{value}' is not a number of seconds");
+                    return ExitCode::from(2);
+                }
+            },
+            "--user-id" => user_id = value,
+            "--lab-id" => lab_id = value,
+            "--lab-instance-id" => lab_instance_id = value,
+            "--secret-key" => secret = Some(value),
+            other => {
+                eprintln!("token: unknown argument '{other}'\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let (Some(secret), Some(namespace)) = (secret.filter(|s| !s.is_empty()), namespace) else {
+        eprintln!("token: SECRET_KEY and --namespace are required\n{USAGE}");
+        return ExitCode::from(2);
+    };
+    if vmis.is_empty() {
+        eprintln!("token: at least one --vmi is required\n{USAGE}");
+        return ExitCode::from(2);
+    }
+    // Numbers stay numbers, as the Python API writes them.
+    let id_value = |s: &str| {
+        s.parse::<i64>().map_or_else(
+            |_| serde_json::Value::String(s.to_owned()),
+            serde_json::Value::from,
+        )
+    };
+    let claims = serde_json::json!({
+        "id": id_value(&user_id),
+        "exp": jsonwebtoken::get_current_timestamp() + ttl,
+        "lab_instance": {
+            "lab_id": id_value(&lab_id),
+            "lab_instance_id": id_value(&lab_instance_id),
+            "namespace_name": namespace,
+            "allowed_vmi_names": vmis,
+            "additional_data": null,
+        }
+    });
+    let key = match jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("token: unusable secret: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key) {
+        Ok(t) => {
+            println!("{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("token: {e}");
             ExitCode::FAILURE
         }
     }

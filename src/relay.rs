@@ -9,10 +9,43 @@
 //! control then push back on the sender. Memory per pipe is one buffer.
 
 use std::io;
+use std::time::Instant;
 
 use crate::buffer::{Buffer, BufferPool};
 use crate::conn::{Conn, Io};
-use crate::frame::{Direction, FrameScanner, ScanStop, Violation, close_frame};
+use crate::frame::{
+    Direction, FrameScanner, PING_PAYLOAD_LEN, ScanStop, Violation, close_frame, ping_frame,
+};
+
+/// A frame of the proxy's own (a ping or a close), written whole, once.
+#[derive(Debug, Clone)]
+struct Control {
+    bytes: [u8; 131],
+    len: usize,
+    written: usize,
+}
+
+impl Control {
+    fn started(&self) -> bool {
+        self.written > 0
+    }
+
+    /// Write what is left; `Ok(true)` when something was written.
+    fn write_to(&mut self, dst: &mut Conn) -> Result<bool, io::Error> {
+        match dst.write(&self.bytes[self.written..self.len]) {
+            Io::Done(n) => {
+                self.written += n;
+                Ok(true)
+            }
+            Io::WouldBlock | Io::Eof => Ok(false),
+            Io::Failed(e) => Err(e),
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.written == self.len
+    }
+}
 
 /// Why a pipe's source stopped delivering frames.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,9 +75,16 @@ pub(crate) struct Pipe {
     /// Read only to the end of the current frame, then stop (so a frame of
     /// the proxy's own can follow).
     stop_at_boundary: bool,
-    /// A control frame of the proxy's own, written once `ready` is drained
-    /// at a frame boundary: bytes, length, bytes written.
-    inject: Option<([u8; 131], usize, usize)>,
+    /// A close frame of the proxy's own, written once `ready` is drained
+    /// at a frame boundary after the source ended.
+    inject: Option<Control>,
+    /// A ping of the proxy's own, written at the next frame boundary.
+    ping: Option<Control>,
+    /// Offset in `buf` of a frame boundary within the `ready` bytes (where a
+    /// frame of the proxy's own may go).
+    boundary: Option<usize>,
+    /// When the source last delivered bytes.
+    pub last_rx: Instant,
     /// A close frame went (or is going) to the destination.
     pub close_sent: bool,
     /// Bytes written to the destination.
@@ -62,7 +102,7 @@ pub(crate) struct Pump {
 }
 
 impl Pipe {
-    pub fn new(dir: Direction, max_frame: u64) -> Self {
+    pub fn new(dir: Direction, max_frame: u64, now: Instant) -> Self {
         Pipe {
             dir,
             buf: None,
@@ -71,6 +111,9 @@ impl Pipe {
             end: None,
             stop_at_boundary: false,
             inject: None,
+            ping: None,
+            boundary: None,
+            last_rx: now,
             close_sent: false,
             bytes: 0,
             pauses: 0,
@@ -90,6 +133,8 @@ impl Pipe {
         // leftover, so nothing is cut here.
         debug_assert_eq!(taken, raw.len() + frames.len());
         self.ready += raw.len();
+        // The end of a handshake head is where frames begin.
+        self.boundary = Some(self.ready);
         self.scan_new();
     }
 
@@ -102,13 +147,27 @@ impl Pipe {
             buf.truncate(self.ready);
             return;
         }
-        let mut unscanned = &buf.data()[self.ready..];
-        if self.stop_at_boundary {
-            let rest = self.scanner.remaining();
-            unscanned = &unscanned
-                [..usize::try_from(rest).map_or(unscanned.len(), |r| r.min(unscanned.len()))];
-        }
-        let scan = self.scanner.scan(unscanned);
+        // Each round either stops or removes one of our pongs (at least a
+        // few bytes), so it ends.
+        let scan = loop {
+            let mut unscanned = &buf.data()[self.ready..];
+            if self.stop_at_boundary {
+                let rest = self.scanner.remaining();
+                let cut = usize::try_from(rest).map_or(unscanned.len(), |r| r.min(unscanned.len()));
+                unscanned = &unscanned[..cut];
+            }
+            let scan = self.scanner.scan(unscanned);
+            if let Some(b) = self.scanner.last_boundary() {
+                self.boundary = Some(self.ready + b);
+            }
+            match self.scanner.take_own_pong() {
+                Some((at, len)) => {
+                    self.ready += scan.forwardable;
+                    buf.remove(self.ready + at - scan.forwardable, len);
+                }
+                None => break scan,
+            }
+        };
         self.ready += scan.forwardable;
         match scan.stop {
             Some(ScanStop::Close { code }) => {
@@ -140,9 +199,15 @@ impl Pipe {
             Direction::ClientToUpstream => Some(random_mask()),
             Direction::UpstreamToClient => None,
         };
-        let mut frame = [0u8; 131];
-        let len = close_frame(code, reason, mask, &mut frame);
-        self.inject = Some((frame, len, 0));
+        let mut bytes = [0u8; 131];
+        let len = close_frame(code, reason, mask, &mut bytes);
+        self.inject = Some(Control {
+            bytes,
+            len,
+            written: 0,
+        });
+        // No ping after a close; one already half written is finished first.
+        self.ping.take_if(|p| !p.started());
         if self.end.is_none() {
             if self.scanner.at_boundary() {
                 self.end = Some(SourceEnd::Stopped);
@@ -171,7 +236,7 @@ impl Pipe {
     /// True when the source has ended and everything owed to the destination
     /// has been written (or can never be).
     pub fn finished(&self) -> bool {
-        self.end.is_some() && self.ready == 0 && self.inject.is_none()
+        self.end.is_some() && self.ready == 0 && self.inject.is_none() && self.ping.is_none()
     }
 
     /// Move bytes from `src` to `dst` until neither can make progress or
@@ -182,6 +247,7 @@ impl Pipe {
         dst: &mut Conn,
         pool: &mut BufferPool,
         budget: usize,
+        now: Instant,
     ) -> Pump {
         let mut out = Pump {
             progress: false,
@@ -207,6 +273,7 @@ impl Pipe {
                         Io::Done(n) => {
                             buf.fill(n);
                             moved = true;
+                            self.last_rx = now;
                             self.scan_new();
                         }
                         Io::WouldBlock => {}
@@ -215,12 +282,31 @@ impl Pipe {
                     }
                 }
             }
-            // Write what is validated, then any frame of the proxy's own.
-            if let Some(buf) = self.buf.as_mut().filter(|_| dst.writable && self.ready > 0) {
-                match dst.write(&buf.data()[..self.ready]) {
+            // Write what is validated; a pending ping goes in at the next
+            // frame boundary, so data is written only up to it.
+            let boundary = self.boundary_now();
+            let limit = match (&self.ping, boundary) {
+                (Some(_), Some(b)) => b,
+                _ => self.ready,
+            };
+            if dst.writable && limit == 0 && boundary == Some(0) {
+                if let Some(ping) = self.ping.as_mut() {
+                    match ping.write_to(dst) {
+                        Ok(wrote) => moved |= wrote,
+                        Err(e) => {
+                            out.dst_failed = Some(e);
+                            return out;
+                        }
+                    }
+                    self.ping.take_if(|p| p.done());
+                }
+            }
+            if let Some(buf) = self.buf.as_mut().filter(|_| dst.writable && limit > 0) {
+                match dst.write(&buf.data()[..limit]) {
                     Io::Done(n) => {
                         buf.consume(n);
                         self.ready -= n;
+                        self.boundary = self.boundary.and_then(|b| b.checked_sub(n));
                         self.bytes += n as u64;
                         moved = true;
                     }
@@ -231,27 +317,22 @@ impl Pipe {
                     }
                 }
             }
-            let may_inject = dst.writable && self.ready == 0 && self.end.is_some();
-            if let Some((frame, len, written)) = self.inject.as_mut().filter(|_| may_inject) {
+            let may_inject =
+                dst.writable && self.ready == 0 && self.end.is_some() && self.ping.is_none();
+            if let Some(close) = self.inject.as_mut().filter(|_| may_inject) {
                 if !self.scanner.at_boundary() {
                     // The source ended inside a frame: a frame of our own
                     // cannot follow without corrupting the stream.
                     self.inject = None;
                 } else {
-                    match dst.write(&frame[*written..*len]) {
-                        Io::Done(n) => {
-                            *written += n;
-                            moved = true;
-                            if *written == *len {
-                                self.inject = None;
-                            }
-                        }
-                        Io::WouldBlock | Io::Eof => {}
-                        Io::Failed(e) => {
+                    match close.write_to(dst) {
+                        Ok(wrote) => moved |= wrote,
+                        Err(e) => {
                             out.dst_failed = Some(e);
                             return out;
                         }
                     }
+                    self.inject.take_if(|c| c.done());
                 }
             }
             // An idle pipe gives its buffer back: idle sessions hold none.
@@ -264,6 +345,42 @@ impl Pipe {
             out.progress = true;
         }
         out
+    }
+
+    /// Where a frame of the proxy's own may be written now (offset in the
+    /// ready bytes), if anywhere.
+    fn boundary_now(&self) -> Option<usize> {
+        if self.ready == 0 && self.scanner.at_boundary() {
+            Some(0)
+        } else {
+            self.boundary.filter(|b| *b <= self.ready)
+        }
+    }
+
+    /// Send the destination a ping of the proxy's own at the next frame
+    /// boundary (none while one is still on its way, or after a close).
+    pub fn queue_ping(&mut self, payload: [u8; PING_PAYLOAD_LEN]) -> bool {
+        if self.ping.is_some() || self.close_sent {
+            return false;
+        }
+        let mut bytes = [0u8; 131];
+        let mask = match self.dir {
+            Direction::ClientToUpstream => Some(random_mask()),
+            Direction::UpstreamToClient => None,
+        };
+        let len = ping_frame(payload, mask, &mut bytes);
+        self.ping = Some(Control {
+            bytes,
+            len,
+            written: 0,
+        });
+        true
+    }
+
+    /// Take pongs carrying `payload` out of this pipe's stream (they answer
+    /// a ping the proxy sent the other way).
+    pub fn expect_pong(&mut self, payload: [u8; PING_PAYLOAD_LEN]) {
+        self.scanner.expect_pong(payload);
     }
 
     fn end_source(&mut self, end: SourceEnd) {

@@ -1,13 +1,15 @@
-//! The event loop: one mio `Poll`, the listener, a slab of sessions, a heap
-//! of deadlines, and a handle to stop it from another thread.
+//! The event loop: one mio `Poll`, the listeners, a slab of sessions, a heap
+//! of deadlines, and a handle to stop it (or feed it decisions) from
+//! another thread.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -16,15 +18,18 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use crate::auth::JwtVerifier;
+use crate::authorize::{Authorizer, Decision, JwtAuthorizer, Ticket};
 use crate::buffer::BufferPool;
 use crate::config::{Config, ConfigError};
+use crate::events::{AccessLog, Event, Observer};
 use crate::http::Refusal;
-use crate::session::{Ctx, FIRST_SESSION_TOKEN, Session, Side};
+use crate::metrics::{Gauges, Metrics};
+use crate::session::{Ctx, FIRST_SESSION_TOKEN, Kind, Session, Side};
 use crate::upstream::Credentials;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
+const METRICS_LISTENER: Token = Token(2);
 
 /// Connections accepted per pass before other work gets a turn.
 const ACCEPT_BUDGET: usize = 256;
@@ -82,7 +87,7 @@ struct Counters {
 /// A snapshot of the proxy's counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
-    /// Sessions currently open (any state).
+    /// Connections currently open (any state).
     pub open_sessions: usize,
     /// Connections accepted since start.
     pub accepted: u64,
@@ -93,11 +98,35 @@ pub struct Stats {
     pub limits_hit: u64,
 }
 
+/// What other threads ask of the loop.
+#[derive(Debug, Default)]
+struct Requests {
+    /// Drain with this grace period.
+    drain: Option<Duration>,
+    /// Deferred authorization decisions.
+    decisions: Vec<(Ticket, Decision)>,
+}
+
 #[derive(Debug)]
 struct Shared {
     stop: AtomicBool,
     waker: Waker,
     counters: Counters,
+    requests: Mutex<Requests>,
+}
+
+impl Shared {
+    fn wake(&self) {
+        if let Err(e) = self.waker.wake() {
+            error!("cannot wake the proxy loop: {e}");
+        }
+    }
+
+    fn requests(&self) -> std::sync::MutexGuard<'_, Requests> {
+        // A panic while holding this lock cannot leave it inconsistent (it
+        // only holds plain values), so a poisoned lock is still usable.
+        self.requests.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// A cloneable, thread-safe handle to a running proxy.
@@ -107,12 +136,25 @@ pub struct Handle {
 }
 
 impl Handle {
-    /// Ask the loop to stop. It closes every session and returns promptly.
+    /// Stop at once: every session is closed and the loop returns promptly.
     pub fn shutdown(&self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        if let Err(e) = self.shared.waker.wake() {
-            error!("cannot wake the proxy loop: {e}");
-        }
+        self.shared.wake();
+    }
+
+    /// Stop gracefully: new sessions are refused at once (503, and
+    /// `/readyz` says not ready), open sessions run for up to `grace`, then
+    /// get close 1001 `going away`; the loop returns when all are closed.
+    pub fn drain(&self, grace: Duration) {
+        self.shared.requests().drain = Some(grace);
+        self.shared.wake();
+    }
+
+    /// Complete a deferred authorization ([`Decision::Pending`]). Ignored if
+    /// the session is gone (the client left, or the decision came too late).
+    pub fn decide(&self, ticket: Ticket, decision: Decision) {
+        self.shared.requests().decisions.push((ticket, decision));
+        self.shared.wake();
     }
 
     /// Current counters.
@@ -133,10 +175,11 @@ pub struct Running {
     handle: Handle,
     thread: JoinHandle<io::Result<()>>,
     local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Running {
-    /// A handle to stop it or read its counters.
+    /// A handle to stop it, drain it, or read its counters.
     pub fn handle(&self) -> Handle {
         self.handle.clone()
     }
@@ -146,13 +189,18 @@ impl Running {
         self.local_addr
     }
 
-    /// Stop it and wait for the thread to end.
+    /// The address `/metrics` is served on, if `METRICS_ADDR` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Stop it at once and wait for the thread to end.
     pub fn shutdown(self) -> io::Result<()> {
         self.handle.shutdown();
         self.wait()
     }
 
-    /// Wait for the thread to end (after someone called `shutdown`).
+    /// Wait for the thread to end (after `shutdown` or `drain`).
     pub fn wait(self) -> io::Result<()> {
         self.thread
             .join()
@@ -160,14 +208,58 @@ impl Running {
     }
 }
 
-/// The proxy: a listener and every session, served by one event loop on
+/// Builds a [`Proxy`] with a custom authorizer or extra observers.
+pub struct ProxyBuilder {
+    config: Config,
+    authorizer: Option<Box<dyn Authorizer>>,
+    observers: Vec<Box<dyn Observer>>,
+}
+
+impl fmt::Debug for ProxyBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProxyBuilder")
+            .field("custom_authorizer", &self.authorizer.is_some())
+            .field("observers", &self.observers.len())
+            .finish()
+    }
+}
+
+impl ProxyBuilder {
+    /// Use `authorizer` instead of the built-in JWT check.
+    pub fn authorizer(mut self, authorizer: impl Authorizer + 'static) -> Self {
+        self.authorizer = Some(Box::new(authorizer));
+        self
+    }
+
+    /// Also send every session event to `observer`.
+    pub fn observer(mut self, observer: impl Observer + 'static) -> Self {
+        self.observers.push(Box::new(observer));
+        self
+    }
+
+    /// Validate, resolve the upstream once, read the credentials, bind.
+    pub fn bind(self) -> Result<Proxy, StartError> {
+        Proxy::build(self)
+    }
+}
+
+/// The proxy: listeners and every session, served by one event loop on
 /// whichever thread runs it.
+///
+/// Three ways to run it: [`run`](Self::run) on the calling thread,
+/// [`spawn`](Self::spawn) on a thread of its own, or step by step with
+/// [`poll_once`](Self::poll_once) from a host's loop (its file descriptor,
+/// [`AsRawFd`], becomes readable when there is work, so a host can put it in
+/// its own `Poll`).
 pub struct Proxy {
     poll: Poll,
     events: Events,
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     listener_ready: bool,
+    metrics_ready: bool,
     accept_paused_until: Option<Instant>,
     /// MAX_CONNECTIONS reached; accepting resumes at 90 %.
     at_capacity: bool,
@@ -180,10 +272,17 @@ pub struct Proxy {
     again: Vec<usize>,
     pool: BufferPool,
     config: Config,
-    verifier: JwtVerifier,
+    authorizer: Box<dyn Authorizer>,
+    observers: Vec<Box<dyn Observer>>,
+    metrics: Metrics,
+    /// Events produced during a pass, handed to observers at its end.
+    pending_events: Vec<Event>,
     upstream_addrs: Vec<SocketAddr>,
     upstream_host: String,
     credentials: Credentials,
+    /// Draining: when open sessions are told to go away.
+    drain_until: Option<Instant>,
+    gone_away: bool,
     next_id: u64,
     shared: Arc<Shared>,
 }
@@ -197,17 +296,86 @@ impl fmt::Debug for Proxy {
     }
 }
 
-impl Proxy {
-    /// Validate the configuration, resolve the upstream once, and bind the
-    /// listener. Nothing is served until the loop runs.
-    pub fn bind(config: Config) -> Result<Proxy, StartError> {
-        config.validate()?;
-        let verifier = JwtVerifier::new(&config.jwt).map_err(|(var, m)| {
+impl AsRawFd for Proxy {
+    /// The loop's epoll descriptor: readable whenever `poll_once` has work.
+    fn as_raw_fd(&self) -> RawFd {
+        self.poll.as_raw_fd()
+    }
+}
+
+fn resolve_one(host: &str, port: u16, var: &str) -> Result<SocketAddr, StartError> {
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| {
             StartError::Config(ConfigError {
                 var: var.into(),
-                message: m,
+                message: format!("'{host}': {e}"),
             })
-        })?;
+        })?
+        .next()
+        .ok_or_else(|| {
+            StartError::Config(ConfigError {
+                var: var.into(),
+                message: format!("'{host}': no address"),
+            })
+        })
+}
+
+impl Proxy {
+    /// The proxy with the built-in JWT authorizer and access log.
+    pub fn bind(config: Config) -> Result<Proxy, StartError> {
+        Self::builder(config).bind()
+    }
+
+    /// Everything [`bind`](Self::bind) checks, without listening: the
+    /// configuration, the keys, the upstream's name, the credential files.
+    /// Returns a one-line summary.
+    pub fn check(config: &Config) -> Result<String, StartError> {
+        config.validate()?;
+        JwtAuthorizer::new(config)?;
+        let up = &config.upstream;
+        let addrs: Vec<SocketAddr> = (up.host.as_str(), up.port)
+            .to_socket_addrs()
+            .map_err(|e| StartError::Resolve(format!("{}: {e}", up.host)))?
+            .collect();
+        Credentials::load(config, Instant::now())?;
+        resolve_one(&config.host, config.port, "HOST")?;
+        Ok(format!(
+            "upstream {}://{} ({} address{}), {} mode, {} key(s), token sources {:?}",
+            if up.tls { "wss" } else { "ws" },
+            up.host_header(),
+            addrs.len(),
+            if addrs.len() == 1 { "" } else { "es" },
+            if config.in_cluster {
+                "in-cluster"
+            } else {
+                "local dev"
+            },
+            config.jwt.secrets.len() + config.jwt.public_keys.len(),
+            config
+                .token_sources
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+        ))
+    }
+
+    /// Start building a proxy (custom authorizer, extra observers).
+    pub fn builder(config: Config) -> ProxyBuilder {
+        ProxyBuilder {
+            config,
+            authorizer: None,
+            observers: Vec::new(),
+        }
+    }
+
+    fn build(b: ProxyBuilder) -> Result<Proxy, StartError> {
+        let config = b.config;
+        config.validate()?;
+        let authorizer: Box<dyn Authorizer> = match b.authorizer {
+            Some(a) => a,
+            None => Box::new(JwtAuthorizer::new(&config)?),
+        };
         // The only DNS lookup: at start, never per session.
         let up = &config.upstream;
         let upstream_addrs: Vec<SocketAddr> = (up.host.as_str(), up.port)
@@ -217,21 +385,7 @@ impl Proxy {
         if upstream_addrs.is_empty() {
             return Err(StartError::Resolve(format!("{}: no addresses", up.host)));
         }
-        let listen: SocketAddr = (config.host.as_str(), config.port)
-            .to_socket_addrs()
-            .map_err(|e| {
-                StartError::Config(ConfigError {
-                    var: "HOST".into(),
-                    message: format!("'{}': {e}", config.host),
-                })
-            })?
-            .next()
-            .ok_or_else(|| {
-                StartError::Config(ConfigError {
-                    var: "HOST".into(),
-                    message: "no address".into(),
-                })
-            })?;
+        let listen = resolve_one(&config.host, config.port, "HOST")?;
         for k in config
             .jwt
             .secrets
@@ -246,18 +400,44 @@ impl Proxy {
         }
         // Credential files are read now, so a missing one stops the start.
         let credentials = Credentials::load(&config, Instant::now())?;
+        let poll = Poll::new()?;
         let mut listener = TcpListener::bind(listen)?;
         let local_addr = listener.local_addr()?;
-        let poll = Poll::new()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let mut metrics_listener = match &config.metrics_addr {
+            Some(addr) => {
+                let addr: SocketAddr = addr.parse().map_err(|e| {
+                    StartError::Config(ConfigError {
+                        var: "METRICS_ADDR".into(),
+                        message: format!("'{addr}' is not HOST:PORT: {e}"),
+                    })
+                })?;
+                Some(TcpListener::bind(addr)?)
+            }
+            None => None,
+        };
+        let metrics_addr = match metrics_listener.as_mut() {
+            Some(l) => {
+                poll.registry()
+                    .register(l, METRICS_LISTENER, Interest::READABLE)?;
+                Some(l.local_addr()?)
+            }
+            None => None,
+        };
         let waker = Waker::new(poll.registry(), WAKER)?;
+        let mut observers: Vec<Box<dyn Observer>> =
+            vec![Box::new(AccessLog::new(config.log_format))];
+        observers.extend(b.observers);
         Ok(Proxy {
             poll,
             events: Events::with_capacity(1024),
             listener,
+            metrics_listener,
             local_addr,
+            metrics_addr,
             listener_ready: false,
+            metrics_ready: false,
             accept_paused_until: None,
             at_capacity: false,
             per_ip: HashMap::new(),
@@ -267,33 +447,51 @@ impl Proxy {
             pool: BufferPool::new(config.buffer_size, SPARE_BUFFERS),
             upstream_host: config.upstream.host_header(),
             credentials,
+            authorizer,
+            observers,
+            metrics: Metrics::default(),
+            pending_events: Vec::new(),
             config,
-            verifier,
             upstream_addrs,
+            drain_until: None,
+            gone_away: false,
             next_id: 1,
             shared: Arc::new(Shared {
                 stop: AtomicBool::new(false),
                 waker,
                 counters: Counters::default(),
+                requests: Mutex::new(Requests::default()),
             }),
         })
     }
 
-    /// The address the listener is bound to.
+    /// The address the main listener is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
-    /// A handle to stop the loop from another thread.
+    /// The address `/metrics` is served on, if `METRICS_ADDR` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// A handle to stop or drain the loop, or to feed it decisions, from
+    /// another thread.
     pub fn handle(&self) -> Handle {
         Handle {
             shared: self.shared.clone(),
         }
     }
 
-    /// Serve on the calling thread until a handle asks to stop.
+    /// True once the loop has nothing left to do: stopped, or drained and
+    /// every session closed.
+    pub fn is_finished(&self) -> bool {
+        self.shared.stop.load(Ordering::SeqCst) || (self.gone_away && self.sessions.is_empty())
+    }
+
+    /// Serve on the calling thread until stopped (or drained).
     pub fn run(mut self) -> io::Result<()> {
-        while !self.shared.stop.load(Ordering::SeqCst) {
+        while !self.is_finished() {
             let timeout = self.next_timeout();
             self.poll_once(timeout)?;
         }
@@ -305,6 +503,7 @@ impl Proxy {
     pub fn spawn(self) -> io::Result<Running> {
         let handle = self.handle();
         let local_addr = self.local_addr;
+        let metrics_addr = self.metrics_addr;
         let thread = std::thread::Builder::new()
             .name("kubevirt-vnc-proxy".into())
             .spawn(move || self.run())?;
@@ -312,38 +511,43 @@ impl Proxy {
             handle,
             thread,
             local_addr,
+            metrics_addr,
         })
     }
 
     /// How long the loop may sleep before a deadline is due (`None`: no
-    /// deadline, sleep until an event).
+    /// deadline, sleep until an event). A host driving the loop itself uses
+    /// this as (an upper bound of) its own poll timeout.
     pub fn next_timeout(&self) -> Option<Duration> {
-        if !self.again.is_empty() {
+        if !self.again.is_empty() || (self.listener_ready && self.can_accept()) {
             return Some(Duration::ZERO);
         }
         let now = Instant::now();
         let timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
-        let accept = self.accept_paused_until;
-        [timer, accept]
+        [timer, self.accept_paused_until, self.drain_until]
             .into_iter()
             .flatten()
             .min()
             .map(|at| at.saturating_duration_since(now))
     }
 
-    /// Wait for events (at most `timeout`), then handle them and every due
-    /// deadline, and return.
+    fn can_accept(&self) -> bool {
+        self.accept_paused_until.is_none() && !self.at_capacity
+    }
+
+    /// Wait for events (at most `timeout`; `Some(ZERO)` does not wait), handle
+    /// them and every due deadline, and return.
     pub fn poll_once(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         match self.poll.poll(&mut self.events, timeout) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
-        let mut touched: Vec<(usize, Side, bool, bool)> =
-            Vec::with_capacity(self.events.iter().count());
+        let mut touched: Vec<(usize, Side, bool, bool)> = Vec::new();
         for event in self.events.iter() {
             match event.token() {
                 LISTENER => self.listener_ready = true,
+                METRICS_LISTENER => self.metrics_ready = true,
                 WAKER => {}
                 Token(t) => {
                     let rel = t - FIRST_SESSION_TOKEN;
@@ -361,6 +565,7 @@ impl Proxy {
             }
         }
         let now = Instant::now();
+        self.take_requests(now);
         for (key, side, readable, writable) in touched {
             if let Some(s) = self.sessions.get_mut(key) {
                 s.ready(side, readable, writable);
@@ -373,12 +578,17 @@ impl Proxy {
             }
         }
         self.fire_timers(now);
+        self.check_drain(now);
         if self.accept_paused_until.is_some_and(|t| t <= now) {
             self.accept_paused_until = None;
         }
-        if self.listener_ready && self.accept_paused_until.is_none() {
-            self.accept(now);
+        if self.listener_ready && self.can_accept() {
+            self.accept(now, Kind::Main);
         }
+        if self.metrics_ready {
+            self.accept(now, Kind::Metrics);
+        }
+        self.dispatch_events();
         self.shared
             .counters
             .buffers_in_use
@@ -386,14 +596,100 @@ impl Proxy {
         Ok(())
     }
 
+    /// Drain requests and deferred decisions from other threads.
+    fn take_requests(&mut self, now: Instant) {
+        let (drain, decisions) = {
+            let mut r = self.shared.requests();
+            (r.drain.take(), std::mem::take(&mut r.decisions))
+        };
+        if let Some(grace) = drain
+            && self.drain_until.is_none()
+            && !self.gone_away
+        {
+            info!(
+                "draining: refusing new sessions, {} open ones have {grace:?}",
+                self.relaying()
+            );
+            self.drain_until = Some(now + grace);
+        }
+        for (ticket, decision) in decisions {
+            let (sessions, mut ctx) = self.ctx(now);
+            match sessions.get_mut(ticket.key) {
+                Some(s) if s.id == ticket.id => s.decide(&mut ctx, decision),
+                _ => continue,
+            }
+            self.after_drive(ticket.key, None);
+        }
+    }
+
+    fn check_drain(&mut self, now: Instant) {
+        if self.gone_away || self.drain_until.is_none_or(|t| t > now) {
+            return;
+        }
+        self.gone_away = true;
+        self.drain_until = None;
+        let keys: Vec<usize> = self.sessions.iter().map(|(k, _)| k).collect();
+        if !keys.is_empty() {
+            info!(
+                "shutdown grace over: closing {} sessions with 1001",
+                keys.len()
+            );
+        }
+        for key in keys {
+            let (sessions, mut ctx) = self.ctx(now);
+            if let Some(s) = sessions.get_mut(key) {
+                s.go_away(&mut ctx);
+            }
+            self.after_drive(key, None);
+        }
+    }
+
+    fn relaying(&self) -> usize {
+        self.sessions
+            .iter()
+            .filter(|(_, s)| s.is_relaying())
+            .count()
+    }
+
+    fn dispatch_events(&mut self) {
+        for e in self.pending_events.drain(..) {
+            self.metrics.on_event(&e);
+            for o in &mut self.observers {
+                o.on_event(&e);
+            }
+        }
+    }
+
     fn ctx(&mut self, now: Instant) -> (&mut Slab<Session>, Ctx<'_>) {
+        let draining = self.drain_until.is_some() || self.gone_away;
+        let not_ready = if draining {
+            Some("shutting down".to_owned())
+        } else {
+            self.credentials.problem()
+        };
+        let gauges = Gauges {
+            open_connections: self.sessions.len(),
+            relaying: self
+                .sessions
+                .iter()
+                .filter(|(_, s)| s.is_relaying())
+                .count(),
+            buffers_in_use: self.pool.in_use(),
+            draining,
+        };
+        self.metrics.limits_hit = self.shared.counters.limits_hit.load(Ordering::Relaxed);
         (
             &mut self.sessions,
             Ctx {
                 registry: self.poll.registry(),
                 pool: &mut self.pool,
                 config: &self.config,
-                verifier: &self.verifier,
+                authorizer: self.authorizer.as_mut(),
+                events: &mut self.pending_events,
+                draining,
+                not_ready,
+                metrics: &mut self.metrics,
+                gauges,
                 upstream_addrs: &self.upstream_addrs,
                 upstream_host: &self.upstream_host,
                 credentials: &mut self.credentials,
@@ -407,20 +703,27 @@ impl Proxy {
         let Some(s) = sessions.get_mut(key) else {
             return;
         };
-        let deadline_before = s.deadline;
+        let before = s.deadline;
         let more = s.drive(&mut ctx);
-        let done = s.is_done();
-        let deadline = s.deadline;
-        let id = s.id;
-        if done {
-            self.remove(key, now);
-            return;
-        }
         if more {
             self.again.push(key);
         }
-        if let Some(at) = deadline.filter(|_| deadline != deadline_before) {
-            self.timers.push(Reverse((at, key, id)));
+        self.after_drive(key, Some(before));
+    }
+
+    /// Remove a finished session, or arm its deadline if it changed.
+    fn after_drive(&mut self, key: usize, deadline_before: Option<Option<Instant>>) {
+        let Some(s) = self.sessions.get(key) else {
+            return;
+        };
+        if s.is_done() {
+            self.remove(key, Instant::now());
+            return;
+        }
+        if let Some(at) = s.deadline
+            && deadline_before != Some(Some(at))
+        {
+            self.timers.push(Reverse((at, key, s.id)));
         }
     }
 
@@ -439,16 +742,11 @@ impl Proxy {
                 continue;
             }
             s.on_deadline(&mut ctx);
-            let (done, deadline) = (s.is_done(), s.deadline);
-            if done {
-                self.remove(key, now);
-            } else if let Some(next) = deadline {
-                self.timers.push(Reverse((next, key, id)));
-            }
+            self.after_drive(key, None);
         }
     }
 
-    fn accept(&mut self, now: Instant) {
+    fn accept(&mut self, now: Instant, kind: Kind) {
         for _ in 0..ACCEPT_BUDGET {
             if self.sessions.len() >= self.config.max_connections {
                 // Stop accepting: new clients wait in the kernel's backlog
@@ -467,46 +765,20 @@ impl Proxy {
                 }
                 return;
             }
-            match self.listener.accept() {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let id = self.next_id;
-                    self.next_id += 1;
-                    let entry = self.sessions.vacant_entry();
-                    let key = entry.key();
-                    let mut session = Session::new(id, key, stream, peer, now, &self.config);
-                    if let Err(e) = session.register(self.poll.registry()) {
-                        warn!("cannot register connection from {peer}: {e}");
-                        continue;
-                    }
-                    if let Some(at) = session.deadline {
-                        self.timers.push(Reverse((at, key, id)));
-                    }
-                    entry.insert(session);
-                    let c = &self.shared.counters;
-                    c.open.fetch_add(1, Ordering::Relaxed);
-                    c.accepted.fetch_add(1, Ordering::Relaxed);
-                    let per_ip = self.per_ip.entry(peer.ip()).or_insert(0);
-                    *per_ip += 1;
-                    let limit = self.config.max_connections_per_ip;
-                    if limit > 0 && *per_ip > limit {
-                        c.limits_hit.fetch_add(1, Ordering::Relaxed);
-                        let (sessions, mut ctx) = self.ctx(now);
-                        if let Some(s) = sessions.get_mut(key) {
-                            let r = Refusal::new(
-                                503,
-                                format!(
-                                    "too many connections from {} (MAX_CONNECTIONS_PER_IP={limit})",
-                                    peer.ip()
-                                ),
-                            );
-                            s.reject(&mut ctx, r);
-                        }
-                        self.drive(key, now);
-                    }
-                }
+            let listener = match kind {
+                Kind::Main => &self.listener,
+                Kind::Metrics => match &self.metrics_listener {
+                    Some(l) => l,
+                    None => return,
+                },
+            };
+            match listener.accept() {
+                Ok((stream, peer)) => self.admit(now, kind, stream, peer),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.listener_ready = false;
+                    match kind {
+                        Kind::Main => self.listener_ready = false,
+                        Kind::Metrics => self.metrics_ready = false,
+                    }
                     return;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -519,8 +791,46 @@ impl Proxy {
                 }
             }
         }
-        // Budget spent with the listener still ready: come back next pass.
-        self.accept_paused_until = Some(now);
+        // Budget spent with the listener still ready: the next pass
+        // continues (next_timeout returns zero while it is ready).
+    }
+
+    fn admit(&mut self, now: Instant, kind: Kind, stream: mio::net::TcpStream, peer: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let id = self.next_id;
+        self.next_id += 1;
+        let entry = self.sessions.vacant_entry();
+        let key = entry.key();
+        let mut session = Session::new(id, key, kind, stream, peer, now, &self.config);
+        if let Err(e) = session.register(self.poll.registry()) {
+            warn!("cannot register connection from {peer}: {e}");
+            return;
+        }
+        if let Some(at) = session.deadline {
+            self.timers.push(Reverse((at, key, id)));
+        }
+        entry.insert(session);
+        let c = &self.shared.counters;
+        c.open.fetch_add(1, Ordering::Relaxed);
+        c.accepted.fetch_add(1, Ordering::Relaxed);
+        let per_ip = self.per_ip.entry(peer.ip()).or_insert(0);
+        *per_ip += 1;
+        let limit = self.config.max_connections_per_ip;
+        if kind == Kind::Main && limit > 0 && *per_ip > limit {
+            c.limits_hit.fetch_add(1, Ordering::Relaxed);
+            let (sessions, mut ctx) = self.ctx(now);
+            if let Some(s) = sessions.get_mut(key) {
+                let r = Refusal::new(
+                    503,
+                    format!(
+                        "too many connections from {} (MAX_CONNECTIONS_PER_IP={limit})",
+                        peer.ip()
+                    ),
+                );
+                s.reject(&mut ctx, r);
+            }
+            self.drive(key, now);
+        }
     }
 
     fn remove(&mut self, key: usize, now: Instant) {
@@ -561,6 +871,7 @@ impl Proxy {
         for key in keys {
             self.remove(key, now);
         }
+        self.dispatch_events();
         self.shared
             .counters
             .buffers_in_use

@@ -12,15 +12,16 @@ use log::{debug, info};
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
-use crate::auth::{Grant, JwtVerifier, fingerprint};
+use crate::auth::Grant;
+use crate::authorize::{AuthRequest, Authorizer, Decision, Ticket};
 use crate::buffer::BufferPool;
 use crate::config::Config;
 use crate::conn::{Conn, Io};
+use crate::events::Event;
 use crate::frame::Direction;
 use crate::http::{self, Refusal, UpstreamAnswer};
 use crate::relay::{Pipe, SourceEnd};
-use crate::route::{RouteError, filter_query, parse_request_target};
-use crate::token::{Carriers, TokenSource, find_token};
+use crate::route::{filter_query, is_dns1123_label, is_dns1123_subdomain};
 use crate::upstream::Credentials;
 
 /// Rounds of reads and writes one pipe may do per drive before yielding to
@@ -28,7 +29,7 @@ use crate::upstream::Credentials;
 const PUMP_BUDGET: usize = 16;
 
 /// First token used by sessions; lower ones belong to the server.
-pub(crate) const FIRST_SESSION_TOKEN: usize = 2;
+pub(crate) const FIRST_SESSION_TOKEN: usize = 3;
 
 pub(crate) fn client_token(key: usize) -> Token {
     Token(FIRST_SESSION_TOKEN + 2 * key)
@@ -43,11 +44,30 @@ pub(crate) struct Ctx<'a> {
     pub registry: &'a Registry,
     pub pool: &'a mut BufferPool,
     pub config: &'a Config,
-    pub verifier: &'a JwtVerifier,
+    pub authorizer: &'a mut dyn Authorizer,
+    /// Events produced while driving; the server hands them to observers.
+    pub events: &'a mut Vec<Event>,
+    /// Shutting down: new sessions are refused with 503.
+    pub draining: bool,
+    /// Why /readyz says no (draining, credentials), if it does.
+    pub not_ready: Option<String>,
+    /// Counters for /metrics (sessions add what events do not carry).
+    pub metrics: &'a mut crate::metrics::Metrics,
+    /// Live values for /metrics.
+    pub gauges: crate::metrics::Gauges,
     pub upstream_addrs: &'a [SocketAddr],
     pub upstream_host: &'a str,
     pub credentials: &'a mut Credentials,
     pub now: Instant,
+}
+
+/// Which listener accepted a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// The main listener: WebSocket sessions, /healthz, /readyz.
+    Main,
+    /// `METRICS_ADDR`: only `GET /metrics`.
+    Metrics,
 }
 
 /// Which socket of the session an event is for.
@@ -76,6 +96,11 @@ struct Handshake {
 enum State {
     /// Reading the client's request head.
     ReadingRequest { head: Vec<u8> },
+    /// Waiting for a deferred authorization decision.
+    Authorizing {
+        req: Box<http::UpgradeRequest>,
+        early: Vec<u8>,
+    },
     /// Connecting to the upstream; `next_addr` is the address to try if this
     /// one fails.
     Dialing {
@@ -112,6 +137,7 @@ pub(crate) enum Phase {
 pub(crate) struct Session {
     pub id: u64,
     key: usize,
+    kind: Kind,
     peer: SocketAddr,
     client: Conn,
     upstream: Option<Conn>,
@@ -126,17 +152,31 @@ pub(crate) struct Session {
     expires: Option<Instant>,
     /// When a started closing handshake is given up.
     closing_by: Option<Instant>,
+    /// When keepalive next looks at the two sides.
+    keepalive_at: Option<Instant>,
+    /// When the proxy last pinged the client / the upstream.
+    last_ping: [Option<Instant>; 2],
+    /// When dialing the upstream started (for the dial latency).
+    dial_started: Option<Instant>,
+    /// Context for the operator about a refusal (never sent).
+    refusal_detail: Option<String>,
     phase: Phase,
     /// Why the session ended (for the closing log line).
     outcome: Option<String>,
     bytes_up: u64,
     bytes_down: u64,
+    /// The proxy is shutting down and ended this session.
+    going_away: bool,
+    /// Close codes each side sent (1005 for a close frame without a code).
+    client_close: Option<u16>,
+    upstream_close: Option<u16>,
 }
 
 impl Session {
     pub fn new(
         id: u64,
         key: usize,
+        kind: Kind,
         stream: TcpStream,
         peer: SocketAddr,
         now: Instant,
@@ -145,6 +185,7 @@ impl Session {
         Session {
             id,
             key,
+            kind,
             peer,
             client: Conn::new(stream),
             upstream: None,
@@ -155,10 +196,17 @@ impl Session {
             client_key: None,
             expires: None,
             closing_by: None,
+            keepalive_at: None,
+            last_ping: [None, None],
+            dial_started: None,
+            refusal_detail: None,
             phase: Phase::Handshake,
             outcome: None,
             bytes_up: 0,
             bytes_down: 0,
+            going_away: false,
+            client_close: None,
+            upstream_close: None,
         }
     }
 
@@ -168,6 +216,28 @@ impl Session {
             client_token(self.key),
             Interest::READABLE | Interest::WRITABLE,
         )
+    }
+
+    /// The shutdown grace is over: relaying sessions get 1001 `going away`
+    /// on both sides, sessions still in the handshake a 503.
+    pub fn go_away(&mut self, ctx: &mut Ctx<'_>) {
+        match &mut self.state {
+            State::Relaying { up, down } => {
+                down.finish_with_close(1001, "going away");
+                up.finish_with_close(1001, "going away");
+                self.going_away = true;
+                self.closing_by = Some(ctx.now + ctx.config.close_timeout);
+                self.deadline = nearest(&[self.expires, self.closing_by, self.keepalive_at]);
+            }
+            State::Refusing { .. } | State::Lingering | State::Done => {}
+            _ => self.refuse(ctx, Refusal::new(503, "shutting down")),
+        }
+        self.drive(ctx);
+    }
+
+    /// True while frames are relayed.
+    pub fn is_relaying(&self) -> bool {
+        matches!(self.state, State::Relaying { .. })
     }
 
     /// The client's address.
@@ -211,6 +281,7 @@ impl Session {
                     self.read_request(ctx);
                     false
                 }
+                State::Authorizing { .. } => false,
                 State::Dialing { .. } => {
                     self.check_dial(ctx);
                     false
@@ -256,6 +327,12 @@ impl Session {
                     Refusal::new(408, "timed out waiting for the request head"),
                 );
             }
+            State::Authorizing { .. } => {
+                self.refuse(
+                    ctx,
+                    Refusal::new(504, "authorization did not answer in time"),
+                );
+            }
             State::Dialing { .. } | State::UpstreamHandshake { .. } => {
                 let secs = ctx.config.upstream_timeout.as_secs();
                 self.refuse(
@@ -268,6 +345,21 @@ impl Session {
                 if self.closing_by.is_some_and(|t| t <= now) {
                     self.outcome = Some("closing handshake timed out".into());
                     self.finish(ctx);
+                } else if self.keepalive_at.is_some_and(|t| t <= now) && self.closing_by.is_none() {
+                    let ka = keepalive(ctx, up, down, &mut self.last_ping);
+                    match ka {
+                        Keepalive::Next(at) => self.keepalive_at = Some(at),
+                        Keepalive::Gone(side) => {
+                            info!(
+                                "session {} {}: {side} stopped answering, closing",
+                                self.id, self.peer
+                            );
+                            self.outcome = Some(format!("{side} timed out (no answer to pings)"));
+                            self.keepalive_at = None;
+                            self.closing_by = Some(now + ctx.config.close_timeout);
+                        }
+                    }
+                    self.deadline = nearest(&[self.expires, self.closing_by, self.keepalive_at]);
                 } else if self.expires.is_some_and(|t| t <= now) {
                     // The grant ends with the token: the page learns why
                     // (1008), the upstream gets a normal goodbye.
@@ -276,7 +368,7 @@ impl Session {
                     up.finish_with_close(1000, "token expired");
                     self.expires = None;
                     self.closing_by = Some(now + ctx.config.close_timeout);
-                    self.deadline = nearest(self.expires, self.closing_by);
+                    self.deadline = nearest(&[self.expires, self.closing_by, self.keepalive_at]);
                 }
             }
             State::Refusing { .. } => self.finish(ctx),
@@ -313,10 +405,17 @@ impl Session {
                 }
             }
         }
-        match http::parse_upgrade_request(head, max) {
+        match http::parse_request(head, max) {
             Ok(None) => {}
             Err(refusal) => self.refuse(ctx, refusal),
-            Ok(Some(req)) => {
+            Ok(Some(http::Request::Probe(p))) => self.answer_probe(ctx, p),
+            Ok(Some(http::Request::Upgrade(_))) if self.kind == Kind::Metrics => {
+                self.answer(
+                    ctx,
+                    http::plain_response(404, "text/plain", "only GET /metrics here\n"),
+                );
+            }
+            Ok(Some(http::Request::Upgrade(req))) => {
                 let early = head[req.head_len..].to_vec();
                 self.authorize(ctx, req, early);
             }
@@ -328,6 +427,9 @@ impl Session {
         // given as a close frame a web page can read (REJECT_WITH=close).
         self.client_key = Some(req.key.clone());
         let config = ctx.config;
+        if ctx.draining {
+            return self.refuse(ctx, Refusal::new(503, "shutting down"));
+        }
         // Origin first: a page from a foreign site learns nothing else.
         if !config.allowed_origins.is_empty()
             && !req
@@ -341,52 +443,68 @@ impl Session {
                 .map_or("missing".into(), |o| format!("'{o}' not allowed"));
             return self.refuse(ctx, Refusal::new(403, format!("origin {what}")));
         }
-        let sources = &config.token_sources;
-        let path_token = sources.contains(&TokenSource::Path);
-        let other_sources = sources.iter().any(|s| *s != TokenSource::Path);
-        let route = match parse_request_target(
-            &req.target,
-            config.path_prefix.as_deref(),
-            path_token,
-            other_sources,
-        ) {
-            Ok(r) => r,
-            Err(e @ RouteError::NotFound(_)) => {
-                return self.refuse(ctx, Refusal::new(404, e.to_string()));
-            }
-            Err(e @ RouteError::BadEncoding) => {
-                return self.refuse(ctx, Refusal::new(400, e.to_string()));
-            }
-        };
-        let carriers = Carriers {
-            query: route.query.as_deref(),
-            authorization: req.authorization.as_deref(),
-            cookies: &req.cookies,
-            protocols: &req.protocols,
-        };
-        let Some(token) = route
-            .path_token
-            .clone()
-            .or_else(|| find_token(sources, &carriers, &config.token_cookie))
+        let decision = ctx.authorizer.authorize(
+            &AuthRequest {
+                target: &req.target,
+                headers: &req.headers,
+                protocols: &req.protocols,
+                peer: self.peer,
+            },
+            Ticket {
+                key: self.key,
+                id: self.id,
+            },
+        );
+        self.decided(ctx, Box::new(req), early, decision);
+    }
+
+    /// A decision came (at once, or later through the handle).
+    pub fn decide(&mut self, ctx: &mut Ctx<'_>, decision: Decision) {
+        if !matches!(self.state, State::Authorizing { .. }) {
+            return;
+        }
+        let State::Authorizing { req, early } =
+            std::mem::replace(&mut self.state, State::Lingering)
         else {
-            return self.refuse(ctx, Refusal::new(401, "token missing"));
+            return;
         };
-        let grant = match ctx.verifier.authorize(&token, &route.vmi) {
-            Ok(g) => g,
-            Err(e) => {
-                // The token itself never reaches a log line; its fingerprint
-                // and id let an operator match this line with a user's report.
-                let r = Refusal::new(e.status(), e.to_string());
-                info!(
-                    "session {} {}: refused with {} (token {}, id {})",
-                    self.id,
-                    self.peer,
-                    r,
-                    fingerprint(&token),
-                    JwtVerifier::unverified_id(&token)
-                );
-                return self.refuse_quietly(ctx, r);
+        self.decided(ctx, req, early, decision);
+        self.drive(ctx);
+    }
+
+    fn decided(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        req: Box<http::UpgradeRequest>,
+        early: Vec<u8>,
+        decision: Decision,
+    ) {
+        let grant = match decision {
+            Decision::Allow(g) => g,
+            Decision::Deny { refusal, log } => {
+                self.refusal_detail = log;
+                return self.refuse(ctx, refusal);
             }
+            Decision::Pending => {
+                // Bounded like the upstream: no decision in time is a 504.
+                self.deadline = Some(ctx.now + ctx.config.upstream_timeout);
+                self.state = State::Authorizing { req, early };
+                return;
+            }
+        };
+        // Whoever decided, no URL is built from a name that could change
+        // its path.
+        if !is_dns1123_subdomain(&grant.vmi) {
+            return self.refuse(ctx, Refusal::new(403, "invalid VMI name"));
+        }
+        if !is_dns1123_label(&grant.namespace) {
+            return self.refuse(ctx, Refusal::new(403, "invalid namespace"));
+        }
+        let query = req.target.split_once('?').map(|(_, q)| q.to_owned());
+        let route = crate::route::Target {
+            path_token: None,
+            vmi: grant.vmi.clone(),
+            query,
         };
         let query = match route
             .query
@@ -423,20 +541,16 @@ impl Session {
         }
         let request = http::upstream_request(&path, ctx.upstream_host, &upstream_key, &headers);
         debug!(
-            "session {} {}: token id {} ({}) allows {}/{}; dialing upstream",
-            self.id,
-            self.peer,
-            grant.token_id,
-            fingerprint(&token),
-            grant.namespace,
-            grant.vmi
+            "session {} {}: token id {} allows {}/{}; dialing upstream",
+            self.id, self.peer, grant.token_id, grant.namespace, grant.vmi
         );
         self.grant = Some(grant);
         let client_protocol =
             http::select_client_protocol(&req.protocols, &ctx.config.client_subprotocols)
                 .map(str::to_owned);
+        self.dial_started = Some(ctx.now);
         let hs = Box::new(Handshake {
-            client_key: req.key,
+            client_key: req.key.clone(),
             client_protocol,
             tls: creds.tls,
             early,
@@ -610,8 +724,8 @@ impl Session {
             return self.refuse(ctx, r);
         }
         let max_frame = ctx.config.max_frame_size;
-        let mut up_pipe = Box::new(Pipe::new(Direction::ClientToUpstream, max_frame));
-        let mut down_pipe = Box::new(Pipe::new(Direction::UpstreamToClient, max_frame));
+        let mut up_pipe = Box::new(Pipe::new(Direction::ClientToUpstream, max_frame, ctx.now));
+        let mut down_pipe = Box::new(Pipe::new(Direction::UpstreamToClient, max_frame, ctx.now));
         let accept = http::switching_protocols(&hs.client_key, hs.client_protocol.as_deref());
         down_pipe.preload(ctx.pool, &accept, &response[head_len..]);
         up_pipe.preload(ctx.pool, &[], &hs.early);
@@ -624,12 +738,26 @@ impl Session {
             let left = (g.expires_at + ctx.config.jwt.leeway_secs).saturating_sub(now_unix);
             self.expires = Some(ctx.now + std::time::Duration::from_secs(left));
         }
-        self.deadline = nearest(self.expires, self.closing_by);
+        if !ctx.config.ping_interval.is_zero() {
+            self.keepalive_at = Some(ctx.now + ctx.config.ping_interval);
+        }
+        self.deadline = nearest(&[self.expires, self.closing_by, self.keepalive_at]);
         if let Some(g) = &self.grant {
-            info!(
+            debug!(
                 "session {} {}: relaying to {}/{} (token id {})",
                 self.id, self.peer, g.namespace, g.vmi, g.token_id
             );
+            ctx.events.push(Event::Opened {
+                id: self.id,
+                peer: self.peer,
+                namespace: g.namespace.clone(),
+                vmi: g.vmi.clone(),
+                token_id: g.token_id.clone(),
+                handshake: ctx.now.saturating_duration_since(self.started),
+                upstream_dial: self
+                    .dial_started
+                    .map_or_else(Default::default, |d| ctx.now.saturating_duration_since(d)),
+            });
         }
         self.state = State::Relaying {
             up: up_pipe,
@@ -648,8 +776,8 @@ impl Session {
         };
         let client = &mut self.client;
         for _ in 0..4 {
-            let a = up.pump(client, upstream, ctx.pool, PUMP_BUDGET);
-            let b = down.pump(upstream, client, ctx.pool, PUMP_BUDGET);
+            let a = up.pump(client, upstream, ctx.pool, PUMP_BUDGET, ctx.now);
+            let b = down.pump(upstream, client, ctx.pool, PUMP_BUDGET, ctx.now);
             if let Some(e) = a.dst_failed {
                 // Writing to the upstream failed: it is gone.
                 debug!("session {}: upstream write failed: {e}", self.id);
@@ -672,11 +800,17 @@ impl Session {
         }
         self.bytes_up = up.bytes;
         self.bytes_down = down.bytes;
+        self.client_close = close_code(up);
+        self.upstream_close = close_code(down);
         // With TLS, bytes rustls accepted must reach the wire before the
         // session may end.
         let flushed = !client.has_pending_output() && !upstream.has_pending_output();
         if up.finished() && down.finished() && flushed {
-            self.outcome = Some(describe_end(up, down));
+            self.outcome = Some(if self.going_away {
+                "going away (shutdown)".to_owned()
+            } else {
+                describe_end(up, down)
+            });
             up.release(ctx.pool);
             down.release(ctx.pool);
             self.finish(ctx);
@@ -684,19 +818,49 @@ impl Session {
         }
         if (up.end.is_some() || down.end.is_some()) && self.closing_by.is_none() {
             self.closing_by = Some(ctx.now + ctx.config.close_timeout);
-            self.deadline = nearest(self.expires, self.closing_by);
+            self.deadline = nearest(&[self.expires, self.closing_by, self.keepalive_at]);
         }
         up.has_pending_work(client, upstream) || down.has_pending_work(upstream, client)
     }
 
     /// Answer the client with an HTTP refusal and log it once.
-    fn refuse(&mut self, ctx: &mut Ctx<'_>, r: Refusal) {
-        info!("session {} {}: refused with {}", self.id, self.peer, r);
-        self.refuse_quietly(ctx, r);
+    /// Health, readiness and metrics, answered without an upgrade.
+    fn answer_probe(&mut self, ctx: &mut Ctx<'_>, probe: http::Probe) {
+        let text = "text/plain; charset=utf-8";
+        let out = match (self.kind, probe) {
+            (Kind::Main, http::Probe::Health) => http::plain_response(200, text, "ok\n"),
+            (Kind::Main, http::Probe::Ready) => match &ctx.not_ready {
+                None => http::plain_response(200, text, "ready\n"),
+                Some(why) => http::plain_response(503, text, &format!("not ready: {why}\n")),
+            },
+            (Kind::Metrics, http::Probe::Metrics) => http::plain_response(
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                &ctx.metrics.render(ctx.gauges),
+            ),
+            _ => http::plain_response(404, text, "not found\n"),
+        };
+        self.answer(ctx, out);
     }
 
-    /// Like [`refuse`](Self::refuse) when the caller already logged.
-    fn refuse_quietly(&mut self, ctx: &mut Ctx<'_>, r: Refusal) {
+    /// Write `out` to the client, then close (no event: probes are not
+    /// sessions).
+    fn answer(&mut self, ctx: &mut Ctx<'_>, out: Vec<u8>) {
+        self.outcome = Some("probe".into());
+        self.state = State::Refusing { out, written: 0 };
+        self.deadline = Some(ctx.now + ctx.config.close_timeout);
+    }
+
+    /// The one place a refusal is decided: one event (the access log line),
+    /// one answer to the client.
+    fn refuse(&mut self, ctx: &mut Ctx<'_>, r: Refusal) {
+        ctx.events.push(Event::Refused {
+            id: self.id,
+            peer: self.peer,
+            status: r.status,
+            reason: r.reason.clone(),
+            detail: self.refusal_detail.take(),
+        });
         self.drop_upstream(ctx);
         self.outcome = Some(format!("refused with {}", r.status));
         let close = http::refusal_close_code(r.status).filter(|_| ctx.config.reject_with_close);
@@ -791,34 +955,113 @@ impl Session {
     /// Release everything (called by the server when the session is removed).
     pub fn close(&mut self, ctx: &mut Ctx<'_>) {
         if let State::Relaying { up, down } = &mut self.state {
+            ctx.metrics.backpressure_pauses += up.pauses + down.pauses;
             self.bytes_up = up.bytes;
             self.bytes_down = down.bytes;
+            self.client_close = close_code(up);
+            self.upstream_close = close_code(down);
+            if self.outcome.is_none() {
+                self.outcome = Some(format!("{} (closed by the proxy)", describe_end(up, down)));
+            }
             up.release(ctx.pool);
             down.release(ctx.pool);
         }
         self.drop_upstream(ctx);
         let _ = ctx.registry.deregister(&mut self.client.stream);
         self.state = State::Done;
-        if self.phase == Phase::Relayed {
-            let outcome = self.outcome.as_deref().unwrap_or("closed");
-            let (ns, vmi, id) = self.grant.as_ref().map_or(("-", "-", "-"), |g| {
-                (g.namespace.as_str(), g.vmi.as_str(), g.token_id.as_str())
+        if self.phase == Phase::Relayed
+            && let Some(g) = &self.grant
+        {
+            ctx.events.push(Event::Closed {
+                id: self.id,
+                peer: self.peer,
+                namespace: g.namespace.clone(),
+                vmi: g.vmi.clone(),
+                token_id: g.token_id.clone(),
+                outcome: self.outcome.clone().unwrap_or_else(|| "closed".into()),
+                duration: ctx.now.saturating_duration_since(self.started),
+                bytes_up: self.bytes_up,
+                bytes_down: self.bytes_down,
+                client_close: self.client_close,
+                upstream_close: self.upstream_close,
             });
-            info!(
-                "session {} {}: {ns}/{vmi} (token id {id}) ended: {outcome}; {:.1} s, {} bytes up, {} bytes down",
-                self.id,
-                self.peer,
-                self.started.elapsed().as_secs_f64(),
-                self.bytes_up,
-                self.bytes_down
-            );
         }
     }
 }
 
-/// The nearest of two optional instants.
-fn nearest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
-    [a, b].into_iter().flatten().min()
+/// The nearest of some optional instants.
+fn nearest(times: &[Option<Instant>]) -> Option<Instant> {
+    times.iter().flatten().min().copied()
+}
+
+/// What a keepalive check found.
+enum Keepalive {
+    /// Both sides are alive; look again then.
+    Next(Instant),
+    /// This side sent nothing, not even a pong, for PEER_TIMEOUT.
+    Gone(&'static str),
+}
+
+/// Ping sides that have been silent for PING_INTERVAL (the pong comes back
+/// through the other pipe and is taken out of the stream there), and give up
+/// on a side silent for PEER_TIMEOUT: the other side gets close 1001.
+fn keepalive(
+    ctx: &mut Ctx<'_>,
+    up: &mut Pipe,
+    down: &mut Pipe,
+    last_ping: &mut [Option<Instant>; 2],
+) -> Keepalive {
+    let now = ctx.now;
+    let (interval, timeout) = (ctx.config.ping_interval, ctx.config.peer_timeout);
+    let mut next = now + interval;
+    for side in [0usize, 1] {
+        let (name, from, toward) = if side == 0 {
+            ("client", &mut *up, &mut *down)
+        } else {
+            ("upstream", &mut *down, &mut *up)
+        };
+        let silence = now.saturating_duration_since(from.last_rx);
+        if silence >= timeout {
+            ctx.metrics.keepalive_timeouts += 1;
+            let reason = if side == 0 {
+                "client timed out"
+            } else {
+                "upstream timed out"
+            };
+            // The side still there is told; the silent one just loses TCP.
+            if side == 0 {
+                up.finish_with_close(1001, reason);
+                down.abort(ctx.pool);
+            } else {
+                down.finish_with_close(1001, reason);
+                up.abort(ctx.pool);
+            }
+            return Keepalive::Gone(name);
+        }
+        let due = last_ping[side]
+            .is_none_or(|p| p < from.last_rx || now.saturating_duration_since(p) >= interval);
+        if silence >= interval && due {
+            let payload = ping_payload();
+            if toward.queue_ping(payload) {
+                from.expect_pong(payload);
+                last_ping[side] = Some(now);
+            }
+        }
+        let ping_at = if silence < interval {
+            from.last_rx + interval
+        } else {
+            last_ping[side].unwrap_or(now) + interval
+        };
+        next = next.min(ping_at).min(from.last_rx + timeout);
+    }
+    Keepalive::Next(next.max(now + std::time::Duration::from_millis(10)))
+}
+
+fn ping_payload() -> [u8; crate::frame::PING_PAYLOAD_LEN] {
+    let mut p = *b"kvp-ping";
+    // Unpredictable payloads make a peer's own pong unlikely to match ours.
+    let _ = getrandom::fill(&mut p);
+    p
 }
 
 /// When one direction ends, decide what the other side is told. Returns true
@@ -866,6 +1109,14 @@ fn apply_closing_rules(up: &mut Pipe, down: &mut Pipe, pool: &mut BufferPool) ->
             up.end.clone(),
             down.end.clone(),
         )
+}
+
+/// The close code a pipe's source sent, if it sent a close frame.
+fn close_code(p: &Pipe) -> Option<u16> {
+    match p.end {
+        Some(SourceEnd::Close(code)) => Some(code.unwrap_or(1005)),
+        _ => None,
+    }
 }
 
 fn describe_end(up: &Pipe, down: &Pipe) -> String {

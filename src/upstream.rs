@@ -133,10 +133,11 @@ impl Credentials {
         }
     }
 
-    /// True when new sessions can get credentials (for readiness).
-    #[allow(dead_code)]
-    pub fn healthy(&self) -> bool {
-        self.error.is_none()
+    /// Why new sessions cannot get credentials, if they cannot (readiness).
+    pub fn problem(&self) -> Option<String> {
+        self.error
+            .as_ref()
+            .map(|e| format!("upstream credentials unavailable: {e}"))
     }
 
     fn refresh(&mut self) {

@@ -1,0 +1,255 @@
+//! Counters and histograms, fed by session events and by the loop, rendered
+//! in the Prometheus text format (version 0.0.4) for `GET /metrics`.
+//! Hand-written: a handful of counters does not need a metrics crate.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::events::{Event, Observer};
+
+/// Upper bounds (seconds) of the latency histogram buckets.
+const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if s <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.sum += s;
+        self.count += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", self.counts[i]);
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}", self.sum);
+        let _ = writeln!(out, "{name}_count {}", self.count);
+    }
+}
+
+/// Everything `/metrics` reports.
+#[derive(Debug, Default, Clone)]
+pub struct Metrics {
+    sessions_by_outcome: BTreeMap<&'static str, u64>,
+    refusals_by_status: BTreeMap<u16, u64>,
+    bytes_up: u64,
+    bytes_down: u64,
+    handshake: Histogram,
+    upstream_dial: Histogram,
+    /// Sessions ended because a peer stopped answering keepalive pings.
+    pub keepalive_timeouts: u64,
+    /// Times a relay buffer filled up and reading from its source paused.
+    pub backpressure_pauses: u64,
+    /// Times a connection limit was hit.
+    pub limits_hit: u64,
+}
+
+/// Live values the loop knows at render time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Gauges {
+    /// Connections open (any state).
+    pub open_connections: usize,
+    /// Sessions relaying frames.
+    pub relaying: usize,
+    /// Relay buffers in use.
+    pub buffers_in_use: usize,
+    /// Draining for shutdown.
+    pub draining: bool,
+}
+
+impl Metrics {
+    /// Render in the Prometheus text format.
+    pub fn render(&self, g: Gauges) -> String {
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, samples: &[(String, u64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (labels, v) in samples {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        let outcomes: Vec<(String, u64)> =
+            ["normal", "abnormal", "violation", "timeout", "shutdown"]
+                .iter()
+                .map(|o| {
+                    (
+                        format!("{{outcome=\"{o}\"}}"),
+                        self.sessions_by_outcome.get(o).copied().unwrap_or(0),
+                    )
+                })
+                .collect();
+        counter(
+            "kubevirt_vnc_proxy_sessions_total",
+            "Relayed sessions that ended, by outcome.",
+            &outcomes,
+        );
+        let refusals: Vec<(String, u64)> = self
+            .refusals_by_status
+            .iter()
+            .map(|(s, v)| (format!("{{status=\"{s}\"}}"), *v))
+            .collect();
+        counter(
+            "kubevirt_vnc_proxy_refusals_total",
+            "Requests refused before relaying, by HTTP status.",
+            &refusals,
+        );
+        counter(
+            "kubevirt_vnc_proxy_bytes_total",
+            "Frame bytes relayed, by direction.",
+            &[
+                ("{direction=\"up\"}".into(), self.bytes_up),
+                ("{direction=\"down\"}".into(), self.bytes_down),
+            ],
+        );
+        counter(
+            "kubevirt_vnc_proxy_keepalive_timeouts_total",
+            "Sessions ended because a peer stopped answering pings.",
+            &[(String::new(), self.keepalive_timeouts)],
+        );
+        counter(
+            "kubevirt_vnc_proxy_backpressure_pauses_total",
+            "Times a relay buffer filled and reading its source paused.",
+            &[(String::new(), self.backpressure_pauses)],
+        );
+        counter(
+            "kubevirt_vnc_proxy_limits_hit_total",
+            "Times MAX_CONNECTIONS or MAX_CONNECTIONS_PER_IP was hit.",
+            &[(String::new(), self.limits_hit)],
+        );
+        let mut gauge = |name: &str, help: &str, v: usize| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        gauge(
+            "kubevirt_vnc_proxy_open_connections",
+            "Client connections open, in any state.",
+            g.open_connections,
+        );
+        gauge(
+            "kubevirt_vnc_proxy_open_sessions",
+            "Sessions relaying frames.",
+            g.relaying,
+        );
+        gauge(
+            "kubevirt_vnc_proxy_buffers_in_use",
+            "Relay buffers held by sessions.",
+            g.buffers_in_use,
+        );
+        gauge(
+            "kubevirt_vnc_proxy_draining",
+            "1 while shutting down.",
+            usize::from(g.draining),
+        );
+        self.handshake.render(
+            &mut out,
+            "kubevirt_vnc_proxy_handshake_seconds",
+            "From accept to the client's 101.",
+        );
+        self.upstream_dial.render(
+            &mut out,
+            "kubevirt_vnc_proxy_upstream_dial_seconds",
+            "From dialing the upstream to its 101.",
+        );
+        out
+    }
+
+    /// Sessions relaying right now (opened minus closed).
+    pub fn relaying(&self, opened: u64) -> u64 {
+        opened.saturating_sub(self.sessions_by_outcome.values().sum())
+    }
+}
+
+/// How a closed session is counted.
+fn outcome_class(outcome: &str, client: Option<u16>, upstream: Option<u16>) -> &'static str {
+    if outcome.contains("violation") {
+        "violation"
+    } else if outcome.contains("timed out") {
+        "timeout"
+    } else if outcome.contains("going away") || outcome.contains("shutdown") {
+        "shutdown"
+    } else if client.is_some() && upstream.is_some() {
+        "normal"
+    } else {
+        "abnormal"
+    }
+}
+
+impl Observer for Metrics {
+    fn on_event(&mut self, event: &Event) {
+        match event {
+            Event::Opened {
+                handshake,
+                upstream_dial,
+                ..
+            } => {
+                self.handshake.observe(*handshake);
+                self.upstream_dial.observe(*upstream_dial);
+            }
+            Event::Refused { status, .. } => {
+                *self.refusals_by_status.entry(*status).or_default() += 1
+            }
+            Event::Closed {
+                outcome,
+                bytes_up,
+                bytes_down,
+                client_close,
+                upstream_close,
+                ..
+            } => {
+                let class = outcome_class(outcome, *client_close, *upstream_close);
+                *self.sessions_by_outcome.entry(class).or_default() += 1;
+                self.bytes_up += bytes_up;
+                self.bytes_down += bytes_down;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_family_in_the_text_format() {
+        let mut m = Metrics::default();
+        m.on_event(&Event::Refused {
+            id: 1,
+            peer: "127.0.0.1:1".parse().unwrap(),
+            status: 401,
+            reason: "x".into(),
+            detail: None,
+        });
+        m.on_event(&Event::Opened {
+            id: 2,
+            peer: "127.0.0.1:1".parse().unwrap(),
+            namespace: "n".into(),
+            vmi: "v".into(),
+            token_id: "5".into(),
+            handshake: Duration::from_millis(3),
+            upstream_dial: Duration::from_millis(2),
+        });
+        let text = m.render(Gauges::default());
+        assert!(text.contains("kubevirt_vnc_proxy_refusals_total{status=\"401\"} 1"));
+        assert!(text.contains("kubevirt_vnc_proxy_handshake_seconds_bucket{le=\"0.005\"} 1"));
+        assert!(text.contains("kubevirt_vnc_proxy_handshake_seconds_count 1"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (name, value) = line.rsplit_once(' ').unwrap();
+            assert!(!name.is_empty());
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
+    }
+}
