@@ -662,11 +662,7 @@ impl Proxy {
 
     fn ctx(&mut self, now: Instant) -> (&mut Slab<Session>, Ctx<'_>) {
         let draining = self.drain_until.is_some() || self.gone_away;
-        let not_ready = if draining {
-            Some("shutting down".to_owned())
-        } else {
-            self.credentials.problem()
-        };
+        let not_ready = draining.then(|| "shutting down".to_owned());
         let gauges = Gauges {
             open_connections: self.sessions.len(),
             relaying: self

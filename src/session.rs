@@ -407,6 +407,12 @@ impl Session {
         }
         match http::parse_request(head, max) {
             Ok(None) => {}
+            Err(_) if self.kind == Kind::Metrics => {
+                self.answer(
+                    ctx,
+                    http::plain_response(404, "text/plain", "only GET /metrics here\n"),
+                );
+            }
             Err(refusal) => self.refuse(ctx, refusal),
             Ok(Some(http::Request::Probe(p))) => self.answer_probe(ctx, p),
             Ok(Some(http::Request::Upgrade(_))) if self.kind == Kind::Metrics => {
@@ -829,10 +835,21 @@ impl Session {
         let text = "text/plain; charset=utf-8";
         let out = match (self.kind, probe) {
             (Kind::Main, http::Probe::Health) => http::plain_response(200, text, "ok\n"),
-            (Kind::Main, http::Probe::Ready) => match &ctx.not_ready {
-                None => http::plain_response(200, text, "ready\n"),
-                Some(why) => http::plain_response(503, text, &format!("not ready: {why}\n")),
-            },
+            (Kind::Main, http::Probe::Ready) => {
+                // Readiness looks at the credentials itself (rate-limited by
+                // CREDENTIALS_CHECK_SECONDS), so a pod with no sessions still
+                // notices a vanished token.
+                let why = ctx.not_ready.clone().or_else(|| {
+                    ctx.credentials
+                        .current(ctx.now)
+                        .err()
+                        .map(|e| format!("upstream credentials unavailable: {e}"))
+                });
+                match why {
+                    None => http::plain_response(200, text, "ready\n"),
+                    Some(why) => http::plain_response(503, text, &format!("not ready: {why}\n")),
+                }
+            }
             (Kind::Metrics, http::Probe::Metrics) => http::plain_response(
                 200,
                 "text/plain; version=0.0.4; charset=utf-8",

@@ -133,13 +133,6 @@ impl Credentials {
         }
     }
 
-    /// Why new sessions cannot get credentials, if they cannot (readiness).
-    pub fn problem(&self) -> Option<String> {
-        self.error
-            .as_ref()
-            .map(|e| format!("upstream credentials unavailable: {e}"))
-    }
-
     fn refresh(&mut self) {
         let mut errors = Vec::new();
         if let Some(path) = &self.ca_file {

@@ -206,13 +206,19 @@ fn a_credential_file_that_disappears_fails_new_sessions_and_spares_open_ones() {
     assert!(a.body.contains("token"), "names the file: {}", a.body);
     // A refused session does not even dial.
     assert_eq!(h.upstream.connections_total(), dialed);
+    // And the pod reports not ready, so traffic goes elsewhere.
+    let readyz = || raw_request(h.addr, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let ready = readyz();
+    assert_eq!(ready.status, 503);
+    assert!(ready.body.contains("credentials"), "{}", ready.body);
     open.send(Message::text("two")).unwrap();
     assert_eq!(open.read().unwrap(), Message::text("two"));
-    // Back again: new sessions work again.
+    // Back again: new sessions work again, and the pod is ready.
     sa.write("token", SA_TOKEN);
-    assert!(upstream::wait_until(Duration::from_secs(10), || {
-        status_of(&h, &format!("/{tok}/echo")) == 101
-    }));
+    assert!(upstream::wait_until(Duration::from_secs(10), || readyz()
+        .status
+        == 200));
+    assert_eq!(status_of(&h, &format!("/{tok}/echo")), 101);
 }
 
 #[test]

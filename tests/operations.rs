@@ -1,0 +1,506 @@
+//! Operations, through real sockets and the real binary with real signals:
+//! keepalive, graceful shutdown, health and readiness, metrics, the access
+//! log, and the `token` / `check-config` subcommands.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::upstream::{self, StandIn};
+use common::{Harness, SECRET, raw_request, upgrade_request, ws_connect};
+use tungstenite::Message;
+
+const BIN: &str = env!("CARGO_BIN_EXE_kubevirt-vnc-proxy");
+
+/// The binary with stderr lines delivered on a channel.
+struct Binary {
+    child: Child,
+    addr: SocketAddr,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Binary {
+    fn start(upstream: SocketAddr, env: &[(&str, &str)]) -> Binary {
+        let mut cmd = Command::new(BIN);
+        cmd.env_clear()
+            .env("SECRET_KEY", SECRET)
+            .env("LOCAL_DEV_MODE", "true")
+            .env("WS_REMOTE_URL", format!("ws://{upstream}"))
+            .env("HOST", "127.0.0.1")
+            .env("PORT", "0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr = loop {
+            let line = lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("the proxy says where it listens");
+            if let Some(a) = line.split("listening on ").nth(1) {
+                // With LOG_FORMAT=json the address ends a JSON string.
+                let a = a.trim().trim_end_matches("\"}").trim_end_matches('"');
+                break a.parse().unwrap();
+            }
+        };
+        Binary { child, addr, lines }
+    }
+
+    fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name}");
+    }
+
+    /// Wait (bounded) for the process to exit; its status code.
+    fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    fn drain_lines(&self, for_at_most: Duration) -> Vec<String> {
+        let mut out = Vec::new();
+        let deadline = Instant::now() + for_at_most;
+        while let Ok(l) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            out.push(l);
+        }
+        out
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let a = raw_request(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    );
+    (a.status, a.body)
+}
+
+// ---- raw WebSocket client bits (frames as bytes, for exact control) ----
+
+fn raw_session(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&upgrade_request(path, "")).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).unwrap(), 1);
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s
+}
+
+fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h)?;
+    let len = match h[1] & 0x7F {
+        126 => {
+            let mut l = [0u8; 2];
+            s.read_exact(&mut l)?;
+            usize::from(u16::from_be_bytes(l))
+        }
+        n => usize::from(n),
+    };
+    let mut p = vec![0u8; len];
+    s.read_exact(&mut p)?;
+    Ok((h[0] & 0x0F, p))
+}
+
+fn masked(op: u8, payload: &[u8]) -> Vec<u8> {
+    let k = [3u8, 5, 7, 9];
+    let mut f = vec![0x80 | op, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&k);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+    f
+}
+
+#[test]
+fn keepalive_pings_a_silent_client_and_takes_its_pongs_out_of_the_stream() {
+    let standin = StandIn::start();
+    let p = Binary::start(
+        standin.addr(),
+        &[
+            ("PING_INTERVAL_SECONDS", "1"),
+            ("PEER_TIMEOUT_SECONDS", "3"),
+            ("LOG_FORMAT", "json"),
+        ],
+    );
+    let t = Harness::token(&["sink-ka"]);
+    let mut s = raw_session(p.addr, &format!("/{t}/sink-ka"));
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let started = Instant::now();
+    let mut pings = 0;
+    // Answer every ping for longer than PEER_TIMEOUT: the session lives.
+    while started.elapsed() < Duration::from_millis(4500) {
+        match read_frame(&mut s) {
+            Ok((0x9, payload)) => {
+                assert_eq!(payload.len(), 8);
+                pings += 1;
+                s.write_all(&masked(0xA, &payload)).unwrap();
+            }
+            Ok((op, _)) => panic!("unexpected frame opcode {op} (a pong from upstream leaked?)"),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("session died while answering pings: {e}"),
+        }
+    }
+    assert!(pings >= 2, "{pings} pings in 4.5 s with a 1 s interval");
+    // A clean close: the access line shows what crossed.
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&masked(0x8, &1000u16.to_be_bytes())).unwrap();
+    let (op, payload) = read_frame(&mut s).unwrap();
+    assert_eq!((op, &payload[..2]), (0x8, &1000u16.to_be_bytes()[..]));
+    drop(s);
+    let lines = p.drain_lines(Duration::from_secs(3));
+    let session = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "session")
+        .unwrap_or_else(|| panic!("no access line in {lines:?}"));
+    // Only the close frame (2 + 4 mask + 2 code bytes) went upstream: every
+    // pong answering the proxy's pings was taken out.
+    assert_eq!(session["bytes_up"], 8, "{session}");
+    assert_eq!(session["client_close"], 1000);
+    assert_eq!(
+        upstream::wait_until(Duration::from_secs(3), || !standin.close_codes().is_empty()),
+        true
+    );
+    assert_eq!(
+        standin.sink_results()[0].0,
+        0,
+        "no data reached the upstream"
+    );
+}
+
+#[test]
+fn a_client_that_stops_answering_is_gone_after_the_peer_timeout() {
+    let standin = StandIn::start();
+    let h = Harness::start_with(|c| {
+        c.upstream =
+            kubevirt_vnc_proxy::config::UpstreamUrl::parse(&format!("ws://{}", standin.addr()))
+                .unwrap();
+        c.ping_interval = Duration::from_secs(1);
+        c.peer_timeout = Duration::from_secs(2);
+        c.metrics_addr = Some("127.0.0.1:0".into());
+    });
+    let t = Harness::token(&["sink-silent"]);
+    let s = raw_session(h.addr, &format!("/{t}/sink-silent"));
+    let started = Instant::now();
+    // The client never reads and never answers.
+    assert!(upstream::wait_until(Duration::from_secs(6), || !standin
+        .close_codes()
+        .is_empty()));
+    assert!(started.elapsed() >= Duration::from_millis(1900));
+    assert_eq!(
+        standin.close_codes(),
+        vec![Some(1001)],
+        "the upstream is told the client went away"
+    );
+    let metrics = h.proxy.as_ref().unwrap().metrics_addr().unwrap();
+    let (_, body) = get(metrics, "/metrics");
+    assert!(
+        body.contains("kubevirt_vnc_proxy_keepalive_timeouts_total 1"),
+        "{body}"
+    );
+    drop(s);
+}
+
+#[test]
+fn sigterm_drains_then_closes_with_1001_and_exits_0() {
+    let standin = StandIn::start();
+    let mut p = Binary::start(standin.addr(), &[("SHUTDOWN_GRACE_SECONDS", "2")]);
+    assert_eq!(get(p.addr, "/healthz").0, 200);
+    assert_eq!(get(p.addr, "/readyz").0, 200);
+    let t = Harness::token(&["echo"]);
+    let mut ws = ws_connect(p.addr, &format!("/{t}/echo")).unwrap();
+    ws.send(Message::text("before")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("before"));
+    p.signal("TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    // Not ready, new sessions refused, open ones still served.
+    let (status, body) = get(p.addr, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        raw_request(p.addr, &upgrade_request(&format!("/{t}/echo"), "")).status,
+        503
+    );
+    ws.send(Message::text("during grace")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("during grace"));
+    // After the grace: going away.
+    match ws.read() {
+        Ok(Message::Close(Some(f))) => {
+            assert_eq!(u16::from(f.code), 1001);
+            assert_eq!(f.reason.as_str(), "going away");
+        }
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+    let _ = ws.flush();
+    drop(ws);
+    assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn a_second_signal_stops_at_once() {
+    let standin = StandIn::start();
+    let mut p = Binary::start(standin.addr(), &[("SHUTDOWN_GRACE_SECONDS", "60")]);
+    let t = Harness::token(&["echo"]);
+    let _ws = ws_connect(p.addr, &format!("/{t}/echo")).unwrap();
+    p.signal("TERM");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        p.wait_exit(Duration::from_millis(300)),
+        None,
+        "the first signal only drains"
+    );
+    p.signal("INT");
+    assert_eq!(p.wait_exit(Duration::from_secs(5)), Some(0));
+}
+
+#[test]
+fn metrics_are_served_in_the_prometheus_text_format() {
+    let h = Harness::start_with(|c| c.metrics_addr = Some("127.0.0.1:0".into()));
+    let metrics = h.proxy.as_ref().unwrap().metrics_addr().unwrap();
+    let mut ws = h.ws("echo");
+    ws.send(Message::binary(vec![7; 1000])).unwrap();
+    ws.read().unwrap();
+    ws.close(None).unwrap();
+    let _ = ws.read();
+    drop(ws);
+    assert_eq!(
+        raw_request(h.addr, &upgrade_request("/bad/echo", "")).status,
+        401
+    );
+    assert!(h.wait_idle());
+    let (status, body) = get(metrics, "/metrics");
+    assert_eq!(status, 200);
+    let mut samples = std::collections::HashMap::new();
+    for line in body.lines() {
+        if line.starts_with('#') {
+            assert!(
+                line.starts_with("# HELP ") || line.starts_with("# TYPE "),
+                "{line}"
+            );
+            continue;
+        }
+        let (name, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line {line}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line}"));
+        samples.insert(name.to_owned(), value);
+    }
+    assert_eq!(
+        samples["kubevirt_vnc_proxy_refusals_total{status=\"401\"}"],
+        1.0
+    );
+    assert_eq!(
+        samples["kubevirt_vnc_proxy_sessions_total{outcome=\"normal\"}"],
+        1.0
+    );
+    assert!(samples["kubevirt_vnc_proxy_bytes_total{direction=\"up\"}"] >= 1000.0);
+    assert!(samples["kubevirt_vnc_proxy_bytes_total{direction=\"down\"}"] >= 1000.0);
+    assert_eq!(samples["kubevirt_vnc_proxy_handshake_seconds_count"], 1.0);
+    assert_eq!(
+        samples["kubevirt_vnc_proxy_upstream_dial_seconds_count"],
+        1.0
+    );
+    for family in [
+        "kubevirt_vnc_proxy_open_connections",
+        "kubevirt_vnc_proxy_open_sessions",
+        "kubevirt_vnc_proxy_keepalive_timeouts_total",
+        "kubevirt_vnc_proxy_backpressure_pauses_total",
+        "kubevirt_vnc_proxy_limits_hit_total",
+    ] {
+        assert!(samples.contains_key(family), "{family} missing");
+    }
+    // Only /metrics there; the main listener does not serve it.
+    assert_eq!(get(metrics, "/other").0, 404);
+    assert_eq!(get(h.addr, "/metrics").0, 404);
+}
+
+#[test]
+fn the_access_log_has_one_json_line_per_connection_and_never_the_token() {
+    let standin = StandIn::start();
+    let p = Binary::start(standin.addr(), &[("LOG_FORMAT", "json")]);
+    let t = Harness::token(&["echo"]);
+    let mut ws = ws_connect(p.addr, &format!("/{t}/echo")).unwrap();
+    ws.send(Message::text("hi")).unwrap();
+    ws.read().unwrap();
+    ws.close(None).unwrap();
+    let _ = ws.read();
+    drop(ws);
+    let bad = common::tokens::mint(
+        "a-wrong-secret-that-is-32-bytes-long",
+        common::NS,
+        &["echo"],
+        common::tokens::now() + 60,
+    );
+    assert_eq!(
+        raw_request(p.addr, &upgrade_request(&format!("/{bad}/echo"), "")).status,
+        401
+    );
+    let lines = p.drain_lines(Duration::from_secs(2));
+    for l in &lines {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(l).is_ok(),
+            "not JSON: {l}"
+        );
+        assert!(
+            !l.contains(&t) && !l.contains(&bad),
+            "a token in the log: {l}"
+        );
+    }
+    let events: Vec<serde_json::Value> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let session = events
+        .iter()
+        .find(|e| e["event"] == "session")
+        .expect("a session line");
+    for field in [
+        "client",
+        "vmi",
+        "namespace",
+        "token_id",
+        "outcome",
+        "duration_ms",
+        "bytes_up",
+        "bytes_down",
+        "client_close",
+        "upstream_close",
+    ] {
+        assert!(session.get(field).is_some(), "{field} in {session}");
+    }
+    assert_eq!(session["vmi"], "echo");
+    assert_eq!(session["token_id"], "5");
+    let refused = events
+        .iter()
+        .find(|e| e["event"] == "refused")
+        .expect("a refusal line");
+    assert_eq!(refused["status"], 401);
+    assert!(
+        refused["reason"].as_str().unwrap().contains("signature"),
+        "{refused}"
+    );
+    assert!(
+        refused["detail"].as_str().unwrap().contains("id 5"),
+        "{refused}"
+    );
+}
+
+#[test]
+fn the_token_subcommand_mints_what_the_proxy_accepts() {
+    let out = Command::new(BIN)
+        .env_clear()
+        .env("SECRET_KEY", SECRET)
+        .args([
+            "token",
+            "--vmi",
+            "echo",
+            "--vmi",
+            "other",
+            "--namespace",
+            "lab-ns",
+            "--ttl",
+            "60",
+            "--user-id",
+            "42",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let h = Harness::start();
+    let mut ws = h.ws_path(&format!("/{token}/echo"));
+    ws.send(Message::text("minted")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("minted"));
+    let bad = Command::new(BIN)
+        .env_clear()
+        .args(["token", "--vmi", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+}
+
+#[test]
+fn check_config_and_version() {
+    let ok = Command::new(BIN)
+        .env_clear()
+        .env("SECRET_KEY", SECRET)
+        .env("LOCAL_DEV_MODE", "true")
+        .env("WS_REMOTE_URL", "ws://127.0.0.1:8001")
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("configuration ok"));
+    let missing = Command::new(BIN)
+        .env_clear()
+        .env("SECRET_KEY", SECRET)
+        .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        .env("SERVICE_ACCOUNT_DIR", "/nonexistent")
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent"));
+    let v = Command::new(BIN).arg("--version").output().unwrap();
+    assert_eq!(v.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&v.stdout).starts_with("kubevirt-vnc-proxy "));
+}
