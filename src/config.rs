@@ -26,6 +26,7 @@ struct Opt {
 const OPTIONS: &[Opt] = &[
     Opt { var: "HOST", flag: "--host", default: "0.0.0.0", help: "address to listen on" },
     Opt { var: "PORT", flag: "--port", default: "5001", help: "port to listen on" },
+    Opt { var: "WORKERS", flag: "--workers", default: "1", help: "independent event loops sharing the port (SO_REUSEPORT), one thread each" },
     Opt { var: "HOST_PATH_PREFIX", flag: "--host-path-prefix", default: "", help: "one leading path segment to expect and strip (behind a reverse proxy)" },
     Opt { var: "SECRET_KEY", flag: "--secret-key", default: "", help: "HMAC secret for HS* tokens (required unless JWT_PUBLIC_KEY_FILE is set)" },
     Opt { var: "JWT_ALGORITHMS", flag: "--jwt-algorithms", default: "HS256", help: "accepted algorithms, comma-separated: HS256/384/512, RS256/384/512, PS256/384/512, ES256/384, EdDSA" },
@@ -179,6 +180,8 @@ pub struct Config {
     pub host: String,
     /// Port to listen on (`PORT`); 0 picks a free port.
     pub port: u16,
+    /// Event loops sharing the port (`WORKERS`); the binary runs this many.
+    pub workers: usize,
     /// One path segment expected before the token (`HOST_PATH_PREFIX`).
     pub path_prefix: Option<String>,
     /// Keys and algorithms for tokens.
@@ -469,6 +472,7 @@ impl Config {
         let config = Config {
             host: or_default("HOST"),
             port: parse_num("PORT", &or_default("PORT"))?,
+            workers: parse_num("WORKERS", &or_default("WORKERS"))?,
             path_prefix: (!prefix.is_empty()).then(|| prefix.to_owned()),
             jwt: JwtSettings {
                 algorithms,
@@ -578,6 +582,9 @@ impl Config {
                 "PEER_TIMEOUT_SECONDS",
                 "must be longer than PING_INTERVAL_SECONDS (a peer needs time to answer a ping)",
             ));
+        }
+        if !(1..=256).contains(&self.workers) {
+            return Err(ConfigError::new("WORKERS", "must be between 1 and 256"));
         }
         if self.max_connections == 0 {
             return Err(ConfigError::new("MAX_CONNECTIONS", "must be at least 1"));

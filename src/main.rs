@@ -43,18 +43,38 @@ fn main() -> ExitCode {
     };
     init_logging(&config);
     let grace = config.shutdown_grace;
-    let proxy = match Proxy::bind(config) {
+    let workers = config.workers;
+    // WORKERS independent loops share the port through SO_REUSEPORT; the
+    // first one binds (and picks the port when PORT=0), the others follow.
+    // Only the first serves /metrics, for its own sessions.
+    let first = match Proxy::bind(config.clone()) {
         Ok(p) => p,
         Err(e) => return start_failed(e),
     };
-    log::info!("listening on {}", proxy.local_addr());
-    if let Some(m) = proxy.metrics_addr() {
+    let mut others = Vec::new();
+    for _ in 1..workers {
+        let mut c = config.clone();
+        c.port = first.local_addr().port();
+        c.metrics_addr = None;
+        match Proxy::bind(c) {
+            Ok(p) => others.push(p),
+            Err(e) => return start_failed(e),
+        }
+    }
+    // Tests and tools read the address from this exact line.
+    log::info!("listening on {}", first.local_addr());
+    if workers > 1 {
+        log::info!("{workers} workers share the port");
+    }
+    if let Some(m) = first.metrics_addr() {
         log::info!("serving /metrics on {m}");
     }
     // Signals are turned into handle calls on a thread of their own: the
     // first SIGTERM/SIGINT drains (new sessions refused, open ones get
     // SHUTDOWN_GRACE_SECONDS), a second one stops at once.
-    let handle = proxy.handle();
+    let handles: Vec<_> = std::iter::once(first.handle())
+        .chain(others.iter().map(Proxy::handle))
+        .collect();
     let mut signals = match Signals::new([SIGTERM, SIGINT]) {
         Ok(s) => s,
         Err(e) => {
@@ -68,15 +88,29 @@ fn main() -> ExitCode {
             seen += 1;
             if seen == 1 {
                 log::info!("signal {signal}: draining for up to {grace:?} (again to stop at once)");
-                handle.drain(grace);
+                handles.iter().for_each(|h| h.drain(grace));
             } else {
                 log::warn!("signal {signal} again: stopping now");
-                handle.shutdown();
+                handles.iter().for_each(|h| h.shutdown());
                 break;
             }
         }
     });
-    match proxy.run() {
+    let mut threads = Vec::new();
+    for p in others {
+        match p.spawn() {
+            Ok(r) => threads.push(r),
+            Err(e) => {
+                log::error!("cannot start a worker thread: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let mut result = first.run();
+    for r in threads {
+        result = result.and(r.wait());
+    }
+    match result {
         Ok(()) => {
             log::info!("stopped");
             ExitCode::SUCCESS

@@ -303,6 +303,20 @@ impl AsRawFd for Proxy {
     }
 }
 
+/// A listener with SO_REUSEPORT, so several loops (`WORKERS`) can share one
+/// port and the kernel spreads connections among them. socket2 sets the
+/// options mio and std do not expose.
+fn listen_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
 fn resolve_one(host: &str, port: u16, var: &str) -> Result<SocketAddr, StartError> {
     (host, port)
         .to_socket_addrs()
@@ -401,7 +415,7 @@ impl Proxy {
         // Credential files are read now, so a missing one stops the start.
         let credentials = Credentials::load(&config, Instant::now())?;
         let poll = Poll::new()?;
-        let mut listener = TcpListener::bind(listen)?;
+        let mut listener = listen_reuseport(listen)?;
         let local_addr = listener.local_addr()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;

@@ -504,3 +504,39 @@ fn check_config_and_version() {
     assert_eq!(v.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&v.stdout).starts_with("kubevirt-vnc-proxy "));
 }
+
+#[test]
+fn two_workers_share_the_port_and_drain_together() {
+    let standin = StandIn::start();
+    let mut p = Binary::start(
+        standin.addr(),
+        &[("WORKERS", "2"), ("SHUTDOWN_GRACE_SECONDS", "1")],
+    );
+    let t = Harness::token(&["echo"]);
+    let mut sessions: Vec<_> = (0..20)
+        .map(|_| ws_connect(p.addr, &format!("/{t}/echo")).unwrap())
+        .collect();
+    for (i, ws) in sessions.iter_mut().enumerate() {
+        ws.send(Message::text(format!("{i}"))).unwrap();
+        assert_eq!(ws.read().unwrap(), Message::text(format!("{i}")));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).unwrap();
+    let threads: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(
+        threads >= 3,
+        "two loops and the signal thread: {threads} threads"
+    );
+    p.signal("TERM");
+    for ws in &mut sessions {
+        match ws.read() {
+            Ok(Message::Close(Some(f))) => assert_eq!(u16::from(f.code), 1001),
+            other => panic!("expected 1001 from every worker, got {other:?}"),
+        }
+    }
+    drop(sessions);
+    assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(0));
+}
