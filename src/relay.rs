@@ -289,17 +289,19 @@ impl Pipe {
                 (Some(_), Some(b)) => b,
                 _ => self.ready,
             };
-            if dst.writable && limit == 0 && boundary == Some(0) {
-                if let Some(ping) = self.ping.as_mut() {
-                    match ping.write_to(dst) {
-                        Ok(wrote) => moved |= wrote,
-                        Err(e) => {
-                            out.dst_failed = Some(e);
-                            return out;
-                        }
+            if dst.writable
+                && limit == 0
+                && boundary == Some(0)
+                && let Some(ping) = self.ping.as_mut()
+            {
+                match ping.write_to(dst) {
+                    Ok(wrote) => moved |= wrote,
+                    Err(e) => {
+                        out.dst_failed = Some(e);
+                        return out;
                     }
-                    self.ping.take_if(|p| p.done());
                 }
+                self.ping.take_if(|p| p.done());
             }
             if let Some(buf) = self.buf.as_mut().filter(|_| dst.writable && limit > 0) {
                 match dst.write(&buf.data()[..limit]) {

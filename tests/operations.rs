@@ -205,10 +205,9 @@ fn keepalive_pings_a_silent_client_and_takes_its_pongs_out_of_the_stream() {
     // pong answering the proxy's pings was taken out.
     assert_eq!(session["bytes_up"], 8, "{session}");
     assert_eq!(session["client_close"], 1000);
-    assert_eq!(
-        upstream::wait_until(Duration::from_secs(3), || !standin.close_codes().is_empty()),
-        true
-    );
+    assert!(upstream::wait_until(Duration::from_secs(3), || !standin
+        .close_codes()
+        .is_empty()));
     assert_eq!(
         standin.sink_results()[0].0,
         0,
