@@ -1,33 +1,49 @@
 //! Browser end-to-end test: a real noVNC (from npm) in Debian's headless Chromium, driven by
-//! playwright-core, connects through the proxy binary to a real VNC server (QEMU's built-in
-//! VNC WebSocket, in front of a disk-less VM showing its SeaBIOS screen).
+//! playwright-core, connects through the proxy binary to a real VNC server (QEMU, with a
+//! disk-less VM showing its SeaBIOS screen). Two paths:
 //!
-//! Path (a), local dev mode: the proxy dials `ws://127.0.0.1:<qemu websocket port>` with
-//! `API_PATH=/` (QEMU's WebSocket server serves only `/`). [`run_browser_cases`] takes the
-//! proxy's environment and the VMI name, so another path (an in-cluster TLS upstream) can reuse
-//! it with its own environment.
+//! - (a) local dev mode: the proxy dials QEMU's built-in VNC WebSocket
+//!   (`ws://127.0.0.1:<port>`) with `API_PATH=/` (QEMU's WebSocket server serves only `/`).
+//! - (b) in-cluster mode: the proxy dials `wss://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT`
+//!   with the service account's CA and bearer token, to the stand-in KubeVirt
+//!   (`tests/support/upstream.rs`: TLS, bearer required, KubeVirt paths only), which bridges
+//!   the `bridge-vm` VNC subresource to QEMU's plain VNC TCP port, like virt-handler.
+//!
+//! [`run_browser_cases`] takes the proxy's environment and the VMI name, so each path only
+//! brings its upstream. Both tests can run at once (separate ports, directories, screenshots).
 //!
 //! Needs /usr/bin/chromium, qemu-system-x86_64, node and tests/e2e/node_modules: run
-//! `bash tests/e2e/setup.sh` once. Without them the test fails (so CI cannot pass by not
+//! `bash tests/e2e/setup.sh` once. Without them the tests fail (so CI cannot pass by not
 //! testing), unless `E2E_SKIP=1` is set. Screenshots land in `target/e2e/`.
 //!
 //! Every process started here is killed by its PID when its guard drops, every wait is bounded,
 //! and everything listens on and connects to 127.0.0.1 only.
 
+#[path = "support/pki.rs"]
+mod pki;
 #[path = "support/tokens.rs"]
 mod tokens;
+#[path = "support/upstream.rs"]
+mod upstream;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use upstream::{StandIn, StandInOptions};
 
 const NAMESPACE: &str = "lab-ns";
 const VMI: &str = "testvm";
+/// For path (b): the stand-in bridges VMI names starting with `bridge` to QEMU's VNC port.
+const BRIDGE_VMI: &str = "bridge-vm";
+/// QEMU's `-vnc HOST:N` listens on this port plus N.
+const VNC_BASE_PORT: u16 = 5900;
 const CHROMIUM: &str = "/usr/bin/chromium";
 
 /// For the whole `connect` case in run.mjs: browser start, RFB handshake, and the wait for the
@@ -48,8 +64,8 @@ fn novnc_in_chromium_through_proxy_to_qemu_local_dev_mode() {
     if !prerequisites_or_skip() {
         return;
     }
-    let qemu = Qemu::start();
-    let remote = format!("ws://127.0.0.1:{}", qemu.ws_port);
+    let qemu = Qemu::start(QemuVnc::WebSocket);
+    let remote = format!("ws://{}", qemu.addr);
     let outcome = run_browser_cases(&ProxyPath {
         label: "local-dev",
         env: vec![
@@ -68,6 +84,94 @@ fn novnc_in_chromium_through_proxy_to_qemu_local_dev_mode() {
     if let Err(report) = outcome {
         panic!("{report}\n--- qemu output ---\n{}", qemu.proc.output());
     }
+    qemu.proc.assert_running();
+}
+
+#[test]
+fn novnc_in_chromium_through_proxy_in_cluster_tls_to_qemu_vnc_tcp() {
+    if !prerequisites_or_skip() {
+        return;
+    }
+    let qemu = Qemu::start(QemuVnc::Tcp);
+    let pki = pki::TestPki::new();
+    // A bound service-account token is an opaque JWT; any unguessable string does here.
+    let bearer = format!(
+        "sa-token-{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    let stand_in = StandIn::start_with(StandInOptions {
+        tls: Some(pki.server_tls()),
+        bearer: Some(bearer.clone()),
+        kubevirt_paths_only: true,
+        bridge_to: Some(qemu.addr),
+    });
+    let sa = TempDir::new("sa");
+    sa.write("ca.crt", &pki.ca_pem);
+    // No trailing newline, like the files Kubernetes projects.
+    sa.write("token", &bearer);
+
+    let outcome = run_browser_cases(&ProxyPath {
+        label: "in-cluster-tls",
+        env: vec![
+            // In-cluster mode (LOCAL_DEV_MODE defaults to false): wss:// to the "API server",
+            // trusting SERVICE_ACCOUNT_DIR/ca.crt and sending SERVICE_ACCOUNT_DIR/token. The
+            // default API_PATH and subprotocols, as in a cluster.
+            ("KUBERNETES_SERVICE_HOST".into(), "127.0.0.1".into()),
+            (
+                "KUBERNETES_SERVICE_PORT".into(),
+                stand_in.addr().port().to_string(),
+            ),
+            ("SERVICE_ACCOUNT_DIR".into(), sa.path.display().to_string()),
+        ],
+        namespace: NAMESPACE,
+        vmi: BRIDGE_VMI,
+    });
+    let seen = stand_in.seen();
+    let seen_paths = || {
+        seen.iter()
+            .map(|r| r.path.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    if let Err(report) = outcome {
+        panic!(
+            "{report}\n--- stand-in requests ---\n{}\n--- qemu output ---\n{}",
+            seen_paths(),
+            qemu.proc.output()
+        );
+    }
+
+    // The upstream request was KubeVirt's: the v1 subresource path for the token's namespace
+    // and VMI, with the service account's bearer. Exactly one reached the stand-in: the bad
+    // token was refused before any upstream work.
+    let want = format!(
+        "/apis/subresources.kubevirt.io/v1/namespaces/{NAMESPACE}/virtualmachineinstances/{BRIDGE_VMI}/vnc"
+    );
+    let to_vmi: Vec<_> = seen
+        .iter()
+        .filter(|r| upstream::vmi_name(&r.path) == BRIDGE_VMI)
+        .collect();
+    assert_eq!(
+        to_vmi.len(),
+        1,
+        "expected exactly one upstream request for {BRIDGE_VMI} (the valid token's); the \
+         stand-in saw:\n{}",
+        seen_paths()
+    );
+    let req = to_vmi[0];
+    assert_eq!(req.path, want, "the upstream request path");
+    assert!(
+        req.header("authorization") == Some(format!("Bearer {bearer}").as_str()),
+        "the upstream request did not carry the service account's bearer token"
+    );
+    assert_eq!(
+        req.header("sec-websocket-protocol"),
+        Some(upstream::KUBEVIRT_SUBPROTOCOL),
+        "the proxy offers the default subprotocol upstream"
+    );
     qemu.proc.assert_running();
 }
 
@@ -278,28 +382,53 @@ fn start_static_server() -> Result<StaticServer, String> {
 // ---------------------------------------------------------------------------------------------
 // QEMU: a disk-less VM whose screen is SeaBIOS's "No bootable device."
 
+/// Where QEMU's VNC server is reachable on 127.0.0.1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QemuVnc {
+    /// Path (a): QEMU's VNC WebSocket on a free port; the raw VNC server on a unix socket (no
+    /// display number to collide with other runs).
+    WebSocket,
+    /// Path (b): the raw VNC server on TCP, `-vnc 127.0.0.1:N` (port 5900 + N), as virt-handler
+    /// would reach it; no WebSocket.
+    Tcp,
+}
+
 struct Qemu {
     proc: Proc,
-    ws_port: u16,
-    /// Holds the raw VNC unix socket; removed on drop, after QEMU is killed.
+    /// The WebSocket port ([`QemuVnc::WebSocket`]) or the VNC TCP port ([`QemuVnc::Tcp`]).
+    addr: SocketAddr,
+    /// Holds the raw VNC unix socket (WebSocket mode); removed on drop, after QEMU is killed.
     dir: PathBuf,
 }
 
 impl Qemu {
-    /// Starts QEMU with its VNC server on a unix socket (no display number to collide with
-    /// other runs) and its VNC WebSocket on 127.0.0.1 and a free port. Retries a few times if
-    /// that port was taken between choosing it and QEMU binding it.
-    fn start() -> Qemu {
+    /// Starts QEMU with its VNC server as `vnc` says, on 127.0.0.1 and a port that was free a
+    /// moment before. Retries a few times if that port was taken between choosing it and QEMU
+    /// binding it.
+    fn start(vnc: QemuVnc) -> Qemu {
         let mut last = String::new();
-        for attempt in 0..5 {
+        for attempt in 0..5u16 {
             let dir = std::env::temp_dir().join(format!(
-                "kvp-e2e-qemu-{}-{attempt}-{}",
+                "kvp-e2e-qemu-{}-{vnc:?}-{attempt}-{}",
                 std::process::id(),
                 tokens::now()
             ));
             std::fs::create_dir_all(&dir).expect("create the QEMU temp dir");
-            let sock = dir.join("vnc.sock");
-            let ws_port = free_port();
+            let (addr, vnc_arg) = match vnc {
+                QemuVnc::WebSocket => {
+                    let port = free_port();
+                    let sock = dir.join("vnc.sock");
+                    (
+                        port,
+                        format!("unix:{},websocket=127.0.0.1:{port}", sock.display()),
+                    )
+                }
+                QemuVnc::Tcp => {
+                    let display = free_vnc_display(attempt);
+                    (VNC_BASE_PORT + display, format!("127.0.0.1:{display}"))
+                }
+            };
+            let addr = SocketAddr::from(([127, 0, 0, 1], addr));
             let mut cmd = Command::new("qemu-system-x86_64");
             cmd.args(["-machine", "pc,accel=tcg", "-m", "64", "-smp", "1"])
                 // No default devices, no disks, no network: SeaBIOS tries the disk and the
@@ -309,14 +438,10 @@ impl Qemu {
                 // Halt on boot failure instead of rebooting after 60 s (which blanks the screen).
                 .args(["-boot", "reboot-timeout=-1"])
                 .args(["-display", "none", "-serial", "none", "-monitor", "none"])
-                .arg("-vnc")
-                .arg(format!(
-                    "unix:{},websocket=127.0.0.1:{ws_port}",
-                    sock.display()
-                ));
+                .args(["-vnc", &vnc_arg]);
             let proc = Proc::spawn("qemu", &mut cmd)
                 .unwrap_or_else(|e| panic!("cannot start qemu-system-x86_64: {e}"));
-            let qemu = Qemu { proc, ws_port, dir };
+            let qemu = Qemu { proc, addr, dir };
             match qemu.wait_listening() {
                 Ok(()) => return qemu,
                 Err(e) => {
@@ -330,20 +455,26 @@ impl Qemu {
         panic!("QEMU did not start: {last}");
     }
 
-    /// Until the WebSocket port accepts a TCP connection (bounded), or QEMU exits.
+    /// Until QEMU's port accepts a TCP connection (bounded), or QEMU exits.
     fn wait_listening(&self) -> Result<(), String> {
         let deadline = Instant::now() + READY_TIMEOUT;
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.ws_port));
         loop {
             if let Some(status) = self.proc.exited() {
                 return Err(format!("qemu exited: {status}"));
             }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return Ok(());
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                // Someone listens there; make sure it is this QEMU and not a process that took
+                // the port first (QEMU then fails to bind and exits within moments).
+                thread::sleep(Duration::from_millis(300));
+                return match self.proc.exited() {
+                    Some(status) => Err(format!("qemu exited: {status}")),
+                    None => Ok(()),
+                };
             }
             if Instant::now() >= deadline {
                 return Err(format!(
-                    "qemu's websocket port {addr} not listening after {READY_TIMEOUT:?}"
+                    "qemu's VNC port {} not listening after {READY_TIMEOUT:?}",
+                    self.addr
                 ));
             }
             thread::sleep(Duration::from_millis(100));
@@ -560,4 +691,50 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("bind 127.0.0.1:0")
+}
+
+/// A VNC display number N whose port (5900 + N) on 127.0.0.1 was free a moment ago. Runs in
+/// other processes start their search at other displays (by PID), and each retry further on.
+fn free_vnc_display(attempt: u16) -> u16 {
+    const DISPLAYS: u16 = 100;
+    let first = (std::process::id() % u32::from(DISPLAYS)) as u16 + attempt * 7;
+    (0..DISPLAYS)
+        .map(|i| (first + i) % DISPLAYS)
+        .find(|d| TcpListener::bind(("127.0.0.1", VNC_BASE_PORT + d)).is_ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no free VNC display: 127.0.0.1:{VNC_BASE_PORT}..{} all taken",
+                VNC_BASE_PORT + DISPLAYS - 1
+            )
+        })
+}
+
+/// A directory of its own under the system temp dir, removed on drop.
+struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    fn new(what: &str) -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "kvp-e2e-{what}-{}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            tokens::now()
+        ));
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        TempDir { path }
+    }
+
+    fn write(&self, name: &str, contents: &str) {
+        let file = self.path.join(name);
+        std::fs::write(&file, contents).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }
