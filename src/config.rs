@@ -565,6 +565,19 @@ impl Config {
                 "not set (required unless JWT_PUBLIC_KEY_FILE is set)",
             ));
         }
+        self.validate_without_keys()
+    }
+
+    /// Everything [`validate`](Self::validate) checks except that token keys
+    /// exist (a custom authorizer may not use them).
+    pub fn validate_without_keys(&self) -> Result<(), ConfigError> {
+        if self.buffer_size < self.max_head_bytes + 1024 {
+            // Bytes that arrive with a handshake head must fit the buffer.
+            return Err(ConfigError::new(
+                "RELAY_BUFFER_BYTES",
+                "must be at least MAX_REQUEST_HEAD_BYTES + 1024",
+            ));
+        }
         if self.token_sources.is_empty() {
             return Err(ConfigError::new("TOKEN_SOURCES", "no token source enabled"));
         }

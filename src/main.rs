@@ -126,7 +126,7 @@ fn start_failed(e: StartError) -> ExitCode {
     eprintln!("{e}");
     match e {
         StartError::Config(_) | StartError::Resolve(_) => ExitCode::from(2),
-        StartError::Io(_) => ExitCode::FAILURE,
+        StartError::Bind(..) | StartError::Io(_) => ExitCode::FAILURE,
     }
 }
 

@@ -87,8 +87,10 @@ pub(crate) struct Pipe {
     pub last_rx: Instant,
     /// A close frame went (or is going) to the destination.
     pub close_sent: bool,
-    /// Bytes written to the destination.
+    /// Frame bytes written to the destination.
     pub bytes: u64,
+    /// Bytes still to be written that are not frames (the 101 head).
+    uncounted: u64,
     /// Times the buffer filled up and reading paused.
     pub pauses: u64,
 }
@@ -116,6 +118,7 @@ impl Pipe {
             last_rx: now,
             close_sent: false,
             bytes: 0,
+            uncounted: 0,
             pauses: 0,
         }
     }
@@ -133,6 +136,8 @@ impl Pipe {
         // leftover, so nothing is cut here.
         debug_assert_eq!(taken, raw.len() + frames.len());
         self.ready += raw.len();
+        // The 101 head is not frame traffic: leave it out of `bytes`.
+        self.uncounted = raw.len() as u64;
         // The end of a handshake head is where frames begin.
         self.boundary = Some(self.ready);
         self.scan_new();
@@ -309,7 +314,9 @@ impl Pipe {
                         buf.consume(n);
                         self.ready -= n;
                         self.boundary = self.boundary.and_then(|b| b.checked_sub(n));
-                        self.bytes += n as u64;
+                        let counted = (n as u64).saturating_sub(self.uncounted);
+                        self.uncounted = self.uncounted.saturating_sub(n as u64);
+                        self.bytes += counted;
                         moved = true;
                     }
                     Io::WouldBlock | Io::Eof => {}

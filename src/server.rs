@@ -47,7 +47,9 @@ pub enum StartError {
     Config(ConfigError),
     /// The upstream host name did not resolve.
     Resolve(String),
-    /// Binding or setting up the event loop failed.
+    /// A listener could not be bound: the setting, the address, the error.
+    Bind(&'static str, SocketAddr, io::Error),
+    /// Setting up the event loop failed.
     Io(io::Error),
 }
 
@@ -56,6 +58,7 @@ impl fmt::Display for StartError {
         match self {
             StartError::Config(e) => e.fmt(f),
             StartError::Resolve(m) => write!(f, "cannot resolve the upstream: {m}"),
+            StartError::Bind(var, addr, e) => write!(f, "cannot listen on {addr} ({var}): {e}"),
             StartError::Io(e) => write!(f, "cannot start: {e}"),
         }
     }
@@ -303,14 +306,15 @@ impl AsRawFd for Proxy {
     }
 }
 
-/// A listener with SO_REUSEPORT, so several loops (`WORKERS`) can share one
-/// port and the kernel spreads connections among them. socket2 sets the
-/// options mio and std do not expose.
-fn listen_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
+/// The main listener; with `reuse_port` (WORKERS > 1) several loops share
+/// one port and the kernel spreads connections among them. Without it a
+/// second proxy on the same port fails to start instead of silently
+/// splitting traffic. socket2 sets the options mio and std do not expose.
+fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
+    socket.set_reuse_port(reuse_port)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
@@ -385,10 +389,15 @@ impl Proxy {
 
     fn build(b: ProxyBuilder) -> Result<Proxy, StartError> {
         let config = b.config;
-        config.validate()?;
         let authorizer: Box<dyn Authorizer> = match b.authorizer {
-            Some(a) => a,
-            None => Box::new(JwtAuthorizer::new(&config)?),
+            Some(a) => {
+                config.validate_without_keys()?;
+                a
+            }
+            None => {
+                config.validate()?;
+                Box::new(JwtAuthorizer::new(&config)?)
+            }
         };
         // The only DNS lookup: at start, never per session.
         let up = &config.upstream;
@@ -415,7 +424,8 @@ impl Proxy {
         // Credential files are read now, so a missing one stops the start.
         let credentials = Credentials::load(&config, Instant::now())?;
         let poll = Poll::new()?;
-        let mut listener = listen_reuseport(listen)?;
+        let mut listener = bind_listener(listen, config.workers > 1)
+            .map_err(|e| StartError::Bind("HOST/PORT", listen, e))?;
         let local_addr = listener.local_addr()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -427,7 +437,10 @@ impl Proxy {
                         message: format!("'{addr}' is not HOST:PORT: {e}"),
                     })
                 })?;
-                Some(TcpListener::bind(addr)?)
+                Some(
+                    TcpListener::bind(addr)
+                        .map_err(|e| StartError::Bind("METRICS_ADDR", addr, e))?,
+                )
             }
             None => None,
         };
@@ -497,10 +510,11 @@ impl Proxy {
         }
     }
 
-    /// True once the loop has nothing left to do: stopped, or drained and
+    /// True once the loop has nothing left to do: stopped, or draining with
     /// every session closed.
     pub fn is_finished(&self) -> bool {
-        self.shared.stop.load(Ordering::SeqCst) || (self.gone_away && self.sessions.is_empty())
+        let draining = self.gone_away || self.drain_until.is_some();
+        self.shared.stop.load(Ordering::SeqCst) || (draining && self.sessions.is_empty())
     }
 
     /// Serve on the calling thread until stopped (or drained).
@@ -552,6 +566,11 @@ impl Proxy {
     /// Wait for events (at most `timeout`; `Some(ZERO)` does not wait), handle
     /// them and every due deadline, and return.
     pub fn poll_once(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        if self.shared.stop.load(Ordering::SeqCst) {
+            // Stopped: close what is left (events included) and do no more.
+            self.close_all();
+            return Ok(());
+        }
         match self.poll.poll(&mut self.events, timeout) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -741,8 +741,12 @@ impl Session {
         {
             // exp is wall-clock seconds; the loop's timers are monotonic.
             let now_unix = jsonwebtoken::get_current_timestamp();
-            let left = (g.expires_at + ctx.config.jwt.leeway_secs).saturating_sub(now_unix);
-            self.expires = Some(ctx.now + std::time::Duration::from_secs(left));
+            let left = g
+                .expires_at
+                .saturating_add(ctx.config.jwt.leeway_secs)
+                .saturating_sub(now_unix);
+            // A grant too far in the future to represent never expires.
+            self.expires = ctx.now.checked_add(std::time::Duration::from_secs(left));
         }
         if !ctx.config.ping_interval.is_zero() {
             self.keepalive_at = Some(ctx.now + ctx.config.ping_interval);

@@ -539,3 +539,16 @@ fn two_workers_share_the_port_and_drain_together() {
     drop(sessions);
     assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(0));
 }
+
+#[test]
+fn sigterm_on_an_idle_proxy_exits_at_once() {
+    let standin = StandIn::start();
+    let mut p = Binary::start(standin.addr(), &[("SHUTDOWN_GRACE_SECONDS", "25")]);
+    let started = Instant::now();
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(Duration::from_secs(5)), Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "waited for a grace with nothing to drain"
+    );
+}
