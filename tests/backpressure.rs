@@ -7,10 +7,10 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::upstream::{self, FNV_OFFSET, StandIn, fnv1a, pattern};
-use common::{Harness, ProxyProcess, SECRET, ws_connect};
+use common::upstream::{self, StandIn};
+use common::{Harness, ProxyProcess, SECRET, stall_then_read_all, ws_connect};
 use tungstenite::Message;
 
 const TOTAL: u64 = 256 << 20;
@@ -25,56 +25,13 @@ fn a_stalled_client_costs_a_few_buffers_and_loses_nothing() {
     let token = Harness::token(&[&vmi]);
     let mut ws = ws_connect(proxy.addr, &format!("/{token}/{vmi}")).expect("connect");
 
-    let mut received = 0u64;
-    let mut sum = FNV_OFFSET;
-    let mut expect = vec![0u8; FRAME as usize];
-    let mut take = |m: Message, received: &mut u64, sum: &mut u64| match m {
-        Message::Binary(b) => {
-            pattern(*received, &mut expect[..b.len()]);
-            assert!(
-                b[..] == expect[..b.len()],
-                "bytes out of order at offset {received}"
-            );
-            *sum = fnv1a(*sum, &b);
-            *received += b.len() as u64;
-        }
-        other => panic!("unexpected {other:?}"),
-    };
-    // Read a little so the stream is flowing, then stop reading.
-    for _ in 0..4 {
-        let m = ws.read().unwrap();
-        take(m, &mut received, &mut sum);
-    }
-    let rss_flowing = proxy.rss_kib();
-    // Stall for two seconds while the upstream keeps pushing; sample the
-    // proxy's memory throughout.
-    let stall = Instant::now();
-    let mut peak = 0;
-    while stall.elapsed() < Duration::from_secs(2) {
-        peak = peak.max(proxy.rss_kib());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (flowing, peak) = stall_then_read_all(&mut ws, &proxy, TOTAL);
     // The bound: the relay holds at most one 64 KiB buffer per direction;
     // allow 2 MiB for allocator noise. The stream is 256 MiB.
     assert!(
-        peak <= rss_flowing + 2048,
-        "proxy RSS grew from {rss_flowing} KiB to {peak} KiB while the client was stalled"
+        peak <= flowing + 2048,
+        "proxy RSS grew from {flowing} KiB to {peak} KiB while the client was stalled"
     );
-    // Read everything else: all bytes, in order.
-    while received < TOTAL {
-        let m = ws.read().unwrap();
-        take(m, &mut received, &mut sum);
-    }
-    let mut whole = FNV_OFFSET;
-    let mut chunk = vec![0u8; 1 << 20];
-    let mut off = 0;
-    while off < TOTAL {
-        pattern(off, &mut chunk);
-        whole = fnv1a(whole, &chunk);
-        off += chunk.len() as u64;
-    }
-    assert_eq!(received, TOTAL);
-    assert_eq!(sum, whole, "checksum of the relayed stream");
     // The upstream closes after the stream; the close reaches the client.
     match ws.read() {
         Ok(Message::Close(Some(f))) => assert_eq!(u16::from(f.code), 1000),

@@ -11,9 +11,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::pki::TestPki;
-use common::upstream::{self, FNV_OFFSET, StandInOptions, fnv1a, pattern};
+use common::upstream::{self, StandInOptions};
 use common::{
-    Harness, NS, ProxyProcess, SECRET, StandIn, TempDir, raw_request, upgrade_request, ws_connect,
+    Harness, NS, ProxyProcess, SECRET, StandIn, TempDir, raw_request, stall_then_read_all,
+    upgrade_request, ws_connect,
 };
 use kubevirt_vnc_proxy::config::UpstreamUrl;
 use kubevirt_vnc_proxy::{Config, Proxy};
@@ -389,43 +390,11 @@ fn backpressure_holds_through_tls() {
     let vmi = format!("stream-{TOTAL}-65536");
     let tok = Harness::token(&[&vmi]);
     let mut ws = ws_connect(proxy.addr, &format!("/{tok}/{vmi}")).unwrap();
-    let mut received = 0u64;
-    let mut sum = FNV_OFFSET;
-    let take = |m: Message, received: &mut u64, sum: &mut u64| match m {
-        Message::Binary(b) => {
-            *sum = fnv1a(*sum, &b);
-            *received += b.len() as u64;
-        }
-        other => panic!("unexpected {other:?}"),
-    };
-    for _ in 0..4 {
-        let m = ws.read().unwrap();
-        take(m, &mut received, &mut sum);
-    }
-    let flowing = proxy.rss_kib();
-    let mut peak = 0;
-    let stall = std::time::Instant::now();
-    while stall.elapsed() < Duration::from_secs(2) {
-        peak = peak.max(proxy.rss_kib());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (flowing, peak) = stall_then_read_all(&mut ws, &proxy, TOTAL);
     assert!(
         peak <= flowing + 2048,
         "RSS grew from {flowing} KiB to {peak} KiB while the client stalled"
     );
-    while received < TOTAL {
-        let m = ws.read().unwrap();
-        take(m, &mut received, &mut sum);
-    }
-    let mut whole = FNV_OFFSET;
-    let mut chunk = vec![0u8; 1 << 20];
-    let mut off = 0;
-    while off < TOTAL {
-        pattern(off, &mut chunk);
-        whole = fnv1a(whole, &chunk);
-        off += chunk.len() as u64;
-    }
-    assert_eq!(sum, whole, "every byte, in order");
 }
 
 #[test]

@@ -314,3 +314,61 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Read a `stream-TOTAL-F` session through `proxy`: a little, then stall for
+/// two seconds while sampling the proxy's RSS, then everything, checking
+/// every byte's order and the stream's checksum. Returns (RSS when flowing,
+/// peak RSS while stalled), in KiB.
+pub fn stall_then_read_all(
+    ws: &mut WebSocket<TcpStream>,
+    proxy: &ProxyProcess,
+    total: u64,
+) -> (u64, u64) {
+    use upstream::{FNV_OFFSET, fnv1a, pattern};
+    let mut received = 0u64;
+    let mut sum = FNV_OFFSET;
+    let mut expect = Vec::new();
+    let mut take = |m: Message, received: &mut u64, sum: &mut u64| match m {
+        Message::Binary(b) => {
+            expect.resize(b.len(), 0);
+            pattern(*received, &mut expect);
+            assert!(
+                b[..] == expect[..],
+                "bytes out of order at offset {received}"
+            );
+            *sum = fnv1a(*sum, &b);
+            *received += b.len() as u64;
+        }
+        // The proxy's keepalive pings a client that has been silent for a
+        // while; tungstenite answers them by itself.
+        Message::Ping(_) | Message::Pong(_) => {}
+        other => panic!("unexpected {other:?}"),
+    };
+    // Read a little so the stream is flowing, then stop reading.
+    for _ in 0..4 {
+        let m = ws.read().expect("read");
+        take(m, &mut received, &mut sum);
+    }
+    let flowing = proxy.rss_kib();
+    let stall = std::time::Instant::now();
+    let mut peak = 0;
+    while stall.elapsed() < Duration::from_secs(2) {
+        peak = peak.max(proxy.rss_kib());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    while received < total {
+        let m = ws.read().expect("read");
+        take(m, &mut received, &mut sum);
+    }
+    let mut whole = FNV_OFFSET;
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < total {
+        pattern(off, &mut chunk);
+        whole = fnv1a(whole, &chunk);
+        off += chunk.len() as u64;
+    }
+    assert_eq!(received, total);
+    assert_eq!(sum, whole, "checksum of the relayed stream");
+    (flowing, peak)
+}
