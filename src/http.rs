@@ -432,8 +432,10 @@ pub fn parse_upstream_response(
             .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|v| v.trim().parse::<usize>().ok());
         let have = buf.len() - head_len;
+        // Wait for the body (bounded by max_len or EOF), so the reason the
+        // user sees does not depend on how TCP split the answer.
         let complete = match body_len {
-            Some(n) => have >= n || head_len + n > max_len,
+            Some(n) => have >= n || buf.len() >= max_len,
             None => eof || buf.len() >= max_len,
         };
         if !complete && !eof && buf.len() < max_len {
@@ -442,7 +444,7 @@ pub fn parse_upstream_response(
         let body_end = body_len.map_or(buf.len(), |n| (head_len + n).min(buf.len()));
         let body = &buf[head_len..body_end];
         let detail = upstream_reason(body)
-            .or_else(|| resp.reason.filter(|r| !r.is_empty()).map(str::to_owned))
+            .or_else(|| resp.reason.and_then(|r| upstream_reason(r.as_bytes())))
             .unwrap_or_else(|| "no reason given".into());
         let status = match code {
             404 | 503 => code,
@@ -591,6 +593,34 @@ mod tests {
             select_client_protocol(&v(&[&bearer, "binary"]), &allowed_bearer),
             Some("binary")
         );
+    }
+
+    #[test]
+    fn upstream_refusals_wait_for_the_body_and_clean_the_reason() {
+        // Found by fuzzing: a declared body larger than the head limit was
+        // answered before it arrived; a tab in the status reason was kept.
+        let head = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 100000\r\n\r\n";
+        assert_eq!(
+            parse_upstream_response(head.as_bytes(), KEY, 8192, false),
+            Ok(None)
+        );
+        let full = format!("{head}Active VNC connection. Request denied.");
+        let Some(UpstreamAnswer::Refused(r)) =
+            parse_upstream_response(full.as_bytes(), KEY, 8192, true).unwrap()
+        else {
+            panic!()
+        };
+        assert!(
+            r.reason.ends_with("Active VNC connection. Request denied."),
+            "{}",
+            r.reason
+        );
+        let Some(UpstreamAnswer::Refused(r)) =
+            parse_upstream_response(b"HTTP/1.1 500 a\tb\r\n\r\n", KEY, 8192, true).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(r.reason, "upstream answered 500: a b");
     }
 
     #[test]

@@ -1,0 +1,10 @@
+#![no_main]
+//! Fuzz target `frame_scanner_upstream`: see `checks::frame_scanner_upstream` for what is checked.
+
+use libfuzzer_sys::fuzz_target;
+
+#[allow(dead_code)]
+#[path = "../checks.rs"]
+mod checks;
+
+fuzz_target!(|data: &[u8]| checks::frame_scanner_upstream(data, checks::Depth::Fuzz));
