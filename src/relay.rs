@@ -232,6 +232,7 @@ impl Pipe {
             self.end = Some(SourceEnd::Stopped);
         }
         self.inject = None;
+        self.ping = None;
         self.ready = 0;
         if let Some(buf) = self.buf.take() {
             pool.put(buf);

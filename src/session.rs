@@ -227,6 +227,7 @@ impl Session {
                 up.finish_with_close(1001, "going away");
                 self.going_away = true;
                 self.closing_by = Some(ctx.now + ctx.config.close_timeout);
+                self.keepalive_at = None;
                 self.deadline = nearest(&[self.expires, self.closing_by, self.keepalive_at]);
             }
             State::Refusing { .. } | State::Lingering | State::Done => {}
@@ -367,7 +368,14 @@ impl Session {
                     down.finish_with_close(1008, "token expired");
                     up.finish_with_close(1000, "token expired");
                     self.expires = None;
+                    self.keepalive_at = None;
                     self.closing_by = Some(now + ctx.config.close_timeout);
+                    self.deadline = nearest(&[self.expires, self.closing_by, self.keepalive_at]);
+                }
+                // Whatever fired, the next deadline is re-armed (on_deadline
+                // cleared it); a keepalive check due while closing just
+                // yields to the closing timer.
+                if matches!(self.state, State::Relaying { .. }) {
                     self.deadline = nearest(&[self.expires, self.closing_by, self.keepalive_at]);
                 }
             }
@@ -828,6 +836,7 @@ impl Session {
         }
         if (up.end.is_some() || down.end.is_some()) && self.closing_by.is_none() {
             self.closing_by = Some(ctx.now + ctx.config.close_timeout);
+            self.keepalive_at = None;
             self.deadline = nearest(&[self.expires, self.closing_by, self.keepalive_at]);
         }
         up.has_pending_work(client, upstream) || down.has_pending_work(upstream, client)

@@ -231,6 +231,24 @@ fn a_client_that_never_closes_its_socket_is_dropped_after_the_close_timeout() {
 }
 
 #[test]
+fn keepalive_timers_never_strand_a_closing_session() {
+    // Regression: a keepalive check that fell due while the closing
+    // handshake was still running cleared the session's only deadline, and
+    // a peer that never completed the close kept both sockets open forever.
+    let h = Harness::start_with(|c| {
+        c.ping_interval = Duration::from_secs(1);
+        c.peer_timeout = Duration::from_secs(3);
+        c.close_timeout = Duration::from_secs(3);
+    });
+    let mut ws = h.ws("closeafter-10");
+    assert_eq!(ws.read().unwrap(), Message::binary(pattern_vec(0, 10)));
+    assert!(matches!(ws.read(), Ok(Message::Close(_))));
+    // Never answer the close, never close the socket.
+    assert!(h.wait_idle(), "the session outlived its closing timeout");
+    drop(ws);
+}
+
+#[test]
 fn a_thousand_concurrent_sessions() {
     let h = Harness::start();
     let token = Harness::token(&["echo-many"]);
