@@ -514,20 +514,13 @@ impl Session {
         if !is_dns1123_label(&grant.namespace) {
             return self.refuse(ctx, Refusal::new(403, "invalid namespace"));
         }
-        let query = req.target.split_once('?').map(|(_, q)| q.to_owned());
-        let route = crate::route::Target {
-            path_token: None,
-            vmi: grant.vmi.clone(),
-            query,
-        };
-        let query = match route
-            .query
-            .as_deref()
-            .map(|q| filter_query(q, &ctx.config.upstream_query_params))
-        {
+        // Only allow-listed query parameters reach the upstream.
+        let query = match req.target.split_once('?') {
             None => None,
-            Some(Ok(q)) => q,
-            Some(Err(e)) => return self.refuse(ctx, Refusal::new(400, format!("query: {e}"))),
+            Some((_, q)) => match filter_query(q, &ctx.config.upstream_query_params) {
+                Ok(q) => q,
+                Err(e) => return self.refuse(ctx, Refusal::new(400, format!("query: {e}"))),
+            },
         };
         let creds = match ctx.credentials.current(ctx.now) {
             Ok(c) => c,
