@@ -603,27 +603,66 @@ fn reference_scan(stream: &[u8], dir: Direction, max_frame: u64) -> Outcome {
         }
         let payload_at = pos + h.header_len;
         let end = payload_at as u64 + h.payload_len;
+        if h.opcode == frame::opcode::CLOSE {
+            // A close frame is held back until whole, then its code and
+            // reason are checked (RFC 6455 §7.4, §8.1).
+            if end > stream.len() as u64 {
+                return open(pos, 0);
+            }
+            let k = h.mask.unwrap_or([0; 4]);
+            let payload: Vec<u8> = stream[payload_at..end as usize]
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ k[i % 4])
+                .collect();
+            let verdict = reference_close_payload(&payload);
+            return match verdict {
+                Ok(code) => Outcome {
+                    forwardable: end as usize,
+                    stop: Some(ScanStop::Close { code }),
+                    remaining: 0,
+                    closed: true,
+                },
+                Err(v) => Outcome {
+                    forwardable: pos,
+                    stop: Some(ScanStop::Violation(v)),
+                    remaining: 0,
+                    closed: false,
+                },
+            };
+        }
         if end > stream.len() as u64 {
             return open(stream.len(), end - stream.len() as u64);
         }
         let end = end as usize;
-        if h.opcode == frame::opcode::CLOSE {
-            let code = (h.payload_len >= 2).then(|| {
-                let k = h.mask.unwrap_or([0; 4]);
-                u16::from_be_bytes([stream[payload_at] ^ k[0], stream[payload_at + 1] ^ k[1]])
-            });
-            return Outcome {
-                forwardable: end,
-                stop: Some(ScanStop::Close { code }),
-                remaining: 0,
-                closed: true,
-            };
-        }
         if !h.is_control() {
             fragmented = !h.fin;
         }
         pos = end;
     }
+}
+
+/// The close codes an endpoint may send (RFC 6455 §7.4.1 and the IANA
+/// registry: 1000-1003, 1007-1014; 3000-4999 for libraries and
+/// applications), and the reason must be UTF-8.
+fn reference_close_payload(p: &[u8]) -> Result<Option<u16>, Violation> {
+    if p.is_empty() {
+        return Ok(None);
+    }
+    if p.len() == 1 {
+        return Err(Violation::BadClosePayload);
+    }
+    let code = u16::from_be_bytes([p[0], p[1]]);
+    let sendable = (1000..=1003).contains(&code)
+        || (1007..=1014).contains(&code)
+        || (3000..=4999).contains(&code);
+    if !sendable {
+        return Err(Violation::BadCloseCode);
+    }
+    if std::str::from_utf8(&p[2..]).is_err() {
+        return Err(Violation::BadCloseReason);
+    }
+    Ok(Some(code))
 }
 
 /// RFC 6455 §5.2 header decoding, written out again, compared with
@@ -722,10 +761,16 @@ fn check_close_frame(data: &[u8], dir: Direction) {
     assert_eq!(frame::validate(&h, dir, 125, true), Ok(()));
     let mut s = FrameScanner::new(dir, 125);
     let r = s.scan(bytes);
+    // A frame with a code nobody may send is built (the proxy only sends
+    // valid ones) but is refused by the scanner like any peer's.
+    let want = match reference_close_payload(&[&code.to_be_bytes()[..], b""].concat()) {
+        Ok(_) => (n, Some(ScanStop::Close { code: Some(code) })),
+        Err(v) => (0, Some(ScanStop::Violation(v))),
+    };
     assert_eq!(
         (r.forwardable, r.stop),
-        (n, Some(ScanStop::Close { code: Some(code) })),
-        "close_frame({code}, {reason:?}, {mask:?}) does not scan as that close"
+        want,
+        "close_frame({code}, {reason:?}, {mask:?}) does not scan as expected"
     );
     let k = mask.unwrap_or([0; 4]);
     let payload: Vec<u8> = bytes[h.header_len..]

@@ -145,6 +145,10 @@ pub enum Violation {
     BadClosePayload,
     /// A frame larger than the configured maximum.
     FrameTooLarge,
+    /// A close code that may not be sent (RFC 6455 §7.4).
+    BadCloseCode,
+    /// A close reason that is not UTF-8.
+    BadCloseReason,
 }
 
 impl Violation {
@@ -152,6 +156,7 @@ impl Violation {
     pub fn close_code(self) -> u16 {
         match self {
             Violation::FrameTooLarge => 1009,
+            Violation::BadCloseReason => 1007,
             _ => 1002,
         }
     }
@@ -170,6 +175,8 @@ impl Violation {
             Violation::NonMinimalLength => "non-minimal frame length",
             Violation::BadClosePayload => "invalid close payload",
             Violation::FrameTooLarge => "frame too large",
+            Violation::BadCloseCode => "invalid close code",
+            Violation::BadCloseReason => "close reason is not UTF-8",
         }
     }
 }
@@ -261,9 +268,6 @@ pub struct FrameScanner {
     remaining: u64,
     /// A text/binary message was started without FIN and is not finished.
     fragmented: bool,
-    /// The current frame is a close frame: its payload is collected here so
-    /// the code can be read even when the frame arrives in pieces.
-    close: Option<CloseCollector>,
     /// A close frame was completed: nothing more is scanned.
     closed: bool,
     /// Where, in the last scanned input, the last complete frame ended.
@@ -278,13 +282,6 @@ pub struct FrameScanner {
 /// Length of the payload of the proxy's own pings.
 pub const PING_PAYLOAD_LEN: usize = 8;
 
-#[derive(Debug, Clone, Copy)]
-struct CloseCollector {
-    mask: Option<[u8; 4]>,
-    seen: usize,
-    code: [u8; 2],
-}
-
 impl FrameScanner {
     /// A scanner for `dir`, refusing frames over `max_frame` payload bytes.
     pub fn new(dir: Direction, max_frame: u64) -> Self {
@@ -293,7 +290,6 @@ impl FrameScanner {
             max_frame,
             remaining: 0,
             fragmented: false,
-            close: None,
             closed: false,
             last_boundary: None,
             own_pong: None,
@@ -352,16 +348,6 @@ impl FrameScanner {
             if self.remaining > 0 {
                 let avail = input.len() - pos;
                 let take = usize::try_from(self.remaining).map_or(avail, |r| r.min(avail));
-                if let Some(c) = self.close.as_mut() {
-                    for (i, &b) in input[pos..pos + take].iter().enumerate() {
-                        let at = c.seen + i;
-                        if at < 2 {
-                            let m = c.mask.map_or(0, |k| k[at % 4]);
-                            c.code[at] = b ^ m;
-                        }
-                    }
-                    c.seen += take;
-                }
                 pos += take;
                 self.remaining -= take as u64;
                 if self.remaining > 0 {
@@ -371,15 +357,6 @@ impl FrameScanner {
                     };
                 }
                 self.last_boundary = Some(pos);
-                if let Some(c) = self.close.take() {
-                    self.closed = true;
-                    return Scan {
-                        forwardable: pos,
-                        stop: Some(ScanStop::Close {
-                            code: Some(u16::from_be_bytes(c.code)),
-                        }),
-                    };
-                }
             }
             if pos == input.len() {
                 return Scan {
@@ -434,6 +411,39 @@ impl FrameScanner {
                     };
                 }
             }
+            if header.opcode == opcode::CLOSE {
+                // A close frame is held until it is whole (at most 131
+                // bytes) and checked before any of it is forwarded: a bad
+                // code or reason is the sender's protocol error, answered by
+                // the proxy instead of being passed on.
+                let len = header.header_len + header.payload_len as usize;
+                let Some(frame) = input.get(pos..pos + len) else {
+                    return Scan {
+                        forwardable: pos,
+                        stop: None,
+                    };
+                };
+                let mut payload = [0u8; MAX_CONTROL_PAYLOAD];
+                let payload = &mut payload[..header.payload_len as usize];
+                for (i, b) in frame[header.header_len..].iter().enumerate() {
+                    payload[i] = b ^ header.mask.map_or(0, |k| k[i % 4]);
+                }
+                let code = match check_close_payload(payload) {
+                    Ok(code) => code,
+                    Err(v) => {
+                        return Scan {
+                            forwardable: pos,
+                            stop: Some(ScanStop::Violation(v)),
+                        };
+                    }
+                };
+                self.closed = true;
+                self.last_boundary = Some(pos + len);
+                return Scan {
+                    forwardable: pos + len,
+                    stop: Some(ScanStop::Close { code }),
+                };
+            }
             if !header.is_control() {
                 self.fragmented = !header.fin;
             }
@@ -442,20 +452,26 @@ impl FrameScanner {
             if self.remaining == 0 {
                 self.last_boundary = Some(pos);
             }
-            if header.opcode == opcode::CLOSE {
-                if header.payload_len == 0 {
-                    self.closed = true;
-                    return Scan {
-                        forwardable: pos,
-                        stop: Some(ScanStop::Close { code: None }),
-                    };
-                }
-                self.close = Some(CloseCollector {
-                    mask: header.mask,
-                    seen: 0,
-                    code: [0; 2],
-                });
+        }
+    }
+}
+
+/// Check a close frame's (unmasked) payload: empty, or a code that may be
+/// sent (1000-1003, 1007-1014, 3000-4999) and a UTF-8 reason. Returns the code.
+pub fn check_close_payload(payload: &[u8]) -> Result<Option<u16>, Violation> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(Violation::BadClosePayload),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            let allowed = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
+            if !allowed {
+                return Err(Violation::BadCloseCode);
             }
+            if std::str::from_utf8(reason).is_err() {
+                return Err(Violation::BadCloseReason);
+            }
+            Ok(Some(code))
         }
     }
 }
@@ -670,6 +686,40 @@ mod tests {
         let n = ping_frame(ours, K, &mut out);
         let h = FrameHeader::parse(&out[..n]).unwrap().unwrap();
         assert_eq!((h.opcode, h.payload_len), (opcode::PING, 8));
+    }
+
+    #[test]
+    fn close_frames_are_held_whole_and_checked() {
+        let good = frame(true, opcode::CLOSE, K, &[0x03, 0xE8, b'o', b'k']);
+        let mut s = FrameScanner::new(Direction::ClientToUpstream, 1000);
+        let r = s.scan(&good[..good.len() - 1]);
+        assert_eq!(
+            (r.forwardable, r.stop),
+            (0, None),
+            "nothing of a partial close passes"
+        );
+        let r = s.scan(&good);
+        assert_eq!(r.stop, Some(ScanStop::Close { code: Some(1000) }));
+        for (payload, want) in [
+            (vec![0x03, 0xE7], Violation::BadCloseCode), // 999
+            (vec![0x03, 0xED], Violation::BadCloseCode), // 1005
+            (vec![0x03, 0xEE], Violation::BadCloseCode), // 1006
+            (vec![0x03, 0xF7], Violation::BadCloseCode), // 1015
+            (vec![0x07, 0xD0], Violation::BadCloseCode), // 2000
+            (vec![0x13, 0x88], Violation::BadCloseCode), // 5000
+            (vec![0x03, 0xE8, 0xFF], Violation::BadCloseReason),
+        ] {
+            let mut s = FrameScanner::new(Direction::ClientToUpstream, 1000);
+            let r = s.scan(&frame(true, opcode::CLOSE, K, &payload));
+            assert_eq!(
+                (r.forwardable, r.stop),
+                (0, Some(ScanStop::Violation(want)))
+            );
+        }
+        assert_eq!(Violation::BadCloseReason.close_code(), 1007);
+        for ok in [1000u16, 1003, 1007, 1014, 3000, 4999] {
+            assert_eq!(check_close_payload(&ok.to_be_bytes()), Ok(Some(ok)));
+        }
     }
 
     #[test]
