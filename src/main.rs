@@ -44,6 +44,16 @@ fn main() -> ExitCode {
     init_logging(&config);
     let grace = config.shutdown_grace;
     let workers = config.workers;
+    // Signal handlers first: everything the process holds is in place by the
+    // time it says it listens (tools take their baseline from that line).
+    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+
     // WORKERS independent loops share the port through SO_REUSEPORT; the
     // first one binds (and picks the port when PORT=0), the others follow.
     // Only the first serves /metrics, for its own sessions.
@@ -75,13 +85,6 @@ fn main() -> ExitCode {
     let handles: Vec<_> = std::iter::once(first.handle())
         .chain(others.iter().map(Proxy::handle))
         .collect();
-    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("cannot install signal handlers: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     std::thread::spawn(move || {
         let mut seen = 0;
         for signal in signals.forever() {

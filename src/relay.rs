@@ -178,6 +178,8 @@ impl Pipe {
             Some(ScanStop::Close { code }) => {
                 self.end = Some(SourceEnd::Close(code));
                 self.close_sent = true;
+                // Nothing may follow a close frame, not even our ping.
+                self.ping.take_if(|p| !p.started());
             }
             Some(ScanStop::Violation(v)) => self.end = Some(SourceEnd::Violation(v)),
             None if self.stop_at_boundary && self.scanner.at_boundary() => {
@@ -365,6 +367,12 @@ impl Pipe {
         } else {
             self.boundary.filter(|b| *b <= self.ready)
         }
+    }
+
+    /// True while reading pauses because the buffer is full: the source has
+    /// more to say, it is not silent.
+    pub fn is_paused(&self) -> bool {
+        self.end.is_none() && self.buf.as_ref().is_some_and(Buffer::is_full)
     }
 
     /// Send the destination a ping of the proxy's own at the next frame

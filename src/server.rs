@@ -611,6 +611,7 @@ impl Proxy {
             }
         }
         self.fire_timers(now);
+        self.compact_timers();
         self.check_drain(now);
         if self.accept_paused_until.is_some_and(|t| t <= now) {
             self.accept_paused_until = None;
@@ -754,6 +755,22 @@ impl Proxy {
         {
             self.timers.push(Reverse((at, key, s.id)));
         }
+    }
+
+    /// Entries of ended sessions stay in the heap until their time; under
+    /// heavy churn that is many. Rebuild it from the live deadlines when
+    /// stale entries dominate (amortised: at most once per as many removals).
+    fn compact_timers(&mut self) {
+        if self.timers.len() <= 4 * self.sessions.len() + 256 {
+            return;
+        }
+        let sessions = &self.sessions;
+        self.timers.retain(|Reverse((at, key, id))| {
+            sessions
+                .get(*key)
+                .is_some_and(|s| s.id == *id && s.deadline == Some(*at))
+        });
+        self.timers.shrink_to(2 * self.timers.len() + 64);
     }
 
     fn fire_timers(&mut self, now: Instant) {

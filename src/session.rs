@@ -282,7 +282,10 @@ impl Session {
                     self.read_request(ctx);
                     false
                 }
-                State::Authorizing { .. } => false,
+                State::Authorizing { .. } => {
+                    self.client_left_early(ctx);
+                    false
+                }
                 State::Dialing { .. } => {
                     self.check_dial(ctx);
                     false
@@ -607,6 +610,9 @@ impl Session {
     }
 
     fn check_dial(&mut self, ctx: &mut Ctx<'_>) {
+        if self.client_left_early(ctx) {
+            return;
+        }
         let Some(up) = self.upstream.as_mut() else {
             return;
         };
@@ -668,6 +674,9 @@ impl Session {
     }
 
     fn upstream_handshake(&mut self, ctx: &mut Ctx<'_>) {
+        if self.client_left_early(ctx) {
+            return;
+        }
         let State::UpstreamHandshake { hs, sent, response } = &mut self.state else {
             return;
         };
@@ -774,6 +783,38 @@ impl Session {
             up: up_pipe,
             down: down_pipe,
         };
+    }
+
+    /// Between the client's request and its 101 the client should say
+    /// nothing, but it may leave: notice at once rather than at the upstream
+    /// timeout. Whatever it sends meanwhile is kept (bounded) and relayed
+    /// after the 101.
+    fn client_left_early(&mut self, ctx: &mut Ctx<'_>) -> bool {
+        let early = match &mut self.state {
+            State::Dialing { hs, .. } | State::UpstreamHandshake { hs, .. } => &mut hs.early,
+            State::Authorizing { early, .. } => early,
+            _ => return false,
+        };
+        let max = ctx.config.max_head_bytes;
+        let mut chunk = [0u8; 1024];
+        while self.client.readable && early.len() < max {
+            let want = (max - early.len()).min(chunk.len());
+            match self.client.read(&mut chunk[..want]) {
+                Io::Done(n) => early.extend_from_slice(&chunk[..n]),
+                Io::WouldBlock => break,
+                Io::Eof | Io::Failed(_) => {
+                    info!(
+                        "session {} {}: client left before the upstream answered",
+                        self.id, self.peer
+                    );
+                    self.outcome = Some("client left during the upstream handshake".into());
+                    self.drop_upstream(ctx);
+                    self.state = State::Done;
+                    return true;
+                }
+            }
+        }
+        false
     }
 
     /// Pump both directions and run the closing rules. Returns true when a
@@ -1043,6 +1084,11 @@ fn keepalive(
         } else {
             ("upstream", &mut *down, &mut *up)
         };
+        // A source the proxy stops reading (its destination is slow) is not
+        // silent: it is waiting for us.
+        if from.is_paused() {
+            from.last_rx = now;
+        }
         let silence = now.saturating_duration_since(from.last_rx);
         if silence >= timeout {
             ctx.metrics.keepalive_timeouts += 1;

@@ -19,7 +19,7 @@ const FRAME: u64 = 64 << 10;
 #[test]
 fn a_stalled_client_costs_a_few_buffers_and_loses_nothing() {
     let standin = StandIn::start();
-    let proxy = ProxyProcess::local_dev(standin.addr(), &[]);
+    let proxy = ProxyProcess::local_dev(standin.addr(), &[("LOGLEVEL", "DEBUG")]);
     let fds_at_start = proxy.open_fds();
     let vmi = format!("stream-{TOTAL}-{FRAME}");
     let token = Harness::token(&[&vmi]);
@@ -40,9 +40,10 @@ fn a_stalled_client_costs_a_few_buffers_and_loses_nothing() {
     drop(ws);
     assert!(
         upstream::wait_until(Duration::from_secs(10), || proxy.open_fds() == fds_at_start),
-        "proxy fds: {} at start, {} after the session",
+        "proxy fds: {} at start, {} after the session; its log:\n{}",
         fds_at_start,
-        proxy.open_fds()
+        proxy.open_fds(),
+        proxy.log_text()
     );
 }
 

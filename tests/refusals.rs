@@ -345,3 +345,23 @@ fn refusals_close_the_socket_and_leave_nothing_open() {
     }
     assert!(h.wait_idle());
 }
+
+#[test]
+fn a_client_that_leaves_while_the_upstream_is_silent_is_let_go_at_once() {
+    let h = Harness::start(); // UPSTREAM_TIMEOUT_SECONDS stays at 10
+    let tok = Harness::token(&["silent"]);
+    let mut s = TcpStream::connect(h.addr).unwrap();
+    s.write_all(&upgrade_request(&format!("/{tok}/silent"), ""))
+        .unwrap();
+    assert!(common::upstream::wait_until(Duration::from_secs(5), || h
+        .upstream
+        .connections_total()
+        == 1));
+    drop(s);
+    let started = Instant::now();
+    assert!(h.wait_idle());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the proxy held the session until the upstream timeout"
+    );
+}

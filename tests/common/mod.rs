@@ -209,6 +209,8 @@ pub fn proxy_sockets(proxy_port: u16, upstream_port: u16) -> usize {
 pub struct ProxyProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Every line the proxy logged, for failure messages.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl ProxyProcess {
@@ -239,11 +241,16 @@ impl ProxyProcess {
         let mut child = cmd.spawn().expect("start the proxy binary");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = log.clone();
         // Keep draining stderr so the child never blocks on a full pipe.
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(addr) = line.split("listening on ").nth(1) {
                     let _ = tx.send(addr.trim().to_owned());
+                }
+                if let Ok(mut l) = keep.lock() {
+                    l.push(line);
                 }
             }
         });
@@ -252,7 +259,7 @@ impl ProxyProcess {
             .expect("the proxy logs its address")
             .parse()
             .expect("an address");
-        ProxyProcess { child, addr }
+        ProxyProcess { child, addr, log }
     }
 
     pub fn status_field(&self, name: &str) -> u64 {
@@ -267,6 +274,11 @@ impl ProxyProcess {
 
     pub fn rss_kib(&self) -> u64 {
         self.status_field("VmRSS:")
+    }
+
+    /// The proxy's log so far, for a failure message.
+    pub fn log_text(&self) -> String {
+        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
     }
 
     pub fn open_fds(&self) -> usize {
