@@ -200,6 +200,10 @@ impl AccessLog {
 
 impl Observer for AccessLog {
     fn on_event(&mut self, event: &Event) {
+        // Do not build a line nobody will see (LOGLEVEL=WARNING and up).
+        if !log::log_enabled!(target: "access", log::Level::Info) {
+            return;
+        }
         if let Some(line) = access_line(event, self.format) {
             log::info!(target: "access", "{line}");
         }

@@ -1010,10 +1010,10 @@ impl Session {
         }
     }
 
-    fn drop_upstream(&mut self, ctx: &mut Ctx<'_>) {
-        if let Some(mut up) = self.upstream.take() {
-            let _ = ctx.registry.deregister(&mut up.stream);
-        }
+    /// Close the upstream socket. Closing the descriptor removes it from
+    /// epoll (no other handle to it exists), so no deregister call is spent.
+    fn drop_upstream(&mut self, _ctx: &mut Ctx<'_>) {
+        self.upstream = None;
     }
 
     /// Release everything (called by the server when the session is removed).
@@ -1030,8 +1030,9 @@ impl Session {
             up.release(ctx.pool);
             down.release(ctx.pool);
         }
+        // The client socket closes when the session is dropped (see
+        // drop_upstream about epoll).
         self.drop_upstream(ctx);
-        let _ = ctx.registry.deregister(&mut self.client.stream);
         self.state = State::Done;
         if self.phase == Phase::Relayed
             && let Some(g) = &self.grant
