@@ -135,33 +135,27 @@ impl Credentials {
 
     fn refresh(&mut self) {
         let mut errors = Vec::new();
-        if let Some(path) = &self.ca_file {
-            match stamp(path) {
-                Ok(st) if Some(st) == self.ca_stamp => {}
-                Ok(_) => match load_ca(path) {
-                    Ok((tls, st)) => {
-                        info!("upstream CA reloaded from {}", path.display());
-                        self.current.tls = Some(tls);
-                        self.ca_stamp = Some(st);
-                    }
-                    Err(e) => errors.push(e),
-                },
-                Err(e) => errors.push(format!("cannot read {}: {e}", path.display())),
-            }
+        if let Some(path) = &self.ca_file
+            && let Err(e) = reload(
+                path,
+                "CA",
+                &mut self.ca_stamp,
+                load_ca,
+                &mut self.current.tls,
+            )
+        {
+            errors.push(e);
         }
-        if let Some(path) = &self.token_file {
-            match stamp(path) {
-                Ok(st) if Some(st) == self.token_stamp => {}
-                Ok(_) => match load_token(path) {
-                    Ok((token, st)) => {
-                        info!("upstream token reloaded from {}", path.display());
-                        self.current.bearer = Some(token);
-                        self.token_stamp = Some(st);
-                    }
-                    Err(e) => errors.push(e),
-                },
-                Err(e) => errors.push(format!("cannot read {}: {e}", path.display())),
-            }
+        if let Some(path) = &self.token_file
+            && let Err(e) = reload(
+                path,
+                "token",
+                &mut self.token_stamp,
+                load_token,
+                &mut self.current.bearer,
+            )
+        {
+            errors.push(e);
         }
         let error = (!errors.is_empty()).then(|| errors.join("; "));
         if error != self.error {
@@ -178,6 +172,25 @@ impl Credentials {
             self.error = error;
         }
     }
+}
+
+/// Re-read `path` into `slot` if its stamp changed since the last load.
+fn reload<T>(
+    path: &Path,
+    what: &str,
+    last: &mut Option<Stamp>,
+    load: fn(&Path) -> Result<(T, Stamp), String>,
+    slot: &mut Option<T>,
+) -> Result<(), String> {
+    let now = stamp(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if Some(now) == *last {
+        return Ok(());
+    }
+    let (value, st) = load(path)?;
+    info!("upstream {what} reloaded from {}", path.display());
+    *slot = Some(value);
+    *last = Some(st);
+    Ok(())
 }
 
 fn load_ca(path: &Path) -> Result<(Arc<ClientConfig>, Stamp), String> {
