@@ -161,6 +161,14 @@ impl Violation {
         }
     }
 
+    /// True for the rules about close frames (the sender was closing).
+    pub fn in_close_frame(self) -> bool {
+        matches!(
+            self,
+            Violation::BadClosePayload | Violation::BadCloseCode | Violation::BadCloseReason
+        )
+    }
+
     /// A short, human-readable reason (fits a close frame).
     pub fn reason(self) -> &'static str {
         match self {
@@ -272,6 +280,8 @@ pub struct FrameScanner {
     closed: bool,
     /// Where, in the last scanned input, the last complete frame ended.
     last_boundary: Option<usize>,
+    /// Where, in the last scanned input, the last frame header began.
+    last_start: usize,
     /// The payload of the proxy's own pings, while pongs to them are due
     /// (how many), so those pongs can be taken out of the stream.
     own_pong: Option<([u8; PING_PAYLOAD_LEN], u32)>,
@@ -292,6 +302,7 @@ impl FrameScanner {
             fragmented: false,
             closed: false,
             last_boundary: None,
+            last_start: 0,
             own_pong: None,
             found_pong: None,
         }
@@ -308,6 +319,12 @@ impl FrameScanner {
     /// scans the rest again.
     pub fn take_own_pong(&mut self) -> Option<(usize, usize)> {
         self.found_pong.take()
+    }
+
+    /// Where, in the last scanned input, the last frame header began (after
+    /// a `Close` stop: where the close frame starts).
+    pub fn last_frame_start(&self) -> usize {
+        self.last_start
     }
 
     /// Where, in the last scanned input, the last complete frame ended.
@@ -364,6 +381,7 @@ impl FrameScanner {
                     stop: None,
                 };
             }
+            self.last_start = pos;
             let header = match FrameHeader::parse(&input[pos..]) {
                 Ok(Some(h)) => h,
                 Ok(None) => {

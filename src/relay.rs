@@ -78,6 +78,9 @@ pub(crate) struct Pipe {
     /// A close frame of the proxy's own, written once `ready` is drained
     /// at a frame boundary after the source ended.
     inject: Option<Control>,
+    /// Replace the source's close frame with a close of the proxy's own
+    /// (code, reason): set when the other side broke the protocol.
+    pub replace_close: Option<(u16, &'static str)>,
     /// A ping of the proxy's own, written at the next frame boundary.
     ping: Option<Control>,
     /// Offset in `buf` of a frame boundary within the `ready` bytes (where a
@@ -113,6 +116,7 @@ impl Pipe {
             end: None,
             stop_at_boundary: false,
             inject: None,
+            replace_close: None,
             ping: None,
             boundary: None,
             last_rx: now,
@@ -173,8 +177,20 @@ impl Pipe {
                 None => break scan,
             }
         };
+        let ready_before = self.ready;
+        let mut replace = None;
         self.ready += scan.forwardable;
         match scan.stop {
+            Some(ScanStop::Close { code }) if self.replace_close.is_some() => {
+                // The source's close frame is the answer to a close the
+                // proxy sent for the other side's violation: the destination
+                // gets the proxy's own close (with that violation's code)
+                // in its place.
+                let start = ready_before + self.scanner.last_frame_start();
+                self.ready = start;
+                self.end = Some(SourceEnd::Close(code));
+                replace = self.replace_close.take();
+            }
             Some(ScanStop::Close { code }) => {
                 self.end = Some(SourceEnd::Close(code));
                 self.close_sent = true;
@@ -190,16 +206,19 @@ impl Pipe {
         if self.end.is_some() {
             buf.truncate(self.ready);
         }
+        if let Some((code, reason)) = replace {
+            self.finish_with_close(code, reason);
+        }
     }
 
     /// Stop relaying from the source at the next frame boundary and then send
     /// the destination a close frame of the proxy's own (unless a close frame
     /// already went that way).
-    pub fn finish_with_close(&mut self, code: u16, reason: &str) {
+    /// Returns false when a close frame already went (or is queued) that
+    /// way: nothing more to say, and the source keeps its stopping rule.
+    pub fn finish_with_close(&mut self, code: u16, reason: &'static str) -> bool {
         if self.close_sent {
-            // A close frame already went (or is queued) that way: nothing
-            // more to say, and the source keeps its current stopping rule.
-            return;
+            return false;
         }
         self.close_sent = true;
         let mask = match self.dir {
@@ -225,6 +244,7 @@ impl Pipe {
                 self.stop_at_boundary = true;
             }
         }
+        true
     }
 
     /// Stop relaying at once: nothing more is read and nothing unsent is kept

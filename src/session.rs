@@ -1152,20 +1152,40 @@ fn apply_closing_rules(up: &mut Pipe, down: &mut Pipe, pool: &mut BufferPool) ->
             down.abort(pool);
             up.finish_with_close(1001, "client went away");
         }
-        Some(SourceEnd::Violation(v)) => {
+        Some(SourceEnd::Violation(v)) if v.in_close_frame() => {
+            // A broken close frame: the client was leaving anyway; it gets
+            // the code its close deserves at once, the upstream a goodbye.
             down.finish_with_close(v.close_code(), v.reason());
             up.finish_with_close(1001, "client broke the protocol");
         }
+        Some(SourceEnd::Violation(v)) => {
+            // As with a direct connection: the upstream is told (with the
+            // violation's code), what it still sends - replies to the
+            // client's valid frames - reaches the client, and the client's
+            // last frame is the proxy's close with that code, in place of
+            // the upstream's close answer.
+            if up.finish_with_close(v.close_code(), v.reason()) {
+                down.replace_close = Some((v.close_code(), v.reason()));
+            }
+        }
     }
+    // If the upstream vanishes after a client violation, that violation is
+    // still what the client is told.
+    let client_fault = match up.end {
+        Some(SourceEnd::Violation(v)) if !v.in_close_frame() => Some((v.close_code(), v.reason())),
+        _ => None,
+    };
     match down.end.clone() {
         None | Some(SourceEnd::Close(_)) | Some(SourceEnd::Stopped) => {}
         Some(SourceEnd::Eof) => {
             up.abort(pool);
-            down.finish_with_close(1001, "upstream closed the connection");
+            let (code, reason) = client_fault.unwrap_or((1001, "upstream closed the connection"));
+            down.finish_with_close(code, reason);
         }
         Some(SourceEnd::Failed(_)) => {
             up.abort(pool);
-            down.finish_with_close(1011, "upstream connection failed");
+            let (code, reason) = client_fault.unwrap_or((1011, "upstream connection failed"));
+            down.finish_with_close(code, reason);
         }
         Some(SourceEnd::Violation(v)) => {
             up.finish_with_close(v.close_code(), v.reason());

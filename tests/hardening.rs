@@ -322,9 +322,11 @@ fn frame_violations_from_the_client_close_with_1002_or_1009() {
                 > i),
             "{what}"
         );
+        // The upstream is told why the session ends; its close answer is
+        // replaced by the proxy's own close toward the client.
         assert_eq!(
             h.upstream.close_codes()[i],
-            Some(1001),
+            Some(want),
             "{what}: the upstream is told"
         );
         assert_eq!(
@@ -467,4 +469,25 @@ fn a_thousand_slow_clients_do_not_starve_real_sessions() {
         std::thread::sleep(Duration::from_millis(1000).saturating_sub(started.elapsed()));
     }
     assert!(h.handle().stats().open_sessions >= 1000);
+}
+
+#[test]
+fn replies_to_frames_before_a_violation_still_reach_the_client() {
+    // As with a direct connection (Autobahn 3.2, 4.1.3, 5.15): a valid
+    // message, then a bad frame in the same write; the echo of the message
+    // arrives, then the proxy's close with 1002 and its reason.
+    let h = Harness::start();
+    let t = Harness::token(&["echo-ff"]);
+    let mut s = raw_session(&h, &format!("/{t}/echo-ff"));
+    let mut both = client_frame(0x81, b"hello", true);
+    both.extend(client_frame(0xA1, b"rsv", true));
+    s.write_all(&both).unwrap();
+    let (op, payload) = read_frame(&mut s);
+    assert_eq!(
+        (op, payload.as_slice()),
+        (0x1, &b"hello"[..]),
+        "the echo comes first"
+    );
+    let (code, reason) = close_of(&mut s);
+    assert_eq!((code, reason.as_str()), (1002, "reserved bits set"));
 }
