@@ -33,6 +33,8 @@ mod tokens;
 #[path = "../tests/support/upstream.rs"]
 mod upstream;
 
+mod support;
+
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -98,7 +100,7 @@ fn main() -> ExitCode {
 fn run() -> Res<()> {
     let knobs = Knobs::from_env()?;
     let started = Instant::now();
-    let load_before = load_average();
+    let load_before = support::load_average();
     eprintln!("bench footprint: {}", knobs.describe());
 
     let bin = release_binary()?;
@@ -134,7 +136,7 @@ fn run() -> Res<()> {
         idle,
         knobs,
         load_before,
-        load_after: load_average(),
+        load_after: support::load_average(),
         elapsed: started.elapsed(),
     };
     let report = results.render();
@@ -606,7 +608,7 @@ impl Results {
         let _ = writeln!(
             out,
             "{}; {}; total run time {:.1} s; load average before {}, after {}.\n",
-            machine(),
+            support::machine(),
             k.describe(),
             self.elapsed.as_secs_f64(),
             self.load_before,
@@ -684,31 +686,6 @@ fn min(values: &[f64]) -> f64 {
 
 fn max(values: &[f64]) -> f64 {
     values.iter().copied().fold(f64::NEG_INFINITY, f64::max)
-}
-
-/// CPU model and core count, for reading the numbers in context.
-fn machine() -> String {
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines().find_map(|l| {
-                l.strip_prefix("model name")?
-                    .split_once(':')
-                    .map(|(_, m)| m.trim().to_string())
-            })
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{model}, {cores} cores, Linux {}", kernel.trim())
-}
-
-/// `/proc/loadavg`'s 1-minute figure: other work on the machine skews the timings.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".into())
 }
 
 /// `target/bench-footprint.md` (`-smoke.md` in smoke mode).

@@ -77,6 +77,8 @@ mod tokens;
 #[path = "../tests/support/upstream.rs"]
 mod upstream;
 
+mod support;
+
 use std::fmt::Write as _;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener as StdListener, TcpStream};
@@ -156,7 +158,7 @@ fn main() -> ExitCode {
 
 fn run() -> Res<()> {
     let started = Instant::now();
-    let load_before = load_average();
+    let load_before = support::load_average();
     let limits = raise_nofile_limit()?;
     let mut knobs = Knobs::from_env()?;
     knobs.fit_idle_to(limits.0);
@@ -181,13 +183,13 @@ fn run() -> Res<()> {
         variants: &variants,
         nginx_version,
         load_before,
-        load_after: load_average(),
+        load_after: support::load_average(),
         limits,
         elapsed: started.elapsed(),
     }
     .render();
     println!("{report}");
-    let path = report_path(knobs.smoke);
+    let path = support::report_path("nginx", knobs.smoke);
     std::fs::write(&path, &report).map_err(|e| format!("write {}: {e}", path.display()))?;
     eprintln!("bench nginx: report written to {}", path.display());
     Ok(())
@@ -3076,7 +3078,7 @@ impl Report<'_> {
             out,
             "{}; {}; load average (1 min) before {}, after {}; open-files limit {} (hard {}); \
              total run time {:.0} s.\n",
-            machine(),
+            support::machine(),
             self.nginx_version,
             self.load_before,
             self.load_after,
@@ -3567,42 +3569,4 @@ impl Report<'_> {
         line("idle KiB/session", &|r| idle(v.idle.get(r)));
         let _ = writeln!(out, "\n</details>\n");
     }
-}
-
-/// CPU model and core count.
-fn machine() -> String {
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines().find_map(|l| {
-                l.strip_prefix("model name")?
-                    .split_once(':')
-                    .map(|(_, m)| m.trim().to_string())
-            })
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{model}, {cores} cores, Linux {}", kernel.trim())
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".into())
-}
-
-/// `target/bench-nginx.md` (`-smoke.md` in smoke mode): `CARGO_TARGET_DIR` if set, else two
-/// levels above the proxy binary.
-fn report_path(smoke: bool) -> PathBuf {
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .or_else(|| Some(Path::new(PROXY_BIN).parent()?.parent()?.to_path_buf()))
-        .unwrap_or_else(|| PathBuf::from("target"));
-    dir.join(if smoke {
-        "bench-nginx-smoke.md"
-    } else {
-        "bench-nginx.md"
-    })
 }

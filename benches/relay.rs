@@ -31,10 +31,11 @@ mod tokens;
 #[path = "../tests/support/upstream.rs"]
 mod upstream;
 
+mod support;
+
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::process::{Child, ChildStderr, Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::thread;
@@ -90,7 +91,7 @@ fn main() -> ExitCode {
 fn run() -> Res<()> {
     let knobs = Knobs::from_env()?;
     let started = Instant::now();
-    let load_before = load_average();
+    let load_before = support::load_average();
     eprintln!("bench relay: {}", knobs.describe());
 
     let reference = Reference::new(knobs.mib);
@@ -123,7 +124,7 @@ fn run() -> Res<()> {
     let results = Results {
         ceilings: (reference.pattern_rate, reference.fnv_rate),
         load_before,
-        load_after: load_average(),
+        load_after: support::load_average(),
         knobs,
         bytes: reference.bytes.len() as u64,
         rss_start,
@@ -136,7 +137,7 @@ fn run() -> Res<()> {
     };
     let report = results.render();
     println!("{report}");
-    let path = report_path(results.knobs.smoke);
+    let path = support::report_path("relay", results.knobs.smoke);
     std::fs::write(&path, &report).map_err(|e| format!("write {}: {e}", path.display()))?;
     eprintln!("bench relay: report written to {}", path.display());
     Ok(())
@@ -810,7 +811,7 @@ impl Results {
         let _ = writeln!(
             out,
             "{}; {}; total run time {:.1} s; load average before {}, after {}.\n",
-            machine(),
+            support::machine(),
             k.describe(),
             self.elapsed.as_secs_f64(),
             self.load_before,
@@ -1014,51 +1015,4 @@ impl Results {
         let _ = writeln!(out, "| idle KiB/session | | {idle} |");
         let _ = writeln!(out, "\n</details>");
     }
-}
-
-/// CPU model and core count, for reading the numbers in context.
-fn machine() -> String {
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines().find_map(|l| {
-                l.strip_prefix("model name")?
-                    .split_once(':')
-                    .map(|(_, m)| m.trim().to_string())
-            })
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{model}, {cores} cores, Linux {}", kernel.trim())
-}
-
-/// `/proc/loadavg`'s 1-minute figure: other work on the machine skews every number here.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".into())
-}
-
-/// `target/bench-relay.md` (`-smoke.md` in smoke mode, so that a CI smoke run never replaces
-/// real figures): `CARGO_TARGET_DIR` if set, else two levels above the proxy binary
-/// (`target/release/kubevirt-vnc-proxy`).
-fn report_path(smoke: bool) -> PathBuf {
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .or_else(|| {
-            Some(
-                std::path::Path::new(PROXY_BIN)
-                    .parent()?
-                    .parent()?
-                    .to_path_buf(),
-            )
-        })
-        .unwrap_or_else(|| PathBuf::from("target"));
-    dir.join(if smoke {
-        "bench-relay-smoke.md"
-    } else {
-        "bench-relay.md"
-    })
 }

@@ -49,10 +49,11 @@ mod tokens;
 #[path = "../tests/support/upstream.rs"]
 mod upstream;
 
+mod support;
+
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::process::{Child, ChildStderr, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -119,7 +120,7 @@ fn main() -> ExitCode {
 fn run() -> Res<()> {
     let knobs = Knobs::from_env()?;
     let started = Instant::now();
-    let load_before = load_average();
+    let load_before = support::load_average();
     eprintln!("bench soak: {}", knobs.describe());
 
     // Declared before the proxy so that it is dropped after it (locals drop in reverse order).
@@ -204,7 +205,7 @@ fn run() -> Res<()> {
     let results = Results {
         elapsed: started.elapsed(),
         load_before,
-        load_after: load_average(),
+        load_after: support::load_average(),
         fd_base,
         rss_start,
         waves,
@@ -215,7 +216,7 @@ fn run() -> Res<()> {
     };
     let report = results.render();
     println!("{report}");
-    let path = report_path(results.knobs.smoke);
+    let path = support::report_path("soak", results.knobs.smoke);
     std::fs::write(&path, &report).map_err(|e| format!("write {}: {e}", path.display()))?;
     eprintln!("bench soak: report written to {}", path.display());
     results.verdict()
@@ -969,7 +970,7 @@ impl Results {
             out,
             "{}; {}; wall time {:.1} s ({:.0} sessions/s overall, waits included); load \
              average before {}, after {}.\n",
-            machine(),
+            support::machine(),
             k.describe(),
             self.elapsed.as_secs_f64(),
             total as f64 / self.elapsed.as_secs_f64(),
@@ -1095,50 +1096,4 @@ impl Results {
         }
         Ok(())
     }
-}
-
-/// CPU model and core count, for reading the numbers in context.
-fn machine() -> String {
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines().find_map(|l| {
-                l.strip_prefix("model name")?
-                    .split_once(':')
-                    .map(|(_, m)| m.trim().to_string())
-            })
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{model}, {cores} cores, Linux {}", kernel.trim())
-}
-
-/// `/proc/loadavg`'s 1-minute figure: other work on the machine skews the timings.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".into())
-}
-
-/// `target/bench-soak.md` (`-smoke.md` in smoke mode): `CARGO_TARGET_DIR` if set, else two
-/// levels above the proxy binary (`target/release/kubevirt-vnc-proxy`).
-fn report_path(smoke: bool) -> PathBuf {
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .or_else(|| {
-            Some(
-                std::path::Path::new(PROXY_BIN)
-                    .parent()?
-                    .parent()?
-                    .to_path_buf(),
-            )
-        })
-        .unwrap_or_else(|| PathBuf::from("target"));
-    dir.join(if smoke {
-        "bench-soak-smoke.md"
-    } else {
-        "bench-soak.md"
-    })
 }
