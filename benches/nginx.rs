@@ -56,6 +56,7 @@
 //! environment for our proxy, e.g. `RELAY_BUFFER_BYTES=262144`) and `BENCH_NGINX_DIRECTIVES`
 //! (extra directives in nginx's server block, e.g. `proxy_buffer_size 64k; proxy_buffers 4
 //! 64k; proxy_busy_buffers_size 64k;`); both appear in the reported command line.
+//! `BENCH_PROXY_BIN` measures another build of the proxy (one with symbols, for perf).
 //! `BENCH_PIN` places the processes with taskset(1) for the whole run: `one` (default) puts the
 //! bench, our proxy and the nginx worker on the last CPU, `split` the proxies on the last CPU
 //! and the bench on the others, `off` leaves it to the scheduler. On a small VM a wakeup across
@@ -97,6 +98,13 @@ use slab::Slab;
 
 /// The proxy binary, built by Cargo for this bench (same profile).
 const PROXY_BIN: &str = env!("CARGO_BIN_EXE_kubevirt-vnc-proxy");
+/// The proxy binary to measure: `BENCH_PROXY_BIN` (for profiling a build with symbols) or the
+/// one Cargo built.
+fn proxy_bin() -> PathBuf {
+    std::env::var_os("BENCH_PROXY_BIN")
+        .filter(|p| !p.is_empty())
+        .map_or_else(|| PathBuf::from(PROXY_BIN), PathBuf::from)
+}
 /// Namespace in the tokens, in nginx's rewrite and the only one the origin serves.
 const NS: &str = "lab-ns";
 /// The KubeVirt path prefix every route must present to the origin.
@@ -1412,7 +1420,8 @@ impl ProxyProcess {
         let mut last = String::new();
         for _ in 0..3 {
             let port = free_port()?;
-            let mut child = Command::new(PROXY_BIN)
+            let bin = proxy_bin();
+            let mut child = Command::new(&bin)
                 // A clean environment: an inherited RUST_LOG or KUBERNETES_* must not change it.
                 .env_clear()
                 .envs(env.iter().map(|(k, v)| (k, v)))
@@ -1423,7 +1432,7 @@ impl ProxyProcess {
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
-                .map_err(|e| format!("start {PROXY_BIN}: {e}"))?;
+                .map_err(|e| format!("start {}: {e}", bin.display()))?;
             let stderr = child.stderr.take().expect("stderr is piped");
             // Echo the proxy's log (warnings and errors at the default level) and keep the pipe
             // drained so that it never blocks on it.
