@@ -20,6 +20,32 @@ pub(crate) enum Io {
     Failed(io::Error),
 }
 
+/// What one readiness event said about a socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Readiness {
+    pub readable: bool,
+    pub writable: bool,
+    /// The peer's FIN (or a reset) has arrived, possibly behind data.
+    pub read_closed: bool,
+    /// The socket has a pending error (a refused connect, a reset).
+    pub error: bool,
+}
+
+impl Readiness {
+    pub fn of(event: &mio::event::Event) -> Self {
+        let error = event.is_error();
+        let read_closed = event.is_read_closed();
+        Readiness {
+            // Errors and hang-ups count as both: the next read or write
+            // reports what happened.
+            readable: event.is_readable() || read_closed || error,
+            writable: event.is_writable() || event.is_write_closed() || error,
+            read_closed,
+            error,
+        }
+    }
+}
+
 /// A socket and the readiness the proxy has seen but not yet used up.
 #[derive(Debug)]
 pub(crate) struct Conn {
@@ -30,6 +56,14 @@ pub(crate) struct Conn {
     pub readable: bool,
     /// The socket may accept bytes.
     pub writable: bool,
+    /// An event reported the peer's FIN or a reset. Until then a read that
+    /// returns less than asked for has emptied the socket, and the kernel
+    /// raises a new event for anything that arrives later (new data, or the
+    /// FIN), so no read is spent just to see `EAGAIN`. Once the FIN is
+    /// known to be queued, reading goes on until it is seen.
+    pub read_closed: bool,
+    /// An event reported an error on the socket (e.g. a refused connect).
+    pub error_seen: bool,
     /// rustls may hold decrypted bytes not yet read out (so the connection
     /// is readable even though the socket is drained).
     tls_plaintext: bool,
@@ -47,21 +81,29 @@ impl Conn {
             tls: None,
             readable: false,
             writable: false,
+            read_closed: false,
+            error_seen: false,
             tls_plaintext: false,
         }
     }
 
-    /// A TLS client connection over `stream`; the handshake runs as the
-    /// connection is read and written.
-    pub fn with_tls(stream: TcpStream, mut tls: ClientConnection, buffer_limit: usize) -> Self {
+    /// The same connection with TLS (a rustls client) over it, keeping the
+    /// readiness seen so far; the handshake runs as the connection is read
+    /// and written.
+    pub fn into_tls(self, mut tls: ClientConnection, buffer_limit: usize) -> Self {
         tls.set_buffer_limit(Some(buffer_limit));
         Conn {
-            stream,
             tls: Some(Box::new(tls)),
-            readable: false,
-            writable: false,
-            tls_plaintext: false,
+            ..self
         }
+    }
+
+    /// Take in what an event said.
+    pub fn note(&mut self, r: Readiness) {
+        self.readable |= r.readable;
+        self.writable |= r.writable;
+        self.read_closed |= r.read_closed;
+        self.error_seen |= r.error;
     }
 
     /// True when a read may return data without waiting for an event.
@@ -72,7 +114,7 @@ impl Conn {
     /// One read of decrypted (or plain) bytes.
     pub fn read(&mut self, buf: &mut [u8]) -> Io {
         if self.tls.is_none() {
-            return plain_read(&mut self.stream, &mut self.readable, buf);
+            return plain_read(&mut self.stream, &mut self.readable, self.read_closed, buf);
         }
         // Bounded: each round reads TLS records from the socket or returns.
         for _ in 0..8 {
@@ -191,12 +233,24 @@ impl Conn {
     }
 }
 
-fn plain_read(stream: &mut TcpStream, readable: &mut bool, buf: &mut [u8]) -> Io {
+fn plain_read(
+    stream: &mut TcpStream,
+    readable: &mut bool,
+    read_closed: bool,
+    buf: &mut [u8],
+) -> Io {
     // EINTR is retried once; a second one is left for the next pass.
     for _ in 0..2 {
         match stream.read(buf) {
             Ok(0) => return Io::Eof,
-            Ok(n) => return Io::Done(n),
+            Ok(n) => {
+                // A short read took everything the socket held (see
+                // `Conn::read_closed`): wait for the next event.
+                if n < buf.len() && !read_closed {
+                    *readable = false;
+                }
+                return Io::Done(n);
+            }
             Err(e) if would_block(&e) => {
                 *readable = false;
                 return Io::WouldBlock;

@@ -338,19 +338,27 @@ pub fn switching_protocols(client_key: &str, protocol: Option<&str>) -> Vec<u8> 
     .into_bytes()
 }
 
-/// A fresh random `Sec-WebSocket-Key` for the upstream handshake.
+/// A fresh `Sec-WebSocket-Key` for the upstream handshake.
+///
+/// The key is a nonce (it lets the proxy check that the 101 answers this
+/// request), not a secret, so it needs no syscall per session: each key is
+/// SipHash, keyed once per thread from the OS RNG by std's `RandomState`, of
+/// a per-thread counter. That is a keyed PRF, so keys are still unpredictable
+/// to anyone who does not know the thread's key, and never repeat.
 pub fn new_key() -> String {
-    let mut raw = [0u8; 16];
-    // The OS RNG failing is not something a session can recover from; a
-    // predictable key only weakens a check against confused proxies, so fall
-    // back to the clock rather than abort the session.
-    if getrandom::fill(&mut raw).is_err() {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        raw = t.to_le_bytes();
+    use std::cell::Cell;
+    use std::hash::{BuildHasher, RandomState};
+    thread_local! {
+        static KEYED: (RandomState, Cell<u64>) = (RandomState::new(), Cell::new(0));
     }
+    let (a, b) = KEYED.with(|(state, counter)| {
+        let n = counter.get();
+        counter.set(n.wrapping_add(1));
+        (state.hash_one((n, 0u8)), state.hash_one((n, 1u8)))
+    });
+    let mut raw = [0u8; 16];
+    raw[..8].copy_from_slice(&a.to_le_bytes());
+    raw[8..].copy_from_slice(&b.to_le_bytes());
     BASE64.encode(raw)
 }
 
@@ -510,6 +518,18 @@ fn upstream_reason(body: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstream_keys_are_16_bytes_and_never_repeat() {
+        let keys: std::collections::HashSet<String> = (0..10_000).map(|_| new_key()).collect();
+        assert_eq!(keys.len(), 10_000);
+        for k in keys.iter().take(10) {
+            assert_eq!(BASE64.decode(k).map(|raw| raw.len()).ok(), Some(16), "{k}");
+        }
+        // Another thread has its own key: its first key is not ours.
+        let other = std::thread::spawn(new_key).join().expect("thread");
+        assert!(!keys.contains(&other));
+    }
 
     const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 

@@ -21,6 +21,7 @@ use slab::Slab;
 use crate::authorize::{Authorizer, Decision, JwtAuthorizer, Ticket};
 use crate::buffer::BufferPool;
 use crate::config::{Config, ConfigError};
+use crate::conn::Readiness;
 use crate::events::{AccessLog, Event, Observer};
 use crate::http::Refusal;
 use crate::metrics::{Gauges, Metrics};
@@ -269,6 +270,11 @@ pub struct Proxy {
     /// Open connections per client address (MAX_CONNECTIONS_PER_IP).
     per_ip: HashMap<IpAddr, usize>,
     sessions: Slab<Session>,
+    /// Sessions in the relaying state, kept up to date after every drive so
+    /// that building a context (once per event) does not walk all sessions.
+    relaying: usize,
+    /// Readiness taken from one poll's events, reused from pass to pass.
+    touched: Vec<(usize, Side, Readiness)>,
     /// Deadlines as (when, slab key, session id); stale entries are skipped.
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     /// Sessions that ran out of budget with work left.
@@ -469,6 +475,8 @@ impl Proxy {
             at_capacity: false,
             per_ip: HashMap::new(),
             sessions: Slab::new(),
+            relaying: 0,
+            touched: Vec::new(),
             timers: BinaryHeap::new(),
             again: Vec::new(),
             pool: BufferPool::new(config.buffer_size, SPARE_BUFFERS),
@@ -576,7 +584,7 @@ impl Proxy {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
-        let mut touched: Vec<(usize, Side, bool, bool)> = Vec::new();
+        let mut touched = std::mem::take(&mut self.touched);
         for event in self.events.iter() {
             match event.token() {
                 LISTENER => self.listener_ready = true,
@@ -589,22 +597,19 @@ impl Proxy {
                     } else {
                         Side::Upstream
                     };
-                    let readable =
-                        event.is_readable() || event.is_read_closed() || event.is_error();
-                    let writable =
-                        event.is_writable() || event.is_write_closed() || event.is_error();
-                    touched.push((rel / 2, side, readable, writable));
+                    touched.push((rel / 2, side, Readiness::of(event)));
                 }
             }
         }
         let now = Instant::now();
         self.take_requests(now);
-        for (key, side, readable, writable) in touched {
+        for (key, side, readiness) in touched.drain(..) {
             if let Some(s) = self.sessions.get_mut(key) {
-                s.ready(side, readable, writable);
+                s.ready(side, readiness);
                 self.drive(key, now);
             }
         }
+        self.touched = touched;
         for key in std::mem::take(&mut self.again) {
             if self.sessions.contains(key) {
                 self.drive(key, now);
@@ -642,7 +647,7 @@ impl Proxy {
         {
             info!(
                 "draining: refusing new sessions, {} open ones have {grace:?}",
-                self.relaying()
+                self.relaying
             );
             self.drain_until = Some(now + grace);
         }
@@ -678,13 +683,6 @@ impl Proxy {
         }
     }
 
-    fn relaying(&self) -> usize {
-        self.sessions
-            .iter()
-            .filter(|(_, s)| s.is_relaying())
-            .count()
-    }
-
     fn dispatch_events(&mut self) {
         for e in self.pending_events.drain(..) {
             self.metrics.on_event(&e);
@@ -699,11 +697,7 @@ impl Proxy {
         let not_ready = draining.then(|| "shutting down".to_owned());
         let gauges = Gauges {
             open_connections: self.sessions.len(),
-            relaying: self
-                .sessions
-                .iter()
-                .filter(|(_, s)| s.is_relaying())
-                .count(),
+            relaying: self.relaying,
             buffers_in_use: self.pool.in_use(),
             draining,
         };
@@ -743,9 +737,17 @@ impl Proxy {
 
     /// Remove a finished session, or arm its deadline if it changed.
     fn after_drive(&mut self, key: usize, deadline_before: Option<Option<Instant>>) {
-        let Some(s) = self.sessions.get(key) else {
+        let Some(s) = self.sessions.get_mut(key) else {
             return;
         };
+        if s.counted_relaying != s.is_relaying() {
+            s.counted_relaying = !s.counted_relaying;
+            if s.counted_relaying {
+                self.relaying += 1;
+            } else {
+                self.relaying -= 1;
+            }
+        }
         if s.is_done() {
             self.remove(key, Instant::now());
             return;
@@ -886,6 +888,9 @@ impl Proxy {
         }
         let mut s = sessions.remove(key);
         s.close(&mut ctx);
+        if s.counted_relaying {
+            self.relaying -= 1;
+        }
         self.shared.counters.open.fetch_sub(1, Ordering::Relaxed);
         let ip = s.peer().ip();
         if let Some(n) = self.per_ip.get_mut(&ip) {

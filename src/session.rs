@@ -16,7 +16,7 @@ use crate::auth::Grant;
 use crate::authorize::{AuthRequest, Authorizer, Decision, Ticket};
 use crate::buffer::BufferPool;
 use crate::config::Config;
-use crate::conn::{Conn, Io};
+use crate::conn::{Conn, Io, Readiness};
 use crate::events::Event;
 use crate::frame::Direction;
 use crate::http::{self, Refusal, UpstreamAnswer};
@@ -170,6 +170,8 @@ pub(crate) struct Session {
     /// Close codes each side sent (1005 for a close frame without a code).
     client_close: Option<u16>,
     upstream_close: Option<u16>,
+    /// Counted in the server's relaying gauge (the server keeps this).
+    pub(crate) counted_relaying: bool,
 }
 
 impl Session {
@@ -207,6 +209,7 @@ impl Session {
             going_away: false,
             client_close: None,
             upstream_close: None,
+            counted_relaying: false,
         }
     }
 
@@ -255,16 +258,14 @@ impl Session {
         matches!(self.state, State::Done)
     }
 
-    /// Record readiness from an event. Errors and hang-ups count as both:
-    /// the next read or write reports what happened.
-    pub fn ready(&mut self, side: Side, readable: bool, writable: bool) {
+    /// Record readiness from an event.
+    pub fn ready(&mut self, side: Side, readiness: Readiness) {
         let conn = match side {
             Side::Client => Some(&mut self.client),
             Side::Upstream => self.upstream.as_mut(),
         };
         if let Some(c) = conn {
-            c.readable |= readable;
-            c.writable |= writable;
+            c.note(readiness);
         }
     }
 
@@ -616,22 +617,21 @@ impl Session {
         let Some(up) = self.upstream.as_mut() else {
             return;
         };
-        if !up.writable && !up.readable {
+        if !up.writable && !up.readable && !up.error_seen {
             return;
         }
-        // mio: a connect has finished when the socket is writable; then
-        // take_error tells failure, and peer_addr tells a spurious wake-up.
-        let failed = match up.stream.take_error() {
-            Ok(Some(e)) | Err(e) => Some(e),
-            Ok(None) => match up.stream.peer_addr() {
-                Ok(_) => None,
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
-                    up.readable = false;
-                    up.writable = false;
-                    return;
-                }
-                Err(e) => Some(e),
-            },
+        // mio: a connect has finished when the socket is writable and has
+        // failed when an event reports an error, so no syscall is spent
+        // asking unless it failed. A wake-up that was not the connect
+        // finishing is harmless: until the connection is established the
+        // kernel answers a write with EAGAIN, and the handshake waits on.
+        let failed = if up.error_seen {
+            match up.stream.take_error() {
+                Ok(Some(e)) | Err(e) => Some(e),
+                Ok(None) => None,
+            }
+        } else {
+            None
         };
         let State::Dialing { hs, next_addr } = std::mem::replace(&mut self.state, State::Lingering)
         else {
@@ -650,11 +650,7 @@ impl Session {
                             let Some(plain) = self.upstream.take() else {
                                 return;
                             };
-                            let mut wrapped =
-                                Conn::with_tls(plain.stream, conn, ctx.config.buffer_size);
-                            wrapped.readable = plain.readable;
-                            wrapped.writable = plain.writable;
-                            self.upstream = Some(wrapped);
+                            self.upstream = Some(plain.into_tls(conn, ctx.config.buffer_size));
                         }
                         Err(e) => {
                             return self.refuse(
@@ -863,9 +859,15 @@ impl Session {
             } else {
                 describe_end(up, down)
             });
+            let clean = matches!(up.end, Some(SourceEnd::Close(_)))
+                && matches!(down.end, Some(SourceEnd::Close(_)));
             up.release(ctx.pool);
             down.release(ctx.pool);
-            self.finish(ctx);
+            if clean {
+                self.finish_closed(ctx);
+            } else {
+                self.finish(ctx);
+            }
             return false;
         }
         if (up.end.is_some() || down.end.is_some()) && self.closing_by.is_none() {
@@ -978,31 +980,44 @@ impl Session {
         self.deadline = Some(ctx.now + ctx.config.close_timeout);
     }
 
+    /// Both close frames went through: the WebSocket is closed and nothing
+    /// more is owed to anyone. Towards the client the proxy is the server,
+    /// which closes its TCP connection first (RFC 6455 7.1.1, so TIME_WAIT
+    /// stays here); towards the upstream it is the client, which waits for
+    /// the server's FIN. A socket with no unread bytes needs no shutdown
+    /// before close(): the FIN goes out behind anything still unsent, and
+    /// only unread bytes would turn it into a reset. So when the client has
+    /// nothing unread and the upstream's FIN is in, both close at once;
+    /// otherwise the client gets its FIN now and the session lingers.
+    fn finish_closed(&mut self, ctx: &mut Ctx<'_>) {
+        let client_done = !self.client.readable || discard_input(&mut self.client) != Input::More;
+        let upstream_done = self
+            .upstream
+            .as_mut()
+            .is_none_or(|up| up.readable && discard_input(up) == Input::Eof);
+        if client_done && upstream_done {
+            self.drop_upstream(ctx);
+            self.state = State::Done;
+            return;
+        }
+        self.client.shutdown_write();
+        self.state = State::Lingering;
+        self.client.readable = true;
+        if let Some(up) = self.upstream.as_mut() {
+            up.readable = true;
+        }
+        self.deadline = Some(ctx.now + ctx.config.close_timeout);
+    }
+
     fn linger(&mut self, ctx: &mut Ctx<'_>) {
-        let mut sink = [0u8; 4096];
         let mut open = false;
         for conn in [Some(&mut self.client), self.upstream.as_mut()]
             .into_iter()
             .flatten()
         {
-            let mut closed = false;
-            for _ in 0..PUMP_BUDGET {
-                match conn.stream.read(&mut sink) {
-                    Ok(0) => {
-                        closed = true;
-                        break;
-                    }
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => {
-                        closed = true;
-                        break;
-                    }
-                }
-            }
+            open |= discard_input(conn) != Input::Eof;
+            // Whatever is left waits for the next event (or the deadline).
             conn.readable = false;
-            open |= !closed;
         }
         if !open {
             self.drop_upstream(ctx);
@@ -1052,6 +1067,40 @@ impl Session {
             });
         }
     }
+}
+
+/// What reading a closing socket's input (and dropping it) found.
+#[derive(Debug, PartialEq, Eq)]
+enum Input {
+    /// Nothing unread is left.
+    Empty,
+    /// The peer's FIN (or an error: nothing more will come).
+    Eof,
+    /// The budget ran out with bytes still coming.
+    More,
+}
+
+/// Read and drop a closing socket's input, bounded. A short read empties
+/// the socket unless the FIN is known to be queued (see `Conn::read_closed`).
+fn discard_input(conn: &mut Conn) -> Input {
+    let mut sink = [0u8; 4096];
+    for _ in 0..PUMP_BUDGET {
+        match conn.stream.read(&mut sink) {
+            Ok(0) => return Input::Eof,
+            Ok(n) if n < sink.len() && !conn.read_closed => {
+                conn.readable = false;
+                return Input::Empty;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                conn.readable = false;
+                return Input::Empty;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Input::Eof,
+        }
+    }
+    Input::More
 }
 
 /// The nearest of some optional instants.

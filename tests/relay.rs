@@ -269,3 +269,70 @@ fn a_thousand_concurrent_sessions() {
     }
     assert!(h.wait_idle(), "sessions left: {:?}", h.handle().stats());
 }
+
+#[test]
+fn a_last_frame_arriving_with_the_fin_is_relayed_and_ends_the_session() {
+    // The proxy skips the read that would only say "nothing more" after a
+    // short read, unless the event said the peer's FIN is queued too. Data
+    // and FIN arriving in one event must still end the session at once:
+    // the frame reaches the upstream, then a close 1001, and nothing hangs.
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpStream};
+    let h = Harness::start_with(|c| c.close_timeout = Duration::from_secs(30));
+    const SESSIONS: usize = 20;
+    let payload = pattern_vec(0, 1000);
+    for _ in 0..SESSIONS {
+        let mut s = TcpStream::connect(h.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let path = format!("/{}/sink", Harness::token(&["sink"]));
+        s.write_all(&common::upgrade_request(&path, "")).unwrap();
+        // Read the 101 head (nothing follows it from a sink).
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(
+                s.read(&mut byte).unwrap(),
+                1,
+                "proxy closed during the upgrade"
+            );
+            head.push(byte[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 101 "),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        // One masked binary frame and the FIN, back to back.
+        let mask = [1u8, 2, 3, 4];
+        let mut frame = vec![
+            0x82,
+            0x80 | 126,
+            (1000u16 >> 8) as u8,
+            (1000u16 & 0xff) as u8,
+        ];
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        s.write_all(&frame).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        // The proxy answers the vanished client's side by closing TCP.
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest)
+            .expect("the proxy must close the connection");
+    }
+    assert!(
+        upstream::wait_until(Duration::from_secs(10), || h.upstream.sink_results().len()
+            == SESSIONS),
+        "not every session reached its end at the upstream"
+    );
+    let sum = upstream::fnv1a(upstream::FNV_OFFSET, &payload);
+    for (bytes, got) in h.upstream.sink_results() {
+        assert_eq!((bytes, got), (1000, sum));
+    }
+    assert_eq!(h.upstream.close_codes(), vec![Some(1001); SESSIONS]);
+    // Well within the 30 s close timeout: no session waited for an event
+    // that had already come.
+    assert!(
+        h.wait_idle(),
+        "a session missed the FIN that came with its last frame"
+    );
+}
