@@ -38,6 +38,15 @@
 //!    our process and of the nginx worker at 0, K/2 and K sessions (the allocator keeps freed
 //!    memory, so a reused process would measure almost nothing).
 //!
+//! Scaling (plain variant only, after its rounds): workloads 4 and 5 again on two more processes
+//! of ours, started with `WORKERS=1` and `WORKERS=2`, taking turns in each round (the order
+//! alternating), with the pinning undone so that every CPU is available to them (the rest of the
+//! run stays placed as `BENCH_PIN` says). A worker is a thread; the proxy's thread names cannot
+//! tell a loop from its signal thread, so in every sample at least WORKERS of its threads must
+//! have run (`/proc/PID/task/*/schedstat`), or the bench fails. The load generator (client
+//! threads, the origin) runs on the same CPUs, so the ratio 2/1 is a lower bound of what a
+//! second core gives the proxy.
+//!
 //! Costs are read from `/proc`: our proxy process, the nginx *worker* (the child of the
 //! master; the master does nothing per connection). CPU is the run time the scheduler
 //! accounted (`/proc/PID/task/*/schedstat`, nanoseconds) with its user/system split from
@@ -50,16 +59,16 @@
 //!
 //! Knobs (environment): `BENCH_MIB` (S, 256), `BENCH_RTT` (N, 20000), `BENCH_CONC` (C, 1000),
 //! `BENCH_CONC_TRIPS` (T, 100), `BENCH_NEW` (M, 4000), `BENCH_IDLE` (K, 9000), `BENCH_ROUNDS`
-//! (R, 3), `BENCH_TLS` (1; 0 skips the TLS variant), `BENCH_LOGLEVEL` (our proxy's LOGLEVEL,
-//! WARNING: nginx runs with `access_log off`, so our per-session INFO lines would be extra
-//! work), `NGINX` (the nginx binary). For experiments: `BENCH_PROXY_ENV=K=V,K=V` (extra
+//! (R, 3), `BENCH_TLS` (1; 0 skips the TLS variant), `BENCH_WORKERS` (1; 0 skips the scaling
+//! section), `BENCH_LOGLEVEL` (our proxy's LOGLEVEL, WARNING: nginx runs with `access_log off`,
+//! so our per-session INFO lines would be extra work), `NGINX` (the nginx binary). For experiments: `BENCH_PROXY_ENV=K=V,K=V` (extra
 //! environment for our proxy, e.g. `RELAY_BUFFER_BYTES=262144`) and `BENCH_NGINX_DIRECTIVES`
 //! (extra directives in nginx's server block, e.g. `proxy_buffer_size 64k; proxy_buffers 4
 //! 64k; proxy_busy_buffers_size 64k;`); both appear in the reported command line.
 //! `BENCH_PROXY_BIN` measures another build of the proxy (one with symbols, for perf).
-//! `BENCH_PIN` places the processes with taskset(1) for the whole run: `one` (default) puts the
-//! bench, our proxy and the nginx worker on the last CPU, `split` the proxies on the last CPU
-//! and the bench on the others, `off` leaves it to the scheduler. On a small VM a wakeup across
+//! `BENCH_PIN` places the processes with taskset(1) for the whole run but the scaling section:
+//! `one` (default) puts the bench, our proxy and the nginx worker on the last CPU, `split` the
+//! proxies on the last CPU and the bench on the others, `off` leaves it to the scheduler. On a small VM a wakeup across
 //! CPUs costs tens of microseconds and is charged, inflated, to the woken process, so without
 //! pinning the latency and CPU figures depend on where each process happened to land (a round
 //! trip's p50 flips between ~18 and ~90 µs from one round to the next).
@@ -215,6 +224,8 @@ struct Knobs {
     idle: usize,
     rounds: usize,
     tls: bool,
+    /// The scaling section: our proxy with WORKERS=1 against WORKERS=2 (`BENCH_WORKERS`).
+    scaling: bool,
     loglevel: String,
     /// Extra environment for our proxy (`BENCH_PROXY_ENV=K=V,K=V`), for experiments.
     proxy_env: Vec<(String, String)>,
@@ -246,6 +257,7 @@ impl Knobs {
             idle: env_num("BENCH_IDLE", d.5)?,
             rounds: env_num("BENCH_ROUNDS", d.6)?,
             tls: std::env::var("BENCH_TLS").map_or(true, |v| v != "0" && v != "false"),
+            scaling: std::env::var("BENCH_WORKERS").map_or(true, |v| v != "0" && v != "false"),
             loglevel: std::env::var("BENCH_LOGLEVEL")
                 .ok()
                 .filter(|v| !v.is_empty())
@@ -300,7 +312,7 @@ impl Knobs {
         format!(
             "bash benches/nginx-setup.sh && {smoke}BENCH_MIB={} BENCH_RTT={} BENCH_CONC={} \
              BENCH_CONC_TRIPS={} BENCH_NEW={} BENCH_IDLE={} BENCH_ROUNDS={} BENCH_TLS={} \
-             BENCH_LOGLEVEL={} BENCH_PIN={}{}{} cargo bench --bench nginx",
+             BENCH_WORKERS={} BENCH_LOGLEVEL={} BENCH_PIN={}{}{} cargo bench --bench nginx",
             self.mib,
             self.rtt,
             self.conc,
@@ -309,6 +321,7 @@ impl Knobs {
             self.idle,
             self.rounds,
             u8::from(self.tls),
+            u8::from(self.scaling),
             self.loglevel,
             match self.pin {
                 Pin::One => "one",
@@ -336,7 +349,7 @@ impl Knobs {
     fn describe(&self) -> String {
         format!(
             "S={} MiB, N={} round trips, C={} concurrent x T={}, M={} new sessions, K={} idle, \
-             R={} rounds, TLS variant {}{}",
+             R={} rounds, TLS variant {}, workers scaling {}{}",
             self.mib,
             self.rtt,
             self.conc,
@@ -345,6 +358,7 @@ impl Knobs {
             self.idle,
             self.rounds,
             if self.tls { "on" } else { "off" },
+            if self.scaling { "on" } else { "off" },
             if self.smoke { " (smoke)" } else { "" }
         )
     }
@@ -1324,19 +1338,7 @@ fn cpu_of(pid: u32) -> Res<Cpu> {
         ticks(11)? / clock_ticks_per_second(),
         ticks(12)? / clock_ticks_per_second(),
     );
-    let mut run_ns = 0u64;
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map_err(|e| format!("read /proc/{pid}/task: {e}"))?;
-    for task in tasks.flatten() {
-        let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
-            continue;
-        };
-        run_ns += text
-            .split_whitespace()
-            .next()
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0);
-    }
+    let run_ns: u64 = thread_run_ns(pid)?.iter().map(|&(_, ns)| ns).sum();
     // Without schedstat (unusual kernels) fall back to the tick counts.
     let run = if run_ns > 0 {
         run_ns as f64 / 1e9
@@ -1344,6 +1346,33 @@ fn cpu_of(pid: u32) -> Res<Cpu> {
         user + sys
     };
     Ok(Cpu { run, user, sys })
+}
+
+/// Scheduler run time (ns, `/proc/PID/task/TID/schedstat`) of each thread of `pid`, by thread
+/// id; a thread that ends while being read is left out.
+fn thread_run_ns(pid: u32) -> Res<Vec<(u32, u64)>> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map_err(|e| format!("read /proc/{pid}/task: {e}"))?;
+    let mut out = Vec::new();
+    for task in tasks.flatten() {
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        let ns = text
+            .split_whitespace()
+            .next()
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0);
+        out.push((tid, ns));
+    }
+    Ok(out)
 }
 
 /// A `kB` field of `/proc/PID/status` (VmRSS, VmHWM, ...).
@@ -2627,6 +2656,8 @@ struct VariantResults {
     /// Proxy log and nginx error log lines worth reading.
     nginx_log: Vec<String>,
     ours_peak_kib: u64,
+    /// WORKERS=1 against WORKERS=2 (plain variant, unless `BENCH_WORKERS=0`).
+    scaling: Option<Scaling>,
 }
 
 fn run_variant(
@@ -2718,7 +2749,7 @@ fn run_variant(
     );
     // Processes started from here on (fresh proxies and nginx for the idle workload) inherit
     // the bench's placement.
-    let _pinned = Pinning::apply(knobs.pin, &[ours.pid(), nginx.worker]);
+    let pinned = Pinning::apply(knobs.pin, &[ours.pid(), nginx.worker]);
     let client_tls = pki.as_ref().map(|p| p.client_config());
     let endpoint = |route: Route, addr: SocketAddr| Endpoint {
         route,
@@ -2753,6 +2784,7 @@ fn run_variant(
         ],
         nginx_log: Vec::new(),
         ours_peak_kib: 0,
+        scaling: None,
     };
     let mut resumed = PerRoute::<(usize, usize)>::default();
     for round in 0..knobs.rounds {
@@ -2851,6 +2883,12 @@ fn run_variant(
     }
     ours.check_alive()?;
     nginx.check_alive()?;
+    // The scaling section is about using more than one CPU: undo the placement first (the
+    // processes it starts then inherit the bench's restored affinity).
+    drop(pinned);
+    if knobs.scaling && !tls {
+        res.scaling = Some(run_scaling(knobs, &proxy_env, &endpoint, &origin)?);
+    }
     origin.stats.check()?;
     res.ours_peak_kib = status_kib(ours.pid(), "VmHWM")?;
     res.nginx_log.extend(nginx.serious_log_lines());
@@ -2877,6 +2915,124 @@ fn run_variant(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Scaling: our proxy with one worker against two
+
+/// The worker counts compared; the arrays in `Scaling` follow this order.
+const SCALING_WORKERS: [usize; 2] = [1, 2];
+/// A single loop busy less than this (% of one core) was waiting for the load, not limiting it.
+const SATURATED_PERCENT: f64 = 90.0;
+
+/// Samples of the scaling section, per worker count (indexed as `SCALING_WORKERS`).
+#[derive(Default)]
+struct Scaling {
+    conc: [Vec<Latency>; 2],
+    news: [Vec<Latency>; 2],
+    /// With two workers, the less busy worker thread's share of the proxy's CPU per sample:
+    /// how evenly SO_REUSEPORT spread the connections.
+    conc_share: Vec<f64>,
+    news_share: Vec<f64>,
+}
+
+/// Workloads 4 and 5 on two more processes of ours, `WORKERS=1` and `WORKERS=2`, taking turns
+/// in each round (the order alternating). The caller has undone the pinning: the point is what
+/// a second loop adds when it can have a CPU of its own.
+fn run_scaling(
+    knobs: &Knobs,
+    proxy_env: &[(String, String)],
+    endpoint: &dyn Fn(Route, SocketAddr) -> Endpoint,
+    origin: &Origin,
+) -> Res<Scaling> {
+    let mut proxies = Vec::with_capacity(SCALING_WORKERS.len());
+    for w in SCALING_WORKERS {
+        let mut env = proxy_env.to_vec();
+        // Last, so that it wins over a WORKERS in BENCH_PROXY_ENV.
+        env.push(("WORKERS".into(), w.to_string()));
+        proxies.push(ProxyProcess::start(&env, &knobs.loglevel)?);
+    }
+    let started: Vec<String> = SCALING_WORKERS
+        .iter()
+        .zip(&proxies)
+        .map(|(w, p)| format!("WORKERS={w} pid {} on {}", p.pid(), p.addr))
+        .collect();
+    eprintln!("bench nginx [plain] scaling: {}", started.join(" | "));
+    let mut res = Scaling::default();
+    for round in 0..knobs.rounds {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        let step = |what: &str| {
+            eprintln!(
+                "bench nginx [plain] scaling round {}/{}: {what}",
+                round + 1,
+                knobs.rounds
+            );
+        };
+        step("concurrent sessions, WORKERS=1 and 2");
+        for i in order {
+            let (pid, ep) = (proxies[i].pid(), endpoint(Route::Ours, proxies[i].addr));
+            let (lat, share) = on_every_worker(pid, SCALING_WORKERS[i], || {
+                concurrent(&ep, Meter(Some(pid)), knobs.conc, knobs.conc_trips, origin)
+            })?;
+            res.conc[i].push(lat);
+            if SCALING_WORKERS[i] > 1 {
+                res.conc_share.push(share);
+            }
+        }
+        step("new sessions, WORKERS=1 and 2");
+        for i in order {
+            let (pid, ep) = (proxies[i].pid(), endpoint(Route::Ours, proxies[i].addr));
+            let (lat, share) = on_every_worker(pid, SCALING_WORKERS[i], || {
+                new_sessions(&ep, Meter(Some(pid)), knobs.new_sessions, origin)
+            })?;
+            res.news[i].push(lat);
+            if SCALING_WORKERS[i] > 1 {
+                res.news_share.push(share);
+            }
+        }
+        for p in &mut proxies {
+            p.check_alive()?;
+        }
+    }
+    Ok(res)
+}
+
+/// Runs `workload` on our proxy `pid` started with `workers` loops and fails unless every loop
+/// ran meanwhile. The threads cannot be told apart by name (the loops are named
+/// `kubevirt-vnc-proxy`, which the kernel cuts to the 15 bytes the main thread and the signal
+/// thread carry from the binary's name), so they are told apart by what they did: the signal
+/// thread sleeps until a signal comes, and a loop with no connection sleeps in epoll, so at
+/// least `workers` threads must have run. Returns the workload's result and the share of the
+/// proxy's CPU taken by the least busy of the `workers` busiest threads.
+fn on_every_worker<T>(
+    pid: u32,
+    workers: usize,
+    workload: impl FnOnce() -> Res<T>,
+) -> Res<(T, f64)> {
+    let fail = |e: String| format!("WORKERS={workers}: {e}");
+    let before = thread_run_ns(pid).map_err(fail)?;
+    let out = workload().map_err(fail)?;
+    let after = thread_run_ns(pid).map_err(fail)?;
+    let mut ran: Vec<u64> = after
+        .iter()
+        .map(|&(tid, ns)| {
+            let was = before
+                .iter()
+                .find(|&&(t, _)| t == tid)
+                .map_or(0, |&(_, ns)| ns);
+            ns.saturating_sub(was)
+        })
+        .filter(|&ns| ns > 0)
+        .collect();
+    if ran.len() < workers {
+        return Err(fail(format!(
+            "only {} of the proxy's threads ran during the workload: a loop served nothing",
+            ran.len()
+        )));
+    }
+    ran.sort_unstable_by(|a, b| b.cmp(a));
+    let total: u64 = ran.iter().sum();
+    Ok((out, ran[workers - 1] as f64 / total as f64))
+}
+
+// ---------------------------------------------------------------------------------------------
 // Statistics and report
 
 fn median(values: impl IntoIterator<Item = f64>) -> f64 {
@@ -2898,6 +3054,41 @@ fn percentile_us(samples: &[u64], q: f64) -> f64 {
     v.sort_unstable();
     let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
     v[rank - 1] as f64 / 1000.0
+}
+
+/// Median over the rounds of each round's percentile `q`, in microseconds.
+fn median_percentile_us(l: &[Latency], q: f64) -> f64 {
+    median(l.iter().map(|l| percentile_us(&l.samples, q)))
+}
+
+/// Median rate of a latency workload: operations per second of its wall time.
+fn per_second(l: &[Latency]) -> f64 {
+    median(
+        l.iter()
+            .map(|l| l.samples.len() as f64 / l.elapsed.as_secs_f64()),
+    )
+}
+
+/// Median CPU time of the measured process per `per` operations (1e6: µs per operation).
+fn cpu_per(l: &[Latency], per: f64) -> f64 {
+    median(l.iter().map(|l| per * l.cpu.run / l.samples.len() as f64))
+}
+
+/// Median CPU busy time of the measured process, in % of one core (above 100: several).
+fn busy_percent(l: &[Latency]) -> f64 {
+    median(
+        l.iter()
+            .map(|l| 100.0 * l.cpu.run / l.elapsed.as_secs_f64()),
+    )
+}
+
+/// Values of every round, comma-separated, or a dash when there are none.
+fn list_or_dash(vals: Vec<String>) -> String {
+    if vals.is_empty() {
+        "—".into()
+    } else {
+        vals.join(", ")
+    }
 }
 
 fn fmt_num(v: f64, digits: usize) -> String {
@@ -2999,10 +3190,9 @@ impl Summary {
                     .map(|t| 100.0 * t.cpu.run / t.elapsed.as_secs_f64()),
             )
         };
-        let pct = |l: &[Latency], q: f64| median(l.iter().map(|l| percentile_us(&l.samples, q)));
+        let pct = median_percentile_us;
         let lat_sys = |l: &[Latency]| median(l.iter().map(|l| l.cpu.sys_share()));
-        let per_op_us =
-            |l: &[Latency]| median(l.iter().map(|l| 1e6 * l.cpu.run / l.samples.len() as f64));
+        let per_op_us = |l: &[Latency]| cpu_per(l, 1e6);
         let idle = |r: Route, f: &dyn Fn(&Idle) -> f64| median(v.idle.get(r).iter().map(f));
         let slots = v
             .nginx_big_connections
@@ -3023,38 +3213,14 @@ impl Summary {
             conc_sys: each(&|r| proxied(r, lat_sys(v.conc.get(r)))),
             new_sys: each(&|r| proxied(r, lat_sys(v.news.get(r)))),
             conc_total: each(&|r| median(v.conc.get(r).iter().map(|l| l.elapsed.as_secs_f64()))),
-            conc_rate: each(&|r| {
-                median(
-                    v.conc
-                        .get(r)
-                        .iter()
-                        .map(|l| l.samples.len() as f64 / l.elapsed.as_secs_f64()),
-                )
-            }),
+            conc_rate: each(&|r| per_second(v.conc.get(r))),
             conc_p50: each(&|r| pct(v.conc.get(r), 0.50)),
             conc_p99: each(&|r| pct(v.conc.get(r), 0.99)),
             conc_cpu_us: each(&|r| proxied(r, per_op_us(v.conc.get(r)))),
-            new_rate: each(&|r| {
-                median(
-                    v.news
-                        .get(r)
-                        .iter()
-                        .map(|l| l.samples.len() as f64 / l.elapsed.as_secs_f64()),
-                )
-            }),
+            new_rate: each(&|r| per_second(v.news.get(r))),
             new_p50: each(&|r| pct(v.news.get(r), 0.50) / 1000.0),
             new_p99: each(&|r| pct(v.news.get(r), 0.99) / 1000.0),
-            new_cpu: each(&|r| {
-                proxied(
-                    r,
-                    median(
-                        v.news
-                            .get(r)
-                            .iter()
-                            .map(|l| 1000.0 * l.cpu.run / l.samples.len() as f64),
-                    ),
-                )
-            }),
+            new_cpu: each(&|r| proxied(r, cpu_per(v.news.get(r), 1000.0))),
             idle_start: each(&|r| idle(r, &|i| i.start as f64)),
             idle_half: each(&|r| idle(r, &|i| i.half as f64)),
             idle_full: each(&|r| idle(r, &|i| i.full as f64)),
@@ -3397,6 +3563,163 @@ impl Report<'_> {
             );
         }
         let _ = writeln!(out);
+        if let Some(sc) = &v.scaling {
+            self.render_scaling(out, sc);
+        }
+    }
+
+    /// WORKERS=1 against WORKERS=2: medians, the caveat that the load shares the CPUs, how the
+    /// work split between the two loops, and every round.
+    fn render_scaling(&self, out: &mut String, sc: &Scaling) {
+        let k = self.knobs;
+        let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+        let _ = writeln!(
+            out,
+            "##### Scaling: our proxy with `WORKERS=1` against `WORKERS=2` (plain upstream, all \
+             {cpus} CPUs)\n"
+        );
+        let _ = writeln!(
+            out,
+            "| workload (median of {} rounds) | WORKERS=1 | WORKERS=2 | 2/1 |",
+            k.rounds
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|");
+        let row = |out: &mut String,
+                   name: &str,
+                   f: &dyn Fn(&[Latency]) -> f64,
+                   samples: &[Vec<Latency>; 2],
+                   d: usize| {
+            let (one, two) = (f(&samples[0]), f(&samples[1]));
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {} | {} |",
+                fmt_num(one, d),
+                fmt_num(two, d),
+                ratio(two, one)
+            );
+        };
+        let conc = format!("{} sessions × {} round trips", k.conc, k.conc_trips);
+        row(
+            out,
+            &format!("{conc}: round trips per second"),
+            &per_second,
+            &sc.conc,
+            0,
+        );
+        row(
+            out,
+            "… p50 (µs)",
+            &|l| median_percentile_us(l, 0.50),
+            &sc.conc,
+            1,
+        );
+        row(
+            out,
+            "… proxy CPU per round trip (µs)",
+            &|l| cpu_per(l, 1e6),
+            &sc.conc,
+            1,
+        );
+        row(
+            out,
+            "… proxy CPU busy (% of one core)",
+            &busy_percent,
+            &sc.conc,
+            0,
+        );
+        row(
+            out,
+            &format!(
+                "new sessions per second ({NEW_THREADS} threads, {} sessions)",
+                k.new_sessions
+            ),
+            &per_second,
+            &sc.news,
+            0,
+        );
+        row(
+            out,
+            "… one session, p50 (ms)",
+            &|l| median_percentile_us(l, 0.50) / 1000.0,
+            &sc.news,
+            2,
+        );
+        row(
+            out,
+            "… proxy CPU per 1,000 new sessions (s)",
+            &|l| cpu_per(l, 1000.0),
+            &sc.news,
+            3,
+        );
+        row(
+            out,
+            "… proxy CPU busy (% of one core)",
+            &busy_percent,
+            &sc.news,
+            0,
+        );
+        let pct = |v: &[f64]| list_or_dash(v.iter().map(|s| format!("{:.0}", 100.0 * s)).collect());
+        let _ = writeln!(
+            out,
+            "\nNo pinning in this section: the proxy and the load it serves may use every CPU \
+             ({cpus} here). The load generator runs on the same CPUs — the client threads (one \
+             mio thread for the concurrent sessions, {NEW_THREADS} for the new sessions) and the \
+             origin (one thread), all in the bench process — so with two workers the proxy never \
+             has two cores to itself, and **2/1 is a lower bound** of what a second core gives \
+             it. Proxy CPU is the sum over its threads (`/proc/PID/task/*/schedstat`); unpinned, \
+             it includes wakeups across CPUs, so it does not compare with the pinned figures \
+             above. Every worker thread ran during every sample (checked; the bench fails \
+             otherwise); with two workers the less busy one took this share of the proxy's CPU, \
+             per round: concurrent {} %, new sessions {} %.\n",
+            pct(&sc.conc_share),
+            pct(&sc.news_share)
+        );
+        // A ratio near 1 means nothing if one worker was not saturated to begin with: say so
+        // rather than let it read as "a second worker does not help".
+        let idle_loop: Vec<String> = [
+            ("the concurrent sessions", &sc.conc[0]),
+            ("the new sessions", &sc.news[0]),
+        ]
+        .into_iter()
+        .map(|(name, l)| (name, busy_percent(l)))
+        .filter(|&(_, busy)| busy < SATURATED_PERCENT)
+        .map(|(name, busy)| format!("{name} ({} %)", fmt_num(busy, 0)))
+        .collect();
+        if !idle_loop.is_empty() {
+            let _ = writeln!(
+                out,
+                "**With one worker the proxy was not saturated**: busy less than \
+                 {SATURATED_PERCENT:.0} % of one core with {}. There the load generator, not the \
+                 proxy, set the pace, and the ratio says little about what the second worker can \
+                 add.\n",
+                idle_loop.join(" and ")
+            );
+        }
+        let _ = writeln!(
+            out,
+            "<details><summary>scaling, all rounds (WORKERS=1 first in odd rounds, WORKERS=2 in \
+             even ones)</summary>\n"
+        );
+        let _ = writeln!(out, "| per round | WORKERS=1 | WORKERS=2 |");
+        let _ = writeln!(out, "|---|---|---|");
+        let per_round = |l: &[Latency], f: &dyn Fn(&Latency) -> f64, d: usize| {
+            list_or_dash(l.iter().map(|l| fmt_num(f(l), d)).collect())
+        };
+        let rate = |l: &Latency| l.samples.len() as f64 / l.elapsed.as_secs_f64();
+        let per_1000 = |l: &Latency| 1000.0 * l.cpu.run / l.samples.len() as f64;
+        let mut line =
+            |name: &str, samples: &[Vec<Latency>; 2], f: &dyn Fn(&Latency) -> f64, d: usize| {
+                let _ = writeln!(
+                    out,
+                    "| {name} | {} | {} |",
+                    per_round(&samples[0], f, d),
+                    per_round(&samples[1], f, d)
+                );
+            };
+        line("concurrent round trips/s", &sc.conc, &rate, 0);
+        line("new sessions/s", &sc.news, &rate, 0);
+        line("proxy CPU s per 1,000 new sessions", &sc.news, &per_1000, 3);
+        let _ = writeln!(out, "\n</details>\n");
     }
 
     fn render_targets(&self, out: &mut String, summaries: &[Summary]) {
@@ -3501,13 +3824,7 @@ impl Report<'_> {
     /// Every round, so the spread behind the medians is visible.
     fn render_rounds(&self, out: &mut String, v: &VariantResults) {
         let payload = self.knobs.mib as f64;
-        let list = |vals: Vec<String>| {
-            if vals.is_empty() {
-                "—".into()
-            } else {
-                vals.join(", ")
-            }
-        };
+        let list = list_or_dash;
         let rate = |t: &[Transfer]| {
             list(
                 t.iter()
