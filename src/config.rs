@@ -65,6 +65,8 @@ const OPTIONS: &[Opt] = &[
     Opt { var: "HANDSHAKE_TIMEOUT_SECONDS", flag: "--handshake-timeout-seconds", default: "10", help: "time a client has to send its request head (408 after)" },
     Opt { var: "UPSTREAM_TIMEOUT_SECONDS", flag: "--upstream-timeout-seconds", default: "10", help: "time the upstream has to connect, finish TLS and answer the upgrade (504 after)" },
     Opt { var: "RELAY_BUFFER_BYTES", flag: "--relay-buffer-bytes", default: "65536", help: "size of the fixed buffer per relay direction" },
+    Opt { var: "RELAY_BULK_BUFFER_BYTES", flag: "--relay-bulk-buffer-bytes", default: "262144", help: "larger buffer for a direction whose source fills a whole buffer in one read (fewer, larger reads and writes); 0: off" },
+    Opt { var: "RELAY_BULK_BUFFERS", flag: "--relay-bulk-buffers", default: "64", help: "at most this many bulk buffers in use at once (bounds their memory); others keep RELAY_BUFFER_BYTES" },
     Opt { var: "MAX_FRAME_SIZE", flag: "--max-frame-size", default: "67108864", help: "largest frame payload relayed (close 1009 above)" },
 ];
 
@@ -238,6 +240,11 @@ pub struct Config {
     pub upstream_timeout: Duration,
     /// Bytes per relay buffer (one per direction, only while data is in flight).
     pub buffer_size: usize,
+    /// Bytes per bulk buffer, taken instead by a direction whose source
+    /// filled a whole buffer in one read (0: never).
+    pub bulk_buffer_size: usize,
+    /// Bulk buffers in use at once, at most.
+    pub bulk_buffers: usize,
     /// Largest frame payload relayed.
     pub max_frame_size: u64,
     /// Time allowed for the closing handshake and for lingering after a
@@ -551,6 +558,11 @@ impl Config {
                 &or_default("UPSTREAM_TIMEOUT_SECONDS"),
             )?),
             buffer_size: parse_num("RELAY_BUFFER_BYTES", &or_default("RELAY_BUFFER_BYTES"))?,
+            bulk_buffer_size: parse_num(
+                "RELAY_BULK_BUFFER_BYTES",
+                &or_default("RELAY_BULK_BUFFER_BYTES"),
+            )?,
+            bulk_buffers: parse_num("RELAY_BULK_BUFFERS", &or_default("RELAY_BULK_BUFFERS"))?,
             max_frame_size: parse_num("MAX_FRAME_SIZE", &or_default("MAX_FRAME_SIZE"))?,
             close_timeout: Duration::from_secs(5),
         };
@@ -625,6 +637,14 @@ impl Config {
             return Err(ConfigError::new(
                 "RELAY_BUFFER_BYTES",
                 "must be between 1024 and 16777216",
+            ));
+        }
+        if self.bulk_buffer_size != 0
+            && !(self.buffer_size..=16 << 20).contains(&self.bulk_buffer_size)
+        {
+            return Err(ConfigError::new(
+                "RELAY_BULK_BUFFER_BYTES",
+                "must be 0 (off) or between RELAY_BUFFER_BYTES and 16777216",
             ));
         }
         if self.handshake_timeout.is_zero() {

@@ -69,6 +69,8 @@ pub struct Gauges {
     pub relaying: usize,
     /// Relay buffers in use.
     pub buffers_in_use: usize,
+    /// Of those, bulk buffers.
+    pub bulk_buffers_in_use: usize,
     /// Draining for shutdown.
     pub draining: bool,
 }
@@ -148,6 +150,11 @@ impl Metrics {
             "kubevirt_vnc_proxy_buffers_in_use",
             "Relay buffers held by sessions.",
             g.buffers_in_use,
+        );
+        gauge(
+            "kubevirt_vnc_proxy_bulk_buffers_in_use",
+            "Bulk relay buffers held by sessions streaming in bulk (at most RELAY_BULK_BUFFERS).",
+            g.bulk_buffers_in_use,
         );
         gauge(
             "kubevirt_vnc_proxy_draining",

@@ -96,6 +96,10 @@ pub(crate) struct Pipe {
     uncounted: u64,
     /// Times the buffer filled up and reading paused.
     pub pauses: u64,
+    /// The source streams in bulk: take a bulk buffer when taking one. Set
+    /// when a read fills the buffer; cleared when a read brings less than a
+    /// quarter of a regular buffer (interactive traffic again).
+    bulk: bool,
 }
 
 /// What one [`Pipe::pump`] did.
@@ -124,6 +128,7 @@ impl Pipe {
             bytes: 0,
             uncounted: 0,
             pauses: 0,
+            bulk: false,
         }
     }
 
@@ -293,13 +298,21 @@ impl Pipe {
             }
             // Read while there is room and the source is still delivering.
             if self.end.is_none() && src.can_read() {
-                let buf = self.buf.get_or_insert_with(|| pool.get());
+                let bulk = self.bulk;
+                let buf = self
+                    .buf
+                    .get_or_insert_with(|| if bulk { pool.get_bulk() } else { pool.get() });
                 if buf.is_full() {
                     self.pauses += 1;
                 } else {
                     match src.read(buf.space()) {
                         Io::Done(n) => {
                             buf.fill(n);
+                            if buf.is_full() {
+                                self.bulk = true;
+                            } else if n < pool.regular_size() / 4 {
+                                self.bulk = false;
+                            }
                             moved = true;
                             self.last_rx = now;
                             self.scan_new();

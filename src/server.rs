@@ -85,6 +85,7 @@ struct Counters {
     open: AtomicUsize,
     accepted: AtomicU64,
     buffers_in_use: AtomicUsize,
+    bulk_buffers_in_use: AtomicUsize,
     limits_hit: AtomicU64,
 }
 
@@ -97,6 +98,8 @@ pub struct Stats {
     pub accepted: u64,
     /// Relay buffers currently held by sessions.
     pub buffers_in_use: usize,
+    /// Of those, bulk buffers (`RELAY_BULK_BUFFER_BYTES`).
+    pub bulk_buffers_in_use: usize,
     /// Times a connection limit was hit (MAX_CONNECTIONS reached, or a
     /// client refused by MAX_CONNECTIONS_PER_IP).
     pub limits_hit: u64,
@@ -168,6 +171,7 @@ impl Handle {
             open_sessions: c.open.load(Ordering::Relaxed),
             accepted: c.accepted.load(Ordering::Relaxed),
             buffers_in_use: c.buffers_in_use.load(Ordering::Relaxed),
+            bulk_buffers_in_use: c.bulk_buffers_in_use.load(Ordering::Relaxed),
             limits_hit: c.limits_hit.load(Ordering::Relaxed),
         }
     }
@@ -479,7 +483,12 @@ impl Proxy {
             touched: Vec::new(),
             timers: BinaryHeap::new(),
             again: Vec::new(),
-            pool: BufferPool::new(config.buffer_size, SPARE_BUFFERS),
+            pool: BufferPool::with_bulk(
+                config.buffer_size,
+                SPARE_BUFFERS,
+                config.bulk_buffer_size,
+                config.bulk_buffers,
+            ),
             upstream_host: config.upstream.host_header(),
             credentials,
             authorizer,
@@ -628,11 +637,17 @@ impl Proxy {
             self.accept(now, Kind::Metrics);
         }
         self.dispatch_events();
-        self.shared
-            .counters
-            .buffers_in_use
-            .store(self.pool.in_use(), Ordering::Relaxed);
+        self.publish_buffers();
         Ok(())
+    }
+
+    /// Let handles see the buffer counts (stats()).
+    fn publish_buffers(&self) {
+        let c = &self.shared.counters;
+        c.buffers_in_use
+            .store(self.pool.in_use(), Ordering::Relaxed);
+        c.bulk_buffers_in_use
+            .store(self.pool.bulk_in_use(), Ordering::Relaxed);
     }
 
     /// Drain requests and deferred decisions from other threads.
@@ -699,6 +714,7 @@ impl Proxy {
             open_connections: self.sessions.len(),
             relaying: self.relaying,
             buffers_in_use: self.pool.in_use(),
+            bulk_buffers_in_use: self.pool.bulk_in_use(),
             draining,
         };
         self.metrics.limits_hit = self.shared.counters.limits_hit.load(Ordering::Relaxed);
@@ -923,9 +939,6 @@ impl Proxy {
             self.remove(key, now);
         }
         self.dispatch_events();
-        self.shared
-            .counters
-            .buffers_in_use
-            .store(self.pool.in_use(), Ordering::Relaxed);
+        self.publish_buffers();
     }
 }

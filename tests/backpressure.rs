@@ -147,3 +147,62 @@ fn the_binary_serves_a_session_with_flags_over_environment() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn bulk_streams_take_bulk_buffers_up_to_the_limit_and_lose_nothing() {
+    // Two streams at once, one bulk buffer allowed: the first stream to
+    // fill a regular buffer gets it, the other keeps regular buffers, and
+    // both arrive whole.
+    const N: u64 = 48 << 20;
+    let h = Harness::start_with(|c| {
+        c.bulk_buffer_size = 256 << 10;
+        c.bulk_buffers = 1;
+    });
+    let vmi = format!("stream-{N}-{FRAME}");
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let mut ws = h.ws(&vmi);
+            std::thread::spawn(move || {
+                let mut offset = 0u64;
+                let mut expect = Vec::new();
+                let mut messages = 0u32;
+                while offset < N {
+                    match ws.read().expect("read") {
+                        Message::Binary(b) => {
+                            expect.resize(b.len(), 0);
+                            upstream::pattern(offset, &mut expect);
+                            assert!(b[..] == expect[..], "bytes out of order at {offset}");
+                            offset += b.len() as u64;
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    }
+                    // A reader a little slower than the stream, so that
+                    // buffers fill, drain and are taken again; and one long
+                    // stall, during which both streams hold a full buffer.
+                    messages += 1;
+                    if messages.is_multiple_of(64) {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    if offset == N / 2 {
+                        std::thread::sleep(Duration::from_millis(300));
+                    }
+                }
+                assert!(matches!(ws.read(), Ok(Message::Close(_))));
+                offset
+            })
+        })
+        .collect();
+    let handle = h.handle();
+    let mut peak = 0;
+    while !readers.iter().all(|r| r.is_finished()) {
+        peak = peak.max(handle.stats().bulk_buffers_in_use);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for r in readers {
+        assert_eq!(r.join().expect("reader"), N);
+    }
+    assert_eq!(peak, 1, "bulk buffers in use at the peak (limit 1)");
+    assert!(h.wait_idle());
+    let s = handle.stats();
+    assert_eq!((s.buffers_in_use, s.bulk_buffers_in_use), (0, 0));
+}
