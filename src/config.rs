@@ -668,13 +668,29 @@ impl Config {
     /// The upstream request path for one session: `WS_REMOTE_URL`'s path
     /// followed by `API_PATH` with the (already validated) names filled in.
     pub fn upstream_path(&self, namespace: &str, vmi: &str) -> String {
-        format!(
-            "{}{}",
-            self.upstream.base_path,
-            self.api_path
-                .replace("{namespace}", namespace)
-                .replace("{vmi_name}", vmi)
-        )
+        // One pass, one allocation (this runs once per session): each
+        // placeholder is filled in where it stands, never inside a value.
+        let base = &self.upstream.base_path;
+        let mut out =
+            String::with_capacity(base.len() + self.api_path.len() + namespace.len() + vmi.len());
+        out.push_str(base);
+        let mut rest = self.api_path.as_str();
+        while let Some(i) = rest.find('{') {
+            out.push_str(&rest[..i]);
+            let at = &rest[i..];
+            if let Some(after) = at.strip_prefix("{namespace}") {
+                out.push_str(namespace);
+                rest = after;
+            } else if let Some(after) = at.strip_prefix("{vmi_name}") {
+                out.push_str(vmi);
+                rest = after;
+            } else {
+                out.push('{');
+                rest = &at[1..];
+            }
+        }
+        out.push_str(rest);
+        out
     }
 }
 

@@ -105,8 +105,14 @@ pub fn parse_request_target(
 /// `+` is left alone: in a path it is a literal plus.
 pub fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
+    // Tokens and names rarely carry escapes: then the input is the answer
+    // (one memchr instead of a byte-by-byte copy).
+    let Some(first) = bytes.iter().position(|&b| b == b'%') else {
+        return Some(s.to_owned());
+    };
     let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
+    out.extend_from_slice(&bytes[..first]);
+    let mut i = first;
     while i < bytes.len() {
         if bytes[i] == b'%' {
             let hi = hex_value(*bytes.get(i + 1)?)?;

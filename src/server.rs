@@ -40,6 +40,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Spare relay buffers kept for reuse.
 const SPARE_BUFFERS: usize = 64;
+/// Bytes of the loop's scratch buffer (see `Ctx::scratch`).
+const SCRATCH_BYTES: usize = 4096;
 
 /// Why the proxy could not start.
 #[derive(Debug)]
@@ -277,6 +279,8 @@ pub struct Proxy {
     /// Sessions in the relaying state, kept up to date after every drive so
     /// that building a context (once per event) does not walk all sessions.
     relaying: usize,
+    /// See `Ctx::scratch`.
+    scratch: Box<[u8]>,
     /// Readiness taken from one poll's events, reused from pass to pass.
     touched: Vec<(usize, Side, Readiness)>,
     /// Deadlines as (when, slab key, session id); stale entries are skipped.
@@ -480,6 +484,7 @@ impl Proxy {
             per_ip: HashMap::new(),
             sessions: Slab::new(),
             relaying: 0,
+            scratch: vec![0; SCRATCH_BYTES].into_boxed_slice(),
             touched: Vec::new(),
             timers: BinaryHeap::new(),
             again: Vec::new(),
@@ -733,6 +738,7 @@ impl Proxy {
                 upstream_addrs: &self.upstream_addrs,
                 upstream_host: &self.upstream_host,
                 credentials: &mut self.credentials,
+                scratch: &mut self.scratch,
                 now,
             },
         )
@@ -894,7 +900,16 @@ impl Proxy {
                 s.reject(&mut ctx, r);
             }
             self.drive(key, now);
+            return;
         }
+        // A client speaks first, and its request is sent right behind the
+        // handshake that queued the connection: read it now instead of
+        // after another trip through epoll (when it has not come yet, the
+        // read costs an EAGAIN and its event comes as usual).
+        if let Some(s) = self.sessions.get_mut(key) {
+            s.ready(Side::Client, Readiness { readable: true, ..Readiness::default() });
+        }
+        self.drive(key, now);
     }
 
     fn remove(&mut self, key: usize, now: Instant) {

@@ -58,6 +58,10 @@ pub(crate) struct Ctx<'a> {
     pub upstream_addrs: &'a [SocketAddr],
     pub upstream_host: &'a str,
     pub credentials: &'a mut Credentials,
+    /// Scratch space for reads whose bytes are copied elsewhere or dropped
+    /// (handshake heads, lingering input): one per loop, so no session
+    /// zeroes a stack array of its own per read.
+    pub scratch: &'a mut [u8],
     pub now: Instant,
 }
 
@@ -399,7 +403,7 @@ impl Session {
             return;
         };
         let max = ctx.config.max_head_bytes;
-        let mut chunk = [0u8; 4096];
+        let chunk = &mut *ctx.scratch;
         // A head is at most `max` bytes; reading stops there either way.
         while self.client.readable && head.len() < max {
             let want = (max - head.len()).min(chunk.len());
@@ -702,7 +706,7 @@ impl Session {
             }
         }
         let max = ctx.config.max_head_bytes;
-        let mut chunk = [0u8; 4096];
+        let chunk = &mut *ctx.scratch;
         let mut eof = false;
         while up.can_read() && response.len() < max {
             let want = (max - response.len()).min(chunk.len());
@@ -792,7 +796,7 @@ impl Session {
             _ => return false,
         };
         let max = ctx.config.max_head_bytes;
-        let mut chunk = [0u8; 1024];
+        let chunk = &mut *ctx.scratch;
         while self.client.readable && early.len() < max {
             let want = (max - early.len()).min(chunk.len());
             match self.client.read(&mut chunk[..want]) {
@@ -841,8 +845,10 @@ impl Session {
                     up.end = Some(SourceEnd::Failed(e.to_string()));
                 }
             }
-            let changed = apply_closing_rules(up, down, ctx.pool);
-            if !(a.progress || b.progress || changed) {
+            // Each pump moves its direction as far as it can; only the
+            // closing rules (a close to inject, a pipe aborted) give the
+            // pumps new work.
+            if !apply_closing_rules(up, down, ctx.pool) {
                 break;
             }
         }
@@ -990,11 +996,11 @@ impl Session {
     /// nothing unread and the upstream's FIN is in, both close at once;
     /// otherwise the client gets its FIN now and the session lingers.
     fn finish_closed(&mut self, ctx: &mut Ctx<'_>) {
-        let client_done = !self.client.readable || discard_input(&mut self.client) != Input::More;
+        let client_done = !self.client.readable || discard_input(&mut self.client, ctx.scratch) != Input::More;
         let upstream_done = self
             .upstream
             .as_mut()
-            .is_none_or(|up| up.readable && discard_input(up) == Input::Eof);
+            .is_none_or(|up| up.readable && discard_input(up, ctx.scratch) == Input::Eof);
         if client_done && upstream_done {
             self.drop_upstream(ctx);
             self.state = State::Done;
@@ -1015,7 +1021,7 @@ impl Session {
             .into_iter()
             .flatten()
         {
-            open |= discard_input(conn) != Input::Eof;
+            open |= discard_input(conn, ctx.scratch) != Input::Eof;
             // Whatever is left waits for the next event (or the deadline).
             conn.readable = false;
         }
@@ -1082,10 +1088,9 @@ enum Input {
 
 /// Read and drop a closing socket's input, bounded. A short read empties
 /// the socket unless the FIN is known to be queued (see `Conn::read_closed`).
-fn discard_input(conn: &mut Conn) -> Input {
-    let mut sink = [0u8; 4096];
+fn discard_input(conn: &mut Conn, sink: &mut [u8]) -> Input {
     for _ in 0..PUMP_BUDGET {
-        match conn.stream.read(&mut sink) {
+        match conn.stream.read(sink) {
             Ok(0) => return Input::Eof,
             Ok(n) if n < sink.len() && !conn.read_closed => {
                 conn.readable = false;
