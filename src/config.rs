@@ -65,7 +65,7 @@ const OPTIONS: &[Opt] = &[
     Opt { var: "HANDSHAKE_TIMEOUT_SECONDS", flag: "--handshake-timeout-seconds", default: "10", help: "time a client has to send its request head (408 after)" },
     Opt { var: "UPSTREAM_TIMEOUT_SECONDS", flag: "--upstream-timeout-seconds", default: "10", help: "time the upstream has to connect, finish TLS and answer the upgrade (504 after)" },
     Opt { var: "RELAY_BUFFER_BYTES", flag: "--relay-buffer-bytes", default: "65536", help: "size of the fixed buffer per relay direction" },
-    Opt { var: "RELAY_BULK_BUFFER_BYTES", flag: "--relay-bulk-buffer-bytes", default: "262144", help: "larger buffer for a direction whose source fills a whole buffer in one read (fewer, larger reads and writes); 0: off" },
+    Opt { var: "RELAY_BULK_BUFFER_BYTES", flag: "--relay-bulk-buffer-bytes", default: "262144", help: "larger buffer for a direction whose source brings a whole buffer in one read (fewer, larger reads and writes); off when not above RELAY_BUFFER_BYTES" },
     Opt { var: "RELAY_BULK_BUFFERS", flag: "--relay-bulk-buffers", default: "64", help: "at most this many bulk buffers in use at once (bounds their memory); others keep RELAY_BUFFER_BYTES" },
     Opt { var: "MAX_FRAME_SIZE", flag: "--max-frame-size", default: "67108864", help: "largest frame payload relayed (close 1009 above)" },
 ];
@@ -639,12 +639,12 @@ impl Config {
                 "must be between 1024 and 16777216",
             ));
         }
-        if self.bulk_buffer_size != 0
-            && !(self.buffer_size..=16 << 20).contains(&self.bulk_buffer_size)
-        {
+        // Not above RELAY_BUFFER_BYTES means off (a larger regular buffer
+        // set before bulk buffers existed keeps working as it did).
+        if self.bulk_buffer_size > 16 << 20 {
             return Err(ConfigError::new(
                 "RELAY_BULK_BUFFER_BYTES",
-                "must be 0 (off) or between RELAY_BUFFER_BYTES and 16777216",
+                "must be at most 16777216",
             ));
         }
         if self.handshake_timeout.is_zero() {
@@ -797,6 +797,17 @@ mod tests {
         assert_eq!(run(&e, &["--port=7001"]).unwrap().port, 7001);
         let c = run(&e, &["--host-path-prefix", "/vnc/"]).unwrap();
         assert_eq!(c.path_prefix.as_deref(), Some("vnc"));
+    }
+
+    #[test]
+    fn bulk_buffers_never_stop_a_large_regular_buffer_from_starting() {
+        // Set before bulk buffers existed: still starts, bulk simply off.
+        let mut e = BASE.to_vec();
+        e.push(("RELAY_BUFFER_BYTES", "1048576"));
+        let c = run(&e, &[]).unwrap();
+        assert_eq!((c.buffer_size, c.bulk_buffer_size), (1 << 20, 256 << 10));
+        e.push(("RELAY_BULK_BUFFER_BYTES", "16777217"));
+        assert_eq!(run(&e, &[]).unwrap_err().var, "RELAY_BULK_BUFFER_BYTES");
     }
 
     #[test]

@@ -97,8 +97,8 @@ pub(crate) struct Pipe {
     /// Times the buffer filled up and reading paused.
     pub pauses: u64,
     /// The source streams in bulk: take a bulk buffer when taking one. Set
-    /// when a read fills the buffer; cleared when a read brings less than a
-    /// quarter of a regular buffer (interactive traffic again).
+    /// when one read brings a whole regular buffer's worth; cleared when a
+    /// read brings less than a quarter of that (interactive traffic again).
     bulk: bool,
 }
 
@@ -308,7 +308,10 @@ impl Pipe {
                     match src.read(buf.space()) {
                         Io::Done(n) => {
                             buf.fill(n);
-                            if buf.is_full() {
+                            // Bulk: one read brought a regular buffer's
+                            // worth (not a small read topping up a buffer
+                            // a slow destination left full).
+                            if n >= pool.regular_size() {
                                 self.bulk = true;
                             } else if n < pool.regular_size() / 4 {
                                 self.bulk = false;
@@ -445,7 +448,7 @@ impl Pipe {
     /// (its budget ran out): the session must be driven again soon.
     pub fn has_pending_work(&self, src: &Conn, dst: &Conn) -> bool {
         let can_read =
-            self.end.is_none() && src.readable && !self.buf.as_ref().is_some_and(Buffer::is_full);
+            self.end.is_none() && src.can_read() && !self.buf.as_ref().is_some_and(Buffer::is_full);
         let can_write =
             dst.writable && (self.ready > 0 || (self.end.is_some() && self.inject.is_some()));
         can_read || can_write

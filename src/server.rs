@@ -673,9 +673,12 @@ impl Proxy {
         }
         for (ticket, decision) in decisions {
             let (sessions, mut ctx) = self.ctx(now);
-            match sessions.get_mut(ticket.key) {
+            let more = match sessions.get_mut(ticket.key) {
                 Some(s) if s.id == ticket.id => s.decide(&mut ctx, decision),
                 _ => continue,
+            };
+            if more {
+                self.again.push(ticket.key);
             }
             self.after_drive(ticket.key, None);
         }
@@ -696,8 +699,8 @@ impl Proxy {
         }
         for key in keys {
             let (sessions, mut ctx) = self.ctx(now);
-            if let Some(s) = sessions.get_mut(key) {
-                s.go_away(&mut ctx);
+            if sessions.get_mut(key).is_some_and(|s| s.go_away(&mut ctx)) {
+                self.again.push(key);
             }
             self.after_drive(key, None);
         }
@@ -811,7 +814,9 @@ impl Proxy {
             if s.id != id || s.deadline != Some(at) {
                 continue;
             }
-            s.on_deadline(&mut ctx);
+            if s.on_deadline(&mut ctx) {
+                self.again.push(key);
+            }
             self.after_drive(key, None);
         }
     }
@@ -907,7 +912,13 @@ impl Proxy {
         // after another trip through epoll (when it has not come yet, the
         // read costs an EAGAIN and its event comes as usual).
         if let Some(s) = self.sessions.get_mut(key) {
-            s.ready(Side::Client, Readiness { readable: true, ..Readiness::default() });
+            s.ready(
+                Side::Client,
+                Readiness {
+                    readable: true,
+                    ..Readiness::default()
+                },
+            );
         }
         self.drive(key, now);
     }

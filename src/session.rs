@@ -227,7 +227,8 @@ impl Session {
 
     /// The shutdown grace is over: relaying sessions get 1001 `going away`
     /// on both sides, sessions still in the handshake a 503.
-    pub fn go_away(&mut self, ctx: &mut Ctx<'_>) {
+    /// Returns true when work is left (see [`drive`](Self::drive)).
+    pub fn go_away(&mut self, ctx: &mut Ctx<'_>) -> bool {
         match &mut self.state {
             State::Relaying { up, down } => {
                 down.finish_with_close(1001, "going away");
@@ -240,7 +241,7 @@ impl Session {
             State::Refusing { .. } | State::Lingering | State::Done => {}
             _ => self.refuse(ctx, Refusal::new(503, "shutting down")),
         }
-        self.drive(ctx);
+        self.drive(ctx)
     }
 
     /// True while frames are relayed.
@@ -321,7 +322,8 @@ impl Session {
     }
 
     /// The deadline passed: give up on the current state.
-    pub fn on_deadline(&mut self, ctx: &mut Ctx<'_>) {
+    /// Returns true when work is left (see [`drive`](Self::drive)).
+    pub fn on_deadline(&mut self, ctx: &mut Ctx<'_>) -> bool {
         self.deadline = None;
         match &mut self.state {
             State::ReadingRequest { head } => {
@@ -395,7 +397,7 @@ impl Session {
             }
             State::Done => {}
         }
-        self.drive(ctx);
+        self.drive(ctx)
     }
 
     fn read_request(&mut self, ctx: &mut Ctx<'_>) {
@@ -481,17 +483,18 @@ impl Session {
     }
 
     /// A decision came (at once, or later through the handle).
-    pub fn decide(&mut self, ctx: &mut Ctx<'_>, decision: Decision) {
+    /// Returns true when work is left (see [`drive`](Self::drive)).
+    pub fn decide(&mut self, ctx: &mut Ctx<'_>, decision: Decision) -> bool {
         if !matches!(self.state, State::Authorizing { .. }) {
-            return;
+            return false;
         }
         let State::Authorizing { req, early } =
             std::mem::replace(&mut self.state, State::Lingering)
         else {
-            return;
+            return false;
         };
         self.decided(ctx, req, early, decision);
-        self.drive(ctx);
+        self.drive(ctx)
     }
 
     fn decided(
@@ -867,8 +870,6 @@ impl Session {
             });
             let clean = matches!(up.end, Some(SourceEnd::Close(_)))
                 && matches!(down.end, Some(SourceEnd::Close(_)));
-            up.release(ctx.pool);
-            down.release(ctx.pool);
             if clean {
                 self.finish_closed(ctx);
             } else {
@@ -971,9 +972,31 @@ impl Session {
         }
     }
 
+    /// The relay is over, however it ended: keep what the pipes counted and
+    /// give their buffers back (a pipe dropped with its buffer would leak
+    /// the pool's count, and a bulk buffer's slot with it).
+    fn leave_relaying(&mut self, ctx: &mut Ctx<'_>) {
+        if let State::Relaying { up, down } = &mut self.state {
+            ctx.metrics.backpressure_pauses += up.pauses + down.pauses;
+            // Counted once: the state changes right after.
+            up.pauses = 0;
+            down.pauses = 0;
+            self.bytes_up = up.bytes;
+            self.bytes_down = down.bytes;
+            self.client_close = close_code(up);
+            self.upstream_close = close_code(down);
+            if self.outcome.is_none() {
+                self.outcome = Some(format!("{} (closed by the proxy)", describe_end(up, down)));
+            }
+            up.release(ctx.pool);
+            down.release(ctx.pool);
+        }
+    }
+
     /// Shut our sides down for writing and wait (bounded) for the peers to
     /// close theirs.
     fn finish(&mut self, ctx: &mut Ctx<'_>) {
+        self.leave_relaying(ctx);
         self.client.shutdown_write();
         if let Some(up) = self.upstream.as_mut() {
             up.shutdown_write();
@@ -995,8 +1018,13 @@ impl Session {
     /// only unread bytes would turn it into a reset. So when the client has
     /// nothing unread and the upstream's FIN is in, both close at once;
     /// otherwise the client gets its FIN now and the session lingers.
+    /// "Nothing unread" is as of the last event: a client that sends after
+    /// its own close frame, racing this close, may get a reset instead of a
+    /// FIN (no more than it asked for: both close frames have gone by).
     fn finish_closed(&mut self, ctx: &mut Ctx<'_>) {
-        let client_done = !self.client.readable || discard_input(&mut self.client, ctx.scratch) != Input::More;
+        self.leave_relaying(ctx);
+        let client_done =
+            !self.client.readable || discard_input(&mut self.client, ctx.scratch) != Input::More;
         let upstream_done = self
             .upstream
             .as_mut()
@@ -1039,18 +1067,7 @@ impl Session {
 
     /// Release everything (called by the server when the session is removed).
     pub fn close(&mut self, ctx: &mut Ctx<'_>) {
-        if let State::Relaying { up, down } = &mut self.state {
-            ctx.metrics.backpressure_pauses += up.pauses + down.pauses;
-            self.bytes_up = up.bytes;
-            self.bytes_down = down.bytes;
-            self.client_close = close_code(up);
-            self.upstream_close = close_code(down);
-            if self.outcome.is_none() {
-                self.outcome = Some(format!("{} (closed by the proxy)", describe_end(up, down)));
-            }
-            up.release(ctx.pool);
-            down.release(ctx.pool);
-        }
+        self.leave_relaying(ctx);
         // The client socket closes when the session is dropped (see
         // drop_upstream about epoll).
         self.drop_upstream(ctx);

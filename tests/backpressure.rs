@@ -206,3 +206,35 @@ fn bulk_streams_take_bulk_buffers_up_to_the_limit_and_lose_nothing() {
     let s = handle.stats();
     assert_eq!((s.buffers_in_use, s.bulk_buffers_in_use), (0, 0));
 }
+
+#[test]
+fn a_closing_handshake_that_times_out_gives_its_buffers_back() {
+    // The client stops reading while the upstream streams, then says
+    // goodbye; the upstream, blocked writing, never answers. The closing
+    // timeout ends the session: the buffers it held (full, one of them a
+    // bulk buffer) must go back to the pool, or every such session would
+    // shrink it for good.
+    let h = Harness::start_with(|c| c.close_timeout = Duration::from_secs(1));
+    let vmi = format!("stream-{TOTAL}-{FRAME}");
+    let mut ws = h.ws(&vmi);
+    // A few messages, so that the stream is flowing (and bulk) ...
+    for _ in 0..64 {
+        assert!(matches!(ws.read().expect("read"), Message::Binary(_)));
+    }
+    // ... then no more reading, until every buffer on the way is full.
+    std::thread::sleep(Duration::from_millis(300));
+    let handle = h.handle();
+    assert!(
+        handle.stats().buffers_in_use > 0,
+        "the stalled stream holds a buffer"
+    );
+    ws.close(None).expect("send the close frame");
+    assert!(
+        upstream::wait_until(Duration::from_secs(10), || handle.stats().open_sessions
+            == 0),
+        "the session outlived its closing timeout"
+    );
+    let s = handle.stats();
+    assert_eq!((s.buffers_in_use, s.bulk_buffers_in_use), (0, 0));
+    drop(ws);
+}
