@@ -46,18 +46,30 @@ fn main() -> ExitCode {
     let workers = config.workers;
     // Signal handlers first: everything the process holds is in place by the
     // time it says it listens (tools take their baseline from that line).
-    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("cannot install signal handlers: {e}");
-            return ExitCode::FAILURE;
+    // One loop answers SIGTERM/SIGINT itself, so the process stays
+    // single-threaded (cheaper socket calls); several get a signal thread.
+    let mut signals = if workers > 1 {
+        match Signals::new([SIGTERM, SIGINT]) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
         }
+    } else {
+        None
     };
 
     // WORKERS independent loops share the port through SO_REUSEPORT; the
     // first one binds (and picks the port when PORT=0), the others follow.
     // Only the first serves /metrics, for its own sessions.
-    let first = match Proxy::bind(config.clone()) {
+    let builder = Proxy::builder(config.clone());
+    let builder = if signals.is_none() {
+        builder.stop_on_signals(&[SIGTERM, SIGINT])
+    } else {
+        builder
+    };
+    let first = match builder.bind() {
         Ok(p) => p,
         Err(e) => return start_failed(e),
     };
@@ -79,26 +91,31 @@ fn main() -> ExitCode {
     if let Some(m) = first.metrics_addr() {
         log::info!("serving /metrics on {m}");
     }
-    // Signals are turned into handle calls on a thread of their own: the
+    // With several loops, signals are turned into handle calls on a thread
+    // of their own (one loop answers them itself, the same way): the
     // first SIGTERM/SIGINT drains (new sessions refused, open ones get
     // SHUTDOWN_GRACE_SECONDS), a second one stops at once.
     let handles: Vec<_> = std::iter::once(first.handle())
         .chain(others.iter().map(Proxy::handle))
         .collect();
-    std::thread::spawn(move || {
-        let mut seen = 0;
-        for signal in signals.forever() {
-            seen += 1;
-            if seen == 1 {
-                log::info!("signal {signal}: draining for up to {grace:?} (again to stop at once)");
-                handles.iter().for_each(|h| h.drain(grace));
-            } else {
-                log::warn!("signal {signal} again: stopping now");
-                handles.iter().for_each(|h| h.shutdown());
-                break;
+    if let Some(mut signals) = signals.take() {
+        std::thread::spawn(move || {
+            let mut seen = 0;
+            for signal in signals.forever() {
+                seen += 1;
+                if seen == 1 {
+                    log::info!(
+                        "signal {signal}: draining for up to {grace:?} (again to stop at once)"
+                    );
+                    handles.iter().for_each(|h| h.drain(grace));
+                } else {
+                    log::warn!("signal {signal} again: stopping now");
+                    handles.iter().for_each(|h| h.shutdown());
+                    break;
+                }
             }
-        }
-    });
+        });
+    }
     let mut threads = Vec::new();
     for p in others {
         match p.spawn() {

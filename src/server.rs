@@ -31,6 +31,9 @@ use crate::upstream::Credentials;
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const METRICS_LISTENER: Token = Token(2);
+/// The read end of the self-pipe signal handlers write to
+/// ([`ProxyBuilder::stop_on_signals`]).
+const SIGNALS: Token = Token(3);
 
 /// Connections accepted per pass before other work gets a turn.
 const ACCEPT_BUDGET: usize = 256;
@@ -223,6 +226,7 @@ pub struct ProxyBuilder {
     config: Config,
     authorizer: Option<Box<dyn Authorizer>>,
     observers: Vec<Box<dyn Observer>>,
+    signals: Vec<i32>,
 }
 
 impl fmt::Debug for ProxyBuilder {
@@ -244,6 +248,18 @@ impl ProxyBuilder {
     /// Also send every session event to `observer`.
     pub fn observer(mut self, observer: impl Observer + 'static) -> Self {
         self.observers.push(Box::new(observer));
+        self
+    }
+
+    /// Let the loop itself answer `signals` (e.g. SIGTERM and SIGINT), with
+    /// no thread of its own: the first drains for `SHUTDOWN_GRACE_SECONDS`,
+    /// another one stops at once. A process whose only loop does this stays
+    /// single-threaded, which makes every socket call a little cheaper (the
+    /// kernel takes no reference on a file while no other thread shares the
+    /// descriptor table). The handlers stay installed until the proxy is
+    /// dropped.
+    pub fn stop_on_signals(mut self, signals: &[i32]) -> Self {
+        self.signals = signals.to_vec();
         self
     }
 
@@ -302,6 +318,66 @@ pub struct Proxy {
     gone_away: bool,
     next_id: u64,
     shared: Arc<Shared>,
+    /// Signals the loop answers itself (see `ProxyBuilder::stop_on_signals`).
+    signals: Option<SignalPipe>,
+}
+
+/// Signal handlers that write a byte to a socket pair the loop polls.
+#[derive(Debug)]
+struct SignalPipe {
+    rx: mio::net::UnixStream,
+    ids: Vec<signal_hook::SigId>,
+    /// Signals seen so far: the first drains, another one stops.
+    seen: u32,
+}
+
+impl SignalPipe {
+    fn install(registry: &mio::Registry, signals: &[i32]) -> io::Result<Option<SignalPipe>> {
+        if signals.is_empty() {
+            return Ok(None);
+        }
+        let (rx, tx) = std::os::unix::net::UnixStream::pair()?;
+        rx.set_nonblocking(true)?;
+        let mut rx = mio::net::UnixStream::from_std(rx);
+        registry.register(&mut rx, SIGNALS, Interest::READABLE)?;
+        let mut pipe = SignalPipe {
+            rx,
+            ids: Vec::new(),
+            seen: 0,
+        };
+        for &signal in signals {
+            // The handler only sends one byte (async-signal-safe); dropping
+            // `pipe` on an error unregisters what was installed.
+            pipe.ids.push(signal_hook::low_level::pipe::register(
+                signal,
+                tx.try_clone()?,
+            )?);
+        }
+        Ok(Some(pipe))
+    }
+
+    /// How many signals came since the last call (bounded reads).
+    fn take(&mut self) -> u32 {
+        let mut buf = [0u8; 64];
+        let mut n = 0u32;
+        for _ in 0..16 {
+            match io::Read::read(&mut self.rx, &mut buf) {
+                Ok(0) => break,
+                Ok(k) => n = n.saturating_add(k as u32),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        n
+    }
+}
+
+impl Drop for SignalPipe {
+    fn drop(&mut self) {
+        for id in self.ids.drain(..) {
+            signal_hook::low_level::unregister(id);
+        }
+    }
 }
 
 impl fmt::Debug for Proxy {
@@ -398,6 +474,7 @@ impl Proxy {
             config,
             authorizer: None,
             observers: Vec::new(),
+            signals: Vec::new(),
         }
     }
 
@@ -467,6 +544,7 @@ impl Proxy {
             None => None,
         };
         let waker = Waker::new(poll.registry(), WAKER)?;
+        let signals = SignalPipe::install(poll.registry(), &b.signals)?;
         let mut observers: Vec<Box<dyn Observer>> =
             vec![Box::new(AccessLog::new(config.log_format))];
         observers.extend(b.observers);
@@ -505,6 +583,7 @@ impl Proxy {
             drain_until: None,
             gone_away: false,
             next_id: 1,
+            signals,
             shared: Arc::new(Shared {
                 stop: AtomicBool::new(false),
                 waker,
@@ -599,9 +678,11 @@ impl Proxy {
             Err(e) => return Err(e),
         }
         let mut touched = std::mem::take(&mut self.touched);
+        let mut signal_ready = false;
         for event in self.events.iter() {
             match event.token() {
                 LISTENER => self.listener_ready = true,
+                SIGNALS => signal_ready = true,
                 METRICS_LISTENER => self.metrics_ready = true,
                 WAKER => {}
                 Token(t) => {
@@ -616,6 +697,9 @@ impl Proxy {
             }
         }
         let now = Instant::now();
+        if signal_ready {
+            self.take_signals(now);
+        }
         self.take_requests(now);
         for (key, side, readiness) in touched.drain(..) {
             if let Some(s) = self.sessions.get_mut(key) {
@@ -655,21 +739,50 @@ impl Proxy {
             .store(self.pool.bulk_in_use(), Ordering::Relaxed);
     }
 
+    /// Signals answered by the loop itself: the first drains, another one
+    /// stops at once (as `Handle::drain` and `Handle::shutdown` would).
+    fn take_signals(&mut self, now: Instant) {
+        let Some(pipe) = self.signals.as_mut() else {
+            return;
+        };
+        let came = pipe.take();
+        if came == 0 {
+            return;
+        }
+        let first = pipe.seen == 0;
+        pipe.seen = pipe.seen.saturating_add(came);
+        let stop = pipe.seen > 1;
+        let grace = self.config.shutdown_grace;
+        if first {
+            info!("signal: draining for up to {grace:?} (again to stop at once)");
+            self.start_drain(now, grace);
+        }
+        if stop {
+            warn!("signal again: stopping now");
+            self.shared.stop.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Refuse new sessions; open ones get `grace`, then 1001 (once).
+    fn start_drain(&mut self, now: Instant, grace: Duration) {
+        if self.drain_until.is_some() || self.gone_away {
+            return;
+        }
+        info!(
+            "draining: refusing new sessions, {} open ones have {grace:?}",
+            self.relaying
+        );
+        self.drain_until = Some(now + grace);
+    }
+
     /// Drain requests and deferred decisions from other threads.
     fn take_requests(&mut self, now: Instant) {
         let (drain, decisions) = {
             let mut r = self.shared.requests();
             (r.drain.take(), std::mem::take(&mut r.decisions))
         };
-        if let Some(grace) = drain
-            && self.drain_until.is_none()
-            && !self.gone_away
-        {
-            info!(
-                "draining: refusing new sessions, {} open ones have {grace:?}",
-                self.relaying
-            );
-            self.drain_until = Some(now + grace);
+        if let Some(grace) = drain {
+            self.start_drain(now, grace);
         }
         for (ticket, decision) in decisions {
             let (sessions, mut ctx) = self.ctx(now);

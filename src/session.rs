@@ -29,7 +29,7 @@ use crate::upstream::Credentials;
 const PUMP_BUDGET: usize = 16;
 
 /// First token used by sessions; lower ones belong to the server.
-pub(crate) const FIRST_SESSION_TOKEN: usize = 3;
+pub(crate) const FIRST_SESSION_TOKEN: usize = 4;
 
 pub(crate) fn client_token(key: usize) -> Token {
     Token(FIRST_SESSION_TOKEN + 2 * key)

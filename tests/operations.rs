@@ -258,6 +258,9 @@ fn sigterm_drains_then_closes_with_1001_and_exits_0() {
     let mut ws = ws_connect(p.addr, &format!("/{t}/echo")).unwrap();
     ws.send(Message::text("before")).unwrap();
     assert_eq!(ws.read().unwrap(), Message::text("before"));
+    // One loop answers the signals itself: no thread besides it (socket
+    // calls of a single-threaded process take no file reference).
+    assert_eq!(threads(p.child.id()), 1, "one worker, one thread");
     p.signal("TERM");
     std::thread::sleep(Duration::from_millis(300));
     // Not ready, new sessions refused, open ones still served.
@@ -519,12 +522,7 @@ fn two_workers_share_the_port_and_drain_together() {
         ws.send(Message::text(format!("{i}"))).unwrap();
         assert_eq!(ws.read().unwrap(), Message::text(format!("{i}")));
     }
-    let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).unwrap();
-    let threads: usize = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap();
+    let threads = threads(p.child.id());
     assert!(
         threads >= 3,
         "two loops and the signal thread: {threads} threads"
@@ -538,6 +536,16 @@ fn two_workers_share_the_port_and_drain_together() {
     }
     drop(sessions);
     assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+/// Threads of process `pid` (from /proc).
+fn threads(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
 }
 
 #[test]
