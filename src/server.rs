@@ -297,6 +297,8 @@ pub struct Proxy {
     relaying: usize,
     /// See `Ctx::scratch`.
     scratch: Box<[u8]>,
+    /// When the last pass of `poll_once` started.
+    pass_started: Instant,
     /// Readiness taken from one poll's events, reused from pass to pass.
     touched: Vec<(usize, Side, Readiness)>,
     /// Deadlines as (when, slab key, session id); stale entries are skipped.
@@ -563,6 +565,7 @@ impl Proxy {
             sessions: Slab::new(),
             relaying: 0,
             scratch: vec![0; SCRATCH_BYTES].into_boxed_slice(),
+            pass_started: Instant::now(),
             touched: Vec::new(),
             timers: BinaryHeap::new(),
             again: Vec::new(),
@@ -621,7 +624,9 @@ impl Proxy {
     /// Serve on the calling thread until stopped (or drained).
     pub fn run(mut self) -> io::Result<()> {
         while !self.is_finished() {
-            let timeout = self.next_timeout();
+            // The time the last pass started is recent enough (a pass is
+            // short, epoll counts in milliseconds) and spares a clock read.
+            let timeout = self.timeout_from(self.pass_started);
             self.poll_once(timeout)?;
         }
         self.close_all();
@@ -648,10 +653,14 @@ impl Proxy {
     /// deadline, sleep until an event). A host driving the loop itself uses
     /// this as (an upper bound of) its own poll timeout.
     pub fn next_timeout(&self) -> Option<Duration> {
+        self.timeout_from(Instant::now())
+    }
+
+    /// [`next_timeout`](Self::next_timeout) as seen at `now`.
+    fn timeout_from(&self, now: Instant) -> Option<Duration> {
         if !self.again.is_empty() || (self.listener_ready && self.can_accept()) {
             return Some(Duration::ZERO);
         }
-        let now = Instant::now();
         let timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
         [timer, self.accept_paused_until, self.drain_until]
             .into_iter()
@@ -697,6 +706,7 @@ impl Proxy {
             }
         }
         let now = Instant::now();
+        self.pass_started = now;
         if signal_ready {
             self.take_signals(now);
         }
@@ -1001,10 +1011,17 @@ impl Proxy {
         let c = &self.shared.counters;
         c.open.fetch_add(1, Ordering::Relaxed);
         c.accepted.fetch_add(1, Ordering::Relaxed);
-        let per_ip = self.per_ip.entry(peer.ip()).or_insert(0);
-        *per_ip += 1;
+        // Counted only when limited (the setting never changes while the
+        // loop runs): no hashing per connection otherwise.
         let limit = self.config.max_connections_per_ip;
-        if kind == Kind::Main && limit > 0 && *per_ip > limit {
+        let per_ip = if limit > 0 {
+            let n = self.per_ip.entry(peer.ip()).or_insert(0);
+            *n += 1;
+            *n
+        } else {
+            0
+        };
+        if kind == Kind::Main && limit > 0 && per_ip > limit {
             c.limits_hit.fetch_add(1, Ordering::Relaxed);
             let (sessions, mut ctx) = self.ctx(now);
             if let Some(s) = sessions.get_mut(key) {
@@ -1048,7 +1065,9 @@ impl Proxy {
         }
         self.shared.counters.open.fetch_sub(1, Ordering::Relaxed);
         let ip = s.peer().ip();
-        if let Some(n) = self.per_ip.get_mut(&ip) {
+        if self.config.max_connections_per_ip > 0
+            && let Some(n) = self.per_ip.get_mut(&ip)
+        {
             *n -= 1;
             if *n == 0 {
                 self.per_ip.remove(&ip);

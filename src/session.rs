@@ -1072,16 +1072,17 @@ impl Session {
         // drop_upstream about epoll).
         self.drop_upstream(ctx);
         self.state = State::Done;
+        // The session ends here: its grant and outcome move into the event.
         if self.phase == Phase::Relayed
-            && let Some(g) = &self.grant
+            && let Some(g) = self.grant.take()
         {
             ctx.events.push(Event::Closed {
                 id: self.id,
                 peer: self.peer,
-                namespace: g.namespace.clone(),
-                vmi: g.vmi.clone(),
-                token_id: g.token_id.clone(),
-                outcome: self.outcome.clone().unwrap_or_else(|| "closed".into()),
+                namespace: g.namespace,
+                vmi: g.vmi,
+                token_id: g.token_id,
+                outcome: self.outcome.take().unwrap_or_else(|| "closed".into()),
                 duration: ctx.now.saturating_duration_since(self.started),
                 bytes_up: self.bytes_up,
                 bytes_down: self.bytes_down,
