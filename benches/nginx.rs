@@ -312,7 +312,7 @@ impl Knobs {
         format!(
             "bash benches/nginx-setup.sh && {smoke}BENCH_MIB={} BENCH_RTT={} BENCH_CONC={} \
              BENCH_CONC_TRIPS={} BENCH_NEW={} BENCH_IDLE={} BENCH_ROUNDS={} BENCH_TLS={} \
-             BENCH_WORKERS={} BENCH_LOGLEVEL={} BENCH_PIN={}{}{} cargo bench --bench nginx",
+             BENCH_WORKERS={} BENCH_LOGLEVEL={} BENCH_PIN={}{}{}{} cargo bench --bench nginx",
             self.mib,
             self.rtt,
             self.conc,
@@ -342,7 +342,14 @@ impl Knobs {
                 String::new()
             } else {
                 format!(" BENCH_NGINX_DIRECTIVES='{}'", self.nginx_directives)
-            }
+            },
+            // Another build was measured: say which.
+            std::env::var_os("BENCH_PROXY_BIN")
+                .filter(|p| !p.is_empty())
+                .map_or_else(String::new, |_| format!(
+                    " BENCH_PROXY_BIN={}",
+                    proxy_bin().display()
+                ))
         )
     }
 

@@ -405,23 +405,18 @@ impl Session {
             return;
         };
         let max = ctx.config.max_head_bytes;
-        let chunk = &mut *ctx.scratch;
         // A head is at most `max` bytes; reading stops there either way.
-        while self.client.readable && head.len() < max {
-            let want = (max - head.len()).min(chunk.len());
-            match self.client.read(&mut chunk[..want]) {
-                Io::Done(n) => head.extend_from_slice(&chunk[..n]),
-                Io::WouldBlock => break,
-                Io::Eof | Io::Failed(_) => {
-                    debug!(
-                        "session {} {}: client left before sending a request",
-                        self.id, self.peer
-                    );
-                    self.outcome = Some("client left during the request".into());
-                    self.finish(ctx);
-                    return;
-                }
-            }
+        if !matches!(
+            gather(&mut self.client, ctx.scratch, head, max),
+            Gathered::Open
+        ) {
+            debug!(
+                "session {} {}: client left before sending a request",
+                self.id, self.peer
+            );
+            self.outcome = Some("client left during the request".into());
+            self.finish(ctx);
+            return;
         }
         match http::parse_request(head, max) {
             Ok(None) => {}
@@ -709,23 +704,14 @@ impl Session {
             }
         }
         let max = ctx.config.max_head_bytes;
-        let chunk = &mut *ctx.scratch;
-        let mut eof = false;
-        while up.can_read() && response.len() < max {
-            let want = (max - response.len()).min(chunk.len());
-            match up.read(&mut chunk[..want]) {
-                Io::Done(n) => response.extend_from_slice(&chunk[..n]),
-                Io::WouldBlock => break,
-                Io::Eof => {
-                    eof = true;
-                    break;
-                }
-                Io::Failed(e) => {
-                    let r = failed(up, e);
-                    return self.refuse(ctx, r);
-                }
+        let eof = match gather(up, ctx.scratch, response, max) {
+            Gathered::Open => false,
+            Gathered::Eof => true,
+            Gathered::Failed(e) => {
+                let r = failed(up, e);
+                return self.refuse(ctx, r);
             }
-        }
+        };
         if response.is_empty() && !eof {
             return;
         }
@@ -799,25 +785,20 @@ impl Session {
             _ => return false,
         };
         let max = ctx.config.max_head_bytes;
-        let chunk = &mut *ctx.scratch;
-        while self.client.readable && early.len() < max {
-            let want = (max - early.len()).min(chunk.len());
-            match self.client.read(&mut chunk[..want]) {
-                Io::Done(n) => early.extend_from_slice(&chunk[..n]),
-                Io::WouldBlock => break,
-                Io::Eof | Io::Failed(_) => {
-                    info!(
-                        "session {} {}: client left before the upstream answered",
-                        self.id, self.peer
-                    );
-                    self.outcome = Some("client left during the upstream handshake".into());
-                    self.drop_upstream(ctx);
-                    self.state = State::Done;
-                    return true;
-                }
-            }
+        if matches!(
+            gather(&mut self.client, ctx.scratch, early, max),
+            Gathered::Open
+        ) {
+            return false;
         }
-        false
+        info!(
+            "session {} {}: client left before the upstream answered",
+            self.id, self.peer
+        );
+        self.outcome = Some("client left during the upstream handshake".into());
+        self.drop_upstream(ctx);
+        self.state = State::Done;
+        true
     }
 
     /// Pump both directions and run the closing rules. Returns true when a
@@ -1091,6 +1072,30 @@ impl Session {
             });
         }
     }
+}
+
+/// How gathering handshake bytes ended.
+enum Gathered {
+    /// The socket may say more (or the limit was reached).
+    Open,
+    Eof,
+    Failed(io::Error),
+}
+
+/// Read what `conn` has (through `scratch`) onto `out`, up to `max` bytes
+/// in all: request and response heads, and what a client sends before its
+/// 101.
+fn gather(conn: &mut Conn, scratch: &mut [u8], out: &mut Vec<u8>, max: usize) -> Gathered {
+    while conn.can_read() && out.len() < max {
+        let want = (max - out.len()).min(scratch.len());
+        match conn.read(&mut scratch[..want]) {
+            Io::Done(n) => out.extend_from_slice(&scratch[..n]),
+            Io::WouldBlock => break,
+            Io::Eof => return Gathered::Eof,
+            Io::Failed(e) => return Gathered::Failed(e),
+        }
+    }
+    Gathered::Open
 }
 
 /// What reading a closing socket's input (and dropping it) found.
