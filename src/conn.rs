@@ -166,6 +166,12 @@ impl Conn {
         Io::WouldBlock
     }
 
+    /// One read of the socket itself, bypassing TLS (for input that is
+    /// only dropped), with the short-read rule of plain reads.
+    pub fn read_socket(&mut self, buf: &mut [u8]) -> Io {
+        plain_read(&mut self.stream, &mut self.readable, self.read_closed, buf)
+    }
+
     /// One write of plaintext. With TLS, `Done(n)` means rustls took `n`
     /// bytes; they reach the wire as the socket accepts them (see `flush`).
     pub fn write(&mut self, buf: &[u8]) -> Io {

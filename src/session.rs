@@ -4,7 +4,7 @@
 //! Every way a session can fail maps to exactly one client-visible outcome
 //! (an HTTP status before the upgrade, a close code after it) and one log line.
 
-use std::io::{self, Read};
+use std::io;
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -1109,23 +1109,15 @@ enum Input {
     More,
 }
 
-/// Read and drop a closing socket's input, bounded. A short read empties
-/// the socket unless the FIN is known to be queued (see `Conn::read_closed`).
+/// Read and drop a closing socket's input (the bytes on the wire, TLS
+/// records included), bounded.
 fn discard_input(conn: &mut Conn, sink: &mut [u8]) -> Input {
     for _ in 0..PUMP_BUDGET {
-        match conn.stream.read(sink) {
-            Ok(0) => return Input::Eof,
-            Ok(n) if n < sink.len() && !conn.read_closed => {
-                conn.readable = false;
-                return Input::Empty;
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                conn.readable = false;
-                return Input::Empty;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return Input::Eof,
+        match conn.read_socket(sink) {
+            Io::Done(_) if !conn.readable => return Input::Empty,
+            Io::Done(_) => {}
+            Io::WouldBlock => return Input::Empty,
+            Io::Eof | Io::Failed(_) => return Input::Eof,
         }
     }
     Input::More
