@@ -138,10 +138,14 @@ fn check_upgrade_request(data: &[u8], max_len: usize, req: &UpgradeRequest) {
             "bad protocol token {p:?}"
         );
     }
-    if let Some(origin) = &req.origin {
+    for (name, value) in req.headers.iter() {
         assert!(
-            !origin.contains(['\r', '\n']),
-            "origin with a line break: {origin:?}"
+            !name.is_empty() && !name.contains(['\r', '\n', ':']),
+            "bad header name {name:?}"
+        );
+        assert!(
+            !value.contains(['\r', '\n']),
+            "header value with a line break: {value:?}"
         );
     }
     assert!(

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 
 use crate::auth::{Grant, JwtVerifier, fingerprint};
 use crate::config::Config;
-use crate::http::Refusal;
+use crate::http::{Headers, Refusal};
 use crate::route::{RouteError, parse_request_target};
 use crate::token::{Carriers, TokenSource, find_token};
 
@@ -26,7 +26,7 @@ pub struct AuthRequest<'a> {
     /// The request target as sent (path and query, not decoded).
     pub target: &'a str,
     /// Every header, in order, as sent.
-    pub headers: &'a [(String, String)],
+    pub headers: &'a Headers,
     /// The subprotocols the client offered.
     pub protocols: &'a [String],
     /// The client's address.
@@ -36,10 +36,7 @@ pub struct AuthRequest<'a> {
 impl AuthRequest<'_> {
     /// The first header called `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.get(name)
     }
 
     /// The path, without the query.
@@ -141,12 +138,7 @@ impl Authorizer for JwtAuthorizer {
                 Err(e @ RouteError::NotFound(_)) => return Decision::deny(404, e.to_string()),
                 Err(e @ RouteError::BadEncoding) => return Decision::deny(400, e.to_string()),
             };
-        let cookies: Vec<String> = req
-            .headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
-            .map(|(_, v)| v.clone())
-            .collect();
+        let cookies: Vec<&str> = req.headers.get_all("cookie").collect();
         let carriers = Carriers {
             query: route.query.as_deref(),
             authorization: req.header("authorization"),

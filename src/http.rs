@@ -44,16 +44,78 @@ pub struct UpgradeRequest {
     pub key: String,
     /// The subprotocols the client offered, in order.
     pub protocols: Vec<String>,
-    /// The `Origin` header, if any.
-    pub origin: Option<String>,
-    /// The `Authorization` header, if any.
-    pub authorization: Option<String>,
-    /// Every `Cookie` header value.
-    pub cookies: Vec<String>,
     /// Every header, in order (for custom authorizers).
-    pub headers: Vec<(String, String)>,
+    pub headers: Headers,
     /// Length of the request head in bytes; anything after it is frame data.
     pub head_len: usize,
+}
+
+impl UpgradeRequest {
+    /// The `Origin` header, if any (a request with two is refused).
+    pub fn origin(&self) -> Option<&str> {
+        self.headers.get("origin")
+    }
+}
+
+/// A request's headers, in order, names and values as sent (values not in
+/// UTF-8 converted lossily). All of them live in one string: this is built
+/// for every session, and two allocations per header would be most of the
+/// allocations a session makes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers {
+    text: String,
+    /// Per header, where its name and its value end in `text`; each name
+    /// starts where the previous value ended.
+    ends: Vec<(usize, usize)>,
+}
+
+impl Headers {
+    fn with_capacity(headers: usize, bytes: usize) -> Self {
+        Headers {
+            text: String::with_capacity(bytes),
+            ends: Vec::with_capacity(headers),
+        }
+    }
+
+    /// Append a header.
+    pub fn push(&mut self, name: &str, value: &str) {
+        self.text.push_str(name);
+        let name_end = self.text.len();
+        self.text.push_str(value);
+        self.ends.push((name_end, self.text.len()));
+    }
+
+    /// Every header as (name, value), in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        let starts = std::iter::once(0).chain(self.ends.iter().map(|&(_, v)| v));
+        starts.zip(&self.ends).map(|(start, &(name_end, end))| {
+            (&self.text[start..name_end], &self.text[name_end..end])
+        })
+    }
+
+    /// The first header called `name` (case-insensitive).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    /// Every value of the headers called `name` (case-insensitive), in order.
+    pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    /// How many headers.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
 }
 
 fn header_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -152,11 +214,7 @@ pub fn parse_upgrade_request(
     }
     // httparse tolerates bare LF line ends; a proxy must not, since a peer
     // that splits lines differently could see another request (smuggling).
-    if buf[..head_len]
-        .iter()
-        .enumerate()
-        .any(|(i, &b)| b == b'\n' && (i == 0 || buf[i - 1] != b'\r'))
-    {
+    if has_bare_lf(&buf[..head_len]) {
         return Err(Refusal::new(400, "malformed request: bare LF line ending"));
     }
     if req.method != Some("GET") {
@@ -173,19 +231,17 @@ pub fn parse_upgrade_request(
     let mut key: Option<&[u8]> = None;
     let mut host = false;
     let mut protocols = Vec::new();
-    let mut origin = None;
-    let mut authorization = None;
-    let mut cookies = Vec::new();
-    let headers: Vec<(String, String)> = req
+    let mut origin = false;
+    let mut authorization = false;
+    let bytes = req
         .headers
         .iter()
-        .map(|h| {
-            (
-                h.name.to_owned(),
-                String::from_utf8_lossy(h.value).into_owned(),
-            )
-        })
-        .collect();
+        .map(|h| h.name.len() + h.value.len())
+        .sum();
+    let mut headers = Headers::with_capacity(req.headers.len(), bytes);
+    for h in req.headers.iter() {
+        headers.push(h.name, &String::from_utf8_lossy(h.value));
+    }
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("upgrade") {
@@ -210,17 +266,13 @@ pub fn parse_upgrade_request(
                 protocols.push(String::from_utf8_lossy(p).into_owned());
             }
         } else if name.eq_ignore_ascii_case("origin") {
-            if origin.is_some() {
+            if std::mem::replace(&mut origin, true) {
                 return Err(Refusal::new(400, "duplicate Origin"));
             }
-            origin = Some(String::from_utf8_lossy(h.value).into_owned());
         } else if name.eq_ignore_ascii_case("authorization") {
-            if authorization.is_some() {
+            if std::mem::replace(&mut authorization, true) {
                 return Err(Refusal::new(400, "duplicate Authorization"));
             }
-            authorization = Some(String::from_utf8_lossy(h.value).into_owned());
-        } else if name.eq_ignore_ascii_case("cookie") {
-            cookies.push(String::from_utf8_lossy(h.value).into_owned());
         } else if name.eq_ignore_ascii_case("content-length")
             || name.eq_ignore_ascii_case("transfer-encoding")
         {
@@ -255,12 +307,21 @@ pub fn parse_upgrade_request(
         target,
         key: String::from_utf8_lossy(key).into_owned(),
         protocols,
-        origin,
-        authorization,
-        cookies,
         headers,
         head_len,
     }))
+}
+
+/// A LF not preceded by CR anywhere in `head`. Written as a fold over byte
+/// pairs (no early exit) so that the compiler vectorizes it: it runs over
+/// every request head.
+fn has_bare_lf(head: &[u8]) -> bool {
+    let first = head.first() == Some(&b'\n');
+    let pairs = head.iter().zip(head.iter().skip(1));
+    first
+        | pairs.fold(false, |bare, (&prev, &b)| {
+            bare | ((b == b'\n') & (prev != b'\r'))
+        })
 }
 
 fn reason_phrase(status: u16) -> &'static str {
@@ -329,13 +390,20 @@ pub fn refusal_close_code(status: u16) -> Option<u16> {
 /// The 101 response completing the client's upgrade.
 pub fn switching_protocols(client_key: &str, protocol: Option<&str>) -> Vec<u8> {
     let accept = tungstenite::handshake::derive_accept_key(client_key.as_bytes());
-    let proto = protocol
-        .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
-        .unwrap_or_default();
-    format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{proto}\r\n"
-    )
-    .into_bytes()
+    // Concatenated, not formatted: this runs for every session.
+    let mut out = Vec::with_capacity(160);
+    out.extend_from_slice(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
+    );
+    out.extend_from_slice(accept.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    if let Some(p) = protocol {
+        out.extend_from_slice(b"Sec-WebSocket-Protocol: ");
+        out.extend_from_slice(p.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
 }
 
 /// A fresh `Sec-WebSocket-Key` for the upstream handshake.
@@ -369,9 +437,24 @@ pub fn upstream_request(
     key: &str,
     extra_headers: &[(&str, &str)],
 ) -> Vec<u8> {
-    let mut req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-    );
+    // Concatenated into one allocation of the right size: this runs for
+    // every session.
+    let extra: usize = extra_headers
+        .iter()
+        .map(|(n, v)| n.len() + v.len() + 4)
+        .sum();
+    let mut req = String::with_capacity(160 + path.len() + host.len() + key.len() + extra);
+    for part in [
+        "GET ",
+        path,
+        " HTTP/1.1\r\nHost: ",
+        host,
+        "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ",
+        key,
+        "\r\nSec-WebSocket-Version: 13\r\n",
+    ] {
+        req.push_str(part);
+    }
     for (name, value) in extra_headers {
         req.push_str(name);
         req.push_str(": ");
@@ -551,7 +634,22 @@ mod tests {
         assert_eq!(r.head_len, full.len());
         assert_eq!(r.target, "/t/vm");
         assert_eq!(r.protocols, ["binary", "base64"]);
-        assert_eq!(r.origin.as_deref(), Some("http://o"));
+        assert_eq!(r.origin(), Some("http://o"));
+        let names: Vec<&str> = r.headers.iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            [
+                "Host",
+                "Upgrade",
+                "Connection",
+                "Sec-WebSocket-Version",
+                "Sec-WebSocket-Key",
+                "Sec-WebSocket-Protocol",
+                "Origin"
+            ]
+        );
+        assert_eq!(r.headers.get("CONNECTION"), Some("keep-alive, Upgrade"));
+        assert_eq!(r.headers.get("x-none"), None);
     }
 
     #[test]
@@ -587,6 +685,10 @@ mod tests {
         );
         let many: String = (0..70).map(|i| format!("X-{i}: y\r\n")).collect();
         assert_eq!(status(&req(&many)), 431);
+        // The last line's LF, and a head made of a bare LF alone.
+        assert_eq!(status(&req("").replace("\r\n\r\n", "\r\n\n")), 400);
+        assert!(has_bare_lf(b"\n") && has_bare_lf(b"\nGET") && has_bare_lf(b"a\r\nb\n"));
+        assert!(!has_bare_lf(b"") && !has_bare_lf(b"\r\n") && !has_bare_lf(b"a\r\n\r\n"));
         let resp = String::from_utf8(refusal_response(&Refusal::new(426, "v13"))).unwrap();
         assert!(resp.starts_with("HTTP/1.1 426 Upgrade Required\r\n"));
         assert!(resp.contains("Sec-WebSocket-Version: 13\r\n"));

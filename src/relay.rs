@@ -272,8 +272,38 @@ impl Pipe {
         self.end.is_some() && self.ready == 0 && self.inject.is_none() && self.ping.is_none()
     }
 
+    /// [`pump`](Self::pump), unless it certainly has nothing to do: the
+    /// source cannot be read and nothing can be written (or given back).
+    /// Inlined so that the idle direction of every event costs a few
+    /// comparisons, not a call into the pump.
+    #[inline(always)]
+    pub fn pump_if_due(
+        &mut self,
+        src: &mut Conn,
+        dst: &mut Conn,
+        pool: &mut BufferPool,
+        budget: usize,
+        now: Instant,
+    ) -> Pump {
+        let readable = self.end.is_none() && src.can_read();
+        let owed = self.ready > 0
+            || self.ping.is_some()
+            || self.inject.is_some()
+            || dst.has_pending_output();
+        let idle_buffer = self.buf.as_ref().is_some_and(Buffer::is_empty);
+        if readable || (dst.writable && owed) || idle_buffer {
+            self.pump(src, dst, pool, budget, now)
+        } else {
+            Pump {
+                progress: false,
+                dst_failed: None,
+            }
+        }
+    }
+
     /// Move bytes from `src` to `dst` until neither can make progress or
     /// `budget` rounds are spent (so one busy session cannot starve the loop).
+    #[inline(never)]
     pub fn pump(
         &mut self,
         src: &mut Conn,

@@ -688,12 +688,13 @@ impl Proxy {
         }
         let mut touched = std::mem::take(&mut self.touched);
         let mut signal_ready = false;
+        let mut woken = false;
         for event in self.events.iter() {
             match event.token() {
                 LISTENER => self.listener_ready = true,
                 SIGNALS => signal_ready = true,
                 METRICS_LISTENER => self.metrics_ready = true,
-                WAKER => {}
+                WAKER => woken = true,
                 Token(t) => {
                     let rel = t - FIRST_SESSION_TOKEN;
                     let side = if rel.is_multiple_of(2) {
@@ -710,7 +711,11 @@ impl Proxy {
         if signal_ready {
             self.take_signals(now);
         }
-        self.take_requests(now);
+        // Handles wake the loop after every request, so the lock is only
+        // taken on passes the waker started.
+        if woken {
+            self.take_requests(now);
+        }
         for (key, side, readiness) in touched.drain(..) {
             if let Some(s) = self.sessions.get_mut(key) {
                 s.ready(side, readiness);
@@ -735,7 +740,9 @@ impl Proxy {
         if self.metrics_ready {
             self.accept(now, Kind::Metrics);
         }
-        self.dispatch_events();
+        if !self.pending_events.is_empty() {
+            self.dispatch_events();
+        }
         self.publish_buffers();
         Ok(())
     }
@@ -897,7 +904,7 @@ impl Proxy {
             }
         }
         if s.is_done() {
-            self.remove(key, Instant::now());
+            self.remove(key, self.pass_started);
             return;
         }
         if let Some(at) = s.deadline

@@ -277,7 +277,19 @@ impl Session {
     /// Make all the progress possible now. Returns true when the session
     /// stopped with work left (a budget ran out) and must be driven again
     /// soon, without waiting for an event.
+    ///
+    /// The handshake steps are kept out of line (`#[inline(never)]`): their
+    /// parsers need kilobytes of stack, and inlined here they would make
+    /// every relayed message pay for setting up that frame.
     pub fn drive(&mut self, ctx: &mut Ctx<'_>) -> bool {
+        // The common case, a message to relay: no state loop when the
+        // session stays in Relaying.
+        if matches!(self.state, State::Relaying { .. }) {
+            let more = self.relay(ctx);
+            if more || matches!(self.state, State::Relaying { .. }) {
+                return more;
+            }
+        }
         // Each transition either waits for an event or moves to a state that
         // gets its own pass; a handful of passes covers the longest chain
         // (request -> dial -> handshake -> relay).
@@ -400,6 +412,7 @@ impl Session {
         self.drive(ctx)
     }
 
+    #[inline(never)]
     fn read_request(&mut self, ctx: &mut Ctx<'_>) {
         let State::ReadingRequest { head } = &mut self.state else {
             return;
@@ -452,13 +465,11 @@ impl Session {
         // Origin first: a page from a foreign site learns nothing else.
         if !config.allowed_origins.is_empty()
             && !req
-                .origin
-                .as_ref()
-                .is_some_and(|o| config.allowed_origins.contains(o))
+                .origin()
+                .is_some_and(|o| config.allowed_origins.iter().any(|a| a == o))
         {
             let what = req
-                .origin
-                .as_deref()
+                .origin()
                 .map_or("missing".into(), |o| format!("'{o}' not allowed"));
             return self.refuse(ctx, Refusal::new(403, format!("origin {what}")));
         }
@@ -562,8 +573,9 @@ impl Session {
             http::select_client_protocol(&req.protocols, &ctx.config.client_subprotocols)
                 .map(str::to_owned);
         self.dial_started = Some(ctx.now);
+        let mut req = req;
         let hs = Box::new(Handshake {
-            client_key: req.key.clone(),
+            client_key: std::mem::take(&mut req.key),
             client_protocol,
             tls: creds.tls,
             early,
@@ -612,6 +624,7 @@ impl Session {
         );
     }
 
+    #[inline(never)]
     fn check_dial(&mut self, ctx: &mut Ctx<'_>) {
         if self.client_left_early(ctx) {
             return;
@@ -671,6 +684,7 @@ impl Session {
         }
     }
 
+    #[inline(never)]
     fn upstream_handshake(&mut self, ctx: &mut Ctx<'_>) {
         if self.client_left_early(ctx) {
             return;
@@ -778,6 +792,7 @@ impl Session {
     /// nothing, but it may leave: notice at once rather than at the upstream
     /// timeout. Whatever it sends meanwhile is kept (bounded) and relayed
     /// after the 101.
+    #[inline(never)]
     fn client_left_early(&mut self, ctx: &mut Ctx<'_>) -> bool {
         let early = match &mut self.state {
             State::Dialing { hs, .. } | State::UpstreamHandshake { hs, .. } => &mut hs.early,
@@ -812,8 +827,10 @@ impl Session {
         };
         let client = &mut self.client;
         for _ in 0..4 {
-            let a = up.pump(client, upstream, ctx.pool, PUMP_BUDGET, ctx.now);
-            let b = down.pump(upstream, client, ctx.pool, PUMP_BUDGET, ctx.now);
+            // An event concerns one socket and usually one direction: the
+            // other pipe is only pumped when it has something to do.
+            let a = up.pump_if_due(client, upstream, ctx.pool, PUMP_BUDGET, ctx.now);
+            let b = down.pump_if_due(upstream, client, ctx.pool, PUMP_BUDGET, ctx.now);
             if let Some(e) = a.dst_failed {
                 // Writing to the upstream failed: it is gone.
                 debug!("session {}: upstream write failed: {e}", self.id);
@@ -934,6 +951,7 @@ impl Session {
         self.deadline = Some(ctx.now + ctx.config.close_timeout);
     }
 
+    #[inline(never)]
     fn write_refusal(&mut self, ctx: &mut Ctx<'_>) {
         let State::Refusing { out, written } = &mut self.state else {
             return;
@@ -1024,6 +1042,7 @@ impl Session {
         self.deadline = Some(ctx.now + ctx.config.close_timeout);
     }
 
+    #[inline(never)]
     fn linger(&mut self, ctx: &mut Ctx<'_>) {
         let mut open = false;
         for conn in [Some(&mut self.client), self.upstream.as_mut()]
@@ -1206,6 +1225,10 @@ fn ping_payload() -> [u8; crate::frame::PING_PAYLOAD_LEN] {
 /// When one direction ends, decide what the other side is told. Returns true
 /// if anything changed.
 fn apply_closing_rules(up: &mut Pipe, down: &mut Pipe, pool: &mut BufferPool) -> bool {
+    // While both sources deliver (every relayed message) no rule applies.
+    if up.end.is_none() && down.end.is_none() {
+        return false;
+    }
     let before = (
         up.close_sent,
         down.close_sent,
@@ -1279,13 +1302,22 @@ fn close_code(p: &Pipe) -> Option<u16> {
 }
 
 fn describe_end(up: &Pipe, down: &Pipe) -> String {
-    let side = |end: &Option<SourceEnd>| match end {
-        Some(SourceEnd::Close(Some(code))) => format!("close {code}"),
-        Some(SourceEnd::Close(None)) => "close".to_owned(),
-        Some(SourceEnd::Eof) => "dropped the connection".to_owned(),
-        Some(SourceEnd::Failed(e)) => format!("failed ({e})"),
-        Some(SourceEnd::Violation(v)) => format!("protocol violation ({v})"),
-        Some(SourceEnd::Stopped) | None => "stopped by the proxy".to_owned(),
+    use std::fmt::Write;
+    // Written into one string: this runs once per session.
+    let side = |out: &mut String, end: &Option<SourceEnd>| {
+        let _ = match end {
+            Some(SourceEnd::Close(Some(code))) => write!(out, "close {code}"),
+            Some(SourceEnd::Close(None)) => write!(out, "close"),
+            Some(SourceEnd::Eof) => write!(out, "dropped the connection"),
+            Some(SourceEnd::Failed(e)) => write!(out, "failed ({e})"),
+            Some(SourceEnd::Violation(v)) => write!(out, "protocol violation ({v})"),
+            Some(SourceEnd::Stopped) | None => write!(out, "stopped by the proxy"),
+        };
     };
-    format!("client {}, upstream {}", side(&up.end), side(&down.end))
+    let mut out = String::with_capacity(64);
+    out.push_str("client ");
+    side(&mut out, &up.end);
+    out.push_str(", upstream ");
+    side(&mut out, &down.end);
+    out
 }

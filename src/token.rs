@@ -60,7 +60,7 @@ pub struct Carriers<'a> {
     /// The `Authorization` header value.
     pub authorization: Option<&'a str>,
     /// Every `Cookie` header value.
-    pub cookies: &'a [String],
+    pub cookies: &'a [&'a str],
     /// The offered subprotocols.
     pub protocols: &'a [String],
 }
@@ -155,7 +155,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(find_token(ALL, &c, "t"), None);
-        let cookies = vec!["a=b; vnc_token=q.r.s; c=d".to_string()];
+        let cookies = ["a=b; vnc_token=q.r.s; c=d"];
         let c = Carriers {
             cookies: &cookies,
             ..Default::default()
