@@ -421,6 +421,18 @@ impl Pipe {
                 break;
             }
             out.progress = true;
+            // Another round would find nothing to do: the source is drained
+            // (or ended), everything read went out and nothing of the
+            // proxy's own is waiting. The usual end of a relayed message.
+            let drained = self.end.is_some() || !src.can_read();
+            if drained
+                && self.ready == 0
+                && self.ping.is_none()
+                && self.inject.is_none()
+                && !dst.has_pending_output()
+            {
+                break;
+            }
         }
         out
     }
