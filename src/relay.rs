@@ -304,7 +304,7 @@ impl Pipe {
     /// Move bytes from `src` to `dst` until neither can make progress or
     /// `budget` rounds are spent (so one busy session cannot starve the loop).
     #[inline(never)]
-    pub fn pump(
+    fn pump(
         &mut self,
         src: &mut Conn,
         dst: &mut Conn,
