@@ -103,9 +103,8 @@ pub(crate) struct Pipe {
 }
 
 /// What one [`Pipe::pump`] did.
+#[derive(Default)]
 pub(crate) struct Pump {
-    /// Anything was read or written.
-    pub progress: bool,
     /// The destination failed while writing.
     pub dst_failed: Option<io::Error>,
 }
@@ -294,10 +293,7 @@ impl Pipe {
         if readable || (dst.writable && owed) || idle_buffer {
             self.pump(src, dst, pool, budget, now)
         } else {
-            Pump {
-                progress: false,
-                dst_failed: None,
-            }
+            Pump::default()
         }
     }
 
@@ -312,10 +308,7 @@ impl Pipe {
         budget: usize,
         now: Instant,
     ) -> Pump {
-        let mut out = Pump {
-            progress: false,
-            dst_failed: None,
-        };
+        let mut out = Pump::default();
         for _ in 0..budget {
             let mut moved = false;
             // TLS records accepted earlier go out as the socket allows.
@@ -420,7 +413,6 @@ impl Pipe {
             if !moved {
                 break;
             }
-            out.progress = true;
             // Another round would find nothing to do: the source is drained
             // (or ended), everything read went out and nothing of the
             // proxy's own is waiting. The usual end of a relayed message.

@@ -853,10 +853,8 @@ impl Session {
                 break;
             }
         }
-        self.bytes_up = up.bytes;
-        self.bytes_down = down.bytes;
-        self.client_close = close_code(up);
-        self.upstream_close = close_code(down);
+        // Totals and close codes are taken once, when the relay is left
+        // (leave_relaying), not after every message.
         // With TLS, bytes rustls accepted must reach the wire before the
         // session may end.
         let flushed = !client.has_pending_output() && !upstream.has_pending_output();
