@@ -348,6 +348,54 @@ impl FrameScanner {
         self.closed
     }
 
+    /// The length of the frame at the start of `input` if it is the common
+    /// case, checked in a few comparisons: a whole, final, unfragmented text
+    /// or binary frame with a 7-bit length, masked as its direction must be,
+    /// within `max_frame`. Such a frame passes every rule of [`validate`]
+    /// and is neither a pong nor a close, so nothing else need look at it;
+    /// anything else (`None`) takes the general path.
+    #[inline(always)]
+    fn whole_small_data_frame(&self, input: &[u8]) -> Option<usize> {
+        let [b0, b1, ..] = *input else {
+            return None;
+        };
+        // FIN, no RSV bits, opcode 1 or 2 (and not inside a fragmented
+        // message, where only a continuation may come).
+        if (b0 != 0x81 && b0 != 0x82) || self.fragmented {
+            return None;
+        }
+        let masked = b1 & 0x80 != 0;
+        let payload = usize::from(b1 & 0x7F);
+        if masked != (self.dir == Direction::ClientToUpstream)
+            || payload >= 126
+            || payload as u64 > self.max_frame
+        {
+            return None;
+        }
+        let len = 2 + if masked { 4 } else { 0 } + payload;
+        (len <= input.len()).then_some(len)
+    }
+
+    /// The common case of [`scan`](Self::scan), decided without changing
+    /// anything: when the scanner is at a frame boundary and `input` is
+    /// nothing but whole frames of the kind [`whole_small_data_frame`]
+    /// accepts, their length (all of `input`, every byte forwardable, the
+    /// end a frame boundary). `None` otherwise: call `scan`.
+    ///
+    /// [`whole_small_data_frame`]: Self::whole_small_data_frame
+    #[inline]
+    pub fn whole_data_frames(&self, input: &[u8]) -> Option<usize> {
+        if self.remaining != 0 || self.closed || input.is_empty() {
+            return None;
+        }
+        let mut pos = 0;
+        // Each round moves past one frame of at least two bytes.
+        while pos < input.len() {
+            pos += self.whole_small_data_frame(&input[pos..])?;
+        }
+        Some(pos)
+    }
+
     /// Scan `input`, which must start right after the last byte any previous
     /// call reported as forwardable. Bytes past `forwardable` (an incomplete
     /// header) must be presented again, with more, on the next call.
@@ -382,6 +430,11 @@ impl FrameScanner {
                 };
             }
             self.last_start = pos;
+            if let Some(len) = self.whole_small_data_frame(&input[pos..]) {
+                pos += len;
+                self.last_boundary = Some(pos);
+                continue;
+            }
             let header = match FrameHeader::parse(&input[pos..]) {
                 Ok(Some(h)) => h,
                 Ok(None) => {
@@ -615,6 +668,68 @@ mod tests {
             assert!(s.closed());
             assert!(close_at < total);
         }
+    }
+
+    /// The fast path takes a frame exactly when the general rules (parse,
+    /// validate) find it a whole, final text or binary frame with a 7-bit
+    /// length: every first and second byte, both directions, inside and
+    /// outside a fragmented message, a frame limit below and above the
+    /// length, the frame whole or cut short.
+    #[test]
+    fn fast_path_agrees_with_the_rules_for_every_header() {
+        let mut taken = 0;
+        for dir in [Direction::ClientToUpstream, Direction::UpstreamToClient] {
+            for fragmented in [false, true] {
+                for max_frame in [3, 1 << 20] {
+                    let mut s = FrameScanner::new(dir, max_frame);
+                    s.fragmented = fragmented;
+                    for b0 in 0..=255u8 {
+                        for b1 in 0..=255u8 {
+                            let mut input = vec![b0, b1];
+                            // Room for any mask, extended length and short payload.
+                            input.extend((0..140u8).map(|i| i.wrapping_mul(7)));
+                            let rules = match FrameHeader::parse(&input) {
+                                Ok(Some(h))
+                                    if validate(&h, dir, max_frame, fragmented).is_ok()
+                                        && h.fin
+                                        && matches!(h.opcode, opcode::TEXT | opcode::BINARY)
+                                        && b1 & 0x7F < 126 =>
+                                {
+                                    Some(h.header_len + h.payload_len as usize)
+                                }
+                                _ => None,
+                            };
+                            let fast = s.whole_small_data_frame(&input);
+                            assert_eq!(fast, rules, "{dir:?} {fragmented} {max_frame} {b0} {b1}");
+                            if let Some(len) = fast {
+                                taken += 1;
+                                assert_eq!(s.whole_small_data_frame(&input[..len - 1]), None);
+                                assert_eq!(s.whole_data_frames(&input[..len]), Some(len));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(taken > 0);
+    }
+
+    #[test]
+    fn whole_data_frames_only_when_all_of_the_input_is_such_frames() {
+        let s = FrameScanner::new(Direction::ClientToUpstream, 1 << 20);
+        let mut two = frame(true, opcode::BINARY, K, b"ab");
+        two.extend(frame(true, opcode::TEXT, K, b"cd"));
+        assert_eq!(s.whole_data_frames(&two), Some(two.len()));
+        assert_eq!(s.whole_data_frames(&two[..two.len() - 1]), None);
+        assert_eq!(s.whole_data_frames(&[]), None);
+        let mut then_ping = two.clone();
+        then_ping.extend(frame(true, opcode::PING, K, b"p"));
+        assert_eq!(s.whole_data_frames(&then_ping), None);
+        // Inside a frame's payload the fast path never applies.
+        let mut s = FrameScanner::new(Direction::ClientToUpstream, 1 << 20);
+        let big = frame(true, opcode::BINARY, K, &[1; 300]);
+        assert_eq!(s.scan(&big[..20]).forwardable, 20);
+        assert_eq!(s.whole_data_frames(&two), None);
     }
 
     #[test]

@@ -152,7 +152,26 @@ impl Pipe {
     }
 
     /// Validate newly buffered bytes and extend `ready`.
+    #[inline]
     fn scan_new(&mut self) {
+        // The common case, small whole data frames (a VNC message, an
+        // input event), in a few comparisons per frame.
+        if let Some(buf) = self.buf.as_ref()
+            && self.end.is_none()
+            && !self.stop_at_boundary
+            && let Some(n) = self.scanner.whole_data_frames(&buf.data()[self.ready..])
+        {
+            self.ready += n;
+            self.boundary = Some(self.ready);
+            return;
+        }
+        self.scan_any();
+    }
+
+    /// [`scan_new`](Self::scan_new) for whatever the stream holds: partial
+    /// and large frames, closes, the proxy's own pongs, a stop at a boundary.
+    #[inline(never)]
+    fn scan_any(&mut self) {
         let Some(buf) = self.buf.as_mut() else {
             return;
         };
