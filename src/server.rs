@@ -299,8 +299,6 @@ pub struct Proxy {
     scratch: Box<[u8]>,
     /// When the last pass of `poll_once` started.
     pass_started: Instant,
-    /// Readiness taken from one poll's events, reused from pass to pass.
-    touched: Vec<(usize, Side, Readiness)>,
     /// Deadlines as (when, slab key, session id); stale entries are skipped.
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     /// Sessions that ran out of budget with work left.
@@ -566,7 +564,6 @@ impl Proxy {
             relaying: 0,
             scratch: vec![0; SCRATCH_BYTES].into_boxed_slice(),
             pass_started: Instant::now(),
-            touched: Vec::new(),
             timers: BinaryHeap::new(),
             again: Vec::new(),
             pool: BufferPool::with_bulk(
@@ -662,11 +659,8 @@ impl Proxy {
             return Some(Duration::ZERO);
         }
         let timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
-        [timer, self.accept_paused_until, self.drain_until]
-            .into_iter()
-            .flatten()
-            .min()
-            .map(|at| at.saturating_duration_since(now))
+        let next = earliest(earliest(timer, self.accept_paused_until), self.drain_until);
+        next.map(|at| at.saturating_duration_since(now))
     }
 
     fn can_accept(&self) -> bool {
@@ -686,24 +680,18 @@ impl Proxy {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
-        let mut touched = std::mem::take(&mut self.touched);
+        // The events are taken out while sessions are driven (driving needs
+        // the whole proxy); an empty `Events` holds no allocation.
+        let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
         let mut signal_ready = false;
         let mut woken = false;
-        for event in self.events.iter() {
+        for event in events.iter() {
             match event.token() {
                 LISTENER => self.listener_ready = true,
                 SIGNALS => signal_ready = true,
                 METRICS_LISTENER => self.metrics_ready = true,
                 WAKER => woken = true,
-                Token(t) => {
-                    let rel = t - FIRST_SESSION_TOKEN;
-                    let side = if rel.is_multiple_of(2) {
-                        Side::Client
-                    } else {
-                        Side::Upstream
-                    };
-                    touched.push((rel / 2, side, Readiness::of(event)));
-                }
+                Token(_) => {}
             }
         }
         let now = Instant::now();
@@ -716,13 +704,21 @@ impl Proxy {
         if woken {
             self.take_requests(now);
         }
-        for (key, side, readiness) in touched.drain(..) {
-            if let Some(s) = self.sessions.get_mut(key) {
-                s.ready(side, readiness);
-                self.drive(key, now);
+        for event in events.iter() {
+            let Some(rel) = event.token().0.checked_sub(FIRST_SESSION_TOKEN) else {
+                continue;
+            };
+            let side = if rel.is_multiple_of(2) {
+                Side::Client
+            } else {
+                Side::Upstream
+            };
+            if let Some(s) = self.sessions.get_mut(rel / 2) {
+                s.ready(side, Readiness::of(event));
+                self.drive(rel / 2, now);
             }
         }
-        self.touched = touched;
+        self.events = events;
         for key in std::mem::take(&mut self.again) {
             if self.sessions.contains(key) {
                 self.drive(key, now);
@@ -878,6 +874,17 @@ impl Proxy {
     }
 
     fn drive(&mut self, key: usize, now: Instant) {
+        // A message on a relaying session (the common event) needs no
+        // context and changes neither the state nor the deadline.
+        let Some(s) = self.sessions.get_mut(key) else {
+            return;
+        };
+        if let Some(more) = s.relay_messages(&mut self.pool, now) {
+            if more {
+                self.again.push(key);
+            }
+            return;
+        }
         let (sessions, mut ctx) = self.ctx(now);
         let Some(s) = sessions.get_mut(key) else {
             return;
@@ -1105,5 +1112,15 @@ impl Proxy {
         }
         self.dispatch_events();
         self.publish_buffers();
+    }
+}
+
+/// The earlier of two optional instants (`None`: no deadline). Spelled out:
+/// it runs on every pass of the loop.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
     }
 }

@@ -818,7 +818,62 @@ impl Session {
 
     /// Pump both directions and run the closing rules. Returns true when a
     /// budget ran out with work left.
+    /// Pump both directions as far as they go. While both sources deliver
+    /// (every relayed message) that is all there is to do: `Some(more)`,
+    /// where `more` asks for another drive soon (a budget ran out). `None`
+    /// when a source has ended (or the session is not relaying): the
+    /// closing rules and the end of the session need the whole [`drive`].
+    ///
+    /// This is the loop's path for an event on a relaying session: it needs
+    /// no context, and leaves the state and the deadline as they were.
+    ///
+    /// [`drive`]: Self::drive
+    pub fn relay_messages(&mut self, pool: &mut BufferPool, now: Instant) -> Option<bool> {
+        let State::Relaying { up, down } = &mut self.state else {
+            return None;
+        };
+        let upstream = self.upstream.as_mut()?;
+        let client = &mut self.client;
+        // An event concerns one socket and usually one direction: the other
+        // pipe is only pumped when it has something to do.
+        let a = up.pump_if_due(client, upstream, pool, PUMP_BUDGET, now);
+        let b = down.pump_if_due(upstream, client, pool, PUMP_BUDGET, now);
+        if let Some(e) = a.dst_failed {
+            // Writing to the upstream failed: it is gone.
+            debug!("session {}: upstream write failed: {e}", self.id);
+            up.abort(pool);
+            if down.end.is_none() {
+                down.end = Some(SourceEnd::Failed(e.to_string()));
+            }
+        }
+        if let Some(e) = b.dst_failed {
+            debug!("session {}: client write failed: {e}", self.id);
+            down.abort(pool);
+            if up.end.is_none() {
+                up.end = Some(SourceEnd::Failed(e.to_string()));
+            }
+        }
+        if up.end.is_some() || down.end.is_some() {
+            return None;
+        }
+        Some(up.has_pending_work(client, upstream) || down.has_pending_work(upstream, client))
+    }
+
     fn relay(&mut self, ctx: &mut Ctx<'_>) -> bool {
+        if let Some(more) = self.relay_messages(ctx.pool, ctx.now) {
+            return more;
+        }
+        // Each pump moves its direction as far as it can; only the closing
+        // rules (a close to inject, a pipe aborted) give the pumps new work.
+        for _ in 0..4 {
+            let State::Relaying { up, down } = &mut self.state else {
+                return false;
+            };
+            if !apply_closing_rules(up, down, ctx.pool) {
+                break;
+            }
+            self.relay_messages(ctx.pool, ctx.now);
+        }
         let State::Relaying { up, down } = &mut self.state else {
             return false;
         };
@@ -826,33 +881,6 @@ impl Session {
             return false;
         };
         let client = &mut self.client;
-        for _ in 0..4 {
-            // An event concerns one socket and usually one direction: the
-            // other pipe is only pumped when it has something to do.
-            let a = up.pump_if_due(client, upstream, ctx.pool, PUMP_BUDGET, ctx.now);
-            let b = down.pump_if_due(upstream, client, ctx.pool, PUMP_BUDGET, ctx.now);
-            if let Some(e) = a.dst_failed {
-                // Writing to the upstream failed: it is gone.
-                debug!("session {}: upstream write failed: {e}", self.id);
-                up.abort(ctx.pool);
-                if down.end.is_none() {
-                    down.end = Some(SourceEnd::Failed(e.to_string()));
-                }
-            }
-            if let Some(e) = b.dst_failed {
-                debug!("session {}: client write failed: {e}", self.id);
-                down.abort(ctx.pool);
-                if up.end.is_none() {
-                    up.end = Some(SourceEnd::Failed(e.to_string()));
-                }
-            }
-            // Each pump moves its direction as far as it can; only the
-            // closing rules (a close to inject, a pipe aborted) give the
-            // pumps new work.
-            if !apply_closing_rules(up, down, ctx.pool) {
-                break;
-            }
-        }
         // Totals and close codes are taken once, when the relay is left
         // (leave_relaying), not after every message.
         // With TLS, bytes rustls accepted must reach the wire before the
