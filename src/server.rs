@@ -396,15 +396,23 @@ impl AsRawFd for Proxy {
     }
 }
 
+/// Sockets accepted from the main listener have TCP_NODELAY already: Linux
+/// copies it from the listening socket (a test below holds it to that).
+const ACCEPTED_HAVE_NODELAY: bool = cfg!(target_os = "linux");
+
 /// The main listener; with `reuse_port` (WORKERS > 1) several loops share
 /// one port and the kernel spreads connections among them. Without it a
 /// second proxy on the same port fails to start instead of silently
 /// splitting traffic. socket2 sets the options mio and std do not expose.
+///
+/// TCP_NODELAY is set here once: Linux copies it to every accepted socket,
+/// which spares a setsockopt per connection (see [`ACCEPTED_HAVE_NODELAY`]).
 fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(reuse_port)?;
+    socket.set_tcp_nodelay(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
@@ -1008,7 +1016,10 @@ impl Proxy {
     }
 
     fn admit(&mut self, now: Instant, kind: Kind, stream: mio::net::TcpStream, peer: SocketAddr) {
-        let _ = stream.set_nodelay(true);
+        // Relayed messages are small and latency-bound: no Nagle delay.
+        if kind == Kind::Metrics || !ACCEPTED_HAVE_NODELAY {
+            let _ = stream.set_nodelay(true);
+        }
         let id = self.next_id;
         self.next_id += 1;
         let entry = self.sessions.vacant_entry();
@@ -1122,5 +1133,34 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, None) => a,
         (None, b) => b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `admit` leaves TCP_NODELAY to the listener where
+    /// `ACCEPTED_HAVE_NODELAY` says the kernel copies it: hold the kernel to
+    /// that, on real sockets.
+    #[test]
+    fn accepted_sockets_have_nodelay_from_the_listener() {
+        let listener = bind_listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        // The connection is queued once connect returns; a few tries at most.
+        let accepted = (0..100_000)
+            .find_map(|_| match listener.accept() {
+                Ok((stream, _)) => Some(stream),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::yield_now();
+                    None
+                }
+                Err(e) => panic!("accept: {e}"),
+            })
+            .expect("the connection was never accepted");
+        if ACCEPTED_HAVE_NODELAY {
+            assert!(accepted.nodelay().unwrap());
+        }
     }
 }
