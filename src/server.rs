@@ -38,6 +38,9 @@ const SIGNALS: Token = Token(3);
 /// Connections accepted per pass before other work gets a turn.
 const ACCEPT_BUDGET: usize = 256;
 
+/// Readiness events taken from one poll.
+const EVENTS_PER_POLL: usize = 1024;
+
 /// How long to back off when accept fails for lack of resources (EMFILE).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -558,7 +561,7 @@ impl Proxy {
         observers.extend(b.observers);
         Ok(Proxy {
             poll,
-            events: Events::with_capacity(1024),
+            events: Events::with_capacity(EVENTS_PER_POLL),
             listener,
             metrics_listener,
             local_addr,
@@ -682,6 +685,11 @@ impl Proxy {
             // Stopped: close what is left (events included) and do no more.
             self.close_all();
             return Ok(());
+        }
+        // The events are lent out while a pass drives sessions; a pass that
+        // panicked (an embedder may catch it and go on) did not return them.
+        if self.events.capacity() == 0 {
+            self.events = Events::with_capacity(EVENTS_PER_POLL);
         }
         match self.poll.poll(&mut self.events, timeout) {
             Ok(()) => {}

@@ -816,8 +816,6 @@ impl Session {
         true
     }
 
-    /// Pump both directions and run the closing rules. Returns true when a
-    /// budget ran out with work left.
     /// Pump both directions as far as they go. While both sources deliver
     /// (every relayed message) that is all there is to do: `Some(more)`,
     /// where `more` asks for another drive soon (a budget ran out). `None`
@@ -859,6 +857,8 @@ impl Session {
         Some(up.has_pending_work(client, upstream) || down.has_pending_work(upstream, client))
     }
 
+    /// Pump both directions and run the closing rules. Returns true when a
+    /// budget ran out with work left.
     fn relay(&mut self, ctx: &mut Ctx<'_>) -> bool {
         if let Some(more) = self.relay_messages(ctx.pool, ctx.now) {
             return more;

@@ -417,6 +417,76 @@ fn poll_once_fires_due_timers_and_next_timeout_names_them() {
     assert!(proxy.is_finished(), "a host stops calling poll_once now");
 }
 
+/// An authorizer that panics on paths containing `boom` (a host's bug).
+struct PanicsOnBoom(ConsoleAuth);
+
+impl Authorizer for PanicsOnBoom {
+    fn authorize(&mut self, req: &AuthRequest<'_>, ticket: Ticket) -> Decision {
+        assert!(!req.path().contains("boom"), "the host's authorizer panics");
+        self.0.authorize(req, ticket)
+    }
+}
+
+/// A host that catches a panic from its own authorizer and goes on calling
+/// `poll_once` keeps a working proxy. The panic comes while the loop drives
+/// a session from a poll's events (the request arrives after the accept),
+/// so the pass never finishes; the next pass must still be able to poll.
+#[test]
+fn a_host_that_catches_its_authorizers_panic_keeps_serving() {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    let standin = StandIn::start();
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let mut proxy = Proxy::builder(config(&standin))
+        .authorizer(PanicsOnBoom(ConsoleAuth::new(&seen)))
+        .bind()
+        .expect("bind");
+    let handle = proxy.handle();
+    let addr = proxy.local_addr();
+
+    let mut first = TcpStream::connect(addr).expect("connect");
+    let deadline = Instant::now() + BOUND;
+    while handle.stats().accepted == 0 {
+        assert!(Instant::now() < deadline, "never accepted");
+        proxy
+            .poll_once(Some(Duration::from_millis(50)))
+            .expect("poll_once");
+    }
+    first
+        .write_all(&upgrade_request(
+            "/console/lab-ns/boom",
+            "X-User: alice\r\n",
+        ))
+        .expect("request");
+    let mut panicked = false;
+    while !panicked {
+        assert!(Instant::now() < deadline, "the authorizer never ran");
+        match catch_unwind(AssertUnwindSafe(|| {
+            proxy.poll_once(Some(Duration::from_millis(50)))
+        })) {
+            Ok(polled) => polled.expect("poll_once"),
+            Err(_) => panicked = true,
+        }
+    }
+
+    // The host carries on: a console session works end to end.
+    let client = thread::spawn(move || {
+        let mut ws = ws_as(addr, "/console/lab-ns/after-the-panic", "alice").expect("upgrade");
+        echo(&mut ws, "still here");
+        close_cleanly(ws);
+    });
+    while !client.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "the session after the panic stalled"
+        );
+        proxy
+            .poll_once(Some(Duration::from_millis(50)))
+            .expect("poll_once after the panic");
+    }
+    client.join().expect("the client after the panic");
+    drop(first);
+}
+
 /// What the host loop did, for the assertions.
 #[derive(Debug)]
 struct HostReport {
