@@ -378,11 +378,10 @@ impl FrameScanner {
 
     /// The common case of [`scan`](Self::scan), decided without changing
     /// anything: when the scanner is at a frame boundary and `input` is
-    /// nothing but whole frames of the kind [`whole_small_data_frame`]
-    /// accepts, their length (all of `input`, every byte forwardable, the
-    /// end a frame boundary). `None` otherwise: call `scan`.
-    ///
-    /// [`whole_small_data_frame`]: Self::whole_small_data_frame
+    /// nothing but whole, final, unfragmented text or binary frames with a
+    /// 7-bit length, masked as the direction requires and within the frame
+    /// limit, their length (all of `input`, every byte forwardable, the end
+    /// a frame boundary). `None` otherwise: call `scan`.
     #[inline]
     pub fn whole_data_frames(&self, input: &[u8]) -> Option<usize> {
         if self.remaining != 0 || self.closed || input.is_empty() {
