@@ -304,12 +304,8 @@ impl Pipe {
         now: Instant,
     ) -> Pump {
         let readable = self.end.is_none() && src.can_read();
-        let owed = self.ready > 0
-            || self.ping.is_some()
-            || self.inject.is_some()
-            || dst.has_pending_output();
         let idle_buffer = self.buf.as_ref().is_some_and(Buffer::is_empty);
-        if readable || (dst.writable && owed) || idle_buffer {
+        if readable || (dst.writable && self.owes(dst)) || idle_buffer {
             self.pump(src, dst, pool, budget, now)
         } else {
             Pump::default()
@@ -436,16 +432,18 @@ impl Pipe {
             // (or ended), everything read went out and nothing of the
             // proxy's own is waiting. The usual end of a relayed message.
             let drained = self.end.is_some() || !src.can_read();
-            if drained
-                && self.ready == 0
-                && self.ping.is_none()
-                && self.inject.is_none()
-                && !dst.has_pending_output()
-            {
+            if drained && !self.owes(dst) {
                 break;
             }
         }
         out
+    }
+
+    /// Something waits to go to `dst`: validated bytes, a frame of the
+    /// proxy's own, or TLS records not yet on the wire.
+    #[inline(always)]
+    fn owes(&self, dst: &Conn) -> bool {
+        self.ready > 0 || self.ping.is_some() || self.inject.is_some() || dst.has_pending_output()
     }
 
     /// Where a frame of the proxy's own may be written now (offset in the
