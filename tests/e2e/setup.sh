@@ -3,6 +3,8 @@
 #   - Debian's chromium (/usr/bin/chromium) and qemu-system-x86 (qemu-system-x86_64 with the
 #     SeaBIOS and VGA option ROMs it boots with),
 #   - noVNC and playwright-core from npm, pinned by package.json + package-lock.json.
+#   - LabOrchestrator's own Python code from PyPI, for the token and differential tests
+#     (tests/python/setup.sh, run at the end).
 # Idempotent and quick when everything is already there. Run as root (CI does) or with sudo.
 set -euo pipefail
 
@@ -56,3 +58,6 @@ log "chromium: $(chromium --version 2>/dev/null || echo '?')"
 log "qemu: $(qemu-system-x86_64 --version | head -n1)"
 log "noVNC: $(node -p "require('./node_modules/@novnc/novnc/package.json').version")," \
     "playwright-core: $(node -p "require('./node_modules/playwright-core/package.json').version")"
+
+# --- LabOrchestrator's Python code (token issuer, the Python proxy) ---------------------------
+bash "$here/../python/setup.sh"
