@@ -19,7 +19,7 @@ mod upstream;
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use kubevirt_vnc_proxy::auth::Grant;
 use kubevirt_vnc_proxy::{
@@ -50,16 +50,13 @@ impl Authorizer for AllowList {
         if !self.0.iter().any(|allowed| allowed == pair) {
             return Decision::deny(403, format!("{pair} is not on the allow-list"));
         }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
         Decision::Allow(Grant {
             namespace: namespace.to_owned(),
             vmi: vmi.to_owned(),
             // Shown in events and the access log as the session's label.
             token_id: format!("allow-list:{}", req.peer.ip()),
             // The proxy ends the session (close 1008) when this passes.
-            expires_at: now.as_secs() + 8 * 3600,
+            expires_at: SystemTime::now() + Duration::from_secs(8 * 3600),
         })
     }
 }

@@ -11,6 +11,7 @@
 //! than one implementation with itself.
 
 use std::sync::OnceLock;
+use std::time::{Duration, UNIX_EPOCH};
 
 use kubevirt_vnc_proxy::Config;
 use kubevirt_vnc_proxy::auth::{self, AuthError, JwtVerifier};
@@ -949,7 +950,8 @@ fn check_answer(data: &[u8], answer: &Result<Option<UpstreamAnswer>, http::Refus
 //   "model" \n NS \n VMI,VMI \n VMI \n FLAGS \n ID
 //                                        claims the harness builds and signs,
 //                                        with the exact expected answer
-// FLAGS: 'e' omit exp, 'x' expired, 'n' not yet valid, 's' id as a string.
+// FLAGS: 'e' omit exp, 'x' expired, 'n' not yet valid, 's' id as a string,
+// 'f' exp with a fraction (as LabOrchestrator's issuer writes it).
 
 /// The HS256 secret of the committed seeds (the PyJWT fixtures' secret).
 pub const SECRET: &[u8] = b"test-secret-that-is-at-least-32-bytes-long!!";
@@ -1068,9 +1070,10 @@ fn token_model(rest: &str) {
     } else if let Ok(n) = id.parse::<u64>() {
         claims.push_str(&format!("\"id\":{n},"));
     }
+    let fraction = if flags.contains('f') { ".25" } else { "" };
     if !no_exp {
         let exp = if expired { EXP_PAST } else { EXP_VALID };
-        claims.push_str(&format!("\"exp\":{exp},"));
+        claims.push_str(&format!("\"exp\":{exp}{fraction},"));
     }
     if future && !no_exp && !expired {
         claims.push_str(&format!("\"nbf\":{EXP_VALID},"));
@@ -1097,7 +1100,9 @@ fn token_model(rest: &str) {
                 id.parse::<u64>()
                     .map_or_else(|_| "-".to_owned(), |n| n.to_string())
             };
-            ok() && g.namespace == ns && g.token_id == want_id && g.expires_at == EXP_VALID
+            let exp = Duration::from_secs(EXP_VALID)
+                + Duration::from_millis(if fraction.is_empty() { 0 } else { 250 });
+            ok() && g.namespace == ns && g.token_id == want_id && g.expires_at == UNIX_EPOCH + exp
         }
         Err(AuthError::Forbidden(_)) => !ok(),
         Err(_) => false,

@@ -333,6 +333,14 @@ def tokens():
     write("token", "model_not_yet_valid", "model\nlab-ns\nubuntu\nubuntu\nn\n5")
     write("token", "model_missing_exp", "model\nlab-ns\nubuntu\nubuntu\ne\n5")
     write("token", "model_escapes_in_names", 'model\nlab"ns\nubu\\ntu,a\tb\nubu\\ntu\ns\n"\\')
+    # exp as LabOrchestrator's issuer writes it (time.time() + expires_in), and the values a
+    # time claim may not take: each refused with a reason that names the claim.
+    write("token", "model_fractional_exp", "model\nlab-ns\nubuntu\nubuntu\nf\n5")
+    for name, value in [("fraction", "4102444800.9629297"), ("exponent", "1e20"),
+                        ("negative", "-1"), ("infinity", "Infinity"), ("overflow", "1e400"),
+                        ("null", "null")]:
+        write("token", f"sign_claims_exp_{name}",
+              'sign\n{"alg":"HS256"}\n' + lab.replace("4102444800", value) + "\nubuntu")
 
 
 def main():

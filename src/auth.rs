@@ -7,9 +7,11 @@
 //! and HS/RS confusion cannot happen by construction (RFC 8725 §3.1).
 
 use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::route::{is_dns1123_label, is_dns1123_subdomain};
 
@@ -22,8 +24,9 @@ pub struct Grant {
     pub vmi: String,
     /// The token's `id` claim, rendered for logs (never the token itself).
     pub token_id: String,
-    /// The token's `exp`, seconds since the epoch.
-    pub expires_at: u64,
+    /// When the token expires (its `exp`, with the fraction LabOrchestrator's
+    /// issuer writes), before any leeway.
+    pub expires_at: SystemTime,
 }
 
 /// Why a request was not authorized. Each variant maps to one HTTP status.
@@ -68,11 +71,19 @@ impl fmt::Display for AuthError {
 
 /// The claims of a LabOrchestrator token. Unknown claims are ignored;
 /// `id` may be a number or a string; `additional_data` may be anything.
+///
+/// `exp` and `nbf` are read here, not by jsonwebtoken: its check takes whole
+/// seconds, while LabOrchestrator's issuer writes `time.time() + expires_in`,
+/// a JSON number with a fraction (PyJWT accepts any number). See
+/// [`TimeRules::check`].
 #[derive(Deserialize)]
 struct Claims {
     #[serde(default)]
-    id: Option<serde_json::Value>,
-    exp: u64,
+    id: Option<Value>,
+    #[serde(default)]
+    exp: Option<Value>,
+    #[serde(default)]
+    nbf: Option<Value>,
     lab_instance: LabInstance,
 }
 
@@ -88,10 +99,100 @@ struct Key {
     key: DecodingKey,
 }
 
+/// The latest time claim accepted: 9999-12-31T23:59:59Z. Beyond it a value is
+/// a mistake (milliseconds for seconds, say), not a lifetime.
+const LATEST_TIME_CLAIM: f64 = 253_402_300_799.0;
+
+/// The checks on `exp` (required) and `nbf` (when present), at sub-second
+/// precision: a token is expired once `exp + leeway <= now` and not yet valid
+/// while `nbf - leeway > now`, as PyJWT decides.
+#[derive(Debug, Clone, Copy)]
+struct TimeRules {
+    leeway: f64,
+}
+
+impl TimeRules {
+    /// `exp` as a time, or why the claims are refused.
+    fn check(self, exp: Option<&Value>, nbf: Option<&Value>, now: f64) -> Result<f64, AuthError> {
+        let exp = time_claim("exp", exp)?
+            .ok_or_else(|| AuthError::Malformed("missing claim exp".into()))?;
+        if exp + self.leeway <= now {
+            return Err(AuthError::Expired);
+        }
+        if let Some(nbf) = time_claim("nbf", nbf)?
+            && nbf - self.leeway > now
+        {
+            return Err(AuthError::NotYetValid);
+        }
+        Ok(exp)
+    }
+}
+
+/// A NumericDate claim (RFC 7519 §2): any JSON number, with or without a
+/// fraction, from 0 to [`LATEST_TIME_CLAIM`]. `None` when absent (or null).
+fn time_claim(name: &str, value: Option<&Value>) -> Result<Option<f64>, AuthError> {
+    let bad = |problem: &str| Err(AuthError::Malformed(format!("claim {name} {problem}")));
+    let seconds = match value {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(s) => s,
+            None => return bad("is not a number"),
+        },
+        Some(_) => return bad("is not a number"),
+    };
+    if !seconds.is_finite() {
+        bad("is not a finite number")
+    } else if seconds < 0.0 {
+        bad("is negative")
+    } else if seconds > LATEST_TIME_CLAIM {
+        bad("is past the year 9999")
+    } else {
+        Ok(Some(seconds))
+    }
+}
+
+/// Why claims that passed the signature could not be read as JSON, when the
+/// cause is a time claim JSON cannot hold: PyJWT writes a float infinity or
+/// NaN as `Infinity`/`NaN`, and a number past f64 (`1e400`) does not parse.
+/// `None`: some other problem.
+fn unreadable_time_claim(token: &str) -> Option<AuthError> {
+    use base64::Engine;
+    // A header that reads means the JSON error came from the claims, which
+    // jsonwebtoken reads only after the signature verified.
+    jsonwebtoken::decode_header(token).ok()?;
+    let payload = token.split('.').nth(1)?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let json = std::str::from_utf8(&json).ok()?;
+    ["exp", "nbf"].into_iter().find_map(|name| {
+        let key = format!("\"{name}\"");
+        let at = json.find(&key)? + key.len();
+        let value = json[at..].trim_start().strip_prefix(':')?.trim_start();
+        let value = value.strip_prefix('-').unwrap_or(value);
+        let non_finite = value.starts_with("Infinity")
+            || value.starts_with("NaN")
+            || value
+                .split(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '+' | '-')))
+                .next()
+                .and_then(|n| n.parse::<f64>().ok())
+                .is_some_and(|n| n.is_infinite());
+        non_finite.then(|| AuthError::Malformed(format!("claim {name} is not a finite number")))
+    })
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// Verifies tokens with the keys and algorithms from the configuration.
 pub struct JwtVerifier {
     /// The accepted algorithms, each with its validation rules.
     algorithms: Vec<(Algorithm, Validation)>,
+    /// `exp` and `nbf`, checked by us (see [`Claims`]).
+    times: TimeRules,
     /// Every configured key; a key is only ever used with algorithms of its
     /// own family (`DecodingKey::family`).
     keys: Vec<Key>,
@@ -249,10 +350,11 @@ impl JwtVerifier {
             .iter()
             .map(|&alg| {
                 let mut v = Validation::new(alg);
-                v.leeway = s.leeway_secs;
-                v.validate_exp = true;
-                v.validate_nbf = true;
-                let mut required = vec!["exp"];
+                // exp and nbf are ours to check (TimeRules): jsonwebtoken's
+                // check would round LabOrchestrator's fractional exp.
+                v.validate_exp = false;
+                v.validate_nbf = false;
+                let mut required = vec![];
                 if !s.audience.is_empty() {
                     v.set_audience(&s.audience);
                     required.push("aud");
@@ -269,7 +371,13 @@ impl JwtVerifier {
                 (alg, v)
             })
             .collect();
-        Ok(JwtVerifier { algorithms, keys })
+        Ok(JwtVerifier {
+            algorithms,
+            times: TimeRules {
+                leeway: s.leeway_secs as f64,
+            },
+            keys,
+        })
     }
 
     /// Verify `token` and decide whether it allows `vmi`.
@@ -277,8 +385,22 @@ impl JwtVerifier {
     /// Order matters: the token is checked first (401) so that nobody without
     /// a valid token learns anything about names (403).
     pub fn authorize(&self, token: &str, vmi: &str) -> Result<Grant, AuthError> {
-        let claims = self.verify(token)?;
-        self.grant(claims, vmi)
+        self.authorize_at(token, vmi, unix_now())
+    }
+
+    /// [`JwtVerifier::authorize`] at `now`, seconds since the epoch.
+    fn authorize_at(&self, token: &str, vmi: &str, now: f64) -> Result<Grant, AuthError> {
+        let claims = self.verify(token).map_err(|e| match e {
+            // Only claims that passed the signature get a closer look.
+            AuthError::Malformed(why) if why == UNREADABLE_CLAIMS => {
+                unreadable_time_claim(token).unwrap_or(AuthError::Malformed(why))
+            }
+            e => e,
+        })?;
+        let exp = self
+            .times
+            .check(claims.exp.as_ref(), claims.nbf.as_ref(), now)?;
+        self.grant(claims, vmi, UNIX_EPOCH + Duration::from_secs_f64(exp))
     }
 
     /// Check the signature and the registered claims; the claims.
@@ -333,7 +455,7 @@ impl JwtVerifier {
     }
 
     /// What verified claims allow for `vmi`.
-    fn grant(&self, claims: Claims, vmi: &str) -> Result<Grant, AuthError> {
+    fn grant(&self, claims: Claims, vmi: &str, expires_at: SystemTime) -> Result<Grant, AuthError> {
         let namespace = claims.lab_instance.namespace_name;
         if !is_dns1123_subdomain(vmi) {
             return Err(AuthError::Forbidden("invalid VMI name".into()));
@@ -357,7 +479,7 @@ impl JwtVerifier {
                 Some(v) => v.to_string(),
                 None => "-".into(),
             },
-            expires_at: claims.exp,
+            expires_at,
         })
     }
 
@@ -391,6 +513,9 @@ impl JwtVerifier {
     }
 }
 
+/// The reason for claims that verified but do not have the token's shape.
+const UNREADABLE_CLAIMS: &str = "claims do not match the token format";
+
 fn map_error(e: jsonwebtoken::errors::Error) -> AuthError {
     match e.kind() {
         ErrorKind::InvalidSignature => AuthError::BadSignature,
@@ -405,7 +530,8 @@ fn map_error(e: jsonwebtoken::errors::Error) -> AuthError {
         ErrorKind::InvalidAudience | ErrorKind::InvalidIssuer | ErrorKind::InvalidSubject => {
             AuthError::Malformed("audience, issuer or subject not accepted".into())
         }
-        ErrorKind::Json(_) => AuthError::Malformed("claims do not match the token format".into()),
+        // The header or (only after the signature verified) the claims.
+        ErrorKind::Json(_) => AuthError::Malformed(UNREADABLE_CLAIMS.into()),
         _ => AuthError::Malformed("not a valid JWT".into()),
     }
 }
@@ -444,6 +570,8 @@ pub fn fingerprint(token: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use jsonwebtoken::{EncodingKey, Header, encode};
     use serde_json::json;
 
@@ -475,7 +603,8 @@ mod tests {
         .unwrap()
     }
 
-    fn lab(ns: &str, vmis: &[&str], exp: u64) -> serde_json::Value {
+    fn lab(ns: &str, vmis: &[&str], exp: impl Into<serde_json::Value>) -> serde_json::Value {
+        let exp = exp.into();
         json!({"id": 5, "exp": exp, "lab_instance": {"lab_id": 1, "lab_instance_id": "9",
                "namespace_name": ns, "allowed_vmi_names": vmis, "additional_data": {"x": [1]}}})
     }
@@ -539,6 +668,129 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v.authorize(&t, "ubuntu"), Err(AuthError::WrongAlgorithm));
+    }
+
+    /// A token whose claims are `payload` verbatim, signed with SECRET:
+    /// for JSON that serde_json will not write (`Infinity`, `1e400`), as
+    /// PyJWT writes a float infinity.
+    fn mint_raw(payload: &str) -> String {
+        let signed = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(br#"{"typ":"JWT","alg":"HS256"}"#),
+            URL_SAFE_NO_PAD.encode(payload)
+        );
+        let key = EncodingKey::from_secret(SECRET).unwrap();
+        let sig = jsonwebtoken::crypto::sign(signed.as_bytes(), &key, Algorithm::HS256).unwrap();
+        format!("{signed}.{sig}")
+    }
+
+    fn leeway(secs: u64) -> JwtVerifier {
+        let mut s = JwtSettings {
+            algorithms: vec![Algorithm::HS256],
+            secrets: vec![KeyMaterial {
+                kid: None,
+                bytes: SECRET.to_vec(),
+                source: "SECRET_KEY".into(),
+            }],
+            ..Default::default()
+        };
+        s.leeway_secs = secs;
+        JwtVerifier::new(&s).unwrap()
+    }
+
+    #[test]
+    fn exp_is_any_json_number_compared_to_the_sub_second() {
+        // What LabOrchestrator's issuer writes: time.time() + expires_in.
+        let exp = 1_796_229_461.962_929_7;
+        let t = mint(lab("lab-ns", &["ubuntu"], exp));
+        for secs in [0, 30] {
+            let v = leeway(secs);
+            let l = secs as f64;
+            let g = v.authorize_at(&t, "ubuntu", exp - 0.4).unwrap();
+            // serde_json reads floats to within an ulp (240 ns here).
+            let want = UNIX_EPOCH + Duration::from_secs_f64(exp);
+            let off = g
+                .expires_at
+                .duration_since(want)
+                .unwrap_or_else(|e| e.duration());
+            assert!(off < Duration::from_micros(1), "{:?}", g.expires_at);
+            assert!(v.authorize_at(&t, "ubuntu", exp + l - 0.4).is_ok());
+            assert_eq!(
+                v.authorize_at(&t, "ubuntu", exp + l + 0.4),
+                Err(AuthError::Expired)
+            );
+            assert_eq!(
+                v.authorize_at(&t, "ubuntu", exp + l),
+                Err(AuthError::Expired),
+                "expired at exp + leeway exactly, as PyJWT"
+            );
+        }
+        // An integer exp, as before.
+        let t = mint(lab("lab-ns", &["ubuntu"], 2_000_000_000u64));
+        let g = leeway(0).authorize_at(&t, "ubuntu", 1e9).unwrap();
+        assert_eq!(
+            g.expires_at,
+            UNIX_EPOCH + Duration::from_secs(2_000_000_000)
+        );
+        // And through the real clock.
+        let t = mint(lab("lab-ns", &["ubuntu"], unix_now() + 0.4));
+        assert!(leeway(0).authorize(&t, "ubuntu").is_ok());
+        let t = mint(lab("lab-ns", &["ubuntu"], unix_now() - 0.4));
+        assert_eq!(leeway(0).authorize(&t, "ubuntu"), Err(AuthError::Expired));
+    }
+
+    #[test]
+    fn nbf_is_any_json_number_too() {
+        let now = 1_800_000_000.0;
+        let mut c = lab("ns", &["ubuntu"], now + 60.0);
+        c["nbf"] = json!(now + 0.4);
+        let t = mint(c);
+        assert_eq!(
+            leeway(0).authorize_at(&t, "ubuntu", now),
+            Err(AuthError::NotYetValid)
+        );
+        assert!(leeway(0).authorize_at(&t, "ubuntu", now + 0.5).is_ok());
+        assert!(leeway(1).authorize_at(&t, "ubuntu", now).is_ok());
+    }
+
+    #[test]
+    fn time_claims_that_are_no_time_are_refused_by_name() {
+        let v = verifier();
+        let why = |t: &str| match v.authorize(t, "ubuntu") {
+            Err(AuthError::Malformed(why)) => why,
+            other => panic!("{other:?}"),
+        };
+        let exp = |value: serde_json::Value| mint(lab("ns", &["ubuntu"], value));
+        assert_eq!(why(&exp(json!(1e20))), "claim exp is past the year 9999");
+        assert_eq!(
+            why(&exp(json!(253_402_300_800u64))),
+            "claim exp is past the year 9999"
+        );
+        assert_eq!(why(&exp(json!(-1))), "claim exp is negative");
+        assert_eq!(why(&exp(json!(-0.5))), "claim exp is negative");
+        assert_eq!(why(&exp(json!("4102444800"))), "claim exp is not a number");
+        assert_eq!(why(&exp(json!(true))), "claim exp is not a number");
+        assert_eq!(why(&exp(json!(null))), "missing claim exp");
+        let lab_instance =
+            r#""lab_instance":{"namespace_name":"ns","allowed_vmi_names":["ubuntu"]}"#;
+        for value in ["Infinity", "-Infinity", "NaN", "1e400", "-1e400"] {
+            let t = mint_raw(&format!(r#"{{"id":5,"exp": {value},{lab_instance}}}"#));
+            assert_eq!(why(&t), "claim exp is not a finite number", "{value}");
+            let t = mint_raw(&format!(
+                r#"{{"exp":4102444800,"nbf":{value},{lab_instance}}}"#
+            ));
+            assert_eq!(why(&t), "claim nbf is not a finite number", "{value}");
+        }
+        let mut c = lab("ns", &["ubuntu"], now() + 60);
+        c["nbf"] = json!(-3);
+        assert_eq!(why(&mint(c)), "claim nbf is negative");
+        // Other unreadable claims keep the general reason, and a token whose
+        // signature fails is not looked into.
+        let t = mint_raw(&format!(r#"{{"exp":4102444800,"id":x,{lab_instance}}}"#));
+        assert_eq!(why(&t), UNREADABLE_CLAIMS);
+        let t = mint_raw(&format!(r#"{{"exp":Infinity,{lab_instance}}}"#));
+        let forged = format!("{}AAAA", &t[..t.len() - 4]);
+        assert_eq!(v.authorize(&forged, "ubuntu"), Err(AuthError::BadSignature));
     }
 
     #[test]

@@ -160,10 +160,7 @@ pub fn access_line(event: &Event, format: LogFormat) -> Option<String> {
                     out.push(' ');
                 }
                 let _ = match v {
-                    Field::Str(s) if s.is_empty() || s.contains([' ', '"', '=']) => {
-                        write!(out, "{k}={}", json_string(s))
-                    }
-                    Field::Str(s) => write!(out, "{k}={s}"),
+                    Field::Str(s) => write!(out, "{k}={}", text_value(s)),
                     Field::Num(n) => write!(out, "{k}={n}"),
                     Field::Null => write!(out, "{k}=-"),
                 };
@@ -182,6 +179,17 @@ enum Field {
 /// A JSON string literal (also used to quote text-format values).
 pub fn json_string(s: &str) -> String {
     serde_json::Value::String(s.to_owned()).to_string()
+}
+
+/// A value for a text log line: as it is when it is a plain word, else a
+/// JSON string literal, so that a space, a quote, `=` or a control character
+/// (a CRLF in a token's `id`) can neither split a record nor forge a field.
+pub fn text_value(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.is_empty() || s.contains(|c: char| c.is_control() || matches!(c, ' ' | '"' | '=')) {
+        json_string(s).into()
+    } else {
+        s.into()
+    }
 }
 
 /// The built-in observer that writes the access log through `log` (target
@@ -257,5 +265,19 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("upstream_close=-"), "{line}");
+    }
+
+    #[test]
+    fn a_line_break_in_a_token_id_cannot_split_a_record() {
+        let mut event = closed();
+        if let Event::Closed { token_id, .. } = &mut event {
+            *token_id = "x\r\nINFO forged".into();
+        }
+        let line = access_line(&event, LogFormat::Text).unwrap();
+        assert!(!line.contains(['\r', '\n']), "{line}");
+        assert!(line.contains(r#"token_id="x\r\nINFO forged""#), "{line}");
+        assert_eq!(text_value("user-17"), "user-17");
+        assert_eq!(text_value("a\tb"), r#""a\tb""#);
+        assert_eq!(text_value(""), "\"\"");
     }
 }

@@ -181,7 +181,7 @@
 //!             namespace: namespace.into(),
 //!             vmi: vmi.into(),
 //!             token_id: user.into(), // the session's label in events and logs
-//!             expires_at: 4_000_000_000, // seconds since the epoch
+//!             expires_at: std::time::SystemTime::now() + std::time::Duration::from_secs(8 * 3600),
 //!         };
 //!         // Asking the policy service is I/O: not on the loop.
 //!         match self.0.send((ticket, grant, user.to_owned())) {

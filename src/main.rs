@@ -205,17 +205,56 @@ fn check_config(args: Vec<String>) -> ExitCode {
     }
 }
 
+/// The version of `lab-orchestrator-lib-auth` whose `generate_auth_token`
+/// the `token` subcommand mirrors.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LibAuth {
+    /// 0.0.5, what production runs: no `additional_data`.
+    V0_0_5,
+    /// 2.x (2.2.0 the latest): `additional_data`, null unless given.
+    V2,
+}
+
+/// The claims `generate_auth_token` writes, in its order (serde writes a
+/// struct's fields in declaration order, as Python a dict's keys).
+#[derive(serde::Serialize)]
+struct LabClaims {
+    id: serde_json::Value,
+    /// `time.time() + expires_in`: seconds with a fraction.
+    exp: f64,
+    lab_instance: LabInstanceClaims,
+}
+
+#[derive(serde::Serialize)]
+struct LabInstanceClaims {
+    lab_id: serde_json::Value,
+    lab_instance_id: serde_json::Value,
+    namespace_name: String,
+    allowed_vmi_names: Vec<String>,
+    /// Absent in 0.0.5; `Some(Null)` is written as `null`, as 2.x does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    additional_data: Option<serde_json::Value>,
+}
+
 /// `token`: mint a token as LabOrchestrator's API does, for operators
 /// testing a deployment.
 fn mint(args: &[String]) -> ExitCode {
-    const USAGE: &str = "USAGE: kubevirt-vnc-proxy token --vmi NAME [--vmi NAME ...] --namespace NS [--ttl SECONDS] [--user-id ID] [--lab-id N] [--lab-instance-id N]\n\
-        Signs with SECRET_KEY (HS256) from the environment or --secret-key. Prints the token.";
+    const USAGE: &str = "USAGE: kubevirt-vnc-proxy token --vmi NAME [--vmi NAME ...] --namespace NS [--ttl SECONDS] [--user-id ID] [--lab-id ID] [--lab-instance-id ID] [--lib-version 0.0.5|2.2.0] [--secret-key KEY]\n\
+        Mints what LabOrchestrator's API mints with generate_auth_token of PyPI's\n\
+        lab-orchestrator-lib-auth: the same claims in the same order, exp = now + SECONDS\n\
+        (default 3600) with its fraction, HS256 with SECRET_KEY from the environment or\n\
+        --secret-key. Prints the token.\n\
+        --lib-version 0.0.5 (the default) mirrors 0.0.5, what lab-orchestrator-lib 1.0.1 and\n\
+        the Python proxy pin: {id, exp, lab_instance: {lab_id, lab_instance_id,\n\
+        namespace_name, allowed_vmi_names}}. --lib-version 2.2.0 mirrors 2.x, which adds\n\
+        lab_instance.additional_data (null). IDs that are integers are written as numbers.";
     let mut vmis = Vec::new();
     let mut namespace = None;
-    let mut ttl: u64 = 3600;
+    let mut ttl: f64 = 3600.0;
     let mut user_id = String::from("1");
     let mut lab_id = String::from("1");
     let mut lab_instance_id = String::from("1");
+    let mut lib = LibAuth::V0_0_5;
     let mut secret = std::env::var("SECRET_KEY").ok();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -234,9 +273,9 @@ fn mint(args: &[String]) -> ExitCode {
         match flag {
             "--vmi" => vmis.push(value),
             "--namespace" => namespace = Some(value),
-            "--ttl" => match value.parse() {
-                Ok(v) => ttl = v,
-                Err(_) => {
+            "--ttl" => match value.parse::<f64>() {
+                Ok(v) if v.is_finite() && v.abs() < 1e10 => ttl = v,
+                _ => {
                     eprintln!("token: --ttl: '{value}' is not a number of seconds");
                     return ExitCode::from(2);
                 }
@@ -244,6 +283,16 @@ fn mint(args: &[String]) -> ExitCode {
             "--user-id" => user_id = value,
             "--lab-id" => lab_id = value,
             "--lab-instance-id" => lab_instance_id = value,
+            "--lib-version" => {
+                lib = match value.as_str() {
+                    "0.0.5" => LibAuth::V0_0_5,
+                    v if v.starts_with("2.") => LibAuth::V2,
+                    _ => {
+                        eprintln!("token: --lib-version: '{value}' is neither 0.0.5 nor 2.x");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             "--secret-key" => secret = Some(value),
             other => {
                 eprintln!("token: unknown argument '{other}'\n{USAGE}");
@@ -266,17 +315,20 @@ fn mint(args: &[String]) -> ExitCode {
             serde_json::Value::from,
         )
     };
-    let claims = serde_json::json!({
-        "id": id_value(&user_id),
-        "exp": jsonwebtoken::get_current_timestamp() + ttl,
-        "lab_instance": {
-            "lab_id": id_value(&lab_id),
-            "lab_instance_id": id_value(&lab_instance_id),
-            "namespace_name": namespace,
-            "allowed_vmi_names": vmis,
-            "additional_data": null,
-        }
-    });
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let claims = LabClaims {
+        id: id_value(&user_id),
+        exp: now + ttl,
+        lab_instance: LabInstanceClaims {
+            lab_id: id_value(&lab_id),
+            lab_instance_id: id_value(&lab_instance_id),
+            namespace_name: namespace,
+            allowed_vmi_names: vmis,
+            additional_data: (lib == LibAuth::V2).then_some(serde_json::Value::Null),
+        },
+    };
     let key = match jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()) {
         Ok(k) => k,
         Err(e) => {

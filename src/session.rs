@@ -17,7 +17,7 @@ use crate::authorize::{AuthRequest, Authorizer, Decision, Ticket};
 use crate::buffer::BufferPool;
 use crate::config::Config;
 use crate::conn::{Conn, Io, Readiness};
-use crate::events::Event;
+use crate::events::{Event, text_value};
 use crate::frame::Direction;
 use crate::http::{self, Refusal, UpstreamAnswer};
 use crate::relay::{Pipe, SourceEnd};
@@ -566,7 +566,11 @@ impl Session {
         let request = http::upstream_request(&path, ctx.upstream_host, &upstream_key, &headers);
         debug!(
             "session {} {}: token id {} allows {}/{}; dialing upstream",
-            self.id, self.peer, grant.token_id, grant.namespace, grant.vmi
+            self.id,
+            self.peer,
+            text_value(&grant.token_id),
+            grant.namespace,
+            grant.vmi
         );
         self.grant = Some(grant);
         let client_protocol =
@@ -752,14 +756,15 @@ impl Session {
         if ctx.config.close_on_token_expiry
             && let Some(g) = &self.grant
         {
-            // exp is wall-clock seconds; the loop's timers are monotonic.
-            let now_unix = jsonwebtoken::get_current_timestamp();
-            let left = g
-                .expires_at
-                .saturating_add(ctx.config.jwt.leeway_secs)
-                .saturating_sub(now_unix);
+            // exp is wall-clock time; the loop's timers are monotonic. The
+            // fraction of exp counts: a token minted for 2.5 s ends at 2.5 s.
+            let leeway = std::time::Duration::from_secs(ctx.config.jwt.leeway_secs);
+            let left = g.expires_at.checked_add(leeway).map(|end| {
+                end.duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default()
+            });
             // A grant too far in the future to represent never expires.
-            self.expires = ctx.now.checked_add(std::time::Duration::from_secs(left));
+            self.expires = left.and_then(|left| ctx.now.checked_add(left));
         }
         if !ctx.config.ping_interval.is_zero() {
             self.keepalive_at = Some(ctx.now + ctx.config.ping_interval);
@@ -768,7 +773,11 @@ impl Session {
         if let Some(g) = &self.grant {
             debug!(
                 "session {} {}: relaying to {}/{} (token id {})",
-                self.id, self.peer, g.namespace, g.vmi, g.token_id
+                self.id,
+                self.peer,
+                g.namespace,
+                g.vmi,
+                text_value(&g.token_id)
             );
             ctx.events.push(Event::Opened {
                 id: self.id,

@@ -15,7 +15,7 @@ use std::os::fd::AsRawFd;
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, ThreadId};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use kubevirt_vnc_proxy::auth::Grant;
 use kubevirt_vnc_proxy::{
@@ -105,7 +105,7 @@ impl Authorizer for ConsoleAuth {
             namespace: namespace.to_owned(),
             vmi: vmi.to_owned(),
             token_id: user.to_owned(),
-            expires_at: tokens::now() + 3600,
+            expires_at: SystemTime::now() + Duration::from_secs(3600),
         };
         match &self.deferred {
             Some(tx) if vmi.starts_with("later") => {
