@@ -50,6 +50,7 @@ const OPTIONS: &[Opt] = &[
     Opt { var: "SERVICE_ACCOUNT_DIR", flag: "--service-account-dir", default: "/var/run/secrets/kubernetes.io/serviceaccount", help: "directory with the service account's ca.crt and token" },
     Opt { var: "UPSTREAM_CA_FILE", flag: "--upstream-ca-file", default: "", help: "PEM CA bundle, the only trust anchors for a wss:// upstream (default: SERVICE_ACCOUNT_DIR/ca.crt)" },
     Opt { var: "UPSTREAM_TOKEN_FILE", flag: "--upstream-token-file", default: "", help: "bearer token file sent upstream (default in-cluster: SERVICE_ACCOUNT_DIR/token)" },
+    Opt { var: "ALLOW_CLEARTEXT_BEARER_TOKEN", flag: "--allow-cleartext-bearer-token", default: "false", help: "true: send the upstream bearer token over a ws:// (unencrypted) upstream; otherwise that configuration does not start" },
     Opt { var: "CREDENTIALS_CHECK_SECONDS", flag: "--credentials-check-seconds", default: "5", help: "how often the CA and token files are checked for rotation" },
     Opt { var: "API_PATH", flag: "--api-path", default: DEFAULT_API_PATH, help: "upstream path template with {namespace} and {vmi_name}" },
     Opt { var: "UPSTREAM_SUBPROTOCOLS", flag: "--upstream-subprotocols", default: "plain.kubevirt.io", help: "subprotocols offered to the upstream, comma-separated (empty: none)" },
@@ -388,6 +389,28 @@ impl Config {
             file("UPSTREAM_CA_FILE").or_else(|| upstream.tls.then(|| sa_dir.join("ca.crt")));
         let token_file =
             file("UPSTREAM_TOKEN_FILE").or_else(|| (!local_dev).then(|| sa_dir.join("token")));
+        // A service-account token over ws:// is readable by anyone on the
+        // path (and in-cluster mode sends one by default): only on request.
+        if token_file.is_some()
+            && !upstream.tls
+            && !parse_bool(
+                "ALLOW_CLEARTEXT_BEARER_TOKEN",
+                &or_default("ALLOW_CLEARTEXT_BEARER_TOKEN"),
+            )?
+        {
+            let why = if local_dev {
+                "UPSTREAM_TOKEN_FILE is set"
+            } else {
+                "in-cluster mode (LOCAL_DEV_MODE=false) sends the service-account token"
+            };
+            return Err(ConfigError::new(
+                "WS_REMOTE_URL",
+                format!(
+                    "is a ws:// URL and {why}: the bearer token would travel unencrypted; \
+                     use wss://, or set ALLOW_CLEARTEXT_BEARER_TOKEN=true to send it anyway"
+                ),
+            ));
+        }
         let list = |var: &'static str| -> Vec<String> {
             or_default(var)
                 .split(',')
@@ -888,6 +911,40 @@ mod tests {
             Config::from_sources(env(BASE), ["--help".to_string()]),
             Ok(Command::Help)
         ));
+    }
+
+    #[test]
+    fn a_bearer_token_over_ws_is_refused_unless_allowed() {
+        let in_cluster = [
+            ("SECRET_KEY", LONG),
+            ("KUBERNETES_SERVICE_HOST", "10.0.0.1"),
+            ("WS_REMOTE_URL", "ws://10.0.0.2:8080"),
+        ];
+        let e = run(&in_cluster, &[]).unwrap_err();
+        assert_eq!(e.var, "WS_REMOTE_URL");
+        assert!(
+            e.message.contains("ALLOW_CLEARTEXT_BEARER_TOKEN=true"),
+            "{e}"
+        );
+        assert!(e.message.contains("in-cluster mode"), "{e}");
+        let mut allowed = in_cluster.to_vec();
+        allowed.push(("ALLOW_CLEARTEXT_BEARER_TOKEN", "true"));
+        let c = run(&allowed, &[]).unwrap();
+        assert!(!c.upstream.tls && c.token_file.is_some());
+        // wss:// in-cluster, and ws:// without a token, start as before.
+        let mut wss = in_cluster.to_vec();
+        wss[2] = ("WS_REMOTE_URL", "wss://10.0.0.2:8443");
+        assert!(run(&wss, &[]).is_ok());
+        assert!(run(BASE, &["--ws-remote-url", "ws://10.0.0.2"]).is_ok());
+        let e = run(
+            BASE,
+            &["--upstream-token-file", "/t", "--ws-remote-url", "ws://h"],
+        );
+        assert!(
+            e.unwrap_err()
+                .message
+                .contains("UPSTREAM_TOKEN_FILE is set")
+        );
     }
 
     #[test]

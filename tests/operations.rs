@@ -502,6 +502,40 @@ fn check_config_and_version() {
         .unwrap();
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent"));
+    // In-cluster mode sends the service account's token: never over ws://
+    // unless the operator says so.
+    let sa = std::env::temp_dir().join(format!("kvp-sa-{}", std::process::id()));
+    std::fs::create_dir_all(&sa).unwrap();
+    std::fs::write(sa.join("token"), "sa-token").unwrap();
+    let cleartext = |allow: Option<&str>| {
+        let mut c = Command::new(BIN);
+        c.env_clear()
+            .env("SECRET_KEY", SECRET)
+            .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+            .env("SERVICE_ACCOUNT_DIR", &sa)
+            .env("WS_REMOTE_URL", "ws://127.0.0.1:8080")
+            .arg("check-config");
+        if let Some(a) = allow {
+            c.env("ALLOW_CLEARTEXT_BEARER_TOKEN", a);
+        }
+        c.output().unwrap()
+    };
+    let refused = cleartext(None);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("WS_REMOTE_URL") && err.contains("ALLOW_CLEARTEXT_BEARER_TOKEN=true"),
+        "{err}"
+    );
+    let allowed = cleartext(Some("true"));
+    assert_eq!(
+        allowed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+    std::fs::remove_dir_all(&sa).unwrap();
     let v = Command::new(BIN).arg("--version").output().unwrap();
     assert_eq!(v.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&v.stdout).starts_with("kubevirt-vnc-proxy "));
