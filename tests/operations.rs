@@ -3,6 +3,8 @@
 //! log, and the `token` / `check-config` subcommands.
 
 mod common;
+#[path = "support/labo.rs"]
+mod labo;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -592,5 +594,40 @@ fn sigterm_on_an_idle_proxy_exits_at_once() {
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "waited for a grace with nothing to drain"
+    );
+}
+
+#[test]
+fn a_line_break_in_a_token_id_stays_inside_one_log_record() {
+    if !labo::available() {
+        return;
+    }
+    // LabOrchestrator's issuer signs whatever user id it is given.
+    let mut mint = labo::Mint::new(SECRET, &["echo"]);
+    mint.user_id = serde_json::json!("5\r\nINFO forged record");
+    let t = mint.with(labo::LibAuth::V2_2_0);
+    let standin = StandIn::start();
+    let p = Binary::start(standin.addr(), &[("LOGLEVEL", "DEBUG")]);
+    let mut ws = ws_connect(p.addr, &format!("/{t}/echo")).unwrap();
+    ws.send(Message::binary(&b"x"[..])).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::binary(&b"x"[..]));
+    ws.close(None).unwrap();
+    let lines = p.drain_lines(Duration::from_secs(2));
+    let escaped = r#""5\r\nINFO forged record""#;
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&format!("token id {escaped} allows lab-ns/echo"))),
+        "{lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&format!("token id {escaped})"))),
+        "{lines:#?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.starts_with("INFO forged")),
+        "a record was split: {lines:#?}"
     );
 }
