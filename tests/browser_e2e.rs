@@ -19,6 +19,8 @@
 //! Every process started here is killed by its PID when its guard drops, every wait is bounded,
 //! and everything listens on and connects to 127.0.0.1 only.
 
+#[path = "support/labo.rs"]
+mod labo;
 #[path = "support/pki.rs"]
 mod pki;
 #[path = "support/tokens.rs"]
@@ -211,13 +213,21 @@ fn run_browser_cases(path: &ProxyPath<'_>) -> Result<(), String> {
         )
     };
 
+    // Tokens as LabOrchestrator mints them: generate_auth_token of
+    // lab-orchestrator-lib-auth 0.0.5, what production pins (hand-made only
+    // with PYTHON_SKIP=1).
+    let mint = |secret: &str| {
+        if labo::available() {
+            let mut m = labo::Mint::new(secret, &[path.vmi]).expires_in(600.0);
+            m.namespace = path.namespace.into();
+            m.with(labo::LibAuth::V0_0_5)
+        } else {
+            tokens::mint(secret, path.namespace, &[path.vmi], tokens::now() + 600)
+        }
+    };
+
     // 1. A valid token: noVNC connects and draws the SeaBIOS screen.
-    let token = tokens::mint(
-        tokens::SECRET,
-        path.namespace,
-        &[path.vmi],
-        tokens::now() + 600,
-    );
+    let token = mint(tokens::SECRET);
     let shot = out_dir.join(format!("{}.png", path.label));
     let _ = std::fs::remove_file(&shot);
     let url = format!("ws://{}/{token}/{}", proxy.addr, path.vmi);
@@ -234,12 +244,7 @@ fn run_browser_cases(path: &ProxyPath<'_>) -> Result<(), String> {
     }
 
     // 2. A token signed with another key: refused before any upstream work.
-    let bad = tokens::mint(
-        "another-secret-that-is-at-least-32-bytes-long",
-        path.namespace,
-        &[path.vmi],
-        tokens::now() + 600,
-    );
+    let bad = mint("another-secret-that-is-at-least-32-bytes-long");
     let shot = out_dir.join(format!("{}-bad-token.png", path.label));
     let _ = std::fs::remove_file(&shot);
     let url = format!("ws://{}/{bad}/{}", proxy.addr, path.vmi);

@@ -232,8 +232,11 @@ fn forbidden_names_get_403_before_any_upstream_work() {
     );
 }
 
+/// Hand-made claims signed by PyJWT, with an integer `exp` (tests/fixtures/):
+/// the fixed bytes also seed the fuzzers. What LabOrchestrator's issuer
+/// itself mints (a fractional `exp`) is tested in tests/labo_tokens.rs.
 #[test]
-fn tokens_minted_by_pyjwt_are_accepted_unchanged() {
+fn pyjwt_fixtures_with_an_integer_exp_are_accepted_unchanged() {
     let h = Harness::start();
     for fixture in ["pyjwt_hs256.jwt", "pyjwt_hs256_string_ids.jwt"] {
         let token = std::fs::read_to_string(format!("tests/fixtures/{fixture}")).unwrap();
