@@ -142,6 +142,28 @@ impl Mint {
         self
     }
 
+    /// `user_id`, `lab_id`, `lab_instance_id` (numbers or strings).
+    pub fn ids(mut self, user_id: Value, lab_id: Value, lab_instance_id: Value) -> Mint {
+        self.user_id = user_id;
+        self.lab_id = lab_id;
+        self.lab_instance_id = lab_instance_id;
+        self
+    }
+
+    /// Sign with `algorithm` (2.x only) and `key` (an HMAC secret, or a PEM private key for
+    /// RS256, e.g. from [`rsa_key_pair`]).
+    pub fn signed(mut self, algorithm: &'static str, key: &str) -> Mint {
+        self.algorithm = Some(algorithm);
+        self.key = key.into();
+        self
+    }
+
+    /// `additional_data` (2.x only): any JSON.
+    pub fn additional_data(mut self, data: Value) -> Mint {
+        self.additional_data = Some(data);
+        self
+    }
+
     /// Call the library's `generate_auth_token`; the token it returns.
     pub fn with(&self, lib: LibAuth) -> String {
         let mut spec = json!({
@@ -162,7 +184,11 @@ impl Mint {
         ];
         for (name, value) in v2_only {
             if let Some(v) = value {
-                assert_eq!(lib, LibAuth::V2_2_0, "{name} needs lab-orchestrator-lib-auth 2.x");
+                assert_eq!(
+                    lib,
+                    LibAuth::V2_2_0,
+                    "{name} needs lab-orchestrator-lib-auth 2.x"
+                );
                 spec[name] = v;
             }
         }
@@ -180,14 +206,46 @@ pub fn decode(
 ) -> Result<Value, String> {
     let mut spec = json!({"token": token, "secret_key": key});
     if let Some(a) = algorithms {
-        assert_eq!(lib, LibAuth::V2_2_0, "algorithms needs lab-orchestrator-lib-auth 2.x");
+        assert_eq!(
+            lib,
+            LibAuth::V2_2_0,
+            "algorithms needs lab-orchestrator-lib-auth 2.x"
+        );
         spec["algorithms"] = json!(a);
     }
-    let answer: Value = serde_json::from_str(&labo_py(lib, "decode", &spec))
-        .expect("labo.py decode prints JSON");
+    let answer: Value =
+        serde_json::from_str(&labo_py(lib, "decode", &spec)).expect("labo.py decode prints JSON");
     if answer["ok"] == json!(true) {
         Ok(answer["data"].clone())
     } else {
         Err(answer["error"].as_str().unwrap_or("?").to_owned())
     }
+}
+
+/// An RSA key pair for RS256, fresh from `cryptography` in the 2.2.0 virtualenv (the package
+/// PyJWT signs RS256 with): (PKCS#8 private key PEM, SubjectPublicKeyInfo public key PEM).
+pub fn rsa_key_pair() -> (String, String) {
+    const SCRIPT: &str = "\
+from cryptography.hazmat.primitives import serialization as s
+from cryptography.hazmat.primitives.asymmetric import rsa
+k = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+print(k.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption()).decode(), end='')
+print(k.public_key().public_bytes(s.Encoding.PEM, s.PublicFormat.SubjectPublicKeyInfo).decode(), end='')
+";
+    let python =
+        python(LibAuth::V2_2_0.venv()).expect("PYTHON_SKIP=1: check labo::available() first");
+    let out = Command::new(&python)
+        .args(["-c", SCRIPT])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    assert!(
+        out.status.success(),
+        "RSA key generation failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pems = String::from_utf8(out.stdout).expect("PEM is ASCII");
+    let split = pems
+        .find("-----BEGIN PUBLIC KEY-----")
+        .expect("a public key PEM after the private key");
+    (pems[..split].to_owned(), pems[split..].to_owned())
 }
