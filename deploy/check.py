@@ -30,12 +30,19 @@ expected; exit status 1 on any failure, 2 on a usage error):
      manifest (`cargo fetch --offline --locked` in a copy of just what the
      Dockerfile COPYs), and agrees with the manifests (USER 65532, EXPOSE
      5001, the entrypoint); skipped when cargo is not on PATH;
-  j. `kubectl kustomize deploy/kubernetes` renders; skipped without kubectl.
+  j. `kubectl kustomize deploy/kubernetes` renders; skipped without kubectl;
+  k. the README's "Deploying to a cluster" commands, read in order, work on a
+     fresh cluster against these manifests: every namespace is created before
+     a command uses it, the Secret the Deployment reads (name and key) is
+     created in the kustomization's namespace before `kubectl apply -k`, and
+     the image that is built is the one pushed and the one `kustomize edit set
+     image` puts under the `images:` name of the kustomization.
 """
 
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -227,6 +234,25 @@ class Checker:
             keys = set((s.get("stringData") or {}).keys()) | set((s.get("data") or {}).keys())
             if secret_ref.get("key") not in keys:
                 self.fail(where, f"Secret has no key {secret_ref.get('key')!r} (the Deployment's secretKeyRef key)")
+
+    # k. the README's deploy commands ---------------------------------------
+    def check_readme_commands(self, listed, namespace, secret_ref, kustomization):
+        where = "README.md (Deploying to a cluster)"
+        try:
+            with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+                commands = readme_deploy_commands(f.read())
+        except OSError as e:
+            self.fail(where, f"cannot read: {e}")
+            return
+        if not commands:
+            self.fail(where, "no sh block of deploy commands")
+            return
+        manifest_namespaces = {d["metadata"]["name"] for _w, d in self.resources_of(listed, "Namespace")}
+        ref = (secret_ref.get("name"), secret_ref.get("key")) if secret_ref else None
+        images = [i.get("name") for i in kustomization.get("images") or []]
+        for problem in simulate_deploy(commands, namespace, manifest_namespaces, ref,
+                                       images[0] if images else None):
+            self.fail(where, problem)
 
     # e. RBAC ----------------------------------------------------------------
     def check_rbac(self, listed, sa_name, namespace):
@@ -457,6 +483,8 @@ class Checker:
             if namespace and not any(d["metadata"]["name"] == namespace for _w, d in ns_docs):
                 self.fail("deploy/kubernetes", f"no listed Namespace named {namespace!r}")
 
+            self.check_readme_commands(listed, namespace, secret_ref, k)
+
         render = self.check_render()
         docker = self.check_dockerfile()
 
@@ -473,6 +501,105 @@ class Checker:
         for n in self.notes:
             print(f"deploy/check.py: note: {n}")
         return 0
+
+
+def readme_deploy_commands(readme):
+    """The commands of the first sh block under '## Deploying to a cluster', one string per
+    command (backslash continuations joined, comments dropped)."""
+    section = readme.split("\n## Deploying to a cluster", 1)
+    if len(section) < 2:
+        return None
+    body = section[1].split("\n## ", 1)[0]
+    m = re.search(r"```sh\n(.*?)```", body, re.S)
+    if not m:
+        return None
+    commands, pending = [], ""
+    for line in m.group(1).splitlines():
+        line = pending + line
+        if line.rstrip().endswith("\\"):
+            pending = line.rstrip()[:-1] + " "
+            continue
+        pending = ""
+        words = shlex.split(line, comments=True)
+        if words:
+            commands.append(words)
+    return commands
+
+
+def simulate_deploy(commands, kustom_namespace, namespaces_in_manifests, secret_ref, image_name):
+    """Walk the README's deploy commands as a fresh cluster would see them; the problems."""
+    problems, env = [], {}
+    namespaces, secrets = set(), set()
+    built = pushed = set_image = None
+    applied = False
+
+    def expand(word):
+        return re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m.group(1), m.group(0)), word)
+
+    for words in commands:
+        words = [expand(w) for w in words]
+        text = " ".join(words)
+        # Leading subshell/cd: `(cd DIR && CMD)`.
+        if words[0].startswith("(") or words[0] == "cd":
+            joined = text.strip("()")
+            words = shlex.split(joined.split("&&", 1)[-1])
+        if words[0] == "export":
+            for assignment in words[1:]:
+                name, _, value = assignment.partition("=")
+                env[name] = value
+            continue
+        if words[:2] == ["bash", "deploy/build-image.sh"] or words[0] == "deploy/build-image.sh":
+            built = env.get("IMAGE", "kubevirt-vnc-proxy:latest")
+            continue
+        if len(words) >= 3 and words[0] in ("docker", "podman", "buildah") and words[1] == "push":
+            pushed = words[2]
+            continue
+        if words[:4] == ["kustomize", "edit", "set", "image"]:
+            name, _, value = words[4].partition("=")
+            if name != image_name:
+                problems.append(f"`{text}` sets image {name!r}, but the kustomization's "
+                                f"`images:` entry is {image_name!r}")
+            set_image = value
+            continue
+        if words[0] != "kubectl":
+            continue
+        ns = None
+        if "-n" in words:
+            ns = words[words.index("-n") + 1]
+        elif "--namespace" in words:
+            ns = words[words.index("--namespace") + 1]
+        rest = [w for i, w in enumerate(words[1:], 1)
+                if w not in ("-n", "--namespace") and words[i - 1] not in ("-n", "--namespace")]
+        if rest[:2] == ["create", "namespace"]:
+            namespaces.add(rest[2])
+            continue
+        if rest[:2] == ["apply", "-f"] and rest[2].endswith("namespace.yaml"):
+            namespaces.update(namespaces_in_manifests)
+            continue
+        if ns is not None and ns not in namespaces:
+            problems.append(f"`{text}` uses namespace {ns!r} before any command creates it")
+        if rest[:3] == ["create", "secret", "generic"]:
+            name = rest[3]
+            keys = [w.split("=", 1)[1].split("=", 1)[0] for w in rest
+                    if w.startswith("--from-literal=") or w.startswith("--from-file=")]
+            for key in keys:
+                secrets.add((ns, name, key))
+            continue
+        if rest[:2] == ["apply", "-k"]:
+            applied = True
+            if secret_ref and (kustom_namespace, *secret_ref) not in secrets:
+                problems.append(
+                    f"`{text}` starts the Deployment, which reads key {secret_ref[1]!r} of Secret "
+                    f"{secret_ref[0]!r} in {kustom_namespace!r}, but no command before it creates that")
+            namespaces.update(namespaces_in_manifests)
+    if not applied:
+        problems.append("no `kubectl apply -k deploy/kubernetes`")
+    if built is None or pushed is None or set_image is None:
+        problems.append("the image must be built (deploy/build-image.sh), pushed and set with "
+                        "`kustomize edit set image`")
+    elif not built == pushed == set_image:
+        problems.append(f"the image built ({built!r}), pushed ({pushed!r}) and set ({set_image!r}) differ")
+    return problems
 
 
 def main():

@@ -1,0 +1,59 @@
+"""Tests of deploy/check.py's reading of the README's deploy commands (run by .ci/run:
+`python3 -m unittest deploy/test_check.py`)."""
+
+import importlib.util
+import os
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+spec = importlib.util.spec_from_file_location("check", os.path.join(HERE, "check.py"))
+check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(check)
+
+NS = "kubevirt-vnc-proxy"
+REF = (NS, "secret-key")
+
+
+def simulate(block):
+    commands = check.readme_deploy_commands("\n## Deploying to a cluster\n```sh\n" + block + "```\n")
+    return check.simulate_deploy(commands, NS, {NS}, REF, "kubevirt-vnc-proxy")
+
+
+GOOD = """export IMAGE=registry.example.com/kubevirt-vnc-proxy:0.1.0
+bash deploy/build-image.sh
+docker push "$IMAGE"
+(cd deploy/kubernetes && kustomize edit set image kubevirt-vnc-proxy="$IMAGE")
+kubectl apply -f deploy/kubernetes/namespace.yaml
+kubectl -n kubevirt-vnc-proxy create secret generic kubevirt-vnc-proxy \\
+  --from-literal=secret-key="$KEY"
+kubectl apply -k deploy/kubernetes
+"""
+
+
+class ReadmeDeployCommands(unittest.TestCase):
+    def test_the_readme_as_it_is(self):
+        with open(os.path.join(HERE, "..", "README.md"), encoding="utf-8") as f:
+            commands = check.readme_deploy_commands(f.read())
+        self.assertEqual(check.simulate_deploy(commands, NS, {NS}, REF, "kubevirt-vnc-proxy"), [])
+
+    def test_a_good_order_passes(self):
+        self.assertEqual(simulate(GOOD), [])
+
+    def test_the_secret_before_its_namespace_fails(self):
+        bad = GOOD.replace("kubectl apply -f deploy/kubernetes/namespace.yaml\n", "")
+        self.assertTrue(any("before any command creates it" in p for p in simulate(bad)))
+
+    def test_another_key_or_a_late_secret_fails(self):
+        self.assertTrue(simulate(GOOD.replace("secret-key=", "key=")))
+        late = GOOD.replace("kubectl apply -k deploy/kubernetes\n", "")
+        late = late.replace("kubectl apply -f", "kubectl apply -k deploy/kubernetes\nkubectl apply -f")
+        self.assertTrue(any("no command before it creates that" in p for p in simulate(late)))
+
+    def test_an_image_not_pushed_or_not_set_fails(self):
+        self.assertTrue(simulate(GOOD.replace('docker push "$IMAGE"', "docker push other:1")))
+        self.assertTrue(simulate(GOOD.replace("kustomize edit set image", "echo")))
+        self.assertTrue(simulate(GOOD.replace("kubevirt-vnc-proxy=\"$IMAGE\"", "other=\"$IMAGE\"")))
+
+
+if __name__ == "__main__":
+    unittest.main()
