@@ -123,6 +123,9 @@ fn run() -> Res<()> {
     let load_before = support::load_average();
     eprintln!("bench soak: {}", knobs.describe());
 
+    // Up to MAX_CLIENTS sessions at once, three descriptors each here (the client's socket,
+    // the stand-in's and the clone it keeps); the proxy, started next, inherits the limit.
+    support::raise_nofile_limit();
     // Declared before the proxy so that it is dropped after it (locals drop in reverse order).
     let standin = StandIn::start();
     let mut proxy = ProxyProcess::start(standin.addr(), &knobs.proxy_env)?;
