@@ -23,7 +23,10 @@ expected; exit status 1 on any failure, 2 on a usage error):
      root filesystem, no privilege escalation, all capabilities dropped,
      RuntimeDefault seccomp, service-account token mounted), 2 replicas, a
      PodDisruptionBudget, port 5001 named ws, resource requests and limits;
-  g. terminationGracePeriodSeconds > 25 (the proxy's shutdown grace);
+  g. terminationGracePeriodSeconds is at least 5 s above the longest the
+     proxy takes from SIGTERM to exit: SHUTDOWN_GRACE_SECONDS (as the
+     Deployment sets it, else the default `--help` shows) plus 2 s for the
+     closing handshakes;
   h. the readiness probe is GET /readyz and the liveness probe GET /healthz
      on port 5001;
   i. deploy/Dockerfile copies enough of the repository for cargo to load the
@@ -55,7 +58,13 @@ NAME = "kubevirt-vnc-proxy"
 LABEL = "app.kubernetes.io/name"
 PORT = 5001
 UID = 65532
-PROXY_SHUTDOWN_GRACE = 25
+# From SIGTERM to exit the proxy takes at most SHUTDOWN_GRACE_SECONDS plus this
+# (after the grace, the closing handshakes get SHUTDOWN_CLOSE_TIME, 1 s, in
+# src/server.rs; tests/shutdown.rs holds the binary to grace + 2 s).
+PROXY_CLOSING_BOUND = 2
+# What terminationGracePeriodSeconds must leave above that bound before the
+# kubelet's SIGKILL (slow nodes, a preStop hook, the container runtime).
+TERMINATION_MARGIN = 5
 
 
 def load_yaml_module():
@@ -83,6 +92,7 @@ class Checker:
         self.notes = []
         self.yaml = load_yaml_module()
         self.docs = {}  # relative path -> list of documents (None docs dropped)
+        self.help = ""  # the binary's --help, once read
 
     def fail(self, where, msg):
         self.errors.append(f"{where}: {msg}")
@@ -185,7 +195,8 @@ class Checker:
         except (OSError, subprocess.TimeoutExpired) as e:
             self.fail(self.binary, f"running `--help` failed: {e}")
             return None
-        names = set(re.findall(r"\[env ([A-Za-z_][A-Za-z0-9_]*)\]", p.stdout + p.stderr))
+        self.help = p.stdout + p.stderr
+        names = set(re.findall(r"\[env ([A-Za-z_][A-Za-z0-9_]*)\]", self.help))
         if p.returncode != 0 or not names:
             self.fail(self.binary, f"`--help` exited {p.returncode} and listed {len(names)} `[env NAME]` options; "
                       "cannot tell which environment variables the proxy reads")
@@ -281,6 +292,35 @@ class Checker:
                 self.fail(bwhere, f"subject namespace {ok[0].get('namespace')!r} differs from the kustomization "
                           f"namespace {namespace!r}")
 
+    # g. termination grace ---------------------------------------------------------
+    def shutdown_grace(self, where, pod):
+        """SHUTDOWN_GRACE_SECONDS as the pod runs it: its env value, else the binary's default."""
+        for c in pod.get("containers") or []:
+            for e in c.get("env") or []:
+                if e.get("name") == "SHUTDOWN_GRACE_SECONDS":
+                    v = str(e.get("value", ""))
+                    if not v.isdigit():
+                        self.fail(where, f"SHUTDOWN_GRACE_SECONDS must be a literal number of seconds, got {v!r}")
+                        return None
+                    return int(v)
+        m = re.search(r"\[env SHUTDOWN_GRACE_SECONDS\] \[default: (\d+)\]", self.help)
+        if not m:
+            self.fail(where, "SHUTDOWN_GRACE_SECONDS is not set and `--help` shows no default for it")
+            return None
+        return int(m.group(1))
+
+    def check_termination_grace(self, where, pod):
+        period = pod.get("terminationGracePeriodSeconds")
+        grace = self.shutdown_grace(where, pod)
+        if grace is None:
+            return
+        need = grace + PROXY_CLOSING_BOUND + TERMINATION_MARGIN
+        if not isinstance(period, int) or isinstance(period, bool) or period < need:
+            self.fail(where, f"terminationGracePeriodSeconds must be an integer of at least {need}: the proxy "
+                      f"takes up to SHUTDOWN_GRACE_SECONDS ({grace}) + {PROXY_CLOSING_BOUND} s from SIGTERM to "
+                      f"exit, and the kubelet's SIGKILL must come at least {TERMINATION_MARGIN} s later; "
+                      f"got {period!r}")
+
     # f, g, h. Deployment --------------------------------------------------------
     def check_deployment(self, where, dep, listed, options):
         spec = dep.get("spec") or {}
@@ -293,10 +333,7 @@ class Checker:
             self.fail(where, f"selector.matchLabels and the pod template labels must carry {LABEL}: {NAME}")
         if pod.get("automountServiceAccountToken") is not True:
             self.fail(where, "automountServiceAccountToken must be true (the proxy sends that token upstream)")
-        grace = pod.get("terminationGracePeriodSeconds")
-        if not isinstance(grace, int) or grace <= PROXY_SHUTDOWN_GRACE:
-            self.fail(where, f"terminationGracePeriodSeconds must be an integer > {PROXY_SHUTDOWN_GRACE} "
-                      f"(the proxy's shutdown grace), got {grace!r}")
+        self.check_termination_grace(where, pod)
         containers = pod.get("containers") or []
         if len(containers) != 1:
             self.fail(where, f"expected one container, got {len(containers)}")

@@ -14,8 +14,9 @@
 
 use std::net::SocketAddr;
 
-use crate::auth::{Grant, JwtVerifier, fingerprint};
+use crate::auth::{AuthError, Grant, JwtVerifier, fingerprint};
 use crate::config::Config;
+use crate::events::{namespace_field, vmi_field};
 use crate::http::{Headers, Refusal};
 use crate::route::{RouteError, parse_request_target};
 use crate::token::{Carriers, TokenSource, find_token};
@@ -77,6 +78,12 @@ pub enum Decision {
         refusal: Refusal,
         /// Extra context for the operator (e.g. a token fingerprint).
         log: Option<String>,
+        /// The VMI the request asked for, when known (log line and events
+        /// only, like `log`).
+        vmi: Option<String>,
+        /// The namespace the request would have reached, when known (e.g.
+        /// from a token whose signature verified).
+        namespace: Option<String>,
     },
     /// The decision comes later, through [`Handle::decide`](crate::Handle::decide).
     Pending,
@@ -88,6 +95,8 @@ impl Decision {
         Decision::Deny {
             refusal: Refusal::new(status, reason),
             log: None,
+            vmi: None,
+            namespace: None,
         }
     }
 }
@@ -145,11 +154,17 @@ impl Authorizer for JwtAuthorizer {
             cookies: &cookies,
             protocols: req.protocols,
         };
+        let vmi = vmi_field(&route.vmi);
         let Some(token) = route
             .path_token
             .or_else(|| find_token(&self.sources, &carriers, &self.cookie))
         else {
-            return Decision::deny(401, "token missing");
+            return Decision::Deny {
+                refusal: Refusal::new(401, "token missing"),
+                log: None,
+                vmi,
+                namespace: None,
+            };
         };
         match self.verifier.authorize(&token, &route.vmi) {
             Ok(grant) => Decision::Allow(grant),
@@ -162,7 +177,36 @@ impl Authorizer for JwtAuthorizer {
                     fingerprint(&token),
                     JwtVerifier::unverified_id(&token)
                 )),
+                vmi,
+                // These are decided after the signature verified: the
+                // namespace is the issuer's word, not the client's.
+                namespace: match e {
+                    AuthError::Expired | AuthError::NotYetValid | AuthError::Forbidden(_) => {
+                        verified_namespace(&token)
+                    }
+                    _ => None,
+                },
             },
         }
     }
+}
+
+/// The namespace in a token's claims, read without any check: call it only
+/// for a token whose signature verified.
+fn verified_namespace(token: &str) -> Option<String> {
+    use base64::Engine;
+    #[derive(serde::Deserialize)]
+    struct Claims {
+        lab_instance: LabInstance,
+    }
+    #[derive(serde::Deserialize)]
+    struct LabInstance {
+        namespace_name: String,
+    }
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: Claims = serde_json::from_slice(&bytes).ok()?;
+    namespace_field(&claims.lab_instance.namespace_name)
 }

@@ -71,6 +71,38 @@ const OPTIONS: &[Opt] = &[
     Opt { var: "MAX_FRAME_SIZE", flag: "--max-frame-size", default: "67108864", help: "largest frame payload relayed (close 1009 above)" },
 ];
 
+/// Durations are whole seconds, at most a year: no timeout needs more, and a
+/// deadline far enough out overflows the clock it is added to.
+const MAX_SECONDS: u64 = 365 * 24 * 3600;
+
+/// The numeric options and the values each accepts (inclusive). A value
+/// outside is refused as "'V' is out of range LO-HI" (a count bounded only by
+/// its type: "must be at least LO"), when read and by [`Config::validate`]
+/// alike.
+#[rustfmt::skip]
+const RANGES: &[(&str, u64, u64)] = &[
+    ("PORT", 0, 65535),
+    ("WORKERS", 1, 256),
+    ("JWT_LEEWAY_SECONDS", 0, MAX_SECONDS),
+    ("MAX_CONNECTIONS", 1, usize::MAX as u64),
+    ("MAX_CONNECTIONS_PER_IP", 0, usize::MAX as u64),
+    ("KUBERNETES_SERVICE_PORT", 1, 65535),
+    ("CREDENTIALS_CHECK_SECONDS", 0, MAX_SECONDS),
+    ("SHUTDOWN_GRACE_SECONDS", 0, MAX_SECONDS),
+    ("PING_INTERVAL_SECONDS", 0, MAX_SECONDS),
+    ("PEER_TIMEOUT_SECONDS", 0, MAX_SECONDS),
+    ("MAX_REQUEST_HEAD_BYTES", 512, 1 << 20),
+    ("HANDSHAKE_TIMEOUT_SECONDS", 1, MAX_SECONDS),
+    ("UPSTREAM_TIMEOUT_SECONDS", 1, MAX_SECONDS),
+    ("RELAY_BUFFER_BYTES", 1024, 16 << 20),
+    ("RELAY_BULK_BUFFER_BYTES", 0, 16 << 20),
+    ("RELAY_BULK_BUFFERS", 0, usize::MAX as u64),
+    ("MAX_FRAME_SIZE", 1, u64::MAX),
+];
+
+/// The binary's subcommands. They may stand anywhere among the flags.
+pub const SUBCOMMANDS: &[&str] = &["token", "check-config"];
+
 /// A configuration problem: which setting, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -96,6 +128,33 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+/// Every problem found in a configuration, in the order found: a deployment
+/// is fixed in one round instead of one restart per mistake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors {
+    /// One per setting at fault (a value that depends on a broken one is
+    /// not reported again).
+    pub errors: Vec<ConfigError>,
+    /// The log format asked for (text when `LOG_FORMAT` itself is wrong), so
+    /// that the errors can be reported the way the other lines are.
+    pub log_format: LogFormat,
+}
+
+impl fmt::Display for ConfigErrors {
+    /// One line per error.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            e.fmt(f)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
 
 /// Where to reach the upstream (KubeVirt's API, `kubectl proxy`, or a
 /// stand-in): a plain `ws://` URL in local dev mode.
@@ -269,7 +328,7 @@ impl Config {
     /// upstream at `remote_url` (`ws://…`), HS256 with `secret`, listening on
     /// 127.0.0.1 on a free port.
     pub fn local_dev(remote_url: &str, secret: &[u8]) -> Result<Config, ConfigError> {
-        let mut c = Self::parse_unvalidated(
+        let (command, errors) = Self::parse(
             [
                 ("LOCAL_DEV_MODE".to_owned(), "true".to_owned()),
                 ("WS_REMOTE_URL".to_owned(), remote_url.to_owned()),
@@ -277,11 +336,14 @@ impl Config {
                 ("PORT".to_owned(), "0".to_owned()),
             ],
             Vec::<String>::new(),
-        )
-        .and_then(|c| match c {
-            Command::Run(c) => Ok(*c),
-            _ => Err(ConfigError::new("args", "unexpected command")),
-        })?;
+        );
+        if let Some(e) = errors.into_iter().next() {
+            return Err(e);
+        }
+        let Command::Run(c) = command else {
+            return Err(ConfigError::new("args", "unexpected command"));
+        };
+        let mut c = *c;
         c.jwt.secrets = vec![KeyMaterial {
             kid: None,
             bytes: secret.to_vec(),
@@ -297,34 +359,65 @@ impl Config {
     }
 
     /// Build from explicit environment pairs and arguments; a flag wins over
-    /// its variable.
+    /// its variable. The first problem found;
+    /// [`from_sources_all`](Self::from_sources_all) reports every one.
     pub fn from_sources(
         env: impl IntoIterator<Item = (String, String)>,
         args: impl IntoIterator<Item = String>,
     ) -> Result<Command, ConfigError> {
-        let command = Self::parse_unvalidated(env, args)?;
-        if let Command::Run(c) = &command {
-            c.validate()?;
-        }
-        Ok(command)
+        Self::from_sources_all(env, args)
+            .map_err(|e| e.errors.into_iter().next().expect("at least one error"))
     }
 
-    fn parse_unvalidated(
+    /// [`from_sources`](Self::from_sources), reporting every problem found
+    /// (what the binary does): each setting at fault once, and nothing that
+    /// only follows from another one at fault.
+    pub fn from_sources_all(
         env: impl IntoIterator<Item = (String, String)>,
         args: impl IntoIterator<Item = String>,
-    ) -> Result<Command, ConfigError> {
-        let mut values: Vec<(&'static str, String)> = Vec::new();
+    ) -> Result<Command, ConfigErrors> {
+        let (command, mut errors) = Self::parse(env, args);
+        let Command::Run(c) = &command else {
+            return Ok(command);
+        };
+        for (e, depends_on) in c.problems(true) {
+            let reported = |var: &str| errors.iter().any(|r| r.var == var);
+            if !reported(&e.var) && !depends_on.iter().any(|d| reported(d)) {
+                errors.push(e);
+            }
+        }
+        if errors.is_empty() {
+            Ok(command)
+        } else {
+            Err(ConfigErrors {
+                errors,
+                log_format: c.log_format,
+            })
+        }
+    }
+
+    /// Read every value, collecting every problem: the command, with the
+    /// configuration as far as it could be read (a value at fault replaced
+    /// by its default), and the problems in the order found.
+    fn parse(
+        env: impl IntoIterator<Item = (String, String)>,
+        args: impl IntoIterator<Item = String>,
+    ) -> (Command, Vec<ConfigError>) {
+        let mut r = Reader {
+            values: Vec::new(),
+            errors: Vec::new(),
+        };
         let known: Vec<(String, String)> = env.into_iter().collect();
         for opt in OPTIONS {
             if let Some((_, v)) = known.iter().find(|(k, _)| k == opt.var) {
-                values.push((opt.var, v.clone()));
+                r.values.push((opt.var, v.clone()));
             }
         }
-        let mut args = args.into_iter();
+        let mut args = args.into_iter().peekable();
         while let Some(arg) = args.next() {
             match arg.as_str() {
-                "-h" | "--help" => return Ok(Command::Help),
-                "-V" | "--version" => return Ok(Command::Version),
+                "-h" | "--help" => return (Command::Help, Vec::new()),
+                "-V" | "--version" => return (Command::Version, Vec::new()),
                 _ => {}
             }
             let (flag, inline) = match arg.split_once('=') {
@@ -332,78 +425,94 @@ impl Config {
                 None => (arg.clone(), None),
             };
             let Some(opt) = OPTIONS.iter().find(|o| o.flag == flag) else {
-                return Err(ConfigError::new(&arg, "unknown argument (see --help)"));
+                let hint = if flag.starts_with('-') {
+                    lookalike(&flag, OPTIONS.iter().map(|o| o.flag))
+                } else {
+                    lookalike(&flag, SUBCOMMANDS.iter().copied())
+                };
+                let hint = hint.map_or(String::new(), |f| format!("; did you mean {f}?"));
+                r.fail(ConfigError::new(
+                    &arg,
+                    format!("unknown argument{hint} (see --help)"),
+                ));
+                // An unknown flag's value is not one more unknown argument.
+                if flag.starts_with('-')
+                    && inline.is_none()
+                    && args.peek().is_some_and(|next| !next.starts_with('-'))
+                {
+                    args.next();
+                }
+                continue;
             };
-            let value = match inline.or_else(|| args.next()) {
-                Some(v) => v,
-                None => return Err(ConfigError::new(opt.flag, "needs a value")),
+            let Some(value) = inline.or_else(|| args.next()) else {
+                r.fail(ConfigError::new(opt.flag, "needs a value"));
+                break;
             };
-            values.retain(|(k, _)| *k != opt.var);
-            values.push((opt.var, value));
+            r.values.retain(|(k, _)| *k != opt.var);
+            r.values.push((opt.var, value));
         }
-        let get = |var: &str| -> Option<String> {
-            values
-                .iter()
-                .find(|(k, _)| *k == var)
-                .map(|(_, v)| v.clone())
-        };
-        let or_default = |var: &'static str| -> String {
-            get(var).unwrap_or_else(|| {
-                OPTIONS
-                    .iter()
-                    .find(|o| o.var == var)
-                    .map(|o| o.default.to_owned())
-                    .unwrap_or_default()
-            })
-        };
 
-        let local_dev = parse_bool("LOCAL_DEV_MODE", &or_default("LOCAL_DEV_MODE"))?;
-        let upstream = match get("WS_REMOTE_URL").filter(|_| !local_dev) {
+        let local_dev = r.bool("LOCAL_DEV_MODE");
+        let default_upstream = || UpstreamUrl::parse(default_of("WS_REMOTE_URL")).expect("default");
+        let upstream = match r.get("WS_REMOTE_URL").filter(|_| !local_dev) {
+            // Which upstream applies is unknown: no error follows from it.
+            _ if r.failed("LOCAL_DEV_MODE") => default_upstream(),
             // In a cluster the API server is where Kubernetes says it is,
             // unless the operator names another endpoint explicitly.
             None if !local_dev => {
-                let host = get("KUBERNETES_SERVICE_HOST").filter(|h| !h.is_empty()).ok_or_else(|| {
-                    ConfigError::new(
-                        "KUBERNETES_SERVICE_HOST",
-                        "not set: in-cluster mode (LOCAL_DEV_MODE=false) needs it; outside a cluster set LOCAL_DEV_MODE=true",
-                    )
-                })?;
-                let port: u16 = parse_num(
-                    "KUBERNETES_SERVICE_PORT",
-                    &or_default("KUBERNETES_SERVICE_PORT"),
-                )?;
-                let host = host.trim().trim_start_matches('[').trim_end_matches(']');
-                UpstreamUrl {
-                    tls: true,
-                    host: host.to_owned(),
-                    port,
-                    base_path: String::new(),
+                let port: u16 = r.num("KUBERNETES_SERVICE_PORT");
+                match r.get("KUBERNETES_SERVICE_HOST").filter(|h| !h.is_empty()) {
+                    Some(host) => UpstreamUrl {
+                        tls: true,
+                        host: host
+                            .trim()
+                            .trim_start_matches('[')
+                            .trim_end_matches(']')
+                            .to_owned(),
+                        port,
+                        base_path: String::new(),
+                    },
+                    None => {
+                        r.fail(ConfigError::new(
+                            "KUBERNETES_SERVICE_HOST",
+                            "not set: in-cluster mode (LOCAL_DEV_MODE=false) needs it; outside a cluster set LOCAL_DEV_MODE=true",
+                        ));
+                        default_upstream()
+                    }
                 }
             }
-            _ => UpstreamUrl::parse(&or_default("WS_REMOTE_URL"))
-                .map_err(|m| ConfigError::new("WS_REMOTE_URL", m))?,
+            _ => match UpstreamUrl::parse(&r.or_default("WS_REMOTE_URL")) {
+                Ok(u) => u,
+                Err(m) => {
+                    r.fail(ConfigError::new("WS_REMOTE_URL", m));
+                    default_upstream()
+                }
+            },
         };
-        let sa_dir = PathBuf::from(or_default("SERVICE_ACCOUNT_DIR"));
-        let file = |var: &str| get(var).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let sa_dir = PathBuf::from(r.or_default("SERVICE_ACCOUNT_DIR"));
+        let file = |var: &str| r.get(var).filter(|v| !v.is_empty()).map(PathBuf::from);
         let ca_file =
             file("UPSTREAM_CA_FILE").or_else(|| upstream.tls.then(|| sa_dir.join("ca.crt")));
         let token_file =
             file("UPSTREAM_TOKEN_FILE").or_else(|| (!local_dev).then(|| sa_dir.join("token")));
+        let allow_cleartext = r.bool("ALLOW_CLEARTEXT_BEARER_TOKEN");
+        let upstream_known = !["LOCAL_DEV_MODE", "WS_REMOTE_URL", "KUBERNETES_SERVICE_HOST"]
+            .iter()
+            .any(|v| r.failed(v));
         // A service-account token over ws:// is readable by anyone on the
         // path (and in-cluster mode sends one by default): only on request.
         if token_file.is_some()
             && !upstream.tls
-            && !parse_bool(
-                "ALLOW_CLEARTEXT_BEARER_TOKEN",
-                &or_default("ALLOW_CLEARTEXT_BEARER_TOKEN"),
-            )?
+            && upstream_known
+            && !allow_cleartext
+            && !r.failed("ALLOW_CLEARTEXT_BEARER_TOKEN")
         {
             let why = if local_dev {
                 "UPSTREAM_TOKEN_FILE is set"
             } else {
                 "in-cluster mode (LOCAL_DEV_MODE=false) sends the service-account token"
             };
-            return Err(ConfigError::new(
+            r.fail(ConfigError::new(
                 "WS_REMOTE_URL",
                 format!(
                     "is a ws:// URL and {why}: the bearer token would travel unencrypted; \
@@ -411,52 +520,31 @@ impl Config {
                 ),
             ));
         }
-        let list = |var: &'static str| -> Vec<String> {
-            or_default(var)
-                .split(',')
-                .map(str::trim)
-                .filter(|p| !p.is_empty())
-                .map(str::to_owned)
-                .collect()
-        };
-        let algorithms = or_default("JWT_ALGORITHMS")
-            .split(',')
-            .filter(|s| !s.trim().is_empty())
-            .map(|name| {
-                parse_algorithm(name).ok_or_else(|| {
-                    ConfigError::new(
+        let mut algorithms = Vec::new();
+        for name in r.or_default("JWT_ALGORITHMS").split(',') {
+            if name.trim().is_empty() {
+                continue;
+            }
+            match parse_algorithm(name) {
+                Some(a) => algorithms.push(a),
+                None => {
+                    r.fail(ConfigError::new(
                         "JWT_ALGORITHMS",
                         format!("unknown algorithm '{}'", name.trim()),
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let files = |var: &'static str| -> Result<Vec<KeyMaterial>, ConfigError> {
-            list(var)
-                .into_iter()
-                .map(|path| {
-                    let bytes = std::fs::read(&path)
-                        .map_err(|e| ConfigError::new(var, format!("cannot read '{path}': {e}")))?;
-                    let kid = std::path::Path::new(&path)
-                        .file_stem()
-                        .map(|s| s.to_string_lossy().into_owned());
-                    Ok(KeyMaterial {
-                        kid,
-                        bytes,
-                        source: path,
-                    })
-                })
-                .collect()
-        };
+                    ));
+                    break;
+                }
+            }
+        }
         let mut secrets = Vec::new();
-        if let Some(secret) = get("SECRET_KEY").filter(|s| !s.is_empty()) {
+        if let Some(secret) = r.get("SECRET_KEY").filter(|s| !s.is_empty()) {
             secrets.push(KeyMaterial {
                 kid: None,
                 bytes: secret.into_bytes(),
                 source: "SECRET_KEY".into(),
             });
         }
-        secrets.extend(files("SECRET_KEY_FILES")?.into_iter().map(|mut k| {
+        secrets.extend(r.files("SECRET_KEY_FILES").into_iter().map(|mut k| {
             // A secret file ends with a newline more often than not.
             let trimmed = String::from_utf8_lossy(&k.bytes)
                 .trim_end_matches(['\r', '\n'])
@@ -464,228 +552,247 @@ impl Config {
             k.bytes.truncate(trimmed);
             k
         }));
-        let public_keys = files("JWT_PUBLIC_KEY_FILE")?;
-        let token_sources = list("TOKEN_SOURCES")
-            .iter()
-            .map(|n| {
-                TokenSource::parse(n).ok_or_else(|| {
-                    ConfigError::new("TOKEN_SOURCES", format!("unknown source '{n}'"))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let reject_with_close = match or_default("REJECT_WITH")
+        let public_keys = r.files("JWT_PUBLIC_KEY_FILE");
+        let mut token_sources = Vec::new();
+        for n in r.list("TOKEN_SOURCES") {
+            match TokenSource::parse(&n) {
+                Some(s) => token_sources.push(s),
+                None => r.fail(ConfigError::new(
+                    "TOKEN_SOURCES",
+                    format!("unknown source '{n}'"),
+                )),
+            }
+        }
+        let reject_with = r.or_default("REJECT_WITH").trim().to_ascii_lowercase();
+        let reject_with_close = match reject_with.as_str() {
+            "http" => false,
+            "close" => true,
+            other => {
+                r.fail(ConfigError::new(
+                    "REJECT_WITH",
+                    format!("'{other}' is not http or close"),
+                ));
+                false
+            }
+        };
+        let prefix = r.or_default("HOST_PATH_PREFIX");
+        let mut prefix = prefix.trim_matches('/');
+        if prefix.contains('/') {
+            r.fail(ConfigError::new(
+                "HOST_PATH_PREFIX",
+                "must be a single path segment (no '/' inside)",
+            ));
+            prefix = "";
+        }
+        let log_level = match parse_level(&r.or_default("LOGLEVEL")) {
+            Ok(l) => l,
+            Err(e) => {
+                r.fail(e);
+                log::LevelFilter::Info
+            }
+        };
+        let log_format = match r
+            .or_default("LOG_FORMAT")
             .trim()
             .to_ascii_lowercase()
             .as_str()
         {
-            "http" => false,
-            "close" => true,
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
             other => {
-                return Err(ConfigError::new(
-                    "REJECT_WITH",
-                    format!("'{other}' is not http or close"),
+                r.fail(ConfigError::new(
+                    "LOG_FORMAT",
+                    format!("'{other}' is not text or json"),
                 ));
+                LogFormat::Text
             }
         };
-        let prefix = or_default("HOST_PATH_PREFIX");
-        let prefix = prefix.trim_matches('/');
-        if prefix.contains('/') {
-            return Err(ConfigError::new(
-                "HOST_PATH_PREFIX",
-                "must be a single path segment (no '/' inside)",
-            ));
-        }
-        let ping_interval: u64 = parse_num(
-            "PING_INTERVAL_SECONDS",
-            &or_default("PING_INTERVAL_SECONDS"),
-        )?;
+        let ping_interval = r.secs("PING_INTERVAL_SECONDS");
+        let peer_timeout = match r.get("PEER_TIMEOUT_SECONDS") {
+            Some(v) if !v.trim().is_empty() => r.secs("PEER_TIMEOUT_SECONDS"),
+            _ => 3 * ping_interval,
+        };
         let config = Config {
-            host: or_default("HOST"),
-            port: parse_num("PORT", &or_default("PORT"))?,
-            workers: parse_num("WORKERS", &or_default("WORKERS"))?,
+            host: r.or_default("HOST"),
+            port: r.num("PORT"),
+            workers: r.num("WORKERS"),
             path_prefix: (!prefix.is_empty()).then(|| prefix.to_owned()),
             jwt: JwtSettings {
                 algorithms,
                 secrets,
                 public_keys,
-                leeway_secs: parse_num("JWT_LEEWAY_SECONDS", &or_default("JWT_LEEWAY_SECONDS"))?,
-                audience: list("JWT_AUDIENCE"),
-                issuer: list("JWT_ISSUER"),
-                allow_weak_secret: parse_bool(
-                    "ALLOW_WEAK_SECRET",
-                    &or_default("ALLOW_WEAK_SECRET"),
-                )?,
+                leeway_secs: r.num("JWT_LEEWAY_SECONDS"),
+                audience: r.list("JWT_AUDIENCE"),
+                issuer: r.list("JWT_ISSUER"),
+                allow_weak_secret: r.bool("ALLOW_WEAK_SECRET"),
             },
             token_sources,
-            token_cookie: or_default("TOKEN_COOKIE"),
-            allowed_origins: list("ALLOWED_ORIGINS"),
-            close_on_token_expiry: parse_bool(
-                "CLOSE_ON_TOKEN_EXPIRY",
-                &or_default("CLOSE_ON_TOKEN_EXPIRY"),
-            )?,
-            max_connections: parse_num("MAX_CONNECTIONS", &or_default("MAX_CONNECTIONS"))?,
-            max_connections_per_ip: parse_num(
-                "MAX_CONNECTIONS_PER_IP",
-                &or_default("MAX_CONNECTIONS_PER_IP"),
-            )?,
+            token_cookie: r.or_default("TOKEN_COOKIE"),
+            allowed_origins: r.list("ALLOWED_ORIGINS"),
+            close_on_token_expiry: r.bool("CLOSE_ON_TOKEN_EXPIRY"),
+            max_connections: r.num("MAX_CONNECTIONS"),
+            max_connections_per_ip: r.num("MAX_CONNECTIONS_PER_IP"),
             reject_with_close,
             upstream,
             in_cluster: !local_dev,
             ca_file,
             token_file,
-            credentials_check_interval: Duration::from_secs(parse_num(
-                "CREDENTIALS_CHECK_SECONDS",
-                &or_default("CREDENTIALS_CHECK_SECONDS"),
-            )?),
-            upstream_subprotocols: list("UPSTREAM_SUBPROTOCOLS"),
-            client_subprotocols: list("CLIENT_SUBPROTOCOLS"),
-            upstream_query_params: list("UPSTREAM_QUERY_PARAMS"),
-            api_path: or_default("API_PATH"),
-            log_level: parse_level(&or_default("LOGLEVEL"))?,
-            log_format: match or_default("LOG_FORMAT")
-                .trim()
-                .to_ascii_lowercase()
-                .as_str()
-            {
-                "text" => LogFormat::Text,
-                "json" => LogFormat::Json,
-                other => {
-                    return Err(ConfigError::new(
-                        "LOG_FORMAT",
-                        format!("'{other}' is not text or json"),
-                    ));
-                }
-            },
-            metrics_addr: get("METRICS_ADDR").filter(|a| !a.trim().is_empty()),
-            shutdown_grace: Duration::from_secs(parse_num(
-                "SHUTDOWN_GRACE_SECONDS",
-                &or_default("SHUTDOWN_GRACE_SECONDS"),
-            )?),
-            ping_interval: Duration::from_secs(ping_interval),
-            peer_timeout: Duration::from_secs(
-                match get("PEER_TIMEOUT_SECONDS").filter(|v| !v.trim().is_empty()) {
-                    Some(v) => parse_num("PEER_TIMEOUT_SECONDS", &v)?,
-                    None => 3 * ping_interval,
-                },
-            ),
-            max_head_bytes: parse_num(
-                "MAX_REQUEST_HEAD_BYTES",
-                &or_default("MAX_REQUEST_HEAD_BYTES"),
-            )?,
-            handshake_timeout: Duration::from_secs(parse_num(
-                "HANDSHAKE_TIMEOUT_SECONDS",
-                &or_default("HANDSHAKE_TIMEOUT_SECONDS"),
-            )?),
-            upstream_timeout: Duration::from_secs(parse_num(
-                "UPSTREAM_TIMEOUT_SECONDS",
-                &or_default("UPSTREAM_TIMEOUT_SECONDS"),
-            )?),
-            buffer_size: parse_num("RELAY_BUFFER_BYTES", &or_default("RELAY_BUFFER_BYTES"))?,
-            bulk_buffer_size: parse_num(
-                "RELAY_BULK_BUFFER_BYTES",
-                &or_default("RELAY_BULK_BUFFER_BYTES"),
-            )?,
-            bulk_buffers: parse_num("RELAY_BULK_BUFFERS", &or_default("RELAY_BULK_BUFFERS"))?,
-            max_frame_size: parse_num("MAX_FRAME_SIZE", &or_default("MAX_FRAME_SIZE"))?,
+            credentials_check_interval: r.secs("CREDENTIALS_CHECK_SECONDS"),
+            upstream_subprotocols: r.list("UPSTREAM_SUBPROTOCOLS"),
+            client_subprotocols: r.list("CLIENT_SUBPROTOCOLS"),
+            upstream_query_params: r.list("UPSTREAM_QUERY_PARAMS"),
+            api_path: r.or_default("API_PATH"),
+            log_level,
+            log_format,
+            metrics_addr: r.get("METRICS_ADDR").filter(|a| !a.trim().is_empty()),
+            shutdown_grace: r.secs("SHUTDOWN_GRACE_SECONDS"),
+            ping_interval,
+            peer_timeout,
+            max_head_bytes: r.num("MAX_REQUEST_HEAD_BYTES"),
+            handshake_timeout: r.secs("HANDSHAKE_TIMEOUT_SECONDS"),
+            upstream_timeout: r.secs("UPSTREAM_TIMEOUT_SECONDS"),
+            buffer_size: r.num("RELAY_BUFFER_BYTES"),
+            bulk_buffer_size: r.num("RELAY_BULK_BUFFER_BYTES"),
+            bulk_buffers: r.num("RELAY_BULK_BUFFERS"),
+            max_frame_size: r.num("MAX_FRAME_SIZE"),
             close_timeout: Duration::from_secs(5),
         };
-        Ok(Command::Run(Box::new(config)))
+        // Argument errors first, then in the order of --help.
+        let mut errors = r.errors;
+        errors.sort_by_key(|e| {
+            OPTIONS
+                .iter()
+                .position(|o| o.var == e.var)
+                .map_or(0, |i| i + 1)
+        });
+        (Command::Run(Box::new(config)), errors)
     }
 
     /// Check the values together (ranges, keys usable, templates complete).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.jwt.secrets.is_empty() && self.jwt.public_keys.is_empty() {
-            return Err(ConfigError::new(
-                "SECRET_KEY",
-                "not set (required unless JWT_PUBLIC_KEY_FILE is set)",
-            ));
-        }
-        self.validate_without_keys()
+        self.problems(true)
+            .into_iter()
+            .next()
+            .map_or(Ok(()), |(e, _)| Err(e))
     }
 
     /// Everything [`validate`](Self::validate) checks except that token keys
     /// exist (a custom authorizer may not use them).
     pub fn validate_without_keys(&self) -> Result<(), ConfigError> {
+        self.problems(false)
+            .into_iter()
+            .next()
+            .map_or(Ok(()), |(e, _)| Err(e))
+    }
+
+    /// Every problem with the values together, each with the other settings
+    /// it follows from (not reported when one of those is at fault already).
+    fn problems(&self, keys: bool) -> Vec<(ConfigError, &'static [&'static str])> {
+        const KEY_SETTINGS: &[&str] = &[
+            "SECRET_KEY",
+            "SECRET_KEY_FILES",
+            "JWT_PUBLIC_KEY_FILE",
+            "JWT_ALGORITHMS",
+            "ALLOW_WEAK_SECRET",
+            "JWT_LEEWAY_SECONDS",
+            "JWT_AUDIENCE",
+            "JWT_ISSUER",
+        ];
+        let mut p: Vec<(ConfigError, &'static [&'static str])> = Vec::new();
+        if keys && self.jwt.secrets.is_empty() && self.jwt.public_keys.is_empty() {
+            p.push((
+                ConfigError::new(
+                    "SECRET_KEY",
+                    "not set (required unless JWT_PUBLIC_KEY_FILE is set)",
+                ),
+                &["SECRET_KEY_FILES", "JWT_PUBLIC_KEY_FILE"],
+            ));
+        }
+        for (var, value) in self.numeric_values() {
+            if let Err(e) = check_range(var, value, &value.to_string()) {
+                p.push((e, &[]));
+            }
+        }
         if self.buffer_size < self.max_head_bytes + 1024 {
             // Bytes that arrive with a handshake head must fit the buffer.
-            return Err(ConfigError::new(
-                "RELAY_BUFFER_BYTES",
-                "must be at least MAX_REQUEST_HEAD_BYTES + 1024",
+            p.push((
+                ConfigError::new(
+                    "RELAY_BUFFER_BYTES",
+                    "must be at least MAX_REQUEST_HEAD_BYTES + 1024",
+                ),
+                &["MAX_REQUEST_HEAD_BYTES"],
             ));
         }
         if self.token_sources.is_empty() {
-            return Err(ConfigError::new("TOKEN_SOURCES", "no token source enabled"));
+            p.push((
+                ConfigError::new("TOKEN_SOURCES", "no token source enabled"),
+                &[],
+            ));
         }
         if self.token_sources.contains(&TokenSource::Cookie) && self.allowed_origins.is_empty() {
             // A cookie goes with every request the browser makes, from any
             // page: without an Origin check any site could open a console
             // with the user's cookie (cross-site WebSocket hijacking).
-            return Err(ConfigError::new(
-                "ALLOWED_ORIGINS",
-                "must be set when TOKEN_SOURCES includes cookie (cross-site WebSocket hijacking)",
+            p.push((
+                ConfigError::new(
+                    "ALLOWED_ORIGINS",
+                    "must be set when TOKEN_SOURCES includes cookie (cross-site WebSocket hijacking)",
+                ),
+                &["TOKEN_SOURCES"],
             ));
         }
         if !self.ping_interval.is_zero() && self.peer_timeout <= self.ping_interval {
-            return Err(ConfigError::new(
-                "PEER_TIMEOUT_SECONDS",
-                "must be longer than PING_INTERVAL_SECONDS (a peer needs time to answer a ping)",
+            p.push((
+                ConfigError::new(
+                    "PEER_TIMEOUT_SECONDS",
+                    "must be longer than PING_INTERVAL_SECONDS (a peer needs time to answer a ping)",
+                ),
+                &["PING_INTERVAL_SECONDS"],
             ));
         }
-        if !(1..=256).contains(&self.workers) {
-            return Err(ConfigError::new("WORKERS", "must be between 1 and 256"));
+        if let Err((var, m)) = JwtVerifier::new(&self.jwt) {
+            p.push((ConfigError::new(var, m), KEY_SETTINGS));
         }
-        if self.max_connections == 0 {
-            return Err(ConfigError::new("MAX_CONNECTIONS", "must be at least 1"));
-        }
-        JwtVerifier::new(&self.jwt).map_err(|(var, m)| ConfigError::new(var, m))?;
         if !self.api_path.starts_with('/') {
-            return Err(ConfigError::new("API_PATH", "must start with '/'"));
-        }
-        if self
+            p.push((ConfigError::new("API_PATH", "must start with '/'"), &[]));
+        } else if self
             .api_path
             .contains(|c: char| c.is_whitespace() || c.is_control())
         {
-            return Err(ConfigError::new(
-                "API_PATH",
-                "must not contain spaces or control characters",
+            p.push((
+                ConfigError::new("API_PATH", "must not contain spaces or control characters"),
+                &[],
             ));
         }
-        if !(512..=1 << 20).contains(&self.max_head_bytes) {
-            return Err(ConfigError::new(
-                "MAX_REQUEST_HEAD_BYTES",
-                "must be between 512 and 1048576",
-            ));
-        }
-        if !(1024..=16 << 20).contains(&self.buffer_size) {
-            return Err(ConfigError::new(
-                "RELAY_BUFFER_BYTES",
-                "must be between 1024 and 16777216",
-            ));
-        }
-        // Not above RELAY_BUFFER_BYTES means off (a larger regular buffer
-        // set before bulk buffers existed keeps working as it did).
-        if self.bulk_buffer_size > 16 << 20 {
-            return Err(ConfigError::new(
-                "RELAY_BULK_BUFFER_BYTES",
-                "must be at most 16777216",
-            ));
-        }
-        if self.handshake_timeout.is_zero() {
-            return Err(ConfigError::new(
-                "HANDSHAKE_TIMEOUT_SECONDS",
-                "must be at least 1",
-            ));
-        }
-        if self.upstream_timeout.is_zero() {
-            return Err(ConfigError::new(
-                "UPSTREAM_TIMEOUT_SECONDS",
-                "must be at least 1",
-            ));
-        }
-        if self.max_frame_size == 0 {
-            return Err(ConfigError::new("MAX_FRAME_SIZE", "must be at least 1"));
-        }
-        Ok(())
+        p
+    }
+
+    /// The numeric settings, as the values [`RANGES`] bounds (a duration in
+    /// whole seconds, a fraction counting as one more).
+    fn numeric_values(&self) -> [(&'static str, u64); 16] {
+        let secs = |d: Duration| d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0));
+        let n = |v: usize| v as u64;
+        [
+            ("PORT", self.port.into()),
+            ("WORKERS", n(self.workers)),
+            ("JWT_LEEWAY_SECONDS", self.jwt.leeway_secs),
+            ("MAX_CONNECTIONS", n(self.max_connections)),
+            ("MAX_CONNECTIONS_PER_IP", n(self.max_connections_per_ip)),
+            (
+                "CREDENTIALS_CHECK_SECONDS",
+                secs(self.credentials_check_interval),
+            ),
+            ("SHUTDOWN_GRACE_SECONDS", secs(self.shutdown_grace)),
+            ("PING_INTERVAL_SECONDS", secs(self.ping_interval)),
+            ("PEER_TIMEOUT_SECONDS", secs(self.peer_timeout)),
+            ("MAX_REQUEST_HEAD_BYTES", n(self.max_head_bytes)),
+            ("HANDSHAKE_TIMEOUT_SECONDS", secs(self.handshake_timeout)),
+            ("UPSTREAM_TIMEOUT_SECONDS", secs(self.upstream_timeout)),
+            ("RELAY_BUFFER_BYTES", n(self.buffer_size)),
+            ("RELAY_BULK_BUFFER_BYTES", n(self.bulk_buffer_size)),
+            ("RELAY_BULK_BUFFERS", n(self.bulk_buffers)),
+            ("MAX_FRAME_SIZE", self.max_frame_size),
+        ]
     }
 
     /// The upstream request path for one session: `WS_REMOTE_URL`'s path
@@ -721,7 +828,9 @@ impl Config {
 pub fn help_text() -> String {
     let mut s = String::from(
         "kubevirt-vnc-proxy: WebSocket proxy from noVNC to KubeVirt VNC, guarded by JWT\n\n\
-         USAGE: kubevirt-vnc-proxy [OPTIONS]\n\n\
+         USAGE: kubevirt-vnc-proxy [check-config] [OPTIONS]   run the proxy, or only check its configuration\n\
+         \x20      kubevirt-vnc-proxy token [TOKEN OPTIONS]      mint a token (see token --help)\n\
+         A subcommand may stand anywhere among the options.\n\n\
          Every option can be set by its environment variable or its flag; the flag wins.\n\n\
          OPTIONS:\n",
     );
@@ -752,10 +861,274 @@ pub fn parse_bool(var: &str, v: &str) -> Result<bool, ConfigError> {
     }
 }
 
-fn parse_num<T: std::str::FromStr>(var: &str, v: &str) -> Result<T, ConfigError> {
-    v.trim()
-        .parse()
-        .map_err(|_| ConfigError::new(var, format!("'{v}' is not a valid number")))
+/// A whole number within the range [`RANGES`] gives `var` (a number past
+/// it, negative or too long, is out of range too).
+fn parse_num<T: TryFrom<u64>>(var: &str, v: &str) -> Result<T, ConfigError> {
+    let t = v.trim();
+    let n = match t.parse::<u64>() {
+        Ok(n) => n,
+        Err(_) => {
+            let (below, digits) = match t.strip_prefix('-') {
+                Some(d) => (true, d),
+                None => (false, t.strip_prefix('+').unwrap_or(t)),
+            };
+            return Err(
+                if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+                    out_of_range(var, v, below)
+                } else {
+                    ConfigError::new(var, format!("'{v}' is not a valid number"))
+                },
+            );
+        }
+    };
+    check_range(var, n, v)?;
+    T::try_from(n).map_err(|_| out_of_range(var, v, false))
+}
+
+fn check_range(var: &str, n: u64, shown: &str) -> Result<(), ConfigError> {
+    match RANGES.iter().find(|r| r.0 == var) {
+        Some((_, lo, hi)) if !(lo..=hi).contains(&&n) => Err(out_of_range(var, shown, n < *lo)),
+        _ => Ok(()),
+    }
+}
+
+/// "'V' is out of range LO-HI"; for a count with no upper bound but its
+/// type's, "must be at least LO" (or "'V' is too large").
+fn out_of_range(var: &str, shown: &str, below: bool) -> ConfigError {
+    let (lo, hi) = RANGES
+        .iter()
+        .find(|r| r.0 == var)
+        .map_or((0, u64::MAX), |r| (r.1, r.2));
+    let message = if hi < usize::MAX as u64 {
+        format!("'{shown}' is out of range {lo}-{hi}")
+    } else if below {
+        format!("must be at least {lo}")
+    } else {
+        format!("'{shown}' is too large (at most {hi})")
+    };
+    ConfigError::new(var, message)
+}
+
+fn default_of(var: &str) -> &'static str {
+    OPTIONS
+        .iter()
+        .find(|o| o.var == var)
+        .map_or("", |o| o.default)
+}
+
+/// The values given (flags over variables), and every problem found so far:
+/// a value at fault is recorded and replaced by its default, so that reading
+/// goes on and one run names every mistake.
+struct Reader {
+    values: Vec<(&'static str, String)>,
+    errors: Vec<ConfigError>,
+}
+
+impl Reader {
+    fn get(&self, var: &str) -> Option<String> {
+        self.values
+            .iter()
+            .find(|(k, _)| *k == var)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn or_default(&self, var: &str) -> String {
+        self.get(var).unwrap_or_else(|| default_of(var).to_owned())
+    }
+
+    fn fail(&mut self, e: ConfigError) {
+        self.errors.push(e);
+    }
+
+    fn failed(&self, var: &str) -> bool {
+        self.errors.iter().any(|e| e.var == var)
+    }
+
+    fn bool(&mut self, var: &str) -> bool {
+        parse_bool(var, &self.or_default(var)).unwrap_or_else(|e| {
+            self.fail(e);
+            parse_bool(var, default_of(var)).unwrap_or(false)
+        })
+    }
+
+    fn num<T: TryFrom<u64> + Default>(&mut self, var: &str) -> T {
+        parse_num(var, &self.or_default(var)).unwrap_or_else(|e| {
+            self.fail(e);
+            parse_num(var, default_of(var)).unwrap_or_default()
+        })
+    }
+
+    fn secs(&mut self, var: &str) -> Duration {
+        Duration::from_secs(self.num(var))
+    }
+
+    fn list(&self, var: &str) -> Vec<String> {
+        self.or_default(var)
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Key files, one per comma-separated path (the first unreadable one is
+    /// reported; the others are still read).
+    fn files(&mut self, var: &str) -> Vec<KeyMaterial> {
+        let mut keys = Vec::new();
+        for path in self.list(var) {
+            match std::fs::read(&path) {
+                Ok(bytes) => {
+                    let kid = std::path::Path::new(&path)
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned());
+                    keys.push(KeyMaterial {
+                        kid,
+                        bytes,
+                        source: path,
+                    });
+                }
+                Err(e) if !self.failed(var) => {
+                    self.fail(ConfigError::new(var, format!("cannot read '{path}': {e}")));
+                }
+                Err(_) => {}
+            }
+        }
+        keys
+    }
+}
+
+/// Take the subcommand out of the arguments, wherever it stands: the first
+/// word that is neither a flag nor a flag's value (every `--flag` without
+/// `=` takes the next argument as its value, as the parsers read them). The
+/// subcommand, if any, and the other arguments in their order.
+pub fn split_subcommand(args: Vec<String>) -> (Option<String>, Vec<String>) {
+    let mut rest = Vec::with_capacity(args.len());
+    let mut subcommand = None;
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let takes_value = arg.starts_with('-')
+            && !arg.contains('=')
+            && !matches!(arg.as_str(), "-h" | "--help" | "-V" | "--version");
+        if takes_value {
+            rest.push(arg);
+            rest.extend(args.next());
+        } else if subcommand.is_none() && SUBCOMMANDS.contains(&arg.as_str()) {
+            subcommand = Some(arg);
+        } else {
+            rest.push(arg);
+        }
+    }
+    (subcommand, rest)
+}
+
+/// An environment variable that looks like one of ours but is not: set, and
+/// ignored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lookalike {
+    /// The variable set.
+    pub found: String,
+    /// The option it probably meant.
+    pub expected: &'static str,
+}
+
+impl fmt::Display for Lookalike {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "environment variable {} is not an option and is ignored: did you mean {}?",
+            self.found, self.expected
+        )
+    }
+}
+
+/// Variables in `env` that look like an option (a small typo, a different
+/// case, `_SECONDS` missing or added) without being one. Variables other
+/// programs set (Kubernetes' service links among them) are left alone.
+pub fn lookalike_variables<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<Lookalike> {
+    let known = || OPTIONS.iter().map(|o| o.var).chain(["RUST_LOG"]);
+    let mut found: Vec<Lookalike> = names
+        .into_iter()
+        .filter(|n| !known().any(|k| k == *n) && !set_by_kubernetes(n))
+        .filter_map(|n| {
+            lookalike(n, known()).map(|expected| Lookalike {
+                found: n.to_owned(),
+                expected,
+            })
+        })
+        .collect();
+    // The environment's order is nobody's choice: name order.
+    found.sort_by(|a, b| a.found.cmp(&b.found));
+    found
+}
+
+/// `KUBERNETES_*`, and the variables Kubernetes sets for every Service in
+/// the namespace (`FOO_SERVICE_HOST`, `FOO_SERVICE_PORT[_NAME]`, `FOO_PORT`,
+/// `FOO_PORT_5001_TCP[_PROTO|_PORT|_ADDR]`), whatever the Services are called.
+fn set_by_kubernetes(name: &str) -> bool {
+    name.starts_with("KUBERNETES_")
+        || name.ends_with("_SERVICE_HOST")
+        || name.contains("_SERVICE_PORT")
+        || name.ends_with("_PORT")
+        || name
+            .split("_PORT_")
+            .nth(1)
+            .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+}
+
+/// The candidate `name` most probably meant, if any: the same letters in
+/// another case or with `-`/`_` swapped, one with `_SECONDS` (or `_SECS`,
+/// `_SEC`) missing or added, or one a typo or two away (one for short names).
+fn lookalike<'k>(name: &str, candidates: impl Iterator<Item = &'k str>) -> Option<&'k str> {
+    fn norm(s: &str) -> String {
+        s.trim_start_matches('-')
+            .to_ascii_uppercase()
+            .replace('-', "_")
+    }
+    fn base(s: &str) -> &str {
+        ["_SECONDS", "_SECS", "_SEC"]
+            .iter()
+            .find_map(|suffix| s.strip_suffix(suffix))
+            .unwrap_or(s)
+    }
+    let n = norm(name);
+    candidates
+        .filter_map(|c| {
+            let k = norm(c);
+            let d = distance(&n, &k).min(distance(base(&n), base(&k)));
+            let allowed = if base(&k).len() < 10 { 1 } else { 2 };
+            (d <= allowed).then_some((d, c))
+        })
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// Edit distance with adjacent transpositions (optimal string alignment),
+/// on bytes: `PROT` is one step from `PORT`.
+fn distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len().abs_diff(b.len()) > 2 {
+        return 3;
+    }
+    let mut rows = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in rows.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in rows[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut d = (rows[i - 1][j] + 1)
+                .min(rows[i][j - 1] + 1)
+                .min(rows[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d = d.min(rows[i - 2][j - 2] + 1);
+            }
+            rows[i][j] = d;
+        }
+    }
+    rows[a.len()][b.len()]
 }
 
 fn parse_level(v: &str) -> Result<log::LevelFilter, ConfigError> {
@@ -899,6 +1272,303 @@ mod tests {
         assert_eq!(var(BASE, &["--bogus"]), "--bogus");
         assert_eq!(var(BASE, &["--port"]), "--port");
         assert_eq!(var(BASE, &["--api-path", "no-slash"]), "API_PATH");
+    }
+
+    fn all_errors(pairs: &[(&str, &str)], args: &[&str]) -> Vec<ConfigError> {
+        match Config::from_sources_all(env(pairs), args.iter().map(|s| s.to_string())) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.errors,
+        }
+    }
+
+    #[test]
+    fn numbers_out_of_range_name_the_range() {
+        let one = |pairs: &[(&str, &str)]| {
+            let mut e = all_errors(pairs, &[]);
+            assert_eq!(e.len(), 1, "{e:?}");
+            e.remove(0)
+        };
+        let with = |var: &str, v: &str| {
+            let mut e: Vec<(&str, &str)> = BASE.to_vec();
+            e.push((var, v));
+            one(&e)
+        };
+        assert_eq!(
+            with("PORT", "70000").to_string(),
+            "configuration error: PORT: '70000' is out of range 0-65535"
+        );
+        assert_eq!(with("PORT", "-1").message, "'-1' is out of range 0-65535");
+        assert_eq!(
+            with("PORT", "99999999999999999999999").message,
+            "'99999999999999999999999' is out of range 0-65535"
+        );
+        assert_eq!(with("PORT", "5k").message, "'5k' is not a valid number");
+        assert_eq!(with("WORKERS", "0").message, "'0' is out of range 1-256");
+        // Every option with a range, just outside it.
+        for &(var, lo, hi) in RANGES {
+            let bad = if lo > 0 {
+                (lo - 1).to_string()
+            } else {
+                (u128::from(hi) + 1).to_string()
+            };
+            let e = if var == "KUBERNETES_SERVICE_PORT" {
+                one(&[
+                    ("SECRET_KEY", LONG),
+                    ("KUBERNETES_SERVICE_HOST", "10.0.0.1"),
+                    (var, &bad),
+                ])
+            } else {
+                with(var, &bad)
+            };
+            assert_eq!(e.var, var);
+            let message = match (hi, lo) {
+                (u64::MAX, 0) => format!("'{bad}' is too large (at most {hi})"),
+                (u64::MAX, _) => format!("must be at least {lo}"),
+                _ => format!("'{bad}' is out of range {lo}-{hi}"),
+            };
+            assert_eq!(e.message, message);
+        }
+        assert_eq!(with("MAX_CONNECTIONS", "-3").message, "must be at least 1");
+        // A configuration built in code gets the same words.
+        let mut c = run(BASE, &[]).unwrap();
+        c.workers = 300;
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "configuration error: WORKERS: '300' is out of range 1-256"
+        );
+        c.workers = 1;
+        c.handshake_timeout = Duration::ZERO;
+        assert_eq!(
+            c.validate().unwrap_err().message,
+            "'0' is out of range 1-31536000"
+        );
+        c.handshake_timeout = Duration::from_millis(300);
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn every_error_is_reported_once_in_one_run() {
+        let mut e = BASE.to_vec();
+        e.extend([
+            ("PORT", "70000"),
+            ("WORKERS", "0"),
+            ("LOGLEVEL", "LOUD"),
+            ("SHUTDOWN_GRACE_SECONDS", "x"),
+            ("REJECT_WITH", "silence"),
+        ]);
+        let errors = all_errors(&e, &["--bogus", "1", "--token-sources", "path,pigeon"]);
+        let vars: Vec<&str> = errors.iter().map(|e| e.var.as_str()).collect();
+        assert_eq!(
+            vars,
+            [
+                "--bogus",
+                "PORT",
+                "WORKERS",
+                "TOKEN_SOURCES",
+                "REJECT_WITH",
+                "LOGLEVEL",
+                "SHUTDOWN_GRACE_SECONDS"
+            ]
+        );
+        // The first is what from_sources reports, as before.
+        assert_eq!(run(&e, &["--bogus"]).unwrap_err().var, "--bogus");
+        // Parse errors come before the checks of values together.
+        let errors = all_errors(&[("LOCAL_DEV_MODE", "true"), ("PORT", "x")], &[]);
+        let vars: Vec<&str> = errors.iter().map(|e| e.var.as_str()).collect();
+        assert_eq!(vars, ["PORT", "SECRET_KEY"]);
+        // Nothing that only follows from another mistake.
+        let only = |pairs: &[(&str, &str)], var: &str| {
+            let errors = all_errors(pairs, &[]);
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert_eq!(errors[0].var, var);
+        };
+        only(
+            &[("SECRET_KEY", LONG), ("LOCAL_DEV_MODE", "perhaps")],
+            "LOCAL_DEV_MODE",
+        );
+        only(
+            &[
+                ("LOCAL_DEV_MODE", "1"),
+                ("SECRET_KEY_FILES", "/nonexistent/k1"),
+            ],
+            "SECRET_KEY_FILES",
+        );
+        let mut e = BASE.to_vec();
+        e.extend([
+            ("PING_INTERVAL_SECONDS", "x"),
+            ("PEER_TIMEOUT_SECONDS", "3"),
+        ]);
+        only(&e, "PING_INTERVAL_SECONDS");
+        let mut e = BASE.to_vec();
+        e.push(("RELAY_BUFFER_BYTES", "100"));
+        only(&e, "RELAY_BUFFER_BYTES");
+        let mut e = BASE.to_vec();
+        e.push(("JWT_ALGORITHMS", "RS256,none"));
+        only(&e, "JWT_ALGORITHMS");
+        // --help wins over any mistake.
+        assert!(matches!(
+            Config::from_sources_all(env(&[("PORT", "x")]), ["--bogus".into(), "-h".into()]),
+            Ok(Command::Help)
+        ));
+    }
+
+    #[test]
+    fn a_subcommand_may_stand_anywhere() {
+        let split = |args: &[&str]| {
+            let (sub, rest) = split_subcommand(args.iter().map(|s| s.to_string()).collect());
+            (sub, rest.join(" "))
+        };
+        let check = Some("check-config".to_owned());
+        assert_eq!(
+            split(&["check-config", "--port", "5002"]),
+            (check.clone(), "--port 5002".into())
+        );
+        assert_eq!(
+            split(&["--port", "5002", "check-config"]),
+            (check.clone(), "--port 5002".into())
+        );
+        assert_eq!(
+            split(&["--port=5002", "check-config", "--host", "h"]),
+            (check, "--port=5002 --host h".into())
+        );
+        assert_eq!(
+            split(&["--secret-key", "k", "token", "--vmi", "a"]),
+            (Some("token".into()), "--secret-key k --vmi a".into())
+        );
+        // A flag's value is never a subcommand; a second one stays an argument.
+        assert_eq!(
+            split(&["--api-path", "token"]),
+            (None, "--api-path token".into())
+        );
+        assert_eq!(
+            split(&["token", "--vmi", "check-config", "check-config"]),
+            (
+                Some("token".into()),
+                "--vmi check-config check-config".into()
+            )
+        );
+        assert_eq!(
+            split(&["--help", "check-config"]).0.as_deref(),
+            Some("check-config")
+        );
+        // What is left is read as before.
+        let (_, rest) =
+            split_subcommand(vec!["--port".into(), "5002".into(), "check-config".into()]);
+        assert_eq!(
+            run(BASE, &rest.iter().map(String::as_str).collect::<Vec<_>>())
+                .unwrap()
+                .port,
+            5002
+        );
+        // An unknown subcommand gets a suggestion.
+        let e = run(BASE, &["chek-config"]).unwrap_err();
+        assert!(e.message.contains("did you mean check-config?"), "{e}");
+        let e = run(BASE, &["--shutdown-grace", "2"]).unwrap_err();
+        assert!(
+            e.message.contains("did you mean --shutdown-grace-seconds?"),
+            "{e}"
+        );
+        assert_eq!(all_errors(BASE, &["--shutdown-grace", "2"]).len(), 1);
+    }
+
+    #[test]
+    fn variables_that_look_like_ours_are_named_with_the_one_expected() {
+        let found = |names: &[&str]| -> Vec<(String, &'static str)> {
+            lookalike_variables(names.iter().copied())
+                .into_iter()
+                .map(|l| (l.found, l.expected))
+                .collect()
+        };
+        for (typo, meant) in [
+            ("SHUTDOWN_GRACE", "SHUTDOWN_GRACE_SECONDS"),
+            ("PING_INTERVAL_SECS", "PING_INTERVAL_SECONDS"),
+            ("MAX_FRAME_SIZE_SECONDS", "MAX_FRAME_SIZE"),
+            ("PROT", "PORT"),
+            ("secret_key", "SECRET_KEY"),
+            ("SECRET_KY", "SECRET_KEY"),
+            ("SECRET_KEY_FILE", "SECRET_KEY_FILES"),
+            ("LOG_LEVEL", "LOGLEVEL"),
+            ("JWT_ALGORITHM", "JWT_ALGORITHMS"),
+            ("ALLOWED_ORIGIN", "ALLOWED_ORIGINS"),
+            ("HANDSHAKE_TIMEOUT", "HANDSHAKE_TIMEOUT_SECONDS"),
+            ("UPSTREAM_TIMOUT_SECONDS", "UPSTREAM_TIMEOUT_SECONDS"),
+            ("RUST_LGO", "RUST_LOG"),
+        ] {
+            assert_eq!(found(&[typo]), [(typo.to_owned(), meant)], "{typo}");
+        }
+        assert_eq!(
+            lookalike_variables(["SHUTDOWN_GRACE"])[0].to_string(),
+            "environment variable SHUTDOWN_GRACE is not an option and is ignored: did you mean SHUTDOWN_GRACE_SECONDS?"
+        );
+        // Ours, and what a shell, a container or Kubernetes sets.
+        let mut unrelated: Vec<&str> = OPTIONS.iter().map(|o| o.var).collect();
+        unrelated.extend([
+            "PATH",
+            "HOME",
+            "HOSTNAME",
+            "USER",
+            "SHELL",
+            "TERM",
+            "LANG",
+            "LC_ALL",
+            "PWD",
+            "OLDPWD",
+            "SHLVL",
+            "TZ",
+            "LOGNAME",
+            "MAIL",
+            "EDITOR",
+            "PAGER",
+            "DISPLAY",
+            "_",
+            "RUST_LOG",
+            "RUST_BACKTRACE",
+            "RUST_LOG_STYLE",
+            "RUST_MIN_STACK",
+            "CARGO_HOME",
+            "RUSTUP_HOME",
+            "CARGO_PKG_NAME",
+            "CARGO_MANIFEST_DIR",
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "NO_PROXY",
+            "http_proxy",
+            "no_proxy",
+            "SSL_CERT_FILE",
+            "SSL_CERT_DIR",
+            "LD_LIBRARY_PATH",
+            "TMPDIR",
+            "XDG_RUNTIME_DIR",
+            "CI",
+            "GITHUB_ACTIONS",
+            "E2E_SKIP",
+            "KUBERNETES_PORT",
+            "KUBERNETES_PORT_443_TCP",
+            "KUBERNETES_PORT_443_TCP_ADDR",
+            "KUBERNETES_PORT_443_TCP_PORT",
+            "KUBERNETES_PORT_443_TCP_PROTO",
+            "KUBERNETES_SERVICE_PORT_HTTPS",
+            "KUBEVIRT_VNC_PROXY_SERVICE_HOST",
+            "KUBEVIRT_VNC_PROXY_SERVICE_PORT",
+            "KUBEVIRT_VNC_PROXY_SERVICE_PORT_WS",
+            "KUBEVIRT_VNC_PROXY_PORT",
+            "KUBEVIRT_VNC_PROXY_PORT_5001_TCP",
+            "KUBEVIRT_VNC_PROXY_PORT_5001_TCP_PORT",
+            "KUBEVIRT_VNC_PROXY_PORT_5001_TCP_ADDR",
+            "HOST_SERVICE_HOST",
+            "HOST_PORT",
+            "PORT_PORT_80_TCP",
+        ]);
+        assert_eq!(found(&unrelated), []);
+    }
+
+    #[test]
+    fn the_usage_line_shows_where_subcommands_go() {
+        let help = help_text();
+        let usage = help.lines().find(|l| l.starts_with("USAGE:")).unwrap();
+        assert!(usage.contains("[check-config] [OPTIONS]"), "{usage}");
+        assert!(help.contains("kubevirt-vnc-proxy token"), "{help}");
+        assert!(help.contains("anywhere among the options"), "{help}");
     }
 
     #[test]

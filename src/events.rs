@@ -1,9 +1,12 @@
 //! Session events, for audit, billing, metrics and the access log, without
 //! parsing logs. Observers run on the event loop: they must not block.
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The `log` target of access lines.
+pub const ACCESS_TARGET: &str = "access";
 
 /// Something that happened to a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +38,11 @@ pub enum Event {
         status: u16,
         /// The reason sent to the client.
         reason: String,
+        /// The VMI the request asked for, when known (the route was read).
+        vmi: Option<String>,
+        /// The namespace of the token's lab instance, when known (from a
+        /// token whose signature verified, or a grant). Never the token.
+        namespace: Option<String>,
         /// Context for the operator only (e.g. token fingerprint and id).
         detail: Option<String>,
     },
@@ -80,24 +88,52 @@ pub enum LogFormat {
     Json,
 }
 
-/// The access log line for an event (`None` for events that have none:
-/// `Opened` is logged when the session ends, as one line).
+/// The access log line for an event. A relayed session has two: `opened`
+/// when frames start to flow (a console session may last hours, and who is
+/// connected now must be visible now), and `session` when it ends, with its
+/// totals; a refusal has one, `refused`.
 pub fn access_line(event: &Event, format: LogFormat) -> Option<String> {
     let mut f: Vec<(&str, Field)> = Vec::new();
     match event {
-        Event::Opened { .. } => return None,
+        Event::Opened {
+            id,
+            peer,
+            namespace,
+            vmi,
+            token_id,
+            handshake,
+            upstream_dial,
+        } => {
+            f.push(("event", Field::Str("opened".into())));
+            f.push(("session", Field::Num(*id)));
+            f.push(("client", Field::Str(peer.to_string())));
+            f.push(("namespace", Field::Str(namespace.clone())));
+            f.push(("vmi", Field::Str(vmi.clone())));
+            f.push(("token_id", Field::Str(token_id.clone())));
+            f.push(("handshake_ms", Field::Num(handshake.as_millis() as u64)));
+            f.push((
+                "upstream_dial_ms",
+                Field::Num(upstream_dial.as_millis() as u64),
+            ));
+        }
         Event::Refused {
             id,
             peer,
             status,
             reason,
+            vmi,
+            namespace,
             detail,
         } => {
+            let known =
+                |v: &Option<String>| v.as_ref().map_or(Field::Null, |s| Field::Str(s.clone()));
             f.push(("event", Field::Str("refused".into())));
             f.push(("session", Field::Num(*id)));
             f.push(("client", Field::Str(peer.to_string())));
             f.push(("status", Field::Num(u64::from(*status))));
             f.push(("reason", Field::Str(reason.clone())));
+            f.push(("namespace", known(namespace)));
+            f.push(("vmi", known(vmi)));
             if let Some(d) = detail {
                 f.push(("detail", Field::Str(d.clone())));
             }
@@ -181,6 +217,18 @@ pub fn json_string(s: &str) -> String {
     serde_json::Value::String(s.to_owned()).to_string()
 }
 
+/// A VMI name for a log field, when it is one (a DNS-1123 subdomain): what
+/// a request asked for is logged only if it cannot be anything else, such
+/// as a token in the wrong path segment (a JWT has upper-case letters).
+pub(crate) fn vmi_field(name: &str) -> Option<String> {
+    crate::route::is_dns1123_subdomain(name).then(|| name.to_owned())
+}
+
+/// A namespace for a log field, when it is one (a DNS-1123 label).
+pub(crate) fn namespace_field(name: &str) -> Option<String> {
+    crate::route::is_dns1123_label(name).then(|| name.to_owned())
+}
+
 /// A value for a text log line: as it is when it is a plain word, else a
 /// JSON string literal, so that a space, a quote, `=` or a control character
 /// (a CRLF in a token's `id`) can neither split a record nor forge a field.
@@ -190,6 +238,70 @@ pub fn text_value(s: &str) -> std::borrow::Cow<'_, str> {
     } else {
         s.into()
     }
+}
+
+/// Writes one log record as one JSON line, as the binary writes every
+/// record with `LOG_FORMAT=json`: `ts` (RFC 3339, UTC, milliseconds),
+/// `level` (`ERROR`, `WARN`, `INFO`, `DEBUG`), `target`, then either the
+/// fields of an access line (target [`ACCESS_TARGET`], whose message is
+/// already a JSON object) or `msg`. Every kind of line goes through here, so
+/// their envelopes cannot drift apart.
+pub fn write_json_record(
+    out: &mut impl std::io::Write,
+    ts: SystemTime,
+    level: log::Level,
+    target: &str,
+    msg: &str,
+) -> std::io::Result<()> {
+    write!(
+        out,
+        "{{\"ts\":\"{}\",\"level\":\"{level}\",\"target\":{}",
+        Rfc3339(ts),
+        json_string(target)
+    )?;
+    let fields = msg
+        .strip_prefix('{')
+        .filter(|f| target == ACCESS_TARGET && f.len() > 1 && f.ends_with('}'));
+    match fields {
+        Some(fields) => writeln!(out, ",{fields}"),
+        None => writeln!(out, ",\"msg\":{}}}", json_string(msg)),
+    }
+}
+
+/// A time in RFC 3339, UTC, with milliseconds: `2025-01-31T08:15:02.123Z`.
+#[derive(Debug, Clone, Copy)]
+pub struct Rfc3339(pub SystemTime);
+
+impl fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let since = self.0.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let secs = since.as_secs();
+        let (year, month, day) = civil_from_days(secs / 86_400);
+        let s = secs % 86_400;
+        write!(
+            f,
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+            s / 3600,
+            s % 3600 / 60,
+            s % 60,
+            since.subsec_millis()
+        )
+    }
+}
+
+/// Year, month, day of a day counted from 1970-01-01 (proleptic Gregorian;
+/// Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
 }
 
 /// The built-in observer that writes the access log through `log` (target
@@ -209,11 +321,11 @@ impl AccessLog {
 impl Observer for AccessLog {
     fn on_event(&mut self, event: &Event) {
         // Do not build a line nobody will see (LOGLEVEL=WARNING and up).
-        if !log::log_enabled!(target: "access", log::Level::Info) {
+        if !log::log_enabled!(target: ACCESS_TARGET, log::Level::Info) {
             return;
         }
         if let Some(line) = access_line(event, self.format) {
-            log::info!(target: "access", "{line}");
+            log::info!(target: ACCESS_TARGET, "{line}");
         }
     }
 }
@@ -254,6 +366,34 @@ mod tests {
     }
 
     #[test]
+    fn an_opened_line_names_the_session_before_it_ends() {
+        let opened = Event::Opened {
+            id: 7,
+            peer: "127.0.0.1:5555".parse().unwrap(),
+            namespace: "lab-ns".into(),
+            vmi: "ubuntu".into(),
+            token_id: "5".into(),
+            handshake: Duration::from_millis(12),
+            upstream_dial: Duration::from_millis(3),
+        };
+        let line = access_line(&opened, LogFormat::Json).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["event"], "opened");
+        assert_eq!(v["session"], 7);
+        assert_eq!(v["client"], "127.0.0.1:5555");
+        assert_eq!(v["namespace"], "lab-ns");
+        assert_eq!(v["vmi"], "ubuntu");
+        assert_eq!(v["token_id"], "5");
+        assert_eq!(v["handshake_ms"], 12);
+        assert_eq!(v["upstream_dial_ms"], 3);
+        let text = access_line(&opened, LogFormat::Text).unwrap();
+        assert_eq!(
+            text,
+            "event=opened session=7 client=127.0.0.1:5555 namespace=lab-ns vmi=ubuntu token_id=5 handshake_ms=12 upstream_dial_ms=3"
+        );
+    }
+
+    #[test]
     fn text_lines_quote_what_needs_it() {
         let line = access_line(&closed(), LogFormat::Text).unwrap();
         assert!(
@@ -279,5 +419,93 @@ mod tests {
         assert_eq!(text_value("user-17"), "user-17");
         assert_eq!(text_value("a\tb"), r#""a\tb""#);
         assert_eq!(text_value(""), "\"\"");
+    }
+
+    fn refused(vmi: Option<&str>, namespace: Option<&str>) -> Event {
+        Event::Refused {
+            id: 8,
+            peer: "127.0.0.1:5556".parse().unwrap(),
+            status: 403,
+            reason: "VMI 'other' not allowed".into(),
+            vmi: vmi.map(str::to_owned),
+            namespace: namespace.map(str::to_owned),
+            detail: Some("token ba7816bf, id 5".into()),
+        }
+    }
+
+    #[test]
+    fn a_refusal_names_the_vmi_and_namespace_asked_for() {
+        let line = access_line(&refused(Some("other"), Some("lab-ns")), LogFormat::Json).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["event"], "refused");
+        assert_eq!(v["status"], 403);
+        assert_eq!(v["vmi"], "other");
+        assert_eq!(v["namespace"], "lab-ns");
+        assert_eq!(v["detail"], "token ba7816bf, id 5");
+        // Unknown is null, not absent: every refusal line has both fields.
+        let line = access_line(&refused(None, None), LogFormat::Json).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert!(v["vmi"].is_null() && v["namespace"].is_null(), "{v}");
+        let text = access_line(&refused(Some("other"), None), LogFormat::Text).unwrap();
+        assert!(text.contains(" namespace=- vmi=other detail="), "{text}");
+    }
+
+    #[test]
+    fn times_are_rfc3339_in_utc() {
+        let at = |secs: u64, ms: u64| {
+            Rfc3339(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(ms)).to_string()
+        };
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(at(951_782_400, 7), "2000-02-29T00:00:00.007Z");
+        assert_eq!(at(1_796_235_120, 439), "2026-12-02T18:12:00.439Z");
+        assert_eq!(at(4_102_444_799, 999), "2099-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn every_json_record_has_the_same_envelope() {
+        let ts = UNIX_EPOCH + Duration::from_millis(1_796_235_120_439);
+        let record = |level, target, msg: &str| {
+            let mut out = Vec::new();
+            write_json_record(&mut out, ts, level, target, msg).unwrap();
+            let line = String::from_utf8(out).unwrap();
+            assert!(
+                line.ends_with('\n') && line.matches('\n').count() == 1,
+                "{line:?}"
+            );
+            serde_json::from_str::<serde_json::Value>(&line).unwrap()
+        };
+        let info = record(
+            log::Level::Info,
+            "kubevirt_vnc_proxy",
+            "listening on 127.0.0.1:5001",
+        );
+        assert_eq!(
+            info,
+            serde_json::json!({"ts": "2026-12-02T18:12:00.439Z", "level": "INFO",
+                "target": "kubevirt_vnc_proxy", "msg": "listening on 127.0.0.1:5001"})
+        );
+        // An access line keeps its fields, inside the same envelope.
+        let line = access_line(&closed(), LogFormat::Json).unwrap();
+        let access = record(log::Level::Info, ACCESS_TARGET, &line);
+        assert_eq!(access["ts"], "2026-12-02T18:12:00.439Z");
+        assert_eq!(access["level"], "INFO");
+        assert_eq!(access["target"], "access");
+        assert_eq!(access["event"], "session");
+        assert_eq!(access["bytes_down"], 20);
+        let line = access_line(&refused(Some("other"), Some("lab-ns")), LogFormat::Json).unwrap();
+        let refusal = record(log::Level::Info, ACCESS_TARGET, &line);
+        assert_eq!(
+            (refusal["level"].as_str(), refusal["event"].as_str()),
+            (Some("INFO"), Some("refused"))
+        );
+        assert_eq!(refusal["vmi"], "other");
+        // Anything else is a message, even under the access target.
+        let warn = record(log::Level::Warn, ACCESS_TARGET, "not {json");
+        assert_eq!(
+            (warn["level"].as_str(), warn["msg"].as_str()),
+            (Some("WARN"), Some("not {json"))
+        );
+        let odd = record(log::Level::Error, "x\ny", "a \"quoted\"\r\nline");
+        assert_eq!(odd["msg"], "a \"quoted\"\r\nline");
     }
 }

@@ -271,4 +271,4 @@ pub use authorize::{AuthRequest, Authorizer, Decision, JwtAuthorizer, Ticket};
 pub use config::{Command, Config, ConfigError};
 pub use events::{Event, Observer};
 pub use http::Refusal;
-pub use server::{Handle, Proxy, ProxyBuilder, Running, StartError, Stats};
+pub use server::{Handle, Proxy, ProxyBuilder, Running, SHUTDOWN_CLOSE_TIME, StartError, Stats};

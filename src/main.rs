@@ -4,9 +4,12 @@
 
 use std::io::Write as _;
 use std::process::ExitCode;
+use std::time::SystemTime;
 
-use kubevirt_vnc_proxy::config::help_text;
-use kubevirt_vnc_proxy::events::{LogFormat, json_string};
+use kubevirt_vnc_proxy::config::{
+    ConfigErrors, Lookalike, help_text, lookalike_variables, split_subcommand,
+};
+use kubevirt_vnc_proxy::events::{LogFormat, write_json_record};
 use kubevirt_vnc_proxy::{Command, Config, Proxy, StartError};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -14,19 +17,17 @@ use signal_hook::iterator::Signals;
 const SUBCOMMANDS: &str = "\nSUBCOMMANDS:\n  token          mint a LabOrchestrator-compatible token from SECRET_KEY (see token --help)\n  check-config   validate the configuration and credential files; exit 0 or 2\n";
 
 fn main() -> ExitCode {
-    let mut args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("token") => {
-            args.remove(0);
-            return mint(&args);
-        }
-        Some("check-config") => {
-            args.remove(0);
-            return check_config(args);
-        }
+    // `kubevirt-vnc-proxy --port 5002 check-config` as well as
+    // `kubevirt-vnc-proxy check-config --port 5002`.
+    let (subcommand, args) = split_subcommand(std::env::args().skip(1).collect());
+    match subcommand.as_deref() {
+        Some("token") => return mint(&args),
+        Some("check-config") => return check_config(args),
         _ => {}
     }
-    let config = match Config::from_sources(std::env::vars(), args) {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let lookalikes = lookalike_variables(env.iter().map(|(k, _)| k.as_str()));
+    let config = match Config::from_sources_all(env, args) {
         Ok(Command::Run(c)) => *c,
         Ok(Command::Help) => {
             print!("{}{SUBCOMMANDS}", help_text());
@@ -36,12 +37,15 @@ fn main() -> ExitCode {
             println!("kubevirt-vnc-proxy {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
-        Err(e) => {
-            eprintln!("{e}");
+        Err(errors) => {
+            report_start_errors(&lookalikes, &errors);
             return ExitCode::from(2);
         }
     };
     init_logging(&config);
+    for l in &lookalikes {
+        log::warn!("{l}");
+    }
     let grace = config.shutdown_grace;
     let workers = config.workers;
     // Signal handlers first: everything the process holds is in place by the
@@ -52,7 +56,7 @@ fn main() -> ExitCode {
         match Signals::new([SIGTERM, SIGINT]) {
             Ok(s) => Some(s),
             Err(e) => {
-                eprintln!("cannot install signal handlers: {e}");
+                log::error!("cannot install signal handlers: {e}");
                 return ExitCode::FAILURE;
             }
         }
@@ -143,7 +147,7 @@ fn main() -> ExitCode {
 }
 
 fn start_failed(e: StartError) -> ExitCode {
-    eprintln!("{e}");
+    log::error!("{e}");
     match e {
         StartError::Config(_) | StartError::Resolve(_) => ExitCode::from(2),
         StartError::Bind(..) | StartError::Io(_) => ExitCode::FAILURE,
@@ -151,27 +155,17 @@ fn start_failed(e: StartError) -> ExitCode {
 }
 
 /// LOGLEVEL sets the default, RUST_LOG wins when set; LOG_FORMAT=json makes
-/// every line one JSON object (access lines are JSON already).
+/// every line one JSON object, access lines included, all through one writer
+/// (`ts`, `level`, `target`, then the line's fields).
 fn init_logging(config: &Config) {
     let mut b = env_logger::Builder::new();
     b.filter_level(config.log_level).parse_env("RUST_LOG");
     if config.log_format == LogFormat::Json {
         b.format(|out, record| {
-            let msg = record.args().to_string();
-            if record.target() == "access" {
-                writeln!(out, "{msg}")
-            } else {
-                let ts = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs_f64())
-                    .unwrap_or_default();
-                writeln!(
-                    out,
-                    "{{\"ts\":{ts:.3},\"level\":\"{}\",\"target\":{},\"msg\":{}}}",
-                    record.level(),
-                    json_string(record.target()),
-                    json_string(&msg)
-                )
+            let (now, level, target) = (SystemTime::now(), record.level(), record.target());
+            match record.args().as_str() {
+                Some(msg) => write_json_record(out, now, level, target, msg),
+                None => write_json_record(out, now, level, target, &record.args().to_string()),
             }
         });
     } else {
@@ -180,16 +174,50 @@ fn init_logging(config: &Config) {
     b.init();
 }
 
-/// `check-config`: everything the proxy checks at start, without listening.
+/// A start that cannot go ahead: every configuration error, one line each,
+/// after the warnings that may explain them (`SECRET_KY` for `SECRET_KEY`);
+/// as JSON records when `LOG_FORMAT=json`, as every other line would be.
+fn report_start_errors(lookalikes: &[Lookalike], errors: &ConfigErrors) {
+    let lines = lookalikes
+        .iter()
+        .map(|l| (log::Level::Warn, l.to_string()))
+        .chain(
+            errors
+                .errors
+                .iter()
+                .map(|e| (log::Level::Error, e.to_string())),
+        );
+    let mut err = std::io::stderr().lock();
+    for (level, line) in lines {
+        let _ = if errors.log_format == LogFormat::Json {
+            write_json_record(&mut err, SystemTime::now(), level, module_path!(), &line)
+        } else if level == log::Level::Warn {
+            writeln!(err, "warning: {line}")
+        } else {
+            writeln!(err, "{line}")
+        };
+    }
+}
+
+/// `check-config`: everything the proxy checks at start, without listening;
+/// every configuration error, one line each.
 fn check_config(args: Vec<String>) -> ExitCode {
-    let config = match Config::from_sources(std::env::vars(), args) {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    for l in lookalike_variables(env.iter().map(|(k, _)| k.as_str())) {
+        eprintln!("warning: {l}");
+    }
+    let config = match Config::from_sources_all(env, args) {
         Ok(Command::Run(c)) => *c,
-        Ok(_) => {
+        Ok(Command::Version) => {
+            println!("kubevirt-vnc-proxy {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Help) => {
             print!("{}{SUBCOMMANDS}", help_text());
             return ExitCode::SUCCESS;
         }
-        Err(e) => {
-            eprintln!("{e}");
+        Err(errors) => {
+            eprintln!("{errors}");
             return ExitCode::from(2);
         }
     };

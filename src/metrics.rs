@@ -238,6 +238,8 @@ mod tests {
             peer: "127.0.0.1:1".parse().unwrap(),
             status: 401,
             reason: "x".into(),
+            vmi: None,
+            namespace: None,
             detail: None,
         });
         m.on_event(&Event::Opened {

@@ -44,6 +44,14 @@ const EVENTS_PER_POLL: usize = 1024;
 /// How long to back off when accept fails for lack of resources (EMFILE).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Once the shutdown grace is over and every session got its close 1001,
+/// how long the closing handshakes (and the lingering after them) may take
+/// before the loop closes what is left and returns. From the signal to the
+/// end of the loop is thus at most `SHUTDOWN_GRACE_SECONDS` plus this,
+/// whatever the peers do: a client that never answers a close frame used to
+/// hold the process for the whole close timeout.
+pub const SHUTDOWN_CLOSE_TIME: Duration = Duration::from_secs(1);
+
 /// Spare relay buffers kept for reuse.
 const SPARE_BUFFERS: usize = 64;
 /// Bytes of the loop's scratch buffer (see `Ctx::scratch`).
@@ -159,7 +167,9 @@ impl Handle {
 
     /// Stop gracefully: new sessions are refused at once (503, and
     /// `/readyz` says not ready), open sessions run for up to `grace`, then
-    /// get close 1001 `going away`; the loop returns when all are closed.
+    /// get close 1001 `going away`; the loop returns when all are closed,
+    /// and at the latest [`SHUTDOWN_CLOSE_TIME`] after the grace (peers
+    /// that have not finished their closing handshake by then are cut off).
     pub fn drain(&self, grace: Duration) {
         self.shared.requests().drain = Some(grace);
         self.shared.wake();
@@ -316,7 +326,8 @@ pub struct Proxy {
     upstream_addrs: Vec<SocketAddr>,
     upstream_host: String,
     credentials: Credentials,
-    /// Draining: when open sessions are told to go away.
+    /// Draining: when open sessions are told to go away; once they have
+    /// been (`gone_away`), when what is left is closed regardless.
     drain_until: Option<Instant>,
     gone_away: bool,
     next_id: u64,
@@ -742,7 +753,9 @@ impl Proxy {
         }
         self.fire_timers(now);
         self.compact_timers();
-        self.check_drain(now);
+        if self.check_drain(now) {
+            return Ok(());
+        }
         if self.accept_paused_until.is_some_and(|t| t <= now) {
             self.accept_paused_until = None;
         }
@@ -826,16 +839,35 @@ impl Proxy {
         }
     }
 
-    fn check_drain(&mut self, now: Instant) {
-        if self.gone_away || self.drain_until.is_none_or(|t| t > now) {
-            return;
+    /// The two ends of a drain: when the grace is over every session is
+    /// told to go away (1001), and [`SHUTDOWN_CLOSE_TIME`] later whatever
+    /// has not finished closing is closed regardless. Returns true at that
+    /// second point: the loop is stopped and its pass must end.
+    fn check_drain(&mut self, now: Instant) -> bool {
+        if self.drain_until.is_none_or(|t| t > now) {
+            return false;
+        }
+        if self.gone_away {
+            // The closing handshakes had their time. A peer that never
+            // answers our close (or never reads it) must not hold the
+            // process past its grace: the kubelet's SIGKILL would follow.
+            self.drain_until = None;
+            if !self.sessions.is_empty() {
+                info!(
+                    "shutdown: {} connections did not finish closing within {SHUTDOWN_CLOSE_TIME:?}; closing them now",
+                    self.sessions.len()
+                );
+            }
+            self.shared.stop.store(true, Ordering::SeqCst);
+            self.close_all();
+            return true;
         }
         self.gone_away = true;
-        self.drain_until = None;
+        self.drain_until = Some(now + SHUTDOWN_CLOSE_TIME);
         let keys: Vec<usize> = self.sessions.iter().map(|(k, _)| k).collect();
         if !keys.is_empty() {
             info!(
-                "shutdown grace over: closing {} sessions with 1001",
+                "shutdown grace over: closing {} sessions with 1001 (at most {SHUTDOWN_CLOSE_TIME:?} for the closing handshakes)",
                 keys.len()
             );
         }
@@ -846,6 +878,7 @@ impl Proxy {
             }
             self.after_drive(key, None);
         }
+        false
     }
 
     fn dispatch_events(&mut self) {

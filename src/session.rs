@@ -17,7 +17,7 @@ use crate::authorize::{AuthRequest, Authorizer, Decision, Ticket};
 use crate::buffer::BufferPool;
 use crate::config::Config;
 use crate::conn::{Conn, Io, Readiness};
-use crate::events::{Event, text_value};
+use crate::events::{Event, namespace_field, text_value, vmi_field};
 use crate::frame::Direction;
 use crate::http::{self, Refusal, UpstreamAnswer};
 use crate::relay::{Pipe, SourceEnd};
@@ -79,6 +79,15 @@ pub(crate) enum Kind {
 pub(crate) enum Side {
     Client,
     Upstream,
+}
+
+/// What the operator learns about a refusal besides its status and reason
+/// (never sent; boxed, as most sessions are never refused).
+#[derive(Debug, Default)]
+struct RefusalContext {
+    detail: Option<String>,
+    vmi: Option<String>,
+    namespace: Option<String>,
 }
 
 /// The handshake in progress with the upstream.
@@ -163,7 +172,7 @@ pub(crate) struct Session {
     /// When dialing the upstream started (for the dial latency).
     dial_started: Option<Instant>,
     /// Context for the operator about a refusal (never sent).
-    refusal_detail: Option<String>,
+    refusal_context: Option<Box<RefusalContext>>,
     phase: Phase,
     /// Why the session ended (for the closing log line).
     outcome: Option<String>,
@@ -205,7 +214,7 @@ impl Session {
             keepalive_at: None,
             last_ping: [None, None],
             dial_started: None,
-            refusal_detail: None,
+            refusal_context: None,
             phase: Phase::Handshake,
             outcome: None,
             bytes_up: 0,
@@ -512,8 +521,17 @@ impl Session {
     ) {
         let grant = match decision {
             Decision::Allow(g) => g,
-            Decision::Deny { refusal, log } => {
-                self.refusal_detail = log;
+            Decision::Deny {
+                refusal,
+                log,
+                vmi,
+                namespace,
+            } => {
+                self.refusal_context = Some(Box::new(RefusalContext {
+                    detail: log,
+                    vmi,
+                    namespace,
+                }));
                 return self.refuse(ctx, refusal);
             }
             Decision::Pending => {
@@ -526,26 +544,27 @@ impl Session {
         // Whoever decided, no URL is built from a name that could change
         // its path.
         if !is_dns1123_subdomain(&grant.vmi) {
-            return self.refuse(ctx, Refusal::new(403, "invalid VMI name"));
+            return self.refuse_granted(ctx, &grant, Refusal::new(403, "invalid VMI name"));
         }
         if !is_dns1123_label(&grant.namespace) {
-            return self.refuse(ctx, Refusal::new(403, "invalid namespace"));
+            return self.refuse_granted(ctx, &grant, Refusal::new(403, "invalid namespace"));
         }
         // Only allow-listed query parameters reach the upstream.
         let query = match req.target.split_once('?') {
             None => None,
             Some((_, q)) => match filter_query(q, &ctx.config.upstream_query_params) {
                 Ok(q) => q,
-                Err(e) => return self.refuse(ctx, Refusal::new(400, format!("query: {e}"))),
+                Err(e) => {
+                    let r = Refusal::new(400, format!("query: {e}"));
+                    return self.refuse_granted(ctx, &grant, r);
+                }
             },
         };
         let creds = match ctx.credentials.current(ctx.now) {
             Ok(c) => c,
             Err(e) => {
-                return self.refuse(
-                    ctx,
-                    Refusal::new(502, format!("upstream credentials unavailable: {e}")),
-                );
+                let r = Refusal::new(502, format!("upstream credentials unavailable: {e}"));
+                return self.refuse_granted(ctx, &grant, r);
             }
         };
         let upstream_key = http::new_key();
@@ -960,12 +979,21 @@ impl Session {
     /// The one place a refusal is decided: one event (the access log line),
     /// one answer to the client.
     fn refuse(&mut self, ctx: &mut Ctx<'_>, r: Refusal) {
+        let c = self.refusal_context.take().map(|c| *c).unwrap_or_default();
+        // Once granted, the names are the grant's (the upstream refused, or
+        // did not answer, for that VMI).
+        let (vmi, namespace) = match &self.grant {
+            Some(g) => (Some(g.vmi.clone()), Some(g.namespace.clone())),
+            None => (c.vmi, c.namespace),
+        };
         ctx.events.push(Event::Refused {
             id: self.id,
             peer: self.peer,
             status: r.status,
             reason: r.reason.clone(),
-            detail: self.refusal_detail.take(),
+            vmi,
+            namespace,
+            detail: c.detail,
         });
         self.drop_upstream(ctx);
         self.outcome = Some(format!("refused with {}", r.status));
@@ -984,6 +1012,17 @@ impl Session {
         };
         self.state = State::Refusing { out, written: 0 };
         self.deadline = Some(ctx.now + ctx.config.close_timeout);
+    }
+
+    /// [`refuse`](Self::refuse) a session whose grant is not kept yet,
+    /// naming the grant's VMI and namespace.
+    fn refuse_granted(&mut self, ctx: &mut Ctx<'_>, grant: &Grant, r: Refusal) {
+        self.refusal_context = Some(Box::new(RefusalContext {
+            detail: None,
+            vmi: vmi_field(&grant.vmi),
+            namespace: namespace_field(&grant.namespace),
+        }));
+        self.refuse(ctx, r);
     }
 
     #[inline(never)]
@@ -1020,7 +1059,13 @@ impl Session {
             self.client_close = close_code(up);
             self.upstream_close = close_code(down);
             if self.outcome.is_none() {
-                self.outcome = Some(format!("{} (closed by the proxy)", describe_end(up, down)));
+                self.outcome = Some(if self.going_away {
+                    // Cut off at the end of a drain with its close frames
+                    // still on their way.
+                    "going away (shutdown; closing cut short)".to_owned()
+                } else {
+                    format!("{} (closed by the proxy)", describe_end(up, down))
+                });
             }
             up.release(ctx.pool);
             down.release(ctx.pool);

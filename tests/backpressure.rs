@@ -59,17 +59,20 @@ fn the_binary_refuses_bad_configuration_with_status_2() {
         }
         cmd.output().expect("run the binary")
     };
+    // A secret long enough that each case has exactly one thing wrong (every
+    // error is reported, one line each).
+    const LONG_SECRET: &str = "0123456789abcdef0123456789abcdef";
     for (env, var) in [
         (vec![("LOCAL_DEV_MODE", "true")], "SECRET_KEY"),
         // In-cluster mode (the default) outside a cluster: a clear refusal.
-        (vec![("SECRET_KEY", "s")], "KUBERNETES_SERVICE_HOST"),
+        (vec![("SECRET_KEY", LONG_SECRET)], "KUBERNETES_SERVICE_HOST"),
         (
-            vec![("SECRET_KEY", "s"), ("LOCAL_DEV_MODE", "sometimes")],
+            vec![("SECRET_KEY", LONG_SECRET), ("LOCAL_DEV_MODE", "sometimes")],
             "LOCAL_DEV_MODE",
         ),
         (
             vec![
-                ("SECRET_KEY", "s"),
+                ("SECRET_KEY", LONG_SECRET),
                 ("LOCAL_DEV_MODE", "1"),
                 ("PORT", "http"),
             ],
@@ -77,7 +80,7 @@ fn the_binary_refuses_bad_configuration_with_status_2() {
         ),
         (
             vec![
-                ("SECRET_KEY", "s"),
+                ("SECRET_KEY", LONG_SECRET),
                 ("LOCAL_DEV_MODE", "yes"),
                 ("WS_REMOTE_URL", "ftp://x"),
             ],

@@ -1,0 +1,191 @@
+//! The command line through the real binary: subcommands among the flags in
+//! any order, every configuration error in one run (one line each, exit 2),
+//! ranges named, and a warning for variables that look like ours.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kubevirt-vnc-proxy");
+const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+/// The binary with only `env` in its environment.
+fn run(env: &[(&str, &str)], args: &[&str]) -> Output {
+    Command::new(BIN)
+        .env_clear()
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+const LOCAL: &[(&str, &str)] = &[("SECRET_KEY", SECRET), ("LOCAL_DEV_MODE", "true")];
+
+#[test]
+fn a_subcommand_may_come_after_the_flags() {
+    for args in [
+        &["--port", "5002", "check-config"][..],
+        &["check-config", "--port", "5002"],
+        &["--port=5002", "check-config", "--host", "127.0.0.1"],
+    ] {
+        let out = run(LOCAL, args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stdout).starts_with("configuration ok"),
+            "{args:?}"
+        );
+    }
+    // The flags are still read: a bad one after the subcommand, or before.
+    for args in [
+        &["--port", "x", "check-config"][..],
+        &["check-config", "--port", "x"],
+    ] {
+        let out = run(LOCAL, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert_eq!(
+            text(&out.stderr),
+            "configuration error: PORT: 'x' is not a valid number\n"
+        );
+    }
+    // token, after a flag it shares with the proxy.
+    let out = run(
+        &[],
+        &[
+            "--secret-key",
+            SECRET,
+            "token",
+            "--vmi",
+            "ubuntu",
+            "--namespace",
+            "ns",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim().matches('.').count(), 2, "a JWT");
+    // The usage line says where subcommands go.
+    let help = text(&run(&[], &["--help"]).stdout);
+    let usage = help.lines().find(|l| l.starts_with("USAGE:")).unwrap();
+    assert!(
+        usage.contains("kubevirt-vnc-proxy [check-config] [OPTIONS]"),
+        "{usage}"
+    );
+    assert!(
+        help.contains("kubevirt-vnc-proxy token [TOKEN OPTIONS]"),
+        "{help}"
+    );
+}
+
+#[test]
+fn every_configuration_error_is_reported_at_once() {
+    let mut env = LOCAL.to_vec();
+    env.extend([
+        ("PORT", "70000"),
+        ("WORKERS", "0"),
+        ("SHUTDOWN_GRACE_SECONDS", "soon"),
+        ("REJECT_WITH", "silence"),
+    ]);
+    let expected = "configuration error: --bogus: unknown argument (see --help)\n\
+                    configuration error: PORT: '70000' is out of range 0-65535\n\
+                    configuration error: WORKERS: '0' is out of range 1-256\n\
+                    configuration error: REJECT_WITH: 'silence' is not http or close\n\
+                    configuration error: SHUTDOWN_GRACE_SECONDS: 'soon' is not a valid number\n\
+                    configuration error: MAX_REQUEST_HEAD_BYTES: '100' is out of range 512-1048576\n";
+    let args = ["--bogus", "--max-request-head-bytes", "100"];
+    let check: Vec<&str> = std::iter::once("check-config").chain(args).collect();
+    let out = run(&env, &check);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(text(&out.stderr), expected);
+    // A normal start says the same, and does not listen.
+    let out = run(&env, &args);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(text(&out.stderr), expected);
+}
+
+#[test]
+fn variables_that_look_like_ours_are_warned_about_at_start() {
+    let env = [
+        ("SECRET_KEY", SECRET),
+        ("LOCAL_DEV_MODE", "true"),
+        ("HOST", "127.0.0.1"),
+        ("PORT", "0"),
+        ("SHUTDOWN_GRACE", "2"),
+        ("PING_INTERVAL", "5"),
+        ("LOG_LEVEL", "DEBUG"),
+        // Nothing to say about these.
+        ("PATH", "/usr/bin:/bin"),
+        ("HOME", "/root"),
+        ("HOSTNAME", "proxy-7d9f"),
+        ("RUST_LOG", "info"),
+        ("KUBERNETES_PORT", "tcp://10.96.0.1:443"),
+        ("KUBERNETES_PORT_443_TCP_PORT", "443"),
+        ("KUBERNETES_SERVICE_PORT_HTTPS", "443"),
+        ("KUBEVIRT_VNC_PROXY_SERVICE_HOST", "10.96.7.7"),
+        ("KUBEVIRT_VNC_PROXY_PORT", "tcp://10.96.7.7:5001"),
+    ];
+    let mut child = Command::new(BIN)
+        .env_clear()
+        .envs(env)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let listening = line.contains("listening on ");
+        lines.push(line);
+        if listening || Instant::now() > deadline {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let warnings: Vec<&str> = lines
+        .iter()
+        .filter(|l| l.contains(" WARN "))
+        .map(|l| l.split("] ").nth(1).unwrap())
+        .collect();
+    assert_eq!(
+        warnings,
+        [
+            "environment variable LOG_LEVEL is not an option and is ignored: did you mean LOGLEVEL?",
+            "environment variable PING_INTERVAL is not an option and is ignored: did you mean PING_INTERVAL_SECONDS?",
+            "environment variable SHUTDOWN_GRACE is not an option and is ignored: did you mean SHUTDOWN_GRACE_SECONDS?",
+        ],
+        "{lines:#?}"
+    );
+    assert!(
+        lines.last().unwrap().contains("listening on "),
+        "{lines:#?}"
+    );
+    // check-config says so too, and the configuration is still fine.
+    let out = run(&env, &["check-config"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        text(&out.stderr)
+            .lines()
+            .filter(|l| l.starts_with("warning: environment variable "))
+            .count(),
+        3,
+        "{}",
+        text(&out.stderr)
+    );
+    // When the start fails, the warnings come first: they may explain it.
+    let out = run(&[("SECRET_KY", SECRET), ("LOCAL_DEV_MODE", "true")], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        "warning: environment variable SECRET_KY is not an option and is ignored: did you mean SECRET_KEY?\n\
+         configuration error: SECRET_KEY: not set (required unless JWT_PUBLIC_KEY_FILE is set)\n"
+    );
+}
