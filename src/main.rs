@@ -46,6 +46,7 @@ fn main() -> ExitCode {
     for l in &lookalikes {
         log::warn!("{l}");
     }
+    raise_open_files_limit(&config);
     let grace = config.shutdown_grace;
     let workers = config.workers;
     // Signal handlers first: everything the process holds is in place by the
@@ -177,6 +178,32 @@ fn init_logging(config: &Config) {
 /// A start that cannot go ahead: every configuration error, one line each,
 /// after the warnings that may explain them (`SECRET_KY` for `SECRET_KEY`);
 /// as JSON records when `LOG_FORMAT=json`, as every other line would be.
+/// Every proxied session holds two descriptors (client and upstream), so the
+/// common default soft limit of 1,024 would stop a proxy at about 500
+/// sessions, long before `MAX_CONNECTIONS`: raise the soft limit as far as
+/// needed and the hard limit allows, as Go's runtime and nginx's
+/// `worker_rlimit_nofile` do, and say so when the hard limit is too low.
+fn raise_open_files_limit(config: &Config) {
+    // Listener, epoll, waker, signal pipe, credential files and some slack.
+    const SPARE: u64 = 64;
+    let needed = (config.max_connections as u64)
+        .saturating_mul(config.workers as u64)
+        .saturating_mul(2)
+        .saturating_add(SPARE);
+    match rlimit::increase_nofile_limit(needed) {
+        Ok(got) if got < needed => log::warn!(
+            "the open-files limit is {got} (the hard limit), but MAX_CONNECTIONS={} x WORKERS={} \
+             needs about {needed}: past about {} sessions new ones wait for a free descriptor \
+             (raise the hard limit, or lower MAX_CONNECTIONS)",
+            config.max_connections,
+            config.workers,
+            got.saturating_sub(SPARE) / 2
+        ),
+        Ok(got) => log::debug!("open-files limit {got} (needed about {needed})"),
+        Err(e) => log::warn!("cannot raise the open-files limit: {e}"),
+    }
+}
+
 fn report_start_errors(lookalikes: &[Lookalike], errors: &ConfigErrors) {
     let lines = lookalikes
         .iter()

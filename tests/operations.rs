@@ -631,3 +631,65 @@ fn a_line_break_in_a_token_id_stays_inside_one_log_record() {
         "a record was split: {lines:#?}"
     );
 }
+
+/// The soft open-files limit of process `pid` (`/proc/PID/limits`).
+fn soft_nofile(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+#[test]
+fn the_binary_raises_its_open_files_limit_to_what_max_connections_needs() {
+    let hard = rlimit::Resource::NOFILE.get().unwrap().1;
+    if hard < 2048 {
+        eprintln!("SKIPPED: the hard open-files limit ({hard}) leaves nothing to raise to");
+        return;
+    }
+    let standin = StandIn::start();
+    // Started from a shell with the common default soft limit.
+    let start = |max_connections: &str| {
+        let mut child = Command::new("bash")
+            .args(["-c", "ulimit -Sn 1024 && exec \"$0\"", BIN])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("SECRET_KEY", SECRET)
+            .env("LOCAL_DEV_MODE", "true")
+            .env("WS_REMOTE_URL", format!("ws://{}", standin.addr()))
+            .env("HOST", "127.0.0.1")
+            .env("PORT", "0")
+            .env("MAX_CONNECTIONS", max_connections)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut log = Vec::new();
+        for line in lines.by_ref().map_while(Result::ok) {
+            let listening = line.contains("listening on");
+            log.push(line);
+            if listening {
+                break;
+            }
+        }
+        let soft = soft_nofile(child.id());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        (soft, log.join("\n"))
+    };
+    // 10,000 sessions need about 20,064 descriptors: raised as far as allowed.
+    let (soft, log) = start("10000");
+    assert_eq!(soft, hard.min(20_064), "{log}");
+    assert_eq!(
+        log.contains("needs about 20064"),
+        hard < 20_064,
+        "a warning exactly when the hard limit is too low: {log}"
+    );
+    // 100 sessions fit in 1,024: left alone, no warning.
+    let (soft, log) = start("100");
+    assert_eq!(soft, 1024, "{log}");
+    assert!(!log.contains("open-files limit"), "{log}");
+}
