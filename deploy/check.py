@@ -28,7 +28,8 @@ expected; exit status 1 on any failure, 2 on a usage error):
      Deployment sets it, else the default `--help` shows) plus 2 s for the
      closing handshakes;
   h. the readiness probe is GET /readyz and the liveness probe GET /healthz
-     on port 5001;
+     on the port of METRICS_ADDR (the probe path, answered outside
+     MAX_CONNECTIONS), named metrics;
   i. deploy/Dockerfile copies enough of the repository for cargo to load the
      manifest (`cargo fetch --offline --locked` in a copy of just what the
      Dockerfile COPYs), and agrees with the manifests (USER 65532, EXPOSE
@@ -380,8 +381,13 @@ class Checker:
             if get.get("path") != path:
                 self.fail(where, f"{cn}: {probe} path must be {path}, got {get.get('path')!r}")
             port = get.get("port")
-            if ports.get(port, port) != PORT:
-                self.fail(where, f"{cn}: {probe} port must be {PORT} (or its name ws), got {port!r}")
+            env = {e.get("name"): e.get("value") for e in c.get("env") or []}
+            probe_port = (env.get("METRICS_ADDR") or "").rpartition(":")[2]
+            if not probe_port.isdigit() or ports.get("metrics") != int(probe_port):
+                self.fail(where, f"{cn}: METRICS_ADDR must be set, its port a containerPort named metrics")
+            elif ports.get(port, port) != int(probe_port):
+                self.fail(where, f"{cn}: {probe} must use the probe path's port (metrics, "
+                          f"{probe_port}): on {port!r} a proxy at MAX_CONNECTIONS would not answer")
 
         image = c.get("image") or ""
         return pod, image

@@ -58,7 +58,7 @@ const OPTIONS: &[Opt] = &[
     Opt { var: "UPSTREAM_QUERY_PARAMS", flag: "--upstream-query-params", default: "preserveSession", help: "query parameters passed on to the upstream, comma-separated; others are dropped" },
     Opt { var: "LOGLEVEL", flag: "--loglevel", default: "INFO", help: "DEBUG, INFO, WARNING or ERROR (RUST_LOG wins when set)" },
     Opt { var: "LOG_FORMAT", flag: "--log-format", default: "text", help: "text or json (one JSON object per line, access log included)" },
-    Opt { var: "METRICS_ADDR", flag: "--metrics-addr", default: "", help: "HOST:PORT to serve GET /metrics on (Prometheus text format); off when empty" },
+    Opt { var: "METRICS_ADDR", flag: "--metrics-addr", default: "", help: "HOST:PORT of the probe path: GET /metrics (Prometheus text format), /healthz and /readyz, answered outside MAX_CONNECTIONS; off when empty" },
     Opt { var: "SHUTDOWN_GRACE_SECONDS", flag: "--shutdown-grace-seconds", default: "25", help: "on SIGTERM/SIGINT, how long open sessions may run before close 1001" },
     Opt { var: "PING_INTERVAL_SECONDS", flag: "--ping-interval-seconds", default: "15", help: "ping a side after this much silence from it (0: no keepalive)" },
     Opt { var: "PEER_TIMEOUT_SECONDS", flag: "--peer-timeout-seconds", default: "", help: "a side silent this long is gone: the other gets close 1001 (default 3 x PING_INTERVAL_SECONDS)" },

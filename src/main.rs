@@ -182,7 +182,8 @@ fn init_logging(config: &Config) {
 /// common default soft limit of 1,024 would stop a proxy at about 500
 /// sessions, long before `MAX_CONNECTIONS`: raise the soft limit as far as
 /// needed and the hard limit allows, as Go's runtime and nginx's
-/// `worker_rlimit_nofile` do, and say so when the hard limit is too low.
+/// `worker_rlimit_nofile` do, and say so when the hard limit leaves room for
+/// fewer than 90 % of the sessions.
 fn raise_open_files_limit(config: &Config) {
     // Listener, epoll, waker, signal pipe, credential files and some slack.
     const SPARE: u64 = 64;
@@ -190,14 +191,15 @@ fn raise_open_files_limit(config: &Config) {
         .saturating_mul(config.workers as u64)
         .saturating_mul(2)
         .saturating_add(SPARE);
+    let sessions = |limit: u64| limit.saturating_sub(SPARE) / 2;
     match rlimit::increase_nofile_limit(needed) {
-        Ok(got) if got < needed => log::warn!(
+        Ok(got) if sessions(got) < sessions(needed) * 9 / 10 => log::warn!(
             "the open-files limit is {got} (the hard limit), but MAX_CONNECTIONS={} x WORKERS={} \
              needs about {needed}: past about {} sessions new ones wait for a free descriptor \
              (raise the hard limit, or lower MAX_CONNECTIONS)",
             config.max_connections,
             config.workers,
-            got.saturating_sub(SPARE) / 2
+            sessions(got)
         ),
         Ok(got) => log::debug!("open-files limit {got} (needed about {needed})"),
         Err(e) => log::warn!("cannot raise the open-files limit: {e}"),

@@ -52,6 +52,13 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// hold the process for the whole close timeout.
 pub const SHUTDOWN_CLOSE_TIME: Duration = Duration::from_secs(1);
 
+/// Connections the metrics listener (`METRICS_ADDR`, the probe path) holds
+/// at once. They are not counted against `MAX_CONNECTIONS`, so `/healthz`,
+/// `/readyz` and `/metrics` answer on that port while the sessions fill the
+/// proxy (or slow clients flood it) and kubelet does not restart a full
+/// proxy, dropping every console.
+pub(crate) const PROBE_SLOTS: usize = 16;
+
 /// Spare relay buffers kept for reuse.
 const SPARE_BUFFERS: usize = 64;
 /// Bytes of the loop's scratch buffer (see `Ctx::scratch`).
@@ -302,6 +309,8 @@ pub struct Proxy {
     accept_paused_until: Option<Instant>,
     /// MAX_CONNECTIONS reached; accepting resumes at 90 %.
     at_capacity: bool,
+    /// Metrics-listener connections open (at most [`PROBE_SLOTS`]).
+    probe_slots_used: usize,
     /// Open connections per client address (MAX_CONNECTIONS_PER_IP).
     per_ip: HashMap<IpAddr, usize>,
     sessions: Slab<Session>,
@@ -581,6 +590,7 @@ impl Proxy {
             metrics_ready: false,
             accept_paused_until: None,
             at_capacity: false,
+            probe_slots_used: 0,
             per_ip: HashMap::new(),
             sessions: Slab::new(),
             relaying: 0,
@@ -687,6 +697,12 @@ impl Proxy {
 
     fn can_accept(&self) -> bool {
         self.accept_paused_until.is_none() && !self.at_capacity
+    }
+
+    /// Open connections that count against MAX_CONNECTIONS: all but the
+    /// probe path's.
+    fn counted(&self) -> usize {
+        self.sessions.len() - self.probe_slots_used
     }
 
     /// Wait for events (at most `timeout`; `Some(ZERO)` does not wait), handle
@@ -1009,7 +1025,11 @@ impl Proxy {
 
     fn accept(&mut self, now: Instant, kind: Kind) {
         for _ in 0..ACCEPT_BUDGET {
-            if self.sessions.len() >= self.config.max_connections {
+            if kind == Kind::Metrics && self.probe_slots_used >= PROBE_SLOTS {
+                // The listener stays ready: tried again once a slot frees.
+                return;
+            }
+            if kind == Kind::Main && self.counted() >= self.config.max_connections {
                 // Stop accepting: new clients wait in the kernel's backlog
                 // (or get refused by it) instead of costing descriptors.
                 if !self.at_capacity {
@@ -1063,6 +1083,9 @@ impl Proxy {
         }
         let id = self.next_id;
         self.next_id += 1;
+        if kind == Kind::Metrics {
+            self.probe_slots_used += 1;
+        }
         let entry = self.sessions.vacant_entry();
         let key = entry.key();
         let mut session = Session::new(id, key, kind, stream, peer, now, &self.config);
@@ -1129,6 +1152,9 @@ impl Proxy {
         if s.counted_relaying {
             self.relaying -= 1;
         }
+        if s.kind() == Kind::Metrics {
+            self.probe_slots_used -= 1;
+        }
         self.shared.counters.open.fetch_sub(1, Ordering::Relaxed);
         let ip = s.peer().ip();
         if self.config.max_connections_per_ip > 0
@@ -1140,11 +1166,11 @@ impl Proxy {
             }
         }
         // Hysteresis: resume at 90 %, so a full proxy does not flap.
-        if self.at_capacity && self.sessions.len() <= self.resume_at() {
+        if self.at_capacity && self.counted() <= self.resume_at() {
             self.at_capacity = false;
             info!(
                 "open connections down to {}: accepting again",
-                self.sessions.len()
+                self.counted()
             );
             // Clients may be waiting in the backlog; no new edge will come
             // for them, so look now.

@@ -70,7 +70,8 @@ pub(crate) struct Ctx<'a> {
 pub(crate) enum Kind {
     /// The main listener: WebSocket sessions, /healthz, /readyz.
     Main,
-    /// `METRICS_ADDR`: only `GET /metrics`.
+    /// `METRICS_ADDR`, the probe path outside MAX_CONNECTIONS: `GET
+    /// /metrics`, `/healthz` and `/readyz`.
     Metrics,
 }
 
@@ -188,6 +189,11 @@ pub(crate) struct Session {
 }
 
 impl Session {
+    /// Which listener accepted it.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
     pub fn new(
         id: u64,
         key: usize,
@@ -445,7 +451,11 @@ impl Session {
             Err(_) if self.kind == Kind::Metrics => {
                 self.answer(
                     ctx,
-                    http::plain_response(404, "text/plain", "only GET /metrics here\n"),
+                    http::plain_response(
+                        404,
+                        "text/plain",
+                        "only GET /metrics, /healthz and /readyz here\n",
+                    ),
                 );
             }
             Err(refusal) => self.refuse(ctx, refusal),
@@ -453,7 +463,11 @@ impl Session {
             Ok(Some(http::Request::Upgrade(_))) if self.kind == Kind::Metrics => {
                 self.answer(
                     ctx,
-                    http::plain_response(404, "text/plain", "only GET /metrics here\n"),
+                    http::plain_response(
+                        404,
+                        "text/plain",
+                        "only GET /metrics, /healthz and /readyz here\n",
+                    ),
                 );
             }
             Ok(Some(http::Request::Upgrade(req))) => {
@@ -942,8 +956,8 @@ impl Session {
     fn answer_probe(&mut self, ctx: &mut Ctx<'_>, probe: http::Probe) {
         let text = "text/plain; charset=utf-8";
         let out = match (self.kind, probe) {
-            (Kind::Main, http::Probe::Health) => http::plain_response(200, text, "ok\n"),
-            (Kind::Main, http::Probe::Ready) => {
+            (_, http::Probe::Health) => http::plain_response(200, text, "ok\n"),
+            (_, http::Probe::Ready) => {
                 // Readiness looks at the credentials itself (rate-limited by
                 // CREDENTIALS_CHECK_SECONDS), so a pod with no sessions still
                 // notices a vanished token.

@@ -680,16 +680,73 @@ fn the_binary_raises_its_open_files_limit_to_what_max_connections_needs() {
         child.wait().unwrap();
         (soft, log.join("\n"))
     };
-    // 10,000 sessions need about 20,064 descriptors: raised as far as allowed.
+    // 10,000 sessions need about 20,064 descriptors: raised as far as allowed,
+    // with a warning when fewer than 90 % of them fit.
     let (soft, log) = start("10000");
     assert_eq!(soft, hard.min(20_064), "{log}");
+    let fits = (soft - 64) / 2;
     assert_eq!(
         log.contains("needs about 20064"),
-        hard < 20_064,
+        fits < 9_000,
         "a warning exactly when the hard limit is too low: {log}"
     );
+    // 20,000 sessions cannot fit under this hard limit: always a warning.
+    let (soft, log) = start("20000");
+    assert_eq!(soft, hard.min(40_064), "{log}");
+    if hard < 36_000 {
+        assert!(log.contains("needs about 40064"), "{log}");
+        assert!(
+            log.contains(&format!(
+                "past about {fits2} sessions",
+                fits2 = (soft - 64) / 2
+            )),
+            "{log}"
+        );
+    }
     // 100 sessions fit in 1,024: left alone, no warning.
     let (soft, log) = start("100");
     assert_eq!(soft, 1024, "{log}");
     assert!(!log.contains("open-files limit"), "{log}");
+}
+
+#[test]
+fn probes_on_the_probe_path_answer_a_proxy_full_of_slow_clients() {
+    let h = Harness::start_with(|c| {
+        c.max_connections = 20;
+        c.metrics_addr = Some("127.0.0.1:0".into());
+    });
+    let probes = h.proxy.as_ref().unwrap().metrics_addr().unwrap();
+    // 25 clients that send half a request head: 20 fill MAX_CONNECTIONS, 5
+    // wait in the backlog.
+    let slow: Vec<TcpStream> = (0..25)
+        .map(|_| {
+            let mut s = TcpStream::connect(h.addr).unwrap();
+            s.write_all(b"GET /x/echo HTTP/1.1\r\nHost: a\r\n").unwrap();
+            s
+        })
+        .collect();
+    assert!(upstream::wait_until(Duration::from_secs(5), || h
+        .handle()
+        .stats()
+        .limits_hit
+        >= 1));
+    // The main port is full: its /healthz waits with the slow clients.
+    let mut main = TcpStream::connect(h.addr).unwrap();
+    main.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    main.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(main.read(&mut [0u8; 1]).is_err(), "the main port is full");
+    // The probe path is not: every probe answers at once, twice in a row.
+    for _ in 0..2 {
+        for (path, want) in [("/healthz", "ok"), ("/readyz", "ready"), ("/metrics", "#")] {
+            let started = Instant::now();
+            let (status, body) = get(probes, path);
+            let took = started.elapsed();
+            assert_eq!(status, 200, "{path}: {body}");
+            assert!(body.starts_with(want), "{path}: {body}");
+            assert!(took < Duration::from_millis(100), "{path} took {took:?}");
+        }
+    }
+    drop(slow);
 }
