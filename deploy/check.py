@@ -579,9 +579,8 @@ def simulate_deploy(commands, kustom_namespace, namespaces_in_manifests, secret_
     def expand(word):
         return re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m.group(1), m.group(0)), word)
 
-    for words in commands:
-        words = [expand(w) for w in words]
-        text = " ".join(words)
+    def step(words, text):
+        nonlocal built, pushed, set_image, applied
         # Leading subshell/cd: `(cd DIR && CMD)`.
         if words[0].startswith("(") or words[0] == "cd":
             joined = text.strip("()")
@@ -590,22 +589,27 @@ def simulate_deploy(commands, kustom_namespace, namespaces_in_manifests, secret_
             for assignment in words[1:]:
                 name, _, value = assignment.partition("=")
                 env[name] = value
-            continue
+            return
+        # `NAME=value command`: the assignments hold for that command only.
+        local = dict(env)
+        while words and re.fullmatch(r"\w+=.*", words[0]):
+            name, _, value = words.pop(0).partition("=")
+            local[name] = value
         if words[:2] == ["bash", "deploy/build-image.sh"] or words[0] == "deploy/build-image.sh":
-            built = env.get("IMAGE", "kubevirt-vnc-proxy:latest")
-            continue
+            built = local.get("IMAGE", "kubevirt-vnc-proxy:latest")
+            return
         if len(words) >= 3 and words[0] in ("docker", "podman", "buildah") and words[1] == "push":
             pushed = words[2]
-            continue
+            return
         if words[:4] == ["kustomize", "edit", "set", "image"]:
             name, _, value = words[4].partition("=")
             if name != image_name:
                 problems.append(f"`{text}` sets image {name!r}, but the kustomization's "
                                 f"`images:` entry is {image_name!r}")
             set_image = value
-            continue
+            return
         if words[0] != "kubectl":
-            continue
+            return
         ns = None
         if "-n" in words:
             ns = words[words.index("-n") + 1]
@@ -615,10 +619,10 @@ def simulate_deploy(commands, kustom_namespace, namespaces_in_manifests, secret_
                 if w not in ("-n", "--namespace") and words[i - 1] not in ("-n", "--namespace")]
         if rest[:2] == ["create", "namespace"]:
             namespaces.add(rest[2])
-            continue
+            return
         if rest[:2] == ["apply", "-f"] and rest[2].endswith("namespace.yaml"):
             namespaces.update(namespaces_in_manifests)
-            continue
+            return
         if ns is not None and ns not in namespaces:
             problems.append(f"`{text}` uses namespace {ns!r} before any command creates it")
         if rest[:3] == ["create", "secret", "generic"]:
@@ -627,7 +631,7 @@ def simulate_deploy(commands, kustom_namespace, namespaces_in_manifests, secret_
                     if w.startswith("--from-literal=") or w.startswith("--from-file=")]
             for key in keys:
                 secrets.add((ns, name, key))
-            continue
+            return
         if rest[:2] == ["apply", "-k"]:
             applied = True
             if secret_ref and (kustom_namespace, *secret_ref) not in secrets:
@@ -635,6 +639,14 @@ def simulate_deploy(commands, kustom_namespace, namespaces_in_manifests, secret_
                     f"`{text}` starts the Deployment, which reads key {secret_ref[1]!r} of Secret "
                     f"{secret_ref[0]!r} in {kustom_namespace!r}, but no command before it creates that")
             namespaces.update(namespaces_in_manifests)
+
+    for words in commands:
+        words = [expand(w) for w in words]
+        text = " ".join(words)
+        try:
+            step(words, text)
+        except (IndexError, ValueError):
+            problems.append(f"`{text}`: cannot read this command (an argument is missing)")
     if not applied:
         problems.append("no `kubectl apply -k deploy/kubernetes`")
     if built is None or pushed is None or set_image is None:

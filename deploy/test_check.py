@@ -31,6 +31,14 @@ kubectl apply -k deploy/kubernetes
 
 
 class ReadmeDeployCommands(unittest.TestCase):
+    def test_an_inline_image_and_a_missing_argument(self):
+        inline = GOOD.replace("export IMAGE=registry.example.com/kubevirt-vnc-proxy:0.1.0\nbash",
+                              "IMAGE=registry.example.com/kubevirt-vnc-proxy:0.1.0 bash")
+        inline = inline.replace('"$IMAGE"', "registry.example.com/kubevirt-vnc-proxy:0.1.0")
+        self.assertEqual(simulate(inline), [])
+        broken = simulate(GOOD + "kubectl -n\nkubectl create namespace\n")
+        self.assertEqual(sum("cannot read this command" in p for p in broken), 2, broken)
+
     def test_the_readme_as_it_is(self):
         with open(os.path.join(HERE, "..", "README.md"), encoding="utf-8") as f:
             commands = check.readme_deploy_commands(f.read())

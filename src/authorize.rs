@@ -194,7 +194,6 @@ impl Authorizer for JwtAuthorizer {
 /// The namespace in a token's claims, read without any check: call it only
 /// for a token whose signature verified.
 fn verified_namespace(token: &str) -> Option<String> {
-    use base64::Engine;
     #[derive(serde::Deserialize)]
     struct Claims {
         lab_instance: LabInstance,
@@ -203,10 +202,6 @@ fn verified_namespace(token: &str) -> Option<String> {
     struct LabInstance {
         namespace_name: String,
     }
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .ok()?;
-    let claims: Claims = serde_json::from_slice(&bytes).ok()?;
+    let claims: Claims = serde_json::from_slice(&crate::auth::payload_json(token)?).ok()?;
     namespace_field(&claims.lab_instance.namespace_name)
 }

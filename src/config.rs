@@ -431,8 +431,10 @@ impl Config {
                     lookalike(&flag, SUBCOMMANDS.iter().copied())
                 };
                 let hint = hint.map_or(String::new(), |f| format!("; did you mean {f}?"));
+                // Only the flag: an inline value may be a secret
+                // (`--secret-kye=…`), and this line may go to a log.
                 r.fail(ConfigError::new(
-                    &arg,
+                    &flag,
                     format!("unknown argument{hint} (see --help)"),
                 ));
                 // An unknown flag's value is not one more unknown argument.
@@ -456,7 +458,14 @@ impl Config {
         let default_upstream = || UpstreamUrl::parse(default_of("WS_REMOTE_URL")).expect("default");
         let upstream = match r.get("WS_REMOTE_URL").filter(|_| !local_dev) {
             // Which upstream applies is unknown: no error follows from it.
-            _ if r.failed("LOCAL_DEV_MODE") => default_upstream(),
+            // A URL that is set is checked all the same.
+            _ if r.failed("LOCAL_DEV_MODE") => match r.get("WS_REMOTE_URL") {
+                Some(url) => UpstreamUrl::parse(&url).unwrap_or_else(|m| {
+                    r.fail(ConfigError::new("WS_REMOTE_URL", m));
+                    default_upstream()
+                }),
+                None => default_upstream(),
+            },
             // In a cluster the API server is where Kubernetes says it is,
             // unless the operator names another endpoint explicitly.
             None if !local_dev => {
@@ -610,7 +619,9 @@ impl Config {
         let ping_interval = r.secs("PING_INTERVAL_SECONDS");
         let peer_timeout = match r.get("PEER_TIMEOUT_SECONDS") {
             Some(v) if !v.trim().is_empty() => r.secs("PEER_TIMEOUT_SECONDS"),
-            _ => 3 * ping_interval,
+            // Derived: within the range whatever the (valid) interval, so
+            // no error names a variable the operator did not set.
+            _ => (3 * ping_interval).min(Duration::from_secs(MAX_SECONDS)),
         };
         let config = Config {
             host: r.or_default("HOST"),
@@ -694,9 +705,6 @@ impl Config {
             "JWT_PUBLIC_KEY_FILE",
             "JWT_ALGORITHMS",
             "ALLOW_WEAK_SECRET",
-            "JWT_LEEWAY_SECONDS",
-            "JWT_AUDIENCE",
-            "JWT_ISSUER",
         ];
         let mut p: Vec<(ConfigError, &'static [&'static str])> = Vec::new();
         if keys && self.jwt.secrets.is_empty() && self.jwt.public_keys.is_empty() {
@@ -1344,6 +1352,43 @@ mod tests {
         );
         c.handshake_timeout = Duration::from_millis(300);
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn no_error_hides_another_or_shows_a_secret() {
+        let vars = |pairs: &[(&str, &str)], args: &[&str]| -> Vec<String> {
+            all_errors(pairs, args).into_iter().map(|e| e.var).collect()
+        };
+        // A mistyped flag's inline value may be a secret: never echoed.
+        let e = all_errors(BASE, &["--secret-kye=supersecretvalue123"]);
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].var, "--secret-kye");
+        assert!(!e[0].to_string().contains("supersecret"), "{}", e[0]);
+        // A bad leeway does not hide a weak secret.
+        let weak = [("SECRET_KEY", "short"), ("LOCAL_DEV_MODE", "true")];
+        let mut with_leeway = weak.to_vec();
+        with_leeway.push(("JWT_LEEWAY_SECONDS", "abc"));
+        assert_eq!(
+            vars(&with_leeway, &[]),
+            ["JWT_LEEWAY_SECONDS", "SECRET_KEY"]
+        );
+        // A valid but long ping interval gives no error about the timeout
+        // derived from it.
+        let mut ping = BASE.to_vec();
+        ping.push(("PING_INTERVAL_SECONDS", "20000000"));
+        assert!(vars(&ping, &[]).is_empty(), "{:?}", vars(&ping, &[]));
+        // A bad LOCAL_DEV_MODE does not hide a bad WS_REMOTE_URL.
+        assert_eq!(
+            vars(
+                &[
+                    ("SECRET_KEY", LONG),
+                    ("LOCAL_DEV_MODE", "maybe"),
+                    ("WS_REMOTE_URL", "http://x")
+                ],
+                &[]
+            ),
+            ["LOCAL_DEV_MODE", "WS_REMOTE_URL"]
+        );
     }
 
     #[test]

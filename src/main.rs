@@ -57,7 +57,7 @@ fn main() -> ExitCode {
         match Signals::new([SIGTERM, SIGINT]) {
             Ok(s) => Some(s),
             Err(e) => {
-                log::error!("cannot install signal handlers: {e}");
+                fatal(&format!("cannot install signal handlers: {e}"));
                 return ExitCode::FAILURE;
             }
         }
@@ -126,7 +126,7 @@ fn main() -> ExitCode {
         match p.spawn() {
             Ok(r) => threads.push(r),
             Err(e) => {
-                log::error!("cannot start a worker thread: {e}");
+                fatal(&format!("cannot start a worker thread: {e}"));
                 return ExitCode::FAILURE;
             }
         }
@@ -141,17 +141,28 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            log::error!("event loop failed: {e}");
+            fatal(&format!("event loop failed: {e}"));
             ExitCode::FAILURE
         }
     }
 }
 
 fn start_failed(e: StartError) -> ExitCode {
-    log::error!("{e}");
+    fatal(&e.to_string());
     match e {
         StartError::Config(_) | StartError::Resolve(_) => ExitCode::from(2),
         StartError::Bind(..) | StartError::Io(_) => ExitCode::FAILURE,
+    }
+}
+
+/// Why the process stops: logged, and on stderr as it is when the log
+/// filter (`RUST_LOG=off`, say) would drop it, so a failed start never exits
+/// without a word.
+fn fatal(message: &str) {
+    if log::log_enabled!(log::Level::Error) {
+        log::error!("{message}");
+    } else {
+        eprintln!("{message}");
     }
 }
 
@@ -175,9 +186,6 @@ fn init_logging(config: &Config) {
     b.init();
 }
 
-/// A start that cannot go ahead: every configuration error, one line each,
-/// after the warnings that may explain them (`SECRET_KY` for `SECRET_KEY`);
-/// as JSON records when `LOG_FORMAT=json`, as every other line would be.
 /// Every proxied session holds two descriptors (client and upstream), so the
 /// common default soft limit of 1,024 would stop a proxy at about 500
 /// sessions, long before `MAX_CONNECTIONS`: raise the soft limit as far as
@@ -206,6 +214,9 @@ fn raise_open_files_limit(config: &Config) {
     }
 }
 
+/// A start that cannot go ahead: every configuration error, one line each,
+/// after the warnings that may explain them (`SECRET_KY` for `SECRET_KEY`);
+/// as JSON records when `LOG_FORMAT=json`, as every other line would be.
 fn report_start_errors(lookalikes: &[Lookalike], errors: &ConfigErrors) {
     let lines = lookalikes
         .iter()
