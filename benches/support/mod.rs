@@ -5,6 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
+#[path = "../../tests/support/fdlimit.rs"]
+mod fdlimit;
+
 /// CPU model, core count and kernel, for reading the numbers in context.
 pub fn machine() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo")
@@ -47,37 +50,15 @@ pub fn report_path(name: &str, smoke: bool) -> PathBuf {
 /// pipes, the report, the sessions of the other workloads on their way out.
 pub const FD_RESERVE: u64 = 64;
 
-/// The soft open-files limit of this process, raised to the hard limit first (once: later
-/// calls find it raised). A proxy started afterwards inherits the raised limit.
+/// The soft open-files limit of this process, raised to the hard limit (see
+/// `tests/support/fdlimit.rs`).
 pub fn raise_nofile_limit() -> u64 {
-    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
-        eprintln!("could not raise the open-files limit: {e}");
-    }
-    rlimit::Resource::NOFILE
-        .get()
-        .map_or(1024, |(soft, _)| soft)
+    fdlimit::nofile_limit()
 }
 
 /// How many of `wanted` sessions `bench` can hold open at once when each costs `per_session`
 /// descriptors in this process (the proxy, a child, inherits the same limit and holds two per
-/// session): `wanted` when the open-files limit, raised to the hard limit, has room for them
-/// beside [`FD_RESERVE`]; otherwise as many as fit (at least one), with a line on stderr saying
-/// how far and why.
+/// session), beside [`FD_RESERVE`].
 pub fn fit_to_nofile_limit(bench: &str, wanted: usize, per_session: usize) -> usize {
-    let limit = raise_nofile_limit();
-    let fits = usize::try_from(limit.saturating_sub(FD_RESERVE) / per_session as u64)
-        .unwrap_or(usize::MAX);
-    if fits >= wanted {
-        return wanted;
-    }
-    let scaled = fits.max(1);
-    let hard = rlimit::Resource::NOFILE
-        .get()
-        .map_or_else(|_| "unknown".to_owned(), |(_, hard)| hard.to_string());
-    eprintln!(
-        "bench {bench}: idle sessions scaled down from {wanted} to {scaled}: the open-files limit \
-         is {limit}, raised as far as the hard limit ({hard}) allows; each session holds \
-         {per_session} descriptors in this process, and {FD_RESERVE} stay free for the rest"
-    );
-    scaled
+    fdlimit::fit_to_nofile_limit(&format!("bench {bench}"), wanted, per_session, FD_RESERVE)
 }

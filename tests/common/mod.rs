@@ -3,6 +3,8 @@
 //! count of the sockets the proxy holds.
 #![allow(dead_code)]
 
+#[path = "../support/fdlimit.rs"]
+pub mod fdlimit;
 #[path = "../support/pki.rs"]
 pub mod pki;
 #[path = "../support/tokens.rs"]
@@ -31,44 +33,10 @@ pub const NS: &str = "lab-ns";
 /// process's descriptor table (and its `RLIMIT_NOFILE`).
 pub const FD_RESERVE: u64 = 256;
 
-/// The soft `RLIMIT_NOFILE` of this process, raised to the hard limit first (once per
-/// process; the first test that asks does it, for the whole binary). A child started
-/// afterwards, the proxy binary included, inherits the raised limit.
-pub fn nofile_limit() -> u64 {
-    static LIMIT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *LIMIT.get_or_init(|| {
-        // Up to the hard limit; the crate also caps it where the kernel has a lower
-        // per-process ceiling (macOS's kern.maxfilesperproc).
-        if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
-            eprintln!("could not raise the open-files limit: {e}");
-        }
-        rlimit::Resource::NOFILE
-            .get()
-            .map_or(1024, |(soft, _)| soft)
-    })
-}
-
-/// How many of `wanted` units (sessions, clients) `test` can hold open at once when each costs
-/// `per_unit` descriptors in this process: `wanted` when the open-files limit, raised to the
-/// hard limit, leaves room for them beside [`FD_RESERVE`]; otherwise as many as fit (at least
-/// one), with a line on stderr saying how far and why.
+/// How many of `wanted` units `test` can hold open beside [`FD_RESERVE`] (see
+/// [`fdlimit::fit_to_nofile_limit`]).
 pub fn fit_to_nofile_limit(test: &str, wanted: usize, per_unit: usize) -> usize {
-    let limit = nofile_limit();
-    let fits =
-        usize::try_from(limit.saturating_sub(FD_RESERVE) / per_unit as u64).unwrap_or(usize::MAX);
-    if fits >= wanted {
-        return wanted;
-    }
-    let scaled = fits.max(1);
-    let hard = rlimit::Resource::NOFILE
-        .get()
-        .map_or_else(|_| "unknown".to_owned(), |(_, hard)| hard.to_string());
-    eprintln!(
-        "{test}: scaled down from {wanted} to {scaled}: the open-files limit is {limit}, raised \
-         as far as the hard limit ({hard}) allows; each one holds {per_unit} descriptors in this \
-         process, and {FD_RESERVE} stay free for the tests running beside it"
-    );
-    scaled
+    fdlimit::fit_to_nofile_limit(test, wanted, per_unit, FD_RESERVE)
 }
 
 /// The proxy in front of a fresh stand-in upstream.
