@@ -8,97 +8,13 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use common::{NS, SECRET, StandIn, raw_request, tokens, upgrade_request, ws_connect};
+use common::{Binary, NS, SECRET, StandIn, raw_request, tokens, upgrade_request, ws_connect};
 use serde_json::Value;
 use tungstenite::Message;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kubevirt-vnc-proxy");
-
-/// The binary, its stderr lines on a channel (each one as written).
-struct Binary {
-    child: Child,
-    addr: SocketAddr,
-    lines: mpsc::Receiver<String>,
-    /// The lines up to and including the one that says where it listens.
-    startup: Vec<String>,
-}
-
-impl Binary {
-    fn start(upstream: SocketAddr, env: &[(&str, &str)]) -> Binary {
-        let mut cmd = Command::new(BIN);
-        cmd.env_clear()
-            .env("SECRET_KEY", SECRET)
-            .env("LOCAL_DEV_MODE", "true")
-            .env("WS_REMOTE_URL", format!("ws://{upstream}"))
-            .env("HOST", "127.0.0.1")
-            .env("PORT", "0")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut startup = Vec::new();
-        let addr = loop {
-            let line = lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| panic!("no 'listening on' line in {startup:#?}"));
-            startup.push(line.clone());
-            let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                continue;
-            };
-            if let Some(a) = v["msg"]
-                .as_str()
-                .and_then(|m| m.strip_prefix("listening on "))
-            {
-                break a.parse().unwrap();
-            }
-        };
-        Binary {
-            child,
-            addr,
-            lines,
-            startup,
-        }
-    }
-
-    /// Lines until `done` has seen what it wants (bounded).
-    fn lines_until(&self, mut done: impl FnMut(&[String]) -> bool) -> Vec<String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut out = Vec::new();
-        while !done(&out) {
-            match self
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(l) => out.push(l),
-                Err(_) => panic!("timed out; lines so far: {out:#?}"),
-            }
-        }
-        out
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// README.md's "JSON log lines" table: field -> (the kinds of line it is
 /// in, whether it may be absent, the JSON types it may have).

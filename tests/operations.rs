@@ -8,101 +8,14 @@ mod labo;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::upstream::{self, StandIn};
-use common::{Harness, SECRET, raw_request, upgrade_request, ws_connect};
+use common::{Binary, Harness, SECRET, raw_request, upgrade_request, ws_connect};
 use tungstenite::Message;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kubevirt-vnc-proxy");
-
-/// The binary with stderr lines delivered on a channel.
-struct Binary {
-    child: Child,
-    addr: SocketAddr,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Binary {
-    fn start(upstream: SocketAddr, env: &[(&str, &str)]) -> Binary {
-        let mut cmd = Command::new(BIN);
-        cmd.env_clear()
-            .env("SECRET_KEY", SECRET)
-            .env("LOCAL_DEV_MODE", "true")
-            .env("WS_REMOTE_URL", format!("ws://{upstream}"))
-            .env("HOST", "127.0.0.1")
-            .env("PORT", "0")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let addr = loop {
-            let line = lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("the proxy says where it listens");
-            if let Some(a) = line.split("listening on ").nth(1) {
-                // With LOG_FORMAT=json the address ends a JSON string.
-                let a = a.trim().trim_end_matches("\"}").trim_end_matches('"');
-                break a.parse().unwrap();
-            }
-        };
-        Binary { child, addr, lines }
-    }
-
-    fn signal(&self, name: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{name}");
-    }
-
-    /// Wait (bounded) for the process to exit; its status code.
-    fn wait_exit(&mut self, within: Duration) -> Option<i32> {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-
-    fn drain_lines(&self, for_at_most: Duration) -> Vec<String> {
-        let mut out = Vec::new();
-        let deadline = Instant::now() + for_at_most;
-        while let Ok(l) = self
-            .lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            out.push(l);
-        }
-        out
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let a = raw_request(

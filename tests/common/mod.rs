@@ -17,7 +17,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kubevirt_vnc_proxy::{Config, Handle, Proxy, Running};
 use tungstenite::protocol::WebSocketConfig;
@@ -37,6 +37,118 @@ pub const FD_RESERVE: u64 = 256;
 /// [`fdlimit::fit_to_nofile_limit`]).
 pub fn fit_to_nofile_limit(test: &str, wanted: usize, per_unit: usize) -> usize {
     fdlimit::fit_to_nofile_limit(test, wanted, per_unit, FD_RESERVE)
+}
+
+/// The proxy binary in local dev mode in front of `upstream`, listening on a free port of
+/// 127.0.0.1, its stderr lines delivered on a channel (each one as written); killed (by its
+/// PID) when dropped.
+pub struct Binary {
+    pub child: Child,
+    pub addr: SocketAddr,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// The lines up to and including the one that says where it listens.
+    pub startup: Vec<String>,
+}
+
+impl Binary {
+    pub fn start(upstream: SocketAddr, env: &[(&str, &str)]) -> Binary {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kubevirt-vnc-proxy"));
+        cmd.env_clear()
+            .env("SECRET_KEY", SECRET)
+            .env("LOCAL_DEV_MODE", "true")
+            .env("WS_REMOTE_URL", format!("ws://{upstream}"))
+            .env("HOST", "127.0.0.1")
+            .env("PORT", "0")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut startup = Vec::new();
+        let addr = loop {
+            let line = lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("no 'listening on' line in {startup:#?}"));
+            startup.push(line.clone());
+            if let Some(a) = line.split("listening on ").nth(1) {
+                // With LOG_FORMAT=json the address ends a JSON string.
+                let a = a.trim().trim_end_matches("\"}").trim_end_matches('"');
+                break a.parse().unwrap();
+            }
+        };
+        Binary {
+            child,
+            addr,
+            lines,
+            startup,
+        }
+    }
+
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name}");
+    }
+
+    /// Wait (bounded) for the process to exit; its status code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Every line that comes within `for_at_most`.
+    pub fn drain_lines(&self, for_at_most: Duration) -> Vec<String> {
+        let mut out = Vec::new();
+        let deadline = Instant::now() + for_at_most;
+        while let Ok(l) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            out.push(l);
+        }
+        out
+    }
+
+    /// Lines until `done` has seen what it wants (at most 10 s).
+    pub fn lines_until(&self, mut done: impl FnMut(&[String]) -> bool) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut out = Vec::new();
+        while !done(&out) {
+            match self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(l) => out.push(l),
+                Err(_) => panic!("timed out; lines so far: {out:#?}"),
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// The proxy in front of a fresh stand-in upstream.
