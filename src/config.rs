@@ -26,7 +26,7 @@ struct Opt {
 const OPTIONS: &[Opt] = &[
     Opt { var: "HOST", flag: "--host", default: "0.0.0.0", help: "address to listen on" },
     Opt { var: "PORT", flag: "--port", default: "5001", help: "port to listen on" },
-    Opt { var: "WORKERS", flag: "--workers", default: "1", help: "independent event loops sharing the port (SO_REUSEPORT), one thread each" },
+    Opt { var: "WORKERS", flag: "--workers", default: "1", help: "independent event loops sharing the port (SO_REUSEPORT), one thread each; MAX_CONNECTIONS applies to each" },
     Opt { var: "HOST_PATH_PREFIX", flag: "--host-path-prefix", default: "", help: "one leading path segment to expect and strip (behind a reverse proxy)" },
     Opt { var: "SECRET_KEY", flag: "--secret-key", default: "", help: "HMAC secret for HS* tokens (required unless JWT_PUBLIC_KEY_FILE is set)" },
     Opt { var: "JWT_ALGORITHMS", flag: "--jwt-algorithms", default: "HS256", help: "accepted algorithms, comma-separated: HS256/384/512, RS256/384/512, PS256/384/512, ES256/384, EdDSA" },
@@ -40,7 +40,7 @@ const OPTIONS: &[Opt] = &[
     Opt { var: "TOKEN_COOKIE", flag: "--token-cookie", default: "vnc_token", help: "cookie name for the cookie token source" },
     Opt { var: "ALLOWED_ORIGINS", flag: "--allowed-origins", default: "", help: "exact Origin values allowed, comma-separated; others get 403 (required for the cookie source)" },
     Opt { var: "CLOSE_ON_TOKEN_EXPIRY", flag: "--close-on-token-expiry", default: "true", help: "end a session when its token expires (client close 1008)" },
-    Opt { var: "MAX_CONNECTIONS", flag: "--max-connections", default: "10000", help: "open connections at most; at the limit accepting pauses until 90 %" },
+    Opt { var: "MAX_CONNECTIONS", flag: "--max-connections", default: "10000", help: "open connections at most, per worker (the probe path's not counted); at the limit accepting pauses until 90 %" },
     Opt { var: "MAX_CONNECTIONS_PER_IP", flag: "--max-connections-per-ip", default: "0", help: "open connections per client address at most, 503 above (0: no limit; behind an ingress every client shares its address)" },
     Opt { var: "REJECT_WITH", flag: "--reject-with", default: "http", help: "http: refuse with HTTP statuses; close: upgrade, then close with 44xx/45xx codes a web page can read" },
     Opt { var: "LOCAL_DEV_MODE", flag: "--local-dev-mode", default: "false", help: "true: upstream at WS_REMOTE_URL (e.g. kubectl proxy); false: in-cluster mode" },

@@ -12,7 +12,6 @@ use kubevirt_vnc_proxy::config::{
 use kubevirt_vnc_proxy::events::{LogFormat, write_json_record};
 use kubevirt_vnc_proxy::{Command, Config, Proxy, StartError};
 use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
 
 const SUBCOMMANDS: &str = "\nSUBCOMMANDS:\n  token          mint a LabOrchestrator-compatible token from SECRET_KEY (see token --help)\n  check-config   validate the configuration and credential files; exit 0 or 2\n";
 
@@ -47,34 +46,19 @@ fn main() -> ExitCode {
         log::warn!("{l}");
     }
     raise_open_files_limit(&config);
-    let grace = config.shutdown_grace;
     let workers = config.workers;
-    // Signal handlers first: everything the process holds is in place by the
-    // time it says it listens (tools take their baseline from that line).
-    // One loop answers SIGTERM/SIGINT itself, so the process stays
-    // single-threaded (cheaper socket calls); several get a signal thread.
-    let mut signals = if workers > 1 {
-        match Signals::new([SIGTERM, SIGINT]) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                fatal(&format!("cannot install signal handlers: {e}"));
-                return ExitCode::FAILURE;
-            }
-        }
-    } else {
-        None
-    };
-
     // WORKERS independent loops share the port through SO_REUSEPORT; the
     // first one binds (and picks the port when PORT=0), the others follow.
-    // Only the first serves /metrics, for its own sessions.
-    let builder = Proxy::builder(config.clone());
-    let builder = if signals.is_none() {
-        builder.stop_on_signals(&[SIGTERM, SIGINT])
-    } else {
-        builder
-    };
-    let first = match builder.bind() {
+    // The first is the process's one place for signals (it answers
+    // SIGTERM/SIGINT itself, and drains or stops the others with it) and
+    // for /metrics (which counts every worker's sessions). Its signal
+    // handlers are in place before it says it listens (tools take their
+    // baseline from that line); with one loop the process stays
+    // single-threaded (cheaper socket calls).
+    let mut first = match Proxy::builder(config.clone())
+        .stop_on_signals(&[SIGTERM, SIGINT])
+        .bind()
+    {
         Ok(p) => p,
         Err(e) => return start_failed(e),
     };
@@ -84,7 +68,10 @@ fn main() -> ExitCode {
         c.port = first.local_addr().port();
         c.metrics_addr = None;
         match Proxy::bind(c) {
-            Ok(p) => others.push(p),
+            Ok(p) => {
+                first.add_worker(p.handle());
+                others.push(p);
+            }
             Err(e) => return start_failed(e),
         }
     }
@@ -94,32 +81,7 @@ fn main() -> ExitCode {
         log::info!("{workers} workers share the port");
     }
     if let Some(m) = first.metrics_addr() {
-        log::info!("serving /metrics on {m}");
-    }
-    // With several loops, signals are turned into handle calls on a thread
-    // of their own (one loop answers them itself, the same way): the
-    // first SIGTERM/SIGINT drains (new sessions refused, open ones get
-    // SHUTDOWN_GRACE_SECONDS), a second one stops at once.
-    let handles: Vec<_> = std::iter::once(first.handle())
-        .chain(others.iter().map(Proxy::handle))
-        .collect();
-    if let Some(mut signals) = signals.take() {
-        std::thread::spawn(move || {
-            let mut seen = 0;
-            for signal in signals.forever() {
-                seen += 1;
-                if seen == 1 {
-                    log::info!(
-                        "signal {signal}: draining for up to {grace:?} (again to stop at once)"
-                    );
-                    handles.iter().for_each(|h| h.drain(grace));
-                } else {
-                    log::warn!("signal {signal} again: stopping now");
-                    handles.iter().for_each(|h| h.shutdown());
-                    break;
-                }
-            }
-        });
+        log::info!("serving /metrics, /healthz and /readyz on {m}");
     }
     let mut threads = Vec::new();
     for p in others {

@@ -13,7 +13,7 @@ const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq)]
 struct Histogram {
     counts: [u64; BUCKETS.len()],
     sum: f64,
@@ -32,6 +32,14 @@ impl Histogram {
         self.count += 1;
     }
 
+    fn merge(&mut self, other: &Histogram) {
+        for (c, o) in self.counts.iter_mut().zip(other.counts) {
+            *c += o;
+        }
+        self.sum += other.sum;
+        self.count += other.count;
+    }
+
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (i, b) in BUCKETS.iter().enumerate() {
@@ -44,7 +52,7 @@ impl Histogram {
 }
 
 /// Everything `/metrics` reports.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Metrics {
     sessions_by_outcome: BTreeMap<&'static str, u64>,
     refusals_by_status: BTreeMap<u16, u64>,
@@ -61,7 +69,7 @@ pub struct Metrics {
 }
 
 /// Live values the loop knows at render time.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Gauges {
     /// Connections open (any state).
     pub open_connections: usize,
@@ -75,7 +83,35 @@ pub struct Gauges {
     pub draining: bool,
 }
 
+impl Gauges {
+    /// Add another worker's values (draining if either is).
+    pub fn add(&mut self, other: &Gauges) {
+        self.open_connections += other.open_connections;
+        self.relaying += other.relaying;
+        self.buffers_in_use += other.buffers_in_use;
+        self.bulk_buffers_in_use += other.bulk_buffers_in_use;
+        self.draining |= other.draining;
+    }
+}
+
 impl Metrics {
+    /// Add another worker's counts.
+    pub fn merge(&mut self, other: &Metrics) {
+        for (k, v) in &other.sessions_by_outcome {
+            *self.sessions_by_outcome.entry(k).or_default() += v;
+        }
+        for (k, v) in &other.refusals_by_status {
+            *self.refusals_by_status.entry(*k).or_default() += v;
+        }
+        self.bytes_up += other.bytes_up;
+        self.bytes_down += other.bytes_down;
+        self.handshake.merge(&other.handshake);
+        self.upstream_dial.merge(&other.upstream_dial);
+        self.keepalive_timeouts += other.keepalive_timeouts;
+        self.backpressure_pauses += other.backpressure_pauses;
+        self.limits_hit += other.limits_hit;
+    }
+
     /// Render in the Prometheus text format.
     pub fn render(&self, g: Gauges) -> String {
         let mut out = String::new();

@@ -143,6 +143,11 @@ struct Shared {
     waker: Waker,
     counters: Counters,
     requests: Mutex<Requests>,
+    /// Set when this loop is one worker of several ([`Proxy::add_worker`]):
+    /// it then leaves its metrics and gauges in `published` after every
+    /// pass that changed them, for the worker that serves `/metrics`.
+    publish: AtomicBool,
+    published: Mutex<Option<(Metrics, Gauges)>>,
 }
 
 impl Shared {
@@ -157,6 +162,28 @@ impl Shared {
         // only holds plain values), so a poisoned lock is still usable.
         self.requests.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn published(&self) -> std::sync::MutexGuard<'_, Option<(Metrics, Gauges)>> {
+        // Plain values again: usable after a panic elsewhere.
+        self.published.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What `/metrics` shows for a loop and the other workers of its process:
+/// its own counters and gauges plus what each worker published last (at
+/// most one pass old).
+pub(crate) fn process_metrics(own: &Metrics, gauges: Gauges, workers: &[Handle]) -> String {
+    if workers.is_empty() {
+        return own.render(gauges);
+    }
+    let (mut m, mut g) = (own.clone(), gauges);
+    for w in workers {
+        if let Some((wm, wg)) = w.shared.published().as_ref() {
+            m.merge(wm);
+            g.add(wg);
+        }
+    }
+    m.render(g)
 }
 
 /// A cloneable, thread-safe handle to a running proxy.
@@ -330,6 +357,10 @@ pub struct Proxy {
     authorizer: Box<dyn Authorizer>,
     observers: Vec<Box<dyn Observer>>,
     metrics: Metrics,
+    /// The other workers of this process (see [`Proxy::add_worker`]).
+    workers: Vec<Handle>,
+    /// What this loop last published for the worker serving `/metrics`.
+    last_published: Option<(Metrics, Gauges)>,
     /// Events produced during a pass, handed to observers at its end.
     pending_events: Vec<Event>,
     upstream_addrs: Vec<SocketAddr>,
@@ -609,6 +640,8 @@ impl Proxy {
             authorizer,
             observers,
             metrics: Metrics::default(),
+            workers: Vec::new(),
+            last_published: None,
             pending_events: Vec::new(),
             config,
             upstream_addrs,
@@ -621,6 +654,8 @@ impl Proxy {
                 waker,
                 counters: Counters::default(),
                 requests: Mutex::new(Requests::default()),
+                publish: AtomicBool::new(false),
+                published: Mutex::new(None),
             }),
         })
     }
@@ -641,6 +676,18 @@ impl Proxy {
         Handle {
             shared: self.shared.clone(),
         }
+    }
+
+    /// Make `worker`, another loop of this process serving the same port
+    /// (`WORKERS`), part of this one: its sessions count in the `/metrics`
+    /// this loop serves, and the signals this loop answers
+    /// ([`ProxyBuilder::stop_on_signals`]) drain or stop it too. The binary
+    /// does this for every worker after the first, so one `/metrics` shows
+    /// the whole process and one place answers signals.
+    pub fn add_worker(&mut self, worker: Handle) {
+        worker.shared.publish.store(true, Ordering::Relaxed);
+        worker.shared.wake();
+        self.workers.push(worker);
     }
 
     /// True once the loop has nothing left to do: stopped, or draining with
@@ -785,6 +832,9 @@ impl Proxy {
             self.dispatch_events();
         }
         self.publish_buffers();
+        if self.shared.publish.load(Ordering::Relaxed) {
+            self.publish_metrics();
+        }
         Ok(())
     }
 
@@ -814,10 +864,12 @@ impl Proxy {
         if first {
             info!("signal: draining for up to {grace:?} (again to stop at once)");
             self.start_drain(now, grace);
+            self.workers.iter().for_each(|w| w.drain(grace));
         }
         if stop {
             warn!("signal again: stopping now");
             self.shared.stop.store(true, Ordering::SeqCst);
+            self.workers.iter().for_each(Handle::shutdown);
         }
     }
 
@@ -906,16 +958,41 @@ impl Proxy {
         }
     }
 
-    fn ctx(&mut self, now: Instant) -> (&mut Slab<Session>, Ctx<'_>) {
-        let draining = self.drain_until.is_some() || self.gone_away;
-        let not_ready = draining.then(|| "shutting down".to_owned());
-        let gauges = Gauges {
+    fn draining(&self) -> bool {
+        self.drain_until.is_some() || self.gone_away
+    }
+
+    fn gauges(&self) -> Gauges {
+        Gauges {
             open_connections: self.sessions.len(),
             relaying: self.relaying,
             buffers_in_use: self.pool.in_use(),
             bulk_buffers_in_use: self.pool.bulk_in_use(),
-            draining,
-        };
+            draining: self.draining(),
+        }
+    }
+
+    /// A worker's metrics and gauges for the one serving `/metrics`, when
+    /// they changed since the last pass.
+    fn publish_metrics(&mut self) {
+        self.metrics.limits_hit = self.shared.counters.limits_hit.load(Ordering::Relaxed);
+        let gauges = self.gauges();
+        if self
+            .last_published
+            .as_ref()
+            .is_some_and(|(m, g)| *g == gauges && *m == self.metrics)
+        {
+            return;
+        }
+        let now = (self.metrics.clone(), gauges);
+        *self.shared.published() = Some(now.clone());
+        self.last_published = Some(now);
+    }
+
+    fn ctx(&mut self, now: Instant) -> (&mut Slab<Session>, Ctx<'_>) {
+        let draining = self.draining();
+        let not_ready = draining.then(|| "shutting down".to_owned());
+        let gauges = self.gauges();
         self.metrics.limits_hit = self.shared.counters.limits_hit.load(Ordering::Relaxed);
         (
             &mut self.sessions,
@@ -929,6 +1006,7 @@ impl Proxy {
                 not_ready,
                 metrics: &mut self.metrics,
                 gauges,
+                workers: &self.workers,
                 upstream_addrs: &self.upstream_addrs,
                 upstream_host: &self.upstream_host,
                 credentials: &mut self.credentials,

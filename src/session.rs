@@ -55,6 +55,8 @@ pub(crate) struct Ctx<'a> {
     pub metrics: &'a mut crate::metrics::Metrics,
     /// Live values for /metrics.
     pub gauges: crate::metrics::Gauges,
+    /// The other workers of the process, whose sessions /metrics shows too.
+    pub workers: &'a [crate::server::Handle],
     pub upstream_addrs: &'a [SocketAddr],
     pub upstream_host: &'a str,
     pub credentials: &'a mut Credentials,
@@ -975,7 +977,7 @@ impl Session {
             (Kind::Metrics, http::Probe::Metrics) => http::plain_response(
                 200,
                 "text/plain; version=0.0.4; charset=utf-8",
-                &ctx.metrics.render(ctx.gauges),
+                &crate::server::process_metrics(ctx.metrics, ctx.gauges, ctx.workers),
             ),
             _ => http::plain_response(404, text, "not found\n"),
         };

@@ -457,25 +457,51 @@ fn check_config_and_version() {
 }
 
 #[test]
-fn two_workers_share_the_port_and_drain_together() {
+fn two_workers_share_the_port_one_metrics_one_signal_path() {
     let standin = StandIn::start();
     let mut p = Binary::start(
         standin.addr(),
-        &[("WORKERS", "2"), ("SHUTDOWN_GRACE_SECONDS", "1")],
+        &[
+            ("WORKERS", "2"),
+            ("SHUTDOWN_GRACE_SECONDS", "1"),
+            ("METRICS_ADDR", "127.0.0.1:0"),
+        ],
     );
+    let line = p.lines_until(|l| l.last().is_some_and(|l| l.contains("serving /metrics")));
+    let metrics: SocketAddr = line
+        .last()
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no metrics address in {line:?}"));
     let t = Harness::token(&["echo"]);
-    let mut sessions: Vec<_> = (0..20)
+    let mut sessions: Vec<_> = (0..24)
         .map(|_| ws_connect(p.addr, &format!("/{t}/echo")).unwrap())
         .collect();
     for (i, ws) in sessions.iter_mut().enumerate() {
         ws.send(Message::text(format!("{i}"))).unwrap();
         assert_eq!(ws.read().unwrap(), Message::text(format!("{i}")));
     }
-    let threads = threads(p.child.id());
+    // One /metrics for the process: every worker's sessions (the kernel
+    // spreads 24 connections over both, so one worker alone shows fewer).
+    let sample = |name: &str| -> f64 {
+        let (status, body) = get(metrics, "/metrics");
+        assert_eq!(status, 200);
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {body}"))
+    };
     assert!(
-        threads >= 3,
-        "two loops and the signal thread: {threads} threads"
+        upstream::wait_until(Duration::from_secs(5), || sample(
+            "kubevirt_vnc_proxy_open_sessions "
+        ) == 24.0),
+        "open sessions: {}",
+        sample("kubevirt_vnc_proxy_open_sessions ")
     );
+    assert_eq!(sample("kubevirt_vnc_proxy_handshake_seconds_count "), 24.0);
+    // One signal path: the first loop answers SIGTERM for both, with no
+    // signal thread beside the two loops.
+    let threads = threads(p.child.id());
+    assert_eq!(threads, 2, "two loops and nothing else: {threads} threads");
     p.signal("TERM");
     for ws in &mut sessions {
         match ws.read() {
@@ -485,6 +511,56 @@ fn two_workers_share_the_port_and_drain_together() {
     }
     drop(sessions);
     assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn max_connections_is_per_worker() {
+    let standin = StandIn::start();
+    let p = Binary::start(
+        standin.addr(),
+        &[
+            ("WORKERS", "2"),
+            ("MAX_CONNECTIONS", "5"),
+            ("METRICS_ADDR", "127.0.0.1:0"),
+        ],
+    );
+    let line = p.lines_until(|l| l.last().is_some_and(|l| l.contains("serving /metrics")));
+    let metrics: SocketAddr = line
+        .last()
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap();
+    // 24 clients that never finish their request: each worker takes 5, the
+    // rest wait in the backlog. The kernel spreads connections over both
+    // workers by their ports, so it takes more than 5 and at most 10 (all 24
+    // on one worker: a chance of one in 2^23).
+    let _slow: Vec<TcpStream> = (0..24)
+        .map(|_| {
+            let mut s = TcpStream::connect(p.addr).unwrap();
+            s.write_all(b"GET /x/echo HTTP/1.1\r\n").unwrap();
+            s
+        })
+        .collect();
+    // Less the scrape's own connection, which the gauge counts too.
+    let open = || -> usize {
+        let (_, body) = get(metrics, "/metrics");
+        let n: usize = body
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("kubevirt_vnc_proxy_open_connections ")?
+                    .parse()
+                    .ok()
+            })
+            .unwrap();
+        n - 1
+    };
+    assert!(upstream::wait_until(Duration::from_secs(5), || open() > 5));
+    std::thread::sleep(Duration::from_millis(300));
+    let n = open();
+    assert!(
+        n > 5 && n <= 10,
+        "{n} connections open with MAX_CONNECTIONS=5 per worker"
+    );
 }
 
 /// Threads of process `pid` (from /proc).
