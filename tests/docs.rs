@@ -1,5 +1,6 @@
-//! The README is the operator's manual: it must name every option the
-//! binary has, and every variable it names must exist.
+//! The documents stay true: the README (the operator's manual) must name every option the
+//! binary has, and every variable it names must exist; src/LIFECYCLE.md must name every
+//! session state where the code defines it.
 
 use std::process::Command;
 
@@ -36,6 +37,72 @@ fn the_readme_documents_every_option() {
         assert!(
             vars.iter().any(|v| v == var),
             "README documents unknown option {var}"
+        );
+    }
+}
+
+/// The variants of `enum State` in src/session.rs, with their line numbers.
+fn session_states() -> Vec<(String, usize)> {
+    let src = std::fs::read_to_string("src/session.rs").unwrap();
+    let lines: Vec<&str> = src.lines().collect();
+    let start = lines
+        .iter()
+        .position(|l| l.starts_with("enum State {"))
+        .expect("enum State in src/session.rs");
+    let mut states = Vec::new();
+    for (i, line) in lines.iter().enumerate().skip(start + 1) {
+        if line.starts_with('}') {
+            break;
+        }
+        // A variant starts four spaces in with an upper-case name.
+        let Some(rest) = line.strip_prefix("    ") else {
+            continue;
+        };
+        let name: String = rest.chars().take_while(|c| c.is_alphanumeric()).collect();
+        let after = &rest[name.len()..];
+        if name.starts_with(|c: char| c.is_ascii_uppercase())
+            && (after.starts_with(" {") || after.starts_with(','))
+        {
+            states.push((name, i + 1));
+        }
+    }
+    states
+}
+
+#[test]
+fn the_lifecycle_document_names_every_session_state_where_it_is() {
+    let doc = std::fs::read_to_string("src/LIFECYCLE.md").unwrap();
+    let states = session_states();
+    assert!(states.len() >= 8, "{states:?}");
+    let diagram = doc
+        .split("```")
+        .nth(1)
+        .expect("a diagram in src/LIFECYCLE.md");
+    let table: Vec<String> = states
+        .iter()
+        .map(|(name, line)| format!("| `{name}` | `src/session.rs:{line}` |"))
+        .collect();
+    for ((name, _), row) in states.iter().zip(&table) {
+        assert!(
+            diagram.contains(name.as_str()),
+            "src/LIFECYCLE.md's diagram lacks the state {name}"
+        );
+        assert!(
+            doc.lines().any(|l| l.starts_with(row.as_str())),
+            "src/LIFECYCLE.md's state table should have a row starting {row}; the rows now:\n{}",
+            table.join("\n")
+        );
+    }
+    // And it names no state the code does not have.
+    for line in doc.lines().filter(|l| l.contains("| `src/session.rs:")) {
+        let name = line
+            .trim_start_matches("| `")
+            .split('`')
+            .next()
+            .unwrap_or("");
+        assert!(
+            states.iter().any(|(s, _)| s == name),
+            "src/LIFECYCLE.md documents a state the code lacks: {name}"
         );
     }
 }
