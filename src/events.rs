@@ -8,6 +8,56 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// The `log` target of access lines.
 pub const ACCESS_TARGET: &str = "access";
 
+/// How a relayed session ended, in one word: what `/metrics` counts
+/// sessions by and the access line's `end`. `outcome` says the same in words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum SessionEnd {
+    /// A close frame went each way.
+    Normal,
+    /// A side dropped TCP, failed, or left before the relay began, without
+    /// a closing handshake.
+    Abnormal,
+    /// A side broke RFC 6455 (or sent a frame over `MAX_FRAME_SIZE`).
+    Violation,
+    /// A side stopped answering pings, or the closing handshake timed out.
+    Timeout,
+    /// The token expired (`CLOSE_ON_TOKEN_EXPIRY`).
+    TokenExpired,
+    /// The proxy shut down.
+    Shutdown,
+}
+
+impl SessionEnd {
+    /// Every kind, in the order `/metrics` lists them.
+    pub const ALL: [SessionEnd; 6] = [
+        SessionEnd::Normal,
+        SessionEnd::Abnormal,
+        SessionEnd::Violation,
+        SessionEnd::Timeout,
+        SessionEnd::TokenExpired,
+        SessionEnd::Shutdown,
+    ];
+
+    /// The word for it (a metrics label value, the access line's `end`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionEnd::Normal => "normal",
+            SessionEnd::Abnormal => "abnormal",
+            SessionEnd::Violation => "violation",
+            SessionEnd::Timeout => "timeout",
+            SessionEnd::TokenExpired => "token_expired",
+            SessionEnd::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Something that happened to a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -58,6 +108,8 @@ pub enum Event {
         vmi: String,
         /// The token's `id` claim.
         token_id: String,
+        /// How it ended, in one word.
+        end: SessionEnd,
         /// How it ended, in words.
         outcome: String,
         /// From accept to the end.
@@ -144,6 +196,7 @@ pub fn access_line(event: &Event, format: LogFormat) -> Option<String> {
             namespace,
             vmi,
             token_id,
+            end,
             outcome,
             duration,
             bytes_up,
@@ -157,6 +210,7 @@ pub fn access_line(event: &Event, format: LogFormat) -> Option<String> {
             f.push(("namespace", Field::Str(namespace.clone())));
             f.push(("vmi", Field::Str(vmi.clone())));
             f.push(("token_id", Field::Str(token_id.clone())));
+            f.push(("end", Field::Str(end.as_str().into())));
             f.push(("outcome", Field::Str(outcome.clone())));
             f.push(("duration_ms", Field::Num(duration.as_millis() as u64)));
             f.push(("bytes_up", Field::Num(*bytes_up)));
@@ -341,6 +395,7 @@ mod tests {
             namespace: "lab-ns".into(),
             vmi: "ubuntu".into(),
             token_id: "5".into(),
+            end: SessionEnd::Normal,
             outcome: "client close 1000, upstream close 1000".into(),
             duration: Duration::from_millis(1500),
             bytes_up: 10,

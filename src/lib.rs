@@ -269,6 +269,6 @@ mod upstream;
 pub use auth::Grant;
 pub use authorize::{AuthRequest, Authorizer, Decision, JwtAuthorizer, Ticket};
 pub use config::{Command, Config, ConfigError};
-pub use events::{Event, Observer};
+pub use events::{Event, Observer, SessionEnd};
 pub use http::Refusal;
 pub use server::{Handle, Proxy, ProxyBuilder, Running, SHUTDOWN_CLOSE_TIME, StartError, Stats};

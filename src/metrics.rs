@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::events::{Event, Observer};
+use crate::events::{Event, Observer, SessionEnd};
 
 /// Upper bounds (seconds) of the latency histogram buckets.
 const BUCKETS: [f64; 12] = [
@@ -54,7 +54,7 @@ impl Histogram {
 /// Everything `/metrics` reports.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Metrics {
-    sessions_by_outcome: BTreeMap<&'static str, u64>,
+    sessions_by_end: BTreeMap<SessionEnd, u64>,
     refusals_by_status: BTreeMap<u16, u64>,
     bytes_up: u64,
     bytes_down: u64,
@@ -97,8 +97,8 @@ impl Gauges {
 impl Metrics {
     /// Add another worker's counts.
     pub fn merge(&mut self, other: &Metrics) {
-        for (k, v) in &other.sessions_by_outcome {
-            *self.sessions_by_outcome.entry(k).or_default() += v;
+        for (k, v) in &other.sessions_by_end {
+            *self.sessions_by_end.entry(*k).or_default() += v;
         }
         for (k, v) in &other.refusals_by_status {
             *self.refusals_by_status.entry(*k).or_default() += v;
@@ -121,16 +121,15 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{labels} {v}");
             }
         };
-        let outcomes: Vec<(String, u64)> =
-            ["normal", "abnormal", "violation", "timeout", "shutdown"]
-                .iter()
-                .map(|o| {
-                    (
-                        format!("{{outcome=\"{o}\"}}"),
-                        self.sessions_by_outcome.get(o).copied().unwrap_or(0),
-                    )
-                })
-                .collect();
+        let outcomes: Vec<(String, u64)> = SessionEnd::ALL
+            .iter()
+            .map(|end| {
+                (
+                    format!("{{outcome=\"{end}\"}}"),
+                    self.sessions_by_end.get(end).copied().unwrap_or(0),
+                )
+            })
+            .collect();
         counter(
             "kubevirt_vnc_proxy_sessions_total",
             "Relayed sessions that ended, by outcome.",
@@ -212,22 +211,7 @@ impl Metrics {
 
     /// Sessions relaying right now (opened minus closed).
     pub fn relaying(&self, opened: u64) -> u64 {
-        opened.saturating_sub(self.sessions_by_outcome.values().sum())
-    }
-}
-
-/// How a closed session is counted.
-fn outcome_class(outcome: &str, client: Option<u16>, upstream: Option<u16>) -> &'static str {
-    if outcome.contains("violation") {
-        "violation"
-    } else if outcome.contains("timed out") {
-        "timeout"
-    } else if outcome.contains("going away") || outcome.contains("shutdown") {
-        "shutdown"
-    } else if client.is_some() && upstream.is_some() {
-        "normal"
-    } else {
-        "abnormal"
+        opened.saturating_sub(self.sessions_by_end.values().sum())
     }
 }
 
@@ -246,15 +230,12 @@ impl Observer for Metrics {
                 *self.refusals_by_status.entry(*status).or_default() += 1
             }
             Event::Closed {
-                outcome,
+                end,
                 bytes_up,
                 bytes_down,
-                client_close,
-                upstream_close,
                 ..
             } => {
-                let class = outcome_class(outcome, *client_close, *upstream_close);
-                *self.sessions_by_outcome.entry(class).or_default() += 1;
+                *self.sessions_by_end.entry(*end).or_default() += 1;
                 self.bytes_up += bytes_up;
                 self.bytes_down += bytes_down;
             }

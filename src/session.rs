@@ -17,7 +17,7 @@ use crate::authorize::{AuthRequest, Authorizer, Decision, Ticket};
 use crate::buffer::BufferPool;
 use crate::config::Config;
 use crate::conn::{Conn, Io, Readiness};
-use crate::events::{Event, namespace_field, text_value, vmi_field};
+use crate::events::{Event, SessionEnd, namespace_field, text_value, vmi_field};
 use crate::frame::Direction;
 use crate::http::{self, Refusal, UpstreamAnswer};
 use crate::relay::{Pipe, SourceEnd};
@@ -82,6 +82,25 @@ pub(crate) enum Kind {
 pub(crate) enum Side {
     Client,
     Upstream,
+}
+
+impl Side {
+    /// The index of per-side pairs (`[client, upstream]`).
+    fn index(self) -> usize {
+        match self {
+            Side::Client => 0,
+            Side::Upstream => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+        })
+    }
 }
 
 /// What the operator learns about a refusal besides its status and reason
@@ -179,6 +198,9 @@ pub(crate) struct Session {
     phase: Phase,
     /// Why the session ended (for the closing log line).
     outcome: Option<String>,
+    /// How a relayed session ended, once something decided it (a timeout,
+    /// the token's expiry); else read from how the pipes ended.
+    end: Option<SessionEnd>,
     bytes_up: u64,
     bytes_down: u64,
     /// The proxy is shutting down and ended this session.
@@ -225,6 +247,7 @@ impl Session {
             refusal_context: None,
             phase: Phase::Handshake,
             outcome: None,
+            end: None,
             bytes_up: 0,
             bytes_down: 0,
             going_away: false,
@@ -384,6 +407,7 @@ impl Session {
                 let now = ctx.now;
                 if self.closing_by.is_some_and(|t| t <= now) {
                     self.outcome = Some("closing handshake timed out".into());
+                    self.end.get_or_insert(SessionEnd::Timeout);
                     self.finish(ctx);
                 } else if self.keepalive_at.is_some_and(|t| t <= now) && self.closing_by.is_none() {
                     let ka = keepalive(ctx, up, down, &mut self.last_ping);
@@ -395,6 +419,7 @@ impl Session {
                                 self.id, self.peer
                             );
                             self.outcome = Some(format!("{side} timed out (no answer to pings)"));
+                            self.end = Some(SessionEnd::Timeout);
                             self.keepalive_at = None;
                             self.closing_by = Some(now + ctx.config.close_timeout);
                         }
@@ -404,6 +429,7 @@ impl Session {
                     // The grant ends with the token: the page learns why
                     // (1008), the upstream gets a normal goodbye.
                     info!("session {} {}: token expired, closing", self.id, self.peer);
+                    self.end = Some(SessionEnd::TokenExpired);
                     down.finish_with_close(1008, "token expired");
                     up.finish_with_close(1000, "token expired");
                     self.expires = None;
@@ -936,6 +962,8 @@ impl Session {
             } else {
                 describe_end(up, down)
             });
+            self.end
+                .get_or_insert_with(|| end_of(up, down, self.going_away));
             let clean = matches!(up.end, Some(SourceEnd::Close(_)))
                 && matches!(down.end, Some(SourceEnd::Close(_)));
             if clean {
@@ -1074,6 +1102,8 @@ impl Session {
             self.bytes_down = down.bytes;
             self.client_close = close_code(up);
             self.upstream_close = close_code(down);
+            self.end
+                .get_or_insert_with(|| end_of(up, down, self.going_away));
             if self.outcome.is_none() {
                 self.outcome = Some(if self.going_away {
                     // Cut off at the end of a drain with its close frames
@@ -1178,6 +1208,9 @@ impl Session {
                 namespace: g.namespace,
                 vmi: g.vmi,
                 token_id: g.token_id,
+                // Left before the relay began (during the upstream's
+                // handshake): no closing handshake.
+                end: self.end.unwrap_or(SessionEnd::Abnormal),
                 outcome: self.outcome.take().unwrap_or_else(|| "closed".into()),
                 duration: ctx.now.saturating_duration_since(self.started),
                 bytes_up: self.bytes_up,
@@ -1248,7 +1281,7 @@ enum Keepalive {
     /// Both sides are alive; look again then.
     Next(Instant),
     /// This side sent nothing, not even a pong, for PEER_TIMEOUT.
-    Gone(&'static str),
+    Gone(Side),
 }
 
 /// Ping sides that have been silent for PING_INTERVAL (the pong comes back
@@ -1263,11 +1296,10 @@ fn keepalive(
     let now = ctx.now;
     let (interval, timeout) = (ctx.config.ping_interval, ctx.config.peer_timeout);
     let mut next = now + interval;
-    for side in [0usize, 1] {
-        let (name, from, toward) = if side == 0 {
-            ("client", &mut *up, &mut *down)
-        } else {
-            ("upstream", &mut *down, &mut *up)
+    for side in [Side::Client, Side::Upstream] {
+        let (from, toward) = match side {
+            Side::Client => (&mut *up, &mut *down),
+            Side::Upstream => (&mut *down, &mut *up),
         };
         // A source the proxy stops reading (its destination is slow) is not
         // silent: it is waiting for us.
@@ -1277,34 +1309,32 @@ fn keepalive(
         let silence = now.saturating_duration_since(from.last_rx);
         if silence >= timeout {
             ctx.metrics.keepalive_timeouts += 1;
-            let reason = if side == 0 {
-                "client timed out"
-            } else {
-                "upstream timed out"
-            };
             // The side still there is told; the silent one just loses TCP.
-            if side == 0 {
-                up.finish_with_close(1001, reason);
-                down.abort(ctx.pool);
-            } else {
-                down.finish_with_close(1001, reason);
-                up.abort(ctx.pool);
+            match side {
+                Side::Client => {
+                    up.finish_with_close(1001, "client timed out");
+                    down.abort(ctx.pool);
+                }
+                Side::Upstream => {
+                    down.finish_with_close(1001, "upstream timed out");
+                    up.abort(ctx.pool);
+                }
             }
-            return Keepalive::Gone(name);
+            return Keepalive::Gone(side);
         }
-        let due = last_ping[side]
+        let due = last_ping[side.index()]
             .is_none_or(|p| p < from.last_rx || now.saturating_duration_since(p) >= interval);
         if silence >= interval && due {
             let payload = ping_payload();
             if toward.queue_ping(payload) {
                 from.expect_pong(payload);
-                last_ping[side] = Some(now);
+                last_ping[side.index()] = Some(now);
             }
         }
         let ping_at = if silence < interval {
             from.last_rx + interval
         } else {
-            last_ping[side].unwrap_or(now) + interval
+            last_ping[side.index()].unwrap_or(now) + interval
         };
         next = next.min(ping_at).min(from.last_rx + timeout);
     }
@@ -1394,6 +1424,23 @@ fn close_code(p: &Pipe) -> Option<u16> {
     match p.end {
         Some(SourceEnd::Close(code)) => Some(code.unwrap_or(1005)),
         _ => None,
+    }
+}
+
+/// How a relay ended, from how its pipes did, when nothing decided it before.
+fn end_of(up: &Pipe, down: &Pipe, going_away: bool) -> SessionEnd {
+    let ends = [&up.end, &down.end];
+    if going_away {
+        SessionEnd::Shutdown
+    } else if ends
+        .iter()
+        .any(|e| matches!(e, Some(SourceEnd::Violation(_))))
+    {
+        SessionEnd::Violation
+    } else if ends.iter().all(|e| matches!(e, Some(SourceEnd::Close(_)))) {
+        SessionEnd::Normal
+    } else {
+        SessionEnd::Abnormal
     }
 }
 

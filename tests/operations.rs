@@ -739,3 +739,38 @@ fn probes_on_the_probe_path_answer_a_proxy_full_of_slow_clients() {
     }
     drop(slow);
 }
+
+#[test]
+fn metrics_count_sessions_by_how_they_ended() {
+    let h = Harness::start_with(|c| {
+        c.metrics_addr = Some("127.0.0.1:0".into());
+        c.jwt.leeway_secs = 0;
+    });
+    let metrics = h.proxy.as_ref().unwrap().metrics_addr().unwrap();
+    // A close frame each way: normal.
+    let mut ws = h.ws("echo");
+    ws.close(None).unwrap();
+    while ws.read().is_ok() {}
+    // The upstream drops TCP after its data: abnormal.
+    let mut ws = h.ws("dropafter-10");
+    while ws.read().is_ok() {}
+    // The token expires while relaying: token_expired, not abnormal.
+    let t = common::tokens::mint(SECRET, common::NS, &["echo-exp"], common::tokens::now() + 1);
+    let mut ws = ws_connect(h.addr, &format!("/{t}/echo-exp")).unwrap();
+    while ws.read().is_ok() {}
+    assert!(h.wait_idle());
+    let (_, body) = get(metrics, "/metrics");
+    let count = |end: &str| -> String {
+        let name = format!("kubevirt_vnc_proxy_sessions_total{{outcome=\"{end}\"}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(name.as_str()))
+            .unwrap_or_else(|| panic!("no {name} in {body}"))
+            .to_owned()
+    };
+    assert_eq!(count("normal"), "1", "{body}");
+    assert_eq!(count("abnormal"), "1", "{body}");
+    assert_eq!(count("token_expired"), "1", "{body}");
+    for end in ["violation", "timeout", "shutdown"] {
+        assert_eq!(count(end), "0", "{body}");
+    }
+}
