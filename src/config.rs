@@ -50,7 +50,7 @@ const OPTIONS: &[Opt] = &[
     Opt { var: "SERVICE_ACCOUNT_DIR", flag: "--service-account-dir", default: "/var/run/secrets/kubernetes.io/serviceaccount", help: "directory with the service account's ca.crt and token" },
     Opt { var: "UPSTREAM_CA_FILE", flag: "--upstream-ca-file", default: "", help: "PEM CA bundle, the only trust anchors for a wss:// upstream (default: SERVICE_ACCOUNT_DIR/ca.crt)" },
     Opt { var: "UPSTREAM_TOKEN_FILE", flag: "--upstream-token-file", default: "", help: "bearer token file sent upstream (default in-cluster: SERVICE_ACCOUNT_DIR/token)" },
-    Opt { var: "ALLOW_CLEARTEXT_BEARER_TOKEN", flag: "--allow-cleartext-bearer-token", default: "false", help: "true: send the upstream bearer token over a ws:// (unencrypted) upstream; otherwise that configuration does not start" },
+    Opt { var: "ALLOW_CLEARTEXT_BEARER_TOKEN", flag: "--allow-cleartext-bearer-token", default: "false", help: "true: send the upstream bearer token over a ws:// (unencrypted) upstream; otherwise that configuration (e.g. in-cluster mode with a ws:// WS_REMOTE_URL) does not start (status 2)" },
     Opt { var: "CREDENTIALS_CHECK_SECONDS", flag: "--credentials-check-seconds", default: "5", help: "how often the CA and token files are checked for rotation" },
     Opt { var: "API_PATH", flag: "--api-path", default: DEFAULT_API_PATH, help: "upstream path template with {namespace} and {vmi_name}" },
     Opt { var: "UPSTREAM_SUBPROTOCOLS", flag: "--upstream-subprotocols", default: "plain.kubevirt.io", help: "subprotocols offered to the upstream, comma-separated (empty: none)" },
@@ -918,10 +918,21 @@ fn out_of_range(var: &str, shown: &str, below: bool) -> ConfigError {
 }
 
 fn default_of(var: &str) -> &'static str {
+    known(var);
     OPTIONS
         .iter()
         .find(|o| o.var == var)
         .map_or("", |o| o.default)
+}
+
+/// Options are read by name: a name missing from [`OPTIONS`] (a typo in
+/// this file) would silently read as unset with an empty default. Every
+/// configuration the tests build reads every name, so they catch it.
+fn known(var: &str) {
+    debug_assert!(
+        OPTIONS.iter().any(|o| o.var == var),
+        "config.rs reads {var}, which is not in OPTIONS"
+    );
 }
 
 /// The values given (flags over variables), and every problem found so far:
@@ -934,6 +945,7 @@ struct Reader {
 
 impl Reader {
     fn get(&self, var: &str) -> Option<String> {
+        known(var);
         self.values
             .iter()
             .find(|(k, _)| *k == var)
@@ -1352,6 +1364,12 @@ mod tests {
         );
         c.handshake_timeout = Duration::from_millis(300);
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    #[should_panic(expected = "not in OPTIONS")]
+    fn reading_an_option_that_is_not_in_the_table_is_caught() {
+        default_of("PING_INTERVAL_SECOND");
     }
 
     #[test]

@@ -106,3 +106,55 @@ fn the_lifecycle_document_names_every_session_state_where_it_is() {
         );
     }
 }
+
+/// `--help`'s options: (variable, flag, default, help line).
+fn help_options() -> Vec<(String, String, String, String)> {
+    let out = Command::new(env!("CARGO_BIN_EXE_kubevirt-vnc-proxy"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut options = Vec::new();
+    for pair in lines.windows(2) {
+        let (head, help) = (pair[0].trim(), pair[1].trim());
+        let Some((flag, rest)) = head.split_once(" <value>") else {
+            continue;
+        };
+        let var = rest.split("[env ").nth(1).and_then(|r| r.split(']').next());
+        let default = rest
+            .split("[default: ")
+            .nth(1)
+            .and_then(|r| r.rsplit_once(']'));
+        if let (Some(var), Some((default, _))) = (var, default) {
+            options.push((var.into(), flag.into(), default.into(), help.into()));
+        }
+    }
+    options
+}
+
+#[test]
+fn the_readme_table_is_the_help_table() {
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let options = help_options();
+    assert_eq!(options.len(), help_vars().len(), "{options:?}");
+    for (var, flag, default, help) in options {
+        let default = if default == "none" {
+            default
+        } else {
+            format!("`{default}`")
+        };
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{var}` |")))
+            .unwrap_or_else(|| panic!("README.md has no row for {var}"));
+        // The README may set names in code type; the words are the help's.
+        let want = format!("| `{var}` | `{flag}` | {default} | {help} |");
+        assert_eq!(
+            row.replace('`', ""),
+            want.replace('`', ""),
+            "README.md's row for {var} should say what --help says"
+        );
+        assert!(row.contains(&format!("| `{flag}` | {default} |")), "{row}");
+    }
+}
