@@ -400,7 +400,7 @@ impl ProxyProcess {
         Ok(proxy)
     }
 
-    /// Waits for the "listening on" and "serving /metrics on" lines, failing early if the
+    /// Waits for the "listening on" and "serving /metrics, /healthz and /readyz on" lines, failing early if the
     /// proxy exits instead (e.g. on a configuration error, which the stderr thread echoes).
     fn wait_for_addresses(&mut self, rx: &mpsc::Receiver<Announced>) -> Res<()> {
         let deadline = Instant::now() + START_TIMEOUT;
@@ -563,7 +563,7 @@ fn forward_stderr(stderr: ChildStderr, tx: mpsc::Sender<Announced>, log: &LogSta
         };
         if let Some(a) = addr("listening on ") {
             let _ = tx.send(Announced::Listening(a));
-        } else if let Some(a) = addr("serving /metrics on ") {
+        } else if let Some(a) = addr("serving /metrics, /healthz and /readyz on ") {
             let _ = tx.send(Announced::Metrics(a));
         } else if !line.contains(" INFO ") {
             if line.contains(" ERROR ") {

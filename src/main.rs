@@ -93,7 +93,13 @@ fn main() -> ExitCode {
             }
         }
     }
+    let worker_handles: Vec<_> = threads.iter().map(|r| r.handle()).collect();
     let mut result = first.run();
+    // The first loop answers signals for all: if it failed, nothing else
+    // would stop the workers. (Done, it drained them too.)
+    if result.is_err() {
+        worker_handles.iter().for_each(|h| h.shutdown());
+    }
     for r in threads {
         result = result.and(r.wait());
     }

@@ -749,7 +749,7 @@ impl Proxy {
     /// Open connections that count against MAX_CONNECTIONS: all but the
     /// probe path's.
     fn counted(&self) -> usize {
-        self.sessions.len() - self.probe_slots_used
+        self.sessions.len().saturating_sub(self.probe_slots_used)
     }
 
     /// Wait for events (at most `timeout`; `Some(ZERO)` does not wait), handle
@@ -1161,9 +1161,6 @@ impl Proxy {
         }
         let id = self.next_id;
         self.next_id += 1;
-        if kind == Kind::Metrics {
-            self.probe_slots_used += 1;
-        }
         let entry = self.sessions.vacant_entry();
         let key = entry.key();
         let mut session = Session::new(id, key, kind, stream, peer, now, &self.config);
@@ -1175,6 +1172,10 @@ impl Proxy {
             self.timers.push(Reverse((at, key, id)));
         }
         entry.insert(session);
+        // Counted once it is in: a failed register above takes no slot.
+        if kind == Kind::Metrics {
+            self.probe_slots_used += 1;
+        }
         let c = &self.shared.counters;
         c.open.fetch_add(1, Ordering::Relaxed);
         c.accepted.fetch_add(1, Ordering::Relaxed);
