@@ -2,7 +2,10 @@
 //! over TCP, with the readiness the proxy has seen but not yet used up.
 //!
 //! Both kinds offer the same three operations (read, write, flush) with the
-//! same outcomes, so the relay does not care which one it pumps. With TLS,
+//! same outcomes, so the relay does not care which one it pumps. Under both
+//! is a [`Transport`]: a mio `TcpStream` in the proxy, an in-memory socket in
+//! the relay's unit tests (so partial writes and `WouldBlock` at every step
+//! can be scripted). With TLS,
 //! rustls' buffers are bounded (`set_buffer_limit`) so backpressure holds end
 //! to end: a full TLS send buffer reads as `WouldBlock`, like a full socket.
 
@@ -11,6 +14,20 @@ use std::net::Shutdown;
 
 use mio::net::TcpStream;
 use rustls::ClientConnection;
+
+/// The byte stream under a [`Conn`]: non-blocking reads and writes
+/// (`WouldBlock` when the kernel has nothing or takes nothing) and a
+/// half-close.
+pub(crate) trait Transport: Read + Write {
+    /// Send FIN: nothing more will be written (best effort).
+    fn shutdown_write(&mut self);
+}
+
+impl Transport for TcpStream {
+    fn shutdown_write(&mut self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+}
 
 /// The result of one read or write.
 pub(crate) enum Io {
@@ -48,8 +65,8 @@ impl Readiness {
 
 /// A socket and the readiness the proxy has seen but not yet used up.
 #[derive(Debug)]
-pub(crate) struct Conn {
-    pub stream: TcpStream,
+pub(crate) struct Conn<S = TcpStream> {
+    pub stream: S,
     tls: Option<Box<ClientConnection>>,
     /// The socket may have bytes to read (edge-triggered readiness: set by an
     /// event, cleared only when a read would block).
@@ -73,9 +90,9 @@ fn would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
 
-impl Conn {
-    /// A plain TCP connection.
-    pub fn new(stream: TcpStream) -> Self {
+impl<S: Transport> Conn<S> {
+    /// A plain connection.
+    pub fn new(stream: S) -> Self {
         Conn {
             stream,
             tls: None,
@@ -230,7 +247,7 @@ impl Conn {
             tls.send_close_notify();
             let _ = self.flush_tls();
         }
-        let _ = self.stream.shutdown(Shutdown::Write);
+        self.stream.shutdown_write();
     }
 
     /// True while the TLS handshake has not completed.
@@ -240,7 +257,7 @@ impl Conn {
 }
 
 fn plain_read(
-    stream: &mut TcpStream,
+    stream: &mut impl Read,
     readable: &mut bool,
     read_closed: bool,
     buf: &mut [u8],
@@ -268,7 +285,7 @@ fn plain_read(
     Io::WouldBlock
 }
 
-fn plain_write(stream: &mut TcpStream, writable: &mut bool, buf: &[u8]) -> Io {
+fn plain_write(stream: &mut impl Write, writable: &mut bool, buf: &[u8]) -> Io {
     for _ in 0..2 {
         match stream.write(buf) {
             Ok(0) => return Io::Failed(io::ErrorKind::WriteZero.into()),

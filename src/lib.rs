@@ -259,6 +259,7 @@ pub mod events;
 pub mod frame;
 pub mod http;
 pub mod metrics;
+mod pipe;
 mod relay;
 pub mod route;
 mod server;

@@ -1,525 +1,1084 @@
-//! One direction of an established session: bytes from a source socket,
-//! through one fixed buffer, to a destination socket, with every frame
-//! header checked on the way.
+//! An established session's relay: both pipes, the closing rules (what one
+//! side is told when the other ends), keepalive, and the timers that end a
+//! relay (token expiry, a closing handshake nobody finishes). It sees the two
+//! connections only as [`Conn`]s over a [`Transport`], so the rules are
+//! unit-tested over in-memory sockets (the tests at the end of this file).
 //!
-//! Backpressure: a pipe reads only while its buffer has room. With mio's
-//! edge-triggered readiness a socket that stays readable raises no new
-//! event, so the pipe remembers `readable` itself and resumes reading as
-//! soon as a write makes room; the kernel's socket buffers and TCP flow
-//! control then push back on the sender. Memory per pipe is one buffer.
+//! The session (src/session.rs) owns one `Relay` while it is `Relaying`. It
+//! drives it with [`Relay::pump`] (every message), [`Relay::step`] (when a
+//! source ended: closing rules, and whether the relay is over) and
+//! [`Relay::on_timer`] (its deadline passed), and turns it into a [`Report`]
+//! when it leaves the state. It never reaches into a pipe.
 
-use std::io;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::buffer::{Buffer, BufferPool};
-use crate::conn::{Conn, Io};
-use crate::frame::{
-    Direction, FrameScanner, PING_PAYLOAD_LEN, ScanStop, Violation, close_frame, ping_frame,
-};
+use log::debug;
 
-/// A frame of the proxy's own (a ping or a close), written whole, once.
-#[derive(Debug, Clone)]
-struct Control {
-    bytes: [u8; 131],
-    len: usize,
-    written: usize,
+use crate::buffer::BufferPool;
+use crate::config::Config;
+use crate::conn::{Conn, Transport};
+use crate::events::SessionEnd;
+use crate::frame::{Direction, PING_PAYLOAD_LEN};
+use crate::pipe::{Pipe, SourceEnd};
+
+/// Rounds of reads and writes one pipe may do per drive before yielding to
+/// other sessions.
+pub(crate) const PUMP_BUDGET: usize = 16;
+
+/// Which end of the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Client,
+    Upstream,
 }
 
-impl Control {
-    fn started(&self) -> bool {
-        self.written > 0
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+        })
     }
+}
 
-    /// Write what is left; `Ok(true)` when something was written.
-    fn write_to(&mut self, dst: &mut Conn) -> Result<bool, io::Error> {
-        match dst.write(&self.bytes[self.written..self.len]) {
-            Io::Done(n) => {
-                self.written += n;
-                Ok(true)
-            }
-            Io::WouldBlock | Io::Eof => Ok(false),
-            Io::Failed(e) => Err(e),
+/// The relay's durations, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timers {
+    /// How long a started closing handshake may take.
+    pub close_timeout: Duration,
+    /// Ping a side silent this long (zero: no keepalive).
+    pub ping_interval: Duration,
+    /// Give up on a side silent this long.
+    pub peer_timeout: Duration,
+}
+
+impl Timers {
+    pub fn of(config: &Config) -> Self {
+        Timers {
+            close_timeout: config.close_timeout,
+            ping_interval: config.ping_interval,
+            peer_timeout: config.peer_timeout,
         }
     }
-
-    fn done(&self) -> bool {
-        self.written == self.len
-    }
 }
 
-/// Why a pipe's source stopped delivering frames.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum SourceEnd {
-    /// A close frame was relayed (the normal end); its code if it had one.
-    Close(Option<u16>),
-    /// TCP ended without a close frame.
-    Eof,
-    /// The socket failed.
-    Failed(String),
-    /// The source broke the protocol.
-    Violation(Violation),
-    /// The proxy stopped reading (the session is ending for another reason).
-    Stopped,
+/// What one [`Relay::step`] left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Still relaying; `more` asks for another drive soon (a budget ran out).
+    Relaying { more: bool },
+    /// Both directions are finished and flushed. `clean`: a close frame went
+    /// each way (the session may skip lingering, see `Session::finish_closed`).
+    Over { clean: bool },
 }
 
-/// One direction of the relay.
+/// What a passed deadline did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fired {
+    /// Nothing was due (or only the next keepalive check was planned).
+    Nothing,
+    /// The closing handshake took longer than the close timeout: the relay
+    /// is over, without the peers' last words.
+    ClosingTimedOut,
+    /// This side sent nothing, not even a pong, for PEER_TIMEOUT: the other
+    /// side is being told (close 1001).
+    PeerGone(Side),
+    /// The token expired (CLOSE_ON_TOKEN_EXPIRY): the client is being told
+    /// (1008), the upstream gets a normal goodbye.
+    TokenExpired,
+}
+
+/// What a finished relay leaves for the access log and `/metrics`.
 #[derive(Debug)]
-pub(crate) struct Pipe {
-    dir: Direction,
-    buf: Option<Buffer>,
-    /// Bytes at the head of `buf` that are validated and may be written.
-    ready: usize,
-    scanner: FrameScanner,
-    /// Set once the source delivers nothing more.
-    pub end: Option<SourceEnd>,
-    /// Read only to the end of the current frame, then stop (so a frame of
-    /// the proxy's own can follow).
-    stop_at_boundary: bool,
-    /// A close frame of the proxy's own, written once `ready` is drained
-    /// at a frame boundary after the source ended.
-    inject: Option<Control>,
-    /// Replace the source's close frame with a close of the proxy's own
-    /// (code, reason): set when the other side broke the protocol.
-    pub replace_close: Option<(u16, &'static str)>,
-    /// A ping of the proxy's own, written at the next frame boundary.
-    ping: Option<Control>,
-    /// Offset in `buf` of a frame boundary within the `ready` bytes (where a
-    /// frame of the proxy's own may go).
-    boundary: Option<usize>,
-    /// When the source last delivered bytes.
-    pub last_rx: Instant,
-    /// A close frame went (or is going) to the destination.
-    pub close_sent: bool,
-    /// Frame bytes written to the destination.
-    pub bytes: u64,
-    /// Bytes still to be written that are not frames (the 101 head).
-    uncounted: u64,
-    /// Times the buffer filled up and reading paused.
+pub(crate) struct Report {
+    pub end: SessionEnd,
+    pub outcome: String,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// Close codes each side sent (1005 for a close frame without a code).
+    pub client_close: Option<u16>,
+    pub upstream_close: Option<u16>,
+    /// Times a direction's buffer filled up and reading paused.
     pub pauses: u64,
-    /// The source streams in bulk: take a bulk buffer when taking one. Set
-    /// when one read brings a whole regular buffer's worth; cleared when a
-    /// read brings less than a quarter of that (interactive traffic again).
-    bulk: bool,
 }
 
-/// What one [`Pipe::pump`] did.
-#[derive(Default)]
-pub(crate) struct Pump {
-    /// The destination failed while writing.
-    pub dst_failed: Option<io::Error>,
+/// Both directions of an established session and the rules between them.
+#[derive(Debug)]
+pub(crate) struct Relay {
+    /// For log lines.
+    id: u64,
+    /// Client to upstream.
+    up: Pipe,
+    /// Upstream to client.
+    down: Pipe,
+    timers: Timers,
+    /// When the token expires (the relay ends then), if it is to.
+    expires: Option<Instant>,
+    /// When a started closing handshake is given up.
+    closing_by: Option<Instant>,
+    /// When keepalive next looks at the two sides.
+    keepalive_at: Option<Instant>,
+    /// When the proxy last pinged the client, and the upstream.
+    ping_client: Option<Instant>,
+    ping_upstream: Option<Instant>,
+    /// The proxy is shutting down and ended this relay.
+    going_away: bool,
+    /// How the session ended, once something other than the pipes decided
+    /// it (a timeout, the token's expiry, a shutdown).
+    end: Option<SessionEnd>,
+    /// What the log line says, once decided.
+    outcome: Option<String>,
 }
 
-impl Pipe {
-    pub fn new(dir: Direction, max_frame: u64, now: Instant) -> Self {
-        Pipe {
-            dir,
-            buf: None,
-            ready: 0,
-            scanner: FrameScanner::new(dir, max_frame),
+impl Relay {
+    /// A relay starting `now`; `expires` is when the token's grant ends.
+    pub fn new(
+        id: u64,
+        max_frame: u64,
+        timers: Timers,
+        now: Instant,
+        expires: Option<Instant>,
+    ) -> Self {
+        Relay {
+            id,
+            up: Pipe::new(Direction::ClientToUpstream, max_frame, now),
+            down: Pipe::new(Direction::UpstreamToClient, max_frame, now),
+            timers,
+            expires,
+            closing_by: None,
+            keepalive_at: (!timers.ping_interval.is_zero()).then(|| now + timers.ping_interval),
+            ping_client: None,
+            ping_upstream: None,
+            going_away: false,
             end: None,
-            stop_at_boundary: false,
-            inject: None,
-            replace_close: None,
-            ping: None,
-            boundary: None,
-            last_rx: now,
-            close_sent: false,
-            bytes: 0,
-            uncounted: 0,
-            pauses: 0,
-            bulk: false,
+            outcome: None,
         }
     }
 
-    /// Put bytes in front of everything else: `raw` is written as is (the
-    /// 101 response), `frames` is frame data that arrived with a handshake
-    /// and is scanned like anything read later.
-    pub fn preload(&mut self, pool: &mut BufferPool, raw: &[u8], frames: &[u8]) {
-        if raw.is_empty() && frames.is_empty() {
-            return;
-        }
-        let buf = self.buf.get_or_insert_with(|| pool.get());
-        let taken = buf.push(raw) + buf.push(frames);
-        // Config validation keeps the buffer larger than any handshake
-        // leftover, so nothing is cut here.
-        debug_assert_eq!(taken, raw.len() + frames.len());
-        self.ready += raw.len();
-        // The 101 head is not frame traffic: leave it out of `bytes`.
-        self.uncounted = raw.len() as u64;
-        // The end of a handshake head is where frames begin.
-        self.boundary = Some(self.ready);
-        self.scan_new();
+    /// Put the handshake's leftovers in front: `accept` (the client's 101)
+    /// and what the upstream sent behind its own 101 go to the client;
+    /// `early`, what the client sent before its 101, goes upstream.
+    pub fn preload(
+        &mut self,
+        pool: &mut BufferPool,
+        accept: &[u8],
+        after_upstream_head: &[u8],
+        early: &[u8],
+    ) {
+        self.down.preload(pool, accept, after_upstream_head);
+        self.up.preload(pool, &[], early);
     }
 
-    /// Validate newly buffered bytes and extend `ready`.
+    /// When the relay next needs [`on_timer`](Self::on_timer).
+    pub fn deadline(&self) -> Option<Instant> {
+        [self.expires, self.closing_by, self.keepalive_at]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Pump both directions as far as they go. While both sources deliver
+    /// (every relayed message) that is all there is to do: `Some(more)`,
+    /// where `more` asks for another drive soon (a budget ran out). `None`
+    /// when a source has ended: [`step`](Self::step) must run. Leaves the
+    /// timers as they were.
     #[inline]
-    fn scan_new(&mut self) {
-        // The common case, small whole data frames (a VNC message, an
-        // input event), in a few comparisons per frame.
-        if let Some(buf) = self.buf.as_ref()
-            && self.end.is_none()
-            && !self.stop_at_boundary
-            && let Some(n) = self.scanner.whole_data_frames(&buf.data()[self.ready..])
-        {
-            self.ready += n;
-            self.boundary = Some(self.ready);
-            return;
+    pub fn pump<S: Transport>(
+        &mut self,
+        client: &mut Conn<S>,
+        upstream: &mut Conn<S>,
+        pool: &mut BufferPool,
+        now: Instant,
+    ) -> Option<bool> {
+        let (up, down) = (&mut self.up, &mut self.down);
+        // An event concerns one socket and usually one direction: the other
+        // pipe is only pumped when it has something to do.
+        let a = up.pump_if_due(client, upstream, pool, PUMP_BUDGET, now);
+        let b = down.pump_if_due(upstream, client, pool, PUMP_BUDGET, now);
+        if let Some(e) = a.dst_failed {
+            // Writing to the upstream failed: it is gone.
+            debug!("session {}: upstream write failed: {e}", self.id);
+            up.abort(pool);
+            down.source_failed(e.to_string());
         }
-        self.scan_any();
+        if let Some(e) = b.dst_failed {
+            debug!("session {}: client write failed: {e}", self.id);
+            down.abort(pool);
+            up.source_failed(e.to_string());
+        }
+        if up.ended() || down.ended() {
+            return None;
+        }
+        Some(up.has_pending_work(client, upstream) || down.has_pending_work(upstream, client))
     }
 
-    /// [`scan_new`](Self::scan_new) for whatever the stream holds: partial
-    /// and large frames, closes, the proxy's own pongs, a stop at a boundary.
-    #[inline(never)]
-    fn scan_any(&mut self) {
-        let Some(buf) = self.buf.as_mut() else {
-            return;
-        };
-        if self.end.is_some() {
-            buf.truncate(self.ready);
-            return;
+    /// Pump both directions and run the closing rules.
+    pub fn step<S: Transport>(
+        &mut self,
+        client: &mut Conn<S>,
+        upstream: &mut Conn<S>,
+        pool: &mut BufferPool,
+        now: Instant,
+    ) -> Step {
+        if let Some(more) = self.pump(client, upstream, pool, now) {
+            return Step::Relaying { more };
         }
-        // Each round either stops or removes one of our pongs (at least a
-        // few bytes), so it ends.
-        let scan = loop {
-            let mut unscanned = &buf.data()[self.ready..];
-            if self.stop_at_boundary {
-                let rest = self.scanner.remaining();
-                let cut = usize::try_from(rest).map_or(unscanned.len(), |r| r.min(unscanned.len()));
-                unscanned = &unscanned[..cut];
+        // Each pump moves its direction as far as it can; only the closing
+        // rules (a close to inject, a pipe aborted) give the pumps new work.
+        for _ in 0..4 {
+            if !apply_closing_rules(&mut self.up, &mut self.down, pool) {
+                break;
             }
-            let scan = self.scanner.scan(unscanned);
-            if let Some(b) = self.scanner.last_boundary() {
-                self.boundary = Some(self.ready + b);
-            }
-            match self.scanner.take_own_pong() {
-                Some((at, len)) => {
-                    self.ready += scan.forwardable;
-                    buf.remove(self.ready + at - scan.forwardable, len);
-                }
-                None => break scan,
-            }
-        };
-        let ready_before = self.ready;
-        let mut replace = None;
-        self.ready += scan.forwardable;
-        match scan.stop {
-            Some(ScanStop::Close { code }) if self.replace_close.is_some() => {
-                // The source's close frame is the answer to a close the
-                // proxy sent for the other side's violation: the destination
-                // gets the proxy's own close (with that violation's code)
-                // in its place.
-                let start = ready_before + self.scanner.last_frame_start();
-                self.ready = start;
-                self.end = Some(SourceEnd::Close(code));
-                replace = self.replace_close.take();
-            }
-            Some(ScanStop::Close { code }) => {
-                self.end = Some(SourceEnd::Close(code));
-                self.close_sent = true;
-                // Nothing may follow a close frame, not even our ping.
-                self.ping.take_if(|p| !p.started());
-            }
-            Some(ScanStop::Violation(v)) => self.end = Some(SourceEnd::Violation(v)),
-            None if self.stop_at_boundary && self.scanner.at_boundary() => {
-                self.end = Some(SourceEnd::Stopped);
-            }
-            None => {}
+            self.pump(client, upstream, pool, now);
         }
-        if self.end.is_some() {
-            buf.truncate(self.ready);
-        }
-        if let Some((code, reason)) = replace {
-            self.finish_with_close(code, reason);
-        }
-    }
-
-    /// Stop relaying from the source at the next frame boundary and then send
-    /// the destination a close frame of the proxy's own (unless a close frame
-    /// already went that way).
-    /// Returns false when a close frame already went (or is queued) that
-    /// way: nothing more to say, and the source keeps its stopping rule.
-    pub fn finish_with_close(&mut self, code: u16, reason: &'static str) -> bool {
-        if self.close_sent {
-            return false;
-        }
-        self.close_sent = true;
-        let mask = match self.dir {
-            Direction::ClientToUpstream => Some(random_mask()),
-            Direction::UpstreamToClient => None,
-        };
-        let mut bytes = [0u8; 131];
-        let len = close_frame(code, reason, mask, &mut bytes);
-        self.inject = Some(Control {
-            bytes,
-            len,
-            written: 0,
-        });
-        // No ping after a close; one already half written is finished first.
-        self.ping.take_if(|p| !p.started());
-        if self.end.is_none() {
-            if self.scanner.at_boundary() {
-                self.end = Some(SourceEnd::Stopped);
-                if let Some(buf) = self.buf.as_mut() {
-                    buf.truncate(self.ready);
-                }
+        let (up, down) = (&self.up, &self.down);
+        // With TLS, bytes rustls accepted must reach the wire before the
+        // session may end.
+        let flushed = !client.has_pending_output() && !upstream.has_pending_output();
+        if up.finished() && down.finished() && flushed {
+            self.outcome = Some(if self.going_away {
+                "going away (shutdown)".to_owned()
             } else {
-                self.stop_at_boundary = true;
-            }
+                describe_end(up, down)
+            });
+            self.end.get_or_insert_with(|| end_of(up, down));
+            let clean = matches!(up.end(), Some(SourceEnd::Close(_)))
+                && matches!(down.end(), Some(SourceEnd::Close(_)));
+            return Step::Over { clean };
         }
-        true
+        let more = up.has_pending_work(client, upstream) || down.has_pending_work(upstream, client);
+        if (up.ended() || down.ended()) && self.closing_by.is_none() {
+            self.start_closing(now);
+        }
+        Step::Relaying { more }
     }
 
-    /// Stop relaying at once: nothing more is read and nothing unsent is kept
-    /// (the destination is gone or being dropped).
-    pub fn abort(&mut self, pool: &mut BufferPool) {
-        if self.end.is_none() {
-            self.end = Some(SourceEnd::Stopped);
-        }
-        self.inject = None;
-        self.ping = None;
-        self.ready = 0;
-        if let Some(buf) = self.buf.take() {
-            pool.put(buf);
-        }
+    /// The closing handshake has begun: it gets the close timeout, and
+    /// keepalive stops (a side that is leaving need not be pinged).
+    fn start_closing(&mut self, now: Instant) {
+        self.closing_by = Some(now + self.timers.close_timeout);
+        self.keepalive_at = None;
     }
 
-    /// True when the source has ended and everything owed to the destination
-    /// has been written (or can never be).
-    pub fn finished(&self) -> bool {
-        self.end.is_some() && self.ready == 0 && self.inject.is_none() && self.ping.is_none()
-    }
-
-    /// [`pump`](Self::pump), unless it certainly has nothing to do: the
-    /// source cannot be read and nothing can be written (or given back).
-    /// Inlined so that the idle direction of every event costs a few
-    /// comparisons, not a call into the pump.
-    #[inline(always)]
-    pub fn pump_if_due(
-        &mut self,
-        src: &mut Conn,
-        dst: &mut Conn,
-        pool: &mut BufferPool,
-        budget: usize,
-        now: Instant,
-    ) -> Pump {
-        let readable = self.end.is_none() && src.can_read();
-        let idle_buffer = self.buf.as_ref().is_some_and(Buffer::is_empty);
-        if readable || (dst.writable && self.owes(dst)) || idle_buffer {
-            self.pump(src, dst, pool, budget, now)
-        } else {
-            Pump::default()
+    /// The deadline passed: do what is due. The closing timer comes first;
+    /// keepalive and the token's expiry only act while nobody is closing, so
+    /// neither renames an ending already under way.
+    pub fn on_timer(&mut self, now: Instant, pool: &mut BufferPool) -> Fired {
+        if self.closing_by.is_some_and(|t| t <= now) {
+            self.outcome = Some("closing handshake timed out".into());
+            // A violation stays a violation even when the violator never
+            // answers the close it was sent.
+            let violation = [self.up.end(), self.down.end()]
+                .iter()
+                .any(|e| matches!(e, Some(SourceEnd::Violation(_))));
+            self.end.get_or_insert(if violation {
+                SessionEnd::Violation
+            } else {
+                SessionEnd::Timeout
+            });
+            return Fired::ClosingTimedOut;
         }
-    }
-
-    /// Move bytes from `src` to `dst` until neither can make progress or
-    /// `budget` rounds are spent (so one busy session cannot starve the loop).
-    #[inline(never)]
-    fn pump(
-        &mut self,
-        src: &mut Conn,
-        dst: &mut Conn,
-        pool: &mut BufferPool,
-        budget: usize,
-        now: Instant,
-    ) -> Pump {
-        let mut out = Pump::default();
-        for _ in 0..budget {
-            let mut moved = false;
-            // TLS records accepted earlier go out as the socket allows.
-            if dst.writable
-                && dst.has_pending_output()
-                && let Err(e) = dst.flush()
-            {
-                out.dst_failed = Some(e);
-                return out;
-            }
-            // Read while there is room and the source is still delivering.
-            if self.end.is_none() && src.can_read() {
-                let bulk = self.bulk;
-                let buf = self
-                    .buf
-                    .get_or_insert_with(|| if bulk { pool.get_bulk() } else { pool.get() });
-                if buf.is_full() {
-                    self.pauses += 1;
-                } else {
-                    match src.read(buf.space()) {
-                        Io::Done(n) => {
-                            buf.fill(n);
-                            // Bulk: one read brought a regular buffer's
-                            // worth (not a small read topping up a buffer
-                            // a slow destination left full).
-                            if n >= pool.regular_size() {
-                                self.bulk = true;
-                            } else if n < pool.regular_size() / 4 {
-                                self.bulk = false;
-                            }
-                            moved = true;
-                            self.last_rx = now;
-                            self.scan_new();
-                        }
-                        Io::WouldBlock => {}
-                        Io::Eof => self.end_source(SourceEnd::Eof),
-                        Io::Failed(e) => self.end_source(SourceEnd::Failed(e.to_string())),
-                    }
+        if self.closing_by.is_some() {
+            // Closing is under way and bounded by its own timer: whatever
+            // else was due no longer matters.
+            self.expires = None;
+            self.keepalive_at = None;
+            return Fired::Nothing;
+        }
+        if self.keepalive_at.is_some_and(|t| t <= now) {
+            match self.keepalive(now, pool) {
+                Keepalive::Next(at) => self.keepalive_at = Some(at),
+                Keepalive::Gone(side) => {
+                    self.outcome = Some(format!("{side} timed out (no answer to pings)"));
+                    self.end = Some(SessionEnd::Timeout);
+                    self.start_closing(now);
+                    return Fired::PeerGone(side);
                 }
             }
-            // Write what is validated; a pending ping goes in at the next
-            // frame boundary, so data is written only up to it.
-            let boundary = self.boundary_now();
-            let limit = match (&self.ping, boundary) {
-                (Some(_), Some(b)) => b,
-                _ => self.ready,
+        }
+        if self.expires.is_some_and(|t| t <= now) {
+            // The grant ends with the token: the page learns why (1008), the
+            // upstream gets a normal goodbye.
+            self.end = Some(SessionEnd::TokenExpired);
+            self.down.finish_with_close(1008, "token expired");
+            self.up.finish_with_close(1000, "token expired");
+            self.expires = None;
+            self.start_closing(now);
+            return Fired::TokenExpired;
+        }
+        Fired::Nothing
+    }
+
+    /// The shutdown grace is over: both sides get 1001 `going away` at a
+    /// frame boundary, then the closing rules as usual.
+    pub fn go_away(&mut self, now: Instant) {
+        self.down.finish_with_close(1001, "going away");
+        self.up.finish_with_close(1001, "going away");
+        self.going_away = true;
+        // Unless a side had already timed out or the token expired, this
+        // is how the session ends, however its closing goes.
+        self.end.get_or_insert(SessionEnd::Shutdown);
+        self.expires = None;
+        self.start_closing(now);
+    }
+
+    /// The proxy stops at once (`Handle::shutdown`, a second signal): the
+    /// relay is cut where it stands, and that is a shutdown, not a failure
+    /// of either side.
+    pub fn cut_by_shutdown(&mut self) {
+        self.end.get_or_insert(SessionEnd::Shutdown);
+    }
+
+    /// Ping sides that have been silent for PING_INTERVAL (the pong comes
+    /// back through the other pipe and is taken out of the stream there),
+    /// and give up on a side silent for PEER_TIMEOUT: the other side gets
+    /// close 1001.
+    fn keepalive(&mut self, now: Instant, pool: &mut BufferPool) -> Keepalive {
+        let Timers {
+            ping_interval: interval,
+            peer_timeout: timeout,
+            ..
+        } = self.timers;
+        let mut next = now + interval;
+        for side in [Side::Client, Side::Upstream] {
+            let (from, toward, last_ping) = match side {
+                Side::Client => (&mut self.up, &mut self.down, &mut self.ping_client),
+                Side::Upstream => (&mut self.down, &mut self.up, &mut self.ping_upstream),
             };
-            if dst.writable
-                && limit == 0
-                && boundary == Some(0)
-                && let Some(ping) = self.ping.as_mut()
-            {
-                match ping.write_to(dst) {
-                    Ok(wrote) => moved |= wrote,
-                    Err(e) => {
-                        out.dst_failed = Some(e);
-                        return out;
-                    }
-                }
-                self.ping.take_if(|p| p.done());
+            let silence = from.silence(now);
+            if silence >= timeout {
+                // The side still there is told; the silent one just loses TCP.
+                toward.abort(pool);
+                from.finish_with_close(1001, timed_out(side));
+                return Keepalive::Gone(side);
             }
-            if let Some(buf) = self.buf.as_mut().filter(|_| dst.writable && limit > 0) {
-                match dst.write(&buf.data()[..limit]) {
-                    Io::Done(n) => {
-                        buf.consume(n);
-                        self.ready -= n;
-                        self.boundary = self.boundary.and_then(|b| b.checked_sub(n));
-                        let counted = (n as u64).saturating_sub(self.uncounted);
-                        self.uncounted = self.uncounted.saturating_sub(n as u64);
-                        self.bytes += counted;
-                        moved = true;
-                    }
-                    Io::WouldBlock | Io::Eof => {}
-                    Io::Failed(e) => {
-                        out.dst_failed = Some(e);
-                        return out;
-                    }
+            let due = last_ping
+                .is_none_or(|p| p < from.last_rx() || now.saturating_duration_since(p) >= interval);
+            if silence >= interval && due {
+                let payload = ping_payload();
+                if toward.queue_ping(payload) {
+                    from.expect_pong(payload);
+                    *last_ping = Some(now);
                 }
             }
-            let may_inject =
-                dst.writable && self.ready == 0 && self.end.is_some() && self.ping.is_none();
-            if let Some(close) = self.inject.as_mut().filter(|_| may_inject) {
-                if !self.scanner.at_boundary() {
-                    // The source ended inside a frame: a frame of our own
-                    // cannot follow without corrupting the stream.
-                    self.inject = None;
+            let ping_at = if silence < interval {
+                from.last_rx() + interval
+            } else {
+                last_ping.unwrap_or(now) + interval
+            };
+            next = next.min(ping_at).min(from.last_rx() + timeout);
+        }
+        Keepalive::Next(next.max(now + Duration::from_millis(10)))
+    }
+
+    /// The relay is over, however it ended: what it counted, with the
+    /// buffers given back to the pool (a pipe dropped with its buffer would
+    /// leak the pool's count, and a bulk buffer's slot with it).
+    pub fn finish(mut self, pool: &mut BufferPool) -> Report {
+        let (up, down) = (&self.up, &self.down);
+        let end = self.end.unwrap_or_else(|| end_of(up, down));
+        let outcome = self.outcome.take().unwrap_or_else(|| {
+            if self.going_away {
+                // Cut off at the end of a drain with its close frames still
+                // on their way.
+                "going away (shutdown; closing cut short)".to_owned()
+            } else {
+                format!("{} (closed by the proxy)", describe_end(up, down))
+            }
+        });
+        let report = Report {
+            end,
+            outcome,
+            bytes_up: up.bytes(),
+            bytes_down: down.bytes(),
+            client_close: close_code(up),
+            upstream_close: close_code(down),
+            pauses: self.up.take_pauses() + self.down.take_pauses(),
+        };
+        self.up.release(pool);
+        self.down.release(pool);
+        report
+    }
+}
+
+/// What a keepalive check found.
+enum Keepalive {
+    /// Both sides are alive; look again then.
+    Next(Instant),
+    /// This side sent nothing, not even a pong, for PEER_TIMEOUT.
+    Gone(Side),
+}
+
+/// The reason the other side is given when `side` stopped answering.
+fn timed_out(side: Side) -> &'static str {
+    match side {
+        Side::Client => "client timed out",
+        Side::Upstream => "upstream timed out",
+    }
+}
+
+fn ping_payload() -> [u8; PING_PAYLOAD_LEN] {
+    let mut p = *b"kvp-ping";
+    // Unpredictable payloads make a peer's own pong unlikely to match ours.
+    let _ = getrandom::fill(&mut p);
+    p
+}
+
+/// When one direction ends, decide what the other side is told. Returns true
+/// if anything changed.
+fn apply_closing_rules(up: &mut Pipe, down: &mut Pipe, pool: &mut BufferPool) -> bool {
+    // While both sources deliver (every relayed message) no rule applies.
+    if !up.ended() && !down.ended() {
+        return false;
+    }
+    let snapshot = |up: &Pipe, down: &Pipe| {
+        (
+            up.close_sent(),
+            down.close_sent(),
+            up.end().cloned(),
+            down.end().cloned(),
+        )
+    };
+    let before = snapshot(up, down);
+    match up.end().cloned() {
+        // The client's close frame goes upstream as is; its answer comes back
+        // through `down` on its own.
+        None | Some(SourceEnd::Close(_)) | Some(SourceEnd::Stopped) => {}
+        Some(SourceEnd::Eof) | Some(SourceEnd::Failed(_)) => {
+            // The client is gone: nothing more can reach it.
+            down.abort(pool);
+            up.finish_with_close(1001, "client went away");
+        }
+        Some(SourceEnd::Violation(v)) if v.in_close_frame() => {
+            // A broken close frame: the client was leaving anyway; it gets
+            // the code its close deserves at once, the upstream a goodbye.
+            down.finish_with_close(v.close_code(), v.reason());
+            up.finish_with_close(1001, "client broke the protocol");
+        }
+        Some(SourceEnd::Violation(v)) => {
+            // As with a direct connection: the upstream is told (with the
+            // violation's code), what it still sends - replies to the
+            // client's valid frames - reaches the client, and the client's
+            // last frame is the proxy's close with that code, in place of
+            // the upstream's close answer.
+            if up.finish_with_close(v.close_code(), v.reason()) {
+                down.replace_close_with(v.close_code(), v.reason());
+            }
+        }
+    }
+    // If the upstream vanishes after a client violation, that violation is
+    // still what the client is told.
+    let client_fault = match up.end() {
+        Some(SourceEnd::Violation(v)) if !v.in_close_frame() => Some((v.close_code(), v.reason())),
+        _ => None,
+    };
+    match down.end().cloned() {
+        None | Some(SourceEnd::Close(_)) | Some(SourceEnd::Stopped) => {}
+        Some(SourceEnd::Eof) => {
+            up.abort(pool);
+            let (code, reason) = client_fault.unwrap_or((1001, "upstream closed the connection"));
+            down.finish_with_close(code, reason);
+        }
+        Some(SourceEnd::Failed(_)) => {
+            up.abort(pool);
+            let (code, reason) = client_fault.unwrap_or((1011, "upstream connection failed"));
+            down.finish_with_close(code, reason);
+        }
+        Some(SourceEnd::Violation(v)) => {
+            up.finish_with_close(v.close_code(), v.reason());
+            down.finish_with_close(1011, "upstream broke the protocol");
+        }
+    }
+    before != snapshot(up, down)
+}
+
+/// The close code a pipe's source sent, if it sent a close frame.
+fn close_code(p: &Pipe) -> Option<u16> {
+    match p.end() {
+        Some(SourceEnd::Close(code)) => Some(code.unwrap_or(1005)),
+        _ => None,
+    }
+}
+
+/// How a relay ended, from how its pipes did, when nothing decided it before.
+fn end_of(up: &Pipe, down: &Pipe) -> SessionEnd {
+    let ends = [up.end(), down.end()];
+    if ends
+        .iter()
+        .any(|e| matches!(e, Some(SourceEnd::Violation(_))))
+    {
+        SessionEnd::Violation
+    } else if ends.iter().all(|e| matches!(e, Some(SourceEnd::Close(_)))) {
+        SessionEnd::Normal
+    } else {
+        SessionEnd::Abnormal
+    }
+}
+
+fn describe_end(up: &Pipe, down: &Pipe) -> String {
+    use std::fmt::Write;
+    // Written into one string: this runs once per session.
+    let side = |out: &mut String, end: Option<&SourceEnd>| {
+        let _ = match end {
+            Some(SourceEnd::Close(Some(code))) => write!(out, "close {code}"),
+            Some(SourceEnd::Close(None)) => write!(out, "close"),
+            Some(SourceEnd::Eof) => write!(out, "dropped the connection"),
+            Some(SourceEnd::Failed(e)) => write!(out, "failed ({e})"),
+            Some(SourceEnd::Violation(v)) => write!(out, "protocol violation ({v})"),
+            Some(SourceEnd::Stopped) | None => write!(out, "stopped by the proxy"),
+        };
+    };
+    let mut out = String::with_capacity(64);
+    out.push_str("client ");
+    side(&mut out, up.end());
+    out.push_str(", upstream ");
+    side(&mut out, down.end());
+    out
+}
+
+/// The relay over in-memory sockets: every partial write, `WouldBlock` and
+/// timer the tests script happens exactly where they say, which real sockets
+/// cannot promise. (The same rules over real sockets: tests/relay.rs,
+/// tests/backpressure.rs, tests/shutdown.rs.)
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+    use std::io::{self, Read, Write};
+    use std::rc::Rc;
+
+    use crate::conn::Readiness;
+
+    /// One end of an in-memory connection as the proxy sees it.
+    #[derive(Debug, Default)]
+    pub(crate) struct Wire {
+        /// What the peer sent, not yet read by the proxy.
+        pub inbox: VecDeque<u8>,
+        /// The peer closed its side (read returns 0 once `inbox` is empty).
+        pub eof: bool,
+        /// What the proxy wrote.
+        pub outbox: Vec<u8>,
+        /// Bytes the peer accepts before a write would block.
+        pub room: usize,
+        /// Most bytes one write call takes (0: no limit).
+        pub max_write: usize,
+        /// The proxy shut its write side.
+        pub fin: bool,
+    }
+
+    #[derive(Debug, Clone)]
+    pub(crate) struct Mem(pub Rc<RefCell<Wire>>);
+
+    impl Read for Mem {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let mut w = self.0.borrow_mut();
+            if w.inbox.is_empty() {
+                return if w.eof {
+                    Ok(0)
                 } else {
-                    match close.write_to(dst) {
-                        Ok(wrote) => moved |= wrote,
-                        Err(e) => {
-                            out.dst_failed = Some(e);
-                            return out;
-                        }
-                    }
-                    self.inject.take_if(|c| c.done());
-                }
+                    Err(io::ErrorKind::WouldBlock.into())
+                };
             }
-            // An idle pipe gives its buffer back: idle sessions hold none.
-            if let Some(buf) = self.buf.take_if(|b| b.is_empty()) {
-                pool.put(buf);
+            let n = buf.len().min(w.inbox.len());
+            for (b, v) in buf.iter_mut().zip(w.inbox.drain(..n)) {
+                *b = v;
             }
-            if !moved {
-                break;
+            Ok(n)
+        }
+    }
+
+    impl Write for Mem {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let mut w = self.0.borrow_mut();
+            let cap = if w.max_write == 0 {
+                usize::MAX
+            } else {
+                w.max_write
+            };
+            let n = buf.len().min(w.room).min(cap);
+            if n == 0 && !buf.is_empty() {
+                return Err(io::ErrorKind::WouldBlock.into());
             }
-            // Another round would find nothing to do: the source is drained
-            // (or ended), everything read went out and nothing of the
-            // proxy's own is waiting. The usual end of a relayed message.
-            let drained = self.end.is_some() || !src.can_read();
-            if drained && !self.owes(dst) {
-                break;
+            w.room -= n;
+            w.outbox.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Transport for Mem {
+        fn shutdown_write(&mut self) {
+            self.0.borrow_mut().fin = true;
+        }
+    }
+
+    /// A frame as a peer sends it (`mask`: from a client).
+    pub(crate) fn frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+        let mut out = vec![0x80 | opcode];
+        let m = if mask.is_some() { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => out.push(m | n as u8),
+            n if n <= 0xffff => {
+                out.push(m | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
             }
+            n => {
+                out.push(m | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        match mask {
+            Some(k) => {
+                out.extend_from_slice(&k);
+                out.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+            }
+            None => out.extend_from_slice(payload),
         }
         out
     }
 
-    /// Something waits to go to `dst`: validated bytes, a frame of the
-    /// proxy's own, or TLS records not yet on the wire.
-    #[inline(always)]
-    fn owes(&self, dst: &Conn) -> bool {
-        self.ready > 0 || self.ping.is_some() || self.inject.is_some() || dst.has_pending_output()
+    const KEY: [u8; 4] = [1, 2, 3, 4];
+
+    fn close_payload(code: u16) -> Vec<u8> {
+        code.to_be_bytes().to_vec()
     }
 
-    /// Where a frame of the proxy's own may be written now (offset in the
-    /// ready bytes), if anywhere.
-    fn boundary_now(&self) -> Option<usize> {
-        if self.ready == 0 && self.scanner.at_boundary() {
-            Some(0)
-        } else {
-            self.boundary.filter(|b| *b <= self.ready)
+    /// The frames in `bytes` (opcode, unmasked payload), and what is left
+    /// of an unfinished one.
+    pub(crate) fn frames(mut bytes: &[u8]) -> (Vec<(u8, Vec<u8>)>, usize) {
+        let mut out = Vec::new();
+        loop {
+            if bytes.len() < 2 {
+                return (out, bytes.len());
+            }
+            let masked = bytes[1] & 0x80 != 0;
+            let (len, mut at) = match bytes[1] & 0x7f {
+                126 if bytes.len() >= 4 => (u16::from_be_bytes([bytes[2], bytes[3]]) as usize, 4),
+                127 if bytes.len() >= 10 => {
+                    let mut l = [0u8; 8];
+                    l.copy_from_slice(&bytes[2..10]);
+                    (u64::from_be_bytes(l) as usize, 10)
+                }
+                126 | 127 => return (out, bytes.len()),
+                n => (n as usize, 2),
+            };
+            let key = if masked {
+                if bytes.len() < at + 4 {
+                    return (out, bytes.len());
+                }
+                at += 4;
+                Some([bytes[at - 4], bytes[at - 3], bytes[at - 2], bytes[at - 1]])
+            } else {
+                None
+            };
+            if bytes.len() < at + len {
+                return (out, bytes.len());
+            }
+            let payload = bytes[at..at + len]
+                .iter()
+                .enumerate()
+                .map(|(i, b)| key.map_or(*b, |k| b ^ k[i % 4]))
+                .collect();
+            out.push((bytes[0] & 0x0f, payload));
+            bytes = &bytes[at + len..];
         }
     }
 
-    /// True while reading pauses because the buffer is full: the source has
-    /// more to say, it is not silent.
-    pub fn is_paused(&self) -> bool {
-        self.end.is_none() && self.buf.as_ref().is_some_and(Buffer::is_full)
+    /// A relay between two in-memory peers, with a clock the test moves.
+    struct Rig {
+        relay: Relay,
+        client: Conn<Mem>,
+        upstream: Conn<Mem>,
+        /// The client's side of its connection, and the upstream's.
+        c: Rc<RefCell<Wire>>,
+        u: Rc<RefCell<Wire>>,
+        pool: BufferPool,
+        now: Instant,
     }
 
-    /// Send the destination a ping of the proxy's own at the next frame
-    /// boundary (none while one is still on its way, or after a close).
-    pub fn queue_ping(&mut self, payload: [u8; PING_PAYLOAD_LEN]) -> bool {
-        if self.ping.is_some() || self.close_sent {
-            return false;
+    const TIMERS: Timers = Timers {
+        close_timeout: Duration::from_secs(5),
+        ping_interval: Duration::ZERO,
+        peer_timeout: Duration::from_secs(60),
+    };
+
+    impl Rig {
+        /// Buffers of `buffer` bytes; the token expires after `expires_in`.
+        fn new(buffer: usize, expires_in: Option<Duration>) -> Self {
+            let now = Instant::now();
+            let wire = || {
+                Rc::new(RefCell::new(Wire {
+                    room: usize::MAX,
+                    ..Wire::default()
+                }))
+            };
+            let (c, u) = (wire(), wire());
+            let conn = |w: &Rc<RefCell<Wire>>| {
+                let mut conn = Conn::new(Mem(w.clone()));
+                conn.note(Readiness {
+                    readable: true,
+                    writable: true,
+                    ..Readiness::default()
+                });
+                conn
+            };
+            Rig {
+                relay: Relay::new(7, 1 << 20, TIMERS, now, expires_in.map(|d| now + d)),
+                client: conn(&c),
+                upstream: conn(&u),
+                c,
+                u,
+                pool: BufferPool::new(buffer, 4),
+                now,
+            }
         }
-        let mut bytes = [0u8; 131];
-        let mask = match self.dir {
-            Direction::ClientToUpstream => Some(random_mask()),
-            Direction::UpstreamToClient => None,
-        };
-        let len = ping_frame(payload, mask, &mut bytes);
-        self.ping = Some(Control {
-            bytes,
-            len,
-            written: 0,
-        });
-        true
-    }
 
-    /// Take pongs carrying `payload` out of this pipe's stream (they answer
-    /// a ping the proxy sent the other way).
-    pub fn expect_pong(&mut self, payload: [u8; PING_PAYLOAD_LEN]) {
-        self.scanner.expect_pong(payload);
-    }
+        /// The client sends `bytes` (and the proxy gets a readable event).
+        fn client_sends(&mut self, bytes: &[u8]) {
+            self.c.borrow_mut().inbox.extend(bytes);
+            self.client.note(Readiness {
+                readable: true,
+                ..Readiness::default()
+            });
+        }
 
-    fn end_source(&mut self, end: SourceEnd) {
-        self.end = Some(end);
-        if let Some(buf) = self.buf.as_mut() {
-            buf.truncate(self.ready);
+        fn upstream_sends(&mut self, bytes: &[u8]) {
+            self.u.borrow_mut().inbox.extend(bytes);
+            self.upstream.note(Readiness {
+                readable: true,
+                ..Readiness::default()
+            });
+        }
+
+        /// The peer makes `room` bytes of space (and a writable event).
+        fn client_reads(&mut self, room: usize) {
+            self.c.borrow_mut().room = room;
+            self.client.note(Readiness {
+                writable: true,
+                ..Readiness::default()
+            });
+        }
+
+        fn upstream_reads(&mut self, room: usize) {
+            self.u.borrow_mut().room = room;
+            self.upstream.note(Readiness {
+                writable: true,
+                ..Readiness::default()
+            });
+        }
+
+        /// Drive as the loop does, until the relay waits for an event (or
+        /// is over); bounded.
+        fn run(&mut self) -> Step {
+            for _ in 0..10_000 {
+                let step = self.relay.step(
+                    &mut self.client,
+                    &mut self.upstream,
+                    &mut self.pool,
+                    self.now,
+                );
+                if step != (Step::Relaying { more: true }) {
+                    return step;
+                }
+            }
+            panic!("the relay never settled");
+        }
+
+        fn advance(&mut self, by: Duration) -> Fired {
+            self.now += by;
+            self.relay.on_timer(self.now, &mut self.pool)
+        }
+
+        fn to_client(&self) -> (Vec<(u8, Vec<u8>)>, usize) {
+            frames(&self.c.borrow().outbox)
+        }
+
+        fn to_upstream(&self) -> (Vec<(u8, Vec<u8>)>, usize) {
+            frames(&self.u.borrow().outbox)
+        }
+
+        fn finish(self) -> (Report, BufferPool) {
+            let mut pool = self.pool;
+            let report = self.relay.finish(&mut pool);
+            (report, pool)
         }
     }
 
-    /// True when the pipe stopped with rounds left but could still move bytes
-    /// (its budget ran out): the session must be driven again soon.
-    pub fn has_pending_work(&self, src: &Conn, dst: &Conn) -> bool {
-        let can_read =
-            self.end.is_none() && src.can_read() && !self.buf.as_ref().is_some_and(Buffer::is_full);
-        let can_write =
-            dst.writable && (self.ready > 0 || (self.end.is_some() && self.inject.is_some()));
-        can_read || can_write
+    fn pattern(n: usize, seed: u8) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
     }
 
-    /// Return the buffer to the pool (the session is over).
-    pub fn release(&mut self, pool: &mut BufferPool) {
-        if let Some(buf) = self.buf.take() {
-            pool.put(buf);
+    const BINARY: u8 = 2;
+    const CLOSE: u8 = 8;
+
+    /// Both peers take one byte per write call: every frame, the 101 head
+    /// and the handshake leftovers still arrive whole and in order, and a
+    /// close handshake through it ends the relay cleanly.
+    #[test]
+    fn a_partial_write_at_every_step_loses_and_reorders_nothing() {
+        let mut rig = Rig::new(64, None);
+        rig.c.borrow_mut().max_write = 1;
+        rig.u.borrow_mut().max_write = 1;
+        let head = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
+        let leftover = frame(BINARY, b"RFB 003.008\n", None);
+        let early = frame(BINARY, b"early", Some(KEY));
+        rig.relay.preload(&mut rig.pool, head, &leftover, &early);
+        let a = pattern(300, 1);
+        let b = pattern(70, 2);
+        rig.client_sends(&[frame(BINARY, &a, Some(KEY)), frame(BINARY, &b, Some(KEY))].concat());
+        rig.upstream_sends(&frame(BINARY, &a, None));
+        assert_eq!(rig.run(), Step::Relaying { more: false });
+
+        let client_bytes = rig.c.borrow().outbox.clone();
+        assert!(client_bytes.starts_with(head), "the 101 head comes first");
+        let (to_client, partial) = frames(&client_bytes[head.len()..]);
+        assert_eq!(partial, 0);
+        assert_eq!(
+            to_client,
+            vec![(BINARY, b"RFB 003.008\n".to_vec()), (BINARY, a.clone())]
+        );
+        let (to_upstream, partial) = rig.to_upstream();
+        assert_eq!(partial, 0);
+        assert_eq!(
+            to_upstream,
+            vec![(BINARY, b"early".to_vec()), (BINARY, a), (BINARY, b)]
+        );
+
+        rig.client_sends(&frame(CLOSE, &close_payload(1000), Some(KEY)));
+        assert_eq!(rig.run(), Step::Relaying { more: false });
+        assert_eq!(
+            rig.to_upstream().0.last().unwrap(),
+            &(CLOSE, close_payload(1000))
+        );
+        rig.upstream_sends(&frame(CLOSE, &close_payload(1000), None));
+        assert_eq!(rig.run(), Step::Over { clean: true });
+        let (to_client, _) = frames(&rig.c.borrow().outbox[head.len()..]);
+        assert_eq!(to_client.last().unwrap(), &(CLOSE, close_payload(1000)));
+        let (report, pool) = rig.finish();
+        assert_eq!(report.end, SessionEnd::Normal);
+        assert_eq!(
+            (report.client_close, report.upstream_close),
+            (Some(1000), Some(1000))
+        );
+        // Frame bytes as they went: early 5 + 6, 300 + 8, 70 + 6, close 2 + 6.
+        assert_eq!(report.bytes_up, 11 + 308 + 76 + 8);
+        assert_eq!(pool.in_use(), 0, "every buffer went back to the pool");
+    }
+
+    /// A destination that takes nothing (`WouldBlock`) stops the reading of
+    /// its source once the buffer is full, each way; what waits is
+    /// delivered once it takes bytes again.
+    #[test]
+    fn would_block_on_either_side_pauses_its_source_and_resumes() {
+        for blocked in [Side::Client, Side::Upstream] {
+            let mut rig = Rig::new(64, None);
+            let data = pattern(1_000, 3);
+            match blocked {
+                Side::Upstream => {
+                    rig.upstream_reads(0);
+                    rig.client_sends(&frame(BINARY, &data, Some(KEY)));
+                }
+                Side::Client => {
+                    rig.client_reads(0);
+                    rig.upstream_sends(&frame(BINARY, &data, None));
+                }
+            }
+            assert_eq!(rig.run(), Step::Relaying { more: false });
+            let source = match blocked {
+                Side::Upstream => rig.c.clone(),
+                Side::Client => rig.u.clone(),
+            };
+            // Backpressure: one buffer read, the rest left in the peer's
+            // socket for TCP flow control.
+            let waiting = source.borrow().inbox.len();
+            assert!(
+                waiting >= 1_000 - 64,
+                "{blocked}: read only {waiting} short"
+            );
+            // The other direction still flows.
+            match blocked {
+                Side::Upstream => rig.upstream_sends(&frame(BINARY, b"down", None)),
+                Side::Client => rig.client_sends(&frame(BINARY, b"up", Some(KEY))),
+            }
+            assert_eq!(rig.run(), Step::Relaying { more: false });
+            match blocked {
+                Side::Upstream => assert_eq!(rig.to_client().0, vec![(BINARY, b"down".to_vec())]),
+                Side::Client => assert_eq!(rig.to_upstream().0, vec![(BINARY, b"up".to_vec())]),
+            }
+            // Room again, in small steps (each a writable event).
+            for _ in 0..100 {
+                match blocked {
+                    Side::Upstream => rig.upstream_reads(50),
+                    Side::Client => rig.client_reads(50),
+                }
+                rig.run();
+            }
+            let (got, partial) = match blocked {
+                Side::Upstream => rig.to_upstream(),
+                Side::Client => rig.to_client(),
+            };
+            assert_eq!((got, partial), (vec![(BINARY, data)], 0), "{blocked}");
+            assert_eq!(source.borrow().inbox.len(), 0);
         }
     }
-}
 
-/// A masking key for the proxy's own frames to the upstream. RFC 6455 asks
-/// for unpredictable keys; these frames are tiny and rare, so the OS RNG is
-/// fine here.
-fn random_mask() -> [u8; 4] {
-    let mut k = [0u8; 4];
-    if getrandom::fill(&mut k).is_err() {
-        k = [0x5a, 0x17, 0xc3, 0x8e];
+    /// The client's close frame arrives behind data the upstream cannot take
+    /// yet: the upstream gets all the data, then the close, and nothing
+    /// after it.
+    #[test]
+    fn a_close_arriving_during_backpressure_follows_the_data() {
+        let mut rig = Rig::new(64, None);
+        rig.upstream_reads(0);
+        let data: Vec<Vec<u8>> = (0..5).map(|i| pattern(100, i)).collect();
+        let mut sent: Vec<u8> = data
+            .iter()
+            .flat_map(|d| frame(BINARY, d, Some(KEY)))
+            .collect();
+        sent.extend(frame(CLOSE, &close_payload(1000), Some(KEY)));
+        // Anything after a close frame is not relayed.
+        sent.extend(frame(BINARY, b"after the close", Some(KEY)));
+        rig.client_sends(&sent);
+        assert_eq!(rig.run(), Step::Relaying { more: false });
+        assert!(rig.to_upstream().0.is_empty());
+        for _ in 0..200 {
+            rig.upstream_reads(7);
+            rig.run();
+        }
+        let mut expected: Vec<(u8, Vec<u8>)> = data.into_iter().map(|d| (BINARY, d)).collect();
+        expected.push((CLOSE, close_payload(1000)));
+        assert_eq!(rig.to_upstream(), (expected, 0));
+        rig.upstream_sends(&frame(CLOSE, &close_payload(1000), None));
+        assert_eq!(rig.run(), Step::Over { clean: true });
+        assert_eq!(rig.finish().0.end, SessionEnd::Normal);
     }
-    k
+
+    /// The token expires while the client is not reading, in the middle of
+    /// a large frame: the upstream is told at once (1000, its direction is
+    /// at a frame boundary), the client gets the rest of the frame first,
+    /// then 1008 "token expired". The session counts as expired.
+    #[test]
+    fn token_expiry_while_the_destination_is_blocked_waits_for_the_frame_boundary() {
+        let mut rig = Rig::new(256, Some(Duration::from_secs(3)));
+        assert_eq!(rig.relay.deadline(), Some(rig.now + Duration::from_secs(3)));
+        let big = pattern(5_000, 9);
+        rig.client_reads(100);
+        rig.upstream_sends(&frame(BINARY, &big, None));
+        assert_eq!(rig.run(), Step::Relaying { more: false });
+        assert_eq!(rig.c.borrow().outbox.len(), 100, "blocked mid-frame");
+
+        assert_eq!(rig.advance(Duration::from_secs(3)), Fired::TokenExpired);
+        assert_eq!(rig.run(), Step::Relaying { more: false });
+        let (to_upstream, _) = rig.to_upstream();
+        assert_eq!(to_upstream.len(), 1);
+        assert_eq!(to_upstream[0].0, CLOSE);
+        assert_eq!(&to_upstream[0].1[..2], &1000u16.to_be_bytes());
+        assert_eq!(&to_upstream[0].1[2..], b"token expired");
+        // The closing handshake is bounded from now on.
+        assert_eq!(rig.relay.deadline(), Some(rig.now + TIMERS.close_timeout));
+
+        for _ in 0..200 {
+            rig.client_reads(64);
+            rig.run();
+        }
+        let (to_client, partial) = rig.to_client();
+        assert_eq!(partial, 0);
+        assert_eq!(to_client.len(), 2, "the whole frame, then the close");
+        assert_eq!(to_client[0], (BINARY, big));
+        assert_eq!(&to_client[1].1[..2], &1008u16.to_be_bytes());
+        // Both sides were told by the proxy: nothing more is relayed (their
+        // answers are read and dropped while the session lingers).
+        assert_eq!(rig.run(), Step::Over { clean: false });
+        assert_eq!(rig.finish().0.end, SessionEnd::TokenExpired);
+    }
+
+    /// The client breaks the protocol while a large upstream frame is half
+    /// delivered to it: the upstream gets 1002 at once; the frame in flight
+    /// still reaches the client whole, and the client's last frame is the
+    /// proxy's 1002 in place of the upstream's close answer.
+    #[test]
+    fn a_violation_mid_frame_lets_the_frame_in_flight_finish() {
+        let mut rig = Rig::new(256, None);
+        let big = pattern(3_000, 4);
+        rig.client_reads(500);
+        rig.upstream_sends(&frame(BINARY, &big, None));
+        assert_eq!(rig.run(), Step::Relaying { more: false });
+        // An unmasked frame from a client is a protocol violation.
+        rig.client_sends(&frame(BINARY, b"unmasked", None));
+        assert_eq!(rig.run(), Step::Relaying { more: false });
+        let (to_upstream, _) = rig.to_upstream();
+        assert_eq!(to_upstream.len(), 1);
+        assert_eq!(to_upstream[0].0, CLOSE);
+        assert_eq!(&to_upstream[0].1[..2], &1002u16.to_be_bytes());
+
+        rig.upstream_sends(&frame(CLOSE, &close_payload(1002), None));
+        for _ in 0..200 {
+            rig.client_reads(64);
+            if rig.run() != (Step::Relaying { more: false }) {
+                break;
+            }
+        }
+        let (to_client, partial) = rig.to_client();
+        assert_eq!(partial, 0);
+        assert_eq!(to_client[0], (BINARY, big));
+        assert_eq!(to_client.len(), 2);
+        assert_eq!(to_client[1].0, CLOSE);
+        assert_eq!(&to_client[1].1[..2], &1002u16.to_be_bytes());
+        assert_eq!(rig.finish().0.end, SessionEnd::Violation);
+    }
+
+    /// A client that broke the protocol and never answers the close it was
+    /// sent: the relay ends at the close timeout, and it is still counted
+    /// as a violation, not a timeout.
+    #[test]
+    fn an_unanswered_close_after_a_violation_is_still_a_violation() {
+        let mut rig = Rig::new(256, None);
+        rig.client_sends(&frame(BINARY, b"unmasked", None));
+        assert_eq!(rig.run(), Step::Relaying { more: false });
+        // The upstream never answers the 1002 either.
+        assert_eq!(rig.advance(Duration::from_secs(1)), Fired::Nothing);
+        assert_eq!(rig.advance(TIMERS.close_timeout), Fired::ClosingTimedOut);
+        let (report, _) = rig.finish();
+        assert_eq!(report.end, SessionEnd::Violation);
+        assert_eq!(report.outcome, "closing handshake timed out");
+    }
+
+    /// A drain's going-away is under way when the token's expiry comes: the
+    /// session ended by the shutdown, and the expiry neither renames it nor
+    /// sends a second close.
+    #[test]
+    fn token_expiry_does_not_rename_a_shutdown_under_way() {
+        let mut rig = Rig::new(256, Some(Duration::from_secs(2)));
+        // The client reads nothing: its going-away close waits.
+        rig.client_reads(0);
+        rig.relay.go_away(rig.now);
+        assert_eq!(rig.run(), Step::Relaying { more: false });
+        assert_eq!(rig.advance(Duration::from_secs(2)), Fired::Nothing);
+        assert_eq!(rig.run(), Step::Relaying { more: false });
+        rig.client_reads(usize::MAX);
+        assert_eq!(rig.run(), Step::Over { clean: false });
+        let (to_client, _) = rig.to_client();
+        assert_eq!(to_client.len(), 1, "one close frame: {to_client:?}");
+        assert_eq!(&to_client[0].1[..2], &1001u16.to_be_bytes());
+        assert_eq!(rig.finish().0.end, SessionEnd::Shutdown);
+    }
+
+    /// The upstream vanishes (EOF without a close frame): the client is told
+    /// 1001, and the relay is over (nothing the client says can reach the
+    /// upstream any more).
+    #[test]
+    fn an_upstream_gone_without_a_close_is_told_to_the_client() {
+        let mut rig = Rig::new(256, None);
+        rig.u.borrow_mut().eof = true;
+        rig.upstream_sends(&[]);
+        assert_eq!(rig.run(), Step::Over { clean: false });
+        let (to_client, _) = rig.to_client();
+        assert_eq!(&to_client[0].1[..2], &1001u16.to_be_bytes());
+        assert_eq!(&to_client[0].1[2..], b"upstream closed the connection");
+        assert_eq!(rig.finish().0.end, SessionEnd::Abnormal);
+    }
 }

@@ -1265,6 +1265,11 @@ impl Proxy {
         let now = Instant::now();
         let keys: Vec<usize> = self.sessions.iter().map(|(k, _)| k).collect();
         for key in keys {
+            // Only a stopping loop closes everything: a relay cut here ended
+            // by the shutdown, whatever state its pipes were in.
+            if let Some(s) = self.sessions.get_mut(key) {
+                s.cut_by_shutdown();
+            }
             self.remove(key, now);
         }
         self.dispatch_events();

@@ -61,7 +61,7 @@ fn session_states() -> Vec<(String, usize)> {
         let name: String = rest.chars().take_while(|c| c.is_alphanumeric()).collect();
         let after = &rest[name.len()..];
         if name.starts_with(|c: char| c.is_ascii_uppercase())
-            && (after.starts_with(" {") || after.starts_with(','))
+            && (after.starts_with(" {") || after.starts_with(',') || after.starts_with('('))
         {
             states.push((name, i + 1));
         }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use kubevirt_vnc_proxy::auth::Grant;
 use kubevirt_vnc_proxy::{
     AuthRequest, Authorizer, Config, Decision, Event, Handle, JwtAuthorizer, Observer, Proxy,
-    StartError, Ticket,
+    SessionEnd, StartError, Ticket,
 };
 use mio::net::{TcpListener as MioListener, TcpStream as MioStream};
 use mio::unix::SourceFd;
@@ -258,11 +258,16 @@ fn run_on_a_host_thread_until_shutdown() {
         Ok(other) => panic!("expected the session to end, got {other:?}"),
     }
     let closed = events.wait_for(|e| matches!(e, Event::Closed { .. }));
-    let Event::Closed { vmi, outcome, .. } = closed else {
+    let Event::Closed {
+        vmi, outcome, end, ..
+    } = closed
+    else {
         unreachable!()
     };
     assert_eq!(vmi, "echo-run");
     assert!(outcome.contains("closed by the proxy"), "{outcome}");
+    // Stopped at once by the host: a shutdown, not a failure of either side.
+    assert_eq!(end, SessionEnd::Shutdown);
     assert_eq!(handle.stats().open_sessions, 0);
     // The listener went with the proxy.
     assert!(
