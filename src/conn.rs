@@ -10,20 +10,47 @@
 //! to end: a full TLS send buffer reads as `WouldBlock`, like a full socket.
 
 use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::net::{Shutdown, SocketAddr};
 
 use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
 use rustls::ClientConnection;
 
 /// The byte stream under a [`Conn`]: non-blocking reads and writes
-/// (`WouldBlock` when the kernel has nothing or takes nothing) and a
-/// half-close.
-pub(crate) trait Transport: Read + Write {
+/// (`WouldBlock` when the kernel has nothing or takes nothing), a
+/// half-close, and what a session asks of a socket while connecting.
+pub(crate) trait Transport: Read + Write + Sized {
+    /// Start a non-blocking connect.
+    fn connect(addr: SocketAddr) -> io::Result<Self>;
+    /// Register with the loop's poll.
+    fn register(&mut self, registry: &Registry, token: Token, interest: Interest)
+    -> io::Result<()>;
+    /// The socket's pending error (how a failed connect is learnt).
+    fn take_error(&self) -> io::Result<Option<io::Error>>;
+    /// Disable Nagle's algorithm (small VNC messages go out at once).
+    fn set_nodelay(&self) -> io::Result<()>;
     /// Send FIN: nothing more will be written (best effort).
     fn shutdown_write(&mut self);
 }
 
 impl Transport for TcpStream {
+    fn connect(addr: SocketAddr) -> io::Result<Self> {
+        TcpStream::connect(addr)
+    }
+    fn register(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        interest: Interest,
+    ) -> io::Result<()> {
+        registry.register(self, token, interest)
+    }
+    fn take_error(&self) -> io::Result<Option<io::Error>> {
+        TcpStream::take_error(self)
+    }
+    fn set_nodelay(&self) -> io::Result<()> {
+        TcpStream::set_nodelay(self, true)
+    }
     fn shutdown_write(&mut self) {
         let _ = self.shutdown(Shutdown::Write);
     }

@@ -609,9 +609,45 @@ pub(crate) mod tests {
         }
     }
 
+    thread_local! {
+        /// The sockets the next `Mem::connect` calls return, in order (a
+        /// session's upstream, prepared by the test).
+        pub(crate) static DIALS: RefCell<VecDeque<Mem>> = RefCell::default();
+    }
+
     impl Transport for Mem {
+        fn connect(_: std::net::SocketAddr) -> io::Result<Self> {
+            DIALS
+                .with(|d| d.borrow_mut().pop_front())
+                .ok_or_else(|| io::ErrorKind::ConnectionRefused.into())
+        }
+        fn register(
+            &mut self,
+            _: &mio::Registry,
+            _: mio::Token,
+            _: mio::Interest,
+        ) -> io::Result<()> {
+            Ok(())
+        }
+        fn take_error(&self) -> io::Result<Option<io::Error>> {
+            Ok(None)
+        }
+        fn set_nodelay(&self) -> io::Result<()> {
+            Ok(())
+        }
         fn shutdown_write(&mut self) {
             self.0.borrow_mut().fin = true;
+        }
+    }
+
+    impl Mem {
+        /// A connection whose peer takes everything, with no limit per write.
+        pub(crate) fn open() -> (Mem, Rc<RefCell<Wire>>) {
+            let wire = Rc::new(RefCell::new(Wire {
+                room: usize::MAX,
+                ..Wire::default()
+            }));
+            (Mem(wire.clone()), wire)
         }
     }
 
@@ -709,13 +745,7 @@ pub(crate) mod tests {
         /// Buffers of `buffer` bytes; the token expires after `expires_in`.
         fn new(buffer: usize, expires_in: Option<Duration>) -> Self {
             let now = Instant::now();
-            let wire = || {
-                Rc::new(RefCell::new(Wire {
-                    room: usize::MAX,
-                    ..Wire::default()
-                }))
-            };
-            let (c, u) = (wire(), wire());
+            let (c, u) = (Mem::open().1, Mem::open().1);
             let conn = |w: &Rc<RefCell<Wire>>| {
                 let mut conn = Conn::new(Mem(w.clone()));
                 conn.note(Readiness {

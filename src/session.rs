@@ -23,7 +23,7 @@ use crate::auth::Grant;
 use crate::authorize::{AuthRequest, Authorizer, Decision, Ticket};
 use crate::buffer::BufferPool;
 use crate::config::Config;
-use crate::conn::{Conn, Io, Readiness};
+use crate::conn::{Conn, Io, Readiness, Transport};
 use crate::events::{Event, namespace_field, text_value, vmi_field};
 use crate::http::{self, Refusal, UpstreamAnswer};
 pub(crate) use crate::relay::Side;
@@ -133,18 +133,18 @@ struct Handshake {
 
 /// Connecting to the upstream.
 #[derive(Debug)]
-struct Dialing {
+struct Dialing<S> {
     hs: Handshake,
-    upstream: Conn,
+    upstream: Conn<S>,
     /// The address to try if this one fails.
     next_addr: usize,
 }
 
 /// Sending the upgrade to the upstream and reading its answer.
 #[derive(Debug)]
-struct UpstreamHandshake {
+struct UpstreamHandshake<S> {
     hs: Handshake,
-    upstream: Conn,
+    upstream: Conn<S>,
     /// Bytes of `hs.request` written so far.
     sent: usize,
     response: Vec<u8>,
@@ -152,9 +152,9 @@ struct UpstreamHandshake {
 
 /// Relaying frames both ways.
 #[derive(Debug)]
-struct Relaying {
+struct Relaying<S> {
     relay: Relay,
-    upstream: Conn,
+    upstream: Conn<S>,
     grant: Grant,
 }
 
@@ -167,7 +167,7 @@ struct Closed {
 }
 
 #[derive(Debug)]
-enum State {
+enum State<S> {
     /// Reading the client's request head.
     ReadingRequest { head: Vec<u8> },
     /// Waiting for a deferred authorization decision.
@@ -176,18 +176,18 @@ enum State {
         early: Vec<u8>,
     },
     /// Connecting to the upstream.
-    Dialing(Box<Dialing>),
+    Dialing(Box<Dialing<S>>),
     /// Sending the upgrade to the upstream and reading its answer.
-    UpstreamHandshake(Box<UpstreamHandshake>),
+    UpstreamHandshake(Box<UpstreamHandshake<S>>),
     /// Relaying frames both ways.
-    Relaying(Box<Relaying>),
+    Relaying(Box<Relaying<S>>),
     /// Writing an HTTP refusal (or a probe's answer) to the client.
     Refusing { out: Vec<u8>, written: usize },
     /// Our side is shut down for writing; draining what the peers still send
     /// until they close too (so the kernel does not answer with a reset that
     /// could destroy our last words), bounded by the deadline.
     Lingering {
-        upstream: Option<Conn>,
+        upstream: Option<Conn<S>>,
         closed: Option<Box<Closed>>,
     },
     /// Nothing left to do: the server drops the session.
@@ -198,15 +198,16 @@ enum State {
     Poisoned,
 }
 
-/// One client connection and, once authorized, its upstream connection.
+/// One client connection and, once authorized, its upstream connection,
+/// over TCP (or, in the unit tests below, in-memory sockets).
 #[derive(Debug)]
-pub(crate) struct Session {
+pub(crate) struct Session<S = TcpStream> {
     pub id: u64,
     key: usize,
     kind: Kind,
     peer: SocketAddr,
-    client: Conn,
-    state: State,
+    client: Conn<S>,
+    state: State<S>,
     /// When the current state gives up.
     pub deadline: Option<Instant>,
     started: Instant,
@@ -214,7 +215,7 @@ pub(crate) struct Session {
     pub(crate) counted_relaying: bool,
 }
 
-impl Session {
+impl<S: Transport> Session<S> {
     /// Which listener accepted it.
     pub fn kind(&self) -> Kind {
         self.kind
@@ -224,7 +225,7 @@ impl Session {
         id: u64,
         key: usize,
         kind: Kind,
-        stream: TcpStream,
+        stream: S,
         peer: SocketAddr,
         now: Instant,
         config: &Config,
@@ -243,15 +244,15 @@ impl Session {
     }
 
     pub fn register(&mut self, registry: &Registry) -> io::Result<()> {
-        registry.register(
-            &mut self.client.stream,
+        self.client.stream.register(
+            registry,
             client_token(self.key),
             Interest::READABLE | Interest::WRITABLE,
         )
     }
 
     /// Take the state for a transition, leaving the marker.
-    fn take_state(&mut self) -> State {
+    fn take_state(&mut self) -> State<S> {
         std::mem::replace(&mut self.state, State::Poisoned)
     }
 
@@ -305,7 +306,7 @@ impl Session {
     }
 
     /// The upstream connection, in the states that have one.
-    fn upstream_mut(&mut self) -> Option<&mut Conn> {
+    fn upstream_mut(&mut self) -> Option<&mut Conn<S>> {
         match &mut self.state {
             State::Dialing(d) => Some(&mut d.upstream),
             State::UpstreamHandshake(h) => Some(&mut h.upstream),
@@ -374,14 +375,14 @@ impl Session {
     }
 
     /// Put `state` back and report no work left.
-    fn keep(&mut self, state: State) -> bool {
+    fn keep(&mut self, state: State<S>) -> bool {
         self.state = state;
         false
     }
 
     /// A transition left no state behind: close the session rather than
     /// let it hang, and make the bug loud where tests run.
-    fn poisoned(&self) -> State {
+    fn poisoned(&self) -> State<S> {
         error!(
             "session {} {}: lost its state in a transition; closing it",
             self.id, self.peer
@@ -418,7 +419,7 @@ impl Session {
                 self.refuse_in(ctx, s, r)
             }
             State::Relaying(mut r) => match r.relay.on_timer(ctx.now, ctx.pool) {
-                Fired::ClosingTimedOut => self.leave_relaying(ctx, r, false),
+                Fired::ClosingTimedOut => self.leave_relaying(ctx, *r, false),
                 fired => {
                     match fired {
                         Fired::PeerGone(side) => {
@@ -447,7 +448,7 @@ impl Session {
     }
 
     #[inline(never)]
-    fn read_request(&mut self, ctx: &mut Ctx<'_>, mut head: Vec<u8>) -> State {
+    fn read_request(&mut self, ctx: &mut Ctx<'_>, mut head: Vec<u8>) -> State<S> {
         let max = ctx.config.max_head_bytes;
         // A head is at most `max` bytes; reading stops there either way.
         if !matches!(
@@ -482,7 +483,12 @@ impl Session {
         }
     }
 
-    fn authorize(&mut self, ctx: &mut Ctx<'_>, req: http::UpgradeRequest, early: Vec<u8>) -> State {
+    fn authorize(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        req: http::UpgradeRequest,
+        early: Vec<u8>,
+    ) -> State<S> {
         // From here on the client sent a valid upgrade: refusals may be
         // given as a close frame a web page can read (REJECT_WITH=close).
         let config = ctx.config;
@@ -535,7 +541,7 @@ impl Session {
         mut req: Box<http::UpgradeRequest>,
         early: Vec<u8>,
         decision: Decision,
-    ) -> State {
+    ) -> State<S> {
         let grant = match decision {
             Decision::Allow(g) => g,
             Decision::Deny {
@@ -639,13 +645,13 @@ impl Session {
         hs: Handshake,
         index: usize,
         last_error: Option<io::Error>,
-    ) -> State {
+    ) -> State<S> {
         let mut last_error = last_error;
         for (i, addr) in ctx.upstream_addrs.iter().enumerate().skip(index) {
-            match TcpStream::connect(*addr) {
+            match S::connect(*addr) {
                 Ok(mut stream) => {
-                    if let Err(e) = ctx.registry.register(
-                        &mut stream,
+                    if let Err(e) = stream.register(
+                        ctx.registry,
                         upstream_token(self.key),
                         Interest::READABLE | Interest::WRITABLE,
                     ) {
@@ -667,7 +673,7 @@ impl Session {
     }
 
     #[inline(never)]
-    fn check_dial(&mut self, ctx: &mut Ctx<'_>, mut d: Box<Dialing>) -> State {
+    fn check_dial(&mut self, ctx: &mut Ctx<'_>, mut d: Box<Dialing<S>>) -> State<S> {
         if self.client_left_early(ctx, &mut d.hs.early) {
             return State::Done(None);
         }
@@ -699,7 +705,7 @@ impl Session {
             drop(upstream);
             return self.dial(ctx, hs, next_addr, Some(e));
         }
-        let _ = upstream.stream.set_nodelay(true);
+        let _ = upstream.stream.set_nodelay();
         if let (Some(tls), Some(name)) = (&hs.tls, &ctx.credentials.server_name) {
             match rustls::ClientConnection::new(tls.clone(), name.clone()) {
                 Ok(conn) => upstream = upstream.into_tls(conn, ctx.config.buffer_size),
@@ -718,11 +724,15 @@ impl Session {
     }
 
     #[inline(never)]
-    fn upstream_handshake(&mut self, ctx: &mut Ctx<'_>, mut h: Box<UpstreamHandshake>) -> State {
+    fn upstream_handshake(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        mut h: Box<UpstreamHandshake<S>>,
+    ) -> State<S> {
         if self.client_left_early(ctx, &mut h.hs.early) {
             return State::Done(None);
         }
-        let failed = |up: &Conn, e: io::Error| {
+        let failed = |up: &Conn<S>, e: io::Error| {
             let what = if up.is_handshaking() {
                 "TLS handshake"
             } else {
@@ -882,7 +892,7 @@ impl Session {
             }
             Step::Over { clean } => {
                 if let State::Relaying(r) = self.take_state() {
-                    self.state = self.leave_relaying(ctx, r, clean);
+                    self.state = self.leave_relaying(ctx, *r, clean);
                 }
                 false
             }
@@ -891,12 +901,12 @@ impl Session {
 
     /// The relay is over: keep its report for the closing event, then
     /// close (`clean`: a close frame went each way) or linger.
-    fn leave_relaying(&mut self, ctx: &mut Ctx<'_>, r: Box<Relaying>, clean: bool) -> State {
+    fn leave_relaying(&mut self, ctx: &mut Ctx<'_>, r: Relaying<S>, clean: bool) -> State<S> {
         let Relaying {
             relay,
             upstream,
             grant,
-        } = *r;
+        } = r;
         let report = relay.finish(ctx.pool);
         ctx.metrics.backpressure_pauses += report.pauses;
         let closed = Some(Box::new(Closed { grant, report }));
@@ -908,7 +918,7 @@ impl Session {
     }
 
     /// Health, readiness and metrics, answered without an upgrade.
-    fn answer_probe(&mut self, ctx: &mut Ctx<'_>, probe: http::Probe) -> State {
+    fn answer_probe(&mut self, ctx: &mut Ctx<'_>, probe: http::Probe) -> State<S> {
         let text = "text/plain; charset=utf-8";
         let out = match (self.kind, probe) {
             (_, http::Probe::Health) => http::plain_response(200, text, "ok\n"),
@@ -939,7 +949,7 @@ impl Session {
 
     /// Write `out` to the client, then close (no event: probes are not
     /// sessions).
-    fn answer(&mut self, ctx: &mut Ctx<'_>, out: Vec<u8>) -> State {
+    fn answer(&mut self, ctx: &mut Ctx<'_>, out: Vec<u8>) -> State<S> {
         self.deadline = Some(ctx.now + ctx.config.close_timeout);
         State::Refusing { out, written: 0 }
     }
@@ -947,7 +957,7 @@ impl Session {
     /// Refuse a session that is in `state` (a handshake state), naming what
     /// it knows: the client's key (for a close-frame refusal) and, once
     /// granted, the VMI and namespace.
-    fn refuse_in(&mut self, ctx: &mut Ctx<'_>, state: State, r: Refusal) -> State {
+    fn refuse_in(&mut self, ctx: &mut Ctx<'_>, state: State<S>, r: Refusal) -> State<S> {
         match state {
             State::Authorizing { req, .. } => {
                 self.refuse(ctx, r, Some(&req.key), RefusalContext::default())
@@ -959,7 +969,7 @@ impl Session {
     }
 
     /// Refuse a granted session whose upstream failed (or did not answer).
-    fn refuse_handshake(&mut self, ctx: &mut Ctx<'_>, hs: &Handshake, r: Refusal) -> State {
+    fn refuse_handshake(&mut self, ctx: &mut Ctx<'_>, hs: &Handshake, r: Refusal) -> State<S> {
         let about = RefusalContext::of_grant(&hs.grant);
         self.refuse(ctx, r, Some(&hs.client_key), about)
     }
@@ -974,7 +984,7 @@ impl Session {
         r: Refusal,
         client_key: Option<&str>,
         about: RefusalContext,
-    ) -> State {
+    ) -> State<S> {
         let close = http::refusal_close_code(r.status).filter(|_| ctx.config.reject_with_close);
         let out = match (close, client_key) {
             // A browser sees every HTTP refusal as 1006; a completed upgrade
@@ -1002,7 +1012,7 @@ impl Session {
     }
 
     #[inline(never)]
-    fn write_refusal(&mut self, ctx: &mut Ctx<'_>, out: Vec<u8>, mut written: usize) -> State {
+    fn write_refusal(&mut self, ctx: &mut Ctx<'_>, out: Vec<u8>, mut written: usize) -> State<S> {
         while self.client.writable && written < out.len() {
             match self.client.write(&out[written..]) {
                 Io::Done(n) => written += n,
@@ -1022,9 +1032,9 @@ impl Session {
     fn finish(
         &mut self,
         ctx: &mut Ctx<'_>,
-        mut upstream: Option<Conn>,
+        mut upstream: Option<Conn<S>>,
         closed: Option<Box<Closed>>,
-    ) -> State {
+    ) -> State<S> {
         self.client.shutdown_write();
         self.client.readable = true;
         if let Some(up) = upstream.as_mut() {
@@ -1050,9 +1060,9 @@ impl Session {
     fn finish_closed(
         &mut self,
         ctx: &mut Ctx<'_>,
-        mut upstream: Conn,
+        mut upstream: Conn<S>,
         closed: Option<Box<Closed>>,
-    ) -> State {
+    ) -> State<S> {
         let client_done =
             !self.client.readable || discard_input(&mut self.client, ctx.scratch) != Input::More;
         let upstream_done =
@@ -1076,9 +1086,9 @@ impl Session {
     fn linger(
         &mut self,
         ctx: &mut Ctx<'_>,
-        mut upstream: Option<Conn>,
+        mut upstream: Option<Conn<S>>,
         closed: Option<Box<Closed>>,
-    ) -> State {
+    ) -> State<S> {
         let mut open = false;
         for conn in [Some(&mut self.client), upstream.as_mut()]
             .into_iter()
@@ -1141,7 +1151,12 @@ enum Gathered {
 /// Read what `conn` has (through `scratch`) onto `out`, up to `max` bytes
 /// in all: request and response heads, and what a client sends before its
 /// 101.
-fn gather(conn: &mut Conn, scratch: &mut [u8], out: &mut Vec<u8>, max: usize) -> Gathered {
+fn gather<S: Transport>(
+    conn: &mut Conn<S>,
+    scratch: &mut [u8],
+    out: &mut Vec<u8>,
+    max: usize,
+) -> Gathered {
     while conn.can_read() && out.len() < max {
         let want = (max - out.len()).min(scratch.len());
         match conn.read(&mut scratch[..want]) {
@@ -1167,7 +1182,7 @@ enum Input {
 
 /// Read and drop a closing socket's input (the bytes on the wire, TLS
 /// records included), bounded.
-fn discard_input(conn: &mut Conn, sink: &mut [u8]) -> Input {
+fn discard_input<S: Transport>(conn: &mut Conn<S>, sink: &mut [u8]) -> Input {
     for _ in 0..PUMP_BUDGET {
         match conn.read_socket(sink) {
             Io::Done(_) if !conn.readable => return Input::Empty,
@@ -1177,4 +1192,369 @@ fn discard_input(conn: &mut Conn, sink: &mut [u8]) -> Input {
         }
     }
     Input::More
+}
+
+/// Whole sessions over in-memory sockets: the client and the upstream are
+/// scripted byte by byte, the clock is the test's, and every state is
+/// entered and left through the same calls the loop makes (`ready`, `drive`,
+/// `on_deadline`, `decide`, `go_away`, `close`).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use std::time::{Duration, SystemTime};
+
+    use crate::events::SessionEnd;
+    use crate::relay::tests::{DIALS, Mem, Wire, frame, frames};
+
+    /// What the authorizer answers: allow (the grant expiring then), or
+    /// leave the decision for later.
+    enum Answer {
+        Allow(SystemTime),
+        Pending,
+    }
+
+    struct Fixed(Answer);
+
+    impl Authorizer for Fixed {
+        fn authorize(&mut self, _: &AuthRequest<'_>, _: Ticket) -> Decision {
+            match self.0 {
+                Answer::Allow(expires_at) => Decision::Allow(grant(expires_at)),
+                Answer::Pending => Decision::Pending,
+            }
+        }
+    }
+
+    fn grant(expires_at: SystemTime) -> Grant {
+        Grant {
+            namespace: "lab-ns".into(),
+            vmi: "vm-1".into(),
+            token_id: "7".into(),
+            expires_at,
+        }
+    }
+
+    /// The loop's side of things: what a `Ctx` lends a session.
+    struct World {
+        poll: mio::Poll,
+        pool: BufferPool,
+        config: Config,
+        authorizer: Fixed,
+        events: Vec<Event>,
+        metrics: crate::metrics::Metrics,
+        credentials: Credentials,
+        scratch: Vec<u8>,
+        addrs: Vec<SocketAddr>,
+        now: Instant,
+    }
+
+    impl World {
+        fn new(answer: Answer) -> Self {
+            let mut config = Config::local_dev("ws://127.0.0.1:9", &[b'k'; 32]).expect("config");
+            config.jwt.leeway_secs = 0;
+            let now = Instant::now();
+            World {
+                poll: mio::Poll::new().expect("poll"),
+                pool: BufferPool::new(config.buffer_size, 4),
+                credentials: Credentials::load(&config, now).expect("credentials"),
+                config,
+                authorizer: Fixed(answer),
+                events: Vec::new(),
+                metrics: Default::default(),
+                scratch: vec![0; 4096],
+                addrs: vec!["127.0.0.1:9".parse().expect("addr")],
+                now,
+            }
+        }
+
+        fn ctx(&mut self) -> Ctx<'_> {
+            Ctx {
+                registry: self.poll.registry(),
+                pool: &mut self.pool,
+                config: &self.config,
+                authorizer: &mut self.authorizer,
+                events: &mut self.events,
+                draining: false,
+                not_ready: None,
+                metrics: &mut self.metrics,
+                gauges: Default::default(),
+                workers: &[],
+                upstream_addrs: &self.addrs,
+                upstream_host: "127.0.0.1:9",
+                credentials: &mut self.credentials,
+                scratch: &mut self.scratch,
+                now: self.now,
+            }
+        }
+    }
+
+    /// A session, its client's wire and (once dialed) its upstream's.
+    struct Rig {
+        world: World,
+        session: Session<Mem>,
+        client: Rc<RefCell<Wire>>,
+        upstream: Rc<RefCell<Wire>>,
+    }
+
+    const KEY: [u8; 4] = [9, 8, 7, 6];
+    const BINARY: u8 = 2;
+    const CLOSE: u8 = 8;
+
+    impl Rig {
+        /// A session whose client and upstream take one byte per write.
+        fn new(answer: Answer) -> Self {
+            let world = World::new(answer);
+            let (mem, client) = Mem::open();
+            client.borrow_mut().max_write = 1;
+            let (up, upstream) = Mem::open();
+            upstream.borrow_mut().max_write = 1;
+            DIALS.with(|d| d.borrow_mut().push_back(up));
+            let peer = "127.0.0.1:40000".parse().expect("peer");
+            let session = Session::new(1, 0, Kind::Main, mem, peer, world.now, &world.config);
+            let mut rig = Rig {
+                world,
+                session,
+                client,
+                upstream,
+            };
+            rig.event(Side::Client, true, true);
+            rig
+        }
+
+        fn event(&mut self, side: Side, readable: bool, writable: bool) {
+            // As epoll says with EPOLLRDHUP: the peer's FIN is queued.
+            let wire = match side {
+                Side::Client => &self.client,
+                Side::Upstream => &self.upstream,
+            };
+            let read_closed = readable && wire.borrow().eof;
+            self.session.ready(
+                side,
+                Readiness {
+                    readable,
+                    writable,
+                    read_closed,
+                    ..Readiness::default()
+                },
+            );
+        }
+
+        /// Drive as the loop does: again while work is left (bounded).
+        fn drive(&mut self) {
+            for _ in 0..10_000 {
+                if !self.session.drive(&mut self.world.ctx()) {
+                    return;
+                }
+            }
+            panic!("the session never settled");
+        }
+
+        fn client_sends(&mut self, bytes: &[u8]) {
+            self.client.borrow_mut().inbox.extend(bytes);
+            self.event(Side::Client, true, false);
+            self.drive();
+        }
+
+        fn upstream_sends(&mut self, bytes: &[u8]) {
+            self.upstream.borrow_mut().inbox.extend(bytes);
+            self.event(Side::Upstream, true, false);
+            self.drive();
+        }
+
+        /// The deadline passes (the loop's timer fired).
+        fn deadline(&mut self) {
+            let at = self.session.deadline.expect("a deadline");
+            self.world.now = self.world.now.max(at);
+            let more = self.session.on_deadline(&mut self.world.ctx());
+            if more {
+                self.drive();
+            }
+        }
+
+        /// The client's upgrade, the dial, the upstream's 101: relaying.
+        fn open(&mut self) {
+            self.client_sends(
+                b"GET /token/vm-1 HTTP/1.1\r\nHost: proxy\r\nUpgrade: websocket\r\n\
+                  Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            );
+            assert!(matches!(self.session.state, State::Dialing(_)));
+            // The connect completes.
+            self.event(Side::Upstream, false, true);
+            self.drive();
+            let request = String::from_utf8(self.upstream.borrow().outbox.clone()).expect("utf-8");
+            assert!(
+                request.starts_with(
+                    "GET /apis/subresources.kubevirt.io/v1/namespaces/lab-ns/virtualmachineinstances/vm-1/vnc"
+                ),
+                "{request}"
+            );
+            let key = request
+                .lines()
+                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                .expect("a key");
+            let answer = http::switching_protocols(key, None);
+            self.upstream.borrow_mut().outbox.clear();
+            self.upstream_sends(&answer);
+            assert!(self.session.is_relaying());
+            let to_client = self.client.borrow().outbox.clone();
+            assert!(to_client.starts_with(b"HTTP/1.1 101 "), "{to_client:?}");
+            assert!(
+                matches!(self.world.events.as_slice(), [Event::Opened { vmi, .. }] if vmi == "vm-1")
+            );
+            self.client.borrow_mut().outbox.clear();
+        }
+
+        /// Remove the session as the server does; its closing event.
+        fn close(&mut self) -> Option<Event> {
+            self.session.close(&mut self.world.ctx());
+            self.world
+                .events
+                .iter()
+                .find(|e| matches!(e, Event::Closed { .. }))
+                .cloned()
+        }
+    }
+
+    fn in_an_hour() -> Answer {
+        Answer::Allow(SystemTime::now() + Duration::from_secs(3600))
+    }
+
+    /// Request, dial, upstream handshake, relay and a close handshake, with
+    /// every write taking one byte: the session ends cleanly, at once (no
+    /// lingering), and its closing event says so.
+    #[test]
+    fn a_whole_session_with_a_partial_write_at_every_step() {
+        let mut rig = Rig::new(in_an_hour());
+        rig.open();
+        rig.client_sends(&frame(BINARY, b"key event", Some(KEY)));
+        rig.upstream_sends(&frame(BINARY, b"framebuffer update", None));
+        assert_eq!(
+            frames(&rig.upstream.borrow().outbox).0,
+            vec![(BINARY, b"key event".to_vec())]
+        );
+        assert_eq!(
+            frames(&rig.client.borrow().outbox).0,
+            vec![(BINARY, b"framebuffer update".to_vec())]
+        );
+        rig.client_sends(&frame(CLOSE, &1000u16.to_be_bytes(), Some(KEY)));
+        rig.upstream.borrow_mut().eof = true;
+        rig.upstream_sends(&frame(CLOSE, &1000u16.to_be_bytes(), None));
+        assert!(rig.session.is_done(), "{:?}", rig.session.state);
+        let Some(Event::Closed {
+            end,
+            client_close,
+            upstream_close,
+            ..
+        }) = rig.close()
+        else {
+            panic!("no closing event: {:?}", rig.world.events);
+        };
+        assert_eq!(end, SessionEnd::Normal);
+        assert_eq!((client_close, upstream_close), (Some(1000), Some(1000)));
+        assert_eq!(rig.world.pool.in_use(), 0);
+    }
+
+    /// The token expires while relaying: the deadline the session asks for
+    /// is the expiry; the client gets 1008, the upstream 1000, and the
+    /// closing event counts the session as expired.
+    #[test]
+    fn the_token_expiry_is_the_session_deadline_and_ends_it_with_1008() {
+        let mut rig = Rig::new(Answer::Allow(SystemTime::now() + Duration::from_secs(2)));
+        rig.open();
+        let at = rig.session.deadline.expect("the expiry is a deadline");
+        assert!(at > rig.world.now + Duration::from_millis(1500), "{at:?}");
+        rig.deadline();
+        let to_client = frames(&rig.client.borrow().outbox).0;
+        assert_eq!(to_client.len(), 1);
+        assert_eq!(&to_client[0].1[..2], &1008u16.to_be_bytes());
+        let to_upstream = frames(&rig.upstream.borrow().outbox).0;
+        assert_eq!(&to_upstream[0].1[..2], &1000u16.to_be_bytes());
+        // Both told: the session lingers for the peers' FINs, bounded.
+        assert!(matches!(rig.session.state, State::Lingering { .. }));
+        assert!(rig.client.borrow().fin && rig.upstream.borrow().fin);
+        rig.deadline();
+        assert!(rig.session.is_done());
+        let Some(Event::Closed { end, .. }) = rig.close() else {
+            panic!("no closing event");
+        };
+        assert_eq!(end, SessionEnd::TokenExpired);
+    }
+
+    /// A deferred decision that comes after the session gave up waiting
+    /// (504) changes nothing: the state is the refusal's, not lost.
+    #[test]
+    fn a_decision_that_comes_too_late_leaves_the_refusal_alone() {
+        let mut rig = Rig::new(Answer::Pending);
+        rig.client_sends(
+            b"GET /token/vm-1 HTTP/1.1\r\nHost: proxy\r\nUpgrade: websocket\r\n\
+              Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        );
+        assert!(matches!(rig.session.state, State::Authorizing { .. }));
+        // The client cannot take the answer yet.
+        rig.client.borrow_mut().room = 0;
+        rig.deadline();
+        assert!(matches!(rig.session.state, State::Refusing { .. }));
+        assert!(matches!(
+            rig.world.events.as_slice(),
+            [Event::Refused { status: 504, .. }]
+        ));
+        let late = rig.session.decide(
+            &mut rig.world.ctx(),
+            Decision::Allow(grant(SystemTime::now())),
+        );
+        assert!(!late);
+        assert!(matches!(rig.session.state, State::Refusing { .. }));
+        rig.client.borrow_mut().room = usize::MAX;
+        rig.event(Side::Client, false, true);
+        rig.drive();
+        let out = String::from_utf8(rig.client.borrow().outbox.clone()).expect("utf-8");
+        assert!(out.starts_with("HTTP/1.1 504 "), "{out}");
+        assert_eq!(rig.world.events.len(), 1, "one refusal, nothing else");
+    }
+
+    /// The client leaves while the upstream is being dialed: the session is
+    /// done at once (the upstream socket closes with it), and no refusal or
+    /// closing event is reported for a client that asked for nothing more.
+    #[test]
+    fn a_client_that_leaves_while_dialing_ends_the_session_quietly() {
+        let mut rig = Rig::new(in_an_hour());
+        rig.client_sends(
+            b"GET /token/vm-1 HTTP/1.1\r\nHost: proxy\r\nUpgrade: websocket\r\n\
+              Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        );
+        assert!(matches!(rig.session.state, State::Dialing(_)));
+        rig.client.borrow_mut().eof = true;
+        rig.client_sends(&[]);
+        assert!(rig.session.is_done());
+        assert_eq!(rig.close(), None);
+        assert!(rig.world.events.is_empty(), "{:?}", rig.world.events);
+    }
+
+    /// The drain's grace ends while a session waits for the upstream's 101:
+    /// the client gets 503 and the refusal names the granted VMI.
+    #[test]
+    fn going_away_during_the_upstream_handshake_is_a_503_naming_the_vmi() {
+        let mut rig = Rig::new(in_an_hour());
+        rig.client_sends(
+            b"GET /token/vm-1 HTTP/1.1\r\nHost: proxy\r\nUpgrade: websocket\r\n\
+              Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        );
+        rig.event(Side::Upstream, false, true);
+        rig.drive();
+        assert!(matches!(rig.session.state, State::UpstreamHandshake(_)));
+        rig.session.go_away(&mut rig.world.ctx());
+        rig.drive();
+        let out = String::from_utf8(rig.client.borrow().outbox.clone()).expect("utf-8");
+        assert!(out.starts_with("HTTP/1.1 503 "), "{out}");
+        assert!(matches!(
+            rig.world.events.as_slice(),
+            [Event::Refused { status: 503, vmi: Some(v), namespace: Some(n), .. }]
+                if v == "vm-1" && n == "lab-ns"
+        ));
+    }
 }

@@ -47,7 +47,7 @@ fn session_states() -> Vec<(String, usize)> {
     let lines: Vec<&str> = src.lines().collect();
     let start = lines
         .iter()
-        .position(|l| l.starts_with("enum State {"))
+        .position(|l| l.starts_with("enum State"))
         .expect("enum State in src/session.rs");
     let mut states = Vec::new();
     for (i, line) in lines.iter().enumerate().skip(start + 1) {
