@@ -1097,6 +1097,45 @@ pub(crate) mod tests {
         assert_eq!(rig.finish().0.end, SessionEnd::Shutdown);
     }
 
+    /// Keepalive while the upstream streams and the client says nothing
+    /// but answers pings: the client is alive, however long it lasts.
+    #[test]
+    fn a_client_that_only_reads_and_answers_pings_stays_alive() {
+        let mut rig = Rig::new(4096, None);
+        rig.relay = Relay::new(
+            7,
+            1 << 20,
+            Timers {
+                ping_interval: Duration::from_secs(1),
+                peer_timeout: Duration::from_secs(3),
+                ..TIMERS
+            },
+            rig.now,
+            None,
+        );
+        let mut seen = 0;
+        for round in 0..40u8 {
+            rig.upstream_sends(&frame(BINARY, &pattern(10_000, round), None));
+            rig.run();
+            // The client answers every ping it got since the last round.
+            let out = rig.c.borrow().outbox.clone();
+            let (got, _) = frames(&out);
+            for (op, payload) in &got[seen..] {
+                if *op == 9 {
+                    rig.client_sends(&frame(10, payload, Some(KEY)));
+                }
+            }
+            seen = got.len();
+            rig.run();
+            let fired = rig.advance(Duration::from_millis(500));
+            assert!(
+                !matches!(fired, Fired::PeerGone(_)),
+                "round {round}: {fired:?}"
+            );
+            rig.run();
+        }
+    }
+
     /// The upstream vanishes (EOF without a close frame): the client is told
     /// 1001, and the relay is over (nothing the client says can reach the
     /// upstream any more).
