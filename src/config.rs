@@ -320,9 +320,6 @@ fn out_of_range(lo: u64, hi: u64, shown: &str, below: bool) -> String {
     }
 }
 
-/// The binary's subcommands. They may stand anywhere among the flags.
-pub const SUBCOMMANDS: &[&str] = &["token", "check-config"];
-
 /// A configuration problem: which setting, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -453,9 +450,10 @@ impl UpstreamUrl {
     }
 }
 
-/// Everything the proxy needs to run. Build it with [`Config::from_env`] (as
-/// the binary does), [`Config::from_sources`], or in code from
-/// [`Config::local_dev`] and then adjust fields.
+/// Everything the proxy needs to run. Build it with [`Config::from_env`],
+/// [`Config::from_sources`] (as the binary does, with the flags it sorted
+/// out of its command line), or in code from [`Config::local_dev`] and then
+/// adjust fields.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Address to listen on (`HOST`).
@@ -532,23 +530,12 @@ pub struct Config {
     pub close_timeout: Duration,
 }
 
-/// What the command line asked for.
-#[derive(Debug)]
-pub enum Command {
-    /// Run the proxy with this configuration.
-    Run(Box<Config>),
-    /// Print the help text.
-    Help,
-    /// Print the version.
-    Version,
-}
-
 impl Config {
     /// A local-dev-mode configuration with defaults, for use in code: the
     /// upstream at `remote_url` (`ws://…`), HS256 with `secret`, listening on
     /// 127.0.0.1 on a free port.
     pub fn local_dev(remote_url: &str, secret: &[u8]) -> Result<Config, ConfigError> {
-        let (command, errors) = Self::parse(
+        let (c, errors) = Self::parse(
             [
                 ("LOCAL_DEV_MODE".to_owned(), "true".to_owned()),
                 ("WS_REMOTE_URL".to_owned(), remote_url.to_owned()),
@@ -560,10 +547,7 @@ impl Config {
         if let Some(e) = errors.into_iter().next() {
             return Err(e);
         }
-        let Command::Run(c) = command else {
-            return Err(ConfigError::new("args", "unexpected command"));
-        };
-        let mut c = *c;
+        let mut c = c;
         c.jwt.secrets = vec![KeyMaterial {
             kid: None,
             bytes: secret.to_vec(),
@@ -573,18 +557,24 @@ impl Config {
         Ok(c)
     }
 
-    /// Read the process environment and command line.
-    pub fn from_env() -> Result<Command, ConfigError> {
+    /// Read the process environment and command line: the options'
+    /// variables, and their flags (`--port 5002`, `--port=5002`), the only
+    /// arguments it knows. A host whose command line has arguments of its
+    /// own (a subcommand, `--help`) reads them itself and passes the flags
+    /// to [`from_sources`](Self::from_sources), as the binary does.
+    pub fn from_env() -> Result<Config, ConfigError> {
         Self::from_sources(std::env::vars(), std::env::args().skip(1))
     }
 
-    /// Build from explicit environment pairs and arguments; a flag wins over
+    /// Build from explicit environment pairs and flags; a flag wins over
     /// its variable. The first problem found;
-    /// [`from_sources_all`](Self::from_sources_all) reports every one.
+    /// [`from_sources_all`](Self::from_sources_all) reports every one. An
+    /// argument that is neither a flag nor a flag's value is refused by its
+    /// position, never echoed: it may be a secret put in the wrong place.
     pub fn from_sources(
         env: impl IntoIterator<Item = (String, String)>,
         args: impl IntoIterator<Item = String>,
-    ) -> Result<Command, ConfigError> {
+    ) -> Result<Config, ConfigError> {
         Self::from_sources_all(env, args)
             .map_err(|e| e.errors.into_iter().next().expect("at least one error"))
     }
@@ -595,11 +585,8 @@ impl Config {
     pub fn from_sources_all(
         env: impl IntoIterator<Item = (String, String)>,
         args: impl IntoIterator<Item = String>,
-    ) -> Result<Command, ConfigErrors> {
-        let (command, mut errors) = Self::parse(env, args);
-        let Command::Run(c) = &command else {
-            return Ok(command);
-        };
+    ) -> Result<Config, ConfigErrors> {
+        let (c, mut errors) = Self::parse(env, args);
         for (e, depends_on) in c.problems(true) {
             let reported = |var: &str| errors.iter().any(|r| r.var == var);
             if !reported(&e.var) && !depends_on.iter().any(|d| reported(d)) {
@@ -607,7 +594,7 @@ impl Config {
             }
         }
         if errors.is_empty() {
-            Ok(command)
+            Ok(c)
         } else {
             Err(ConfigErrors {
                 errors,
@@ -616,13 +603,13 @@ impl Config {
         }
     }
 
-    /// Read every value, collecting every problem: the command, with the
-    /// configuration as far as it could be read (a value at fault replaced
-    /// by its default), and the problems in the order found.
+    /// Read every value, collecting every problem: the configuration as far
+    /// as it could be read (a value at fault replaced by its default), and
+    /// the problems in the order found.
     fn parse(
         env: impl IntoIterator<Item = (String, String)>,
         args: impl IntoIterator<Item = String>,
-    ) -> (Command, Vec<ConfigError>) {
+    ) -> (Config, Vec<ConfigError>) {
         let mut r = Reader {
             values: Vec::new(),
             errors: Vec::new(),
@@ -633,23 +620,26 @@ impl Config {
                 r.values.push((opt.var(), v.clone()));
             }
         }
-        let mut args = args.into_iter().peekable();
-        while let Some(arg) = args.next() {
-            match arg.as_str() {
-                "-h" | "--help" => return (Command::Help, Vec::new()),
-                "-V" | "--version" => return (Command::Version, Vec::new()),
-                _ => {}
+        let mut args = args.into_iter().enumerate().peekable();
+        while let Some((i, arg)) = args.next() {
+            if !arg.starts_with('-') {
+                // A bare word: a typo, or a secret put where a flag was
+                // meant (this line may go to a log). Its position only.
+                r.fail(ConfigError::new(
+                    "args",
+                    format!(
+                        "unexpected argument {} (not shown: it may be a secret; see --help)",
+                        i + 1
+                    ),
+                ));
+                continue;
             }
             let (flag, inline) = match arg.split_once('=') {
                 Some((f, v)) => (f.to_owned(), Some(v.to_owned())),
                 None => (arg.clone(), None),
             };
             let Some(opt) = OPTIONS.iter().find(|o| o.flag() == flag) else {
-                let hint = if flag.starts_with('-') {
-                    lookalike(&flag, OPTIONS.iter().map(|o| o.flag()))
-                } else {
-                    lookalike(&flag, SUBCOMMANDS.iter().copied())
-                };
+                let hint = lookalike(&flag, OPTIONS.iter().map(|o| o.flag()));
                 let hint = hint.map_or(String::new(), |f| format!("; did you mean {f}?"));
                 // Only the flag: an inline value may be a secret
                 // (`--secret-kye=…`), and this line may go to a log.
@@ -658,15 +648,12 @@ impl Config {
                     format!("unknown argument{hint} (see --help)"),
                 ));
                 // An unknown flag's value is not one more unknown argument.
-                if flag.starts_with('-')
-                    && inline.is_none()
-                    && args.peek().is_some_and(|next| !next.starts_with('-'))
-                {
+                if inline.is_none() && args.peek().is_some_and(|(_, next)| !next.starts_with('-')) {
                     args.next();
                 }
                 continue;
             };
-            let Some(value) = inline.or_else(|| args.next()) else {
+            let Some(value) = inline.or_else(|| args.next().map(|(_, v)| v)) else {
                 r.fail(ConfigError::new(opt.flag(), "needs a value"));
                 break;
             };
@@ -818,7 +805,7 @@ impl Config {
                 .position(|o| o.var() == e.var)
                 .map_or(0, |i| i + 1)
         });
-        (Command::Run(Box::new(config)), errors)
+        (config, errors)
     }
 
     /// Check the values together (ranges, keys usable, templates complete).
@@ -980,14 +967,13 @@ impl Config {
     }
 }
 
-/// The `--help` text, generated from the option table.
+/// Every option, its variable, flag, default and meaning, generated from
+/// the option table: the part of `--help` that describes the library's
+/// options (the binary adds its usage, `--help`, `--version` and its
+/// subcommands).
 pub fn help_text() -> String {
     let mut s = String::from(
-        "kubevirt-vnc-proxy: WebSocket proxy from noVNC to KubeVirt VNC, guarded by JWT\n\n\
-         USAGE: kubevirt-vnc-proxy [check-config] [OPTIONS]   run the proxy, or only check its configuration\n\
-         \x20      kubevirt-vnc-proxy token [TOKEN OPTIONS]      mint a token (see token --help)\n\
-         A subcommand may stand anywhere among the options.\n\n\
-         Every option can be set by its environment variable or its flag; the flag wins.\n\n\
+        "Every option can be set by its environment variable or its flag; the flag wins.\n\n\
          OPTIONS:\n",
     );
     for o in OPTIONS {
@@ -1005,8 +991,24 @@ pub fn help_text() -> String {
             o.doc()
         ));
     }
-    s.push_str("  -h, --help      print this help\n  -V, --version   print the version\n");
     s
+}
+
+/// Whether `flag` is one of the options' flags (`--port`): such a flag
+/// takes the next argument as its value whatever it looks like, where an
+/// unknown one takes it only when it does not start with `-`. For a host
+/// that sorts its command line before passing the flags on.
+pub fn is_option_flag(flag: &str) -> bool {
+    OPTIONS.iter().any(|o| o.flag() == flag)
+}
+
+/// The candidate `name` most probably meant, if any (another case, `-`
+/// for `_`, a typo or two): for a host's own "did you mean" hints.
+pub fn did_you_mean<'k>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'k str>,
+) -> Option<&'k str> {
+    lookalike(name, candidates.into_iter())
 }
 
 /// Booleans as the Python program accepted them.
@@ -1104,30 +1106,6 @@ impl Reader {
         }
         keys
     }
-}
-
-/// Take the subcommand out of the arguments, wherever it stands: the first
-/// word that is neither a flag nor a flag's value (every `--flag` without
-/// `=` takes the next argument as its value, as the parsers read them). The
-/// subcommand, if any, and the other arguments in their order.
-pub fn split_subcommand(args: Vec<String>) -> (Option<String>, Vec<String>) {
-    let mut rest = Vec::with_capacity(args.len());
-    let mut subcommand = None;
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        let takes_value = arg.starts_with('-')
-            && !arg.contains('=')
-            && !matches!(arg.as_str(), "-h" | "--help" | "-V" | "--version");
-        if takes_value {
-            rest.push(arg);
-            rest.extend(args.next());
-        } else if subcommand.is_none() && SUBCOMMANDS.contains(&arg.as_str()) {
-            subcommand = Some(arg);
-        } else {
-            rest.push(arg);
-        }
-    }
-    (subcommand, rest)
 }
 
 /// An environment variable that looks like one of ours but is not: set, and
@@ -1252,10 +1230,7 @@ mod tests {
     }
 
     fn run(pairs: &[(&str, &str)], args: &[&str]) -> Result<Config, ConfigError> {
-        match Config::from_sources(env(pairs), args.iter().map(|s| s.to_string()))? {
-            Command::Run(c) => Ok(*c),
-            other => panic!("{other:?}"),
-        }
+        Config::from_sources(env(pairs), args.iter().map(|s| s.to_string()))
     }
 
     const LONG: &str = "0123456789abcdef0123456789abcdef";
@@ -1611,70 +1586,41 @@ mod tests {
         let mut e = BASE.to_vec();
         e.push(("JWT_ALGORITHMS", "RS256,none"));
         only(&e, "JWT_ALGORITHMS");
-        // --help wins over any mistake.
-        assert!(matches!(
-            Config::from_sources_all(env(&[("PORT", "x")]), ["--bogus".into(), "-h".into()]),
-            Ok(Command::Help)
-        ));
     }
 
     #[test]
-    fn a_subcommand_may_stand_anywhere() {
-        let split = |args: &[&str]| {
-            let (sub, rest) = split_subcommand(args.iter().map(|s| s.to_string()).collect());
-            (sub, rest.join(" "))
-        };
-        let check = Some("check-config".to_owned());
-        assert_eq!(
-            split(&["check-config", "--port", "5002"]),
-            (check.clone(), "--port 5002".into())
+    fn arguments_are_flags_only_and_a_stray_word_is_never_echoed() {
+        // The library knows no subcommand, --help or --version: those are
+        // the binary's (src/cli.rs).
+        for word in ["check-config", "hunter2-secret", "-h"] {
+            assert!(run(BASE, &[word]).is_err(), "{word}");
+        }
+        let e = all_errors(
+            BASE,
+            &["--port", "5002", "hunter2-secret", "--host", "h", "x"],
         );
+        let lines: Vec<String> = e.iter().map(ToString::to_string).collect();
         assert_eq!(
-            split(&["--port", "5002", "check-config"]),
-            (check.clone(), "--port 5002".into())
+            lines,
+            [
+                "configuration error: args: unexpected argument 3 (not shown: it may be a secret; see --help)",
+                "configuration error: args: unexpected argument 6 (not shown: it may be a secret; see --help)",
+            ]
         );
-        assert_eq!(
-            split(&["--port=5002", "check-config", "--host", "h"]),
-            (check, "--port=5002 --host h".into())
-        );
-        assert_eq!(
-            split(&["--secret-key", "k", "token", "--vmi", "a"]),
-            (Some("token".into()), "--secret-key k --vmi a".into())
-        );
-        // A flag's value is never a subcommand; a second one stays an argument.
-        assert_eq!(
-            split(&["--api-path", "token"]),
-            (None, "--api-path token".into())
-        );
-        assert_eq!(
-            split(&["token", "--vmi", "check-config", "check-config"]),
-            (
-                Some("token".into()),
-                "--vmi check-config check-config".into()
-            )
-        );
-        assert_eq!(
-            split(&["--help", "check-config"]).0.as_deref(),
-            Some("check-config")
-        );
-        // What is left is read as before.
-        let (_, rest) =
-            split_subcommand(vec!["--port".into(), "5002".into(), "check-config".into()]);
-        assert_eq!(
-            run(BASE, &rest.iter().map(String::as_str).collect::<Vec<_>>())
-                .unwrap()
-                .port,
-            5002
-        );
-        // An unknown subcommand gets a suggestion.
-        let e = run(BASE, &["chek-config"]).unwrap_err();
-        assert!(e.message.contains("did you mean check-config?"), "{e}");
+        // A mistyped flag gets a suggestion, and its value is not one more
+        // stray word.
         let e = run(BASE, &["--shutdown-grace", "2"]).unwrap_err();
         assert!(
             e.message.contains("did you mean --shutdown-grace-seconds?"),
             "{e}"
         );
         assert_eq!(all_errors(BASE, &["--shutdown-grace", "2"]).len(), 1);
+        // What a host sorting its own command line needs.
+        assert!(is_option_flag("--port") && !is_option_flag("--help"));
+        assert_eq!(
+            did_you_mean("chek-config", ["token", "check-config"]),
+            Some("check-config")
+        );
     }
 
     #[test]
@@ -1769,24 +1715,11 @@ mod tests {
     }
 
     #[test]
-    fn the_usage_line_shows_where_subcommands_go() {
-        let help = help_text();
-        let usage = help.lines().find(|l| l.starts_with("USAGE:")).unwrap();
-        assert!(usage.contains("[check-config] [OPTIONS]"), "{usage}");
-        assert!(help.contains("kubevirt-vnc-proxy token"), "{help}");
-        assert!(help.contains("anywhere among the options"), "{help}");
-    }
-
-    #[test]
     fn help_lists_every_option() {
         let h = help_text();
         for o in OPTIONS {
             assert!(h.contains(o.var()) && h.contains(o.flag()), "{}", o.var());
         }
-        assert!(matches!(
-            Config::from_sources(env(BASE), ["--help".to_string()]),
-            Ok(Command::Help)
-        ));
     }
 
     #[test]

@@ -6,38 +6,38 @@ use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::SystemTime;
 
-use kubevirt_vnc_proxy::config::{
-    ConfigErrors, Lookalike, help_text, lookalike_variables, split_subcommand,
-};
+mod cli;
+
+use kubevirt_vnc_proxy::config::{Lookalike, lookalike_variables};
 use kubevirt_vnc_proxy::events::{LogFormat, write_json_record};
-use kubevirt_vnc_proxy::{Command, Config, Proxy, StartError};
+use kubevirt_vnc_proxy::{Config, Proxy, StartError};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
-const SUBCOMMANDS: &str = "\nSUBCOMMANDS:\n  token          mint a LabOrchestrator-compatible token from SECRET_KEY (see token --help)\n  check-config   validate the configuration and credential files; exit 0 or 2\n";
+use cli::{Command, Failure};
 
 fn main() -> ExitCode {
     // `kubevirt-vnc-proxy --port 5002 check-config` as well as
     // `kubevirt-vnc-proxy check-config --port 5002`.
-    let (subcommand, args) = split_subcommand(std::env::args().skip(1).collect());
-    match subcommand.as_deref() {
-        Some("token") => return mint(&args),
-        Some("check-config") => return check_config(args),
-        _ => {}
-    }
-    let env: Vec<(String, String)> = std::env::vars().collect();
-    let lookalikes = lookalike_variables(env.iter().map(|(k, _)| k.as_str()));
-    let config = match Config::from_sources_all(env, args) {
-        Ok(Command::Run(c)) => *c,
-        Ok(Command::Help) => {
-            print!("{}{SUBCOMMANDS}", help_text());
+    let cli = cli::parse(std::env::args().skip(1).collect());
+    match cli.command {
+        Command::Token => return mint(&cli.args),
+        Command::CheckConfig => return check_config(cli),
+        Command::Help => {
+            print!("{}", cli::help());
             return ExitCode::SUCCESS;
         }
-        Ok(Command::Version) => {
+        Command::Version => {
             println!("kubevirt-vnc-proxy {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
-        Err(errors) => {
-            report_start_errors(&lookalikes, &errors);
+        Command::Serve => {}
+    }
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let lookalikes = lookalike_variables(env.iter().map(|(k, _)| k.as_str()));
+    let config = match cli::configure(env, cli) {
+        Ok(c) => c,
+        Err(failure) => {
+            report_start_errors(&lookalikes, &failure);
             return ExitCode::from(2);
         }
     };
@@ -185,19 +185,14 @@ fn raise_open_files_limit(config: &Config) {
 /// A start that cannot go ahead: every configuration error, one line each,
 /// after the warnings that may explain them (`SECRET_KY` for `SECRET_KEY`);
 /// as JSON records when `LOG_FORMAT=json`, as every other line would be.
-fn report_start_errors(lookalikes: &[Lookalike], errors: &ConfigErrors) {
+fn report_start_errors(lookalikes: &[Lookalike], failure: &Failure) {
     let lines = lookalikes
         .iter()
         .map(|l| (log::Level::Warn, l.to_string()))
-        .chain(
-            errors
-                .errors
-                .iter()
-                .map(|e| (log::Level::Error, e.to_string())),
-        );
+        .chain(failure.lines.iter().map(|e| (log::Level::Error, e.clone())));
     let mut err = std::io::stderr().lock();
     for (level, line) in lines {
-        let _ = if errors.log_format == LogFormat::Json {
+        let _ = if failure.log_format == LogFormat::Json {
             write_json_record(&mut err, SystemTime::now(), level, module_path!(), &line)
         } else if level == log::Level::Warn {
             writeln!(err, "warning: {line}")
@@ -209,23 +204,15 @@ fn report_start_errors(lookalikes: &[Lookalike], errors: &ConfigErrors) {
 
 /// `check-config`: everything the proxy checks at start, without listening;
 /// every configuration error, one line each.
-fn check_config(args: Vec<String>) -> ExitCode {
+fn check_config(cli: cli::Cli) -> ExitCode {
     let env: Vec<(String, String)> = std::env::vars().collect();
     for l in lookalike_variables(env.iter().map(|(k, _)| k.as_str())) {
         eprintln!("warning: {l}");
     }
-    let config = match Config::from_sources_all(env, args) {
-        Ok(Command::Run(c)) => *c,
-        Ok(Command::Version) => {
-            println!("kubevirt-vnc-proxy {}", env!("CARGO_PKG_VERSION"));
-            return ExitCode::SUCCESS;
-        }
-        Ok(Command::Help) => {
-            print!("{}{SUBCOMMANDS}", help_text());
-            return ExitCode::SUCCESS;
-        }
-        Err(errors) => {
-            eprintln!("{errors}");
+    let config = match cli::configure(env, cli) {
+        Ok(c) => c,
+        Err(failure) => {
+            eprintln!("{}", failure.lines.join("\n"));
             return ExitCode::from(2);
         }
     };
