@@ -37,6 +37,9 @@ pub struct Cli {
     pub args: Vec<String>,
     /// The words that are neither a flag, a flag's value nor the subcommand.
     pub errors: Vec<ArgError>,
+    /// Where the subcommand stood (from 0), so that a subcommand reading
+    /// its own arguments can name one by its place on the command line.
+    pub subcommand_at: Option<usize>,
 }
 
 /// A word on the command line that means nothing here. Printed as a
@@ -103,6 +106,7 @@ pub fn parse(argv: Vec<String>) -> Cli {
                 command: Command::Token,
                 args,
                 errors: Vec::new(),
+                subcommand_at: subcommand,
             };
         }
         Some(_) => Command::CheckConfig,
@@ -113,12 +117,14 @@ pub fn parse(argv: Vec<String>) -> Cli {
             command,
             args: Vec::new(),
             errors: Vec::new(),
+            subcommand_at: subcommand,
         };
     }
     Cli {
         command,
         errors: words.iter().map(|&i| unexpected(i, &argv[i])).collect(),
         args: flags.into_iter().map(|i| argv[i].clone()).collect(),
+        subcommand_at: subcommand,
     }
 }
 

@@ -20,7 +20,7 @@ fn main() -> ExitCode {
     // `kubevirt-vnc-proxy check-config --port 5002`.
     let cli = cli::parse(std::env::args().skip(1).collect());
     match cli.command {
-        Command::Token => return mint(&cli.args),
+        Command::Token => return mint(&cli.args, cli.subcommand_at),
         Command::CheckConfig => return check_config(cli),
         Command::Help => {
             print!("{}", cli::help());
@@ -260,8 +260,9 @@ struct LabInstanceClaims {
 }
 
 /// `token`: mint a token as LabOrchestrator's API does, for operators
-/// testing a deployment.
-fn mint(args: &[String]) -> ExitCode {
+/// testing a deployment. `args` are the command line's arguments but the
+/// subcommand, which stood at `subcommand_at` (from 0).
+fn mint(args: &[String], subcommand_at: Option<usize>) -> ExitCode {
     const USAGE: &str = "USAGE: kubevirt-vnc-proxy token --vmi NAME [--vmi NAME ...] --namespace NS [--ttl SECONDS] [--user-id ID] [--lab-id ID] [--lab-instance-id ID] [--lib-version 0.0.5|2.2.0] [--secret-key KEY]\n\
         Mints what LabOrchestrator's API mints with generate_auth_token of PyPI's\n\
         lab-orchestrator-lib-auth: the same claims in the same order, exp = now + SECONDS\n\
@@ -279,8 +280,19 @@ fn mint(args: &[String]) -> ExitCode {
     let mut lab_instance_id = String::from("1");
     let mut lib = LibAuth::V0_0_5;
     let mut secret = std::env::var("SECRET_KEY").ok();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
+    // Where an argument stood on the command line (from 1), to name one
+    // without showing it.
+    let position = |i: usize| i + 1 + usize::from(subcommand_at.is_some_and(|s| s <= i));
+    let mut it = args.iter().enumerate();
+    while let Some((i, a)) = it.next() {
+        if !a.starts_with('-') {
+            // Not a flag: maybe the secret, pasted without --secret-key.
+            eprintln!(
+                "token: unexpected argument {} (not shown: it may be a secret)\n{USAGE}",
+                position(i)
+            );
+            return ExitCode::from(2);
+        }
         let (flag, inline) = match a.split_once('=') {
             Some((f, v)) => (f, Some(v.to_owned())),
             None => (a.as_str(), None),
@@ -289,7 +301,7 @@ fn mint(args: &[String]) -> ExitCode {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
         }
-        let Some(value) = inline.or_else(|| it.next().cloned()) else {
+        let Some(value) = inline.or_else(|| it.next().map(|(_, v)| v.clone())) else {
             eprintln!("token: {flag} needs a value\n{USAGE}");
             return ExitCode::from(2);
         };

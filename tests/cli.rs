@@ -231,3 +231,23 @@ fn a_stray_argument_is_named_by_its_position_never_echoed() {
     assert_eq!(out.status.code(), Some(0));
     assert!(text(&out.stdout).starts_with("kubevirt-vnc-proxy: "));
 }
+
+#[test]
+fn token_names_a_stray_argument_by_its_position_too() {
+    let secret = "s3cr3t-pasted-in-the-wrong-place";
+    for (args, position) in [
+        (&["token", "--vmi", "a", "--namespace", "ns", secret][..], 6),
+        (&["--vmi", "a", "token", secret, "--namespace", "ns"], 4),
+    ] {
+        let out = run(&[("SECRET_KEY", SECRET)], args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = text(&out.stderr);
+        assert!(
+            err.starts_with(&format!(
+                "token: unexpected argument {position} (not shown: it may be a secret)\n"
+            )),
+            "{err}"
+        );
+        assert!(!err.contains(secret) && !text(&out.stdout).contains(secret));
+    }
+}
