@@ -535,23 +535,23 @@ impl Config {
     /// upstream at `remote_url` (`ws://…`), HS256 with `secret`, listening on
     /// 127.0.0.1 on a free port.
     pub fn local_dev(remote_url: &str, secret: &[u8]) -> Result<Config, ConfigError> {
-        let (c, errors) = Self::parse(
+        let (mut c, errors) = Self::parse(
             [
-                ("LOCAL_DEV_MODE".to_owned(), "true".to_owned()),
-                ("WS_REMOTE_URL".to_owned(), remote_url.to_owned()),
-                ("HOST".to_owned(), "127.0.0.1".to_owned()),
-                ("PORT".to_owned(), "0".to_owned()),
-            ],
+                (LOCAL_DEV_MODE.var, "true"),
+                (WS_REMOTE_URL.var, remote_url),
+                (HOST.var, "127.0.0.1"),
+                (PORT.var, "0"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
             Vec::<String>::new(),
         );
         if let Some(e) = errors.into_iter().next() {
             return Err(e);
         }
-        let mut c = c;
         c.jwt.secrets = vec![KeyMaterial {
             kid: None,
             bytes: secret.to_vec(),
-            source: "SECRET_KEY".into(),
+            source: SECRET_KEY.var.into(),
         }];
         c.validate()?;
         Ok(c)
