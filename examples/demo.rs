@@ -21,7 +21,7 @@ mod upstream;
 
 use std::process::ExitCode;
 
-use kubevirt_vnc_proxy::{Command, Config, ConfigError, Proxy, StartError};
+use kubevirt_vnc_proxy::{Config, ConfigError, Proxy, StartError};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 /// The drain grace unless `SHUTDOWN_GRACE_SECONDS` says otherwise: shorter
@@ -57,7 +57,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     };
     // The proxy's own configuration parser, so PORT and the grace are
     // checked as the proxy checks them.
-    let config = match Config::from_sources(
+    let config = Config::from_sources(
         [
             ("LOCAL_DEV_MODE".to_owned(), "true".to_owned()),
             (
@@ -70,10 +70,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             from_env("SHUTDOWN_GRACE_SECONDS", DEMO_GRACE_SECONDS),
         ],
         Vec::<String>::new(),
-    )? {
-        Command::Run(c) => *c,
-        _ => return Err("unexpected configuration command".into()),
-    };
+    )?;
     let grace = config.shutdown_grace;
     // The loop answers SIGINT/SIGTERM itself, as the proxy's binary does.
     let proxy = Proxy::builder(config)

@@ -269,7 +269,7 @@ mod upstream;
 
 pub use auth::Grant;
 pub use authorize::{AuthRequest, Authorizer, Decision, JwtAuthorizer, Ticket};
-pub use config::{Command, Config, ConfigError};
+pub use config::{Config, ConfigError};
 pub use events::{Event, Observer, SessionEnd};
 pub use http::Refusal;
 pub use server::{Handle, Proxy, ProxyBuilder, Running, SHUTDOWN_CLOSE_TIME, StartError, Stats};

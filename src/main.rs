@@ -6,38 +6,38 @@ use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::SystemTime;
 
-use kubevirt_vnc_proxy::config::{
-    ConfigErrors, Lookalike, help_text, lookalike_variables, split_subcommand,
-};
+mod cli;
+
+use kubevirt_vnc_proxy::config::{Lookalike, lookalike_variables};
 use kubevirt_vnc_proxy::events::{LogFormat, write_json_record};
-use kubevirt_vnc_proxy::{Command, Config, Proxy, StartError};
+use kubevirt_vnc_proxy::{Config, Proxy, StartError};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
-const SUBCOMMANDS: &str = "\nSUBCOMMANDS:\n  token          mint a LabOrchestrator-compatible token from SECRET_KEY (see token --help)\n  check-config   validate the configuration and credential files; exit 0 or 2\n";
+use cli::{Command, Failure};
 
 fn main() -> ExitCode {
     // `kubevirt-vnc-proxy --port 5002 check-config` as well as
     // `kubevirt-vnc-proxy check-config --port 5002`.
-    let (subcommand, args) = split_subcommand(std::env::args().skip(1).collect());
-    match subcommand.as_deref() {
-        Some("token") => return mint(&args),
-        Some("check-config") => return check_config(args),
-        _ => {}
-    }
-    let env: Vec<(String, String)> = std::env::vars().collect();
-    let lookalikes = lookalike_variables(env.iter().map(|(k, _)| k.as_str()));
-    let config = match Config::from_sources_all(env, args) {
-        Ok(Command::Run(c)) => *c,
-        Ok(Command::Help) => {
-            print!("{}{SUBCOMMANDS}", help_text());
+    let cli = cli::parse(std::env::args().skip(1).collect());
+    match cli.command {
+        Command::Token => return mint(&cli.args, cli.subcommand_at),
+        Command::CheckConfig => return check_config(cli),
+        Command::Help => {
+            print!("{}", cli::help());
             return ExitCode::SUCCESS;
         }
-        Ok(Command::Version) => {
+        Command::Version => {
             println!("kubevirt-vnc-proxy {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
-        Err(errors) => {
-            report_start_errors(&lookalikes, &errors);
+        Command::Serve => {}
+    }
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let lookalikes = lookalike_variables(env.iter().map(|(k, _)| k.as_str()));
+    let config = match cli::configure(env, cli) {
+        Ok(c) => c,
+        Err(failure) => {
+            report_start_errors(&lookalikes, &failure);
             return ExitCode::from(2);
         }
     };
@@ -185,19 +185,14 @@ fn raise_open_files_limit(config: &Config) {
 /// A start that cannot go ahead: every configuration error, one line each,
 /// after the warnings that may explain them (`SECRET_KY` for `SECRET_KEY`);
 /// as JSON records when `LOG_FORMAT=json`, as every other line would be.
-fn report_start_errors(lookalikes: &[Lookalike], errors: &ConfigErrors) {
+fn report_start_errors(lookalikes: &[Lookalike], failure: &Failure) {
     let lines = lookalikes
         .iter()
         .map(|l| (log::Level::Warn, l.to_string()))
-        .chain(
-            errors
-                .errors
-                .iter()
-                .map(|e| (log::Level::Error, e.to_string())),
-        );
+        .chain(failure.lines.iter().map(|e| (log::Level::Error, e.clone())));
     let mut err = std::io::stderr().lock();
     for (level, line) in lines {
-        let _ = if errors.log_format == LogFormat::Json {
+        let _ = if failure.log_format == LogFormat::Json {
             write_json_record(&mut err, SystemTime::now(), level, module_path!(), &line)
         } else if level == log::Level::Warn {
             writeln!(err, "warning: {line}")
@@ -209,23 +204,15 @@ fn report_start_errors(lookalikes: &[Lookalike], errors: &ConfigErrors) {
 
 /// `check-config`: everything the proxy checks at start, without listening;
 /// every configuration error, one line each.
-fn check_config(args: Vec<String>) -> ExitCode {
+fn check_config(cli: cli::Cli) -> ExitCode {
     let env: Vec<(String, String)> = std::env::vars().collect();
     for l in lookalike_variables(env.iter().map(|(k, _)| k.as_str())) {
         eprintln!("warning: {l}");
     }
-    let config = match Config::from_sources_all(env, args) {
-        Ok(Command::Run(c)) => *c,
-        Ok(Command::Version) => {
-            println!("kubevirt-vnc-proxy {}", env!("CARGO_PKG_VERSION"));
-            return ExitCode::SUCCESS;
-        }
-        Ok(Command::Help) => {
-            print!("{}{SUBCOMMANDS}", help_text());
-            return ExitCode::SUCCESS;
-        }
-        Err(errors) => {
-            eprintln!("{errors}");
+    let config = match cli::configure(env, cli) {
+        Ok(c) => c,
+        Err(failure) => {
+            eprintln!("{}", failure.lines.join("\n"));
             return ExitCode::from(2);
         }
     };
@@ -273,8 +260,9 @@ struct LabInstanceClaims {
 }
 
 /// `token`: mint a token as LabOrchestrator's API does, for operators
-/// testing a deployment.
-fn mint(args: &[String]) -> ExitCode {
+/// testing a deployment. `args` are the command line's arguments but the
+/// subcommand, which stood at `subcommand_at` (from 0).
+fn mint(args: &[String], subcommand_at: Option<usize>) -> ExitCode {
     const USAGE: &str = "USAGE: kubevirt-vnc-proxy token --vmi NAME [--vmi NAME ...] --namespace NS [--ttl SECONDS] [--user-id ID] [--lab-id ID] [--lab-instance-id ID] [--lib-version 0.0.5|2.2.0] [--secret-key KEY]\n\
         Mints what LabOrchestrator's API mints with generate_auth_token of PyPI's\n\
         lab-orchestrator-lib-auth: the same claims in the same order, exp = now + SECONDS\n\
@@ -292,8 +280,19 @@ fn mint(args: &[String]) -> ExitCode {
     let mut lab_instance_id = String::from("1");
     let mut lib = LibAuth::V0_0_5;
     let mut secret = std::env::var("SECRET_KEY").ok();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
+    // Where an argument stood on the command line (from 1), to name one
+    // without showing it.
+    let position = |i: usize| i + 1 + usize::from(subcommand_at.is_some_and(|s| s <= i));
+    let mut it = args.iter().enumerate();
+    while let Some((i, a)) = it.next() {
+        if !a.starts_with('-') {
+            // Not a flag: maybe the secret, pasted without --secret-key.
+            eprintln!(
+                "token: unexpected argument {} (not shown: it may be a secret)\n{USAGE}",
+                position(i)
+            );
+            return ExitCode::from(2);
+        }
         let (flag, inline) = match a.split_once('=') {
             Some((f, v)) => (f, Some(v.to_owned())),
             None => (a.as_str(), None),
@@ -302,7 +301,7 @@ fn mint(args: &[String]) -> ExitCode {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
         }
-        let Some(value) = inline.or_else(|| it.next().cloned()) else {
+        let Some(value) = inline.or_else(|| it.next().map(|(_, v)| v.clone())) else {
             eprintln!("token: {flag} needs a value\n{USAGE}");
             return ExitCode::from(2);
         };

@@ -189,3 +189,65 @@ fn variables_that_look_like_ours_are_warned_about_at_start() {
          configuration error: SECRET_KEY: not set (required unless JWT_PUBLIC_KEY_FILE is set)\n"
     );
 }
+
+#[test]
+fn a_stray_argument_is_named_by_its_position_never_echoed() {
+    // A secret pasted where a flag was meant (a missing `--secret-key`)
+    // must not reach a terminal, a log or a CI transcript.
+    let secret = "s3cr3t-pasted-in-the-wrong-place";
+    let stray = "configuration error: command line: unexpected argument 3 (not shown: it may be a secret; see --help)\n";
+    for args in [
+        &["--port", "0", secret][..],
+        &["--port", "0", secret, "check-config"],
+    ] {
+        let out = run(LOCAL, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert_eq!(text(&out.stderr), stray, "{args:?}");
+        assert!(!text(&out.stdout).contains(secret));
+    }
+    // With other mistakes: the command line's first, then the settings,
+    // all in one run.
+    let out = run(LOCAL, &["check-config", "--workers", "0", secret]);
+    assert_eq!(
+        text(&out.stderr),
+        "configuration error: command line: unexpected argument 4 (not shown: it may be a secret; see --help)\n\
+         configuration error: WORKERS: '0' is out of range 1-256\n"
+    );
+    // A near miss of a subcommand is no secret: named, with the one meant.
+    let out = run(LOCAL, &["chek-config", "--port", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        "configuration error: chek-config: unknown argument; did you mean check-config? (see --help)\n"
+    );
+    // A flag's value is a value, whatever it looks like, and --help wins
+    // over any mistake.
+    let out = run(
+        LOCAL,
+        &["check-config", "--api-path", "/x/{namespace}/{vmi_name}"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = run(&[], &["--bogus", secret, "-h"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out.stdout).starts_with("kubevirt-vnc-proxy: "));
+}
+
+#[test]
+fn token_names_a_stray_argument_by_its_position_too() {
+    let secret = "s3cr3t-pasted-in-the-wrong-place";
+    for (args, position) in [
+        (&["token", "--vmi", "a", "--namespace", "ns", secret][..], 6),
+        (&["--vmi", "a", "token", secret, "--namespace", "ns"], 4),
+    ] {
+        let out = run(&[("SECRET_KEY", SECRET)], args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = text(&out.stderr);
+        assert!(
+            err.starts_with(&format!(
+                "token: unexpected argument {position} (not shown: it may be a secret)\n"
+            )),
+            "{err}"
+        );
+        assert!(!err.contains(secret) && !text(&out.stdout).contains(secret));
+    }
+}
