@@ -1180,9 +1180,11 @@ impl Proxy {
         c.open.fetch_add(1, Ordering::Relaxed);
         c.accepted.fetch_add(1, Ordering::Relaxed);
         // Counted only when limited (the setting never changes while the
-        // loop runs): no hashing per connection otherwise.
+        // loop runs): no hashing per connection otherwise. Probe-path
+        // connections are not counted: kubelet probes from the node's
+        // address would eat that address's budget.
         let limit = self.config.max_connections_per_ip;
-        let per_ip = if limit > 0 {
+        let per_ip = if limit > 0 && kind == Kind::Main {
             let n = self.per_ip.entry(peer.ip()).or_insert(0);
             *n += 1;
             *n
@@ -1237,6 +1239,7 @@ impl Proxy {
         self.shared.counters.open.fetch_sub(1, Ordering::Relaxed);
         let ip = s.peer().ip();
         if self.config.max_connections_per_ip > 0
+            && s.kind() == Kind::Main
             && let Some(n) = self.per_ip.get_mut(&ip)
         {
             *n -= 1;

@@ -774,3 +774,41 @@ fn metrics_count_sessions_by_how_they_ended() {
         assert_eq!(count(end), "0", "{body}");
     }
 }
+
+#[test]
+fn probe_connections_do_not_count_toward_max_connections_per_ip() {
+    let h = Harness::start_with(|c| {
+        c.max_connections_per_ip = 1;
+        c.metrics_addr = Some("127.0.0.1:0".into());
+    });
+    let probes = h.proxy.as_ref().unwrap().metrics_addr().unwrap();
+    // A probe from this address in progress (kubelet's, from the node's
+    // address): accepted, its request not complete yet.
+    let mut probe = TcpStream::connect(probes).unwrap();
+    probe.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+    assert!(upstream::wait_until(Duration::from_secs(5), || h
+        .handle()
+        .stats()
+        .accepted
+        >= 1));
+    // The one session this address may have still opens beside it.
+    let mut ws = h.ws("echo");
+    ws.send(Message::text("x")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("x"));
+    // Another probe still answers beside the session...
+    assert_eq!(get(probes, "/healthz"), (200, "ok\n".into()));
+    // ...and the probe in progress is answered.
+    probe.write_all(b"Host: a\r\n\r\n").unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(common::read_answer(&mut probe).status, 200);
+    // The limit itself holds on the main port: a second session is refused.
+    let t = Harness::token(&["echo"]);
+    let second = raw_request(h.addr, &upgrade_request(&format!("/{t}/echo"), ""));
+    assert_eq!(second.status, 503, "{second:?}");
+    assert!(
+        second.body.contains("MAX_CONNECTIONS_PER_IP=1"),
+        "{second:?}"
+    );
+}
