@@ -825,7 +825,11 @@ impl Proxy {
         if self.listener_ready && self.can_accept() {
             self.accept(now, Kind::Main);
         }
-        if self.metrics_ready {
+        // Not gated by MAX_CONNECTIONS (probes must answer a full proxy),
+        // but by the EMFILE backoff: out of descriptors, the probe's accept
+        // fails like any other, and retrying it on every pass would log an
+        // error per pass and push the pause back for both listeners.
+        if self.metrics_ready && self.accept_paused_until.is_none() {
             self.accept(now, Kind::Metrics);
         }
         if !self.pending_events.is_empty() {
