@@ -81,6 +81,12 @@ pub struct Gauges {
     pub bulk_buffers_in_use: usize,
     /// Draining for shutdown.
     pub draining: bool,
+    /// Event loops of the process (`WORKERS`). Not summed by
+    /// [`add`](Self::add): the loop serving `/metrics` sets both for the
+    /// process.
+    pub workers: usize,
+    /// Of those, the ones still running (a dead one serves nobody).
+    pub workers_alive: usize,
 }
 
 impl Gauges {
@@ -195,6 +201,16 @@ impl Metrics {
             "kubevirt_vnc_proxy_draining",
             "1 while shutting down.",
             usize::from(g.draining),
+        );
+        gauge(
+            "kubevirt_vnc_proxy_workers",
+            "Event loops the process started (WORKERS).",
+            g.workers,
+        );
+        gauge(
+            "kubevirt_vnc_proxy_workers_alive",
+            "Event loops still running; fewer than the workers outside a shutdown: one died, and /healthz answers 503.",
+            g.workers_alive,
         );
         self.handshake.render(
             &mut out,

@@ -986,7 +986,7 @@ impl Session {
     fn answer_probe(&mut self, ctx: &mut Ctx<'_>, probe: http::Probe) {
         let text = "text/plain; charset=utf-8";
         let out = match (self.kind, probe) {
-            (_, http::Probe::Health) => http::plain_response(200, text, "ok\n"),
+            (_, http::Probe::Health) => crate::server::health_response(ctx.workers),
             (_, http::Probe::Ready) => {
                 // Readiness looks at the credentials itself (rate-limited by
                 // CREDENTIALS_CHECK_SECONDS), so a pod with no sessions still
