@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::events::{Event, Observer, SessionEnd};
+use crate::http::Status;
 
 /// Upper bounds (seconds) of the latency histogram buckets.
 const BUCKETS: [f64; 12] = [
@@ -55,7 +56,7 @@ impl Histogram {
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Metrics {
     sessions_by_end: BTreeMap<SessionEnd, u64>,
-    refusals_by_status: BTreeMap<u16, u64>,
+    refusals_by_status: BTreeMap<Status, u64>,
     bytes_up: u64,
     bytes_down: u64,
     handshake: Histogram,
@@ -269,7 +270,7 @@ mod tests {
         m.on_event(&Event::Refused {
             id: 1,
             peer: "127.0.0.1:1".parse().unwrap(),
-            status: 401,
+            status: Status::Unauthorized,
             reason: "x".into(),
             vmi: None,
             namespace: None,

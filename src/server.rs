@@ -23,7 +23,7 @@ use crate::buffer::BufferPool;
 use crate::config::{Config, ConfigError};
 use crate::conn::Readiness;
 use crate::events::{AccessLog, Event, Observer};
-use crate::http::Refusal;
+use crate::http::{Refusal, Status};
 use crate::metrics::{Gauges, Metrics};
 use crate::session::{Ctx, FIRST_SESSION_TOKEN, Kind, Session, Side};
 use crate::upstream::Credentials;
@@ -229,8 +229,12 @@ pub(crate) fn process_metrics(own: &Metrics, gauges: Gauges, workers: &[Handle])
 pub(crate) fn health_response(workers: &[Handle]) -> Vec<u8> {
     let text = "text/plain; charset=utf-8";
     match workers.iter().find_map(|w| w.shared.failure()) {
-        None => crate::http::plain_response(200, text, "ok\n"),
-        Some(why) => crate::http::plain_response(503, text, &format!("a worker died: {why}\n")),
+        None => crate::http::plain_response(Status::Ok, text, "ok\n"),
+        Some(why) => crate::http::plain_response(
+            Status::ServiceUnavailable,
+            text,
+            &format!("a worker died: {why}\n"),
+        ),
     }
 }
 
@@ -1302,7 +1306,7 @@ impl Proxy {
             let (sessions, mut ctx) = self.ctx(now);
             if let Some(s) = sessions.get_mut(key) {
                 let r = Refusal::new(
-                    503,
+                    Status::ServiceUnavailable,
                     format!(
                         "too many connections from {} (MAX_CONNECTIONS_PER_IP={limit})",
                         peer.ip()

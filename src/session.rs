@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::conn::{Conn, Io, Readiness};
 use crate::events::{Event, SessionEnd, namespace_field, text_value, vmi_field};
 use crate::frame::Direction;
-use crate::http::{self, Refusal, UpstreamAnswer};
+use crate::http::{self, Refusal, Status, UpstreamAnswer};
 use crate::relay::{Pipe, SourceEnd};
 use crate::route::{filter_query, is_dns1123_label, is_dns1123_subdomain};
 use crate::upstream::Credentials;
@@ -279,7 +279,10 @@ impl Session {
                 self.deadline = nearest(&[self.expires, self.closing_by, self.keepalive_at]);
             }
             State::Refusing { .. } | State::Lingering | State::Done => {}
-            _ => self.refuse(ctx, Refusal::new(503, "shutting down")),
+            _ => self.refuse(
+                ctx,
+                Refusal::new(Status::ServiceUnavailable, "shutting down"),
+            ),
         }
         self.drive(ctx)
     }
@@ -387,20 +390,29 @@ impl Session {
                 }
                 self.refuse(
                     ctx,
-                    Refusal::new(408, "timed out waiting for the request head"),
+                    Refusal::new(
+                        Status::RequestTimeout,
+                        "timed out waiting for the request head",
+                    ),
                 );
             }
             State::Authorizing { .. } => {
                 self.refuse(
                     ctx,
-                    Refusal::new(504, "authorization did not answer in time"),
+                    Refusal::new(
+                        Status::GatewayTimeout,
+                        "authorization did not answer in time",
+                    ),
                 );
             }
             State::Dialing { .. } | State::UpstreamHandshake { .. } => {
                 let secs = ctx.config.upstream_timeout.as_secs();
                 self.refuse(
                     ctx,
-                    Refusal::new(504, format!("upstream did not answer within {secs} s")),
+                    Refusal::new(
+                        Status::GatewayTimeout,
+                        format!("upstream did not answer within {secs} s"),
+                    ),
                 );
             }
             State::Relaying { up, down } => {
@@ -480,7 +492,7 @@ impl Session {
                 self.answer(
                     ctx,
                     http::plain_response(
-                        404,
+                        Status::NotFound,
                         "text/plain",
                         "only GET /metrics, /healthz and /readyz here\n",
                     ),
@@ -492,7 +504,7 @@ impl Session {
                 self.answer(
                     ctx,
                     http::plain_response(
-                        404,
+                        Status::NotFound,
                         "text/plain",
                         "only GET /metrics, /healthz and /readyz here\n",
                     ),
@@ -511,7 +523,10 @@ impl Session {
         self.client_key = Some(req.key.clone());
         let config = ctx.config;
         if ctx.draining {
-            return self.refuse(ctx, Refusal::new(503, "shutting down"));
+            return self.refuse(
+                ctx,
+                Refusal::new(Status::ServiceUnavailable, "shutting down"),
+            );
         }
         // Origin first: a page from a foreign site learns nothing else.
         if !config.allowed_origins.is_empty()
@@ -522,7 +537,10 @@ impl Session {
             let what = req
                 .origin()
                 .map_or("missing".into(), |o| format!("'{o}' not allowed"));
-            return self.refuse(ctx, Refusal::new(403, format!("origin {what}")));
+            return self.refuse(
+                ctx,
+                Refusal::new(Status::Forbidden, format!("origin {what}")),
+            );
         }
         let decision = ctx.authorizer.authorize(
             &AuthRequest {
@@ -586,10 +604,18 @@ impl Session {
         // Whoever decided, no URL is built from a name that could change
         // its path.
         if !is_dns1123_subdomain(&grant.vmi) {
-            return self.refuse_granted(ctx, &grant, Refusal::new(403, "invalid VMI name"));
+            return self.refuse_granted(
+                ctx,
+                &grant,
+                Refusal::new(Status::Forbidden, "invalid VMI name"),
+            );
         }
         if !is_dns1123_label(&grant.namespace) {
-            return self.refuse_granted(ctx, &grant, Refusal::new(403, "invalid namespace"));
+            return self.refuse_granted(
+                ctx,
+                &grant,
+                Refusal::new(Status::Forbidden, "invalid namespace"),
+            );
         }
         // Only allow-listed query parameters reach the upstream.
         let query = match req.target.split_once('?') {
@@ -597,7 +623,7 @@ impl Session {
             Some((_, q)) => match filter_query(q, &ctx.config.upstream_query_params) {
                 Ok(q) => q,
                 Err(e) => {
-                    let r = Refusal::new(400, format!("query: {e}"));
+                    let r = Refusal::new(Status::BadRequest, format!("query: {e}"));
                     return self.refuse_granted(ctx, &grant, r);
                 }
             },
@@ -605,7 +631,10 @@ impl Session {
         let creds = match ctx.credentials.current(ctx.now) {
             Ok(c) => c,
             Err(e) => {
-                let r = Refusal::new(502, format!("upstream credentials unavailable: {e}"));
+                let r = Refusal::new(
+                    Status::BadGateway,
+                    format!("upstream credentials unavailable: {e}"),
+                );
                 return self.refuse_granted(ctx, &grant, r);
             }
         };
@@ -685,7 +714,7 @@ impl Session {
         let why = last_error.map_or_else(|| "no address".to_owned(), |e| e.to_string());
         self.refuse(
             ctx,
-            Refusal::new(502, format!("upstream unreachable: {why}")),
+            Refusal::new(Status::BadGateway, format!("upstream unreachable: {why}")),
         );
     }
 
@@ -735,7 +764,10 @@ impl Session {
                         Err(e) => {
                             return self.refuse(
                                 ctx,
-                                Refusal::new(502, format!("upstream TLS setup failed: {e}")),
+                                Refusal::new(
+                                    Status::BadGateway,
+                                    format!("upstream TLS setup failed: {e}"),
+                                ),
                             );
                         }
                     }
@@ -766,7 +798,10 @@ impl Session {
             } else {
                 "handshake"
             };
-            Refusal::new(502, format!("upstream failed during the {what}: {e}"))
+            Refusal::new(
+                Status::BadGateway,
+                format!("upstream failed during the {what}: {e}"),
+            )
         };
         if let Err(e) = up.flush() {
             let r = failed(up, e);
@@ -802,7 +837,7 @@ impl Session {
         let (head_len, protocol) = answer;
         if let Some(p) = protocol.filter(|p| !ctx.config.upstream_subprotocols.contains(p)) {
             let r = Refusal::new(
-                502,
+                Status::BadGateway,
                 format!("upstream chose subprotocol '{p}' that was not offered"),
             );
             return self.refuse(ctx, r);
@@ -998,16 +1033,20 @@ impl Session {
                         .map(|e| format!("upstream credentials unavailable: {e}"))
                 });
                 match why {
-                    None => http::plain_response(200, text, "ready\n"),
-                    Some(why) => http::plain_response(503, text, &format!("not ready: {why}\n")),
+                    None => http::plain_response(Status::Ok, text, "ready\n"),
+                    Some(why) => http::plain_response(
+                        Status::ServiceUnavailable,
+                        text,
+                        &format!("not ready: {why}\n"),
+                    ),
                 }
             }
             (Kind::Metrics, http::Probe::Metrics) => http::plain_response(
-                200,
+                Status::Ok,
                 "text/plain; version=0.0.4; charset=utf-8",
                 &crate::server::process_metrics(ctx.metrics, ctx.gauges, ctx.workers),
             ),
-            _ => http::plain_response(404, text, "not found\n"),
+            _ => http::plain_response(Status::NotFound, text, "not found\n"),
         };
         self.answer(ctx, out);
     }
