@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use kubevirt_vnc_proxy::auth::Grant;
 use kubevirt_vnc_proxy::{
-    AuthRequest, Authorizer, Config, Decision, Event, Observer, Proxy, Ticket,
+    AuthRequest, Authorizer, Config, Decision, Event, Observer, Proxy, Status, Ticket,
 };
 use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
@@ -42,13 +42,16 @@ struct AllowList(Vec<String>);
 impl Authorizer for AllowList {
     fn authorize(&mut self, req: &AuthRequest<'_>, _ticket: Ticket) -> Decision {
         let Some(pair) = req.path().strip_prefix("/console/") else {
-            return Decision::deny(404, "not found: use /console/NAMESPACE/VMI");
+            return Decision::deny(Status::NotFound, "not found: use /console/NAMESPACE/VMI");
         };
         let Some((namespace, vmi)) = pair.split_once('/') else {
-            return Decision::deny(404, "not found: use /console/NAMESPACE/VMI");
+            return Decision::deny(Status::NotFound, "not found: use /console/NAMESPACE/VMI");
         };
         if !self.0.iter().any(|allowed| allowed == pair) {
-            return Decision::deny(403, format!("{pair} is not on the allow-list"));
+            return Decision::deny(
+                Status::Forbidden,
+                format!("{pair} is not on the allow-list"),
+            );
         }
         Decision::Allow(Grant {
             namespace: namespace.to_owned(),

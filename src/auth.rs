@@ -13,6 +13,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::http::Status;
 use crate::route::{is_dns1123_label, is_dns1123_subdomain};
 
 /// What a verified token allows one session to reach.
@@ -48,10 +49,10 @@ pub enum AuthError {
 
 impl AuthError {
     /// The HTTP status for this refusal.
-    pub fn status(&self) -> u16 {
+    pub fn status(&self) -> Status {
         match self {
-            AuthError::Forbidden(_) => 403,
-            _ => 401,
+            AuthError::Forbidden(_) => Status::Forbidden,
+            _ => Status::Unauthorized,
         }
     }
 }

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use crate::auth::{AuthError, Grant, JwtVerifier, fingerprint};
 use crate::config::Config;
 use crate::events::{namespace_field, vmi_field};
-use crate::http::{Headers, Refusal};
+use crate::http::{Headers, Refusal, Status};
 use crate::route::{RouteError, parse_request_target};
 use crate::token::{Carriers, TokenSource, find_token};
 
@@ -91,7 +91,7 @@ pub enum Decision {
 
 impl Decision {
     /// A denial with `status` and `reason`.
-    pub fn deny(status: u16, reason: impl Into<String>) -> Decision {
+    pub fn deny(status: Status, reason: impl Into<String>) -> Decision {
         Decision::Deny {
             refusal: Refusal::new(status, reason),
             log: None,
@@ -144,8 +144,12 @@ impl Authorizer for JwtAuthorizer {
         let route =
             match parse_request_target(req.target, self.prefix.as_deref(), path_token, other) {
                 Ok(r) => r,
-                Err(e @ RouteError::NotFound(_)) => return Decision::deny(404, e.to_string()),
-                Err(e @ RouteError::BadEncoding) => return Decision::deny(400, e.to_string()),
+                Err(e @ RouteError::NotFound(_)) => {
+                    return Decision::deny(Status::NotFound, e.to_string());
+                }
+                Err(e @ RouteError::BadEncoding) => {
+                    return Decision::deny(Status::BadRequest, e.to_string());
+                }
             };
         let cookies: Vec<&str> = req.headers.get_all("cookie").collect();
         let carriers = Carriers {
@@ -160,7 +164,7 @@ impl Authorizer for JwtAuthorizer {
             .or_else(|| find_token(&self.sources, &carriers, &self.cookie))
         else {
             return Decision::Deny {
-                refusal: Refusal::new(401, "token missing"),
+                refusal: Refusal::new(Status::Unauthorized, "token missing"),
                 log: None,
                 vmi,
                 namespace: None,

@@ -5,6 +5,8 @@ use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::http::Status;
+
 /// The `log` target of access lines.
 pub const ACCESS_TARGET: &str = "access";
 
@@ -85,7 +87,7 @@ pub enum Event {
         /// Client address.
         peer: SocketAddr,
         /// The HTTP status (or the status behind a 44xx/45xx close code).
-        status: u16,
+        status: Status,
         /// The reason sent to the client.
         reason: String,
         /// The VMI the request asked for, when known (the route was read).
@@ -182,7 +184,7 @@ pub fn access_line(event: &Event, format: LogFormat) -> Option<String> {
             f.push(("event", Field::Str("refused".into())));
             f.push(("session", Field::Num(*id)));
             f.push(("client", Field::Str(peer.to_string())));
-            f.push(("status", Field::Num(u64::from(*status))));
+            f.push(("status", Field::Num(u64::from(status.code()))));
             f.push(("reason", Field::Str(reason.clone())));
             f.push(("namespace", known(namespace)));
             f.push(("vmi", known(vmi)));
@@ -480,7 +482,7 @@ mod tests {
         Event::Refused {
             id: 8,
             peer: "127.0.0.1:5556".parse().unwrap(),
-            status: 403,
+            status: Status::Forbidden,
             reason: "VMI 'other' not allowed".into(),
             vmi: vmi.map(str::to_owned),
             namespace: namespace.map(str::to_owned),

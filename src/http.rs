@@ -10,18 +10,92 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 /// Headers accepted in one request head; more is refused with 431.
 const MAX_HEADERS: usize = 64;
 
+/// An HTTP status the proxy answers with: a refusal before the upgrade
+/// (4xx, 5xx), or a probe's answer. One type instead of bare numbers, so a
+/// status is one of these by construction, with its reason phrase and, for
+/// `REJECT_WITH=close`, its close code beside it.
+///
+/// Displays as the bare code (`403`), as the access log and the
+/// `…_refusals_total{status}` label show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+#[repr(u16)]
+pub enum Status {
+    /// 200: a probe's answer (never a refusal's).
+    Ok = 200,
+    /// 400: a malformed request, or not a WebSocket upgrade.
+    BadRequest = 400,
+    /// 401: the token is missing or does not verify.
+    Unauthorized = 401,
+    /// 403: the token (or the host's policy) does not allow this.
+    Forbidden = 403,
+    /// 404: no such path (or the upstream knows no such VMI).
+    NotFound = 404,
+    /// 408: the request head did not come in time.
+    RequestTimeout = 408,
+    /// 426: a WebSocket version other than 13.
+    UpgradeRequired = 426,
+    /// 431: the request head is too large.
+    RequestHeaderFieldsTooLarge = 431,
+    /// 500: the proxy itself failed.
+    InternalServerError = 500,
+    /// 502: the upstream failed, or answered something else than 101.
+    BadGateway = 502,
+    /// 503: shutting down, a connection limit, or the upstream is busy.
+    ServiceUnavailable = 503,
+    /// 504: the upstream (or a deferred authorization) did not answer in time.
+    GatewayTimeout = 504,
+}
+
+impl Status {
+    /// The numeric code.
+    pub const fn code(self) -> u16 {
+        self as u16
+    }
+
+    /// The reason phrase of the status line (RFC 9110).
+    pub const fn reason_phrase(self) -> &'static str {
+        match self {
+            Status::Ok => "OK",
+            Status::BadRequest => "Bad Request",
+            Status::Unauthorized => "Unauthorized",
+            Status::Forbidden => "Forbidden",
+            Status::NotFound => "Not Found",
+            Status::RequestTimeout => "Request Timeout",
+            Status::UpgradeRequired => "Upgrade Required",
+            Status::RequestHeaderFieldsTooLarge => "Request Header Fields Too Large",
+            Status::InternalServerError => "Internal Server Error",
+            Status::BadGateway => "Bad Gateway",
+            Status::ServiceUnavailable => "Service Unavailable",
+            Status::GatewayTimeout => "Gateway Timeout",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.code().fmt(f)
+    }
+}
+
+impl From<Status> for u16 {
+    fn from(s: Status) -> u16 {
+        s.code()
+    }
+}
+
 /// A refusal before the upgrade: an HTTP status and a short plain-text reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
-    /// The HTTP status code.
-    pub status: u16,
+    /// The HTTP status.
+    pub status: Status,
     /// A short reason, sent as the body and logged.
     pub reason: String,
 }
 
 impl Refusal {
     /// A refusal with `status` and `reason`.
-    pub fn new(status: u16, reason: impl Into<String>) -> Self {
+    pub fn new(status: Status, reason: impl Into<String>) -> Self {
         Refusal {
             status,
             reason: reason.into(),
@@ -173,12 +247,8 @@ pub fn parse_request(buf: &[u8], max_len: usize) -> Result<Option<Request>, Refu
 }
 
 /// A plain response to a probe.
-pub fn plain_response(status: u16, content_type: &str, body: &str) -> Vec<u8> {
-    let phrase = if status == 200 {
-        "OK"
-    } else {
-        reason_phrase(status)
-    };
+pub fn plain_response(status: Status, content_type: &str, body: &str) -> Vec<u8> {
+    let (status, phrase) = (status.code(), status.reason_phrase());
     format!(
         "HTTP/1.1 {status} {phrase}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -200,28 +270,51 @@ pub fn parse_upgrade_request(
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             if buf.len() >= max_len {
-                return Err(Refusal::new(431, "request head too large"));
+                return Err(Refusal::new(
+                    Status::RequestHeaderFieldsTooLarge,
+                    "request head too large",
+                ));
             }
             return Ok(None);
         }
         Err(httparse::Error::TooManyHeaders) => {
-            return Err(Refusal::new(431, "too many request headers"));
+            return Err(Refusal::new(
+                Status::RequestHeaderFieldsTooLarge,
+                "too many request headers",
+            ));
         }
-        Err(e) => return Err(Refusal::new(400, format!("malformed request: {e}"))),
+        Err(e) => {
+            return Err(Refusal::new(
+                Status::BadRequest,
+                format!("malformed request: {e}"),
+            ));
+        }
     };
     if head_len > max_len {
-        return Err(Refusal::new(431, "request head too large"));
+        return Err(Refusal::new(
+            Status::RequestHeaderFieldsTooLarge,
+            "request head too large",
+        ));
     }
     // httparse tolerates bare LF line ends; a proxy must not, since a peer
     // that splits lines differently could see another request (smuggling).
     if has_bare_lf(&buf[..head_len]) {
-        return Err(Refusal::new(400, "malformed request: bare LF line ending"));
+        return Err(Refusal::new(
+            Status::BadRequest,
+            "malformed request: bare LF line ending",
+        ));
     }
     if req.method != Some("GET") {
-        return Err(Refusal::new(400, "WebSocket upgrade must use GET"));
+        return Err(Refusal::new(
+            Status::BadRequest,
+            "WebSocket upgrade must use GET",
+        ));
     }
     if req.version != Some(1) {
-        return Err(Refusal::new(400, "WebSocket upgrade requires HTTP/1.1"));
+        return Err(Refusal::new(
+            Status::BadRequest,
+            "WebSocket upgrade requires HTTP/1.1",
+        ));
     }
     let target = req.path.unwrap_or_default().to_owned();
 
@@ -250,15 +343,21 @@ pub fn parse_upgrade_request(
             connection_ok |= has_token(h.value, "upgrade");
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
             if version.replace(h.value).is_some() {
-                return Err(Refusal::new(400, "duplicate Sec-WebSocket-Version"));
+                return Err(Refusal::new(
+                    Status::BadRequest,
+                    "duplicate Sec-WebSocket-Version",
+                ));
             }
         } else if name.eq_ignore_ascii_case("sec-websocket-key") {
             if key.replace(h.value).is_some() {
-                return Err(Refusal::new(400, "duplicate Sec-WebSocket-Key"));
+                return Err(Refusal::new(
+                    Status::BadRequest,
+                    "duplicate Sec-WebSocket-Key",
+                ));
             }
         } else if name.eq_ignore_ascii_case("host") {
             if host {
-                return Err(Refusal::new(400, "duplicate Host"));
+                return Err(Refusal::new(Status::BadRequest, "duplicate Host"));
             }
             host = true;
         } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
@@ -267,38 +366,44 @@ pub fn parse_upgrade_request(
             }
         } else if name.eq_ignore_ascii_case("origin") {
             if std::mem::replace(&mut origin, true) {
-                return Err(Refusal::new(400, "duplicate Origin"));
+                return Err(Refusal::new(Status::BadRequest, "duplicate Origin"));
             }
         } else if name.eq_ignore_ascii_case("authorization") {
             if std::mem::replace(&mut authorization, true) {
-                return Err(Refusal::new(400, "duplicate Authorization"));
+                return Err(Refusal::new(Status::BadRequest, "duplicate Authorization"));
             }
         } else if name.eq_ignore_ascii_case("content-length")
             || name.eq_ignore_ascii_case("transfer-encoding")
         {
             // An upgrade request has no body; one that claims a body is
             // either confused or smuggling.
-            return Err(Refusal::new(400, "upgrade request must not have a body"));
+            return Err(Refusal::new(
+                Status::BadRequest,
+                "upgrade request must not have a body",
+            ));
         }
     }
     if !host {
-        return Err(Refusal::new(400, "missing Host header"));
+        return Err(Refusal::new(Status::BadRequest, "missing Host header"));
     }
     if !upgrade_ok || !connection_ok {
         return Err(Refusal::new(
-            400,
+            Status::BadRequest,
             "not a WebSocket upgrade (Upgrade: websocket and Connection: upgrade required)",
         ));
     }
     if version.map(<[u8]>::trim_ascii) != Some(b"13") {
-        return Err(Refusal::new(426, "Sec-WebSocket-Version 13 required"));
+        return Err(Refusal::new(
+            Status::UpgradeRequired,
+            "Sec-WebSocket-Version 13 required",
+        ));
     }
     let key = key.map(<[u8]>::trim_ascii).unwrap_or_default();
     match BASE64.decode(key) {
         Ok(raw) if raw.len() == 16 => {}
         _ => {
             return Err(Refusal::new(
-                400,
+                Status::BadRequest,
                 "Sec-WebSocket-Key must be 16 bytes in base64",
             ));
         }
@@ -324,23 +429,6 @@ fn has_bare_lf(head: &[u8]) -> bool {
         })
 }
 
-fn reason_phrase(status: u16) -> &'static str {
-    match status {
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        408 => "Request Timeout",
-        426 => "Upgrade Required",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "Error",
-    }
-}
-
 /// The Kubernetes precedent for a bearer token carried as a subprotocol;
 /// such a protocol carries a credential and is never echoed back.
 pub const BEARER_PROTOCOL_PREFIX: &str = "base64url.bearer.authorization.k8s.io.";
@@ -359,15 +447,15 @@ pub fn select_client_protocol<'a>(offered: &'a [String], allowed: &[String]) -> 
 /// The response for a refusal: status, plain-text reason, `Connection: close`.
 pub fn refusal_response(r: &Refusal) -> Vec<u8> {
     let body = format!("{}\n", r.reason);
-    let extra = if r.status == 426 {
+    let extra = if r.status == Status::UpgradeRequired {
         "Sec-WebSocket-Version: 13\r\n"
     } else {
         ""
     };
     format!(
         "HTTP/1.1 {} {}\r\n{extra}Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        r.status,
-        reason_phrase(r.status),
+        r.status.code(),
+        r.status.reason_phrase(),
         body.len(),
     )
     .into_bytes()
@@ -375,14 +463,14 @@ pub fn refusal_response(r: &Refusal) -> Vec<u8> {
 
 /// The close code a web page can read for a refusal with `REJECT_WITH=close`
 /// (`None`: the refusal has no such code and stays an HTTP response).
-pub fn refusal_close_code(status: u16) -> Option<u16> {
+pub fn refusal_close_code(status: Status) -> Option<u16> {
     match status {
-        401 => Some(4401),
-        403 => Some(4403),
-        404 => Some(4404),
-        502 => Some(4502),
-        503 => Some(4503),
-        504 => Some(4504),
+        Status::Unauthorized => Some(4401),
+        Status::Forbidden => Some(4403),
+        Status::NotFound => Some(4404),
+        Status::BadGateway => Some(4502),
+        Status::ServiceUnavailable => Some(4503),
+        Status::GatewayTimeout => Some(4504),
         _ => None,
     }
 }
@@ -497,16 +585,22 @@ pub fn parse_upstream_response(
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             if eof {
-                return Err(Refusal::new(502, "upstream closed during the handshake"));
+                return Err(Refusal::new(
+                    Status::BadGateway,
+                    "upstream closed during the handshake",
+                ));
             }
             if buf.len() >= max_len {
-                return Err(Refusal::new(502, "upstream response head too large"));
+                return Err(Refusal::new(
+                    Status::BadGateway,
+                    "upstream response head too large",
+                ));
             }
             return Ok(None);
         }
         Err(e) => {
             return Err(Refusal::new(
-                502,
+                Status::BadGateway,
                 format!("upstream sent a malformed response: {e}"),
             ));
         }
@@ -537,9 +631,12 @@ pub fn parse_upstream_response(
         let detail = upstream_reason(body)
             .or_else(|| resp.reason.and_then(|r| upstream_reason(r.as_bytes())))
             .unwrap_or_else(|| "no reason given".into());
+        // Passed on where the client can act on it (no such VMI, busy);
+        // anything else is the upstream's failure.
         let status = match code {
-            404 | 503 => code,
-            _ => 502,
+            404 => Status::NotFound,
+            503 => Status::ServiceUnavailable,
+            _ => Status::BadGateway,
         };
         return Ok(Some(UpstreamAnswer::Refused(Refusal::new(
             status,
@@ -550,20 +647,20 @@ pub fn parse_upstream_response(
     let connection_ok = find("connection").is_some_and(|v| has_token(v, "upgrade"));
     if !upgrade_ok || !connection_ok {
         return Err(Refusal::new(
-            502,
+            Status::BadGateway,
             "upstream answered 101 without a WebSocket upgrade",
         ));
     }
     let expected = tungstenite::handshake::derive_accept_key(key.as_bytes());
     if find("sec-websocket-accept").map(<[u8]>::trim_ascii) != Some(expected.as_bytes()) {
         return Err(Refusal::new(
-            502,
+            Status::BadGateway,
             "upstream sent a wrong Sec-WebSocket-Accept",
         ));
     }
     if find("sec-websocket-extensions").is_some() {
         return Err(Refusal::new(
-            502,
+            Status::BadGateway,
             "upstream negotiated an extension the proxy did not offer",
         ));
     }
@@ -658,6 +755,7 @@ mod tests {
             parse_upgrade_request(s.as_bytes(), 8192)
                 .unwrap_err()
                 .status
+                .code()
         };
         assert_eq!(status(&req("").replace("GET", "POST")), 400);
         assert_eq!(status(&req("").replace("HTTP/1.1", "HTTP/1.0")), 400);
@@ -681,7 +779,7 @@ mod tests {
             parse_upgrade_request(&big.as_bytes()[..8192], 8192)
                 .unwrap_err()
                 .status,
-            431
+            Status::RequestHeaderFieldsTooLarge
         );
         let many: String = (0..70).map(|i| format!("X-{i}: y\r\n")).collect();
         assert_eq!(status(&req(&many)), 431);
@@ -689,7 +787,11 @@ mod tests {
         assert_eq!(status(&req("").replace("\r\n\r\n", "\r\n\n")), 400);
         assert!(has_bare_lf(b"\n") && has_bare_lf(b"\nGET") && has_bare_lf(b"a\r\nb\n"));
         assert!(!has_bare_lf(b"") && !has_bare_lf(b"\r\n") && !has_bare_lf(b"a\r\n\r\n"));
-        let resp = String::from_utf8(refusal_response(&Refusal::new(426, "v13"))).unwrap();
+        let resp = String::from_utf8(refusal_response(&Refusal::new(
+            Status::UpgradeRequired,
+            "v13",
+        )))
+        .unwrap();
         assert!(resp.starts_with("HTTP/1.1 426 Upgrade Required\r\n"));
         assert!(resp.contains("Sec-WebSocket-Version: 13\r\n"));
         assert!(resp.contains("Connection: close\r\n"));
@@ -766,7 +868,7 @@ mod tests {
             parse_upstream_response(bad.as_bytes(), KEY, 8192, false)
                 .unwrap_err()
                 .status,
-            502
+            Status::BadGateway
         );
         let body = r#"{"kind":"Status","message":"VMI is not running","code":404}"#;
         let nf = format!(
@@ -782,7 +884,7 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(r.status, 404);
+        assert_eq!(r.status, Status::NotFound);
         assert!(r.reason.contains("VMI is not running"), "{}", r.reason);
         let busy = "HTTP/1.1 500 Oops\r\n\r\nline one\nline two";
         let Some(UpstreamAnswer::Refused(r)) =
@@ -791,14 +893,63 @@ mod tests {
             panic!()
         };
         assert_eq!(
-            (r.status, r.reason.as_str()),
+            (r.status.code(), r.reason.as_str()),
             (502, "upstream answered 500: line one")
         );
         assert_eq!(
             parse_upstream_response(b"HTTP/1.1 10", KEY, 8192, true)
                 .unwrap_err()
                 .status,
-            502
+            Status::BadGateway
         );
+    }
+
+    #[test]
+    fn a_status_is_its_code_and_phrase() {
+        let all = [
+            (Status::Ok, 200, "OK", None),
+            (Status::BadRequest, 400, "Bad Request", None),
+            (Status::Unauthorized, 401, "Unauthorized", Some(4401)),
+            (Status::Forbidden, 403, "Forbidden", Some(4403)),
+            (Status::NotFound, 404, "Not Found", Some(4404)),
+            (Status::RequestTimeout, 408, "Request Timeout", None),
+            (Status::UpgradeRequired, 426, "Upgrade Required", None),
+            (
+                Status::RequestHeaderFieldsTooLarge,
+                431,
+                "Request Header Fields Too Large",
+                None,
+            ),
+            (
+                Status::InternalServerError,
+                500,
+                "Internal Server Error",
+                None,
+            ),
+            (Status::BadGateway, 502, "Bad Gateway", Some(4502)),
+            (
+                Status::ServiceUnavailable,
+                503,
+                "Service Unavailable",
+                Some(4503),
+            ),
+            (Status::GatewayTimeout, 504, "Gateway Timeout", Some(4504)),
+        ];
+        for (status, code, phrase, close) in all {
+            assert_eq!(status.code(), code);
+            assert_eq!(u16::from(status), code);
+            assert_eq!(status.to_string(), code.to_string());
+            assert_eq!(status.reason_phrase(), phrase);
+            assert_eq!(refusal_close_code(status), close, "{status}");
+            let line = format!("HTTP/1.1 {code} {phrase}\r\n");
+            assert!(
+                plain_response(status, "text/plain", "x\n").starts_with(line.as_bytes()),
+                "{status}"
+            );
+            assert!(
+                refusal_response(&Refusal::new(status, "x")).starts_with(line.as_bytes()),
+                "{status}"
+            );
+        }
     }
 }

@@ -146,7 +146,7 @@
 //! names against the Kubernetes naming rules before building any URL), and
 //! when the grant expires (the session then ends with close 1008, unless
 //! `close_on_token_expiry` is off); [`Decision::deny`] refuses with a status
-//! and a reason sent to the client.
+//! ([`Status`]) and a reason sent to the client.
 //! The built-in [`JwtAuthorizer`], used unless [`ProxyBuilder::authorizer`]
 //! names another, verifies LabOrchestrator's JWTs; a custom authorizer may
 //! wrap it.
@@ -161,7 +161,7 @@
 //! ```
 //! use std::sync::mpsc::{self, Sender};
 //! use kubevirt_vnc_proxy::auth::Grant;
-//! use kubevirt_vnc_proxy::{AuthRequest, Authorizer, Config, Decision, Proxy, Ticket};
+//! use kubevirt_vnc_proxy::{AuthRequest, Authorizer, Config, Decision, Proxy, Status, Ticket};
 //!
 //! /// `/console/NAMESPACE/VMI` for requests that carry an `X-User` header
 //! /// (set by an authenticating reverse proxy); the policy service decides.
@@ -172,10 +172,10 @@
 //!         let Some((namespace, vmi)) =
 //!             req.path().strip_prefix("/console/").and_then(|p| p.split_once('/'))
 //!         else {
-//!             return Decision::deny(404, "use /console/NAMESPACE/VMI");
+//!             return Decision::deny(Status::NotFound, "use /console/NAMESPACE/VMI");
 //!         };
 //!         let Some(user) = req.header("x-user") else {
-//!             return Decision::deny(403, "not signed in");
+//!             return Decision::deny(Status::Forbidden, "not signed in");
 //!         };
 //!         let grant = Grant {
 //!             namespace: namespace.into(),
@@ -186,7 +186,7 @@
 //!         // Asking the policy service is I/O: not on the loop.
 //!         match self.0.send((ticket, grant, user.to_owned())) {
 //!             Ok(()) => Decision::Pending,
-//!             Err(_) => Decision::deny(503, "policy service unavailable"),
+//!             Err(_) => Decision::deny(Status::ServiceUnavailable, "policy service unavailable"),
 //!         }
 //!     }
 //! }
@@ -201,7 +201,7 @@
 //!         let decision = if allowed {
 //!             Decision::Allow(grant)
 //!         } else {
-//!             Decision::deny(403, format!("{user} may not open this console"))
+//!             Decision::deny(Status::Forbidden, format!("{user} may not open this console"))
 //!         };
 //!         handle.decide(ticket, decision);
 //!     }
@@ -271,5 +271,5 @@ pub use auth::Grant;
 pub use authorize::{AuthRequest, Authorizer, Decision, JwtAuthorizer, Ticket};
 pub use config::{Config, ConfigError};
 pub use events::{Event, Observer, SessionEnd};
-pub use http::Refusal;
+pub use http::{Refusal, Status};
 pub use server::{Handle, Proxy, ProxyBuilder, Running, SHUTDOWN_CLOSE_TIME, StartError, Stats};

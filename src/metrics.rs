@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::events::{Event, Observer, SessionEnd};
+use crate::http::Status;
 
 /// Upper bounds (seconds) of the latency histogram buckets.
 const BUCKETS: [f64; 12] = [
@@ -55,7 +56,7 @@ impl Histogram {
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Metrics {
     sessions_by_end: BTreeMap<SessionEnd, u64>,
-    refusals_by_status: BTreeMap<u16, u64>,
+    refusals_by_status: BTreeMap<Status, u64>,
     bytes_up: u64,
     bytes_down: u64,
     handshake: Histogram,
@@ -81,6 +82,12 @@ pub struct Gauges {
     pub bulk_buffers_in_use: usize,
     /// Draining for shutdown.
     pub draining: bool,
+    /// Event loops of the process (`WORKERS`). Not summed by
+    /// [`add`](Self::add): the loop serving `/metrics` sets both for the
+    /// process.
+    pub workers: usize,
+    /// Of those, the ones still running (a dead one serves nobody).
+    pub workers_alive: usize,
 }
 
 impl Gauges {
@@ -196,6 +203,16 @@ impl Metrics {
             "1 while shutting down.",
             usize::from(g.draining),
         );
+        gauge(
+            "kubevirt_vnc_proxy_workers",
+            "Event loops the process started (WORKERS).",
+            g.workers,
+        );
+        gauge(
+            "kubevirt_vnc_proxy_workers_alive",
+            "Event loops still running; fewer than the workers outside a shutdown: one died, and /healthz answers 503.",
+            g.workers_alive,
+        );
         self.handshake.render(
             &mut out,
             "kubevirt_vnc_proxy_handshake_seconds",
@@ -253,7 +270,7 @@ mod tests {
         m.on_event(&Event::Refused {
             id: 1,
             peer: "127.0.0.1:1".parse().unwrap(),
-            status: 401,
+            status: Status::Unauthorized,
             reason: "x".into(),
             vmi: None,
             namespace: None,

@@ -9,7 +9,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,7 @@ use crate::buffer::BufferPool;
 use crate::config::{Config, ConfigError};
 use crate::conn::Readiness;
 use crate::events::{AccessLog, Event, Observer};
-use crate::http::Refusal;
+use crate::http::{Refusal, Status};
 use crate::metrics::{Gauges, Metrics};
 use crate::session::{Ctx, FIRST_SESSION_TOKEN, Kind, Session, Side};
 use crate::upstream::Credentials;
@@ -148,6 +148,15 @@ struct Shared {
     /// pass that changed them, for the worker that serves `/metrics`.
     publish: AtomicBool,
     published: Mutex<Option<(Metrics, Gauges)>>,
+    /// Set when the loop has ended: its `Proxy` was dropped, after `run`
+    /// returned or failed, or while a panic unwound its thread.
+    exited: AtomicBool,
+    /// Why the loop ended abnormally (a panic, a failed poll), if it did:
+    /// `/healthz` of the loop it is a worker of answers 503 with this.
+    failure: Mutex<Option<String>>,
+    /// The loop this one is a worker of ([`Proxy::add_worker`]), woken when
+    /// this one ends: it may be waiting for its workers to answer a signal.
+    owner: OnceLock<Weak<Shared>>,
 }
 
 impl Shared {
@@ -167,23 +176,66 @@ impl Shared {
         // Plain values again: usable after a panic elsewhere.
         self.published.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn exited(&self) -> bool {
+        self.exited.load(Ordering::SeqCst)
+    }
+
+    /// Why the loop died, if it did (the first reason given is kept).
+    fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn fail(&self, why: String) {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(why);
+    }
 }
 
 /// What `/metrics` shows for a loop and the other workers of its process:
 /// its own counters and gauges plus what each worker published last (at
 /// most one pass old).
+///
+/// A worker that has ended (a panic, or done draining) holds no connection
+/// any more: its gauges are left out, and `…_workers_alive` counts it no
+/// longer. Its counters stay: the sessions they count did happen, and a
+/// Prometheus counter must not go back.
 pub(crate) fn process_metrics(own: &Metrics, gauges: Gauges, workers: &[Handle]) -> String {
-    if workers.is_empty() {
-        return own.render(gauges);
-    }
     let (mut m, mut g) = (own.clone(), gauges);
+    g.workers = 1 + workers.len();
+    g.workers_alive = 1;
     for w in workers {
+        let alive = !w.shared.exited();
         if let Some((wm, wg)) = w.shared.published().as_ref() {
             m.merge(wm);
-            g.add(wg);
+            if alive {
+                g.add(wg);
+            }
         }
+        g.workers_alive += usize::from(alive);
     }
     m.render(g)
+}
+
+/// `/healthz`: 200 while every worker of the process runs, 503 once one
+/// died (a panic, a failed poll). Such a process still answers on its
+/// other loops, but the dead one's sessions are gone and nothing restarts
+/// it: kubelet's restart of the pod is the remedy.
+pub(crate) fn health_response(workers: &[Handle]) -> Vec<u8> {
+    let text = "text/plain; charset=utf-8";
+    match workers.iter().find_map(|w| w.shared.failure()) {
+        None => crate::http::plain_response(Status::Ok, text, "ok\n"),
+        Some(why) => crate::http::plain_response(
+            Status::ServiceUnavailable,
+            text,
+            &format!("a worker died: {why}\n"),
+        ),
+    }
 }
 
 /// A cloneable, thread-safe handle to a running proxy.
@@ -300,7 +352,9 @@ impl ProxyBuilder {
 
     /// Let the loop itself answer `signals` (e.g. SIGTERM and SIGINT), with
     /// no thread of its own: the first drains for `SHUTDOWN_GRACE_SECONDS`,
-    /// another one stops at once. A process whose only loop does this stays
+    /// another one stops at once, this loop and its workers
+    /// ([`Proxy::add_worker`]; after a first signal the loop runs until they
+    /// all have returned, so that the second one reaches them). A process whose only loop does this stays
     /// single-threaded, which makes every socket call a little cheaper (the
     /// kernel takes no reference on a file while no other thread shares the
     /// descriptor table). The handlers stay installed until the proxy is
@@ -440,6 +494,26 @@ impl fmt::Debug for Proxy {
             .field("local_addr", &self.local_addr)
             .field("sessions", &self.sessions.len())
             .finish()
+    }
+}
+
+impl Drop for Proxy {
+    /// However the loop ends (`run` returned or failed, or a panic unwinds
+    /// its thread), the loop it is a worker of learns it: `/metrics` stops
+    /// counting it as alive, a panic makes `/healthz` answer 503, and an
+    /// owner waiting for its workers to drain is woken.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            error!(
+                "the event loop serving {} panicked: its connections are closed",
+                self.local_addr
+            );
+            self.shared.fail("its thread panicked".into());
+        }
+        self.shared.exited.store(true, Ordering::SeqCst);
+        if let Some(owner) = self.shared.owner.get().and_then(Weak::upgrade) {
+            owner.wake();
+        }
     }
 }
 
@@ -656,6 +730,9 @@ impl Proxy {
                 requests: Mutex::new(Requests::default()),
                 publish: AtomicBool::new(false),
                 published: Mutex::new(None),
+                exited: AtomicBool::new(false),
+                failure: Mutex::new(None),
+                owner: OnceLock::new(),
             }),
         })
     }
@@ -683,18 +760,37 @@ impl Proxy {
     /// this loop serves, and the signals this loop answers
     /// ([`ProxyBuilder::stop_on_signals`]) drain or stop it too. The binary
     /// does this for every worker after the first, so one `/metrics` shows
-    /// the whole process and one place answers signals.
+    /// the whole process and one place answers signals. A worker whose loop
+    /// dies (its thread panicked, or its poll failed) shows there: its
+    /// gauges are left out, `…_workers_alive` drops, and this loop's
+    /// `/healthz` answers 503.
     pub fn add_worker(&mut self, worker: Handle) {
         worker.shared.publish.store(true, Ordering::Relaxed);
+        // A worker has one owner; a second call keeps the first.
+        let _ = worker.shared.owner.set(Arc::downgrade(&self.shared));
         worker.shared.wake();
         self.workers.push(worker);
     }
 
     /// True once the loop has nothing left to do: stopped, or draining with
-    /// every session closed.
+    /// every session closed. A loop that answers signals for its workers
+    /// ([`ProxyBuilder::stop_on_signals`], [`add_worker`](Self::add_worker))
+    /// and drains for a first signal is not finished while one of them still
+    /// runs: the second signal, which stops them at once, reaches them only
+    /// through it.
     pub fn is_finished(&self) -> bool {
         let draining = self.gone_away || self.drain_until.is_some();
-        self.shared.stop.load(Ordering::SeqCst) || (draining && self.sessions.is_empty())
+        let done =
+            self.shared.stop.load(Ordering::SeqCst) || (draining && self.sessions.is_empty());
+        done && !self.answering_signals_for_workers()
+    }
+
+    /// Drained by a first signal, with a worker still running (and not
+    /// stopped at once): this loop must go on reading its signal pipe.
+    fn answering_signals_for_workers(&self) -> bool {
+        self.signals.as_ref().is_some_and(|p| p.seen == 1)
+            && !self.shared.stop.load(Ordering::SeqCst)
+            && self.workers.iter().any(|w| !w.shared.exited())
     }
 
     /// Serve on the calling thread until stopped (or drained).
@@ -703,7 +799,10 @@ impl Proxy {
             // The time the last pass started is recent enough (a pass is
             // short, epoll counts in milliseconds) and spares a clock read.
             let timeout = self.timeout_from(self.pass_started);
-            self.poll_once(timeout)?;
+            if let Err(e) = self.poll_once(timeout) {
+                self.shared.fail(format!("its event loop failed: {e}"));
+                return Err(e);
+            }
         }
         self.close_all();
         Ok(())
@@ -825,7 +924,11 @@ impl Proxy {
         if self.listener_ready && self.can_accept() {
             self.accept(now, Kind::Main);
         }
-        if self.metrics_ready {
+        // Not gated by MAX_CONNECTIONS (probes must answer a full proxy),
+        // but by the EMFILE backoff: out of descriptors, the probe's accept
+        // fails like any other, and retrying it on every pass would log an
+        // error per pass and push the pause back for both listeners.
+        if self.metrics_ready && self.accept_paused_until.is_none() {
             self.accept(now, Kind::Metrics);
         }
         if !self.pending_events.is_empty() {
@@ -926,7 +1029,11 @@ impl Proxy {
                     self.sessions.len()
                 );
             }
-            self.shared.stop.store(true, Ordering::SeqCst);
+            // Stopped, unless workers drain on: then this loop goes on
+            // (refusing new sessions, answering probes) for their sake.
+            if !self.answering_signals_for_workers() {
+                self.shared.stop.store(true, Ordering::SeqCst);
+            }
             self.close_all();
             return true;
         }
@@ -969,6 +1076,9 @@ impl Proxy {
             buffers_in_use: self.pool.in_use(),
             bulk_buffers_in_use: self.pool.bulk_in_use(),
             draining: self.draining(),
+            // This loop; `process_metrics` counts the others.
+            workers: 1,
+            workers_alive: 1,
         }
     }
 
@@ -1180,9 +1290,11 @@ impl Proxy {
         c.open.fetch_add(1, Ordering::Relaxed);
         c.accepted.fetch_add(1, Ordering::Relaxed);
         // Counted only when limited (the setting never changes while the
-        // loop runs): no hashing per connection otherwise.
+        // loop runs): no hashing per connection otherwise. Probe-path
+        // connections are not counted: kubelet probes from the node's
+        // address would eat that address's budget.
         let limit = self.config.max_connections_per_ip;
-        let per_ip = if limit > 0 {
+        let per_ip = if limit > 0 && kind == Kind::Main {
             let n = self.per_ip.entry(peer.ip()).or_insert(0);
             *n += 1;
             *n
@@ -1194,7 +1306,7 @@ impl Proxy {
             let (sessions, mut ctx) = self.ctx(now);
             if let Some(s) = sessions.get_mut(key) {
                 let r = Refusal::new(
-                    503,
+                    Status::ServiceUnavailable,
                     format!(
                         "too many connections from {} (MAX_CONNECTIONS_PER_IP={limit})",
                         peer.ip()
@@ -1237,6 +1349,7 @@ impl Proxy {
         self.shared.counters.open.fetch_sub(1, Ordering::Relaxed);
         let ip = s.peer().ip();
         if self.config.max_connections_per_ip > 0
+            && s.kind() == Kind::Main
             && let Some(n) = self.per_ip.get_mut(&ip)
         {
             *n -= 1;

@@ -25,7 +25,7 @@ use crate::buffer::BufferPool;
 use crate::config::Config;
 use crate::conn::{Conn, Io, Readiness, Transport};
 use crate::events::{Event, namespace_field, text_value, vmi_field};
-use crate::http::{self, Refusal, UpstreamAnswer};
+use crate::http::{self, Refusal, Status, UpstreamAnswer};
 pub(crate) use crate::relay::Side;
 use crate::relay::{Fired, PUMP_BUDGET, Relay, Report, Step, Timers};
 use crate::route::{filter_query, is_dns1123_label, is_dns1123_subdomain};
@@ -272,7 +272,11 @@ impl<S: Transport> Session<S> {
             | State::Dialing(_)
             | State::UpstreamHandshake(_) => {
                 let state = self.take_state();
-                self.state = self.refuse_in(ctx, state, Refusal::new(503, "shutting down"));
+                self.state = self.refuse_in(
+                    ctx,
+                    state,
+                    Refusal::new(Status::ServiceUnavailable, "shutting down"),
+                );
             }
         }
         self.drive(ctx)
@@ -406,16 +410,25 @@ impl<S: Transport> Session<S> {
                         self.id, self.peer
                     );
                 }
-                let r = Refusal::new(408, "timed out waiting for the request head");
+                let r = Refusal::new(
+                    Status::RequestTimeout,
+                    "timed out waiting for the request head",
+                );
                 self.refuse(ctx, r, None, RefusalContext::default())
             }
             State::Authorizing { req, .. } => {
-                let r = Refusal::new(504, "authorization did not answer in time");
+                let r = Refusal::new(
+                    Status::GatewayTimeout,
+                    "authorization did not answer in time",
+                );
                 self.refuse(ctx, r, Some(&req.key), RefusalContext::default())
             }
             s @ (State::Dialing(_) | State::UpstreamHandshake(_)) => {
                 let secs = ctx.config.upstream_timeout.as_secs();
-                let r = Refusal::new(504, format!("upstream did not answer within {secs} s"));
+                let r = Refusal::new(
+                    Status::GatewayTimeout,
+                    format!("upstream did not answer within {secs} s"),
+                );
                 self.refuse_in(ctx, s, r)
             }
             State::Relaying(mut r) => match r.relay.on_timer(ctx.now, ctx.pool) {
@@ -463,7 +476,7 @@ impl<S: Transport> Session<S> {
         }
         let probe_only = || {
             http::plain_response(
-                404,
+                Status::NotFound,
                 "text/plain",
                 "only GET /metrics, /healthz and /readyz here\n",
             )
@@ -493,7 +506,7 @@ impl<S: Transport> Session<S> {
         // given as a close frame a web page can read (REJECT_WITH=close).
         let config = ctx.config;
         if ctx.draining {
-            let r = Refusal::new(503, "shutting down");
+            let r = Refusal::new(Status::ServiceUnavailable, "shutting down");
             return self.refuse(ctx, r, Some(&req.key), RefusalContext::default());
         }
         // Origin first: a page from a foreign site learns nothing else.
@@ -505,7 +518,7 @@ impl<S: Transport> Session<S> {
             let what = req
                 .origin()
                 .map_or("missing".into(), |o| format!("'{o}' not allowed"));
-            let r = Refusal::new(403, format!("origin {what}"));
+            let r = Refusal::new(Status::Forbidden, format!("origin {what}"));
             return self.refuse(ctx, r, Some(&req.key), RefusalContext::default());
         }
         let decision = ctx.authorizer.authorize(
@@ -574,10 +587,18 @@ impl<S: Transport> Session<S> {
         // Whoever decided, no URL is built from a name that could change
         // its path.
         if !is_dns1123_subdomain(&grant.vmi) {
-            return refuse_grant(self, ctx, Refusal::new(403, "invalid VMI name"));
+            return refuse_grant(
+                self,
+                ctx,
+                Refusal::new(Status::Forbidden, "invalid VMI name"),
+            );
         }
         if !is_dns1123_label(&grant.namespace) {
-            return refuse_grant(self, ctx, Refusal::new(403, "invalid namespace"));
+            return refuse_grant(
+                self,
+                ctx,
+                Refusal::new(Status::Forbidden, "invalid namespace"),
+            );
         }
         // Only allow-listed query parameters reach the upstream.
         let query = match req.target.split_once('?') {
@@ -585,14 +606,21 @@ impl<S: Transport> Session<S> {
             Some((_, q)) => match filter_query(q, &ctx.config.upstream_query_params) {
                 Ok(q) => q,
                 Err(e) => {
-                    return refuse_grant(self, ctx, Refusal::new(400, format!("query: {e}")));
+                    return refuse_grant(
+                        self,
+                        ctx,
+                        Refusal::new(Status::BadRequest, format!("query: {e}")),
+                    );
                 }
             },
         };
         let creds = match ctx.credentials.current(ctx.now) {
             Ok(c) => c,
             Err(e) => {
-                let r = Refusal::new(502, format!("upstream credentials unavailable: {e}"));
+                let r = Refusal::new(
+                    Status::BadGateway,
+                    format!("upstream credentials unavailable: {e}"),
+                );
                 return refuse_grant(self, ctx, r);
             }
         };
@@ -668,7 +696,7 @@ impl<S: Transport> Session<S> {
             }
         }
         let why = last_error.map_or_else(|| "no address".to_owned(), |e| e.to_string());
-        let r = Refusal::new(502, format!("upstream unreachable: {why}"));
+        let r = Refusal::new(Status::BadGateway, format!("upstream unreachable: {why}"));
         self.refuse_handshake(ctx, &hs, r)
     }
 
@@ -710,7 +738,10 @@ impl<S: Transport> Session<S> {
             match rustls::ClientConnection::new(tls.clone(), name.clone()) {
                 Ok(conn) => upstream = upstream.into_tls(conn, ctx.config.buffer_size),
                 Err(e) => {
-                    let r = Refusal::new(502, format!("upstream TLS setup failed: {e}"));
+                    let r = Refusal::new(
+                        Status::BadGateway,
+                        format!("upstream TLS setup failed: {e}"),
+                    );
                     return self.refuse_handshake(ctx, &hs, r);
                 }
             }
@@ -738,7 +769,10 @@ impl<S: Transport> Session<S> {
             } else {
                 "handshake"
             };
-            Refusal::new(502, format!("upstream failed during the {what}: {e}"))
+            Refusal::new(
+                Status::BadGateway,
+                format!("upstream failed during the {what}: {e}"),
+            )
         };
         let UpstreamHandshake {
             hs,
@@ -782,7 +816,7 @@ impl<S: Transport> Session<S> {
             };
         if let Some(p) = protocol.filter(|p| !ctx.config.upstream_subprotocols.contains(p)) {
             let r = Refusal::new(
-                502,
+                Status::BadGateway,
                 format!("upstream chose subprotocol '{p}' that was not offered"),
             );
             return self.refuse_handshake(ctx, &h.hs, r);
@@ -921,7 +955,7 @@ impl<S: Transport> Session<S> {
     fn answer_probe(&mut self, ctx: &mut Ctx<'_>, probe: http::Probe) -> State<S> {
         let text = "text/plain; charset=utf-8";
         let out = match (self.kind, probe) {
-            (_, http::Probe::Health) => http::plain_response(200, text, "ok\n"),
+            (_, http::Probe::Health) => crate::server::health_response(ctx.workers),
             (_, http::Probe::Ready) => {
                 // Readiness looks at the credentials itself (rate-limited by
                 // CREDENTIALS_CHECK_SECONDS), so a pod with no sessions still
@@ -933,16 +967,20 @@ impl<S: Transport> Session<S> {
                         .map(|e| format!("upstream credentials unavailable: {e}"))
                 });
                 match why {
-                    None => http::plain_response(200, text, "ready\n"),
-                    Some(why) => http::plain_response(503, text, &format!("not ready: {why}\n")),
+                    None => http::plain_response(Status::Ok, text, "ready\n"),
+                    Some(why) => http::plain_response(
+                        Status::ServiceUnavailable,
+                        text,
+                        &format!("not ready: {why}\n"),
+                    ),
                 }
             }
             (Kind::Metrics, http::Probe::Metrics) => http::plain_response(
-                200,
+                Status::Ok,
                 "text/plain; version=0.0.4; charset=utf-8",
                 &crate::server::process_metrics(ctx.metrics, ctx.gauges, ctx.workers),
             ),
-            _ => http::plain_response(404, text, "not found\n"),
+            _ => http::plain_response(Status::NotFound, text, "not found\n"),
         };
         self.answer(ctx, out)
     }
@@ -1499,7 +1537,10 @@ mod tests {
         assert!(matches!(rig.session.state, State::Refusing { .. }));
         assert!(matches!(
             rig.world.events.as_slice(),
-            [Event::Refused { status: 504, .. }]
+            [Event::Refused {
+                status: Status::GatewayTimeout,
+                ..
+            }]
         ));
         let late = rig.session.decide(
             &mut rig.world.ctx(),
@@ -1553,7 +1594,7 @@ mod tests {
         assert!(out.starts_with("HTTP/1.1 503 "), "{out}");
         assert!(matches!(
             rig.world.events.as_slice(),
-            [Event::Refused { status: 503, vmi: Some(v), namespace: Some(n), .. }]
+            [Event::Refused { status: Status::ServiceUnavailable, vmi: Some(v), namespace: Some(n), .. }]
                 if v == "vm-1" && n == "lab-ns"
         ));
     }

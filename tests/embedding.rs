@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use kubevirt_vnc_proxy::auth::Grant;
 use kubevirt_vnc_proxy::{
     AuthRequest, Authorizer, Config, Decision, Event, Handle, JwtAuthorizer, Observer, Proxy,
-    SessionEnd, StartError, Ticket,
+    SessionEnd, StartError, Status, Ticket,
 };
 use mio::net::{TcpListener as MioListener, TcpStream as MioStream};
 use mio::unix::SourceFd;
@@ -87,19 +87,30 @@ impl Authorizer for ConsoleAuth {
             thread: thread::current().id(),
         });
         if !req.peer.ip().is_loopback() {
-            return Decision::deny(403, format!("{} is not a local client", req.peer.ip()));
+            return Decision::deny(
+                Status::Forbidden,
+                format!("{} is not a local client", req.peer.ip()),
+            );
         }
         let Some((namespace, vmi)) = req
             .path()
             .strip_prefix("/console/")
             .and_then(|rest| rest.split_once('/'))
         else {
-            return Decision::deny(404, "not a console path: use /console/NAMESPACE/VMI");
+            return Decision::deny(
+                Status::NotFound,
+                "not a console path: use /console/NAMESPACE/VMI",
+            );
         };
         let user = match req.header("x-user") {
             Some(u) if self.users.contains(&u) => u,
-            Some(u) => return Decision::deny(403, format!("user {u} may not open consoles")),
-            None => return Decision::deny(403, "who are you? (no X-User header)"),
+            Some(u) => {
+                return Decision::deny(
+                    Status::Forbidden,
+                    format!("user {u} may not open consoles"),
+                );
+            }
+            None => return Decision::deny(Status::Forbidden, "who are you? (no X-User header)"),
         };
         let grant = Grant {
             namespace: namespace.to_owned(),
@@ -210,7 +221,7 @@ fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'st
 }
 
 fn is_refused(e: &Event, want: u16) -> bool {
-    matches!(e, Event::Refused { status, .. } if *status == want)
+    matches!(e, Event::Refused { status, .. } if status.code() == want)
 }
 
 // ---------------------------------------------------------------------------
@@ -758,7 +769,7 @@ fn a_custom_authorizer_decides_from_path_headers_and_peer() {
         assert_eq!(answer.status, status, "{path} {headers:?}: {answer:?}");
         assert!(answer.body.contains(reason), "{path}: {answer:?}");
         events.wait_for(|e| {
-            matches!(e, Event::Refused { status: s, reason: r, .. } if *s == status && r.contains(reason))
+            matches!(e, Event::Refused { status: s, reason: r, .. } if s.code() == status && r.contains(reason))
         });
     }
     assert_eq!(standin.seen().len(), 1, "no refused request went upstream");
@@ -773,7 +784,7 @@ fn the_jwt_authorizer_can_be_wrapped() {
     impl Authorizer for OnlyLoopbackThenJwt {
         fn authorize(&mut self, req: &AuthRequest<'_>, ticket: Ticket) -> Decision {
             if req.header("x-block").is_some() {
-                return Decision::deny(403, "blocked by the host");
+                return Decision::deny(Status::Forbidden, "blocked by the host");
             }
             self.0.authorize(req, ticket)
         }
@@ -884,7 +895,10 @@ fn deferred_decisions_do_not_stall_other_sessions() {
         )
     });
     let (ticket, _) = ticket_rx.recv_timeout(BOUND).expect("C's ticket");
-    handle.decide(ticket, Decision::deny(403, "the policy service says no"));
+    handle.decide(
+        ticket,
+        Decision::deny(Status::Forbidden, "the policy service says no"),
+    );
     let answer = c.join().expect("C ran");
     assert_eq!(answer.status, 403, "{answer:?}");
     assert!(answer.body.contains("the policy service says no"));
@@ -1028,6 +1042,142 @@ fn an_observer_sees_sessions_open_refused_and_closed() {
     assert!(matches!(mine[0], Event::Opened { .. }));
     assert!(matches!(mine[1], Event::Closed { .. }));
     running.shutdown().expect("stopped");
+}
+
+// ---------------------------------------------------------------------------
+// 4. Workers: loops of one process, as the binary runs them (`WORKERS`).
+// ---------------------------------------------------------------------------
+
+/// `/metrics` sample `name` (a line `name value`) from the probe path.
+fn sample(probes: SocketAddr, name: &str) -> f64 {
+    let body = raw_request(probes, b"GET /metrics HTTP/1.1\r\n\r\n").body;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {body}"))
+}
+
+/// The binary's setup: the first loop answers signals for every worker.
+/// Drained by a first signal with no session of its own, it must not return
+/// while a worker still drains: a second signal, which can only come
+/// through it, stops that worker's sessions at once, not at the end of the
+/// grace. (The worker listens on a port of its own here, so the session is
+/// on it for sure; the binary's workers share one.)
+#[test]
+fn a_second_signal_stops_the_workers_after_the_first_loop_drained() {
+    use signal_hook::consts::SIGUSR1;
+    let standin = StandIn::start();
+    let mut cfg = config(&standin);
+    cfg.shutdown_grace = Duration::from_secs(60);
+    // SIGUSR1, not SIGTERM: the handler is this test process's, and another
+    // test's stray SIGTERM must not reach it (nor this test's anyone else).
+    let mut first = Proxy::builder(cfg.clone())
+        .stop_on_signals(&[SIGUSR1])
+        .bind()
+        .expect("bind");
+    let worker = Proxy::bind(cfg).expect("bind worker");
+    first.add_worker(worker.handle());
+    let worker = worker.spawn().expect("spawn worker");
+    let first = first.spawn().expect("spawn");
+    let token = tokens::mint(SECRET, NS, &["echo-signals"], tokens::now() + 600);
+    let mut ws = ws_connect(worker.local_addr(), &format!("/{token}/echo-signals")).expect("ws");
+    echo(&mut ws, "before the signals");
+
+    signal_hook::low_level::raise(SIGUSR1).expect("raise");
+    // The worker drains (its session goes on for the grace)...
+    let path = format!("/{token}/echo-signals");
+    assert!(wait_until(BOUND, || raw_request(
+        worker.local_addr(),
+        &upgrade_request(&path, "")
+    )
+    .status
+        == 503));
+    echo(&mut ws, "during the grace");
+    // ...and the first loop, with nothing of its own, is done draining
+    // (given time to return, which it must not).
+    thread::sleep(Duration::from_millis(300));
+
+    let second = Instant::now();
+    signal_hook::low_level::raise(SIGUSR1).expect("raise");
+    ws.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    match ws.read() {
+        Ok(Message::Close(_)) | Err(_) => {}
+        other => panic!("expected the session to end, got {other:?}"),
+    }
+    assert!(
+        second.elapsed() < Duration::from_secs(3),
+        "the session ended {:?} after the second signal",
+        second.elapsed()
+    );
+    within(BOUND, move || worker.wait()).expect("the worker stops");
+    within(BOUND, move || first.wait()).expect("the first loop stops");
+}
+
+/// Observes as a host's buggy observer would: panics on a session to a VMI
+/// named `boom`.
+struct PanicsOnBoomEvents;
+
+impl Observer for PanicsOnBoomEvents {
+    fn on_event(&mut self, event: &Event) {
+        if let Event::Opened { vmi, .. } = event {
+            assert_ne!(vmi, "boom", "the host's observer panics");
+        }
+    }
+}
+
+/// A worker whose thread panics is dead: the loop serving `/metrics` stops
+/// counting its connections and says one worker is not alive, and
+/// `/healthz` answers 503 so kubelet restarts the pod.
+#[test]
+fn a_worker_that_panics_shows_in_metrics_and_fails_healthz() {
+    let standin = StandIn::start();
+    let mut cfg = config(&standin);
+    cfg.metrics_addr = Some("127.0.0.1:0".into());
+    let mut first = Proxy::bind(cfg).expect("bind");
+    let worker = Proxy::builder(config(&standin))
+        .observer(PanicsOnBoomEvents)
+        .bind()
+        .expect("bind worker");
+    first.add_worker(worker.handle());
+    let probes = first.metrics_addr().expect("probe path");
+    let (worker, first) = (
+        worker.spawn().expect("spawn worker"),
+        first.spawn().expect("spawn"),
+    );
+    let token = tokens::mint(SECRET, NS, &["echo", "boom"], tokens::now() + 600);
+    let mut ws = ws_connect(worker.local_addr(), &format!("/{token}/echo")).expect("ws");
+    echo(&mut ws, "on the worker");
+    assert!(wait_until(BOUND, || sample(
+        probes,
+        "kubevirt_vnc_proxy_open_sessions"
+    ) == 1.0));
+    assert_eq!(sample(probes, "kubevirt_vnc_proxy_workers"), 2.0);
+    assert_eq!(sample(probes, "kubevirt_vnc_proxy_workers_alive"), 2.0);
+    let health = raw_request(probes, b"GET /healthz HTTP/1.1\r\n\r\n");
+    assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+
+    // The worker's thread panics (the session may or may not see its 101).
+    let _ = ws_connect(worker.local_addr(), &format!("/{token}/boom"));
+    let died = within(BOUND, move || worker.wait());
+    assert!(died.is_err(), "{died:?}");
+
+    // Its session is gone with it, and so are its gauges.
+    assert!(matches!(ws.read(), Err(_) | Ok(Message::Close(_))));
+    assert_eq!(sample(probes, "kubevirt_vnc_proxy_open_sessions"), 0.0);
+    assert_eq!(sample(probes, "kubevirt_vnc_proxy_open_connections"), 1.0);
+    assert_eq!(sample(probes, "kubevirt_vnc_proxy_workers"), 2.0);
+    assert_eq!(sample(probes, "kubevirt_vnc_proxy_workers_alive"), 1.0);
+    // Its counters stay as it last published them (the pass that panicked
+    // published nothing): the sessions happened.
+    assert_eq!(
+        sample(probes, "kubevirt_vnc_proxy_handshake_seconds_count"),
+        1.0
+    );
+    let health = raw_request(probes, b"GET /healthz HTTP/1.1\r\n\r\n");
+    assert_eq!(health.status, 503, "{health:?}");
+    assert!(health.body.contains("panicked"), "{health:?}");
+    within(BOUND, move || first.shutdown()).expect("the first loop stops");
 }
 
 // ---------------------------------------------------------------------------

@@ -774,3 +774,161 @@ fn metrics_count_sessions_by_how_they_ended() {
         assert_eq!(count(end), "0", "{body}");
     }
 }
+
+#[test]
+fn probe_connections_do_not_count_toward_max_connections_per_ip() {
+    let h = Harness::start_with(|c| {
+        c.max_connections_per_ip = 1;
+        c.metrics_addr = Some("127.0.0.1:0".into());
+    });
+    let probes = h.proxy.as_ref().unwrap().metrics_addr().unwrap();
+    // A probe from this address in progress (kubelet's, from the node's
+    // address): accepted, its request not complete yet.
+    let mut probe = TcpStream::connect(probes).unwrap();
+    probe.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+    assert!(upstream::wait_until(Duration::from_secs(5), || h
+        .handle()
+        .stats()
+        .accepted
+        >= 1));
+    // The one session this address may have still opens beside it.
+    let mut ws = h.ws("echo");
+    ws.send(Message::text("x")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("x"));
+    // Another probe still answers beside the session...
+    assert_eq!(get(probes, "/healthz"), (200, "ok\n".into()));
+    // ...and the probe in progress is answered.
+    probe.write_all(b"Host: a\r\n\r\n").unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(common::read_answer(&mut probe).status, 200);
+    // The limit itself holds on the main port: a second session is refused.
+    let t = Harness::token(&["echo"]);
+    let second = raw_request(h.addr, &upgrade_request(&format!("/{t}/echo"), ""));
+    assert_eq!(second.status, 503, "{second:?}");
+    assert!(
+        second.body.contains("MAX_CONNECTIONS_PER_IP=1"),
+        "{second:?}"
+    );
+}
+
+/// The binary under `ulimit -n limit` (soft and hard, so it cannot raise
+/// it), with its stderr lines on a channel.
+fn start_with_nofile(
+    limit: u32,
+    upstream: SocketAddr,
+    env: &[(&str, &str)],
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new("bash")
+        .args(["-c", &format!("ulimit -n {limit} && exec \"$0\""), BIN])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SECRET_KEY", SECRET)
+        .env("LOCAL_DEV_MODE", "true")
+        .env("WS_REMOTE_URL", format!("ws://{upstream}"))
+        .env("HOST", "127.0.0.1")
+        .env("PORT", "0")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Out of descriptors (EMFILE), accepting pauses for 100 ms on both
+/// listeners: a probe waiting on the probe path is not retried (and logged)
+/// on every pass of a busy loop, and is answered once descriptors free up.
+#[test]
+fn out_of_descriptors_the_probe_path_backs_off_like_the_main_port() {
+    let standin = StandIn::start();
+    let (mut child, lines) = start_with_nofile(
+        40,
+        standin.addr(),
+        &[("METRICS_ADDR", "127.0.0.1:0"), ("RUST_LOG", "info")],
+    );
+    let kill = scopeguard(&mut child);
+    let mut startup = Vec::new();
+    let (mut addr, mut probes): (Option<SocketAddr>, Option<SocketAddr>) = (None, None);
+    while probes.is_none() {
+        let l = lines
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("no start in {startup:#?}"));
+        let last = l.rsplit(' ').next().and_then(|a| a.parse().ok());
+        if l.contains("listening on") {
+            addr = last;
+        } else if l.contains("serving /metrics") {
+            probes = last;
+        }
+        startup.push(l);
+    }
+    let (addr, probes) = (addr.unwrap(), probes.unwrap());
+    // A session that keeps the loop busy, opened while descriptors are free.
+    let t = Harness::token(&["echo"]);
+    let mut ws = ws_connect(addr, &format!("/{t}/echo")).unwrap();
+    // Slow clients until accept fails for lack of descriptors.
+    let mut slow = Vec::new();
+    let mut failed = false;
+    for _ in 0..60 {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /x/echo HTTP/1.1\r\n").unwrap();
+        slow.push(s);
+        while let Ok(l) = lines.recv_timeout(Duration::from_millis(20)) {
+            failed |= l.contains("accept failed");
+        }
+        if failed {
+            break;
+        }
+    }
+    assert!(failed, "accept never failed with 40 descriptors");
+    // A probe waits on the probe path, and the loop is kept busy.
+    let mut probe = TcpStream::connect(probes).unwrap();
+    probe
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    let busy = Instant::now();
+    let mut round_trips = 0;
+    while busy.elapsed() < Duration::from_secs(1) {
+        ws.send(Message::binary(&b"busy"[..])).unwrap();
+        assert_eq!(ws.read().unwrap(), Message::binary(&b"busy"[..]));
+        round_trips += 1;
+    }
+    let failures = std::iter::from_fn(|| lines.recv_timeout(Duration::from_millis(50)).ok())
+        .filter(|l| l.contains("accept failed"))
+        .count();
+    // Retried every 100 ms: about 10 in that second (the main port's and
+    // the probe path's share the pause), not one per pass.
+    assert!(
+        failures <= 25,
+        "{failures} failed accepts logged in 1 s ({round_trips} round trips)"
+    );
+    // Descriptors free again: the waiting probe is answered.
+    drop(slow);
+    probe
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(common::read_answer(&mut probe).status, 200);
+    drop(kill);
+}
+
+/// Kills the child when dropped (the test may fail half-way).
+fn scopeguard(child: &mut std::process::Child) -> impl Drop + '_ {
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    Kill(child)
+}
