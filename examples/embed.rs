@@ -21,9 +21,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant, SystemTime};
 
-use kubevirt_vnc_proxy::auth::Grant;
 use kubevirt_vnc_proxy::{
-    AuthRequest, Authorizer, Config, Decision, Event, Observer, Proxy, Ticket,
+    AuthRequest, Authorizer, Config, Decision, Event, Grant, Observer, Proxy, Ticket,
 };
 use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;

@@ -14,10 +14,14 @@ use std::sync::OnceLock;
 use std::time::{Duration, UNIX_EPOCH};
 
 use kubevirt_vnc_proxy::Config;
-use kubevirt_vnc_proxy::auth::{self, AuthError, JwtVerifier};
-use kubevirt_vnc_proxy::frame::{self, Direction, FrameHeader, FrameScanner, ScanStop, Violation};
-use kubevirt_vnc_proxy::http::{self, UpgradeRequest, UpstreamAnswer};
-use kubevirt_vnc_proxy::route::{self, RouteError};
+// The parsers are not the crate's API: the `fuzzing` feature exposes them
+// (fuzz/Cargo.toml, and the crate's own dev-dependency for the replay).
+use kubevirt_vnc_proxy::fuzzing::auth::{self, AuthError, JwtVerifier};
+use kubevirt_vnc_proxy::fuzzing::frame::{
+    self, Direction, FrameHeader, FrameScanner, ScanStop, Violation,
+};
+use kubevirt_vnc_proxy::fuzzing::http::{self, UpgradeRequest, UpstreamAnswer};
+use kubevirt_vnc_proxy::fuzzing::route::{self, RouteError};
 
 /// How hard to look. The fuzzer runs each input once and needs speed; the
 /// replay runs a few hundred small seeds and can afford every split point.
@@ -294,13 +298,25 @@ pub fn route_target(data: &[u8], _depth: Depth) {
 
 #[derive(Debug, PartialEq)]
 enum RefRoute {
-    Ok(String, String, Option<String>),
+    Ok(Option<String>, String, Option<String>),
     NotFound,
     BadEncoding,
 }
 
-/// The route grammar written out step by step: `/[prefix/]token/vmi[?query]`.
-fn reference_route(target: &str, prefix: Option<&str>) -> RefRoute {
+/// The route shapes the built-in authorizer enables, as
+/// `(path_token, vmi_only)`: `TOKEN_SOURCES=path` (the default), another
+/// source only, and both.
+const ROUTE_SHAPES: [(bool, bool); 3] = [(true, false), (false, true), (true, true)];
+
+/// The route grammar written out step by step: `/[prefix/]token/vmi[?query]`
+/// when the path carries the token, `/[prefix/]vmi[?query]` when another
+/// source does.
+fn reference_route(
+    target: &str,
+    prefix: Option<&str>,
+    path_token: bool,
+    vmi_only: bool,
+) -> RefRoute {
     let (path, query) = match target.find('?') {
         Some(i) => (&target[..i], Some(target[i + 1..].to_owned())),
         None => (target, None),
@@ -315,48 +331,56 @@ fn reference_route(target: &str, prefix: Option<&str>) -> RefRoute {
         }
         segs.remove(0);
     }
-    if segs.len() != 2 || segs[0].is_empty() || segs[1].is_empty() {
-        return RefRoute::NotFound;
-    }
-    match (
-        reference_percent_decode(segs[0]),
-        reference_percent_decode(segs[1]),
-    ) {
-        (Some(t), Some(v)) => RefRoute::Ok(t, v, query),
-        _ => RefRoute::BadEncoding,
+    let decode = |s: &str| reference_percent_decode(s).ok_or(RefRoute::BadEncoding);
+    let decoded = match segs[..] {
+        [t, v] if path_token && !t.is_empty() && !v.is_empty() => {
+            decode(t).and_then(|t| Ok((Some(t), decode(v)?)))
+        }
+        [v] if vmi_only && !v.is_empty() => decode(v).map(|v| (None, v)),
+        _ => return RefRoute::NotFound,
+    };
+    match decoded {
+        Ok((t, v)) => RefRoute::Ok(t, v, query),
+        Err(e) => e,
     }
 }
 
+/// `route::parse_request_target`, as the built-in authorizer calls it with
+/// each route shape, against the reference.
 fn check_route(target: &str) {
     let first_segment = target
         .strip_prefix('/')
         .and_then(|r| r.split(['/', '?']).next())
         .unwrap_or("vnc");
-    for prefix in [None, Some("vnc"), Some(first_segment)] {
-        let got = route::parse_target(target, prefix);
-        let want = reference_route(target, prefix);
-        let same = match (&got, &want) {
-            (Ok(r), RefRoute::Ok(t, v, q)) => {
-                assert!(!r.token.is_empty() && !r.vmi.is_empty());
-                r.token == *t && r.vmi == *v && r.query == *q
-            }
-            (Err(RouteError::NotFound(_)), RefRoute::NotFound) => true,
-            (Err(RouteError::BadEncoding), RefRoute::BadEncoding) => true,
-            _ => false,
-        };
-        assert!(
-            same,
-            "parse_target({target:?}, {prefix:?}) = {got:?}, reference says {want:?}"
-        );
-    }
-    // Adding a prefix segment and configuring it changes nothing.
-    if target.starts_with('/') {
-        let prefixed = format!("/vnc{target}");
-        assert_eq!(
-            route::parse_target(&prefixed, Some("vnc")).ok(),
-            route::parse_target(target, None).ok(),
-            "prefix stripping differs for {target:?}"
-        );
+    for (path_token, vmi_only) in ROUTE_SHAPES {
+        for prefix in [None, Some("vnc"), Some(first_segment)] {
+            let got = route::parse_request_target(target, prefix, path_token, vmi_only);
+            let want = reference_route(target, prefix, path_token, vmi_only);
+            let same = match (&got, &want) {
+                (Ok(r), RefRoute::Ok(t, v, q)) => {
+                    assert!(!r.vmi.is_empty());
+                    assert!(r.path_token.as_ref().is_none_or(|t| !t.is_empty()));
+                    r.path_token == *t && r.vmi == *v && r.query == *q
+                }
+                (Err(RouteError::NotFound(_)), RefRoute::NotFound) => true,
+                (Err(RouteError::BadEncoding), RefRoute::BadEncoding) => true,
+                _ => false,
+            };
+            assert!(
+                same,
+                "parse_request_target({target:?}, {prefix:?}, {path_token}, {vmi_only}) = \
+                 {got:?}, reference says {want:?}"
+            );
+        }
+        // Adding a prefix segment and configuring it changes nothing.
+        if target.starts_with('/') {
+            let prefixed = format!("/vnc{target}");
+            assert_eq!(
+                route::parse_request_target(&prefixed, Some("vnc"), path_token, vmi_only).ok(),
+                route::parse_request_target(target, None, path_token, vmi_only).ok(),
+                "prefix stripping differs for {target:?}"
+            );
+        }
     }
 }
 

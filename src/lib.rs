@@ -141,7 +141,7 @@
 //! Once per session, after the upgrade request was read and the Origin
 //! checked, the proxy asks an [`Authorizer`]: from the request ([`AuthRequest`]:
 //! target, headers, subprotocols, the client's address) it returns a
-//! [`Decision`]. [`Decision::Allow`] with an [`auth::Grant`] names the
+//! [`Decision`]. [`Decision::Allow`] with a [`Grant`] names the
 //! namespace and VMI the session may reach (the proxy still checks both
 //! names against the Kubernetes naming rules before building any URL), and
 //! when the grant expires (the session then ends with close 1008, unless
@@ -160,8 +160,7 @@
 //!
 //! ```
 //! use std::sync::mpsc::{self, Sender};
-//! use kubevirt_vnc_proxy::auth::Grant;
-//! use kubevirt_vnc_proxy::{AuthRequest, Authorizer, Config, Decision, Proxy, Ticket};
+//! use kubevirt_vnc_proxy::{AuthRequest, Authorizer, Config, Decision, Grant, Proxy, Ticket};
 //!
 //! /// `/console/NAMESPACE/VMI` for requests that carry an `X-User` header
 //! /// (set by an authenticating reverse proxy); the policy service decides.
@@ -250,25 +249,63 @@
 //! ```
 #![deny(missing_docs)]
 
-pub mod auth;
-pub mod authorize;
-pub mod buffer;
+// The embedding API is what the crate root re-exports, plus `config` and
+// `events` for the binary's own needs (`--help`, JSON log lines). Everything
+// else is the proxy's inside: crate-private, so it can change without a
+// semver promise. The parsers are reachable for fuzz/ and the corpus replay
+// only through the hidden `fuzzing` module below.
+mod auth;
+mod authorize;
+mod buffer;
 pub mod config;
 mod conn;
 pub mod events;
-pub mod frame;
-pub mod http;
-pub mod metrics;
+mod frame;
+mod http;
+mod metrics;
 mod relay;
-pub mod route;
+mod route;
 mod server;
 mod session;
-pub mod token;
+mod token;
 mod upstream;
 
-pub use auth::Grant;
+pub use auth::{Grant, JwtSettings, KeyMaterial};
 pub use authorize::{AuthRequest, Authorizer, Decision, JwtAuthorizer, Ticket};
 pub use config::{Command, Config, ConfigError};
 pub use events::{Event, Observer, SessionEnd};
-pub use http::Refusal;
+pub use http::{Headers, Refusal};
 pub use server::{Handle, Proxy, ProxyBuilder, Running, SHUTDOWN_CLOSE_TIME, StartError, Stats};
+pub use token::TokenSource;
+
+/// The parsers the proxy runs on bytes from the network and from tokens,
+/// for the fuzz targets (`fuzz/`) and the corpus replay
+/// (`tests/fuzz_corpus.rs`). Not part of the API: hidden, behind the
+/// `fuzzing` feature, and free to change with the code it exposes.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    // Each module's public items, under the module's own name, so the
+    // checks read `http::parse_request` as the proxy's code does.
+    pub mod auth {
+        pub use crate::auth::*;
+    }
+    pub mod frame {
+        pub use crate::frame::*;
+    }
+    pub mod http {
+        pub use crate::http::*;
+    }
+    pub mod route {
+        pub use crate::route::*;
+    }
+    pub mod token {
+        pub use crate::token::*;
+    }
+
+    /// A ticket for calling an [`Authorizer`](crate::Authorizer) outside a
+    /// session, as the session does with its own key and id.
+    pub fn ticket(id: u64) -> crate::Ticket {
+        crate::Ticket { key: 0, id }
+    }
+}

@@ -17,10 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant, SystemTime};
 
-use kubevirt_vnc_proxy::auth::Grant;
 use kubevirt_vnc_proxy::{
-    AuthRequest, Authorizer, Config, Decision, Event, Handle, JwtAuthorizer, Observer, Proxy,
-    StartError, Ticket,
+    AuthRequest, Authorizer, Config, Decision, Event, Grant, Handle, JwtAuthorizer, Observer,
+    Proxy, StartError, Ticket,
 };
 use mio::net::{TcpListener as MioListener, TcpStream as MioStream};
 use mio::unix::SourceFd;
