@@ -87,6 +87,8 @@ impl Observer for PrintEvents {
                 "event: session {id} closed after {duration:.1?}: {bytes_up} B up, \
                  {bytes_down} B down, {outcome}"
             ),
+            // Event is non_exhaustive: kinds added later are not printed.
+            _ => {}
         }
     }
 }

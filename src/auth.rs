@@ -236,6 +236,7 @@ pub struct KeyMaterial {
 /// How tokens are verified: [`Config::jwt`](crate::Config::jwt), what the
 /// built-in [`JwtAuthorizer`](crate::JwtAuthorizer) checks.
 #[derive(Clone, Default)]
+#[non_exhaustive]
 pub struct JwtSettings {
     /// Accepted algorithms.
     pub algorithms: Vec<Algorithm>,

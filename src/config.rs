@@ -105,6 +105,7 @@ pub const SUBCOMMANDS: &[&str] = &["token", "check-config"];
 
 /// A configuration problem: which setting, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ConfigError {
     /// The environment variable (or flag) at fault.
     pub var: String,
@@ -237,6 +238,7 @@ impl UpstreamUrl {
 /// the binary does), [`Config::from_sources`], or in code from
 /// [`Config::local_dev`] and then adjust fields.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Config {
     /// Address to listen on (`HOST`).
     pub host: String,

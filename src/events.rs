@@ -60,8 +60,10 @@ impl fmt::Display for SessionEnd {
 
 /// Something that happened to a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     /// The upstream accepted and the client got its 101: frames flow.
+    #[non_exhaustive]
     Opened {
         /// Session id (as in log lines).
         id: u64,
@@ -79,6 +81,7 @@ pub enum Event {
         upstream_dial: Duration,
     },
     /// The request was refused before any frame was relayed.
+    #[non_exhaustive]
     Refused {
         /// Session id.
         id: u64,
@@ -97,6 +100,7 @@ pub enum Event {
         detail: Option<String>,
     },
     /// A session that relayed frames ended.
+    #[non_exhaustive]
     Closed {
         /// Session id.
         id: u64,
@@ -133,6 +137,7 @@ pub trait Observer: Send {
 
 /// How the access log is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LogFormat {
     /// `key=value` pairs.
     Text,

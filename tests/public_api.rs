@@ -3,7 +3,7 @@
 //! `#![deny(missing_docs)]`, so one that only fuzz/, benches or the proxy's
 //! own inside needs must not become public by accident. Read from the
 //! sources, so it needs no `cargo doc` build: what `src/lib.rs` exports, what
-//! the two public modules hold.
+//! the two public modules hold, and which types may grow.
 
 use std::collections::BTreeSet;
 
@@ -158,6 +158,39 @@ fn the_public_modules_hold_no_more_than_listed() {
         assert!(
             extra.is_empty(),
             "{path} makes {extra:?} public: make it pub(crate), or add it to the embedding API here"
+        );
+    }
+}
+
+/// Types that will grow are `#[non_exhaustive]`, so growing them is not a
+/// breaking change for hosts.
+#[test]
+fn growing_types_are_non_exhaustive() {
+    for (path, decl) in [
+        ("src/config.rs", "pub struct Config {"),
+        ("src/config.rs", "pub struct ConfigError {"),
+        ("src/events.rs", "pub enum Event {"),
+        ("src/events.rs", "pub enum SessionEnd {"),
+        ("src/events.rs", "pub enum LogFormat {"),
+        ("src/server.rs", "pub struct Stats {"),
+        ("src/server.rs", "pub enum StartError {"),
+        ("src/authorize.rs", "pub enum Decision {"),
+        ("src/authorize.rs", "pub struct AuthRequest<'a> {"),
+        ("src/auth.rs", "pub struct JwtSettings {"),
+        ("src/token.rs", "pub enum TokenSource {"),
+    ] {
+        let src = source(path);
+        let at = src
+            .find(&format!("\n{decl}"))
+            .unwrap_or_else(|| panic!("{path}: no `{decl}`"));
+        let attrs: Vec<&str> = src[..at]
+            .lines()
+            .rev()
+            .take_while(|l| l.starts_with("#[") || l.starts_with("///"))
+            .collect();
+        assert!(
+            attrs.contains(&"#[non_exhaustive]"),
+            "{path}: `{decl}` is not #[non_exhaustive]"
         );
     }
 }
