@@ -308,4 +308,18 @@ pub mod fuzzing {
     pub fn ticket(id: u64) -> crate::Ticket {
         crate::Ticket { key: 0, id }
     }
+
+    /// What the session hands its authorizer for a parsed upgrade request
+    /// (`AuthRequest` is `non_exhaustive`: hosts never build one).
+    pub fn auth_request(
+        req: &crate::http::UpgradeRequest,
+        peer: std::net::SocketAddr,
+    ) -> crate::AuthRequest<'_> {
+        crate::AuthRequest {
+            target: &req.target,
+            headers: &req.headers,
+            protocols: &req.protocols,
+            peer,
+        }
+    }
 }
