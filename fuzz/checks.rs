@@ -10,14 +10,21 @@
 //! HMAC-SHA-256 signer) so that the checks compare two implementations rather
 //! than one implementation with itself.
 
+use std::cell::RefCell;
+use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::{Duration, UNIX_EPOCH};
 
-use kubevirt_vnc_proxy::Config;
-use kubevirt_vnc_proxy::auth::{self, AuthError, JwtVerifier};
-use kubevirt_vnc_proxy::frame::{self, Direction, FrameHeader, FrameScanner, ScanStop, Violation};
-use kubevirt_vnc_proxy::http::{self, UpgradeRequest, UpstreamAnswer};
-use kubevirt_vnc_proxy::route::{self, RouteError};
+use kubevirt_vnc_proxy::{Authorizer, Config, Decision, JwtAuthorizer, Status, TokenSource};
+// The parsers are not the crate's API: the `fuzzing` feature exposes them
+// (fuzz/Cargo.toml, and the crate's own dev-dependency for the replay).
+use kubevirt_vnc_proxy::fuzzing::auth::{self, AuthError, JwtVerifier};
+use kubevirt_vnc_proxy::fuzzing::frame::{
+    self, Direction, FrameHeader, FrameScanner, ScanStop, Violation,
+};
+use kubevirt_vnc_proxy::fuzzing::http::{self, Probe, Request, UpgradeRequest, UpstreamAnswer};
+use kubevirt_vnc_proxy::fuzzing::route::{self, RouteError};
+use kubevirt_vnc_proxy::fuzzing::{auth_request, ticket};
 
 /// How hard to look. The fuzzer runs each input once and needs speed; the
 /// replay runs a few hundred small seeds and can afford every split point.
@@ -69,8 +76,10 @@ fn split_points(data: &[u8], depth: Depth) -> Vec<usize> {
 // ---------------------------------------------------------------------------
 // request_head: the client's upgrade request, then its target.
 
-/// `http::parse_upgrade_request` at the default limit and at a small limit
-/// (so the 431 paths are reachable with short inputs), then the route.
+/// `http::parse_request`, the session's entry point for a client's head, at
+/// the default limit and at a small limit (so the 431 paths are reachable
+/// with short inputs); then, for an upgrade, what the session does with it:
+/// the authorizer's decision, the query filter and the subprotocol choice.
 pub fn request_head(data: &[u8], depth: Depth) {
     check_request_head(data, MAX_HEAD, depth);
     let small = 24 + 2 * usize::from(data.last().copied().unwrap_or(0));
@@ -80,14 +89,25 @@ pub fn request_head(data: &[u8], depth: Depth) {
 fn check_request_head(data: &[u8], max_len: usize, depth: Depth) {
     // The session never holds more than `max_len` bytes of head.
     let data = &data[..data.len().min(max_len)];
-    let whole = http::parse_upgrade_request(data, max_len);
+    let whole = http::parse_request(data, max_len);
+    // A probe, or else exactly the upgrade parser's answer.
+    let upgrade = http::parse_upgrade_request(data, max_len);
+    match &whole {
+        Ok(Some(Request::Probe(p))) => check_probe(data, *p),
+        other => assert_eq!(
+            *other,
+            upgrade.clone().map(|r| r.map(Request::Upgrade)),
+            "not a probe, yet not the upgrade parser's answer"
+        ),
+    }
     match &whole {
         Ok(None) => assert!(
             data.len() < max_len,
             "a full buffer ({} of {max_len} bytes) must be refused, not awaited",
             data.len()
         ),
-        Ok(Some(req)) => check_upgrade_request(data, max_len, req),
+        Ok(Some(Request::Probe(_))) => {}
+        Ok(Some(Request::Upgrade(req))) => check_upgrade_request(data, max_len, req),
         Err(refusal) => {
             assert!(
                 matches!(refusal.status.code(), 400 | 426 | 431),
@@ -102,7 +122,7 @@ fn check_request_head(data: &[u8], max_len: usize, depth: Depth) {
         if cut == data.len() {
             continue;
         }
-        let part = http::parse_upgrade_request(&data[..cut], max_len);
+        let part = http::parse_request(&data[..cut], max_len);
         assert!(
             part == Ok(None) || part == whole,
             "prefix of {cut} bytes gave {part:?}, the whole {} bytes gave {whole:?}",
@@ -122,8 +142,8 @@ fn check_upgrade_request(data: &[u8], max_len: usize, req: &UpgradeRequest) {
     );
     // Bytes after the head (early frame data) do not change the answer.
     assert_eq!(
-        http::parse_upgrade_request(head, max_len),
-        Ok(Some(req.clone())),
+        http::parse_request(head, max_len),
+        Ok(Some(Request::Upgrade(req.clone()))),
         "the head alone parses differently"
     );
     assert_eq!(req.key.trim(), req.key, "key not trimmed");
@@ -169,6 +189,129 @@ fn check_upgrade_request(data: &[u8], max_len: usize, req: &UpgradeRequest) {
         check_filter_query(query);
     }
     check_protocol_choice(req);
+    check_decision(req);
+    check_any_source_decision(req);
+}
+
+/// A probe was answered: the head is a `GET` of that path (query aside)
+/// without an `Upgrade` header, as a reference reading of the head says.
+fn check_probe(data: &[u8], probe: Probe) {
+    let text = String::from_utf8_lossy(data);
+    let line = text.split('\n').next().unwrap_or_default();
+    let mut parts = line.split(' ');
+    let (method, target) = (parts.next(), parts.next().unwrap_or_default());
+    let path = target.split('?').next().unwrap_or_default();
+    let want = match probe {
+        Probe::Health => "/healthz",
+        Probe::Ready => "/readyz",
+        Probe::Metrics => "/metrics",
+    };
+    assert_eq!(
+        (method, path),
+        (Some("GET"), want),
+        "probe {probe:?} from {line:?}"
+    );
+    assert!(
+        !text.to_ascii_lowercase().contains("\nupgrade:"),
+        "a request with an Upgrade header answered as probe {probe:?}"
+    );
+}
+
+/// The client address handed to the authorizer with the parsed request
+/// (the session hands it the peer's).
+const PEER: &str = "192.0.2.7:40000";
+
+/// The decision of the built-in authorizer as the proxy builds it from
+/// `config()` (the path carries the token; leeway 0), asked the way the
+/// session asks it, must be what its parts answer: the route, then the
+/// token's verification. And what the session then relies on must hold.
+fn check_decision(req: &UpgradeRequest) -> Decision {
+    let peer: SocketAddr = PEER.parse().expect("peer address");
+    let decision = STRICT_AUTHORIZER.with(|a| {
+        a.borrow_mut()
+            .authorize(&auth_request(req, peer), ticket(1))
+    });
+    let c = strict_config();
+    assert_eq!(
+        c.token_sources,
+        [TokenSource::Path],
+        "the default token source"
+    );
+    let want = match route::parse_request_target(&req.target, c.path_prefix.as_deref(), true, false)
+    {
+        Err(RouteError::NotFound(_)) => Err((Status::NotFound, None)),
+        Err(RouteError::BadEncoding) => Err((Status::BadRequest, None)),
+        Ok(t) => {
+            let token = t.path_token.expect("the path shape carries a token");
+            match verifier().authorize(&token, &t.vmi) {
+                Ok(g) => Ok(g),
+                Err(e) => Err((e.status(), Some((e.to_string(), token)))),
+            }
+        }
+    };
+    match (&decision, &want) {
+        (Decision::Allow(g), Ok(w)) => {
+            assert_eq!(g, w, "the authorizer granted otherwise than the verifier");
+            check_grant_for_session(g);
+        }
+        (Decision::Deny { refusal, .. }, Err((status, verified))) => {
+            assert_eq!(refusal.status, *status, "{decision:?} for {:?}", req.target);
+            if let Some((reason, token)) = verified {
+                assert_eq!(&refusal.reason, reason);
+                if token.len() >= 16 && token.contains('.') {
+                    assert!(
+                        !refusal.reason.contains(token.as_str()),
+                        "refusal echoes the token"
+                    );
+                }
+            }
+        }
+        _ => panic!(
+            "for {:?} the authorizer said {decision:?}, its parts {want:?}",
+            req.target
+        ),
+    }
+    decision
+}
+
+/// Every token source enabled: any carrier may hold the token. No exact
+/// expectation (that would be the carrier code again), but the answer is
+/// one the session can act on.
+fn check_any_source_decision(req: &UpgradeRequest) {
+    let peer: SocketAddr = PEER.parse().expect("peer address");
+    let decision = ANY_SOURCE_AUTHORIZER.with(|a| {
+        a.borrow_mut()
+            .authorize(&auth_request(req, peer), ticket(2))
+    });
+    match &decision {
+        Decision::Allow(g) => {
+            check_grant_for_session(g);
+            let vmi = route::parse_request_target(&req.target, None, true, true)
+                .expect("a granted request has a route")
+                .vmi;
+            assert_eq!(g.vmi, vmi, "granted another VMI than the route names");
+        }
+        Decision::Deny { refusal, .. } => assert!(
+            matches!(refusal.status.code(), 400 | 401 | 403 | 404),
+            "{decision:?}"
+        ),
+        _ => panic!("the built-in authorizer never defers: {decision:?}"),
+    }
+}
+
+/// What the session checks of a grant before it builds the upstream URL
+/// holds for every grant of the built-in authorizer.
+fn check_grant_for_session(g: &auth::Grant) {
+    assert!(
+        route::is_dns1123_label(&g.namespace),
+        "granted namespace {:?}",
+        g.namespace
+    );
+    assert!(
+        route::is_dns1123_subdomain(&g.vmi),
+        "granted vmi {:?}",
+        g.vmi
+    );
 }
 
 /// The subprotocol answered is one the client offered and the proxy allows,
@@ -294,13 +437,25 @@ pub fn route_target(data: &[u8], _depth: Depth) {
 
 #[derive(Debug, PartialEq)]
 enum RefRoute {
-    Ok(String, String, Option<String>),
+    Ok(Option<String>, String, Option<String>),
     NotFound,
     BadEncoding,
 }
 
-/// The route grammar written out step by step: `/[prefix/]token/vmi[?query]`.
-fn reference_route(target: &str, prefix: Option<&str>) -> RefRoute {
+/// The route shapes the built-in authorizer enables, as
+/// `(path_token, vmi_only)`: `TOKEN_SOURCES=path` (the default), another
+/// source only, and both.
+const ROUTE_SHAPES: [(bool, bool); 3] = [(true, false), (false, true), (true, true)];
+
+/// The route grammar written out step by step: `/[prefix/]token/vmi[?query]`
+/// when the path carries the token, `/[prefix/]vmi[?query]` when another
+/// source does.
+fn reference_route(
+    target: &str,
+    prefix: Option<&str>,
+    path_token: bool,
+    vmi_only: bool,
+) -> RefRoute {
     let (path, query) = match target.find('?') {
         Some(i) => (&target[..i], Some(target[i + 1..].to_owned())),
         None => (target, None),
@@ -315,48 +470,56 @@ fn reference_route(target: &str, prefix: Option<&str>) -> RefRoute {
         }
         segs.remove(0);
     }
-    if segs.len() != 2 || segs[0].is_empty() || segs[1].is_empty() {
-        return RefRoute::NotFound;
-    }
-    match (
-        reference_percent_decode(segs[0]),
-        reference_percent_decode(segs[1]),
-    ) {
-        (Some(t), Some(v)) => RefRoute::Ok(t, v, query),
-        _ => RefRoute::BadEncoding,
+    let decode = |s: &str| reference_percent_decode(s).ok_or(RefRoute::BadEncoding);
+    let decoded = match segs[..] {
+        [t, v] if path_token && !t.is_empty() && !v.is_empty() => {
+            decode(t).and_then(|t| Ok((Some(t), decode(v)?)))
+        }
+        [v] if vmi_only && !v.is_empty() => decode(v).map(|v| (None, v)),
+        _ => return RefRoute::NotFound,
+    };
+    match decoded {
+        Ok((t, v)) => RefRoute::Ok(t, v, query),
+        Err(e) => e,
     }
 }
 
+/// `route::parse_request_target`, as the built-in authorizer calls it with
+/// each route shape, against the reference.
 fn check_route(target: &str) {
     let first_segment = target
         .strip_prefix('/')
         .and_then(|r| r.split(['/', '?']).next())
         .unwrap_or("vnc");
-    for prefix in [None, Some("vnc"), Some(first_segment)] {
-        let got = route::parse_target(target, prefix);
-        let want = reference_route(target, prefix);
-        let same = match (&got, &want) {
-            (Ok(r), RefRoute::Ok(t, v, q)) => {
-                assert!(!r.token.is_empty() && !r.vmi.is_empty());
-                r.token == *t && r.vmi == *v && r.query == *q
-            }
-            (Err(RouteError::NotFound(_)), RefRoute::NotFound) => true,
-            (Err(RouteError::BadEncoding), RefRoute::BadEncoding) => true,
-            _ => false,
-        };
-        assert!(
-            same,
-            "parse_target({target:?}, {prefix:?}) = {got:?}, reference says {want:?}"
-        );
-    }
-    // Adding a prefix segment and configuring it changes nothing.
-    if target.starts_with('/') {
-        let prefixed = format!("/vnc{target}");
-        assert_eq!(
-            route::parse_target(&prefixed, Some("vnc")).ok(),
-            route::parse_target(target, None).ok(),
-            "prefix stripping differs for {target:?}"
-        );
+    for (path_token, vmi_only) in ROUTE_SHAPES {
+        for prefix in [None, Some("vnc"), Some(first_segment)] {
+            let got = route::parse_request_target(target, prefix, path_token, vmi_only);
+            let want = reference_route(target, prefix, path_token, vmi_only);
+            let same = match (&got, &want) {
+                (Ok(r), RefRoute::Ok(t, v, q)) => {
+                    assert!(!r.vmi.is_empty());
+                    assert!(r.path_token.as_ref().is_none_or(|t| !t.is_empty()));
+                    r.path_token == *t && r.vmi == *v && r.query == *q
+                }
+                (Err(RouteError::NotFound(_)), RefRoute::NotFound) => true,
+                (Err(RouteError::BadEncoding), RefRoute::BadEncoding) => true,
+                _ => false,
+            };
+            assert!(
+                same,
+                "parse_request_target({target:?}, {prefix:?}, {path_token}, {vmi_only}) = \
+                 {got:?}, reference says {want:?}"
+            );
+        }
+        // Adding a prefix segment and configuring it changes nothing.
+        if target.starts_with('/') {
+            let prefixed = format!("/vnc{target}");
+            assert_eq!(
+                route::parse_request_target(&prefixed, Some("vnc"), path_token, vmi_only).ok(),
+                route::parse_request_target(target, None, path_token, vmi_only).ok(),
+                "prefix stripping differs for {target:?}"
+            );
+        }
     }
 }
 
@@ -491,19 +654,32 @@ fn frame_scanner(data: &[u8], dir: Direction, depth: Depth) {
     if depth == Depth::Replay {
         plans.extend((0..=len).map(|k| vec![k]));
     }
-    for plan in &plans {
-        let got = scan_chunked(stream, dir, max_frame, plan);
-        assert_eq!(
-            got, reference,
-            "{dir:?} max_frame {max_frame}: scanning in pieces split at {plan:?} disagrees with the reference walk"
-        );
+    // With the relay's fast path for small data frames and without it (so
+    // `scan` alone sees every kind of frame too).
+    for fast_path in [true, false] {
+        for plan in &plans {
+            let got = scan_chunked(stream, dir, max_frame, plan, fast_path);
+            assert_eq!(
+                got, reference,
+                "{dir:?} max_frame {max_frame}: scanning in pieces split at {plan:?} \
+                 (fast path: {fast_path}) disagrees with the reference walk"
+            );
+        }
     }
     check_close_frame(data, dir);
 }
 
 /// Feed `stream` to a scanner the way the relay does: bytes arrive up to each
-/// split point, and whatever was not forwardable is presented again.
-fn scan_chunked(stream: &[u8], dir: Direction, max_frame: u64, splits: &[usize]) -> Outcome {
+/// split point, and whatever was not forwardable is presented again. With
+/// `fast_path`, each new piece goes to `whole_data_frames` first and, when
+/// that takes it, not to `scan` (as the relay's `scan_new` does).
+fn scan_chunked(
+    stream: &[u8],
+    dir: Direction,
+    max_frame: u64,
+    splits: &[usize],
+    fast_path: bool,
+) -> Outcome {
     let mut s = FrameScanner::new(dir, max_frame);
     let mut consumed = 0usize;
     let mut stop = None;
@@ -511,7 +687,24 @@ fn scan_chunked(stream: &[u8], dir: Direction, max_frame: u64, splits: &[usize])
         if end < consumed {
             continue;
         }
-        let r = s.scan(&stream[consumed..end]);
+        let piece = &stream[consumed..end];
+        if fast_path && let Some(n) = s.whole_data_frames(piece) {
+            // All of the piece, and exactly what `scan` would have said; the
+            // scanner is left as it was, at a boundary, which the reference
+            // comparison of the whole run then relies on.
+            assert_eq!(n, piece.len(), "the fast path takes all or nothing");
+            let mut scanned = s.clone();
+            let r = scanned.scan(piece);
+            assert_eq!(
+                (r.forwardable, r.stop),
+                (n, None),
+                "the fast path took what scan does not forward"
+            );
+            assert!(scanned.at_boundary() && scanned.last_boundary() == Some(n));
+            consumed += n;
+            continue;
+        }
+        let r = s.scan(piece);
         assert!(
             r.forwardable <= end - consumed,
             "forwardable {} exceeds the {} bytes offered",
@@ -966,6 +1159,33 @@ fn config() -> &'static Config {
     C.get_or_init(|| Config::local_dev("ws://127.0.0.1:8001", SECRET).expect("local-dev config"))
 }
 
+/// `config()` with no clock skew allowed, so "expired" and "not yet valid"
+/// are exact.
+fn strict_config() -> &'static Config {
+    static C: OnceLock<Config> = OnceLock::new();
+    C.get_or_init(|| {
+        let mut c = config().clone();
+        c.jwt.leeway_secs = 0;
+        c
+    })
+}
+
+thread_local! {
+    /// The built-in authorizer as the proxy builds it (it takes `&mut self`,
+    /// so one per thread; the replay runs targets on several).
+    static STRICT_AUTHORIZER: RefCell<JwtAuthorizer> =
+        RefCell::new(JwtAuthorizer::new(strict_config()).expect("authorizer"));
+    /// The same with every token source enabled.
+    static ANY_SOURCE_AUTHORIZER: RefCell<JwtAuthorizer> = RefCell::new({
+        let mut c = strict_config().clone();
+        c.token_sources = ["path", "query", "header", "cookie", "protocol"]
+            .into_iter()
+            .map(|n| TokenSource::parse(n).expect("a token source"))
+            .collect();
+        JwtAuthorizer::new(&c).expect("authorizer")
+    });
+}
+
 fn verifier() -> &'static JwtVerifier {
     static V: OnceLock<JwtVerifier> = OnceLock::new();
     V.get_or_init(|| {
@@ -978,7 +1198,10 @@ fn verifier() -> &'static JwtVerifier {
     })
 }
 
-/// `JwtVerifier::authorize` on fuzz-derived tokens; see the input forms above.
+/// Fuzz-derived tokens, each in a client's upgrade request
+/// (`/TOKEN/VMI`, percent-encoded) through `http::parse_request` and the
+/// built-in authorizer, as the session runs them; and, for the exact
+/// answers, the verifier alone. See the input forms above.
 pub fn token(data: &[u8], _depth: Depth) {
     let text = String::from_utf8_lossy(data);
     if let Some(rest) = text.strip_prefix("model\n") {
@@ -990,8 +1213,10 @@ pub fn token(data: &[u8], _depth: Depth) {
         let vmi = lines.next().unwrap_or_default();
         let token = sign(header, claims);
         let _ = check_authorize(&token, vmi);
+        check_token_request(&token, vmi);
     } else {
         let (token, vmi) = text.split_once('\n').unwrap_or((&text, "ubuntu"));
+        check_token_request(token, vmi);
         if check_authorize(token, vmi).is_ok() {
             // Only a token carrying our own HMAC of its first two parts, in
             // canonical base64url, can be accepted.
@@ -1085,6 +1310,9 @@ fn token_model(rest: &str) {
         list.join(",")
     ));
     let token = sign(r#"{"alg":"HS256","typ":"JWT"}"#, &claims);
+    // The request's decision agrees with the verifier (check_decision),
+    // and the verifier with the model (below).
+    check_token_request(&token, vmi);
     let got = check_authorize(&token, vmi);
     let ok = || -> bool {
         route::is_dns1123_subdomain(vmi) && allowed.contains(&vmi) && route::is_dns1123_label(ns)
@@ -1108,6 +1336,43 @@ fn token_model(rest: &str) {
         Err(_) => false,
     };
     assert!(fits, "claims {claims} for vmi {vmi:?} gave {got:?}");
+}
+
+/// `token` and `vmi` in the path of a browser's upgrade request, parsed and
+/// authorized as the session does it.
+fn check_token_request(token: &str, vmi: &str) {
+    let target = format!("/{}/{}", path_segment(token), path_segment(vmi));
+    let head = format!(
+        "GET {target} HTTP/1.1\r\nHost: proxy.example\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: {UPSTREAM_KEY}\r\n\
+         Sec-WebSocket-Version: 13\r\nOrigin: https://lab.example\r\n\r\n"
+    );
+    match http::parse_request(head.as_bytes(), head.len() + 1) {
+        Ok(Some(Request::Upgrade(req))) => {
+            assert_eq!(req.target, target);
+            let decision = check_decision(&req);
+            if token.is_empty() || vmi.is_empty() {
+                assert!(
+                    matches!(&decision, Decision::Deny { refusal, .. } if refusal.status == Status::NotFound)
+                );
+            }
+        }
+        other => panic!("a browser's upgrade for {target:?} parsed as {other:?}"),
+    }
+}
+
+/// Percent-encode everything but unreserved characters, so the route
+/// decodes exactly `s` back.
+fn path_segment(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// A JSON string literal for any text.

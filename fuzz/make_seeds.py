@@ -133,6 +133,27 @@ def request_heads():
     write("request_head", "large_cookie_header",
           request(extra="Cookie: " + "c" * 600 + "\r\n"))
     write("request_head", "refused_garbage", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    # Probes, answered by the proxy itself (http::parse_request), as the
+    # kubelet and Prometheus send them; and what is not a probe.
+    write("request_head", "probe_healthz_kubelet",
+          "GET /healthz HTTP/1.1\r\nHost: 10.0.0.5:5001\r\nUser-Agent: kube-probe/1.30\r\n"
+          "Accept: */*\r\nConnection: close\r\n\r\n")
+    write("request_head", "probe_readyz_query", "GET /readyz?verbose=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    write("request_head", "probe_metrics_prometheus",
+          "GET /metrics HTTP/1.1\r\nHost: 10.0.0.5:9090\r\nUser-Agent: Prometheus/2.53.0\r\n"
+          "Accept: text/plain;version=0.0.4;q=1,*/*;q=0.1\r\n\r\n")
+    write("request_head", "probe_path_with_upgrade", request(target="/healthz"))
+    write("request_head", "refused_probe_path_post", "POST /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    # The token in each other carrier (TOKEN_SOURCES), for the authorizer
+    # with every source enabled.
+    write("request_head", "token_in_query", request(target=f"/ubuntu?token={tok}"))
+    write("request_head", "token_in_authorization",
+          request(target="/ubuntu", extra=f"Authorization: Bearer {tok}\r\n"))
+    write("request_head", "token_in_cookie",
+          request(target="/ubuntu", extra=f"Cookie: theme=dark; vnc_token={tok}\r\n"))
+    write("request_head", "token_in_subprotocol",
+          request(target="/ubuntu", extra="Sec-WebSocket-Protocol: binary, "
+                  f"base64url.bearer.authorization.k8s.io.{b64url(tok.encode())}\r\n"))
 
 
 # ---------------------------------------------------------------------- route

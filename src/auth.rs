@@ -234,8 +234,10 @@ pub struct KeyMaterial {
     pub source: String,
 }
 
-/// The settings a [`JwtVerifier`] is built from.
+/// How tokens are verified: [`Config::jwt`](crate::Config::jwt), what the
+/// built-in [`JwtAuthorizer`](crate::JwtAuthorizer) checks.
 #[derive(Clone, Default)]
+#[non_exhaustive]
 pub struct JwtSettings {
     /// Accepted algorithms.
     pub algorithms: Vec<Algorithm>,
@@ -249,7 +251,7 @@ pub struct JwtSettings {
     pub audience: Vec<String>,
     /// Accepted issuers; when not empty, `iss` is required.
     pub issuer: Vec<String>,
-    /// Accept HMAC secrets shorter than [`MIN_SECRET_BYTES`].
+    /// Accept HMAC secrets shorter than 32 bytes (the hash size of HS256).
     pub allow_weak_secret: bool,
 }
 

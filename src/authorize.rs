@@ -23,6 +23,7 @@ use crate::token::{Carriers, TokenSource, find_token};
 
 /// What an authorizer sees of a request.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct AuthRequest<'a> {
     /// The request target as sent (path and query, not decoded).
     pub target: &'a str,
@@ -67,6 +68,7 @@ impl Ticket {
 
 /// An authorizer's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Decision {
     /// The session may reach this namespace and VMI. The proxy still checks
     /// both names against the Kubernetes rules before building any URL.

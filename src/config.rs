@@ -19,7 +19,7 @@ use crate::events::LogFormat;
 use crate::token::TokenSource;
 
 /// The upstream path KubeVirt serves VNC at.
-pub const DEFAULT_API_PATH: &str = "/apis/subresources.kubevirt.io/v1/namespaces/{namespace}/virtualmachineinstances/{vmi_name}/vnc";
+pub(crate) const DEFAULT_API_PATH: &str = "/apis/subresources.kubevirt.io/v1/namespaces/{namespace}/virtualmachineinstances/{vmi_name}/vnc";
 
 /// Durations are whole seconds, at most a year: no timeout needs more, and a
 /// deadline far enough out overflows the clock it is added to.
@@ -322,6 +322,7 @@ fn out_of_range(lo: u64, hi: u64, shown: &str, below: bool) -> String {
 
 /// A configuration problem: which setting, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ConfigError {
     /// The environment variable (or flag) at fault.
     pub var: String,
@@ -455,6 +456,7 @@ impl UpstreamUrl {
 /// out of its command line), or in code from [`Config::local_dev`] and then
 /// adjust fields.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Config {
     /// Address to listen on (`HOST`).
     pub host: String,
@@ -1012,7 +1014,7 @@ pub fn did_you_mean<'k>(
 }
 
 /// Booleans as the Python program accepted them.
-pub fn parse_bool(var: &str, v: &str) -> Result<bool, ConfigError> {
+pub(crate) fn parse_bool(var: &str, v: &str) -> Result<bool, ConfigError> {
     match v.trim().to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Ok(true),
         "false" | "0" | "no" | "off" => Ok(false),

@@ -62,8 +62,10 @@ impl fmt::Display for SessionEnd {
 
 /// Something that happened to a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     /// The upstream accepted and the client got its 101: frames flow.
+    #[non_exhaustive]
     Opened {
         /// Session id (as in log lines).
         id: u64,
@@ -81,6 +83,7 @@ pub enum Event {
         upstream_dial: Duration,
     },
     /// The request was refused before any frame was relayed.
+    #[non_exhaustive]
     Refused {
         /// Session id.
         id: u64,
@@ -99,6 +102,7 @@ pub enum Event {
         detail: Option<String>,
     },
     /// A session that relayed frames ended.
+    #[non_exhaustive]
     Closed {
         /// Session id.
         id: u64,
@@ -135,6 +139,7 @@ pub trait Observer: Send {
 
 /// How the access log is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LogFormat {
     /// `key=value` pairs.
     Text,
@@ -146,7 +151,7 @@ pub enum LogFormat {
 /// when frames start to flow (a console session may last hours, and who is
 /// connected now must be visible now), and `session` when it ends, with its
 /// totals; a refusal has one, `refused`.
-pub fn access_line(event: &Event, format: LogFormat) -> Option<String> {
+pub(crate) fn access_line(event: &Event, format: LogFormat) -> Option<String> {
     let mut f: Vec<(&str, Field)> = Vec::new();
     match event {
         Event::Opened {
@@ -269,7 +274,7 @@ enum Field {
 }
 
 /// A JSON string literal (also used to quote text-format values).
-pub fn json_string(s: &str) -> String {
+pub(crate) fn json_string(s: &str) -> String {
     serde_json::Value::String(s.to_owned()).to_string()
 }
 
@@ -288,7 +293,7 @@ pub(crate) fn namespace_field(name: &str) -> Option<String> {
 /// A value for a text log line: as it is when it is a plain word, else a
 /// JSON string literal, so that a space, a quote, `=` or a control character
 /// (a CRLF in a token's `id`) can neither split a record nor forge a field.
-pub fn text_value(s: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn text_value(s: &str) -> std::borrow::Cow<'_, str> {
     if s.is_empty() || s.contains(|c: char| c.is_control() || matches!(c, ' ' | '"' | '=')) {
         json_string(s).into()
     } else {
@@ -326,7 +331,7 @@ pub fn write_json_record(
 
 /// A time in RFC 3339, UTC, with milliseconds: `2025-01-31T08:15:02.123Z`.
 #[derive(Debug, Clone, Copy)]
-pub struct Rfc3339(pub SystemTime);
+pub(crate) struct Rfc3339(pub SystemTime);
 
 impl fmt::Display for Rfc3339 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -18,10 +18,12 @@
 //! - [`Config::local_dev`]: for use in code. The upstream at a `ws://` URL,
 //!   HS256 tokens with one secret, listening on `127.0.0.1` on a free port.
 //!   Adjust the public fields afterwards (`port`, timeouts, limits, …).
-//! - [`Config::from_env`]: what the binary does. The environment variables and
-//!   flags listed by [`config::help_text`].
+//! - [`Config::from_env`]: the process environment and command line. The
+//!   environment variables and flags listed by [`config::help_text`].
 //! - [`Config::from_sources`]: the same from explicit `(name, value)` pairs
-//!   and arguments, e.g. from a host's own configuration file.
+//!   and flags, e.g. from a host's own configuration file;
+//!   [`Config::from_sources_all`] reports every problem at once (what the
+//!   binary does, after taking its own subcommands and `--help` off argv).
 //!
 //! Every problem is a [`ConfigError`] naming the variable to fix.
 //! [`Proxy::check`] runs every start-up check without listening.
@@ -141,7 +143,7 @@
 //! Once per session, after the upgrade request was read and the Origin
 //! checked, the proxy asks an [`Authorizer`]: from the request ([`AuthRequest`]:
 //! target, headers, subprotocols, the client's address) it returns a
-//! [`Decision`]. [`Decision::Allow`] with an [`auth::Grant`] names the
+//! [`Decision`]. [`Decision::Allow`] with a [`Grant`] names the
 //! namespace and VMI the session may reach (the proxy still checks both
 //! names against the Kubernetes naming rules before building any URL), and
 //! when the grant expires (the session then ends with close 1008, unless
@@ -160,8 +162,7 @@
 //!
 //! ```
 //! use std::sync::mpsc::{self, Sender};
-//! use kubevirt_vnc_proxy::auth::Grant;
-//! use kubevirt_vnc_proxy::{AuthRequest, Authorizer, Config, Decision, Proxy, Status, Ticket};
+//! use kubevirt_vnc_proxy::{AuthRequest, Authorizer, Config, Decision, Grant, Proxy, Status, Ticket};
 //!
 //! /// `/console/NAMESPACE/VMI` for requests that carry an `X-User` header
 //! /// (set by an authenticating reverse proxy); the policy service decides.
@@ -250,26 +251,78 @@
 //! ```
 #![deny(missing_docs)]
 
-pub mod auth;
-pub mod authorize;
-pub mod buffer;
+// The embedding API is what the crate root re-exports, plus `config` and
+// `events` for the binary's own needs (`--help`, JSON log lines). Everything
+// else is the proxy's inside: crate-private, so it can change without a
+// semver promise. The parsers are reachable for fuzz/ and the corpus replay
+// only through the hidden `fuzzing` module below.
+mod auth;
+mod authorize;
+mod buffer;
 pub mod config;
 mod conn;
 pub mod events;
-pub mod frame;
-pub mod http;
-pub mod metrics;
+mod frame;
+mod http;
+mod metrics;
 mod pipe;
 mod relay;
-pub mod route;
+mod route;
 mod server;
 mod session;
-pub mod token;
+mod token;
 mod upstream;
 
-pub use auth::Grant;
+pub use auth::{Grant, JwtSettings, KeyMaterial};
 pub use authorize::{AuthRequest, Authorizer, Decision, JwtAuthorizer, Ticket};
 pub use config::{Config, ConfigError};
 pub use events::{Event, Observer, SessionEnd};
-pub use http::{Refusal, Status};
+pub use http::{Headers, Refusal, Status};
 pub use server::{Handle, Proxy, ProxyBuilder, Running, SHUTDOWN_CLOSE_TIME, StartError, Stats};
+pub use token::TokenSource;
+
+/// The parsers the proxy runs on bytes from the network and from tokens,
+/// for the fuzz targets (`fuzz/`) and the corpus replay
+/// (`tests/fuzz_corpus.rs`). Not part of the API: hidden, behind the
+/// `fuzzing` feature, and free to change with the code it exposes.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    // Each module's public items, under the module's own name, so the
+    // checks read `http::parse_request` as the proxy's code does.
+    pub mod auth {
+        pub use crate::auth::*;
+    }
+    pub mod frame {
+        pub use crate::frame::*;
+    }
+    pub mod http {
+        pub use crate::http::*;
+    }
+    pub mod route {
+        pub use crate::route::*;
+    }
+    pub mod token {
+        pub use crate::token::*;
+    }
+
+    /// A ticket for calling an [`Authorizer`](crate::Authorizer) outside a
+    /// session, as the session does with its own key and id.
+    pub fn ticket(id: u64) -> crate::Ticket {
+        crate::Ticket { key: 0, id }
+    }
+
+    /// What the session hands its authorizer for a parsed upgrade request
+    /// (`AuthRequest` is `non_exhaustive`: hosts never build one).
+    pub fn auth_request(
+        req: &crate::http::UpgradeRequest,
+        peer: std::net::SocketAddr,
+    ) -> crate::AuthRequest<'_> {
+        crate::AuthRequest {
+            target: &req.target,
+            headers: &req.headers,
+            protocols: &req.protocols,
+            peer,
+        }
+    }
+}

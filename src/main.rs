@@ -119,7 +119,8 @@ fn start_failed(e: StartError) -> ExitCode {
     fatal(&e.to_string());
     match e {
         StartError::Config(_) | StartError::Resolve(_) => ExitCode::from(2),
-        StartError::Bind(..) | StartError::Io(_) => ExitCode::FAILURE,
+        // Bind, Io, and any kind added later (StartError is non_exhaustive).
+        _ => ExitCode::FAILURE,
     }
 }
 

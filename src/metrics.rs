@@ -225,11 +225,6 @@ impl Metrics {
         );
         out
     }
-
-    /// Sessions relaying right now (opened minus closed).
-    pub fn relaying(&self, opened: u64) -> u64 {
-        opened.saturating_sub(self.sessions_by_end.values().sum())
-    }
 }
 
 impl Observer for Metrics {

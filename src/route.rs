@@ -6,17 +6,6 @@
 
 use std::fmt;
 
-/// A request target that matched the route.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
-    /// The token as it appeared in the path, percent-decoded once.
-    pub token: String,
-    /// The VMI name, percent-decoded once (not yet checked against the rules).
-    pub vmi: String,
-    /// The raw query string after `?`, if any.
-    pub query: Option<String>,
-}
-
 /// Why a request target did not match.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteError {
@@ -33,19 +22,6 @@ impl fmt::Display for RouteError {
             RouteError::BadEncoding => f.write_str("malformed percent-encoding in path"),
         }
     }
-}
-
-/// Split a request target into token, VMI name and query.
-///
-/// `prefix` is one path segment (without slashes) that must come first and is
-/// stripped, as set by `HOST_PATH_PREFIX` behind a reverse proxy.
-pub fn parse_target(target: &str, prefix: Option<&str>) -> Result<Route, RouteError> {
-    let t = parse_request_target(target, prefix, true, false)?;
-    Ok(Route {
-        token: t.path_token.unwrap_or_default(),
-        vmi: t.vmi,
-        query: t.query,
-    })
 }
 
 /// A request target that matched one of the enabled route shapes.
@@ -192,14 +168,22 @@ pub fn is_dns1123_subdomain(s: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// The default shape, `/[PREFIX/]TOKEN/VMI`.
+    fn parse_target(target: &str, prefix: Option<&str>) -> Result<Target, RouteError> {
+        parse_request_target(target, prefix, true, false)
+    }
+
     #[test]
     fn routes_with_and_without_prefix() {
         let r = parse_target("/tok/ubuntu?preserveSession=true", None).unwrap();
-        assert_eq!(r.token, "tok");
+        assert_eq!(r.path_token.as_deref(), Some("tok"));
         assert_eq!(r.vmi, "ubuntu");
         assert_eq!(r.query.as_deref(), Some("preserveSession=true"));
         let r = parse_target("/vnc/tok/ubuntu", Some("vnc")).unwrap();
-        assert_eq!((r.token.as_str(), r.vmi.as_str()), ("tok", "ubuntu"));
+        assert_eq!(
+            (r.path_token.as_deref(), r.vmi.as_str()),
+            (Some("tok"), "ubuntu")
+        );
         assert!(matches!(
             parse_target("/other/tok/ubuntu", Some("vnc")),
             Err(RouteError::NotFound(_))

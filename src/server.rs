@@ -66,6 +66,7 @@ const SCRATCH_BYTES: usize = 4096;
 
 /// Why the proxy could not start.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum StartError {
     /// The configuration is invalid.
     Config(ConfigError),
@@ -114,6 +115,7 @@ struct Counters {
 
 /// A snapshot of the proxy's counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Stats {
     /// Connections currently open (any state).
     pub open_sessions: usize,

@@ -13,6 +13,7 @@ use crate::route::percent_decode;
 
 /// One way a token can travel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TokenSource {
     /// `/[PREFIX/]TOKEN/VMI` (LabOrchestrator's contract).
     Path,

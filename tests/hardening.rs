@@ -14,8 +14,8 @@ use common::tokens::{self, SECRET, lab_claims, mint_claims, now};
 use common::upstream::{self, pattern_vec};
 use common::{Harness, NS, raw_request, upgrade_request};
 use jsonwebtoken::{Algorithm, Header};
-use kubevirt_vnc_proxy::auth::KeyMaterial;
-use kubevirt_vnc_proxy::token::TokenSource;
+use kubevirt_vnc_proxy::KeyMaterial;
+use kubevirt_vnc_proxy::TokenSource;
 use tungstenite::Message;
 
 const OTHER_SECRET: &str = "the-next-secret-also-32-bytes-long!!";

@@ -20,7 +20,7 @@ use base64::Engine;
 use common::{Harness, SECRET, raw_request, upgrade_request, upstream, ws_connect};
 use jsonwebtoken::Algorithm;
 use kubevirt_vnc_proxy::Config;
-use kubevirt_vnc_proxy::auth::KeyMaterial;
+use kubevirt_vnc_proxy::KeyMaterial;
 use labo::{LibAuth, Mint};
 use serde_json::{Value, json};
 use tungstenite::protocol::frame::coding::CloseCode;

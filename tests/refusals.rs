@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::tokens::{self, SECRET, lab_claims, mint, mint_claims, now};
 use common::{Harness, NS, RawAnswer, raw_request, upgrade_request};
 use jsonwebtoken::{Algorithm, Header};
-use kubevirt_vnc_proxy::auth::KeyMaterial;
+use kubevirt_vnc_proxy::KeyMaterial;
 
 /// Send `request`, expect a well-formed refusal (and the socket closed:
 /// `raw_request` reads until EOF).
