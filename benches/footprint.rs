@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Error as WsError, Message, WebSocket};
 
-use upstream::StandIn;
+use upstream::{Behaviour, StandIn};
 
 /// The binary Cargo built for this bench: `target/<profile>/kubevirt-vnc-proxy`. Only used to
 /// find the target directory; the measured binary is always the release one.
@@ -114,7 +114,7 @@ fn run() -> Res<()> {
     eprintln!("bench footprint: {} is {size} bytes", bin.display());
 
     // Declared before every proxy so that it is dropped after them.
-    let standin = StandIn::start();
+    let standin = StandIn::serving(Behaviour::Echo);
     let mut starts = Vec::with_capacity(knobs.starts);
     for i in 0..knobs.starts {
         let s = one_start(&bin, standin.addr())?;

@@ -45,7 +45,7 @@ use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Bytes, Error as WsError, Message, WebSocket};
 
-use upstream::StandIn;
+use upstream::{Behaviour, StandIn, StandInOptions};
 
 /// The proxy binary, built by Cargo for this bench (same profile).
 const PROXY_BIN: &str = env!("CARGO_BIN_EXE_kubevirt-vnc-proxy");
@@ -100,7 +100,18 @@ fn run() -> Res<()> {
 
     let reference = Reference::new(knobs.mib);
     // Declared before the proxy so that it is dropped after it (locals drop in reverse order).
-    let standin = StandIn::start();
+    // Echo for the round trips and idle sessions; the stream and sink workloads by name.
+    let standin = StandIn::start_with(
+        StandInOptions::serving(Behaviour::Echo)
+            .vmi(
+                stream_vmi(&reference),
+                Behaviour::Stream {
+                    total: reference.bytes.len() as u64,
+                    frame: FRAME,
+                },
+            )
+            .vmi("sink-bench", Behaviour::Sink),
+    );
     let mut proxy = ProxyProcess::start(standin.addr())?;
     let target = Target {
         upstream: standin.addr(),
@@ -524,6 +535,11 @@ fn with_proxy_cpu(proxy: &ProxyProcess, f: impl FnOnce() -> Res<Duration>) -> Re
     Ok(Transfer { elapsed, proxy_cpu })
 }
 
+/// The VMI the downstream workload asks for: the stand-in streams the reference to it.
+fn stream_vmi(reference: &Reference) -> String {
+    format!("stream-{}-{FRAME}", reference.bytes.len())
+}
+
 /// The stand-in streams the reference in 64 KiB frames; the client checks every byte.
 ///
 /// The check compares each frame with the reference (memcmp) instead of running FNV-1a over
@@ -532,7 +548,7 @@ fn with_proxy_cpu(proxy: &ProxyProcess, f: impl FnOnce() -> Res<Duration>) -> Re
 /// The clock includes the handshake (negligible next to S), the same for both routes.
 fn downstream(target: &Target, route: Route, reference: &Reference) -> Res<Duration> {
     let total = reference.bytes.len();
-    let vmi = format!("stream-{total}-{FRAME}");
+    let vmi = stream_vmi(reference);
     let fail = |what: String| format!("{}: downstream: {what}", route.name());
     let t0 = Instant::now();
     let mut ws = target.connect(route, &vmi, bulk_config(), false)?;

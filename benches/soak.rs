@@ -64,7 +64,7 @@ use tungstenite::handshake::HandshakeError;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Error as WsError, Message, WebSocket};
 
-use upstream::StandIn;
+use upstream::{Behaviour, StandIn, StandInOptions};
 
 /// The proxy binary, built by Cargo for this bench (release under `cargo bench`).
 const PROXY_BIN: &str = env!("CARGO_BIN_EXE_kubevirt-vnc-proxy");
@@ -74,6 +74,8 @@ const NS: &str = "soak-ns";
 const WRONG_SECRET: &str = "not-the-secret-the-proxy-was-given-at-all!!";
 /// Size of the echo message.
 const ECHO_LEN: usize = 16;
+/// The VMI whose upstream never answers (the abandoned dials).
+const SILENT_VMI: &str = "silent-soak";
 /// Connect timeout, and read/write timeout on every client socket: bounds every blocking call.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an abandoned-dial session waits (for the proxy to be dialling) before it gives up.
@@ -127,7 +129,16 @@ fn run() -> Res<()> {
     // the stand-in's and the clone it keeps); the proxy, started next, inherits the limit.
     support::raise_nofile_limit();
     // Declared before the proxy so that it is dropped after it (locals drop in reverse order).
-    let standin = StandIn::start();
+    // Echo for the sessions; the refusals and endings of the other kinds by name.
+    let standin = StandIn::start_with(
+        StandInOptions::serving(Behaviour::Echo)
+            .vmi("status-503", Behaviour::Status(503))
+            .vmi(
+                format!("dropafter-{ECHO_LEN}"),
+                Behaviour::DropAfter(ECHO_LEN as u64),
+            )
+            .vmi(SILENT_VMI, Behaviour::Silent),
+    );
     let mut proxy = ProxyProcess::start(standin.addr(), &knobs.proxy_env)?;
     let target = Target { proxy: proxy.addr };
     // The binary logs "listening on" before it sets up its signal handling (a socket pair):
@@ -775,13 +786,13 @@ fn session(target: &Target, kind: Kind, seq: u64) -> Res<()> {
             Ok(())
         }
         Kind::AbandonDial => {
-            let vmi = format!("silent-{seq}");
+            let vmi = SILENT_VMI;
             let mut s = target.socket()?;
             let head = format!(
                 "GET /{}/{vmi} HTTP/1.1\r\nHost: soak\r\nUpgrade: websocket\r\n\
                  Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-                token_for(&vmi)
+                token_for(vmi)
             );
             s.write_all(head.as_bytes())
                 .map_err(|e| format!("send the head: {e}"))?;

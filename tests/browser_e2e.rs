@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use upstream::{StandIn, StandInOptions};
+use upstream::{Behaviour, StandIn, StandInOptions};
 
 const NAMESPACE: &str = "lab-ns";
 const VMI: &str = "testvm";
@@ -109,6 +109,7 @@ fn novnc_in_chromium_through_proxy_in_cluster_tls_to_qemu_vnc_tcp() {
         bearer: Some(bearer.clone()),
         kubevirt_paths_only: true,
         bridge_to: Some(qemu.addr),
+        ..StandInOptions::default().vmi(BRIDGE_VMI, Behaviour::Bridge)
     });
     let sa = TempDir::new("sa");
     sa.write("ca.crt", &pki.ca_pem);

@@ -45,7 +45,7 @@ use labo::{LibAuth, Mint};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
-use upstream::StandIn;
+use upstream::{Behaviour as B, StandIn};
 
 /// At least 32 bytes: ours refuses shorter HMAC secrets.
 const SECRET: &str = "differential-test-secret-0123456789abcdef";
@@ -961,7 +961,7 @@ fn python_proxy_and_ours_side_by_side() {
         return;
     };
 
-    let up = StandIn::start();
+    let up = StandIn::serving(B::Vnc);
     let ctx = Ctx {
         up: &up,
         python: python.clone(),
