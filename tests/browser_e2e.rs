@@ -42,7 +42,7 @@ use upstream::{Behaviour, StandIn, StandInOptions};
 
 const NAMESPACE: &str = "lab-ns";
 const VMI: &str = "testvm";
-/// For path (b): the stand-in bridges VMI names starting with `bridge` to QEMU's VNC port.
+/// For path (b): the VMI the stand-in is told to bridge to QEMU's VNC port.
 const BRIDGE_VMI: &str = "bridge-vm";
 /// QEMU's `-vnc HOST:N` listens on this port plus N.
 const VNC_BASE_PORT: u16 = 5900;

@@ -75,7 +75,7 @@ pub const MAX_HEAD: usize = 16 * 1024;
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a server-initiated close waits for the peer's close reply.
 pub const CLOSE_WAIT: Duration = Duration::from_secs(30);
-/// How long `silent`, `badaccept` and `masked` hold the socket waiting for EOF.
+/// How long `Silent`, `BadAccept` and `Masked` hold the socket waiting for EOF.
 pub const HOLD_LIMIT: Duration = Duration::from_secs(60);
 /// How long a plain HTTP answer waits for the peer to close before dropping the socket.
 const LINGER_LIMIT: Duration = Duration::from_secs(10);
@@ -83,14 +83,14 @@ const LINGER_LIMIT: Duration = Duration::from_secs(10);
 const WRITE_BUFFER: usize = 128 * 1024;
 /// Cap on tungstenite's write buffer (raised per frame only for a single larger frame).
 const MAX_WRITE_BUFFER: usize = 1024 * 1024;
-/// `stream-N-F` flushes at least this often.
+/// `Stream` flushes at least this often.
 const FLUSH_EVERY: usize = 256 * 1024;
-/// How long a `bridge` session waits for a client message before it looks at the VNC side
+/// How long a `Bridge` session waits for a client message before it looks at the VNC side
 /// again: the latency that the VNC-to-client direction can gain when the client is quiet.
 const BRIDGE_POLL: Duration = Duration::from_millis(5);
-/// How long a `bridge` session tries to connect to the VNC server.
+/// How long a `Bridge` session tries to connect to the VNC server.
 const BRIDGE_CONNECT: Duration = Duration::from_secs(5);
-/// Read size and number of chunks in flight from the VNC server to the client in `bridge`.
+/// Read size and number of chunks in flight from the VNC server to the client in `Bridge`.
 const BRIDGE_CHUNK: usize = 64 * 1024;
 const BRIDGE_QUEUE: usize = 16;
 
@@ -111,7 +111,7 @@ pub fn fnv1a(state: u64, bytes: &[u8]) -> u64 {
     h
 }
 
-/// The deterministic byte stream sent by `stream-*`, `dropafter-*` and `closeafter-*`:
+/// The deterministic byte stream sent by `Stream`, `DropAfter` and `CloseAfter`:
 /// fills `out` with the bytes at absolute offsets `offset..offset + out.len()`.
 ///
 /// Byte `i` is the XOR of the low five bytes of `i`, times 31 (mod 256): not constant, and not
@@ -176,7 +176,7 @@ struct Shared {
     total: AtomicUsize,
     seen: Mutex<Vec<SeenRequest>>,
     sinks: Mutex<Vec<(u64, u64)>>,
-    /// For each finished `sink` session: the close code its peer sent, or
+    /// For each finished `Sink` session: the close code its peer sent, or
     /// `None` when the peer vanished without a close frame.
     closes: Mutex<Vec<Option<u16>>>,
     /// Clones of the open sockets, so that `Drop` can shut them down.
@@ -376,14 +376,14 @@ impl StandIn {
         self.shared.total.load(Ordering::SeqCst)
     }
 
-    /// `(payload bytes, fnv1a checksum)` for each finished `sink` session, in order of finish.
+    /// `(payload bytes, fnv1a checksum)` for each finished `Sink` session, in order of finish.
     /// A session is recorded when its peer's close frame arrives (before the close reply is
     /// sent), or on EOF/error/timeout if it never closed properly.
     pub fn sink_results(&self) -> Vec<(u64, u64)> {
         lock(&self.shared.sinks).clone()
     }
 
-    /// For each finished `sink` session, in the same order as
+    /// For each finished `Sink` session, in the same order as
     /// [`sink_results`](Self::sink_results): the close code the peer sent
     /// (`Some(1005)` for a close frame without a code), or `None` when the
     /// connection ended without a close frame.
