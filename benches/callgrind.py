@@ -11,11 +11,11 @@ out:
 
 - round trips: one session, then N 32-byte echo round trips on it;
 - sessions: M sessions one after another, each connect, upgrade with an
-  HS256 token, one echo, close (what `benches/nginx.rs` calls a new session).
+  HS256 token, one echo, close (what `benches/nginx/` calls a new session).
 
 With `--nginx` the same is counted for nginx (one process, `master_process
 off`, `proxy_buffering off`, the Upgrade headers, a location mapping
-/TOKEN/VMI to the upstream as `benches/nginx.rs` does; it checks no token).
+/TOKEN/VMI to the upstream as `benches/nginx/` does; it checks no token).
 
 The callgrind files stay in target/profiling for `callgrind_annotate`.
 Counts are exact and repeatable (unlike times on a shared VM), but callgrind

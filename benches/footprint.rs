@@ -36,10 +36,9 @@ mod upstream;
 mod support;
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStderr, Command, ExitCode, Stdio};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -47,11 +46,15 @@ use std::time::{Duration, Instant};
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Error as WsError, Message, WebSocket};
 
-use upstream::StandIn;
+use support::knobs::{env_flag, env_num};
+use support::procfs::{self, Settle};
+use support::proxy::{self, ProxyChild};
+use support::report::target_dir;
+use support::stats::{max, median, min};
+use upstream::{Behaviour, StandIn};
 
-/// The binary Cargo built for this bench: `target/<profile>/kubevirt-vnc-proxy`. Only used to
-/// find the target directory; the measured binary is always the release one.
-const BUILT_BIN: &str = env!("CARGO_BIN_EXE_kubevirt-vnc-proxy");
+/// The measured binary, always the release one in the target directory (found from the one
+/// Cargo built for this bench, see `support::report::target_dir`).
 const BIN_NAME: &str = "kubevirt-vnc-proxy";
 /// Namespace put in the tokens.
 const NS: &str = "footprint-ns";
@@ -72,9 +75,11 @@ const BUILD_LIMIT: Duration = Duration::from_secs(1200);
 /// Read/write timeout on every client socket: bounds every blocking call on them.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// RSS counts as settled after this many equal samples this far apart (or at the limit).
-const SETTLE_SAMPLES: usize = 3;
-const SETTLE_INTERVAL: Duration = Duration::from_millis(100);
-const SETTLE_LIMIT: Duration = Duration::from_secs(5);
+const SETTLE: Settle = Settle {
+    samples: 3,
+    interval: Duration::from_millis(100),
+    limit: Duration::from_secs(5),
+};
 /// How long closed idle sessions may take to disappear from the stand-in.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 /// Largest number of messages read while waiting for a close reply.
@@ -114,7 +119,7 @@ fn run() -> Res<()> {
     eprintln!("bench footprint: {} is {size} bytes", bin.display());
 
     // Declared before every proxy so that it is dropped after them.
-    let standin = StandIn::start();
+    let standin = StandIn::serving(Behaviour::Echo);
     let mut starts = Vec::with_capacity(knobs.starts);
     for i in 0..knobs.starts {
         let s = one_start(&bin, standin.addr())?;
@@ -145,8 +150,7 @@ fn run() -> Res<()> {
     };
     let report = results.render();
     println!("{report}");
-    let path = report_path(results.knobs.smoke);
-    std::fs::write(&path, &report).map_err(|e| format!("write {}: {e}", path.display()))?;
+    let path = support::write_report("footprint", results.knobs.smoke, &report)?;
     eprintln!("bench footprint: report written to {}", path.display());
     Ok(())
 }
@@ -191,36 +195,8 @@ impl Knobs {
     }
 }
 
-fn env_flag(name: &str) -> bool {
-    std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
-}
-
-/// A positive integer from the environment, or `default` when unset or empty.
-fn env_num(name: &str, default: usize) -> Res<usize> {
-    let value = match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v
-            .trim()
-            .parse::<usize>()
-            .map_err(|_| format!("{name}={v:?}: not a number"))?,
-        _ => default,
-    };
-    if value < 1 {
-        return Err(format!("{name} must be at least 1"));
-    }
-    Ok(value)
-}
-
 // ---------------------------------------------------------------------------------------------
 // The release binary
-
-/// The target directory: `CARGO_TARGET_DIR` if set, else two levels above the binary Cargo
-/// built for this bench (`target/release/kubevirt-vnc-proxy` under `cargo bench`).
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .or_else(|| Some(Path::new(BUILT_BIN).parent()?.parent()?.to_path_buf()))
-        .unwrap_or_else(|| PathBuf::from("target"))
-}
 
 /// `target/release/kubevirt-vnc-proxy`, built first if it is missing. Under `cargo bench` it
 /// is the binary Cargo just built for this bench (the bench profile inherits release).
@@ -284,7 +260,7 @@ impl Drop for ChildGuard {
 
 /// A started proxy; killed (by PID) when dropped.
 struct ProxyProcess {
-    child: ChildGuard,
+    child: ProxyChild,
     /// When `spawn` was called.
     spawned: Instant,
     /// The address from its "listening on" line, once seen.
@@ -297,30 +273,27 @@ impl ProxyProcess {
     /// Starts the binary on `port` (0: let it pick) in local dev mode to `upstream`.
     fn spawn(bin: &Path, upstream: SocketAddr, port: u16) -> Res<ProxyProcess> {
         let spawned = Instant::now();
-        let mut child = Command::new(bin)
-            // A clean environment: an inherited RUST_LOG or KUBERNETES_* must not change it.
-            .env_clear()
-            .env("SECRET_KEY", tokens::SECRET)
-            .env("LOCAL_DEV_MODE", "true")
-            .env("WS_REMOTE_URL", format!("ws://{upstream}"))
-            .env("HOST", "127.0.0.1")
-            .env("PORT", port.to_string())
-            .env("LOGLEVEL", "INFO")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("start {}: {e}", bin.display()))?;
-        let stderr = child.stderr.take().expect("stderr is piped");
-        // From here on the guard owns the child, so an early return kills it.
-        let child = ChildGuard(child);
+        let mut env = proxy::local_dev_env(tokens::SECRET, upstream);
+        env.push(("PORT".into(), port.to_string()));
+        env.push(("LOGLEVEL".into(), "INFO".into()));
         let (tx, announced) = mpsc::channel();
         let log = Arc::new(Mutex::new(Vec::new()));
         let log_writer = Arc::clone(&log);
-        thread::Builder::new()
-            .name("proxy-stderr".into())
-            .spawn(move || read_stderr(stderr, tx, &log_writer))
-            .map_err(|e| format!("spawn stderr reader: {e}"))?;
+        // Keeps the last lines, hands over the address of the "listening on" line, and echoes
+        // what is not an INFO line.
+        let child = ProxyChild::spawn(bin, &env, move |line| {
+            if let Some(addr) = proxy::announced_addr(&line, proxy::LISTENING) {
+                let _ = tx.send(addr);
+            }
+            if !line.contains(" INFO ") {
+                eprintln!("proxy: {line}");
+            }
+            let mut log = log_writer.lock().unwrap_or_else(|p| p.into_inner());
+            if log.len() == KEEP_LOG_LINES {
+                log.remove(0);
+            }
+            log.push(line);
+        })?;
         Ok(ProxyProcess {
             child,
             spawned,
@@ -330,14 +303,14 @@ impl ProxyProcess {
     }
 
     fn pid(&self) -> u32 {
-        self.child.0.id()
+        self.child.pid()
     }
 
     /// Fails, with the end of its log, if the proxy has exited.
     fn check_alive(&mut self) -> Res<()> {
-        match self.child.0.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => {
+        match self.child.exited()? {
+            None => Ok(()),
+            Some(status) => {
                 // Give the stderr reader a moment to take in the last lines.
                 thread::sleep(Duration::from_millis(50));
                 let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
@@ -346,7 +319,6 @@ impl ProxyProcess {
                     log.join("\n  ")
                 ))
             }
-            Err(e) => Err(format!("cannot check the proxy process: {e}")),
         }
     }
 
@@ -364,48 +336,12 @@ impl ProxyProcess {
 
     /// A `kB` field of `/proc/PID/status` (VmRSS, VmHWM, ...).
     fn status_kib(&self, field: &str) -> Res<u64> {
-        let path = format!("/proc/{}/status", self.pid());
-        let text = std::fs::read_to_string(&path).map_err(|e| format!("read {path}: {e}"))?;
-        text.lines()
-            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .ok_or_else(|| format!("no {field} in {path}"))
+        procfs::status_kib(self.pid(), field)
     }
 
     /// VmRSS once it has stopped moving.
     fn settled_rss_kib(&self) -> Res<u64> {
-        let deadline = Instant::now() + SETTLE_LIMIT;
-        let mut last = self.status_kib("VmRSS")?;
-        let mut same = 0;
-        while same < SETTLE_SAMPLES && Instant::now() < deadline {
-            thread::sleep(SETTLE_INTERVAL);
-            let now = self.status_kib("VmRSS")?;
-            same = if now == last { same + 1 } else { 0 };
-            last = now;
-        }
-        Ok(last)
-    }
-}
-
-/// Keeps the proxy's stderr drained (so it never blocks on it), keeps its last lines, and hands
-/// over the address of the "listening on" line.
-fn read_stderr(stderr: ChildStderr, tx: mpsc::Sender<SocketAddr>, log: &Mutex<Vec<String>>) {
-    for line in BufReader::new(stderr).lines() {
-        let Ok(line) = line else { break };
-        if let Some(addr) = line
-            .split_once("listening on ")
-            .and_then(|(_, a)| a.trim().parse::<SocketAddr>().ok())
-        {
-            let _ = tx.send(addr);
-        }
-        if !line.contains(" INFO ") {
-            eprintln!("proxy: {line}");
-        }
-        let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
-        if log.len() == KEEP_LOG_LINES {
-            log.remove(0);
-        }
-        log.push(line);
+        procfs::settled_rss_kib(self.pid(), SETTLE)
     }
 }
 
@@ -590,21 +526,12 @@ impl Results {
             .map(|s| s.listen.as_secs_f64() * 1e3)
             .collect();
         let rss: Vec<f64> = self.starts.iter().map(|s| s.rss as f64).collect();
-        let (listen_med, rss_med) = (median(&listen_ms), median(&rss));
-        let anon_med = median(
-            &self
-                .starts
-                .iter()
-                .map(|s| s.anon as f64)
-                .collect::<Vec<_>>(),
+        let (listen_med, rss_med) = (
+            median(listen_ms.iter().copied()),
+            median(rss.iter().copied()),
         );
-        let file_med = median(
-            &self
-                .starts
-                .iter()
-                .map(|s| s.file as f64)
-                .collect::<Vec<_>>(),
-        );
+        let anon_med = median(self.starts.iter().map(|s| s.anon as f64));
+        let file_med = median(self.starts.iter().map(|s| s.file as f64));
         let verdict = |met: bool| if met { "met" } else { "**not met**" };
 
         let _ = writeln!(out, "### Footprint\n");
@@ -672,31 +599,4 @@ impl Results {
         );
         out
     }
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if !n.is_multiple_of(2) => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-fn min(values: &[f64]) -> f64 {
-    values.iter().copied().fold(f64::INFINITY, f64::min)
-}
-
-fn max(values: &[f64]) -> f64 {
-    values.iter().copied().fold(f64::NEG_INFINITY, f64::max)
-}
-
-/// `target/bench-footprint.md` (`-smoke.md` in smoke mode).
-fn report_path(smoke: bool) -> PathBuf {
-    target_dir().join(if smoke {
-        "bench-footprint-smoke.md"
-    } else {
-        "bench-footprint.md"
-    })
 }

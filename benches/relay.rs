@@ -34,21 +34,23 @@ mod upstream;
 mod support;
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, ChildStderr, Command, ExitCode, Stdio};
+use std::path::Path;
+use std::process::ExitCode;
 use std::sync::mpsc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Bytes, Error as WsError, Message, WebSocket};
 
-use upstream::StandIn;
+use support::knobs::{env_flag, env_num};
+use support::procfs::{self, Settle};
+use support::proxy::{self, PROXY_BIN, ProxyChild};
+use support::stats::{median, percentile_us};
+use upstream::{Behaviour, StandIn, StandInOptions};
 
 /// The proxy binary, built by Cargo for this bench (same profile).
-const PROXY_BIN: &str = env!("CARGO_BIN_EXE_kubevirt-vnc-proxy");
 /// Namespace put in the tokens and in direct request paths.
 const NS: &str = "bench-ns";
 /// Size of each binary frame in the throughput workloads.
@@ -61,12 +63,13 @@ const WARMUP_TRIPS: usize = 200;
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait for the proxy to print its listening address.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
-/// RSS counts as settled when it has not changed for this many consecutive samples...
-const SETTLE_SAMPLES: usize = 3;
-/// ...taken this far apart...
-const SETTLE_INTERVAL: Duration = Duration::from_millis(100);
-/// ...or when this much time has passed.
-const SETTLE_LIMIT: Duration = Duration::from_secs(5);
+/// RSS counts as settled when it has not changed for 3 consecutive samples 100 ms apart, or
+/// after 5 s.
+const SETTLE: Settle = Settle {
+    samples: 3,
+    interval: Duration::from_millis(100),
+    limit: Duration::from_secs(5),
+};
 /// How long closed idle sessions may take to disappear from the stand-in.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 /// Largest number of messages read while waiting for a close reply.
@@ -100,7 +103,18 @@ fn run() -> Res<()> {
 
     let reference = Reference::new(knobs.mib);
     // Declared before the proxy so that it is dropped after it (locals drop in reverse order).
-    let standin = StandIn::start();
+    // Echo for the round trips and idle sessions; the stream and sink workloads by name.
+    let standin = StandIn::start_with(
+        StandInOptions::serving(Behaviour::Echo)
+            .vmi(
+                stream_vmi(&reference),
+                Behaviour::Stream {
+                    total: reference.bytes.len() as u64,
+                    frame: FRAME,
+                },
+            )
+            .vmi("sink-bench", Behaviour::Sink),
+    );
     let mut proxy = ProxyProcess::start(standin.addr())?;
     let target = Target {
         upstream: standin.addr(),
@@ -141,8 +155,7 @@ fn run() -> Res<()> {
     };
     let report = results.render();
     println!("{report}");
-    let path = support::report_path("relay", results.knobs.smoke);
-    std::fs::write(&path, &report).map_err(|e| format!("write {}: {e}", path.display()))?;
+    let path = support::write_report("relay", results.knobs.smoke, &report)?;
     eprintln!("bench relay: report written to {}", path.display());
     Ok(())
 }
@@ -198,65 +211,41 @@ impl Knobs {
     }
 }
 
-fn env_flag(name: &str) -> bool {
-    std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
-}
-
-/// A positive integer from the environment, or `default` when unset or empty.
-fn env_num<T: std::str::FromStr + PartialOrd + From<u8>>(name: &str, default: T) -> Res<T> {
-    let value = match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v
-            .trim()
-            .parse::<T>()
-            .map_err(|_| format!("{name}={v:?}: not a number"))?,
-        _ => default,
-    };
-    if value < T::from(1) {
-        return Err(format!("{name} must be at least 1"));
-    }
-    Ok(value)
-}
-
 // ---------------------------------------------------------------------------------------------
 // The proxy process
 
 /// The proxy binary running as a child process; killed when dropped, on every path.
 struct ProxyProcess {
-    child: Child,
+    child: ProxyChild,
     addr: SocketAddr,
-    /// Clock ticks per second, for `/proc/PID/stat` CPU times.
-    clk_tck: f64,
 }
 
 impl ProxyProcess {
     fn start(upstream: SocketAddr) -> Res<ProxyProcess> {
-        let mut child = Command::new(PROXY_BIN)
-            // A clean environment: an inherited RUST_LOG or KUBERNETES_* must not change it.
-            .env_clear()
-            .env("SECRET_KEY", tokens::SECRET)
-            .env("LOCAL_DEV_MODE", "true")
-            .env("WS_REMOTE_URL", format!("ws://{upstream}"))
-            .env("HOST", "127.0.0.1")
-            .env("PORT", "0")
-            // INFO, the production default; it also prints the "listening on" line that tells
-            // us the port.
-            .env("LOGLEVEL", "INFO")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("start {PROXY_BIN}: {e}"))?;
-        let stderr = child.stderr.take().expect("stderr is piped");
+        let mut env = proxy::local_dev_env(tokens::SECRET, upstream);
+        env.push(("PORT".into(), "0".into()));
+        // INFO, the production default; it also prints the "listening on" line that tells us
+        // the port.
+        env.push(("LOGLEVEL".into(), "INFO".into()));
         let (tx, rx) = mpsc::channel();
-        thread::Builder::new()
-            .name("proxy-stderr".into())
-            .spawn(move || forward_stderr(stderr, tx))
-            .map_err(|e| format!("spawn stderr reader: {e}"))?;
-        // From here on the guard owns the child, so an early return kills it.
+        // The proxy's log: the listening address is handed over; anything that is not an INFO
+        // line is echoed (warnings and errors are worth seeing; the per-session INFO lines,
+        // thousands of them, are not).
+        let child =
+            ProxyChild::spawn(
+                Path::new(PROXY_BIN),
+                &env,
+                move |line| match proxy::announced_addr(&line, proxy::LISTENING) {
+                    Some(addr) => {
+                        let _ = tx.send(addr);
+                    }
+                    None if line.contains(" INFO ") => {}
+                    None => eprintln!("proxy: {line}"),
+                },
+            )?;
         let mut proxy = ProxyProcess {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            clk_tck: clock_ticks_per_second(),
         };
         proxy.addr = proxy.wait_for_address(&rx)?;
         Ok(proxy)
@@ -276,60 +265,28 @@ impl ProxyProcess {
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.pid()
     }
 
     /// Fails if the proxy has exited (crashed) during the run.
     fn check_alive(&mut self) -> Res<()> {
-        match self.child.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => Err(format!("the proxy exited: {status}")),
-            Err(e) => Err(format!("cannot check the proxy process: {e}")),
-        }
+        self.child.check_alive()
     }
 
     /// A `kB` field of `/proc/PID/status` (VmRSS, VmHWM, ...).
     fn status_kib(&self, field: &str) -> Res<u64> {
-        let path = format!("/proc/{}/status", self.pid());
-        let text = std::fs::read_to_string(&path).map_err(|e| format!("read {path}: {e}"))?;
-        text.lines()
-            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .ok_or_else(|| format!("no {field} in {path}"))
+        procfs::status_kib(self.pid(), field)
     }
 
     /// VmRSS once it has stopped moving (freed memory and lazily touched pages take a moment).
     fn settled_rss_kib(&self) -> Res<u64> {
-        let deadline = Instant::now() + SETTLE_LIMIT;
-        let mut last = self.status_kib("VmRSS")?;
-        let mut same = 0;
-        while same < SETTLE_SAMPLES && Instant::now() < deadline {
-            thread::sleep(SETTLE_INTERVAL);
-            let now = self.status_kib("VmRSS")?;
-            same = if now == last { same + 1 } else { 0 };
-            last = now;
-        }
-        Ok(last)
+        procfs::settled_rss_kib(self.pid(), SETTLE)
     }
 
     /// (utime, stime) of the proxy, in seconds.
     fn cpu_seconds(&self) -> Res<Cpu> {
-        let path = format!("/proc/{}/stat", self.pid());
-        let text = std::fs::read_to_string(&path).map_err(|e| format!("read {path}: {e}"))?;
-        // The command name (field 2) may contain spaces; fields after it are plain numbers.
-        // After ") " come field 3 (state) onwards, so utime (14) and stime (15) are at 11, 12.
-        let rest = text.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| -> Res<u64> {
-            fields
-                .get(i)
-                .and_then(|f| f.parse().ok())
-                .ok_or_else(|| format!("malformed {path}"))
-        };
-        Ok(Cpu {
-            user: ticks(11)? as f64 / self.clk_tck,
-            sys: ticks(12)? as f64 / self.clk_tck,
-        })
+        let (user, sys) = procfs::user_sys_seconds(self.pid())?;
+        Ok(Cpu { user, sys })
     }
 }
 
@@ -351,43 +308,6 @@ impl Cpu {
     fn total(self) -> f64 {
         self.user + self.sys
     }
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Reads the proxy's log: hands over the listening address, echoes anything that is not an
-/// INFO line (warnings and errors are worth seeing; the per-session INFO lines, thousands of
-/// them, are not), and keeps the pipe drained so the proxy never blocks on it.
-fn forward_stderr(stderr: ChildStderr, tx: mpsc::Sender<SocketAddr>) {
-    for line in BufReader::new(stderr).lines() {
-        let Ok(line) = line else { break };
-        let addr = line
-            .split_once("listening on ")
-            .and_then(|(_, a)| a.trim().parse::<SocketAddr>().ok());
-        match addr {
-            Some(addr) => {
-                let _ = tx.send(addr);
-            }
-            None if line.contains(" INFO ") => {}
-            None => eprintln!("proxy: {line}"),
-        }
-    }
-}
-
-fn clock_ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .filter(|&t| t > 0.0)
-        .unwrap_or(100.0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -524,6 +444,11 @@ fn with_proxy_cpu(proxy: &ProxyProcess, f: impl FnOnce() -> Res<Duration>) -> Re
     Ok(Transfer { elapsed, proxy_cpu })
 }
 
+/// The VMI the downstream workload asks for: the stand-in streams the reference to it.
+fn stream_vmi(reference: &Reference) -> String {
+    format!("stream-{}-{FRAME}", reference.bytes.len())
+}
+
 /// The stand-in streams the reference in 64 KiB frames; the client checks every byte.
 ///
 /// The check compares each frame with the reference (memcmp) instead of running FNV-1a over
@@ -532,7 +457,7 @@ fn with_proxy_cpu(proxy: &ProxyProcess, f: impl FnOnce() -> Res<Duration>) -> Re
 /// The clock includes the handshake (negligible next to S), the same for both routes.
 fn downstream(target: &Target, route: Route, reference: &Reference) -> Res<Duration> {
     let total = reference.bytes.len();
-    let vmi = format!("stream-{total}-{FRAME}");
+    let vmi = stream_vmi(reference);
     let fail = |what: String| format!("{}: downstream: {what}", route.name());
     let t0 = Instant::now();
     let mut ws = target.connect(route, &vmi, bulk_config(), false)?;
@@ -758,24 +683,6 @@ fn both_routes<T>(rounds: usize, mut f: impl FnMut(Route) -> Res<T>) -> Res<PerR
         }
     }
     Ok(out)
-}
-
-fn median(values: impl IntoIterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = values.into_iter().collect();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-/// Nearest-rank percentile `q` (0..=1) of `samples`, in microseconds.
-fn percentile_us(samples: &[u64], q: f64) -> f64 {
-    let mut v = samples.to_vec();
-    v.sort_unstable();
-    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1] as f64 / 1000.0
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -52,9 +52,10 @@ mod upstream;
 mod support;
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, ChildStderr, Command, ExitCode, Stdio};
+use std::path::Path;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
@@ -64,16 +65,19 @@ use tungstenite::handshake::HandshakeError;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Error as WsError, Message, WebSocket};
 
-use upstream::StandIn;
+use support::knobs::{env_flag, env_num};
+use support::procfs::{self, Settle};
+use support::proxy::{self, PROXY_BIN, ProxyChild};
+use upstream::{Behaviour, StandIn, StandInOptions};
 
-/// The proxy binary, built by Cargo for this bench (release under `cargo bench`).
-const PROXY_BIN: &str = env!("CARGO_BIN_EXE_kubevirt-vnc-proxy");
 /// Namespace put in the tokens.
 const NS: &str = "soak-ns";
 /// A secret the proxy does not know (for the bad-signature sessions).
 const WRONG_SECRET: &str = "not-the-secret-the-proxy-was-given-at-all!!";
 /// Size of the echo message.
 const ECHO_LEN: usize = 16;
+/// The VMI whose upstream never answers (the abandoned dials).
+const SILENT_VMI: &str = "silent-soak";
 /// Connect timeout, and read/write timeout on every client socket: bounds every blocking call.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an abandoned-dial session waits (for the proxy to be dialling) before it gives up.
@@ -86,9 +90,11 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// (looked at every 5 ms).
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 /// RSS counts as settled after this many equal samples this far apart (or at the limit).
-const SETTLE_SAMPLES: usize = 3;
-const SETTLE_INTERVAL: Duration = Duration::from_millis(20);
-const SETTLE_LIMIT: Duration = Duration::from_secs(2);
+const SETTLE: Settle = Settle {
+    samples: 3,
+    interval: Duration::from_millis(20),
+    limit: Duration::from_secs(2),
+};
 /// The descriptor baseline counts as settled when it has not changed for this long.
 const FD_SETTLE: Duration = Duration::from_millis(300);
 /// Largest number of messages read while waiting for a close frame or reply.
@@ -127,7 +133,16 @@ fn run() -> Res<()> {
     // the stand-in's and the clone it keeps); the proxy, started next, inherits the limit.
     support::raise_nofile_limit();
     // Declared before the proxy so that it is dropped after it (locals drop in reverse order).
-    let standin = StandIn::start();
+    // Echo for the sessions; the refusals and endings of the other kinds by name.
+    let standin = StandIn::start_with(
+        StandInOptions::serving(Behaviour::Echo)
+            .vmi("status-503", Behaviour::Status(503))
+            .vmi(
+                format!("dropafter-{ECHO_LEN}"),
+                Behaviour::DropAfter(ECHO_LEN as u64),
+            )
+            .vmi(SILENT_VMI, Behaviour::Silent),
+    );
     let mut proxy = ProxyProcess::start(standin.addr(), &knobs.proxy_env)?;
     let target = Target { proxy: proxy.addr };
     // The binary logs "listening on" before it sets up its signal handling (a socket pair):
@@ -219,8 +234,7 @@ fn run() -> Res<()> {
     };
     let report = results.render();
     println!("{report}");
-    let path = support::report_path("soak", results.knobs.smoke);
-    std::fs::write(&path, &report).map_err(|e| format!("write {}: {e}", path.display()))?;
+    let path = support::write_report("soak", results.knobs.smoke, &report)?;
     eprintln!("bench soak: report written to {}", path.display());
     results.verdict()
 }
@@ -302,10 +316,6 @@ impl Knobs {
     }
 }
 
-fn env_flag(name: &str) -> bool {
-    std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
-}
-
 /// `SOAK_PROXY_ENV`: `VAR=value` pairs separated by whitespace.
 fn proxy_env() -> Res<Vec<(String, String)>> {
     let text = std::env::var("SOAK_PROXY_ENV").unwrap_or_default();
@@ -315,21 +325,6 @@ fn proxy_env() -> Res<Vec<(String, String)>> {
             _ => Err(format!("SOAK_PROXY_ENV: {pair:?} is not VAR=value")),
         })
         .collect()
-}
-
-/// A positive integer from the environment, or `default` when unset or empty.
-fn env_num(name: &str, default: usize) -> Res<usize> {
-    let value = match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v
-            .trim()
-            .parse::<usize>()
-            .map_err(|_| format!("{name}={v:?}: not a number"))?,
-        _ => default,
-    };
-    if value < 1 {
-        return Err(format!("{name} must be at least 1"));
-    }
-    Ok(value)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -351,7 +346,7 @@ struct LogStats {
 
 /// The proxy binary running as a child process; killed (by PID) when dropped, on every path.
 struct ProxyProcess {
-    child: Child,
+    child: ProxyChild,
     addr: SocketAddr,
     metrics: Option<SocketAddr>,
     log: Arc<LogStats>,
@@ -360,42 +355,37 @@ struct ProxyProcess {
 impl ProxyProcess {
     fn start(upstream: SocketAddr, extra_env: &[(String, String)]) -> Res<ProxyProcess> {
         let bin = std::env::var("SOAK_PROXY_BIN").unwrap_or_else(|_| PROXY_BIN.to_string());
-        let mut child = Command::new(&bin)
-            // A clean environment: an inherited RUST_LOG or KUBERNETES_* must not change it.
-            .env_clear()
-            .env("SECRET_KEY", tokens::SECRET)
-            .env("LOCAL_DEV_MODE", "true")
-            .env("WS_REMOTE_URL", format!("ws://{upstream}"))
-            .env("HOST", "127.0.0.1")
-            .env("PORT", "0")
-            .env("METRICS_ADDR", "127.0.0.1:0")
-            // The proxy notices a client that left while it waits for the upstream only when
-            // this fires (see `Kind::AbandonDial`); the default 10 s would make every wave's
-            // drain take 10 s.
-            .env("UPSTREAM_TIMEOUT_SECONDS", UPSTREAM_TIMEOUT_SECONDS)
-            // INFO, the production default: the access log line of every session is written
-            // (and soaked) too.
-            .env("LOGLEVEL", "INFO")
-            .envs(extra_env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("start {bin}: {e}"))?;
-        let stderr = child.stderr.take().expect("stderr is piped");
+        let mut env = proxy::local_dev_env(tokens::SECRET, upstream);
+        env.extend(
+            [
+                ("PORT", "0"),
+                ("METRICS_ADDR", "127.0.0.1:0"),
+                // The proxy notices a client that left while it waits for the upstream only
+                // when this fires (see `Kind::AbandonDial`); the default 10 s would make every
+                // wave's drain take 10 s.
+                ("UPSTREAM_TIMEOUT_SECONDS", UPSTREAM_TIMEOUT_SECONDS),
+                // INFO, the production default: the access log line of every session is
+                // written (and soaked) too.
+                ("LOGLEVEL", "INFO"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        env.extend_from_slice(extra_env);
         let log = Arc::new(LogStats::default());
-        // From here on the guard owns the child, so an early return kills it.
+        let (tx, rx) = mpsc::channel();
+        let child = {
+            let log = Arc::clone(&log);
+            let mut echoed = 0;
+            ProxyChild::spawn(Path::new(&bin), &env, move |line| {
+                forward_line(&line, &tx, &log, &mut echoed)
+            })?
+        };
         let mut proxy = ProxyProcess {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics: None,
-            log: Arc::clone(&log),
+            log,
         };
-        let (tx, rx) = mpsc::channel();
-        thread::Builder::new()
-            .name("proxy-stderr".into())
-            .spawn(move || forward_stderr(stderr, tx, &log))
-            .map_err(|e| format!("spawn stderr reader: {e}"))?;
         proxy.wait_for_addresses(&rx)?;
         Ok(proxy)
     }
@@ -420,57 +410,36 @@ impl ProxyProcess {
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.pid()
     }
 
     /// Fails if the proxy has exited (crashed) during the run.
     fn check_alive(&mut self) -> Res<()> {
-        match self.child.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => Err(format!("the proxy exited: {status}")),
-            Err(e) => Err(format!("cannot check the proxy process: {e}")),
-        }
+        self.child.check_alive()
     }
 
     /// A `kB` field of `/proc/PID/status` (VmRSS, VmHWM, ...).
     fn status_kib(&self, field: &str) -> Res<u64> {
-        let path = format!("/proc/{}/status", self.pid());
-        let text = std::fs::read_to_string(&path).map_err(|e| format!("read {path}: {e}"))?;
-        text.lines()
-            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .ok_or_else(|| format!("no {field} in {path}"))
+        procfs::status_kib(self.pid(), field)
     }
 
     /// VmRSS once it has stopped moving.
     fn settled_rss_kib(&self) -> Res<u64> {
-        let deadline = Instant::now() + SETTLE_LIMIT;
-        let mut last = self.status_kib("VmRSS")?;
-        let mut same = 0;
-        while same < SETTLE_SAMPLES && Instant::now() < deadline {
-            thread::sleep(SETTLE_INTERVAL);
-            let now = self.status_kib("VmRSS")?;
-            same = if now == last { same + 1 } else { 0 };
-            last = now;
-        }
-        Ok(last)
+        procfs::settled_rss_kib(self.pid(), SETTLE)
     }
 
     /// Open descriptors: entries of `/proc/PID/fd`.
     fn fd_count(&self) -> Res<usize> {
-        let path = format!("/proc/{}/fd", self.pid());
-        Ok(std::fs::read_dir(&path)
-            .map_err(|e| format!("read {path}: {e}"))?
-            .count())
+        procfs::fd_count(self.pid())
     }
 
     /// The descriptor count once it has not changed for [`FD_SETTLE`].
     fn settled_fd_count(&self) -> Res<usize> {
-        let deadline = Instant::now() + SETTLE_LIMIT;
+        let deadline = Instant::now() + SETTLE.limit;
         let mut last = self.fd_count()?;
         let mut since = Instant::now();
         while since.elapsed() < FD_SETTLE && Instant::now() < deadline {
-            thread::sleep(SETTLE_INTERVAL);
+            thread::sleep(SETTLE.interval);
             let now = self.fd_count()?;
             if now != last {
                 (last, since) = (now, Instant::now());
@@ -481,26 +450,7 @@ impl ProxyProcess {
 
     /// What the open descriptors are, grouped ("socket: 12, pipe: 1, ..."), for error messages.
     fn fd_summary(&self) -> String {
-        let path = format!("/proc/{}/fd", self.pid());
-        let Ok(dir) = std::fs::read_dir(&path) else {
-            return format!("cannot read {path}");
-        };
-        let mut kinds: Vec<(String, usize)> = Vec::new();
-        for entry in dir.flatten() {
-            let link = std::fs::read_link(entry.path())
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_else(|_| "?".into());
-            let kind = link.split([':', '[']).next().unwrap_or("?").to_string();
-            match kinds.iter_mut().find(|(k, _)| *k == kind) {
-                Some((_, n)) => *n += 1,
-                None => kinds.push((kind, 1)),
-            }
-        }
-        kinds
-            .iter()
-            .map(|(k, n)| format!("{k}: {n}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        procfs::fd_summary(self.pid())
     }
 
     /// The session, refusal and gauge lines of `GET /metrics`.
@@ -541,40 +491,26 @@ impl ProxyProcess {
     }
 }
 
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        // `Child::kill` sends SIGKILL to this child's PID; `wait` reaps it.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Reads the proxy's log: hands over the announced addresses, counts lines, echoes the first
-/// few warnings and errors (the per-session INFO lines, a hundred thousand of them, are only
-/// counted), and keeps the pipe drained so the proxy never blocks on it.
-fn forward_stderr(stderr: ChildStderr, tx: mpsc::Sender<Announced>, log: &LogStats) {
-    let mut echoed = 0;
-    for line in BufReader::new(stderr).lines() {
-        let Ok(line) = line else { break };
-        log.lines.fetch_add(1, Ordering::Relaxed);
-        let addr = |mark: &str| {
-            line.split_once(mark)
-                .and_then(|(_, a)| a.trim().parse::<SocketAddr>().ok())
-        };
-        if let Some(a) = addr("listening on ") {
-            let _ = tx.send(Announced::Listening(a));
-        } else if let Some(a) = addr("serving /metrics, /healthz and /readyz on ") {
-            let _ = tx.send(Announced::Metrics(a));
-        } else if !line.contains(" INFO ") {
-            if line.contains(" ERROR ") {
-                log.errors.fetch_add(1, Ordering::Relaxed);
-            } else {
-                log.warnings.fetch_add(1, Ordering::Relaxed);
-            }
-            if echoed < ECHO_LOG_LINES {
-                echoed += 1;
-                eprintln!("proxy: {line}");
-            }
+/// One line of the proxy's log: hands over the announced addresses, counts lines, echoes the
+/// first few warnings and errors (the per-session INFO lines, a hundred thousand of them, are
+/// only counted). `echoed` counts the lines echoed so far.
+fn forward_line(line: &str, tx: &mpsc::Sender<Announced>, log: &LogStats, echoed: &mut usize) {
+    log.lines.fetch_add(1, Ordering::Relaxed);
+    if let Some(a) = proxy::announced_addr(line, proxy::LISTENING) {
+        let _ = tx.send(Announced::Listening(a));
+    } else if let Some(a) =
+        proxy::announced_addr(line, "serving /metrics, /healthz and /readyz on ")
+    {
+        let _ = tx.send(Announced::Metrics(a));
+    } else if !line.contains(" INFO ") {
+        if line.contains(" ERROR ") {
+            log.errors.fetch_add(1, Ordering::Relaxed);
+        } else {
+            log.warnings.fetch_add(1, Ordering::Relaxed);
+        }
+        if *echoed < ECHO_LOG_LINES {
+            *echoed += 1;
+            eprintln!("proxy: {line}");
         }
     }
 }
@@ -775,13 +711,13 @@ fn session(target: &Target, kind: Kind, seq: u64) -> Res<()> {
             Ok(())
         }
         Kind::AbandonDial => {
-            let vmi = format!("silent-{seq}");
+            let vmi = SILENT_VMI;
             let mut s = target.socket()?;
             let head = format!(
                 "GET /{}/{vmi} HTTP/1.1\r\nHost: soak\r\nUpgrade: websocket\r\n\
                  Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-                token_for(&vmi)
+                token_for(vmi)
             );
             s.write_all(head.as_bytes())
                 .map_err(|e| format!("send the head: {e}"))?;

@@ -29,7 +29,8 @@ expected; exit status 1 on any failure, 2 on a usage error):
      closing handshakes;
   h. the readiness probe is GET /readyz and the liveness probe GET /healthz
      on the port of METRICS_ADDR (the probe path, answered outside
-     MAX_CONNECTIONS), named metrics;
+     MAX_CONNECTIONS), named metrics; METRICS_ADDR is not a loopback address
+     (the kubelet probes the pod IP);
   i. deploy/Dockerfile copies enough of the repository for cargo to load the
      manifest (`cargo fetch --offline --locked` in a copy of just what the
      Dockerfile COPYs), and agrees with the manifests (USER 65532, EXPOSE
@@ -84,6 +85,15 @@ def load_yaml_module():
         return yaml
     except ImportError:
         sys.exit("deploy/check.py: PyYAML is missing and `pip install pyyaml` did not provide it")
+
+
+def is_loopback_host(host):
+    """Whether the host part of an address (`127.0.0.1`, `[::1]`, `localhost`) is loopback."""
+    host = host.strip("[]").lower()
+    if host in ("localhost", "::1") or host.endswith(".localhost"):
+        return True
+    parts = host.split(".")
+    return len(parts) == 4 and parts[0] == "127" and all(p.isdigit() for p in parts)
 
 
 class Checker:
@@ -373,6 +383,19 @@ class Checker:
                 if not (res.get(part) or {}).get(r):
                     self.fail(where, f"{cn}: resources.{part}.{r} is not set")
 
+        # METRICS_ADDR is checked once, before the probes: both probes depend on it, and a
+        # problem with it is one problem, not one per probe.
+        env = {e.get("name"): e.get("value") for e in c.get("env") or []}
+        metrics_addr = env.get("METRICS_ADDR") or ""
+        host, _, probe_port = metrics_addr.rpartition(":")
+        if not probe_port.isdigit() or ports.get("metrics") != int(probe_port):
+            self.fail(where, f"{cn}: METRICS_ADDR must be set, its port a containerPort named metrics")
+            probe_port = None
+        elif is_loopback_host(host):
+            # The kubelet probes the pod IP, never the pod's loopback: a proxy listening
+            # there fails every probe and is restarted over and over.
+            self.fail(where, f"{cn}: METRICS_ADDR {metrics_addr!r} listens on loopback only, but the "
+                      "kubelet's probes target the pod IP; use 0.0.0.0 (or [::]) with that port")
         for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
             get = (c.get(probe) or {}).get("httpGet")
             if not get:
@@ -381,11 +404,9 @@ class Checker:
             if get.get("path") != path:
                 self.fail(where, f"{cn}: {probe} path must be {path}, got {get.get('path')!r}")
             port = get.get("port")
-            env = {e.get("name"): e.get("value") for e in c.get("env") or []}
-            probe_port = (env.get("METRICS_ADDR") or "").rpartition(":")[2]
-            if not probe_port.isdigit() or ports.get("metrics") != int(probe_port):
-                self.fail(where, f"{cn}: METRICS_ADDR must be set, its port a containerPort named metrics")
-            elif ports.get(port, port) != int(probe_port):
+            if probe_port is None:
+                continue
+            if ports.get(port, port) != int(probe_port):
                 self.fail(where, f"{cn}: {probe} must use the probe path's port (metrics, "
                           f"{probe_port}): on {port!r} a proxy at MAX_CONNECTIONS would not answer")
 
@@ -571,13 +592,15 @@ def readme_deploy_commands(readme):
 
 def simulate_deploy(commands, kustom_namespace, namespaces_in_manifests, secret_ref, image_name):
     """Walk the README's deploy commands as a fresh cluster would see them; the problems."""
-    problems, env = [], {}
+    # `env`: exported variables (seen by the commands run); `shell`: variables set by a bare
+    # `NAME=value` line, which later words expand but child processes do not see.
+    problems, env, shell = [], {}, {}
     namespaces, secrets = set(), set()
     built = pushed = set_image = None
     applied = False
 
     def expand(word):
-        return re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m.group(1), m.group(0)), word)
+        return re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m.group(1), shell.get(m.group(1), m.group(0))), word)
 
     def step(words, text):
         nonlocal built, pushed, set_image, applied
@@ -587,16 +610,33 @@ def simulate_deploy(commands, kustom_namespace, namespaces_in_manifests, secret_
             words = shlex.split(joined.split("&&", 1)[-1])
         if words[0] == "export":
             for assignment in words[1:]:
-                name, _, value = assignment.partition("=")
-                env[name] = value
+                name, eq, value = assignment.partition("=")
+                # `export NAME` exports a variable set earlier by a bare assignment.
+                env[name] = value if eq else shell.get(name, env.get(name, ""))
+                shell.pop(name, None)
             return
         # `NAME=value command`: the assignments hold for that command only.
         local = dict(env)
+        assigned = {}
         while words and re.fullmatch(r"\w+=.*", words[0]):
             name, _, value = words.pop(0).partition("=")
-            local[name] = value
+            assigned[name] = value
+        if not words:
+            # A bare `NAME=value` line: a shell variable, expanded by later commands but not
+            # passed to the programs they run (that takes `export`).
+            for name, value in assigned.items():
+                if name not in env:
+                    shell[name] = value
+                else:
+                    env[name] = value
+            return
+        local.update(assigned)
         if words[:2] == ["bash", "deploy/build-image.sh"] or words[0] == "deploy/build-image.sh":
             built = local.get("IMAGE", "kubevirt-vnc-proxy:latest")
+            if "IMAGE" not in local and "IMAGE" in shell:
+                problems.append(f"`{text}` does not see IMAGE={shell['IMAGE']}: it was set by a bare "
+                                "`IMAGE=...` line, not exported, so the script builds "
+                                "kubevirt-vnc-proxy:latest (write `export IMAGE=...`)")
             return
         if len(words) >= 3 and words[0] in ("docker", "podman", "buildah") and words[1] == "push":
             pushed = words[2]

@@ -21,6 +21,9 @@ mod upstream;
 
 use std::process::ExitCode;
 
+/// The VMI the printed token and commands are for.
+const DEMO_VMI: &str = "vnc-demo";
+
 use kubevirt_vnc_proxy::{Config, ConfigError, Proxy, StartError};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
@@ -48,7 +51,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .parse_env("RUST_LOG")
         .format_timestamp_millis()
         .init();
-    let standin = upstream::StandIn::start();
+    // The demo's VMI speaks VNC first; any other name the user mints a token for echoes.
+    let standin = upstream::StandIn::start_with(
+        upstream::StandInOptions::serving(upstream::Behaviour::Echo)
+            .vmi(DEMO_VMI, upstream::Behaviour::Vnc),
+    );
     let from_env = |var: &str, default: &str| {
         (
             var.to_owned(),
@@ -77,7 +84,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .stop_on_signals(&[SIGTERM, SIGINT])
         .bind()?;
     let addr = proxy.local_addr();
-    let vmi = "vnc-demo";
+    let vmi = DEMO_VMI;
     let token = tokens::mint(tokens::SECRET, "lab-ns", &[vmi], tokens::now() + 3600);
     let url = format!("ws://{addr}/{token}/{vmi}");
     println!("stand-in KubeVirt VNC upstream on ws://{}", standin.addr());

@@ -115,7 +115,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
-    let standin = upstream::StandIn::start();
+    // The default allow-list's VMIs: `vnc-demo` speaks VNC first, any other name echoes.
+    let standin = upstream::StandIn::start_with(
+        upstream::StandInOptions::serving(upstream::Behaviour::Echo)
+            .vmi("vnc-demo", upstream::Behaviour::Vnc),
+    );
     // `Config::local_dev` takes a JWT secret; with a custom authorizer it is
     // never used.
     let config = Config::local_dev(

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::upstream::{self, StandIn};
-use common::{Harness, ProxyProcess, SECRET, stall_then_read_all, ws_connect};
+use common::{Behaviour as B, Harness, ProxyProcess, SECRET, stall_then_read_all, ws_connect};
 use tungstenite::Message;
 
 const TOTAL: u64 = 256 << 20;
@@ -18,7 +18,10 @@ const FRAME: u64 = 64 << 10;
 
 #[test]
 fn a_stalled_client_costs_a_few_buffers_and_loses_nothing() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Stream {
+        total: TOTAL,
+        frame: FRAME as usize,
+    });
     let proxy = ProxyProcess::local_dev(standin.addr(), &[("LOGLEVEL", "DEBUG")]);
     let fds_at_start = proxy.open_fds();
     let vmi = format!("stream-{TOTAL}-{FRAME}");
@@ -115,7 +118,7 @@ fn the_binary_refuses_bad_configuration_with_status_2() {
 
 #[test]
 fn the_binary_serves_a_session_with_flags_over_environment() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     // The environment points at a dead port; the flag wins.
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kubevirt-vnc-proxy"));
     cmd.env_clear()
@@ -157,10 +160,16 @@ fn bulk_streams_take_bulk_buffers_up_to_the_limit_and_lose_nothing() {
     // fill a regular buffer gets it, the other keeps regular buffers, and
     // both arrive whole.
     const N: u64 = 48 << 20;
-    let h = Harness::start_with(|c| {
-        c.bulk_buffer_size = 256 << 10;
-        c.bulk_buffers = 1;
-    });
+    let h = Harness::start_with(
+        B::Stream {
+            total: N,
+            frame: FRAME as usize,
+        },
+        |c| {
+            c.bulk_buffer_size = 256 << 10;
+            c.bulk_buffers = 1;
+        },
+    );
     let vmi = format!("stream-{N}-{FRAME}");
     let readers: Vec<_> = (0..2)
         .map(|_| {
@@ -217,20 +226,29 @@ fn a_closing_handshake_that_times_out_gives_its_buffers_back() {
     // timeout ends the session: the buffers it held (full, one of them a
     // bulk buffer) must go back to the pool, or every such session would
     // shrink it for good.
-    let h = Harness::start_with(|c| c.close_timeout = Duration::from_secs(1));
+    let h = Harness::start_with(
+        B::Stream {
+            total: TOTAL,
+            frame: FRAME as usize,
+        },
+        |c| c.close_timeout = Duration::from_secs(1),
+    );
     let vmi = format!("stream-{TOTAL}-{FRAME}");
     let mut ws = h.ws(&vmi);
     // A few messages, so that the stream is flowing (and bulk) ...
     for _ in 0..64 {
         assert!(matches!(ws.read().expect("read"), Message::Binary(_)));
     }
-    // ... then no more reading, until every buffer on the way is full.
-    std::thread::sleep(Duration::from_millis(300));
+    // ... then no more reading, until every buffer on the way is full (the
+    // kernel's first: how long that takes depends on the machine's load,
+    // so wait for it, bounded, rather than for a fixed time).
     let handle = h.handle();
     assert!(
-        handle.stats().buffers_in_use > 0,
+        upstream::wait_until(Duration::from_secs(20), || handle.stats().buffers_in_use
+            > 0),
         "the stalled stream holds a buffer"
     );
+    std::thread::sleep(Duration::from_millis(100));
     ws.close(None).expect("send the close frame");
     assert!(
         upstream::wait_until(Duration::from_secs(10), || handle.stats().open_sessions

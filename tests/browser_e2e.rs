@@ -38,11 +38,11 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use upstream::{StandIn, StandInOptions};
+use upstream::{Behaviour, StandIn, StandInOptions};
 
 const NAMESPACE: &str = "lab-ns";
 const VMI: &str = "testvm";
-/// For path (b): the stand-in bridges VMI names starting with `bridge` to QEMU's VNC port.
+/// For path (b): the VMI the stand-in is told to bridge to QEMU's VNC port.
 const BRIDGE_VMI: &str = "bridge-vm";
 /// QEMU's `-vnc HOST:N` listens on this port plus N.
 const VNC_BASE_PORT: u16 = 5900;
@@ -109,6 +109,7 @@ fn novnc_in_chromium_through_proxy_in_cluster_tls_to_qemu_vnc_tcp() {
         bearer: Some(bearer.clone()),
         kubevirt_paths_only: true,
         bridge_to: Some(qemu.addr),
+        ..StandInOptions::default().vmi(BRIDGE_VMI, Behaviour::Bridge)
     });
     let sa = TempDir::new("sa");
     sa.write("ca.crt", &pki.ca_pem);

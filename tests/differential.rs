@@ -45,7 +45,7 @@ use labo::{LibAuth, Mint};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
-use upstream::StandIn;
+use upstream::{Behaviour as B, StandIn, StandInOptions};
 
 /// At least 32 bytes: ours refuses shorter HMAC secrets.
 const SECRET: &str = "differential-test-secret-0123456789abcdef";
@@ -53,7 +53,7 @@ const OTHER_SECRET: &str = "another-secret-entirely-0123456789abcdef";
 /// How long a client waits for something that may never come.
 const QUIET: Duration = Duration::from_secs(3);
 const STARTUP: Duration = Duration::from_secs(20);
-/// The VMIs the valid token lists (stand-in behaviours, see tests/support/upstream.rs).
+/// The VMIs the valid token lists (their stand-in behaviours are declared where it starts).
 /// `echo-preserve` has sessions of its own (the stand-in answers `preserveSession=true` with 503
 /// while another session to the same VMI is open); `ECHO` is not a DNS-1123 name.
 const VMIS: [&str; 6] = [
@@ -539,7 +539,7 @@ impl Ctx<'_> {
         format!("{client}; {}", self.upstream_since(from))
     }
 
-    /// Waits (bounded) for the next close the stand-in's `sink` records after the first `from`.
+    /// Waits (bounded) for the next close the stand-in's `Sink` records after the first `from`.
     fn sink_close_since(&self, from: usize) -> String {
         let mut got = None;
         upstream::wait_until(QUIET, || {
@@ -961,7 +961,13 @@ fn python_proxy_and_ours_side_by_side() {
         return;
     };
 
-    let up = StandIn::start();
+    // Echo for `echo`, `echo-preserve`, `ECHO` and any other name either proxy may send on.
+    let up = StandIn::start_with(
+        StandInOptions::serving(B::Echo)
+            .vmi("sink", B::Sink)
+            .vmi("closeafter-32", B::CloseAfter(32))
+            .vmi("dropafter-32", B::DropAfter(32)),
+    );
     let ctx = Ctx {
         up: &up,
         python: python.clone(),

@@ -30,7 +30,7 @@ use tungstenite::{Message, WebSocket};
 
 use common::tokens::{self, SECRET};
 use common::upstream::{StandIn, wait_until};
-use common::{NS, raw_request, upgrade_request, ws_connect};
+use common::{Behaviour as B, NS, raw_request, upgrade_request, ws_connect};
 
 /// Generous bound for anything that should take milliseconds.
 const BOUND: Duration = Duration::from_secs(10);
@@ -233,7 +233,7 @@ fn is_refused(e: &Event, want: u16) -> bool {
 /// loop returns, the open session is ended (and reported), the port is free.
 #[test]
 fn run_on_a_host_thread_until_shutdown() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let seen = Arc::default();
     let events = Collector::default();
     let proxy = Proxy::builder(config(&standin))
@@ -293,7 +293,7 @@ fn run_on_a_host_thread_until_shutdown() {
 /// grace is over, then gets close 1001 `going away`; `Running::wait` returns.
 #[test]
 fn spawn_then_drain_and_wait() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let events = Collector::default();
     let mut cfg = config(&standin);
     cfg.metrics_addr = Some("127.0.0.1:0".into());
@@ -361,7 +361,7 @@ fn spawn_then_drain_and_wait() {
 /// `Running::shutdown` stops at once and waits, whatever is open.
 #[test]
 fn running_shutdown_stops_at_once() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let running = Proxy::bind(config(&standin))
         .expect("bind")
         .spawn()
@@ -383,7 +383,7 @@ fn running_shutdown_stops_at_once() {
 /// ever running on a thread of its own.
 #[test]
 fn poll_once_fires_due_timers_and_next_timeout_names_them() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let mut cfg = config(&standin);
     cfg.handshake_timeout = Duration::from_millis(300);
     let mut proxy = Proxy::bind(cfg).expect("bind");
@@ -451,7 +451,7 @@ impl Authorizer for PanicsOnBoom {
 #[test]
 fn a_host_that_catches_its_authorizers_panic_keeps_serving() {
     use std::panic::{AssertUnwindSafe, catch_unwind};
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let mut proxy = Proxy::builder(config(&standin))
         .authorizer(PanicsOnBoom(ConsoleAuth::new(&seen)))
@@ -621,7 +621,7 @@ fn admin_command(addr: SocketAddr, line: &str) -> String {
 /// authorizer, the observer and the admin handler all run on the host thread.
 #[test]
 fn a_host_serves_its_own_listener_and_the_proxy_in_one_poll() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let seen = Arc::default();
     let events = Collector::default();
     let proxy = Proxy::builder(config(&standin))
@@ -685,7 +685,7 @@ fn a_host_serves_its_own_listener_and_the_proxy_in_one_poll() {
 /// given, and filters the query before it goes upstream.
 #[test]
 fn a_custom_authorizer_decides_from_path_headers_and_peer() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let events = Collector::default();
     let running = Proxy::builder(config(&standin))
@@ -790,7 +790,7 @@ fn the_jwt_authorizer_can_be_wrapped() {
             self.0.authorize(req, ticket)
         }
     }
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let cfg = config(&standin);
     let jwt = JwtAuthorizer::new(&cfg).expect("keys");
     let running = Proxy::builder(cfg)
@@ -821,7 +821,7 @@ fn the_jwt_authorizer_can_be_wrapped() {
 /// ignored.
 #[test]
 fn deferred_decisions_do_not_stall_other_sessions() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let seen = Arc::default();
     let events = Collector::default();
     let mut cfg = config(&standin);
@@ -951,7 +951,7 @@ fn deferred_decisions_do_not_stall_other_sessions() {
 /// wire, both close codes and the duration.
 #[test]
 fn an_observer_sees_sessions_open_refused_and_closed() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let events = Collector::default();
     let running = Proxy::builder(config(&standin))
         .observer(events.clone())
@@ -1067,7 +1067,7 @@ fn sample(probes: SocketAddr, name: &str) -> f64 {
 #[test]
 fn a_second_signal_stops_the_workers_after_the_first_loop_drained() {
     use signal_hook::consts::SIGUSR1;
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let mut cfg = config(&standin);
     cfg.shutdown_grace = Duration::from_secs(60);
     // SIGUSR1, not SIGTERM: the handler is this test process's, and another
@@ -1133,7 +1133,7 @@ impl Observer for PanicsOnBoomEvents {
 /// `/healthz` answers 503 so kubelet restarts the pod.
 #[test]
 fn a_worker_that_panics_shows_in_metrics_and_fails_healthz() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let mut cfg = config(&standin);
     cfg.metrics_addr = Some("127.0.0.1:0".into());
     let mut first = Proxy::bind(cfg).expect("bind");
@@ -1188,7 +1188,7 @@ fn a_worker_that_panics_shows_in_metrics_and_fails_healthz() {
 
 #[test]
 fn start_errors_are_typed_and_say_what_to_fix() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
 
     let summary = Proxy::check(&config(&standin)).expect("a valid configuration");
     assert!(summary.contains(&standin.addr().to_string()), "{summary}");
@@ -1225,7 +1225,7 @@ fn start_errors_are_typed_and_say_what_to_fix() {
 /// response head (it once did).
 #[test]
 fn bytes_down_counts_frames_only() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let events = Collector::default();
     let running = Proxy::builder(config(&standin))
         .observer(events.clone())

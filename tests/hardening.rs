@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use common::tokens::{self, SECRET, lab_claims, mint_claims, now};
 use common::upstream::{self, pattern_vec};
-use common::{Harness, NS, raw_request, upgrade_request};
+use common::{Behaviour as B, Harness, NS, StandInOptions, raw_request, upgrade_request};
 use jsonwebtoken::{Algorithm, Header};
 use kubevirt_vnc_proxy::KeyMaterial;
 use kubevirt_vnc_proxy::TokenSource;
@@ -132,7 +132,7 @@ fn client_frame(b0: u8, payload: &[u8], masked: bool) -> Vec<u8> {
 
 #[test]
 fn rotated_keys_are_chosen_by_kid_or_tried_in_order() {
-    let h = Harness::start_with(|c| {
+    let h = Harness::start_with(B::Echo, |c| {
         c.jwt.secrets = vec![key(None, SECRET), key(Some("k2"), OTHER_SECRET)];
     });
     let claims = lab_claims(NS, &["echo"], now() + 600);
@@ -170,7 +170,7 @@ fn rotated_keys_are_chosen_by_kid_or_tried_in_order() {
 
 #[test]
 fn audience_and_issuer_are_required_when_configured() {
-    let h = Harness::start_with(|c| {
+    let h = Harness::start_with(B::Echo, |c| {
         c.jwt.audience = vec!["vnc-proxy".into()];
         c.jwt.issuer = vec!["lab-orchestrator".into()];
     });
@@ -190,7 +190,7 @@ fn audience_and_issuer_are_required_when_configured() {
 
 #[test]
 fn every_token_transport() {
-    let h = Harness::start_with(|c| {
+    let h = Harness::start_with(B::Echo, |c| {
         c.token_sources = vec![
             TokenSource::Query,
             TokenSource::Header,
@@ -245,7 +245,9 @@ fn every_token_transport() {
 
 #[test]
 fn origins_are_checked_before_the_token() {
-    let h = Harness::start_with(|c| c.allowed_origins = vec!["https://lab.example".into()]);
+    let h = Harness::start_with(B::Echo, |c| {
+        c.allowed_origins = vec!["https://lab.example".into()]
+    });
     let t = Harness::token(&["echo"]);
     let path = format!("/{t}/echo");
     assert_eq!(status(&h, &path, "Origin: https://lab.example\r\n").0, 101);
@@ -270,7 +272,7 @@ fn origins_are_checked_before_the_token() {
 
 #[test]
 fn a_session_ends_when_its_token_expires() {
-    let h = Harness::start_with(|c| c.jwt.leeway_secs = 0);
+    let h = Harness::start_with(B::Sink, |c| c.jwt.leeway_secs = 0);
     let t = tokens::mint(SECRET, NS, &["sink-exp"], now() + 2);
     let mut s = raw_session(&h, &format!("/{t}/sink-exp"));
     let started = Instant::now();
@@ -293,7 +295,7 @@ fn a_session_ends_when_its_token_expires() {
 
 #[test]
 fn frame_violations_from_the_client_close_with_1002_or_1009() {
-    let h = Harness::start_with(|c| c.max_frame_size = 1000);
+    let h = Harness::start_with(B::Sink, |c| c.max_frame_size = 1000);
     let cases: Vec<(&str, Vec<u8>, u16)> = vec![
         ("unmasked", client_frame(0x82, b"x", false), 1002),
         ("RSV1", client_frame(0xC2, b"x", true), 1002),
@@ -340,7 +342,7 @@ fn frame_violations_from_the_client_close_with_1002_or_1009() {
 
 #[test]
 fn an_upstream_sending_masked_frames_is_treated_as_broken() {
-    let h = Harness::start();
+    let h = Harness::start(B::Masked);
     let t = Harness::token(&["masked"]);
     let mut s = raw_session(&h, &format!("/{t}/masked"));
     let (code, reason) = close_of(&mut s);
@@ -350,7 +352,10 @@ fn an_upstream_sending_masked_frames_is_treated_as_broken() {
 
 #[test]
 fn refusals_as_close_codes_a_page_can_read() {
-    let h = Harness::start_with(|c| c.reject_with_close = true);
+    let h = Harness::start_with(
+        StandInOptions::serving(B::Echo).vmi("status-503", B::Status(503)),
+        |c| c.reject_with_close = true,
+    );
     let good = Harness::token(&["echo", "status-503"]);
     let cases = [
         (format!("/{}/echo", "not.a.token"), 4401),
@@ -373,7 +378,7 @@ fn refusals_as_close_codes_a_page_can_read() {
 
 #[test]
 fn the_connection_limit_pauses_accepting_and_resumes_at_90_percent() {
-    let h = Harness::start_with(|c| c.max_connections = 5);
+    let h = Harness::start_with(B::Echo, |c| c.max_connections = 5);
     let t = Harness::token(&["echo"]);
     let mut open: Vec<_> = (0..5).map(|_| h.ws_path(&format!("/{t}/echo"))).collect();
     // The sixth waits in the backlog: no answer while the proxy is full.
@@ -402,7 +407,7 @@ fn the_connection_limit_pauses_accepting_and_resumes_at_90_percent() {
 
 #[test]
 fn too_many_connections_from_one_address_get_503() {
-    let h = Harness::start_with(|c| c.max_connections_per_ip = 2);
+    let h = Harness::start_with(B::Echo, |c| c.max_connections_per_ip = 2);
     let t = Harness::token(&["echo"]);
     let _a = h.ws_path(&format!("/{t}/echo"));
     let _b = h.ws_path(&format!("/{t}/echo"));
@@ -417,7 +422,7 @@ fn too_many_connections_from_one_address_get_503() {
 
 #[test]
 fn huge_and_truncated_tokens_get_exact_refusals() {
-    let h = Harness::start();
+    let h = Harness::start(B::Echo);
     let t = Harness::token(&["echo"]);
     let truncated = &t[..t.len() / 2];
     assert_eq!(
@@ -450,7 +455,7 @@ fn a_thousand_slow_clients_do_not_starve_real_sessions() {
         1000,
         2,
     );
-    let h = Harness::start();
+    let h = Harness::start(B::Echo);
     let mut slow: Vec<TcpStream> = (0..n)
         .map(|_| TcpStream::connect(h.addr).unwrap())
         .collect();
@@ -482,7 +487,7 @@ fn replies_to_frames_before_a_violation_still_reach_the_client() {
     // As with a direct connection (Autobahn 3.2, 4.1.3, 5.15): a valid
     // message, then a bad frame in the same write; the echo of the message
     // arrives, then the proxy's close with 1002 and its reason.
-    let h = Harness::start();
+    let h = Harness::start(B::Echo);
     let t = Harness::token(&["echo-ff"]);
     let mut s = raw_session(&h, &format!("/{t}/echo-ff"));
     let mut both = client_frame(0x81, b"hello", true);

@@ -10,7 +10,9 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
-use common::{Binary, NS, SECRET, StandIn, raw_request, tokens, upgrade_request, ws_connect};
+use common::{
+    Behaviour as B, Binary, NS, SECRET, StandIn, raw_request, tokens, upgrade_request, ws_connect,
+};
 use serde_json::Value;
 use tungstenite::Message;
 
@@ -173,7 +175,7 @@ fn check(schema: &Schema, kind: &str, line: &Value) {
 #[test]
 fn every_json_line_has_ts_and_level_and_the_documented_fields() {
     let schema = documented_schema();
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let p = Binary::start(standin.addr(), &[("LOG_FORMAT", "json")]);
 
     // A session: opened, then session.

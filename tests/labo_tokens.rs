@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
-use common::{Harness, SECRET, raw_request, upgrade_request, upstream, ws_connect};
+use common::{Behaviour as B, Harness, SECRET, raw_request, upgrade_request, upstream, ws_connect};
 use jsonwebtoken::Algorithm;
 use kubevirt_vnc_proxy::Config;
 use kubevirt_vnc_proxy::KeyMaterial;
@@ -67,9 +67,9 @@ impl Issuer {
     }
 
     /// A proxy that accepts this issuer's algorithm (only that one) with its key, then
-    /// `adjust`ed.
-    fn proxy(self, adjust: impl FnOnce(&mut Config)) -> Harness {
-        Harness::start_with(|c| {
+    /// `adjust`ed, in front of a stand-in that serves `upstream`.
+    fn proxy(self, upstream: B, adjust: impl FnOnce(&mut Config)) -> Harness {
+        Harness::start_with(upstream, |c| {
             if self.alg == Alg::Rs256 {
                 c.jwt.algorithms = vec![Algorithm::RS256];
                 c.jwt.public_keys = vec![KeyMaterial {
@@ -179,7 +179,7 @@ fn a_valid_token_gets_101_and_relays_both_ways() {
         return;
     }
     for issuer in ISSUERS {
-        let h = issuer.proxy(|_| {});
+        let h = issuer.proxy(B::Echo, |_| {});
         let t = issuer.mint(lab(&["echo-valid"]));
         let mut ws = session(&h, &t, "echo-valid", &issuer.name());
         relays_both_ways(&mut ws, &issuer.name());
@@ -192,7 +192,7 @@ fn a_token_expired_ten_minutes_ago_gets_401() {
         return;
     }
     for issuer in ISSUERS {
-        let h = issuer.proxy(|_| {});
+        let h = issuer.proxy(B::Echo, |_| {});
         let t = issuer.mint(lab(&["echo"]).expires_in(-600.0));
         let (status, body) = refusal(&h, &t, "echo", &issuer.name());
         assert_eq!(status, 401, "{}: {body}", issuer.name());
@@ -207,11 +207,13 @@ fn ten_seconds_past_exp_is_inside_the_default_leeway() {
     }
     for issuer in ISSUERS {
         let t = issuer.mint(lab(&["echo-leeway"]).expires_in(-10.0));
-        let h = issuer.proxy(|c| assert_eq!(c.jwt.leeway_secs, 30, "the default leeway"));
+        let h = issuer.proxy(B::Echo, |c| {
+            assert_eq!(c.jwt.leeway_secs, 30, "the default leeway")
+        });
         let mut ws = session(&h, &t, "echo-leeway", &issuer.name());
         relays_both_ways(&mut ws, &issuer.name());
         // The leeway is what lets it in: without one, the same token is refused.
-        let strict = issuer.proxy(|c| c.jwt.leeway_secs = 0);
+        let strict = issuer.proxy(B::Echo, |c| c.jwt.leeway_secs = 0);
         let (status, body) = refusal(&strict, &t, "echo-leeway", &issuer.name());
         assert_eq!(status, 401, "{} without leeway: {body}", issuer.name());
     }
@@ -223,7 +225,7 @@ fn a_vmi_not_listed_in_the_token_gets_403() {
         return;
     }
     for issuer in ISSUERS {
-        let h = issuer.proxy(|_| {});
+        let h = issuer.proxy(B::Echo, |_| {});
         let t = issuer.mint(lab(&["ubuntu", "win-10"]));
         let (status, body) = refusal(&h, &t, "echo-other", &issuer.name());
         assert_eq!(status, 403, "{}: {body}", issuer.name());
@@ -246,7 +248,7 @@ fn string_ids_and_additional_data_pass() {
         "limits": {"cpu": 2.5, "gpu": null, "flags": [true, false]},
     });
     for issuer in ISSUERS {
-        let h = issuer.proxy(|_| {});
+        let h = issuer.proxy(B::Echo, |_| {});
         let mut tokens = vec![("string ids", issuer.mint(string_ids()))];
         if issuer.lib == LibAuth::V2_2_0 {
             tokens.push((
@@ -293,7 +295,7 @@ fn a_session_is_closed_with_1008_when_its_token_expires() {
 /// passed, within a second, and the upstream with 1000.
 fn closes_at_exp(issuer: Issuer) {
     let what = issuer.name();
-    let h = issuer.proxy(|c| {
+    let h = issuer.proxy(B::Sink, |c| {
         c.jwt.leeway_secs = 0;
         c.close_on_token_expiry = true;
     });

@@ -12,7 +12,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::upstream::{self, StandIn};
-use common::{Binary, Harness, SECRET, raw_request, upgrade_request, ws_connect};
+use common::{
+    Behaviour as B, Binary, Harness, SECRET, StandInOptions, raw_request, upgrade_request,
+    ws_connect,
+};
 use tungstenite::Message;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kubevirt-vnc-proxy");
@@ -71,7 +74,7 @@ fn masked(op: u8, payload: &[u8]) -> Vec<u8> {
 
 #[test]
 fn keepalive_pings_a_silent_client_and_takes_its_pongs_out_of_the_stream() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Sink);
     let p = Binary::start(
         standin.addr(),
         &[
@@ -132,8 +135,8 @@ fn keepalive_pings_a_silent_client_and_takes_its_pongs_out_of_the_stream() {
 
 #[test]
 fn a_client_that_stops_answering_is_gone_after_the_peer_timeout() {
-    let standin = StandIn::start();
-    let h = Harness::start_with(|c| {
+    let standin = StandIn::serving(B::Sink);
+    let h = Harness::start_with(B::Sink, |c| {
         c.upstream =
             kubevirt_vnc_proxy::config::UpstreamUrl::parse(&format!("ws://{}", standin.addr()))
                 .unwrap();
@@ -165,7 +168,7 @@ fn a_client_that_stops_answering_is_gone_after_the_peer_timeout() {
 
 #[test]
 fn sigterm_drains_then_closes_with_1001_and_exits_0() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let mut p = Binary::start(standin.addr(), &[("SHUTDOWN_GRACE_SECONDS", "2")]);
     assert_eq!(get(p.addr, "/healthz").0, 200);
     assert_eq!(get(p.addr, "/readyz").0, 200);
@@ -202,7 +205,7 @@ fn sigterm_drains_then_closes_with_1001_and_exits_0() {
 
 #[test]
 fn a_second_signal_stops_at_once() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let mut p = Binary::start(standin.addr(), &[("SHUTDOWN_GRACE_SECONDS", "60")]);
     let t = Harness::token(&["echo"]);
     let _ws = ws_connect(p.addr, &format!("/{t}/echo")).unwrap();
@@ -219,7 +222,7 @@ fn a_second_signal_stops_at_once() {
 
 #[test]
 fn metrics_are_served_in_the_prometheus_text_format() {
-    let h = Harness::start_with(|c| c.metrics_addr = Some("127.0.0.1:0".into()));
+    let h = Harness::start_with(B::Echo, |c| c.metrics_addr = Some("127.0.0.1:0".into()));
     let metrics = h.proxy.as_ref().unwrap().metrics_addr().unwrap();
     let mut ws = h.ws("echo");
     ws.send(Message::binary(vec![7; 1000])).unwrap();
@@ -282,7 +285,7 @@ fn metrics_are_served_in_the_prometheus_text_format() {
 
 #[test]
 fn the_access_log_has_one_json_line_per_connection_and_never_the_token() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let p = Binary::start(standin.addr(), &[("LOG_FORMAT", "json")]);
     let t = Harness::token(&["echo"]);
     let mut ws = ws_connect(p.addr, &format!("/{t}/echo")).unwrap();
@@ -378,7 +381,7 @@ fn the_token_subcommand_mints_what_the_proxy_accepts() {
         String::from_utf8_lossy(&out.stderr)
     );
     let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    let h = Harness::start();
+    let h = Harness::start(B::Echo);
     let mut ws = h.ws_path(&format!("/{token}/echo"));
     ws.send(Message::text("minted")).unwrap();
     assert_eq!(ws.read().unwrap(), Message::text("minted"));
@@ -458,7 +461,7 @@ fn check_config_and_version() {
 
 #[test]
 fn two_workers_share_the_port_one_metrics_one_signal_path() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let mut p = Binary::start(
         standin.addr(),
         &[
@@ -515,7 +518,7 @@ fn two_workers_share_the_port_one_metrics_one_signal_path() {
 
 #[test]
 fn max_connections_is_per_worker() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let p = Binary::start(
         standin.addr(),
         &[
@@ -575,7 +578,7 @@ fn threads(pid: u32) -> usize {
 
 #[test]
 fn sigterm_on_an_idle_proxy_exits_at_once() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let mut p = Binary::start(standin.addr(), &[("SHUTDOWN_GRACE_SECONDS", "25")]);
     let started = Instant::now();
     p.signal("TERM");
@@ -595,7 +598,7 @@ fn a_line_break_in_a_token_id_stays_inside_one_log_record() {
     let mut mint = labo::Mint::new(SECRET, &["echo"]);
     mint.user_id = serde_json::json!("5\r\nINFO forged record");
     let t = mint.with(labo::LibAuth::V2_2_0);
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let p = Binary::start(standin.addr(), &[("LOGLEVEL", "DEBUG")]);
     let mut ws = ws_connect(p.addr, &format!("/{t}/echo")).unwrap();
     ws.send(Message::binary(&b"x"[..])).unwrap();
@@ -638,7 +641,7 @@ fn the_binary_raises_its_open_files_limit_to_what_max_connections_needs() {
         eprintln!("SKIPPED: the hard open-files limit ({hard}) leaves nothing to raise to");
         return;
     }
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     // Started from a shell with the common default soft limit.
     let start = |max_connections: &str| {
         let mut child = Command::new("bash")
@@ -700,7 +703,7 @@ fn the_binary_raises_its_open_files_limit_to_what_max_connections_needs() {
 
 #[test]
 fn probes_on_the_probe_path_answer_a_proxy_full_of_slow_clients() {
-    let h = Harness::start_with(|c| {
+    let h = Harness::start_with(B::Echo, |c| {
         c.max_connections = 20;
         c.metrics_addr = Some("127.0.0.1:0".into());
     });
@@ -742,10 +745,13 @@ fn probes_on_the_probe_path_answer_a_proxy_full_of_slow_clients() {
 
 #[test]
 fn metrics_count_sessions_by_how_they_ended() {
-    let h = Harness::start_with(|c| {
-        c.metrics_addr = Some("127.0.0.1:0".into());
-        c.jwt.leeway_secs = 0;
-    });
+    let h = Harness::start_with(
+        StandInOptions::serving(B::Echo).vmi("dropafter-10", B::DropAfter(10)),
+        |c| {
+            c.metrics_addr = Some("127.0.0.1:0".into());
+            c.jwt.leeway_secs = 0;
+        },
+    );
     let metrics = h.proxy.as_ref().unwrap().metrics_addr().unwrap();
     // A close frame each way: normal.
     let mut ws = h.ws("echo");
@@ -777,7 +783,7 @@ fn metrics_count_sessions_by_how_they_ended() {
 
 #[test]
 fn probe_connections_do_not_count_toward_max_connections_per_ip() {
-    let h = Harness::start_with(|c| {
+    let h = Harness::start_with(B::Echo, |c| {
         c.max_connections_per_ip = 1;
         c.metrics_addr = Some("127.0.0.1:0".into());
     });
@@ -851,7 +857,7 @@ fn start_with_nofile(
 /// on every pass of a busy loop, and is answered once descriptors free up.
 #[test]
 fn out_of_descriptors_the_probe_path_backs_off_like_the_main_port() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let (mut child, lines) = start_with_nofile(
         40,
         standin.addr(),

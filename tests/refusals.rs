@@ -10,7 +10,9 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::tokens::{self, SECRET, lab_claims, mint, mint_claims, now};
-use common::{Harness, NS, RawAnswer, raw_request, upgrade_request};
+use common::{
+    Behaviour as B, Harness, NS, RawAnswer, StandInOptions, raw_request, upgrade_request,
+};
 use jsonwebtoken::{Algorithm, Header};
 use kubevirt_vnc_proxy::KeyMaterial;
 
@@ -38,7 +40,7 @@ fn assert_no_upstream<F: FnOnce() -> RawAnswer>(h: &Harness, f: F) -> RawAnswer 
 
 #[test]
 fn malformed_and_non_upgrade_requests_get_400() {
-    let h = Harness::start();
+    let h = Harness::start(B::Echo);
     let tok = Harness::token(&["echo"]);
     let path = format!("/{tok}/echo");
     let cases: Vec<(Vec<u8>, u16)> = vec![
@@ -101,7 +103,7 @@ fn malformed_and_non_upgrade_requests_get_400() {
 
 #[test]
 fn wrong_websocket_version_gets_426_with_the_supported_version() {
-    let h = Harness::start();
+    let h = Harness::start(B::Echo);
     let path = format!("/{}/echo", Harness::token(&["echo"]));
     let req = String::from_utf8(upgrade_request(&path, ""))
         .unwrap()
@@ -113,7 +115,7 @@ fn wrong_websocket_version_gets_426_with_the_supported_version() {
 
 #[test]
 fn oversized_heads_get_431() {
-    let h = Harness::start();
+    let h = Harness::start(B::Echo);
     let path = format!("/{}/echo", Harness::token(&["echo"]));
     let big = format!("X-Pad: {}\r\n", "a".repeat(9000));
     let a = assert_no_upstream(&h, || refused(&h, &upgrade_request(&path, &big)));
@@ -122,7 +124,7 @@ fn oversized_heads_get_431() {
 
 #[test]
 fn unknown_paths_and_prefixes_get_404() {
-    let h = Harness::start_with(|c| c.path_prefix = Some("console".into()));
+    let h = Harness::start_with(B::Echo, |c| c.path_prefix = Some("console".into()));
     let tok = Harness::token(&["echo"]);
     for path in [
         format!("/{tok}/echo"),
@@ -142,7 +144,7 @@ fn unknown_paths_and_prefixes_get_404() {
 
 #[test]
 fn bad_tokens_get_401_before_any_upstream_work() {
-    let h = Harness::start();
+    let h = Harness::start(B::Echo);
     let claims = lab_claims(NS, &["echo"], now() + 600);
     let mut nbf = claims.clone();
     nbf["nbf"] = serde_json::json!(now() + 3600);
@@ -202,7 +204,7 @@ fn bad_tokens_get_401_before_any_upstream_work() {
 
 #[test]
 fn forbidden_names_get_403_before_any_upstream_work() {
-    let h = Harness::start();
+    let h = Harness::start(B::Echo);
     let tok = mint(SECRET, NS, &["echo", "Echo", "a..b"], now() + 600);
     for vmi in [
         "other",
@@ -237,7 +239,7 @@ fn forbidden_names_get_403_before_any_upstream_work() {
 /// itself mints (a fractional `exp`) is tested in tests/labo_tokens.rs.
 #[test]
 fn pyjwt_fixtures_with_an_integer_exp_are_accepted_unchanged() {
-    let h = Harness::start();
+    let h = Harness::start(B::Echo);
     for fixture in ["pyjwt_hs256.jwt", "pyjwt_hs256_string_ids.jwt"] {
         let token = std::fs::read_to_string(format!("tests/fixtures/{fixture}")).unwrap();
         let mut ws = h.ws_path(&format!("/{}/ubuntu", token.trim()));
@@ -254,7 +256,7 @@ fn pyjwt_fixtures_with_an_integer_exp_are_accepted_unchanged() {
 
 #[test]
 fn rs256_tokens_with_a_public_key() {
-    let h = Harness::start_with(|c| {
+    let h = Harness::start_with(B::Echo, |c| {
         c.jwt.algorithms = vec![Algorithm::RS256];
         c.jwt.public_keys = vec![KeyMaterial {
             kid: None,
@@ -283,7 +285,14 @@ fn rs256_tokens_with_a_public_key() {
 
 #[test]
 fn upstream_failures_map_to_502_404_503() {
-    let h = Harness::start();
+    let h = Harness::start(
+        StandInOptions::default()
+            .vmi("badaccept", B::BadAccept)
+            .vmi("status-403", B::Status(403))
+            .vmi("status-404", B::Status(404))
+            .vmi("status-500", B::Status(500))
+            .vmi("status-503", B::Status(503)),
+    );
     let cases = [
         ("status-500", 502, "stand-in says 500"),
         ("status-404", 404, "stand-in says 404"),
@@ -307,7 +316,7 @@ fn unreachable_upstream_gets_502() {
         .local_addr()
         .unwrap()
         .port();
-    let h = Harness::start_with(|c| c.upstream.port = port);
+    let h = Harness::start_with(B::Echo, |c| c.upstream.port = port);
     let tok = Harness::token(&["echo"]);
     let a = raw_request(h.addr, &upgrade_request(&format!("/{tok}/echo"), ""));
     assert_eq!(a.status, 502, "{}", a.body);
@@ -316,7 +325,7 @@ fn unreachable_upstream_gets_502() {
 
 #[test]
 fn silent_upstream_gets_504_after_the_timeout() {
-    let h = Harness::start_with(|c| c.upstream_timeout = Duration::from_secs(1));
+    let h = Harness::start_with(B::Silent, |c| c.upstream_timeout = Duration::from_secs(1));
     let tok = Harness::token(&["silent"]);
     let started = Instant::now();
     let a = raw_request(h.addr, &upgrade_request(&format!("/{tok}/silent"), ""));
@@ -327,7 +336,7 @@ fn silent_upstream_gets_504_after_the_timeout() {
 
 #[test]
 fn slow_clients_get_408_after_the_handshake_timeout() {
-    let h = Harness::start_with(|c| c.handshake_timeout = Duration::from_secs(1));
+    let h = Harness::start_with(B::Echo, |c| c.handshake_timeout = Duration::from_secs(1));
     let mut s = TcpStream::connect(h.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(b"GET /x/y HTTP/1.1\r\nHost: x\r\n").unwrap();
@@ -341,7 +350,7 @@ fn slow_clients_get_408_after_the_handshake_timeout() {
 
 #[test]
 fn refusals_close_the_socket_and_leave_nothing_open() {
-    let h = Harness::start();
+    let h = Harness::start(B::Echo);
     for _ in 0..20 {
         let a = refused(&h, &upgrade_request("/nope", ""));
         assert_eq!(a.status, 404);
@@ -351,7 +360,7 @@ fn refusals_close_the_socket_and_leave_nothing_open() {
 
 #[test]
 fn a_client_that_leaves_while_the_upstream_is_silent_is_let_go_at_once() {
-    let h = Harness::start(); // UPSTREAM_TIMEOUT_SECONDS stays at 10
+    let h = Harness::start(B::Silent); // UPSTREAM_TIMEOUT_SECONDS stays at 10
     let tok = Harness::token(&["silent"]);
     let mut s = TcpStream::connect(h.addr).unwrap();
     s.write_all(&upgrade_request(&format!("/{tok}/silent"), ""))

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::upstream::{self, pattern_vec};
-use common::{Harness, NS};
+use common::{Behaviour as B, Harness, NS};
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::Frame;
 use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
@@ -13,7 +13,7 @@ use tungstenite::{Bytes, Message};
 
 #[test]
 fn echoes_text_and_binary_both_ways() {
-    let h = Harness::start();
+    let h = Harness::start(B::Echo);
     let mut ws = h.ws("echo");
     ws.send(Message::text("hello VM")).unwrap();
     assert_eq!(ws.read().unwrap(), Message::text("hello VM"));
@@ -39,7 +39,7 @@ fn echoes_text_and_binary_both_ways() {
 fn bytes_the_upstream_sends_with_its_101_are_not_lost() {
     // A VNC server speaks first: its greeting can arrive in the same TCP
     // segment as the 101.
-    let h = Harness::start();
+    let h = Harness::start(B::Vnc);
     let mut ws = h.ws("vnc");
     assert_eq!(
         ws.read().unwrap(),
@@ -54,7 +54,7 @@ fn bytes_the_upstream_sends_with_its_101_are_not_lost() {
 
 #[test]
 fn upstream_sees_the_filled_in_path_and_host() {
-    let h = Harness::start();
+    let h = Harness::start(B::Echo);
     let mut ws = h.ws("echo-path");
     ws.send(Message::text("x")).unwrap();
     ws.read().unwrap();
@@ -80,7 +80,7 @@ fn upstream_sees_the_filled_in_path_and_host() {
 
 #[test]
 fn a_16_mib_message_arrives_intact() {
-    let h = Harness::start();
+    let h = Harness::start(B::Echo);
     let mut ws = h.ws("echo-big");
     let big = pattern_vec(7, 16 << 20);
     ws.send(Message::binary(big.clone())).unwrap();
@@ -92,7 +92,7 @@ fn a_16_mib_message_arrives_intact() {
 
 #[test]
 fn a_message_in_1000_fragments_arrives_intact() {
-    let h = Harness::start();
+    let h = Harness::start(B::Echo);
     let mut ws = h.ws("echo-frag");
     let mut whole = Vec::new();
     for i in 0..1000u32 {
@@ -131,7 +131,7 @@ fn a_message_in_1000_fragments_arrives_intact() {
 
 #[test]
 fn pings_and_pongs_pass_end_to_end() {
-    let h = Harness::start();
+    let h = Harness::start(B::Echo);
     let mut ws = h.ws("echo-ping");
     ws.send(Message::Ping(Bytes::from_static(b"are you there")))
         .unwrap();
@@ -143,7 +143,7 @@ fn pings_and_pongs_pass_end_to_end() {
 
 #[test]
 fn upstream_dropping_tcp_gives_the_client_a_close_frame() {
-    let h = Harness::start();
+    let h = Harness::start(B::DropAfter(5000));
     let mut ws = h.ws("dropafter-5000");
     assert_eq!(ws.read().unwrap(), Message::binary(pattern_vec(0, 5000)));
     match ws.read() {
@@ -162,7 +162,7 @@ fn upstream_dropping_tcp_gives_the_client_a_close_frame() {
 
 #[test]
 fn upstream_closing_normally_is_relayed() {
-    let h = Harness::start();
+    let h = Harness::start(B::CloseAfter(100));
     let mut ws = h.ws("closeafter-100");
     assert_eq!(ws.read().unwrap(), Message::binary(pattern_vec(0, 100)));
     match ws.read() {
@@ -184,7 +184,7 @@ fn upstream_closing_normally_is_relayed() {
 
 #[test]
 fn client_dropping_tcp_mid_stream_gives_the_upstream_a_close_frame() {
-    let h = Harness::start();
+    let h = Harness::start(B::Sink);
     let mut ws = h.ws("sink");
     for i in 0..10u64 {
         ws.send(Message::binary(pattern_vec(i * 1000, 1000)))
@@ -216,7 +216,9 @@ fn client_dropping_tcp_mid_stream_gives_the_upstream_a_close_frame() {
 
 #[test]
 fn a_client_that_never_closes_its_socket_is_dropped_after_the_close_timeout() {
-    let h = Harness::start_with(|c| c.close_timeout = Duration::from_secs(1));
+    let h = Harness::start_with(B::CloseAfter(10), |c| {
+        c.close_timeout = Duration::from_secs(1)
+    });
     let mut ws = h.ws("closeafter-10");
     assert_eq!(ws.read().unwrap(), Message::binary(pattern_vec(0, 10)));
     assert!(matches!(ws.read(), Ok(Message::Close(_))));
@@ -235,7 +237,7 @@ fn keepalive_timers_never_strand_a_closing_session() {
     // Regression: a keepalive check that fell due while the closing
     // handshake was still running cleared the session's only deadline, and
     // a peer that never completed the close kept both sockets open forever.
-    let h = Harness::start_with(|c| {
+    let h = Harness::start_with(B::CloseAfter(10), |c| {
         c.ping_interval = Duration::from_secs(1);
         c.peer_timeout = Duration::from_secs(3);
         c.close_timeout = Duration::from_secs(3);
@@ -253,7 +255,7 @@ fn a_thousand_concurrent_sessions() {
     // Each session holds five descriptors in this process: the client's socket, the proxy's
     // two (client side, upstream side), and the stand-in's socket with the clone it keeps.
     let n = common::fit_to_nofile_limit("a_thousand_concurrent_sessions", 1000, 5);
-    let h = Harness::start();
+    let h = Harness::start(B::Echo);
     let token = Harness::token(&["echo-many"]);
     let mut sockets = Vec::with_capacity(n);
     for _ in 0..n {
@@ -281,7 +283,7 @@ fn a_last_frame_arriving_with_the_fin_is_relayed_and_ends_the_session() {
     // the frame reaches the upstream, then a close 1001, and nothing hangs.
     use std::io::{Read, Write};
     use std::net::{Shutdown, TcpStream};
-    let h = Harness::start_with(|c| c.close_timeout = Duration::from_secs(30));
+    let h = Harness::start_with(B::Sink, |c| c.close_timeout = Duration::from_secs(30));
     const SESSIONS: usize = 20;
     let payload = pattern_vec(0, 1000);
     for _ in 0..SESSIONS {

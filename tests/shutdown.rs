@@ -19,7 +19,9 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Harness, ProxyProcess, StandIn, upgrade_request, ws_connect};
+use common::{
+    Behaviour as B, Harness, ProxyProcess, StandIn, StandInOptions, upgrade_request, ws_connect,
+};
 use tungstenite::Message;
 use tungstenite::protocol::frame::coding::CloseCode;
 
@@ -283,7 +285,7 @@ fn read_to_end_lenient(s: &mut TcpStream) -> Vec<u8> {
 /// handshakes are done, not at the end of the closing time.
 #[test]
 fn a_client_that_answers_the_close_gets_1001_and_the_binary_exits_at_the_grace() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let mut p = proxy(&standin);
     let mut ws = ws_connect(p.addr, &format!("/{}/echo", Harness::token(&["echo"]))).unwrap();
     ws.send(Message::text("hello")).unwrap();
@@ -335,7 +337,7 @@ fn a_client_that_answers_the_close_gets_1001_and_the_binary_exits_at_the_grace()
 /// connection open: it no longer holds the binary for the close timeout.
 #[test]
 fn a_client_that_reads_but_never_answers_the_close_does_not_hold_the_exit() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let mut p = proxy(&standin);
     let mut s = raw_session(p.addr, "echo");
     let reader = std::thread::spawn(move || {
@@ -356,7 +358,7 @@ fn a_client_that_reads_but_never_answers_the_close_does_not_hold_the_exit() {
 /// buffer (it finds it when it finally reads), and the binary exits anyway.
 #[test]
 fn a_client_that_reads_nothing_does_not_hold_the_exit() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let mut p = proxy(&standin);
     let mut s = raw_session(p.addr, "echo");
     terminate_within_bound(&mut p, GRACE);
@@ -369,7 +371,10 @@ fn a_client_that_reads_nothing_does_not_hold_the_exit() {
 /// never be delivered. The closing time bounds that too.
 #[test]
 fn a_client_that_reads_nothing_of_a_stream_does_not_hold_the_exit() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Stream {
+        total: 1073741824,
+        frame: 65536,
+    });
     let mut p = proxy(&standin);
     let s = raw_session(p.addr, "stream-1073741824-65536");
     // Let the stream fill every buffer on the way.
@@ -382,7 +387,7 @@ fn a_client_that_reads_nothing_of_a_stream_does_not_hold_the_exit() {
 /// and it does not hold the exit either.
 #[test]
 fn an_idle_connection_without_a_request_gets_503_and_does_not_hold_the_exit() {
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Echo);
     let mut p = proxy(&standin);
     let mut s = TcpStream::connect(p.addr).expect("connect");
     s.set_read_timeout(Some(PROMPT)).unwrap();
@@ -400,7 +405,17 @@ fn an_idle_connection_without_a_request_gets_503_and_does_not_hold_the_exit() {
 /// Every kind at once, as a pod sees them.
 #[test]
 fn every_kind_of_client_at_once_within_the_bound() {
-    let standin = StandIn::start();
+    let standin = StandIn::start_with(
+        StandInOptions::serving(B::Echo)
+            .vmi(
+                "stream-1073741824-65536",
+                B::Stream {
+                    total: 1073741824,
+                    frame: 65536,
+                },
+            )
+            .vmi("vnc-deaf", B::Vnc),
+    );
     let mut p = proxy(&standin);
     let mut answering =
         ws_connect(p.addr, &format!("/{}/echo", Harness::token(&["echo"]))).unwrap();
@@ -444,7 +459,7 @@ fn every_kind_of_client_at_once_within_the_bound() {
 #[test]
 fn the_example_client_answers_the_close_like_a_browser() {
     let client_bin = example("client");
-    let standin = StandIn::start();
+    let standin = StandIn::serving(B::Vnc);
     let mut p = proxy(&standin);
     let url = format!("ws://{}/{}/vnc-demo", p.addr, Harness::token(&["vnc-demo"]));
     let mut cmd = Command::new(client_bin);

@@ -20,7 +20,8 @@ use serde_json::{Value, json};
 use support::pki::TestPki;
 use support::tokens;
 use support::upstream::{
-    self, FNV_OFFSET, StandIn, StandInOptions, fnv1a, pattern, pattern_vec, wait_until,
+    self, Behaviour as B, FNV_OFFSET, StandIn, StandInOptions, fnv1a, pattern, pattern_vec,
+    wait_until,
 };
 use tungstenite::client::IntoClientRequest;
 use tungstenite::error::ProtocolError;
@@ -149,7 +150,7 @@ fn pattern_and_fnv() {
 
 #[test]
 fn echo_and_seen() {
-    let si = StandIn::start();
+    let si = StandIn::serving(B::Echo);
     let mut ws = connect(&si, "echo-1");
     ws.send(Message::text("hello")).unwrap();
     assert_eq!(ws.read().unwrap(), Message::text("hello"));
@@ -177,8 +178,8 @@ fn echo_and_seen() {
 }
 
 #[test]
-fn echo_is_default_and_root_path() {
-    let si = StandIn::start();
+fn a_default_behaviour_serves_every_name() {
+    let si = StandIn::serving(B::Echo);
     for path in ["/", "/whatever/unknown-name"] {
         let url = format!("ws://{}{path}", si.addr());
         let (mut ws, _) = tungstenite::client(url, raw_stream(&si)).unwrap();
@@ -199,7 +200,7 @@ fn echo_is_default_and_root_path() {
 
 #[test]
 fn echo_16_mib_message() {
-    let si = StandIn::start();
+    let si = StandIn::serving(B::Echo);
     let mut ws = connect(&si, "echo-big");
     let big = pattern_vec(7, 16 << 20);
     ws.send(Message::binary(big.clone())).unwrap();
@@ -213,7 +214,7 @@ fn echo_16_mib_message() {
 
 #[test]
 fn vnc_speaks_first() {
-    let si = StandIn::start();
+    let si = StandIn::serving(B::Vnc);
     let mut ws = connect(&si, "vnc-ubuntu");
     assert_eq!(ws.read().unwrap(), Message::binary(&b"RFB 003.008\n"[..]));
     ws.send(Message::binary(&b"RFB 003.008\n"[..])).unwrap();
@@ -242,7 +243,13 @@ fn read_stream(ws: &mut WebSocket<TcpStream>, frame: usize) -> (Vec<u8>, Option<
 
 #[test]
 fn stream_small() {
-    let si = StandIn::start();
+    let si = StandIn::start_with(StandInOptions::default().vmi(
+        "stream-100000-4096",
+        B::Stream {
+            total: 100_000,
+            frame: 4096,
+        },
+    ));
     let mut ws = connect(&si, "stream-100000-4096");
     let (got, close) = read_stream(&mut ws, 4096);
     assert_eq!(got.len(), 100_000);
@@ -254,7 +261,13 @@ fn stream_small() {
 #[test]
 fn stream_frames_larger_than_write_cap() {
     // 2 MB frames exceed the stand-in's 1 MiB write-buffer cap: exercises WriteBufferFull.
-    let si = StandIn::start();
+    let si = StandIn::start_with(StandInOptions::default().vmi(
+        "stream-5000000-2000000",
+        B::Stream {
+            total: 5_000_000,
+            frame: 2_000_000,
+        },
+    ));
     let mut ws = connect(&si, "stream-5000000-2000000");
     let (got, close) = read_stream(&mut ws, 2_000_000);
     assert!(got == pattern_vec(0, 5_000_000));
@@ -263,7 +276,7 @@ fn stream_frames_larger_than_write_cap() {
 
 #[test]
 fn sink_counts_and_checksums() {
-    let si = StandIn::start();
+    let si = StandIn::serving(B::Sink);
     let mut ws = connect(&si, "sink");
     let mut sum = FNV_OFFSET;
     let mut bytes = 0u64;
@@ -291,7 +304,7 @@ fn sink_counts_and_checksums() {
 
 #[test]
 fn dropafter_ends_without_close_frame() {
-    let si = StandIn::start();
+    let si = StandIn::serving(B::DropAfter(3000));
     let mut ws = connect(&si, "dropafter-3000");
     assert_eq!(ws.read().unwrap(), Message::binary(pattern_vec(0, 3000)));
     match ws.read() {
@@ -302,7 +315,7 @@ fn dropafter_ends_without_close_frame() {
 
 #[test]
 fn closeafter_closes_with_done() {
-    let si = StandIn::start();
+    let si = StandIn::serving(B::CloseAfter(5000));
     let mut ws = connect(&si, "closeafter-5000");
     assert_eq!(ws.read().unwrap(), Message::binary(pattern_vec(0, 5000)));
     match ws.read().unwrap() {
@@ -317,7 +330,12 @@ fn closeafter_closes_with_done() {
 
 #[test]
 fn status_answers() {
-    let si = StandIn::start();
+    let si = StandIn::start_with(
+        StandInOptions::default()
+            .vmi("status-404", B::Status(404))
+            .vmi("status-503", B::Status(503))
+            .vmi("status-403", B::Status(403)),
+    );
     for (code, reason) in [
         (404, "Not Found"),
         (503, "Service Unavailable"),
@@ -349,20 +367,64 @@ fn status_answers() {
 }
 
 #[test]
-fn not_an_upgrade_and_bad_names_get_400() {
-    let si = StandIn::start();
+fn not_an_upgrade_gets_400() {
+    let si = StandIn::serving(B::Echo);
     let resp = raw_exchange(&si, "GET /echo HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(parse_response(&resp).0, 400);
-    let resp = raw_exchange(&si, &upgrade_request(&vmi_path("stream-ten-5")));
-    assert_eq!(parse_response(&resp).0, 400);
-    let resp = raw_exchange(&si, &upgrade_request(&vmi_path("status-abc")));
-    assert_eq!(parse_response(&resp).0, 400);
-    assert_eq!(si.seen().len(), 3);
+    assert_eq!(si.seen().len(), 1);
+}
+
+/// A name the test did not declare picks no behaviour by its spelling: without a default it is
+/// refused with a 404 that says so, even when it reads like one of the behaviours.
+#[test]
+fn an_unlisted_name_does_not_pick_a_behaviour() {
+    let si = StandIn::start_with(StandInOptions::default().vmi("declared", B::Vnc));
+    for name in [
+        "echo",
+        "vnc",
+        "stream-1000-10",
+        "status-200",
+        "sink",
+        "undeclared",
+    ] {
+        let resp = raw_exchange(&si, &upgrade_request(&vmi_path(name)));
+        let (code, v) = status_body(&resp);
+        assert_eq!(code, 404, "{name}: {resp}");
+        assert_eq!(v["reason"], "NotFound", "{name}");
+        assert_eq!(
+            v["message"],
+            format!("stand-in: no behaviour declared for VMI {name:?}"),
+            "{name}"
+        );
+    }
+    // The declared name gets what was declared (Vnc speaks first), whatever it is called.
+    let mut ws = connect(&si, "declared");
+    assert_eq!(ws.read().unwrap(), Message::binary(&b"RFB 003.008\n"[..]));
+    ws.close(None).unwrap();
+    finish(&mut ws);
+    // An entry overrides the default for its name only.
+    let si = StandIn::start_with(StandInOptions::serving(B::Echo).vmi("vnc-like", B::Status(418)));
+    let resp = raw_exchange(&si, &upgrade_request(&vmi_path("vnc-like")));
+    assert_eq!(parse_response(&resp).0, 418);
+    let mut ws = connect(&si, "status-500");
+    echo_once(&mut ws, b"echoed by default".to_vec());
+}
+
+#[test]
+#[should_panic(expected = "a Stream frame of 0 bytes")]
+fn a_declaration_that_cannot_be_served_panics() {
+    let _ = StandIn::start_with(StandInOptions::default().vmi(
+        "zero",
+        B::Stream {
+            total: 10,
+            frame: 0,
+        },
+    ));
 }
 
 #[test]
 fn badaccept_rejected_by_client() {
-    let si = StandIn::start();
+    let si = StandIn::serving(B::BadAccept);
     match try_connect(&si, "badaccept") {
         Err(WsError::Protocol(ProtocolError::SecWebSocketAcceptKeyMismatch)) => {}
         other => panic!("expected accept-key mismatch, got {:?}", other.map(|_| ())),
@@ -373,7 +435,7 @@ fn badaccept_rejected_by_client() {
 
 #[test]
 fn masked_frame_rejected_by_client() {
-    let si = StandIn::start();
+    let si = StandIn::serving(B::Masked);
     let mut ws = connect(&si, "masked");
     match ws.read() {
         Err(WsError::Protocol(ProtocolError::MaskedFrameFromServer)) => {}
@@ -402,7 +464,7 @@ fn masked_frame_rejected_by_client() {
 
 #[test]
 fn silent_never_answers_and_holds_until_eof() {
-    let si = StandIn::start();
+    let si = StandIn::serving(B::Silent);
     let mut s = raw_stream(&si);
     s.write_all(upgrade_request(&vmi_path("silent")).as_bytes())
         .unwrap();
@@ -422,7 +484,7 @@ fn silent_never_answers_and_holds_until_eof() {
 
 #[test]
 fn drop_does_not_hang_and_closes_connections() {
-    let si = StandIn::start();
+    let si = StandIn::serving(B::Silent);
     let mut s = raw_stream(&si);
     s.write_all(upgrade_request(&vmi_path("silent")).as_bytes())
         .unwrap();
@@ -436,7 +498,7 @@ fn drop_does_not_hang_and_closes_connections() {
 
 #[test]
 fn counters() {
-    let si = StandIn::start();
+    let si = StandIn::serving(B::Echo);
     let a = connect(&si, "echo-a");
     let b = connect(&si, "echo-b");
     assert!(wait_until(T, || si.connections_open() == 2));
@@ -627,7 +689,7 @@ fn tls_echo_with_bearer_and_kubevirt_paths() {
         tls: Some(pki.server_tls()),
         bearer: Some("sa-token".into()),
         kubevirt_paths_only: true,
-        ..Default::default()
+        ..StandInOptions::serving(B::Echo)
     });
     assert!(si.is_tls());
     assert_eq!(si.base_url(), format!("wss://{}", si.addr()));
@@ -672,7 +734,17 @@ fn tls_sessions_of_every_kind() {
     let pki = TestPki::new();
     let si = StandIn::start_with(StandInOptions {
         tls: Some(pki.server_tls()),
-        ..Default::default()
+        ..StandInOptions::default()
+            .vmi(
+                "stream-300000-10000",
+                B::Stream {
+                    total: 300_000,
+                    frame: 10_000,
+                },
+            )
+            .vmi("sink-tls", B::Sink)
+            .vmi("dropafter-1000", B::DropAfter(1000))
+            .vmi("status-418", B::Status(418))
     });
     let tls = || tls_connect(si.addr(), pki.client_config(), "localhost").unwrap();
     let url = |vmi: &str| format!("{}{}", si.base_url(), vmi_path(vmi));
@@ -716,7 +788,7 @@ fn tls_wrong_ca_is_rejected() {
     assert_ne!(trusted.ca_pem, other.ca_pem);
     let si = StandIn::start_with(StandInOptions {
         tls: Some(other.server_tls()),
-        ..Default::default()
+        ..StandInOptions::serving(B::Echo)
     });
     match tls_connect(si.addr(), trusted.client_config(), "127.0.0.1") {
         Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) => {}
@@ -734,7 +806,7 @@ fn tls_name_mismatch_is_rejected() {
     let pki = TestPki::new();
     let si = StandIn::start_with(StandInOptions {
         tls: Some(pki.server_tls_for_name("not-the-host.example")),
-        ..Default::default()
+        ..StandInOptions::serving(B::Echo)
     });
     for dialed in ["127.0.0.1", "localhost"] {
         match tls_connect(si.addr(), pki.client_config(), dialed) {
@@ -777,7 +849,7 @@ fn pki_helpers() {
 fn bearer_required() {
     let si = StandIn::start_with(StandInOptions {
         bearer: Some("sa-token".into()),
-        ..Default::default()
+        ..StandInOptions::serving(B::Echo).vmi("status-200", B::Status(200))
     });
     let want = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                       "message": "Unauthorized", "reason": "Unauthorized", "code": 401});
@@ -821,7 +893,7 @@ fn bearer_required() {
 fn kubevirt_paths_only() {
     let si = StandIn::start_with(StandInOptions {
         kubevirt_paths_only: true,
-        ..Default::default()
+        ..StandInOptions::serving(B::Echo).vmi("status-503", B::Status(503))
     });
     for version in ["v1", "v1alpha3"] {
         for query in ["", "?preserveSession=false"] {
@@ -869,7 +941,7 @@ fn kubevirt_paths_only() {
 
 #[test]
 fn preserve_session_refuses_a_second_session() {
-    let si = StandIn::start();
+    let si = StandIn::serving(B::Echo);
     let flagged = |vmi: &str| path_with("v1", vmi, "?preserveSession=true");
     let url = |path: String| format!("{}{path}", si.base_url());
 
@@ -931,7 +1003,7 @@ fn preserve_session_refuses_a_second_session() {
 
 #[test]
 fn subprotocol_answered_only_when_offered() {
-    let si = StandIn::start();
+    let si = StandIn::serving(B::Echo);
     let url = format!("{}{}", si.base_url(), vmi_path("echo-proto"));
     let (mut ws, resp) = ws_over(
         raw_stream(&si),
@@ -1034,12 +1106,12 @@ fn bridge_relays_both_ways() {
     let pki = TestPki::new();
     let plain = StandIn::start_with(StandInOptions {
         bridge_to: Some(vnc),
-        ..Default::default()
+        ..StandInOptions::serving(B::Bridge)
     });
     let tls = StandIn::start_with(StandInOptions {
         bridge_to: Some(vnc),
         tls: Some(pki.server_tls()),
-        ..Default::default()
+        ..StandInOptions::serving(B::Bridge)
     });
 
     // The client closes: the VNC server sees EOF.
@@ -1095,7 +1167,7 @@ fn bridge_relays_both_ways() {
     );
 
     // Not configured, or nobody listening: 502 before any upgrade.
-    let si = StandIn::start();
+    let si = StandIn::serving(B::Bridge);
     let resp = raw_exchange(&si, &upgrade_request(&vmi_path("bridge")));
     assert_eq!(parse_response(&resp).0, 502);
     let closed = TcpListener::bind("127.0.0.1:0")
@@ -1104,7 +1176,7 @@ fn bridge_relays_both_ways() {
         .unwrap();
     let si = StandIn::start_with(StandInOptions {
         bridge_to: Some(closed),
-        ..Default::default()
+        ..StandInOptions::serving(B::Bridge)
     });
     let resp = raw_exchange(&si, &upgrade_request(&vmi_path("bridge")));
     let (code, v) = status_body(&resp);

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::pki::TestPki;
-use common::upstream::{self, StandInOptions};
+use common::upstream::{self, Behaviour as B, StandInOptions};
 use common::{
     Harness, NS, ProxyProcess, SECRET, StandIn, TempDir, raw_request, stall_then_read_all,
     upgrade_request, ws_connect,
@@ -53,12 +53,14 @@ fn in_cluster(standin: StandIn, sa: &TempDir, adjust: impl FnOnce(&mut Config)) 
     }
 }
 
-fn kubevirt(pki: &TestPki, bearer: Option<&str>) -> StandIn {
+/// KubeVirt's API server as the stand-in plays it: TLS, `bearer` required, its paths only,
+/// and `behaviour` for every VMI.
+fn kubevirt(pki: &TestPki, bearer: Option<&str>, behaviour: B) -> StandIn {
     StandIn::start_with(StandInOptions {
         tls: Some(pki.server_tls()),
         bearer: bearer.map(str::to_owned),
         kubevirt_paths_only: true,
-        ..Default::default()
+        ..StandInOptions::serving(behaviour)
     })
 }
 
@@ -72,7 +74,7 @@ fn echo_once(h: &Harness, vmi: &str, text: &str) {
 fn a_session_through_tls_with_the_bearer_and_the_ca() {
     let pki = TestPki::new();
     let sa = sa_dir(&pki, SA_TOKEN);
-    let h = in_cluster(kubevirt(&pki, Some(SA_TOKEN)), &sa, |_| {});
+    let h = in_cluster(kubevirt(&pki, Some(SA_TOKEN), B::Echo), &sa, |_| {});
     echo_once(&h, "echo-tls", "over TLS");
     let seen = h.upstream.seen();
     let req = seen.last().unwrap();
@@ -95,7 +97,7 @@ fn a_session_through_tls_with_the_bearer_and_the_ca() {
         Some(h.upstream.addr().to_string().as_str())
     );
     // The v1alpha3 path is served too.
-    let old_api = in_cluster(kubevirt(&pki, Some(SA_TOKEN)), &sa, |c| {
+    let old_api = in_cluster(kubevirt(&pki, Some(SA_TOKEN), B::Echo), &sa, |c| {
         c.api_path = "/apis/subresources.kubevirt.io/v1alpha3/namespaces/{namespace}/virtualmachineinstances/{vmi_name}/vnc".into();
     });
     echo_once(&old_api, "echo-alpha", "v1alpha3");
@@ -107,7 +109,7 @@ fn an_unknown_ca_or_a_wrong_name_is_refused_with_502() {
     let other = TestPki::new();
     // The proxy trusts another CA.
     let sa = sa_dir(&other, SA_TOKEN);
-    let h = in_cluster(kubevirt(&pki, Some(SA_TOKEN)), &sa, |_| {});
+    let h = in_cluster(kubevirt(&pki, Some(SA_TOKEN), B::Echo), &sa, |_| {});
     let tok = Harness::token(&["echo"]);
     let a = raw_request(h.addr, &upgrade_request(&format!("/{tok}/echo"), ""));
     assert_eq!(a.status, 502, "{}", a.body);
@@ -126,7 +128,7 @@ fn an_unknown_ca_or_a_wrong_name_is_refused_with_502() {
         tls: Some(pki.server_tls_for_name("not-the-host.example")),
         bearer: Some(SA_TOKEN.into()),
         kubevirt_paths_only: true,
-        ..Default::default()
+        ..StandInOptions::serving(B::Echo)
     });
     let h = in_cluster(wrong_name, &sa, |_| {});
     let a = raw_request(h.addr, &upgrade_request(&format!("/{tok}/echo"), ""));
@@ -139,7 +141,7 @@ fn an_unknown_ca_or_a_wrong_name_is_refused_with_502() {
 fn a_rotated_token_is_used_for_new_sessions_without_a_restart() {
     let pki = TestPki::new();
     let sa = sa_dir(&pki, "token-one");
-    let h = in_cluster(kubevirt(&pki, None), &sa, |_| {});
+    let h = in_cluster(kubevirt(&pki, None, B::Echo), &sa, |_| {});
     let mut open = h.ws("echo-long");
     open.send(Message::text("before")).unwrap();
     assert_eq!(open.read().unwrap(), Message::text("before"));
@@ -171,7 +173,7 @@ fn a_rotated_ca_is_trusted_for_new_sessions_without_a_restart() {
     let old = TestPki::new();
     let new = TestPki::new();
     let sa = sa_dir(&old, SA_TOKEN);
-    let h = in_cluster(kubevirt(&new, Some(SA_TOKEN)), &sa, |_| {});
+    let h = in_cluster(kubevirt(&new, Some(SA_TOKEN), B::Echo), &sa, |_| {});
     let tok = Harness::token(&["echo"]);
     assert_eq!(
         raw_request(h.addr, &upgrade_request(&format!("/{tok}/echo"), "")).status,
@@ -190,7 +192,7 @@ fn a_rotated_ca_is_trusted_for_new_sessions_without_a_restart() {
 fn a_credential_file_that_disappears_fails_new_sessions_and_spares_open_ones() {
     let pki = TestPki::new();
     let sa = sa_dir(&pki, SA_TOKEN);
-    let h = in_cluster(kubevirt(&pki, Some(SA_TOKEN)), &sa, |_| {});
+    let h = in_cluster(kubevirt(&pki, Some(SA_TOKEN), B::Echo), &sa, |_| {});
     let mut open = h.ws("echo-kept");
     open.send(Message::text("one")).unwrap();
     assert_eq!(open.read().unwrap(), Message::text("one"));
@@ -226,7 +228,7 @@ fn a_credential_file_that_disappears_fails_new_sessions_and_spares_open_ones() {
 fn in_cluster_mode_from_the_environment_and_missing_files_at_start() {
     let pki = TestPki::new();
     let sa = sa_dir(&pki, SA_TOKEN);
-    let standin = kubevirt(&pki, Some(SA_TOKEN));
+    let standin = kubevirt(&pki, Some(SA_TOKEN), B::Echo);
     let proxy = ProxyProcess::start(&[
         ("KUBERNETES_SERVICE_HOST", "127.0.0.1".into()),
         ("KUBERNETES_SERVICE_PORT", standin.addr().port().to_string()),
@@ -310,7 +312,7 @@ fn answered_protocol(head: &str) -> Option<String> {
 fn subprotocols_follow_the_rules() {
     let pki = TestPki::new();
     let sa = sa_dir(&pki, SA_TOKEN);
-    let h = in_cluster(kubevirt(&pki, Some(SA_TOKEN)), &sa, |_| {});
+    let h = in_cluster(kubevirt(&pki, Some(SA_TOKEN), B::Echo), &sa, |_| {});
     let bearer_proto = "base64url.bearer.authorization.k8s.io.c2VjcmV0";
     let with_bearer = format!("{bearer_proto}, binary");
     let cases: [(Option<&str>, Option<&str>); 6] = [
@@ -340,7 +342,7 @@ fn subprotocols_follow_the_rules() {
             .iter()
             .all(|r| r.header("sec-websocket-protocol") == Some("plain.kubevirt.io"))
     );
-    let none = in_cluster(kubevirt(&pki, Some(SA_TOKEN)), &sa, |c| {
+    let none = in_cluster(kubevirt(&pki, Some(SA_TOKEN), B::Echo), &sa, |c| {
         c.upstream_subprotocols.clear()
     });
     answered_protocol(&offered(&none, "echo-none", None));
@@ -354,7 +356,7 @@ fn subprotocols_follow_the_rules() {
 fn allowed_query_parameters_reach_the_upstream_and_preserve_session_gets_503() {
     let pki = TestPki::new();
     let sa = sa_dir(&pki, SA_TOKEN);
-    let h = in_cluster(kubevirt(&pki, Some(SA_TOKEN)), &sa, |_| {});
+    let h = in_cluster(kubevirt(&pki, Some(SA_TOKEN), B::Echo), &sa, |_| {});
     let tok = Harness::token(&["echo-busy"]);
     let mut first = h.ws_path(&format!(
         "/{tok}/echo-busy?preserveSession=true&token=leak&x=%2F"
@@ -381,7 +383,14 @@ fn backpressure_holds_through_tls() {
     const TOTAL: u64 = 128 << 20;
     let pki = TestPki::new();
     let sa = sa_dir(&pki, SA_TOKEN);
-    let standin = kubevirt(&pki, Some(SA_TOKEN));
+    let standin = kubevirt(
+        &pki,
+        Some(SA_TOKEN),
+        B::Stream {
+            total: TOTAL,
+            frame: 65536,
+        },
+    );
     let proxy = ProxyProcess::start(&[
         ("KUBERNETES_SERVICE_HOST", "127.0.0.1".into()),
         ("KUBERNETES_SERVICE_PORT", standin.addr().port().to_string()),
@@ -409,7 +418,7 @@ fn an_upstream_that_never_finishes_tls_gets_504() {
         std::thread::sleep(Duration::from_secs(3));
         drop(conn);
     });
-    let standin = kubevirt(&pki, Some(SA_TOKEN));
+    let standin = kubevirt(&pki, Some(SA_TOKEN), B::Echo);
     let h = in_cluster(standin, &sa, |c| {
         c.upstream.port = port;
         c.upstream_timeout = Duration::from_secs(1);

@@ -1,50 +1,25 @@
-//! What every benchmark report says about where it ran and where it is
-//! written. Included by each bench with `mod support;` (a directory module,
-//! so Cargo does not take it for a bench target of its own).
+//! What the benches share, included by each with `mod support;` (a directory module, so Cargo
+//! does not take it for a bench target of its own):
+//!
+//! - `knobs.rs`: reading the `BENCH_*` environment knobs;
+//! - `proxy.rs`: the proxy binary as a child process (clean environment, its stderr lines, its
+//!   "listening on" address, killed when dropped);
+//! - `procfs.rs`: CPU time, RSS and descriptors of a process, from `/proc`;
+//! - `stats.rs`: medians, percentiles, minimum and maximum;
+//! - `report.rs`: the machine and load the numbers were taken on, and where a report is written;
+//! - here: the open-files limit, raised and shared out.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+pub mod knobs;
+pub mod procfs;
+pub mod proxy;
+pub mod report;
+pub mod stats;
+
+pub use report::{load_average, machine, write_report};
 
 #[path = "../../tests/support/fdlimit.rs"]
 mod fdlimit;
-
-/// CPU model, core count and kernel, for reading the numbers in context.
-pub fn machine() -> String {
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines().find_map(|l| {
-                l.strip_prefix("model name")?
-                    .split_once(':')
-                    .map(|(_, m)| m.trim().to_string())
-            })
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{model}, {cores} cores, Linux {}", kernel.trim())
-}
-
-/// `/proc/loadavg`'s 1-minute figure: other work on the machine skews every number.
-pub fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".into())
-}
-
-/// `target/bench-NAME.md` (`-smoke.md` in smoke mode, so a CI smoke run never
-/// replaces real figures): `CARGO_TARGET_DIR` if set, else two levels above
-/// the proxy binary (`target/release/kubevirt-vnc-proxy`).
-pub fn report_path(name: &str, smoke: bool) -> PathBuf {
-    let bin = env!("CARGO_BIN_EXE_kubevirt-vnc-proxy");
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .or_else(|| Some(Path::new(bin).parent()?.parent()?.to_path_buf()))
-        .unwrap_or_else(|| PathBuf::from("target"));
-    let suffix = if smoke { "-smoke" } else { "" };
-    dir.join(format!("bench-{name}{suffix}.md"))
-}
 
 /// Descriptors a bench keeps free beside its sessions: the stand-in's listener, the proxy's
 /// pipes, the report, the sessions of the other workloads on their way out.

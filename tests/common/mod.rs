@@ -24,7 +24,9 @@ use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message, WebSocket};
 
 pub use tokens::SECRET;
-pub use upstream::StandIn;
+// Not every test binary names a behaviour or options itself.
+#[allow(unused_imports)]
+pub use upstream::{Behaviour, StandIn, StandInOptions};
 
 pub const NS: &str = "lab-ns";
 
@@ -159,12 +161,18 @@ pub struct Harness {
 }
 
 impl Harness {
-    pub fn start() -> Harness {
-        Self::start_with(|_| {})
+    /// The proxy with its default configuration in front of a stand-in that serves `upstream`:
+    /// a [`Behaviour`] for every VMI name, or [`StandInOptions`] naming one per VMI.
+    pub fn start(upstream: impl Into<StandInOptions>) -> Harness {
+        Self::start_with(upstream, |_| {})
     }
 
-    pub fn start_with(adjust: impl FnOnce(&mut Config)) -> Harness {
-        let upstream = StandIn::start();
+    /// Like [`start`](Self::start), with the proxy's configuration adjusted first.
+    pub fn start_with(
+        upstream: impl Into<StandInOptions>,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Harness {
+        let upstream = StandIn::start_with(upstream.into());
         let mut config = Config::local_dev(&format!("ws://{}", upstream.addr()), SECRET.as_bytes())
             .expect("config");
         adjust(&mut config);

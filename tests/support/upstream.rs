@@ -2,29 +2,33 @@
 //! A stand-in for KubeVirt's VNC WebSocket subresource, for tests, examples and benches.
 //!
 //! It listens on `127.0.0.1:0`, runs one thread per connection, reads the HTTP request head
-//! itself (raw, up to [`MAX_HEAD`] bytes), records it (see [`StandIn::seen`]) and then picks a
-//! behaviour from the VMI name in the request path:
+//! itself (raw, up to [`MAX_HEAD`] bytes), records it (see [`StandIn::seen`]) and then serves
+//! the [`Behaviour`] that the caller declared for the VMI name in the request path: each test
+//! says what it relies on, in [`StandInOptions`] (`vmi(NAME, BEHAVIOUR)` entries, and an
+//! optional default for every other name), so a name never picks a behaviour by its spelling.
 //!
-//! | VMI name              | behaviour                                                            |
+//! | [`Behaviour`]         | what the stand-in does                                               |
 //! |-----------------------|----------------------------------------------------------------------|
-//! | `echo…` / anything else | upgrade, echo every text/binary message back                       |
-//! | `vnc…`                | upgrade, send binary `RFB 003.008\n` at once, then echo              |
-//! | `stream-N-F`          | upgrade, send N [`pattern`] bytes in binary messages of F bytes, close 1000 |
-//! | `sink`, `sink-…`      | upgrade, count + [`fnv1a`] every payload byte, see [`StandIn::sink_results`] |
-//! | `dropafter-N`         | upgrade, send one binary message of N pattern bytes, drop TCP (no close frame) |
-//! | `closeafter-N`        | upgrade, send one binary message of N pattern bytes, close 1000 "done" |
-//! | `status-CODE`         | no upgrade: HTTP CODE with a Kubernetes `Status` JSON body           |
-//! | `silent`, `silent-…`  | never answer; hold the socket until the peer closes it (max 60 s)     |
-//! | `badaccept`, `badaccept-…` | 101 with a wrong `Sec-WebSocket-Accept`                         |
-//! | `masked`, `masked-…`  | upgrade, then a *masked* server frame (protocol violation)           |
-//! | `bridge…`             | upgrade, then relay to the TCP server at [`StandInOptions::bridge_to`] (like websockify); 502 when that is not set or cannot be reached |
+//! | `Echo`                | upgrade, echo every text/binary message back                         |
+//! | `Vnc`                 | upgrade, send binary `RFB 003.008\n` at once, then echo              |
+//! | `Stream { total, frame }` | upgrade, send `total` [`pattern`] bytes in binary messages of `frame` bytes, close 1000 |
+//! | `Sink`                | upgrade, count + [`fnv1a`] every payload byte, see [`StandIn::sink_results`] |
+//! | `DropAfter(N)`        | upgrade, send one binary message of N pattern bytes, drop TCP (no close frame) |
+//! | `CloseAfter(N)`       | upgrade, send one binary message of N pattern bytes, close 1000 "done" |
+//! | `Status(CODE)`        | no upgrade: HTTP CODE with a Kubernetes `Status` JSON body           |
+//! | `Silent`              | never answer; hold the socket until the peer closes it (max 60 s)     |
+//! | `BadAccept`           | 101 with a wrong `Sec-WebSocket-Accept`                              |
+//! | `Masked`              | upgrade, then a *masked* server frame (protocol violation)           |
+//! | `Bridge`              | upgrade, then relay to the TCP server at [`StandInOptions::bridge_to`] (like websockify); 502 when that is not set or cannot be reached |
 //!
-//! A malformed parameter (`stream-x-1`, `status-abc`, a frame size of 0) gets a 400 Status.
-//! A request that is not a valid WebSocket upgrade gets a 400 (except for `status-*` and
-//! `silent`, which do not look at the upgrade headers).
+//! A name that is neither listed nor covered by a default gets a 404 Kubernetes `Status`
+//! ("no behaviour declared for VMI ..."), the answer virt-api gives for a VMI it does not know.
+//! A request that is not a valid WebSocket upgrade gets a 400 (except for `Status` and
+//! `Silent`, which do not look at the upgrade headers). A declaration that cannot be served
+//! (a `Stream` frame of 0 bytes, a status outside 100..=999) panics in [`StandIn::start_with`].
 //!
 //! The VMI name is the path segment after `virtualmachineinstances/`, or else the last path
-//! segment (so `/` means echo). The query string is ignored for the choice but recorded.
+//! segment (so `/` is the empty name). The query string is ignored for the choice but recorded.
 //!
 //! Like KubeVirt, every upgrade:
 //! - answers `Sec-WebSocket-Protocol: plain.kubevirt.io` when the client offers that
@@ -71,7 +75,7 @@ pub const MAX_HEAD: usize = 16 * 1024;
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a server-initiated close waits for the peer's close reply.
 pub const CLOSE_WAIT: Duration = Duration::from_secs(30);
-/// How long `silent`, `badaccept` and `masked` hold the socket waiting for EOF.
+/// How long `Silent`, `BadAccept` and `Masked` hold the socket waiting for EOF.
 pub const HOLD_LIMIT: Duration = Duration::from_secs(60);
 /// How long a plain HTTP answer waits for the peer to close before dropping the socket.
 const LINGER_LIMIT: Duration = Duration::from_secs(10);
@@ -79,14 +83,14 @@ const LINGER_LIMIT: Duration = Duration::from_secs(10);
 const WRITE_BUFFER: usize = 128 * 1024;
 /// Cap on tungstenite's write buffer (raised per frame only for a single larger frame).
 const MAX_WRITE_BUFFER: usize = 1024 * 1024;
-/// `stream-N-F` flushes at least this often.
+/// `Stream` flushes at least this often.
 const FLUSH_EVERY: usize = 256 * 1024;
-/// How long a `bridge` session waits for a client message before it looks at the VNC side
+/// How long a `Bridge` session waits for a client message before it looks at the VNC side
 /// again: the latency that the VNC-to-client direction can gain when the client is quiet.
 const BRIDGE_POLL: Duration = Duration::from_millis(5);
-/// How long a `bridge` session tries to connect to the VNC server.
+/// How long a `Bridge` session tries to connect to the VNC server.
 const BRIDGE_CONNECT: Duration = Duration::from_secs(5);
-/// Read size and number of chunks in flight from the VNC server to the client in `bridge`.
+/// Read size and number of chunks in flight from the VNC server to the client in `Bridge`.
 const BRIDGE_CHUNK: usize = 64 * 1024;
 const BRIDGE_QUEUE: usize = 16;
 
@@ -107,7 +111,7 @@ pub fn fnv1a(state: u64, bytes: &[u8]) -> u64 {
     h
 }
 
-/// The deterministic byte stream sent by `stream-*`, `dropafter-*` and `closeafter-*`:
+/// The deterministic byte stream sent by `Stream`, `DropAfter` and `CloseAfter`:
 /// fills `out` with the bytes at absolute offsets `offset..offset + out.len()`.
 ///
 /// Byte `i` is the XOR of the low five bytes of `i`, times 31 (mod 256): not constant, and not
@@ -172,7 +176,7 @@ struct Shared {
     total: AtomicUsize,
     seen: Mutex<Vec<SeenRequest>>,
     sinks: Mutex<Vec<(u64, u64)>>,
-    /// For each finished `sink` session: the close code its peer sent, or
+    /// For each finished `Sink` session: the close code its peer sent, or
     /// `None` when the peer vanished without a close frame.
     closes: Mutex<Vec<Option<u16>>>,
     /// Clones of the open sockets, so that `Drop` can shut them down.
@@ -232,8 +236,35 @@ pub struct StandInOptions {
     /// virtualmachineinstances/VMI/vnc` (any query); every other path gets 404.
     pub kubevirt_paths_only: bool,
     /// The plain TCP server (a real VNC server, e.g. QEMU's `-vnc 127.0.0.1:N`) that
-    /// `bridge…` sessions relay to.
+    /// [`Behaviour::Bridge`] sessions relay to.
     pub bridge_to: Option<SocketAddr>,
+    /// The behaviour of each VMI name the test uses (exact names; see [`StandInOptions::vmi`]).
+    pub vmis: Vec<(String, Behaviour)>,
+    /// The behaviour of every name not in `vmis`; `None` answers those 404.
+    pub default: Option<Behaviour>,
+}
+
+/// A behaviour alone means: that behaviour for every VMI name.
+impl From<Behaviour> for StandInOptions {
+    fn from(behaviour: Behaviour) -> StandInOptions {
+        StandInOptions::serving(behaviour)
+    }
+}
+
+impl StandInOptions {
+    /// Options that serve `behaviour` for every VMI name (more entries can be added).
+    pub fn serving(behaviour: Behaviour) -> StandInOptions {
+        StandInOptions {
+            default: Some(behaviour),
+            ..StandInOptions::default()
+        }
+    }
+
+    /// Adds an entry: requests for VMI `name` get `behaviour`.
+    pub fn vmi(mut self, name: impl Into<String>, behaviour: Behaviour) -> StandInOptions {
+        self.vmis.push((name.into(), behaviour));
+        self
+    }
 }
 
 /// [`StandInOptions`] as the connection threads use them.
@@ -243,6 +274,8 @@ struct Settings {
     bearer: Option<String>,
     kubevirt_paths_only: bool,
     bridge_to: Option<SocketAddr>,
+    vmis: Vec<(String, Behaviour)>,
+    default: Option<Behaviour>,
 }
 
 /// Locks, ignoring poisoning (a panicking handler thread must not break the test's view).
@@ -258,13 +291,22 @@ pub struct StandIn {
 }
 
 impl StandIn {
-    /// Binds `127.0.0.1:0` and starts the accept loop: plain TCP, no checks.
-    pub fn start() -> StandIn {
-        StandIn::start_with(StandInOptions::default())
+    /// Binds `127.0.0.1:0` and starts the accept loop: plain TCP, no checks, `behaviour` for
+    /// every VMI name.
+    pub fn serving(behaviour: Behaviour) -> StandIn {
+        StandIn::start_with(StandInOptions::serving(behaviour))
     }
 
-    /// Like [`start`](Self::start), with options. Panics if the TLS material is unusable.
+    /// Binds `127.0.0.1:0` and starts the accept loop with `opts`. Panics if the TLS material
+    /// is unusable or a declared behaviour cannot be served.
     pub fn start_with(opts: StandInOptions) -> StandIn {
+        let declared = opts.vmis.iter().map(|(n, b)| (n.as_str(), b));
+        let default = opts.default.iter().map(|b| ("(default)", b));
+        for (name, b) in declared.chain(default) {
+            if let Some(why) = b.invalid() {
+                panic!("stand-in: cannot serve {b:?} for VMI {name}: {why}");
+            }
+        }
         let tls = opts.tls.as_ref().map(|t| {
             t.server_config()
                 .unwrap_or_else(|e| panic!("stand-in: unusable TLS certificate or key: {e}"))
@@ -274,6 +316,8 @@ impl StandIn {
             bearer: opts.bearer,
             kubevirt_paths_only: opts.kubevirt_paths_only,
             bridge_to: opts.bridge_to,
+            vmis: opts.vmis,
+            default: opts.default,
         };
         let listener = TcpListener::bind("127.0.0.1:0").expect("stand-in: bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("stand-in: local_addr");
@@ -332,14 +376,14 @@ impl StandIn {
         self.shared.total.load(Ordering::SeqCst)
     }
 
-    /// `(payload bytes, fnv1a checksum)` for each finished `sink` session, in order of finish.
+    /// `(payload bytes, fnv1a checksum)` for each finished `Sink` session, in order of finish.
     /// A session is recorded when its peer's close frame arrives (before the close reply is
     /// sent), or on EOF/error/timeout if it never closed properly.
     pub fn sink_results(&self) -> Vec<(u64, u64)> {
         lock(&self.shared.sinks).clone()
     }
 
-    /// For each finished `sink` session, in the same order as
+    /// For each finished `Sink` session, in the same order as
     /// [`sink_results`](Self::sink_results): the close code the peer sent
     /// (`Some(1005)` for a close frame without a code), or `None` when the
     /// connection ended without a close frame.
@@ -618,70 +662,58 @@ impl Conn for TlsStream {
 // ---------------------------------------------------------------------------------------------
 // Behaviours
 
+/// What the stand-in does with a request for one VMI (see the module docs' table).
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Behaviour {
+pub enum Behaviour {
+    /// Upgrade, echo every text/binary message back.
     Echo,
+    /// Upgrade, send binary `RFB 003.008\n` at once, then echo.
     Vnc,
-    Stream {
-        total: u64,
-        frame: usize,
-    },
+    /// Upgrade, send `total` [`pattern`] bytes in binary messages of `frame` bytes, close 1000.
+    Stream { total: u64, frame: usize },
+    /// Upgrade, count and checksum every payload byte ([`StandIn::sink_results`]).
     Sink,
+    /// Upgrade, send one binary message of N pattern bytes, drop TCP without a close frame.
     DropAfter(u64),
+    /// Upgrade, send one binary message of N pattern bytes, close 1000 "done".
     CloseAfter(u64),
+    /// No upgrade: this HTTP status with a Kubernetes `Status` body.
     Status(u16),
+    /// Never answer; hold the socket until the peer closes it (at most [`HOLD_LIMIT`]).
     Silent,
+    /// 101 with a wrong `Sec-WebSocket-Accept`.
     BadAccept,
+    /// Upgrade, then a masked server frame (a protocol violation).
     Masked,
+    /// Upgrade, then relay to [`StandInOptions::bridge_to`].
     Bridge,
-    /// A recognised prefix with a malformed parameter.
-    Invalid,
 }
 
-fn is_named(name: &str, base: &str) -> bool {
-    name == base || name.strip_prefix(base).is_some_and(|r| r.starts_with('-'))
+impl Behaviour {
+    /// Why this declaration cannot be served, if it cannot.
+    fn invalid(&self) -> Option<String> {
+        match self {
+            Behaviour::Stream { frame: 0, .. } => Some("a Stream frame of 0 bytes".into()),
+            Behaviour::Status(code) if !(100..=999).contains(code) => {
+                Some(format!("HTTP status {code}, outside 100..=999"))
+            }
+            _ => None,
+        }
+    }
 }
 
-fn behaviour(name: &str) -> Behaviour {
-    use Behaviour::*;
-    if let Some(rest) = name.strip_prefix("stream-") {
-        let parsed = rest.split_once('-').and_then(|(n, f)| {
-            Some((
-                n.parse::<u64>().ok()?,
-                f.parse::<usize>().ok().filter(|&f| f > 0)?,
-            ))
-        });
-        return parsed.map_or(Invalid, |(total, frame)| Stream { total, frame });
-    }
-    if let Some(rest) = name.strip_prefix("dropafter-") {
-        return rest.parse().map_or(Invalid, DropAfter);
-    }
-    if let Some(rest) = name.strip_prefix("closeafter-") {
-        return rest.parse().map_or(Invalid, CloseAfter);
-    }
-    if let Some(rest) = name.strip_prefix("status-") {
-        return rest
-            .parse()
-            .ok()
-            .filter(|c| (100..=999).contains(c))
-            .map_or(Invalid, Status);
-    }
-    if is_named(name, "sink") {
-        Sink
-    } else if is_named(name, "silent") {
-        Silent
-    } else if is_named(name, "badaccept") {
-        BadAccept
-    } else if is_named(name, "masked") {
-        Masked
-    } else if name.starts_with("bridge") {
-        Bridge
-    } else if name.starts_with("vnc") {
-        Vnc
-    } else {
-        Echo
-    }
+/// The behaviour declared for `name`: its own entry (the last one, if listed twice), else the
+/// default, else none (answered 404).
+fn behaviour<'a>(settings: &'a Settings, name: &str) -> Option<&'a Behaviour> {
+    settings
+        .vmis
+        .iter()
+        .rev()
+        .find(|(n, _)| n == name)
+        .map(|(_, b)| b)
+        .or(settings.default.as_ref())
 }
+
 type Ws<S> = WebSocket<S>;
 
 fn ws_config() -> WebSocketConfig {
@@ -778,7 +810,20 @@ fn serve<S: Conn>(shared: &Shared, mut stream: S) {
     }
 
     let name = vmi_name(&head.target);
-    let what = behaviour(name);
+    let Some(what) = behaviour(settings, name).cloned() else {
+        log::debug!(
+            "stand-in: {} {} -> no behaviour, 404",
+            head.method,
+            head.target
+        );
+        respond_kube_status(
+            &mut stream,
+            404,
+            &format!("stand-in: no behaviour declared for VMI {name:?}"),
+            "NotFound",
+        );
+        return;
+    };
     log::debug!("stand-in: {} {} -> {what:?}", head.method, head.target);
 
     match what {
@@ -788,14 +833,6 @@ fn serve<S: Conn>(shared: &Shared, mut stream: S) {
         }
         Behaviour::Silent => {
             drain_until_eof(&mut stream, HOLD_LIMIT);
-            return;
-        }
-        Behaviour::Invalid => {
-            respond_status(
-                &mut stream,
-                400,
-                &format!("stand-in: malformed behaviour name {name:?}"),
-            );
             return;
         }
         _ => {}
