@@ -1244,16 +1244,7 @@ fn check_authorize(token: &str, vmi: &str) -> Result<auth::Grant, AuthError> {
     let result = verifier().authorize(token, vmi);
     match &result {
         Ok(g) => {
-            assert!(
-                route::is_dns1123_label(&g.namespace),
-                "granted namespace {:?}",
-                g.namespace
-            );
-            assert!(
-                route::is_dns1123_subdomain(&g.vmi),
-                "granted vmi {:?}",
-                g.vmi
-            );
+            check_grant_for_session(g);
             assert_eq!(g.vmi, vmi, "granted another vmi than asked for");
             // The names cannot change the shape of the upstream URL.
             let path = config().upstream_path(&g.namespace, &g.vmi);

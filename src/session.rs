@@ -1336,6 +1336,10 @@ mod tests {
     }
 
     const KEY: [u8; 4] = [9, 8, 7, 6];
+    /// A browser's upgrade for the VMI the authorizer grants.
+    const UPGRADE: &[u8] = b"GET /token/vm-1 HTTP/1.1\r\nHost: proxy\r\nUpgrade: websocket\r\n\
+        Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
     const BINARY: u8 = 2;
     const CLOSE: u8 = 8;
 
@@ -1412,11 +1416,7 @@ mod tests {
 
         /// The client's upgrade, the dial, the upstream's 101: relaying.
         fn open(&mut self) {
-            self.client_sends(
-                b"GET /token/vm-1 HTTP/1.1\r\nHost: proxy\r\nUpgrade: websocket\r\n\
-                  Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
-                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-            );
+            self.client_sends(UPGRADE);
             assert!(matches!(self.session.state, State::Dialing(_)));
             // The connect completes.
             self.event(Side::Upstream, false, true);
@@ -1525,11 +1525,7 @@ mod tests {
     #[test]
     fn a_decision_that_comes_too_late_leaves_the_refusal_alone() {
         let mut rig = Rig::new(Answer::Pending);
-        rig.client_sends(
-            b"GET /token/vm-1 HTTP/1.1\r\nHost: proxy\r\nUpgrade: websocket\r\n\
-              Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        );
+        rig.client_sends(UPGRADE);
         assert!(matches!(rig.session.state, State::Authorizing { .. }));
         // The client cannot take the answer yet.
         rig.client.borrow_mut().room = 0;
@@ -1562,11 +1558,7 @@ mod tests {
     #[test]
     fn a_client_that_leaves_while_dialing_ends_the_session_quietly() {
         let mut rig = Rig::new(in_an_hour());
-        rig.client_sends(
-            b"GET /token/vm-1 HTTP/1.1\r\nHost: proxy\r\nUpgrade: websocket\r\n\
-              Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        );
+        rig.client_sends(UPGRADE);
         assert!(matches!(rig.session.state, State::Dialing(_)));
         rig.client.borrow_mut().eof = true;
         rig.client_sends(&[]);
@@ -1580,11 +1572,7 @@ mod tests {
     #[test]
     fn going_away_during_the_upstream_handshake_is_a_503_naming_the_vmi() {
         let mut rig = Rig::new(in_an_hour());
-        rig.client_sends(
-            b"GET /token/vm-1 HTTP/1.1\r\nHost: proxy\r\nUpgrade: websocket\r\n\
-              Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        );
+        rig.client_sends(UPGRADE);
         rig.event(Side::Upstream, false, true);
         rig.drive();
         assert!(matches!(rig.session.state, State::UpstreamHandshake(_)));
