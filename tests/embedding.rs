@@ -1085,14 +1085,22 @@ fn a_second_signal_stops_the_workers_after_the_first_loop_drained() {
     echo(&mut ws, "before the signals");
 
     signal_hook::low_level::raise(SIGUSR1).expect("raise");
-    // The worker drains (its session goes on for the grace)...
-    let path = format!("/{token}/echo-signals");
+    // The worker drains (its session goes on for the grace)... The drain
+    // reaches it through the first loop, a moment later: asked with an
+    // upgrade before then, it would open a session that holds the request
+    // open, so it is asked with /readyz until it says so.
     assert!(wait_until(BOUND, || raw_request(
         worker.local_addr(),
-        &upgrade_request(&path, "")
+        b"GET /readyz HTTP/1.1\r\n\r\n"
     )
     .status
         == 503));
+    let path = format!("/{token}/echo-signals");
+    assert_eq!(
+        raw_request(worker.local_addr(), &upgrade_request(&path, "")).status,
+        503,
+        "new sessions are refused while draining"
+    );
     echo(&mut ws, "during the grace");
     // ...and the first loop, with nothing of its own, is done draining
     // (given time to return, which it must not).
