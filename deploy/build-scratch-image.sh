@@ -124,22 +124,22 @@ timeout_bin=$(command -v timeout)
 # Every run starts from an empty environment (`env -i`), as a container does:
 # only what each check sets. env, timeout and chroot each exec the next, so the
 # PID of a run started with & is the proxy's own.
-run_as="$chroot_bin --userspec=$user $rootfs $entrypoint"
+run_as=("$chroot_bin" "--userspec=$user" "$rootfs" "$entrypoint")
 secret='test-secret-that-is-at-least-32-bytes-long!!'  # the demo's (tests/support/tokens.rs)
 
 say "--version"
-version=$(env -i "$timeout_bin" 10 $run_as --version)
+version=$(env -i "$timeout_bin" 10 "${run_as[@]}" --version)
 echo "$version"
 expected="kubevirt-vnc-proxy $(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)"
 [ "$version" = "$expected" ] || die "--version printed '$version', expected '$expected'"
 
 say "check-config: a valid local dev configuration exits 0"
 env -i SECRET_KEY="$secret" LOCAL_DEV_MODE=true WS_REMOTE_URL=ws://127.0.0.1:8001 \
-  "$timeout_bin" 10 $run_as check-config || die "check-config refused a valid configuration"
+  "$timeout_bin" 10 "${run_as[@]}" check-config || die "check-config refused a valid configuration"
 say "check-config: a bad one (PORT out of range, secret too short) exits 2"
 rc=0
 env -i SECRET_KEY=short LOCAL_DEV_MODE=true WS_REMOTE_URL=ws://127.0.0.1:8001 PORT=70000 \
-  "$timeout_bin" 10 $run_as check-config >"$work/bad-config.log" 2>&1 || rc=$?
+  "$timeout_bin" 10 "${run_as[@]}" check-config >"$work/bad-config.log" 2>&1 || rc=$?
 cat "$work/bad-config.log"
 [ "$rc" = 2 ] || die "check-config exited $rc on a bad configuration, expected 2"
 grep -q 'PORT' "$work/bad-config.log" || die "check-config did not name PORT"
@@ -151,19 +151,22 @@ grep -q 'PORT' "$work/bad-config.log" || die "check-config did not name PORT"
 say "name resolution: localhost without /etc/hosts fails (exit 2), with one resolves"
 rc=0
 env -i SECRET_KEY="$secret" LOCAL_DEV_MODE=true WS_REMOTE_URL=ws://localhost:8001 \
-  "$timeout_bin" 10 $run_as check-config >"$work/resolve.log" 2>&1 || rc=$?
-[ "$rc" = 2 ] && grep -q 'cannot resolve the upstream' "$work/resolve.log" \
-  || { cat "$work/resolve.log"; die "expected 'cannot resolve' (exit 2) for localhost with no /etc/hosts, got exit $rc"; }
+  "$timeout_bin" 10 "${run_as[@]}" check-config >"$work/resolve.log" 2>&1 || rc=$?
+if [ "$rc" != 2 ] || ! grep -q 'cannot resolve the upstream' "$work/resolve.log"; then
+  cat "$work/resolve.log"
+  die "expected 'cannot resolve' (exit 2) for localhost with no /etc/hosts, got exit $rc"
+fi
 mkdir "$rootfs/etc"
 printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n' >"$rootfs/etc/hosts"
 env -i SECRET_KEY="$secret" LOCAL_DEV_MODE=true WS_REMOTE_URL=ws://localhost:8001 \
-  "$timeout_bin" 10 $run_as check-config || die "localhost did not resolve through the kubelet-style /etc/hosts"
-rm -r "$rootfs/etc"
+  "$timeout_bin" 10 "${run_as[@]}" check-config || die "localhost did not resolve through the kubelet-style /etc/hosts"
+rm -r "${rootfs:?}/etc"
 
 # A real session: the demo's stand-in KubeVirt upstream (outside the chroot),
 # the image's proxy in front of it (inside), the example client through it.
 say "a session through the image's proxy to the demo's stand-in upstream"
-cargo build --release --locked --example demo --example client
+# The same command as .ci/run's demo step, so the two share their build.
+cargo build --release --locked --examples
 PORT=0 timeout 120 ./target/release/examples/demo >"$work/demo.log" 2>&1 &
 pids+=($!)
 standin=""
@@ -175,10 +178,10 @@ done
 [ -n "$standin" ] || { cat "$work/demo.log"; die "the demo did not print its stand-in's address"; }
 say "stand-in upstream on $standin"
 # The token from the image's own `token` subcommand.
-token=$(env -i SECRET_KEY="$secret" "$timeout_bin" 10 $run_as token --namespace lab-ns --vmi vnc-demo --ttl 600)
+token=$(env -i SECRET_KEY="$secret" "$timeout_bin" 10 "${run_as[@]}" token --namespace lab-ns --vmi vnc-demo --ttl 600)
 env -i SECRET_KEY="$secret" LOCAL_DEV_MODE=true WS_REMOTE_URL="ws://$standin" HOST=127.0.0.1 PORT=0 \
   METRICS_ADDR=127.0.0.1:0 SHUTDOWN_GRACE_SECONDS=2 \
-  "$timeout_bin" 60 $run_as >"$work/proxy.log" 2>&1 &
+  "$timeout_bin" 60 "${run_as[@]}" >"$work/proxy.log" 2>&1 &
 proxy_pid=$!
 pids+=("$proxy_pid")
 addr=""; metrics=""
@@ -188,7 +191,10 @@ for _ in $(seq 1 100); do
   [ -n "$addr" ] && [ -n "$metrics" ] && break
   sleep 0.1
 done
-[ -n "$addr" ] && [ -n "$metrics" ] || { cat "$work/proxy.log"; die "the image's proxy did not say where it listens"; }
+if [ -z "$addr" ] || [ -z "$metrics" ]; then
+  cat "$work/proxy.log"
+  die "the image's proxy did not say where it listens"
+fi
 say "image's proxy on $addr, probes on $metrics"
 # The probes the Deployment's kubelet uses (plain HTTP/1.0 over bash's /dev/tcp: no curl needed).
 for path in /healthz /readyz; do
