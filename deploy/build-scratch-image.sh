@@ -42,6 +42,16 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The tools this needs beyond the Rust toolchain, from Debian when missing.
+missing=()
+command -v buildah >/dev/null 2>&1 || missing+=(buildah)
+command -v file >/dev/null 2>&1 || missing+=(file)
+if [ "${#missing[@]}" -gt 0 ]; then
+  say "installing ${missing[*]} (Debian's packages)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
 # --- 1. the static binary ----------------------------------------------------
 # --target, even though it is the host's: with it, RUSTFLAGS reach only the
 # binary and its dependencies, not build scripts and proc-macros (which must
@@ -60,11 +70,6 @@ echo "ldd: $ldd_out"
 if grep -q '=>' <<<"$ldd_out"; then die "$bin links shared libraries"; fi
 
 # --- 2. the image and its root filesystem ------------------------------------
-if ! command -v buildah >/dev/null 2>&1; then
-  say "installing buildah (Debian's package)"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah >/dev/null
-fi
 rm -rf "$work"
 mkdir -p "$work/context"
 # The build context holds only the binary: the repository (with target/) would
