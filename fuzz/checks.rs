@@ -197,7 +197,13 @@ fn check_upgrade_request(data: &[u8], max_len: usize, req: &UpgradeRequest) {
 /// without an `Upgrade` header, as a reference reading of the head says.
 fn check_probe(data: &[u8], probe: Probe) {
     let text = String::from_utf8_lossy(data);
-    let line = text.split('\n').next().unwrap_or_default();
+    // The head ends at the first empty line (CRLF or bare LF): what follows
+    // is not the request's (a probe has no body; the bytes are left alone).
+    let head: Vec<&str> = text
+        .split('\n')
+        .take_while(|l| !l.is_empty() && *l != "\r")
+        .collect();
+    let line = head.first().copied().unwrap_or_default();
     let mut parts = line.split(' ');
     let (method, target) = (parts.next(), parts.next().unwrap_or_default());
     let path = target.split('?').next().unwrap_or_default();
@@ -212,7 +218,10 @@ fn check_probe(data: &[u8], probe: Probe) {
         "probe {probe:?} from {line:?}"
     );
     assert!(
-        !text.to_ascii_lowercase().contains("\nupgrade:"),
+        !head
+            .iter()
+            .skip(1)
+            .any(|l| l.to_ascii_lowercase().starts_with("upgrade:")),
         "a request with an Upgrade header answered as probe {probe:?}"
     );
 }
