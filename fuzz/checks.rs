@@ -197,11 +197,15 @@ fn check_upgrade_request(data: &[u8], max_len: usize, req: &UpgradeRequest) {
 /// without an `Upgrade` header, as a reference reading of the head says.
 fn check_probe(data: &[u8], probe: Probe) {
     let text = String::from_utf8_lossy(data);
-    // The head ends at the first empty line (CRLF or bare LF): what follows
-    // is not the request's (a probe has no body; the bytes are left alone).
+    // Empty lines before the request line are skipped (RFC 9112 2.2, as
+    // httparse does), and the head ends at the next empty line (CRLF or bare
+    // LF): what follows is not the request's (a probe has no body; the bytes
+    // are left alone).
+    let empty = |l: &&str| l.is_empty() || *l == "\r";
     let head: Vec<&str> = text
         .split('\n')
-        .take_while(|l| !l.is_empty() && *l != "\r")
+        .skip_while(empty)
+        .take_while(|l| !empty(l))
         .collect();
     let line = head.first().copied().unwrap_or_default();
     let mut parts = line.split(' ');
