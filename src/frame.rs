@@ -598,10 +598,12 @@ pub fn ping_frame(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn frame(fin: bool, op: u8, mask: Option<[u8; 4]>, payload: &[u8]) -> Vec<u8> {
+    /// A frame as a peer sends it (`mask`: from a client). Also the relay's
+    /// and the session's tests' frame builder.
+    pub(crate) fn frame(fin: bool, op: u8, mask: Option<[u8; 4]>, payload: &[u8]) -> Vec<u8> {
         let mut v = vec![(if fin { 0x80 } else { 0 }) | op];
         let m = if mask.is_some() { 0x80 } else { 0 };
         match payload.len() {

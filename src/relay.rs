@@ -651,29 +651,10 @@ pub(crate) mod tests {
         }
     }
 
-    /// A frame as a peer sends it (`mask`: from a client).
+    /// A whole frame as a peer sends it (`mask`: from a client), built by
+    /// frame.rs's test builder.
     pub(crate) fn frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-        let mut out = vec![0x80 | opcode];
-        let m = if mask.is_some() { 0x80 } else { 0 };
-        match payload.len() {
-            n if n < 126 => out.push(m | n as u8),
-            n if n <= 0xffff => {
-                out.push(m | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(m | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        match mask {
-            Some(k) => {
-                out.extend_from_slice(&k);
-                out.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
-            }
-            None => out.extend_from_slice(payload),
-        }
-        out
+        crate::frame::tests::frame(true, opcode, mask, payload)
     }
 
     const KEY: [u8; 4] = [1, 2, 3, 4];
