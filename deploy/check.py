@@ -21,8 +21,8 @@ expected; exit status 1 on any failure, 2 on a usage error):
      Deployment's ServiceAccount;
   f. the pod and container security settings (non-root uid 65532, read-only
      root filesystem, no privilege escalation, all capabilities dropped,
-     RuntimeDefault seccomp, service-account token mounted), 2 replicas, a
-     PodDisruptionBudget, port 5001 named ws, resource requests and limits;
+     RuntimeDefault seccomp, service-account token mounted), port 5001 named
+     ws, resource requests and limits;
   g. terminationGracePeriodSeconds is at least 5 s above the longest the
      proxy takes from SIGTERM to exit: SHUTDOWN_GRACE_SECONDS (as the
      Deployment sets it, else the default `--help` shows) plus 2 s for the
@@ -41,7 +41,33 @@ expected; exit status 1 on any failure, 2 on a usage error):
      a command uses it, the Secret the Deployment reads (name and key) is
      created in the kustomization's namespace before `kubectl apply -k`, and
      the image that is built is the one pushed and the one `kustomize edit set
-     image` puts under the `images:` name of the kustomization.
+     image` puts under the `images:` name of the kustomization;
+  l. one autoscaling/v2 HorizontalPodAutoscaler scales the Deployment on CPU
+     from minReplicas >= 2, the Deployment sets no `replicas` (the autoscaler
+     owns the count; an apply would reset it), and the PodDisruptionBudget lets
+     a drain evict a pod at that minimum and keeps one (minAvailable below
+     minReplicas, or maxUnavailable from 1 to below it); in the base and in
+     every rendered overlay;
+  m. TLS in the pod: with TLS_CERT_FILE set, both probes are `scheme: HTTPS`
+     (the probe port speaks TLS then), TLS_CERT_FILE/TLS_KEY_FILE are keys
+     tls.crt/tls.key of a Secret some Certificate writes, mounted read-only as
+     a directory, never with subPath (which never sees cert-manager's rotation);
+     without it, plain HTTP probes;
+  n. the overlays under deploy/overlays render with `kubectl kustomize`
+     (skipped without kubectl), set `namespace:` and put every namespaced
+     object in it, use only env names the proxy has, carry a cert-manager
+     Certificate with an issuerRef and the Service's DNS name, scrape over
+     HTTPS (PodMonitor), and hold the dashboard ConfigMap as dashboard.json is;
+  o. every metric the Grafana dashboard (panels and query variables) and the
+     PrometheusRule's rules name is in the live binary's /metrics: the binary
+     runs with LOCAL_DEV_MODE, METRICS_ADDR on a free loopback port and, when
+     `--help` lists TLS_CERT_FILE, a certificate made with openssl in a
+     temporary directory, /metrics is read over TLS (verified against it), and
+     the proxy is stopped by its PID. Names come from the PromQL (functions,
+     keywords, labels, ranges, strings and Grafana variables skipped;
+     `_bucket`/`_sum`/`_count` stripped only from histograms); every query
+     names one; the dashboard and rules use the families the issue asks for;
+     the expiry gauge equals the served certificate's notAfter.
 """
 
 import json
@@ -49,9 +75,12 @@ import os
 import re
 import shlex
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
+import time
 
 DEPLOY = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(DEPLOY)
@@ -67,6 +96,289 @@ PROXY_CLOSING_BOUND = 2
 # What terminationGracePeriodSeconds must leave above that bound before the
 # kubelet's SIGKILL (slow nodes, a preStop hook, the container runtime).
 TERMINATION_MARGIN = 5
+
+
+# The metrics kit (issue 15, point 6) -------------------------------------------
+MONITORING = os.path.join(DEPLOY, "components", "monitoring")
+DASHBOARD = os.path.join(MONITORING, "dashboard.json")
+RULES = os.path.join(MONITORING, "prometheusrule.yaml")
+# Overlays rendered and checked, relative to deploy/: with TLS, and with TLS and monitoring.
+OVERLAYS = ("overlays/tls", "overlays/tls-monitoring")
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+# The keys cert-manager writes into a Certificate's Secret, by the variable that must name them.
+CERT_MANAGER_KEYS = {"TLS_CERT_FILE": "tls.crt", "TLS_KEY_FILE": "tls.key"}
+# What the issue asks the dashboard and the rules to show, as metric families they must use.
+DASHBOARD_NEEDS = {
+    "kubevirt_vnc_proxy_open_sessions": "sessions open",
+    "kubevirt_vnc_proxy_sessions_total": "sessions by outcome",
+    "kubevirt_vnc_proxy_refusals_total": "refusals by status",
+    "kubevirt_vnc_proxy_bytes_total": "bytes relayed",
+    "kubevirt_vnc_proxy_upstream_dial_seconds": "upstream latency",
+    "kubevirt_vnc_proxy_tls_certificate_expiry_timestamp_seconds": "certificate expiry",
+}
+RULES_NEED = {
+    "kubevirt_vnc_proxy_max_connections": "sessions near MAX_CONNECTIONS",
+    "kubevirt_vnc_proxy_refusals_total": "refusal, 5xx and upstream failure rates",
+    "kubevirt_vnc_proxy_tls_certificate_expiry_timestamp_seconds": "certificate expiring in under 7 days",
+}
+EXPIRY = "kubevirt_vnc_proxy_tls_certificate_expiry_timestamp_seconds"
+
+PROMQL_TOKEN = re.compile(r"""
+    (?P<str>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|`[^`]*`)
+  | (?P<comment>\#[^\n]*)
+  | (?P<var>\$\{[^}]*\}|\$\w+|\[\[\w+(?::\w+)?\]\])
+  | (?P<num>(?:0[xX][0-9a-fA-F]+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)(?:(?:ms|[smhdwy])(?:\d+(?:ms|[smhdwy]))*)?)
+  | (?P<ident>[A-Za-z_:][A-Za-z0-9_:]*)
+  | (?P<space>\s+)
+  | (?P<punct>.)
+""", re.X | re.S)
+# Clauses followed by a parenthesised list of label names, not of expressions.
+PROMQL_LABEL_LISTS = {"by", "without", "on", "ignoring", "group_left", "group_right"}
+# Words that are neither metrics nor followed by `(`: binary operators, modifiers, literals.
+PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
+
+
+def promql_metric_names(expr):
+    """The metric names a PromQL expression selects: identifiers outside label matchers
+    `{...}` and ranges `[...]` that are not functions or aggregations (followed by `(`),
+    keywords, or the label lists of by/without/on/ignoring/group_left/group_right; plus
+    `{__name__="NAME"}`. Strings, comments and Grafana variables ($x, ${x}, [[x]]) are skipped."""
+    raw = [(m.lastgroup, m.group()) for m in PROMQL_TOKEN.finditer(expr)
+           if m.lastgroup not in ("space", "comment")]
+    # Drop the label lists first, so that `sum by (le) (x)` reads as `sum (x)`: a function.
+    toks, i = [], 0
+    while i < len(raw):
+        if raw[i][0] == "ident" and raw[i][1].lower() in PROMQL_LABEL_LISTS and raw[i + 1:i + 2] == [("punct", "(")]:
+            while i < len(raw) and raw[i] != ("punct", ")"):
+                i += 1
+            i += 1
+            continue
+        toks.append(raw[i])
+        i += 1
+    names = set()
+    brace = bracket = 0
+    i = 0
+    while i < len(toks):
+        kind, text = toks[i]
+        nxt = toks[i + 1] if i + 1 < len(toks) else (None, None)
+        if kind == "punct":
+            if text == "{":
+                brace += 1
+            elif text == "}":
+                brace = max(0, brace - 1)
+            elif text == "[":
+                bracket += 1
+            elif text == "]":
+                bracket = max(0, bracket - 1)
+        elif kind == "ident" and brace == 0 and bracket == 0:
+            word = text.lower()
+            if nxt != ("punct", "(") and word not in PROMQL_WORDS:
+                names.add(text)
+        elif kind == "ident" and brace > 0 and text == "__name__":
+            # Only an equality matcher names one metric; =~ and != do not.
+            after = toks[i + 2] if i + 2 < len(toks) else (None, None)
+            if nxt == ("punct", "=") and after[0] == "str":
+                names.add(after[1][1:-1])
+        i += 1
+    return names
+
+
+def grafana_variable_query(query):
+    """The PromQL inside a Grafana Prometheus variable query: label_values(EXPR, LABEL) and
+    query_result(EXPR) hold one; label_values(LABEL), label_names() and metrics(RE) none."""
+    if isinstance(query, dict):
+        query = query.get("query") or ""
+    query = (query or "").strip()
+    m = re.fullmatch(r"(label_values|query_result)\s*\((.*)\)", query, re.S)
+    if not m:
+        return None if re.match(r"(label_names|metrics)\s*\(", query) else query or None
+    if m.group(1) == "query_result":
+        return m.group(2)
+    inner, depth = m.group(2), 0
+    for k, ch in enumerate(inner):
+        depth += ch in "({[" and 1 or (ch in ")}]" and -1 or 0)
+        if ch == "," and depth == 0:
+            return inner[:k]
+    return None  # label_values(LABEL): no metric
+
+
+def dashboard_queries(dash):
+    """(where, PromQL) for every panel target (rows' nested panels included) and every
+    query variable of a Grafana dashboard."""
+    out = []
+
+    def walk(panels, path):
+        for p in panels or []:
+            if not isinstance(p, dict):
+                continue
+            title = p.get("title") or f"id {p.get('id')}"
+            for t in p.get("targets") or []:
+                if isinstance(t, dict) and (t.get("expr") or "").strip():
+                    out.append((f"{path}panel {title!r} target {t.get('refId', '?')}", t["expr"]))
+            walk(p.get("panels"), f"{path}row {title!r}, " if p.get("type") == "row" else path)
+
+    walk(dash.get("panels"), "")
+    for v in (dash.get("templating") or {}).get("list") or []:
+        if isinstance(v, dict) and v.get("type") == "query":
+            q = grafana_variable_query(v.get("query"))
+            if q:
+                out.append((f"variable {v.get('name')!r}", q))
+    return out
+
+
+def rule_queries(docs):
+    """(where, expr) of every rule of the PrometheusRule documents, and the names recording
+    rules define (usable by the other rules as if the proxy exposed them)."""
+    out, recorded = [], set()
+    for d in docs:
+        if d.get("kind") != "PrometheusRule":
+            continue
+        for g in (d.get("spec") or {}).get("groups") or []:
+            for r in g.get("rules") or []:
+                name = r.get("alert") or r.get("record") or "?"
+                if r.get("record"):
+                    recorded.add(r["record"])
+                out.append((f"group {g.get('name')!r} rule {name!r}", str(r.get("expr") or "")))
+    return out, recorded
+
+
+def metric_families(text):
+    """{family: type} of a Prometheus text exposition: its `# TYPE` lines, and sample names
+    that belong to no typed family (untyped). A family with no samples yet (a counter
+    labelled by a status that has not happened) is still there by its TYPE line."""
+    fams = {}
+    for line in text.splitlines():
+        m = re.match(r"#\s*TYPE\s+([A-Za-z_:][A-Za-z0-9_:]*)\s+(\w+)", line)
+        if m:
+            fams[m.group(1)] = m.group(2)
+            continue
+        m = re.match(r"([A-Za-z_:][A-Za-z0-9_:]*)", line)
+        if not m or line.startswith("#"):
+            continue
+        name = m.group(1)
+        if name in fams or any(name.endswith(s) and name[:-len(s)] in fams for s in ("_bucket", "_sum", "_count")):
+            continue
+        fams[name] = "untyped"
+    return fams
+
+
+def metric_problem(name, fams):
+    """Why a metric name a query uses is not in the exposition, or None. `_bucket`, `_sum`
+    and `_count` are stripped only where the family is a histogram (`_sum`/`_count` also a
+    summary); a histogram's bare name selects no series."""
+    kind = fams.get(name)
+    if kind == "histogram":
+        return f"{name} is a histogram, which has no series of that name: use {name}_bucket, _sum or _count"
+    if kind is not None:
+        return None
+    for suffix in ("_bucket", "_sum", "_count"):
+        base = name[:-len(suffix)] if name.endswith(suffix) else None
+        if base and (fams.get(base) == "histogram" or (fams.get(base) == "summary" and suffix != "_bucket")):
+            return None
+    return f"{name} is not in the proxy's /metrics"
+
+
+def families_used(name, fams):
+    """The family a name selects (histogram suffixes stripped), for coverage checks."""
+    for suffix in ("_bucket", "_sum", "_count"):
+        if name.endswith(suffix) and fams.get(name[:-len(suffix)]) in ("histogram", "summary"):
+            return name[:-len(suffix)]
+    return name
+
+
+def sample_value(text, name):
+    """The value of an unlabelled sample in an exposition, or None."""
+    m = re.search(rf"^{re.escape(name)}(?:\{{\}})?\s+(\S+)", text, re.M)
+    try:
+        return float(m.group(1)) if m else None
+    except ValueError:
+        return None
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(port, path, tls_context=None, timeout=5):
+    """GET path from 127.0.0.1:port (over TLS with tls_context); (status line, body, the
+    peer certificate as ssl.getpeercert() gives it or None)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    cert = None
+    with raw:
+        sock = tls_context.wrap_socket(raw, server_hostname="localhost") if tls_context else raw
+        with sock:
+            if tls_context:
+                cert = sock.getpeercert()
+            sock.sendall(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
+            data = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head.split(b"\r\n", 1)[0].decode("latin-1"), body.decode("utf-8", "replace"), cert
+
+
+def run_proxy_for_metrics(binary, tls, tmp):
+    """Start the proxy as a local demo would (LOCAL_DEV_MODE, an upstream that is never
+    dialed), with METRICS_ADDR on a free loopback port and, when `tls`, a certificate
+    made now with openssl; read /metrics (over TLS then, verified against that
+    certificate); stop the proxy by its PID. Returns (exposition text, the served
+    certificate's notAfter in Unix seconds or None); raises RuntimeError with the reason."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SECRET_KEY": os.urandom(24).hex(),
+           "LOCAL_DEV_MODE": "true", "WS_REMOTE_URL": "ws://127.0.0.1:9", "HOST": "127.0.0.1",
+           "PORT": "0", "SHUTDOWN_GRACE_SECONDS": "1", "LOGLEVEL": "INFO"}
+    context = None
+    if tls:
+        openssl = shutil.which("openssl")
+        if not openssl:
+            raise RuntimeError("openssl is not on PATH, so no certificate can be made for the TLS run")
+        cert, key = os.path.join(tmp, "tls.crt"), os.path.join(tmp, "tls.key")
+        p = subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                            "-nodes", "-keyout", key, "-out", cert, "-days", "30", "-subj", "/CN=localhost",
+                            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                           capture_output=True, text=True, timeout=60, check=False)
+        if p.returncode != 0:
+            raise RuntimeError(f"openssl could not make a test certificate: {p.stderr.strip()}")
+        env.update(TLS_CERT_FILE=cert, TLS_KEY_FILE=key)
+        context = ssl.create_default_context(cafile=cert)
+    port = free_port()
+    env["METRICS_ADDR"] = f"127.0.0.1:{port}"
+    log_path = os.path.join(tmp, "proxy.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([os.path.abspath(binary)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+    try:
+        deadline = time.monotonic() + 20
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            try:
+                status, body, peer = http_get(port, "/metrics", context)
+            except (OSError, ssl.SSLError) as e:
+                last = f"{type(e).__name__}: {e}"
+                time.sleep(0.1)
+                continue
+            if " 200 " not in status + " ":
+                raise RuntimeError(f"GET /metrics answered {status!r}")
+            not_after = ssl.cert_time_to_seconds(peer["notAfter"]) if peer else None
+            return body, not_after
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            tail = " | ".join(f.read().strip().splitlines()[-5:])
+        if proc.poll() is not None:
+            raise RuntimeError(f"the proxy exited {proc.returncode} before /metrics answered: {tail}")
+        raise RuntimeError(f"/metrics on 127.0.0.1:{port} did not answer in 20 s ({last}): {tail}")
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # SIGTERM to that PID: the proxy drains and exits
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def load_yaml_module():
@@ -337,8 +649,6 @@ class Checker:
         spec = dep.get("spec") or {}
         tmpl = spec.get("template") or {}
         pod = tmpl.get("spec") or {}
-        if spec.get("replicas") != 2:
-            self.fail(where, f"replicas must be 2, got {spec.get('replicas')!r}")
         sel = ((spec.get("selector") or {}).get("matchLabels") or {})
         if sel.get(LABEL) != NAME or ((tmpl.get("metadata") or {}).get("labels") or {}).get(LABEL) != NAME:
             self.fail(where, f"selector.matchLabels and the pod template labels must carry {LABEL}: {NAME}")
@@ -500,6 +810,304 @@ class Checker:
             return "failed"
         return "ok"
 
+    # l. autoscaler and disruption budget ------------------------------------------
+    def check_scaling(self, found, dep_where, dep):
+        """The HorizontalPodAutoscaler scales the Deployment on CPU, owns its replica count,
+        and the PodDisruptionBudget lets a drain evict a pod at the autoscaler's minimum."""
+        hpas = [(w, d) for w, d in found if d.get("kind") == "HorizontalPodAutoscaler"]
+        pdbs = [(w, d) for w, d in found if d.get("kind") == "PodDisruptionBudget"]
+        if len(hpas) != 1:
+            self.fail(dep_where, f"expected exactly one HorizontalPodAutoscaler for the Deployment, found {len(hpas)}")
+            return
+        hw, hpa = hpas[0]
+        hspec = hpa.get("spec") or {}
+        if hpa.get("apiVersion") != "autoscaling/v2":
+            self.fail(hw, f"apiVersion must be autoscaling/v2, got {hpa.get('apiVersion')!r}")
+        ref = hspec.get("scaleTargetRef") or {}
+        want = {"apiVersion": "apps/v1", "kind": "Deployment", "name": (dep.get("metadata") or {}).get("name")}
+        if any(ref.get(k) != v for k, v in want.items()):
+            self.fail(hw, f"scaleTargetRef must be {want}, got {ref}")
+        lo, hi = hspec.get("minReplicas", 1), hspec.get("maxReplicas")
+        if not isinstance(lo, int) or lo < 2:
+            self.fail(hw, f"minReplicas must be at least 2 (so one pod serves while a drain evicts "
+                      f"another), got {lo!r}")
+            lo = None
+        if not isinstance(hi, int) or (lo is not None and hi < lo):
+            self.fail(hw, f"maxReplicas must be an integer not below minReplicas, got {hi!r}")
+        cpu = [m for m in hspec.get("metrics") or []
+               if m.get("type") == "Resource" and (m.get("resource") or {}).get("name") == "cpu"]
+        if not cpu:
+            self.fail(hw, "must scale on CPU: a metrics entry of type Resource with resource.name cpu")
+        for m in cpu:
+            target = m["resource"].get("target") or {}
+            if not (target.get("type") == "Utilization" and target.get("averageUtilization")) and \
+                    not (target.get("type") == "AverageValue" and target.get("averageValue")):
+                self.fail(hw, f"the CPU target needs type Utilization with averageUtilization or "
+                          f"AverageValue with averageValue, got {target}")
+        replicas = (dep.get("spec") or {}).get("replicas")
+        if replicas is not None:
+            outside = ""
+            if lo is not None and isinstance(hi, int) and not (isinstance(replicas, int) and lo <= replicas <= hi):
+                outside = f"; it is not even within [minReplicas, maxReplicas] = [{lo}, {hi}]"
+            self.fail(dep_where, f"sets replicas: {replicas!r} while {hw} scales it: every `kubectl apply` "
+                      "would reset the count to that, removing the pods the autoscaler added and ending "
+                      f"their consoles; leave replicas out and let minReplicas set the floor{outside}")
+        if len(pdbs) != 1:
+            self.fail(dep_where, f"expected exactly one PodDisruptionBudget, found {len(pdbs)}")
+            return
+        pw, pdb = pdbs[0]
+        pspec = pdb.get("spec") or {}
+        if lo is None:
+            return
+
+        def pods(v):
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
+            m = re.fullmatch(r"(\d+)%", str(v))
+            return -(-int(m.group(1)) * lo // 100) if m else None  # percentages round up
+
+        if "minAvailable" in pspec:
+            keep = pods(pspec["minAvailable"])
+            if keep is None or keep < 1 or keep >= lo:
+                self.fail(pw, f"minAvailable {pspec['minAvailable']!r} must keep at least 1 pod and fewer than "
+                          f"the autoscaler's minReplicas ({lo}, {hw}): at or above it, a drain at the minimum "
+                          "could evict nothing and would block")
+        elif "maxUnavailable" in pspec:
+            gone = pods(pspec["maxUnavailable"])
+            if gone is None or gone < 1 or gone >= lo:
+                self.fail(pw, f"maxUnavailable {pspec['maxUnavailable']!r} must let at least 1 pod go and keep "
+                          f"at least 1 of the autoscaler's minReplicas ({lo}, {hw})")
+        else:
+            self.fail(pw, "needs minAvailable or maxUnavailable")
+
+    # m. TLS in the pod --------------------------------------------------------------
+    def check_tls_pod(self, where, pod, certificates, require):
+        """With TLS_CERT_FILE set (required when `require`): both files from a Secret a
+        Certificate writes, mounted read-only as a directory (never subPath), and probes over
+        HTTPS; without it, probes over HTTP."""
+        containers = pod.get("containers") or []
+        if len(containers) != 1:
+            return
+        c = containers[0]
+        cn = f"container {c.get('name')}"
+        env = {e.get("name"): e.get("value") for e in c.get("env") or []}
+        tls = "TLS_CERT_FILE" in env or "TLS_KEY_FILE" in env
+        if require and not tls:
+            self.fail(where, f"{cn}: a TLS overlay must set TLS_CERT_FILE and TLS_KEY_FILE")
+        elif tls and not ("TLS_CERT_FILE" in env and "TLS_KEY_FILE" in env):
+            self.fail(where, f"{cn}: TLS_CERT_FILE and TLS_KEY_FILE go together")
+        for probe in ("readinessProbe", "livenessProbe"):
+            scheme = ((c.get(probe) or {}).get("httpGet") or {}).get("scheme", "HTTP")
+            if tls and scheme != "HTTPS":
+                self.fail(where, f"{cn}: {probe} must have scheme: HTTPS: with TLS_CERT_FILE set the probe "
+                          f"port (METRICS_ADDR) speaks TLS, and an HTTP probe fails; got {scheme!r}")
+            elif not tls and scheme != "HTTP":
+                self.fail(where, f"{cn}: {probe} has scheme {scheme!r}, but without TLS_CERT_FILE the "
+                          "probe port speaks plain HTTP")
+        volumes = {v.get("name"): v for v in pod.get("volumes") or []}
+        secrets_written = {(d.get("spec") or {}).get("secretName") for d in certificates}
+        for var in ("TLS_CERT_FILE", "TLS_KEY_FILE", "CLIENT_CA_FILE"):
+            path = env.get(var)
+            if not path:
+                continue
+            if not str(path).startswith("/"):
+                self.fail(where, f"{cn}: {var} must be an absolute path into a mounted volume, got {path!r}")
+                continue
+            mounts = [m for m in c.get("volumeMounts") or []
+                      if path == m.get("mountPath") or path.startswith(str(m.get("mountPath", "")).rstrip("/") + "/")]
+            if not mounts:
+                self.fail(where, f"{cn}: {var} {path!r} is under no volumeMount")
+                continue
+            m = max(mounts, key=lambda m: len(m.get("mountPath", "")))
+            if m.get("subPath") or m.get("subPathExpr") or path == m.get("mountPath"):
+                self.fail(where, f"{cn}: {var} comes from a subPath (or single-file) mount {m.get('mountPath')!r}: "
+                          "it never sees the kubelet swap the Secret's `..data` symlink, so a renewed "
+                          "certificate would never reach the proxy; mount the whole Secret as a directory")
+                continue
+            if m.get("readOnly") is not True:
+                self.fail(where, f"{cn}: volumeMount {m.get('mountPath')!r} (for {var}) must be readOnly: true")
+            secret = (volumes.get(m.get("name")) or {}).get("secret")
+            if var == "CLIENT_CA_FILE":
+                continue
+            if not secret:
+                self.fail(where, f"{cn}: {var} must come from a Secret volume (the Certificate's), "
+                          f"volume {m.get('name')!r} is not one")
+                continue
+            if secret.get("secretName") not in secrets_written:
+                self.fail(where, f"{cn}: {var} reads Secret {secret.get('secretName')!r}, which no Certificate "
+                          f"writes (their secretName: {sorted(s for s in secrets_written if s)})")
+            rel = path[len(str(m["mountPath"]).rstrip("/")) + 1:]
+            key = {i.get("path"): i.get("key") for i in secret.get("items") or []}.get(rel, rel)
+            if secret.get("items") is not None and rel not in {i.get("path") for i in secret["items"]}:
+                key = None
+            if key != CERT_MANAGER_KEYS[var]:
+                self.fail(where, f"{cn}: {var} {path!r} must be key {CERT_MANAGER_KEYS[var]!r} of the "
+                          f"Certificate's Secret, got {key!r}")
+
+    def check_certificates(self, where, certificates, services, namespace):
+        if not certificates:
+            self.fail(where, "no cert-manager Certificate (cert-manager.io/v1)")
+        for d in certificates:
+            cw = f"{where} Certificate/{(d.get('metadata') or {}).get('name')}"
+            spec = d.get("spec") or {}
+            if d.get("apiVersion") != "cert-manager.io/v1":
+                self.fail(cw, f"apiVersion must be cert-manager.io/v1, got {d.get('apiVersion')!r}")
+            if not spec.get("secretName"):
+                self.fail(cw, "spec.secretName is not set")
+            ref = spec.get("issuerRef") or {}
+            if not ref.get("name") or ref.get("kind", "Issuer") not in ("Issuer", "ClusterIssuer"):
+                self.fail(cw, f"issuerRef needs a name and kind Issuer or ClusterIssuer, got {ref}")
+            names = set(spec.get("dnsNames") or [])
+            for svc in services:
+                want = f"{svc}.{namespace}.svc"
+                if want not in names:
+                    self.fail(cw, f"dnsNames lack {want!r}, the Service's name in the overlay's namespace "
+                              "(kustomize does not rewrite dnsNames)")
+
+    # n. overlays ---------------------------------------------------------------------
+    def render(self, path):
+        kubectl = shutil.which("kubectl")
+        if not kubectl:
+            return None
+        try:
+            p = subprocess.run([kubectl, "kustomize", path], capture_output=True, text=True, timeout=60, check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            self.fail(self.rel(path), f"`kubectl kustomize` could not run: {e}")
+            return None
+        if p.returncode != 0:
+            self.fail(self.rel(path), f"`kubectl kustomize` failed: {p.stderr.strip()}")
+            return None
+        return [d for d in self.yaml.safe_load_all(p.stdout) if isinstance(d, dict)]
+
+    def check_overlay(self, where, docs, options):
+        kust = {}
+        try:
+            with open(os.path.join(REPO, where.split(" ")[0], "kustomization.yaml"), encoding="utf-8") as f:
+                kust = self.yaml.safe_load(f) or {}
+        except (OSError, self.yaml.YAMLError):
+            pass
+        namespace = kust.get("namespace")
+        if not namespace:
+            self.fail(where, "the overlay's kustomization.yaml must set `namespace:` (the base's covers only "
+                      "the base's resources, not what components add)")
+        for d in docs:
+            md = d.get("metadata") or {}
+            if d.get("kind") not in CLUSTER_SCOPED and namespace and md.get("namespace") != namespace:
+                self.fail(where, f"{d.get('kind')}/{md.get('name')} renders in namespace "
+                          f"{md.get('namespace')!r}, not {namespace!r}")
+        found = [(f"{where} {d.get('kind')}/{(d.get('metadata') or {}).get('name')}", d) for d in docs]
+        deps = [(w, d) for w, d in found if d.get("kind") == "Deployment"]
+        if len(deps) != 1:
+            self.fail(where, f"expected exactly one Deployment, found {len(deps)}")
+            return
+        dw, dep = deps[0]
+        pod = ((dep.get("spec") or {}).get("template") or {}).get("spec") or {}
+        for c in pod.get("containers") or []:
+            for e in c.get("env") or []:
+                if options is not None and e.get("name") not in options:
+                    self.fail(dw, f"container {c.get('name')}: env {e.get('name')!r} is not an option of the "
+                              f"proxy (`{os.path.basename(self.binary)} --help`)")
+        certificates = [d for d in docs if d.get("kind") == "Certificate"]
+        services = [(d.get("metadata") or {}).get("name") for d in docs if d.get("kind") == "Service"]
+        self.check_certificates(where, certificates, services, namespace)
+        self.check_tls_pod(dw, pod, certificates, require=True)
+        self.check_scaling(found, dw, dep)
+        ports = {p.get("name") for c in pod.get("containers") or [] for p in c.get("ports") or []}
+        for w, d in found:
+            if d.get("kind") == "PodMonitor":
+                for ep in (d.get("spec") or {}).get("podMetricsEndpoints") or []:
+                    if ep.get("scheme") != "https":
+                        self.fail(w, f"scheme must be https: the probe port speaks TLS in this overlay, got "
+                                  f"{ep.get('scheme')!r}")
+                    if ep.get("port") not in ports:
+                        self.fail(w, f"port {ep.get('port')!r} is not a named port of the Deployment ({sorted(ports)})")
+            if d.get("kind") == "ConfigMap" and "grafana_dashboard" in ((d.get("metadata") or {}).get("labels") or {}):
+                try:
+                    with open(DASHBOARD, encoding="utf-8") as f:
+                        want = json.load(f)
+                    if [json.loads(v) for v in (d.get("data") or {}).values()] != [want]:
+                        self.fail(w, f"must hold exactly {self.rel(DASHBOARD)}")
+                except (OSError, ValueError) as e:
+                    self.fail(w, f"its dashboard does not read as JSON: {e}")
+
+    def check_overlays(self, options):
+        if not shutil.which("kubectl"):
+            self.notes.append("overlays not rendered (no kubectl)")
+            return "skipped (no kubectl)"
+        for overlay in OVERLAYS:
+            docs = self.render(os.path.join(DEPLOY, overlay))
+            if docs is not None:
+                self.check_overlay(f"deploy/{overlay} (rendered)", docs, options)
+        return "ok"
+
+    # o. the dashboard and the rules against the live /metrics ------------------------
+    def check_queries(self, fams, dashboard, rule_docs):
+        """Every metric a dashboard query or a rule names is in `fams`; each query names one at
+        least (else the extraction is wrong); the dashboard and the rules cover what the
+        issue asks for. Returns the number of distinct names checked."""
+        checked, listed = set(), False
+        rules, recorded = rule_queries(rule_docs)
+        for label, queries, path, needs in (
+                ("dashboard", dashboard_queries(dashboard), self.rel(DASHBOARD), DASHBOARD_NEEDS),
+                ("rules", rules, self.rel(RULES), RULES_NEED)):
+            if not queries:
+                self.fail(path, f"no queries found in the {label}")
+            used = set()
+            for where, expr in queries:
+                names = promql_metric_names(expr)
+                if not names:
+                    self.fail(f"{path} ({where})", f"names no metric: {expr.strip()!r}")
+                for n in sorted(names):
+                    checked.add(n)
+                    used.add(families_used(n, fams))
+                    problem = None if n in recorded else metric_problem(n, fams)
+                    if problem and not listed:
+                        # The families there are, once: enough to spot a typo or a rename.
+                        listed = True
+                        problem += (" (the live binary's /metrics has: "
+                                    f"{', '.join(sorted(f for f in fams if f.startswith('kubevirt_vnc_proxy')))})")
+                    if problem:
+                        self.fail(f"{path} ({where})", problem)
+            for family, what in needs.items():
+                if family not in used:
+                    self.fail(path, f"no query uses {family} ({what})")
+        return len(checked)
+
+    def check_live_metrics(self):
+        try:
+            with open(DASHBOARD, encoding="utf-8") as f:
+                dashboard = json.load(f)
+        except (OSError, ValueError) as e:
+            self.fail(self.rel(DASHBOARD), f"cannot read as JSON: {e}")
+            dashboard = {}
+        try:
+            with open(RULES, encoding="utf-8") as f:
+                rule_docs = [d for d in self.yaml.safe_load_all(f) if isinstance(d, dict)]
+        except (OSError, self.yaml.YAMLError) as e:
+            self.fail(self.rel(RULES), f"cannot read: {e}")
+            rule_docs = []
+        if not self.help:
+            return "skipped (no binary)"
+        # The TLS run exposes every family (the TLS ones exist only with a certificate);
+        # a binary without the TLS options is run in cleartext, and its missing TLS
+        # families are then reported like any other.
+        tls = "[env TLS_CERT_FILE]" in self.help
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                text, not_after = run_proxy_for_metrics(self.binary, tls, tmp)
+            except (RuntimeError, OSError) as e:
+                self.fail(self.binary, f"reading /metrics from the running proxy failed: {e}")
+                return "failed"
+        fams = metric_families(text)
+        if not tls:
+            self.notes.append("the binary has no TLS_CERT_FILE option: /metrics read over plain HTTP")
+        gauge = sample_value(text, EXPIRY)
+        if not_after is not None and gauge is not None and abs(gauge - not_after) > 1:
+            self.fail(self.binary, f"{EXPIRY} is {gauge:.0f}, but the certificate served has notAfter "
+                      f"{not_after:.0f}: the expiry alert would fire at the wrong time")
+        n = self.check_queries(fams, dashboard, rule_docs)
+        return f"{n} metric names checked against /metrics{' over TLS' if tls else ''}"
+
     # ------------------------------------------------------------------------
     def run(self):
         self.parse_all()
@@ -538,8 +1146,6 @@ class Checker:
             pdb_where, pdb = self.one(listed, "PodDisruptionBudget")
             if pdb is not None:
                 pspec = pdb.get("spec") or {}
-                if pspec.get("minAvailable") != 1 and pspec.get("maxUnavailable") != 1:
-                    self.fail(pdb_where, "needs minAvailable: 1 or maxUnavailable: 1")
                 if ((pspec.get("selector") or {}).get("matchLabels") or {}).get(LABEL) != NAME:
                     self.fail(pdb_where, f"selector.matchLabels must be {LABEL}: {NAME}")
 
@@ -549,7 +1155,13 @@ class Checker:
 
             self.check_readme_commands(listed, namespace, secret_ref, k)
 
+            found = [(f"deploy/kubernetes/{rel}", d) for rel in listed for d in self.docs[rel]]
+            self.check_scaling(found, where, dep)
+            self.check_tls_pod(where, pod, [], require=False)
+
         render = self.check_render()
+        overlays = self.check_overlays(options)
+        live = self.check_live_metrics()
         docker = self.check_dockerfile()
 
         if self.errors:
@@ -561,7 +1173,7 @@ class Checker:
         print(f"deploy/check.py: OK: {len(self.docs)} YAML files ({ndocs} documents), "
               f"{env_count} env names among the proxy's {len(options or ())} options, "
               f"RBAC get virtualmachineinstances/vnc only, kustomize render {render}, "
-              f"Dockerfile context {docker}")
+              f"overlays {overlays}, dashboard and rules: {live}, Dockerfile context {docker}")
         for n in self.notes:
             print(f"deploy/check.py: note: {n}")
         return 0
