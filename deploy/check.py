@@ -67,7 +67,10 @@ expected; exit status 1 on any failure, 2 on a usage error):
      keywords, labels, ranges, strings and Grafana variables skipped;
      `_bucket`/`_sum`/`_count` stripped only from histograms); every query
      names one; the dashboard and rules use the families the issue asks for;
-     the expiry gauge equals the served certificate's notAfter.
+     the expiry gauge equals the served certificate's notAfter;
+  p. with promtool on PATH (else a note): the rules and the dashboard's queries
+     parse (`promtool check rules`), and prometheusrule.test.yaml's alert tests
+     pass (`promtool test rules`): each alert fires on its case only.
 """
 
 import json
@@ -102,6 +105,7 @@ TERMINATION_MARGIN = 5
 MONITORING = os.path.join(DEPLOY, "components", "monitoring")
 DASHBOARD = os.path.join(MONITORING, "dashboard.json")
 RULES = os.path.join(MONITORING, "prometheusrule.yaml")
+RULES_TEST = os.path.join(MONITORING, "prometheusrule.test.yaml")
 # Overlays rendered and checked, relative to deploy/: with TLS, and with TLS and monitoring.
 OVERLAYS = ("overlays/tls", "overlays/tls-monitoring")
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
@@ -1108,6 +1112,56 @@ class Checker:
         n = self.check_queries(fams, dashboard, rule_docs)
         return f"{n} metric names checked against /metrics{' over TLS' if tls else ''}"
 
+    # p. PromQL syntax and the alerts' behaviour, with promtool -------------------------
+    def check_promtool(self):
+        """`promtool check rules` on the PrometheusRule's rules and on the dashboard's queries
+        (as recording rules, Grafana's variables replaced), and `promtool test rules` with
+        prometheusrule.test.yaml: each alert fires on the series it is for, and not on the
+        ones beside it. Skipped, with a note, without promtool (Debian: apt install prometheus)."""
+        promtool = shutil.which("promtool")
+        if not promtool:
+            self.notes.append("promtool not on PATH: the rules' and dashboard's PromQL syntax and the alert "
+                              "tests (prometheusrule.test.yaml) were not run (Debian: apt install prometheus)")
+            return "skipped (no promtool)"
+        try:
+            with open(RULES, encoding="utf-8") as f:
+                rule = next(d for d in self.yaml.safe_load_all(f) if isinstance(d, dict)
+                            and d.get("kind") == "PrometheusRule")
+            with open(DASHBOARD, encoding="utf-8") as f:
+                dashboard = json.load(f)
+        except (OSError, ValueError, StopIteration, self.yaml.YAMLError) as e:
+            self.fail(self.rel(RULES), f"cannot read the PrometheusRule or the dashboard: {e}")
+            return "failed"
+        grafana = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
+        recorded = []
+        for i, (where, expr) in enumerate(dashboard_queries(dashboard)):
+            for var, value in grafana.items():
+                expr = expr.replace(var, value)
+            # The other variables stand in label matchers' regular expressions.
+            expr = re.sub(r"\$\{\w+(?::\w+)?\}|\$\w+", ".*", expr)
+            recorded.append({"record": f"dashboard:query_{i}", "expr": expr, "labels": {"where": where}})
+        with tempfile.TemporaryDirectory() as tmp:
+            rules_file = os.path.join(tmp, "rules.yaml")
+            with open(rules_file, "w", encoding="utf-8") as f:
+                self.yaml.safe_dump(rule.get("spec") or {}, f)
+            dash_file = os.path.join(tmp, "dashboard-queries.yaml")
+            with open(dash_file, "w", encoding="utf-8") as f:
+                self.yaml.safe_dump({"groups": [{"name": "dashboard", "rules": recorded}]}, f)
+            test_file = os.path.join(tmp, "prometheusrule.test.yaml")
+            shutil.copy(RULES_TEST, test_file)
+            for what, cmd in ((self.rel(RULES), [promtool, "check", "rules", rules_file]),
+                              (self.rel(DASHBOARD), [promtool, "check", "rules", dash_file]),
+                              (self.rel(RULES_TEST), [promtool, "test", "rules", test_file])):
+                try:
+                    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False, cwd=tmp)
+                except (OSError, subprocess.TimeoutExpired) as e:
+                    self.fail(what, f"`{' '.join(cmd[1:3])}` could not run: {e}")
+                    continue
+                if p.returncode != 0:
+                    out = " | ".join(ln.strip() for ln in (p.stdout + p.stderr).splitlines() if ln.strip())
+                    self.fail(what, f"`promtool {' '.join(cmd[1:3])}` failed: {out[:3000]}")
+        return "ok"
+
     # ------------------------------------------------------------------------
     def run(self):
         self.parse_all()
@@ -1162,6 +1216,7 @@ class Checker:
         render = self.check_render()
         overlays = self.check_overlays(options)
         live = self.check_live_metrics()
+        promtool = self.check_promtool()
         docker = self.check_dockerfile()
 
         if self.errors:
@@ -1173,7 +1228,8 @@ class Checker:
         print(f"deploy/check.py: OK: {len(self.docs)} YAML files ({ndocs} documents), "
               f"{env_count} env names among the proxy's {len(options or ())} options, "
               f"RBAC get virtualmachineinstances/vnc only, kustomize render {render}, "
-              f"overlays {overlays}, dashboard and rules: {live}, Dockerfile context {docker}")
+              f"overlays {overlays}, dashboard and rules: {live}, promtool {promtool}, "
+              f"Dockerfile context {docker}")
         for n in self.notes:
             print(f"deploy/check.py: note: {n}")
         return 0

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import textwrap
 import unittest
+from unittest import mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 spec = importlib.util.spec_from_file_location("check", os.path.join(HERE, "check.py"))
@@ -447,6 +448,37 @@ class LiveMetrics(unittest.TestCase):
     def test_an_expiry_gauge_not_at_the_certificates_not_after_is_reported(self):
         _summary, errors = self.run_fake(3600)
         self.assertTrue(any("notAfter" in e and "wrong time" in e for e in errors), errors)
+
+
+@unittest.skipUnless(shutil.which("promtool"), "promtool checks PromQL and runs the alert tests")
+class Promtool(unittest.TestCase):
+    def problems(self, edit_rules=None, edit_dashboard=None):
+        with open(check.RULES, encoding="utf-8") as f:
+            rules = f.read()
+        with open(check.DASHBOARD, encoding="utf-8") as f:
+            dashboard = f.read()
+        with tempfile.TemporaryDirectory() as tmp:
+            rules_path, dash_path = os.path.join(tmp, "rules.yaml"), os.path.join(tmp, "dashboard.json")
+            with open(rules_path, "w", encoding="utf-8") as f:
+                f.write(edit_rules(rules) if edit_rules else rules)
+            with open(dash_path, "w", encoding="utf-8") as f:
+                f.write(edit_dashboard(dashboard) if edit_dashboard else dashboard)
+            checker = bare_checker()
+            with mock.patch.object(check, "RULES", rules_path), mock.patch.object(check, "DASHBOARD", dash_path):
+                self.assertEqual(checker.check_promtool(), "ok")
+            return checker.errors
+
+    def test_the_kit_as_it_is(self):
+        self.assertEqual(self.problems(), [])
+
+    def test_an_alert_that_fires_at_the_wrong_threshold_fails_its_test(self):
+        problems = self.problems(lambda r: r.replace("  > 0.8\n", "  > 0.9\n", 1))
+        self.assertTrue(any("promtool test rules" in p and "KubevirtVncProxyNearMaxConnections" in p
+                            for p in problems), problems)
+
+    def test_a_query_that_does_not_parse_is_reported(self):
+        problems = self.problems(edit_dashboard=lambda d: d.replace("sum by (outcome) (rate(", "sum by (outcome) (rate((", 1))
+        self.assertTrue(any("dashboard.json" in p and "promtool check rules" in p for p in problems), problems)
 
 
 if __name__ == "__main__":
