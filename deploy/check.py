@@ -983,10 +983,12 @@ class Checker:
             return None
         return [d for d in self.yaml.safe_load_all(p.stdout) if isinstance(d, dict)]
 
-    def check_overlay(self, where, docs, options):
+    def check_overlay(self, overlay, docs, options):
+        """`overlay`: its directory under deploy/; `docs`: what `kubectl kustomize` renders of it."""
+        where = f"deploy/{overlay} (rendered)"
         kust = {}
         try:
-            with open(os.path.join(REPO, where.split(" ")[0], "kustomization.yaml"), encoding="utf-8") as f:
+            with open(os.path.join(DEPLOY, overlay, "kustomization.yaml"), encoding="utf-8") as f:
                 kust = self.yaml.safe_load(f) or {}
         except (OSError, self.yaml.YAMLError):
             pass
@@ -1041,7 +1043,7 @@ class Checker:
         for overlay in OVERLAYS:
             docs = self.render(os.path.join(DEPLOY, overlay))
             if docs is not None:
-                self.check_overlay(f"deploy/{overlay} (rendered)", docs, options)
+                self.check_overlay(overlay, docs, options)
         return "ok"
 
     # o. the dashboard and the rules against the live /metrics ------------------------

@@ -217,7 +217,7 @@ class Overlays(unittest.TestCase):
         if edit:
             edit({d["kind"]: d for d in docs})
         checker = bare_checker()
-        checker.check_overlay(f"deploy/{overlay} (rendered)", docs, options or self.OPTIONS)
+        checker.check_overlay(overlay, docs, options or self.OPTIONS)
         return checker.errors
 
     @staticmethod
