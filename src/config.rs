@@ -152,13 +152,16 @@ options! {
     UPSTREAM_CA_FILE: Option<PathBuf> = With(optional_path), "--upstream-ca-file", "", "PEM CA bundle, the only trust anchors for a wss:// upstream (default: SERVICE_ACCOUNT_DIR/ca.crt)";
     UPSTREAM_TOKEN_FILE: Option<PathBuf> = With(optional_path), "--upstream-token-file", "", "bearer token file sent upstream (default in-cluster: SERVICE_ACCOUNT_DIR/token)";
     ALLOW_CLEARTEXT_BEARER_TOKEN: bool = With(boolean), "--allow-cleartext-bearer-token", "false", "true: send the upstream bearer token over a ws:// (unencrypted) upstream; otherwise that configuration (e.g. in-cluster mode with a ws:// WS_REMOTE_URL) does not start (status 2)";
-    CREDENTIALS_CHECK_SECONDS: Duration = Within(seconds, 0, MAX_SECONDS), "--credentials-check-seconds", "5", "how often the CA and token files are checked for rotation";
+    CREDENTIALS_CHECK_SECONDS: Duration = Within(seconds, 0, MAX_SECONDS), "--credentials-check-seconds", "5", "how often the upstream CA and token files, and the TLS_* and CLIENT_CA_FILE files, are checked for rotation";
     API_PATH: String = With(text), "--api-path", DEFAULT_API_PATH, "upstream path template with {namespace} and {vmi_name}";
     UPSTREAM_SUBPROTOCOLS: Vec<String> = With(list), "--upstream-subprotocols", "plain.kubevirt.io", "subprotocols offered to the upstream, comma-separated (empty: none)";
     CLIENT_SUBPROTOCOLS: Vec<String> = With(list), "--client-subprotocols", "binary,plain.kubevirt.io", "subprotocols a client may be answered with (the first it offers that is listed)";
     UPSTREAM_QUERY_PARAMS: Vec<String> = With(list), "--upstream-query-params", "preserveSession", "query parameters passed on to the upstream, comma-separated; others are dropped";
     LOGLEVEL: log::LevelFilter = With(log_level), "--loglevel", "INFO", "DEBUG, INFO, WARNING or ERROR (RUST_LOG wins when set)";
     LOG_FORMAT: LogFormat = With(log_format), "--log-format", "text", "text or json (one JSON object per line, access log included)";
+    TLS_CERT_FILE: Option<PathBuf> = With(optional_path), "--tls-cert-file", "", "PEM certificate chain: with TLS_KEY_FILE, the port (and METRICS_ADDR) speak TLS 1.2/1.3 only (wss://, https://); reloaded on change";
+    TLS_KEY_FILE: Option<PathBuf> = With(optional_path), "--tls-key-file", "", "PEM private key (RSA, ECDSA or Ed25519) of TLS_CERT_FILE";
+    CLIENT_CA_FILE: Option<PathBuf> = With(optional_path), "--client-ca-file", "", "PEM CA bundle: clients of the port must present a certificate it signed (mTLS; needs TLS_CERT_FILE)";
     METRICS_ADDR: Option<String> = With(non_blank), "--metrics-addr", "", "HOST:PORT of the probe path: GET /metrics (Prometheus text format), /healthz and /readyz, answered outside MAX_CONNECTIONS; off when empty";
     SHUTDOWN_GRACE_SECONDS: Duration = Within(seconds, 0, MAX_SECONDS), "--shutdown-grace-seconds", "25", "on SIGTERM/SIGINT, how long open sessions may run before close 1001";
     PING_INTERVAL_SECONDS: Duration = Within(seconds, 0, MAX_SECONDS), "--ping-interval-seconds", "15", "ping a side after this much silence from it (0: no keepalive)";
@@ -504,6 +507,14 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Where `/metrics` is served (`METRICS_ADDR`), off when `None`.
     pub metrics_addr: Option<String>,
+    /// The listener's certificate chain (`TLS_CERT_FILE`): with the key,
+    /// both listeners speak TLS.
+    pub tls_cert_file: Option<PathBuf>,
+    /// The listener's private key (`TLS_KEY_FILE`).
+    pub tls_key_file: Option<PathBuf>,
+    /// Trust anchors for client certificates (`CLIENT_CA_FILE`): when set,
+    /// the main listener requires one.
+    pub client_ca_file: Option<PathBuf>,
     /// How long open sessions may run after SIGTERM (`SHUTDOWN_GRACE_SECONDS`).
     pub shutdown_grace: Duration,
     /// Ping a side after this much silence (`PING_INTERVAL_SECONDS`); zero: off.
@@ -787,6 +798,9 @@ impl Config {
             log_level: r.get(&LOGLEVEL),
             log_format: r.get(&LOG_FORMAT),
             metrics_addr: r.get(&METRICS_ADDR),
+            tls_cert_file: r.get(&TLS_CERT_FILE),
+            tls_key_file: r.get(&TLS_KEY_FILE),
+            client_ca_file: r.get(&CLIENT_CA_FILE),
             shutdown_grace: r.get(&SHUTDOWN_GRACE_SECONDS),
             ping_interval,
             peer_timeout,
@@ -893,6 +907,24 @@ impl Config {
         }
         if let Err((var, m)) = JwtVerifier::new(&self.jwt) {
             p.push((ConfigError::new(var, m), KEY_SETTINGS));
+        }
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(_), None) => p.push((
+                ConfigError::new(TLS_KEY_FILE.var, "not set, but TLS_CERT_FILE is"),
+                &[],
+            )),
+            (None, Some(_)) => p.push((
+                ConfigError::new(TLS_CERT_FILE.var, "not set, but TLS_KEY_FILE is"),
+                &[],
+            )),
+            (None, None) if self.client_ca_file.is_some() => p.push((
+                ConfigError::new(
+                    CLIENT_CA_FILE.var,
+                    "needs TLS on the listener: set TLS_CERT_FILE and TLS_KEY_FILE",
+                ),
+                &[],
+            )),
+            _ => {}
         }
         if !self.api_path.starts_with('/') {
             p.push((ConfigError::new(API_PATH.var, "must start with '/'"), &[]));
@@ -1137,7 +1169,7 @@ pub fn lookalike_variables<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<
     let known = || OPTIONS.iter().map(|o| o.var()).chain(["RUST_LOG"]);
     let mut found: Vec<Lookalike> = names
         .into_iter()
-        .filter(|n| !known().any(|k| k == *n) && !set_by_kubernetes(n))
+        .filter(|n| !known().any(|k| k == *n) && !set_by_kubernetes(n) && !OTHERS.contains(n))
         .filter_map(|n| {
             lookalike(n, known()).map(|expected| Lookalike {
                 found: n.to_owned(),
@@ -1149,6 +1181,10 @@ pub fn lookalike_variables<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<
     found.sort_by(|a, b| a.found.cmp(&b.found));
     found
 }
+
+/// Variables of other programs that look like ours: OpenSSL's trust store
+/// (one letter from `TLS_CERT_FILE`).
+const OTHERS: [&str; 2] = ["SSL_CERT_FILE", "SSL_CERT_DIR"];
 
 /// `KUBERNETES_*`, and the variables Kubernetes sets for every Service in
 /// the namespace (`FOO_SERVICE_HOST`, `FOO_SERVICE_PORT[_NAME]`, `FOO_PORT`,

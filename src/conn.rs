@@ -2,7 +2,9 @@
 //! over TCP, with the readiness the proxy has seen but not yet used up.
 //!
 //! Both kinds offer the same three operations (read, write, flush) with the
-//! same outcomes, so the relay does not care which one it pumps. Under both
+//! same outcomes, so the relay does not care which one it pumps. TLS is a
+//! rustls client towards a `wss://` upstream, a rustls server towards a
+//! client when the listener speaks TLS (`TLS_CERT_FILE`). Under both
 //! is a [`Transport`]: a mio `TcpStream` in the proxy, an in-memory socket in
 //! the relay's unit tests (so partial writes and `WouldBlock` at every step
 //! can be scripted). With TLS,
@@ -14,7 +16,7 @@ use std::net::{Shutdown, SocketAddr};
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
-use rustls::ClientConnection;
+use rustls::Connection;
 
 /// The byte stream under a [`Conn`]: non-blocking reads and writes
 /// (`WouldBlock` when the kernel has nothing or takes nothing), a
@@ -94,7 +96,7 @@ impl Readiness {
 #[derive(Debug)]
 pub(crate) struct Conn<S = TcpStream> {
     pub stream: S,
-    tls: Option<Box<ClientConnection>>,
+    tls: Option<Box<Connection>>,
     /// The socket may have bytes to read (edge-triggered readiness: set by an
     /// event, cleared only when a read would block).
     pub readable: bool,
@@ -131,10 +133,11 @@ impl<S: Transport> Conn<S> {
         }
     }
 
-    /// The same connection with TLS (a rustls client) over it, keeping the
-    /// readiness seen so far; the handshake runs as the connection is read
-    /// and written.
-    pub fn into_tls(self, mut tls: ClientConnection, buffer_limit: usize) -> Self {
+    /// The same connection with TLS (a rustls client or server) over it,
+    /// keeping the readiness seen so far; the handshake runs as the
+    /// connection is read and written.
+    pub fn into_tls(self, tls: impl Into<Connection>, buffer_limit: usize) -> Self {
+        let mut tls = tls.into();
         tls.set_buffer_limit(Some(buffer_limit));
         Conn {
             tls: Some(Box::new(tls)),
@@ -159,6 +162,12 @@ impl<S: Transport> Conn<S> {
     pub fn read(&mut self, buf: &mut [u8]) -> Io {
         if self.tls.is_none() {
             return plain_read(&mut self.stream, &mut self.readable, self.read_closed, buf);
+        }
+        // Handshake records that met a full socket go out first: a session
+        // waiting for the client's next flight only reads, and would
+        // otherwise never send them (the writable event lands here too).
+        if let Err(e) = self.flush_tls() {
+            return Io::Failed(e);
         }
         // Bounded: each round reads TLS records from the socket or returns.
         for _ in 0..8 {
@@ -275,6 +284,11 @@ impl<S: Transport> Conn<S> {
             let _ = self.flush_tls();
         }
         self.stream.shutdown_write();
+    }
+
+    /// True when TLS runs over the socket.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// True while the TLS handshake has not completed.

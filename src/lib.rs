@@ -264,6 +264,7 @@ mod conn;
 pub mod events;
 mod frame;
 mod http;
+mod listener_tls;
 mod metrics;
 mod pipe;
 mod relay;
@@ -272,6 +273,7 @@ mod server;
 mod session;
 mod token;
 mod upstream;
+mod x509;
 
 pub use auth::{Grant, JwtSettings, KeyMaterial};
 pub use authorize::{AuthRequest, Authorizer, Decision, JwtAuthorizer, Ticket};

@@ -67,6 +67,14 @@ pub struct Metrics {
     pub backpressure_pauses: u64,
     /// Times a connection limit was hit.
     pub limits_hit: u64,
+    /// Listener TLS handshakes that failed (no or untrusted client
+    /// certificate, no common version, not TLS at all).
+    pub tls_handshake_failures: u64,
+    /// Listener certificates loaded after a rotation.
+    pub tls_reloads: u64,
+    /// Rotated listener certificate files that did not load (the old
+    /// certificate stayed).
+    pub tls_reload_failures: u64,
 }
 
 /// Live values the loop knows at render time.
@@ -88,6 +96,11 @@ pub struct Gauges {
     pub workers: usize,
     /// Of those, the ones still running (a dead one serves nobody).
     pub workers_alive: usize,
+    /// MAX_CONNECTIONS of this loop (summed: the process's capacity).
+    pub max_connections: usize,
+    /// When the listener's certificate expires (Unix seconds), when the
+    /// listener speaks TLS; the earliest of the workers'.
+    pub tls_not_after: Option<i64>,
 }
 
 impl Gauges {
@@ -98,6 +111,11 @@ impl Gauges {
         self.buffers_in_use += other.buffers_in_use;
         self.bulk_buffers_in_use += other.bulk_buffers_in_use;
         self.draining |= other.draining;
+        self.max_connections += other.max_connections;
+        self.tls_not_after = match (self.tls_not_after, other.tls_not_after) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
     }
 }
 
@@ -117,6 +135,9 @@ impl Metrics {
         self.keepalive_timeouts += other.keepalive_timeouts;
         self.backpressure_pauses += other.backpressure_pauses;
         self.limits_hit += other.limits_hit;
+        self.tls_handshake_failures += other.tls_handshake_failures;
+        self.tls_reloads += other.tls_reloads;
+        self.tls_reload_failures += other.tls_reload_failures;
     }
 
     /// Render in the Prometheus text format.
@@ -175,43 +196,73 @@ impl Metrics {
             "Times MAX_CONNECTIONS or MAX_CONNECTIONS_PER_IP was hit.",
             &[(String::new(), self.limits_hit)],
         );
-        let mut gauge = |name: &str, help: &str, v: usize| {
+        // The TLS families exist only when the listener speaks TLS.
+        if g.tls_not_after.is_some() {
+            counter(
+                "kubevirt_vnc_proxy_tls_handshake_failures_total",
+                "Client TLS handshakes that failed (no or untrusted client certificate, no common version or ALPN, not TLS).",
+                &[(String::new(), self.tls_handshake_failures)],
+            );
+            counter(
+                "kubevirt_vnc_proxy_tls_reloads_total",
+                "Rotated TLS_CERT_FILE/TLS_KEY_FILE/CLIENT_CA_FILE sets loaded (counted by each worker).",
+                &[(String::new(), self.tls_reloads)],
+            );
+            counter(
+                "kubevirt_vnc_proxy_tls_reload_failures_total",
+                "Rotated TLS file sets that did not load; the previous certificate kept serving (counted by each worker).",
+                &[(String::new(), self.tls_reload_failures)],
+            );
+        }
+        let mut gauge = |name: &str, help: &str, v: &dyn std::fmt::Display| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
         gauge(
             "kubevirt_vnc_proxy_open_connections",
             "Client connections open, in any state.",
-            g.open_connections,
+            &g.open_connections,
         );
         gauge(
             "kubevirt_vnc_proxy_open_sessions",
             "Sessions relaying frames.",
-            g.relaying,
+            &g.relaying,
         );
         gauge(
             "kubevirt_vnc_proxy_buffers_in_use",
             "Relay buffers held by sessions.",
-            g.buffers_in_use,
+            &g.buffers_in_use,
         );
         gauge(
             "kubevirt_vnc_proxy_bulk_buffers_in_use",
             "Bulk relay buffers held by sessions streaming in bulk (at most RELAY_BULK_BUFFERS).",
-            g.bulk_buffers_in_use,
+            &g.bulk_buffers_in_use,
         );
         gauge(
             "kubevirt_vnc_proxy_draining",
             "1 while shutting down.",
-            usize::from(g.draining),
+            &usize::from(g.draining),
         );
+        gauge(
+            "kubevirt_vnc_proxy_max_connections",
+            "MAX_CONNECTIONS times the workers: the connections the process accepts at most.",
+            &g.max_connections,
+        );
+        if let Some(t) = g.tls_not_after {
+            gauge(
+                "kubevirt_vnc_proxy_tls_certificate_expiry_timestamp_seconds",
+                "When the served TLS certificate expires (notAfter, Unix seconds).",
+                &t,
+            );
+        }
         gauge(
             "kubevirt_vnc_proxy_workers",
             "Event loops the process started (WORKERS).",
-            g.workers,
+            &g.workers,
         );
         gauge(
             "kubevirt_vnc_proxy_workers_alive",
             "Event loops still running; fewer than the workers outside a shutdown: one died, and /healthz answers 503.",
-            g.workers_alive,
+            &g.workers_alive,
         );
         self.handshake.render(
             &mut out,

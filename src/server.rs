@@ -21,9 +21,10 @@ use slab::Slab;
 use crate::authorize::{Authorizer, Decision, JwtAuthorizer, Ticket};
 use crate::buffer::BufferPool;
 use crate::config::{Config, ConfigError};
-use crate::conn::Readiness;
+use crate::conn::{Conn, Readiness};
 use crate::events::{AccessLog, Event, Observer};
 use crate::http::{Refusal, Status};
+use crate::listener_tls::{Checked, ListenerTls};
 use crate::metrics::{Gauges, Metrics};
 use crate::session::{Ctx, FIRST_SESSION_TOKEN, Kind, Session, Side};
 use crate::upstream::Credentials;
@@ -422,6 +423,8 @@ pub struct Proxy {
     upstream_addrs: Vec<SocketAddr>,
     upstream_host: String,
     credentials: Credentials,
+    /// The listeners' own TLS (`TLS_CERT_FILE`), when configured.
+    tls: Option<ListenerTls>,
     /// Draining: when open sessions are told to go away; once they have
     /// been (`gone_away`), when what is left is closed regardless.
     drain_until: Option<Instant>,
@@ -585,9 +588,10 @@ impl Proxy {
             .map_err(|e| StartError::Resolve(format!("{}: {e}", up.host)))?
             .collect();
         Credentials::load(config, Instant::now())?;
+        let tls = ListenerTls::load(config, Instant::now())?;
         resolve_one(&config.host, config.port, "HOST")?;
         Ok(format!(
-            "upstream {}://{} ({} address{}), {} mode, {} key(s), token sources {:?}",
+            "upstream {}://{} ({} address{}), {} mode, {} key(s), token sources {:?}, listener {}",
             if up.tls { "wss" } else { "ws" },
             up.host_header(),
             addrs.len(),
@@ -603,6 +607,11 @@ impl Proxy {
                 .iter()
                 .map(ToString::to_string)
                 .collect::<Vec<_>>(),
+            match (&tls, &config.client_ca_file) {
+                (None, _) => "plain",
+                (Some(_), None) => "TLS",
+                (Some(_), Some(_)) => "TLS with client certificates",
+            },
         ))
     }
 
@@ -652,6 +661,7 @@ impl Proxy {
         }
         // Credential files are read now, so a missing one stops the start.
         let credentials = Credentials::load(&config, Instant::now())?;
+        let tls = ListenerTls::load(&config, Instant::now())?;
         let poll = Poll::new()?;
         let mut listener = bind_listener(listen, config.workers > 1)
             .map_err(|e| StartError::Bind("HOST/PORT", listen, e))?;
@@ -713,6 +723,7 @@ impl Proxy {
             ),
             upstream_host: config.upstream.host_header(),
             credentials,
+            tls,
             authorizer,
             observers,
             metrics: Metrics::default(),
@@ -1081,6 +1092,8 @@ impl Proxy {
             // This loop; `process_metrics` counts the others.
             workers: 1,
             workers_alive: 1,
+            max_connections: self.config.max_connections,
+            tls_not_after: self.tls.as_ref().map(ListenerTls::not_after),
         }
     }
 
@@ -1271,11 +1284,23 @@ impl Proxy {
         if kind == Kind::Metrics || !ACCEPTED_HAVE_NODELAY {
             let _ = stream.set_nodelay(true);
         }
+        let tls = match self.listener_tls(now, kind) {
+            Ok(tls) => tls,
+            Err(e) => {
+                error!("cannot start TLS for a connection from {peer}: {e}");
+                return;
+            }
+        };
         let id = self.next_id;
         self.next_id += 1;
         let entry = self.sessions.vacant_entry();
         let key = entry.key();
-        let mut session = Session::new(id, key, kind, stream, peer, now, &self.config);
+        let client = match tls {
+            // rustls' buffers bounded like a relay buffer (see conn.rs).
+            Some(tls) => Conn::new(stream).into_tls(tls, self.config.buffer_size),
+            None => Conn::new(stream),
+        };
+        let mut session = Session::new(id, key, kind, client, peer, now, &self.config);
         if let Err(e) = session.register(self.poll.registry()) {
             warn!("cannot register connection from {peer}: {e}");
             return;
@@ -1333,6 +1358,36 @@ impl Proxy {
             );
         }
         self.drive(key, now);
+    }
+
+    /// The server side of TLS for a new connection, when the listeners
+    /// speak TLS, with the certificate files checked for rotation first (at
+    /// most every CREDENTIALS_CHECK_SECONDS).
+    fn listener_tls(
+        &mut self,
+        now: Instant,
+        kind: Kind,
+    ) -> Result<Option<rustls::ServerConnection>, rustls::Error> {
+        let Some(tls) = self.tls.as_mut() else {
+            return Ok(None);
+        };
+        match tls.check(now) {
+            Checked::Unchanged => {}
+            Checked::Reloaded { not_after } => {
+                self.metrics.tls_reloads += 1;
+                info!(
+                    "TLS certificate reloaded for new connections (expires at {not_after}, Unix seconds); open sessions keep theirs"
+                );
+            }
+            Checked::Failed(e) => {
+                self.metrics.tls_reload_failures += 1;
+                error!(
+                    "{}: {}; the previous TLS certificate keeps serving",
+                    e.var, e.message
+                );
+            }
+        }
+        tls.accept(kind).map(Some)
     }
 
     fn remove(&mut self, key: usize, now: Instant) {

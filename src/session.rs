@@ -225,7 +225,7 @@ impl<S: Transport> Session<S> {
         id: u64,
         key: usize,
         kind: Kind,
-        stream: S,
+        client: Conn<S>,
         peer: SocketAddr,
         now: Instant,
         config: &Config,
@@ -235,7 +235,7 @@ impl<S: Transport> Session<S> {
             key,
             kind,
             peer,
-            client: Conn::new(stream),
+            client,
             state: State::ReadingRequest { head: Vec::new() },
             deadline: Some(now + config.handshake_timeout),
             started: now,
@@ -403,6 +403,14 @@ impl<S: Transport> Session<S> {
         self.deadline = None;
         let state = self.take_state();
         self.state = match state {
+            // Stalled inside the TLS handshake: no channel to answer on.
+            State::ReadingRequest { .. } if self.client.is_handshaking() => {
+                debug!(
+                    "session {} {}: TLS handshake not done within the handshake timeout",
+                    self.id, self.peer
+                );
+                self.finish(ctx, None, None)
+            }
             State::ReadingRequest { head } => {
                 if head.is_empty() {
                     debug!(
@@ -464,15 +472,27 @@ impl<S: Transport> Session<S> {
     fn read_request(&mut self, ctx: &mut Ctx<'_>, mut head: Vec<u8>) -> State<S> {
         let max = ctx.config.max_head_bytes;
         // A head is at most `max` bytes; reading stops there either way.
-        if !matches!(
-            gather(&mut self.client, ctx.scratch, &mut head, max),
-            Gathered::Open
-        ) {
-            debug!(
-                "session {} {}: client left before sending a request",
-                self.id, self.peer
-            );
-            return self.finish(ctx, None, None);
+        match gather(&mut self.client, ctx.scratch, &mut head, max) {
+            Gathered::Open => {}
+            // No HTTP answer can reach a client that failed TLS (a missing
+            // or untrusted client certificate, no common version or ALPN,
+            // plain HTTP on the TLS port): rustls sent its alert, and the
+            // operator gets one line and a count.
+            Gathered::Failed(e) if self.client.is_tls() && head.is_empty() => {
+                ctx.metrics.tls_handshake_failures += 1;
+                info!(
+                    "session {} {}: TLS handshake failed: {e}",
+                    self.id, self.peer
+                );
+                return self.finish(ctx, None, None);
+            }
+            Gathered::Eof | Gathered::Failed(_) => {
+                debug!(
+                    "session {} {}: client left before sending a request",
+                    self.id, self.peer
+                );
+                return self.finish(ctx, None, None);
+            }
         }
         let probe_only = || {
             http::plain_response(
@@ -1051,6 +1071,16 @@ impl<S: Transport> Session<S> {
 
     #[inline(never)]
     fn write_refusal(&mut self, ctx: &mut Ctx<'_>, out: Vec<u8>, mut written: usize) -> State<S> {
+        // A TLS client refused before its handshake finished (the per-IP
+        // limit refuses at accept) is answered once the handshake is done:
+        // reading drives it; a request arriving behind it is dropped.
+        while self.client.is_handshaking() {
+            match self.client.read(ctx.scratch) {
+                Io::Done(_) => {}
+                Io::WouldBlock => return State::Refusing { out, written },
+                Io::Eof | Io::Failed(_) => return State::Done(None),
+            }
+        }
         while self.client.writable && written < out.len() {
             match self.client.write(&out[written..]) {
                 Io::Done(n) => written += n,
@@ -1058,7 +1088,11 @@ impl<S: Transport> Session<S> {
                 Io::Failed(_) => return State::Done(None),
             }
         }
-        if written == out.len() {
+        // With TLS, rustls may still hold records the socket did not take.
+        if self.client.has_pending_output() && self.client.flush().is_err() {
+            return State::Done(None);
+        }
+        if written == out.len() && !self.client.has_pending_output() {
             self.finish(ctx, None, None)
         } else {
             State::Refusing { out, written }
@@ -1195,6 +1229,13 @@ fn gather<S: Transport>(
     out: &mut Vec<u8>,
     max: usize,
 ) -> Gathered {
+    // TLS handshake records the socket did not take yet: the event that
+    // says it takes them now may say nothing about reading.
+    if conn.has_pending_output()
+        && let Err(e) = conn.flush()
+    {
+        return Gathered::Failed(e);
+    }
     while conn.can_read() && out.len() < max {
         let want = (max - out.len()).min(scratch.len());
         match conn.read(&mut scratch[..want]) {
@@ -1353,7 +1394,15 @@ mod tests {
             upstream.borrow_mut().max_write = 1;
             DIALS.with(|d| d.borrow_mut().push_back(up));
             let peer = "127.0.0.1:40000".parse().expect("peer");
-            let session = Session::new(1, 0, Kind::Main, mem, peer, world.now, &world.config);
+            let session = Session::new(
+                1,
+                0,
+                Kind::Main,
+                Conn::new(mem),
+                peer,
+                world.now,
+                &world.config,
+            );
             let mut rig = Rig {
                 world,
                 session,

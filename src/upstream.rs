@@ -23,13 +23,13 @@ use crate::config::{Config, ConfigError};
 /// Identity of a file's current content, cheap to compare: Kubernetes
 /// replaces projected files by swapping a symlink, so the inode changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
+pub(crate) struct Stamp {
     inode: u64,
     len: u64,
     modified: Option<SystemTime>,
 }
 
-fn stamp(path: &Path) -> std::io::Result<Stamp> {
+pub(crate) fn stamp(path: &Path) -> std::io::Result<Stamp> {
     let m = fs::metadata(path)?;
     Ok(Stamp {
         inode: m.ino(),
@@ -195,20 +195,7 @@ fn reload<T>(
 
 fn load_ca(path: &Path) -> Result<(Arc<ClientConfig>, Stamp), String> {
     let st = stamp(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let pem = fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mut roots = RootCertStore::empty();
-    let mut count = 0;
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert =
-            cert.map_err(|e| format!("{} is not a PEM certificate bundle: {e}", path.display()))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("{}: unusable CA certificate: {e}", path.display()))?;
-        count += 1;
-    }
-    if count == 0 {
-        return Err(format!("{} holds no certificate", path.display()));
-    }
+    let roots = read_roots(path)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -216,6 +203,24 @@ fn load_ca(path: &Path) -> Result<(Arc<ClientConfig>, Stamp), String> {
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok((Arc::new(config), st))
+}
+
+/// The certificates of a PEM bundle as trust anchors (the upstream's CA,
+/// or `CLIENT_CA_FILE` for client certificates).
+pub(crate) fn read_roots(path: &Path) -> Result<RootCertStore, String> {
+    let pem = fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert =
+            cert.map_err(|e| format!("{} is not a PEM certificate bundle: {e}", path.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: unusable CA certificate: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    Ok(roots)
 }
 
 fn load_token(path: &Path) -> Result<(String, Stamp), String> {

@@ -27,6 +27,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 pub use super::upstream::ServerTls;
@@ -146,5 +147,104 @@ fn issue(issuer: &Issuer<'static, KeyPair>, names: &[&str]) -> ServerTls {
     ServerTls {
         chain: vec![cert.der().clone()],
         key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+    }
+}
+
+/// The key type of a certificate from [`TestPki::issue_pem`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    EcdsaP256,
+    Ed25519,
+    /// RSA 2048: ring (rcgen's backend here) cannot generate RSA keys, so this is the
+    /// hand-made key in `tests/fixtures/rsa_private.pem` (the one the RS256 token tests use).
+    Rsa2048,
+}
+
+/// A certificate and its key as PEM files hold them.
+#[derive(Debug, Clone)]
+pub struct IssuedPem {
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// The certificate itself, to compare with what a TLS peer presented.
+    pub der: CertificateDer<'static>,
+    /// Its notAfter, Unix seconds.
+    pub not_after: i64,
+}
+
+impl TestPki {
+    /// A server certificate from this CA for `127.0.0.1` and `localhost`, with a `kind` key,
+    /// valid until `not_after` (Unix seconds, whole days).
+    pub fn issue_pem(&self, kind: KeyKind, not_after: i64) -> IssuedPem {
+        self.issue_pem_for(
+            kind,
+            not_after,
+            ExtendedKeyUsagePurpose::ServerAuth,
+            &SERVER_NAMES,
+        )
+    }
+
+    /// A client certificate from this CA (ECDSA P-256) with `name` as its common name, for
+    /// mutual TLS.
+    pub fn client_pem(&self, name: &str) -> IssuedPem {
+        let far = 4_102_444_800; // 2100-01-01
+        self.issue_pem_for(
+            KeyKind::EcdsaP256,
+            far,
+            ExtendedKeyUsagePurpose::ClientAuth,
+            &[name],
+        )
+    }
+
+    fn issue_pem_for(
+        &self,
+        kind: KeyKind,
+        not_after: i64,
+        usage: ExtendedKeyUsagePurpose,
+        names: &[&str],
+    ) -> IssuedPem {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names.clone()).expect("test pki: names");
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().cloned().unwrap_or_default(),
+        );
+        params.is_ca = IsCa::NoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![usage];
+        params.use_authority_key_identifier_extension = true;
+        params.not_after =
+            rcgen::date_time_ymd(1970, 1, 1) + std::time::Duration::from_secs(not_after as u64);
+        let key = match kind {
+            KeyKind::EcdsaP256 => KeyPair::generate(),
+            KeyKind::Ed25519 => KeyPair::generate_for(&rcgen::PKCS_ED25519),
+            KeyKind::Rsa2048 => {
+                let pem = include_str!("../fixtures/rsa_private.pem");
+                KeyPair::from_pem_and_sign_algo(pem, &rcgen::PKCS_RSA_SHA256)
+            }
+        }
+        .expect("test pki: key");
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("test pki: sign certificate");
+        IssuedPem {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+            not_after,
+        }
+    }
+
+    /// A rustls client configuration trusting this CA, presenting `client` (from
+    /// [`client_pem`](Self::client_pem), possibly another CA's) for mutual TLS.
+    pub fn client_config_with_cert(&self, client: &IssuedPem) -> Arc<rustls::ClientConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key = PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes()).expect("client key");
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("test pki: protocol versions")
+            .with_root_certificates(self.root_store())
+            .with_client_auth_cert(vec![client.der.clone()], key)
+            .expect("test pki: client certificate");
+        Arc::new(config)
     }
 }

@@ -1,0 +1,717 @@
+//! The proxy's own TLS listener (`TLS_CERT_FILE`, `TLS_KEY_FILE`, `CLIENT_CA_FILE`), through
+//! real sockets on loopback with a rustls client: TLS 1.2 and 1.3 with RSA, ECDSA and Ed25519
+//! keys, ALPN and resumption, rotation as cert-manager does it, client certificates, probes,
+//! the refusal table, stalled handshakes and backpressure with TLS on both sides.
+
+mod common;
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::symlink;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::pki::{IssuedPem, KeyKind, TestPki};
+use common::upstream::{Behaviour as B, StandInOptions, wait_until};
+use common::{Harness, NS, ProxyProcess, RawAnswer, SECRET, StandIn, TempDir, upgrade_request};
+use kubevirt_vnc_proxy::Config;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, HandshakeKind, ProtocolVersion, StreamOwned};
+use tungstenite::{Message, WebSocket};
+
+type Tls = StreamOwned<ClientConnection, TcpStream>;
+
+/// A year from now, in whole days (what rcgen writes).
+fn in_a_year() -> i64 {
+    let now = common::tokens::now() as i64;
+    (now / 86_400 + 365) * 86_400
+}
+
+/// A certificate directory laid out as the kubelet mounts a Secret that cert-manager rotates:
+/// `tls.crt -> ..data/tls.crt`, `..data -> ..VERSION/`, and a rotation writes a new
+/// `..VERSION/` and swaps the `..data` symlink in one rename.
+struct SecretMount {
+    dir: TempDir,
+    version: usize,
+}
+
+impl SecretMount {
+    fn new(first: &IssuedPem) -> SecretMount {
+        let dir = TempDir::new("tls-secret");
+        let mut m = SecretMount { dir, version: 0 };
+        m.publish(&first.cert_pem, &first.key_pem);
+        symlink("..data/tls.crt", m.dir.path().join("tls.crt")).expect("tls.crt link");
+        symlink("..data/tls.key", m.dir.path().join("tls.key")).expect("tls.key link");
+        m
+    }
+
+    /// Write `cert` and `key` as a new version and point `..data` at it atomically.
+    fn publish(&mut self, cert: &str, key: &str) {
+        self.version += 1;
+        let name = format!("..2026_12_03_{:02}", self.version);
+        let version = self.dir.path().join(&name);
+        std::fs::create_dir(&version).expect("version dir");
+        std::fs::write(version.join("tls.crt"), cert).expect("write cert");
+        std::fs::write(version.join("tls.key"), key).expect("write key");
+        let tmp = self.dir.path().join("..data_tmp");
+        symlink(&name, &tmp).expect("..data_tmp link");
+        std::fs::rename(&tmp, self.dir.path().join("..data")).expect("swap ..data");
+    }
+
+    fn cert(&self) -> PathBuf {
+        self.dir.path().join("tls.crt")
+    }
+
+    fn key(&self) -> PathBuf {
+        self.dir.path().join("tls.key")
+    }
+}
+
+/// Plain PEM files in a directory of their own.
+fn pem_files(issued: &IssuedPem) -> (TempDir, PathBuf, PathBuf) {
+    let dir = TempDir::new("tls-files");
+    dir.write("cert.pem", &issued.cert_pem);
+    dir.write("key.pem", &issued.key_pem);
+    let (c, k) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    (dir, c, k)
+}
+
+/// The proxy in front of a stand-in serving `upstream`, its listener speaking TLS with `cert`
+/// and `key`, after `adjust`.
+fn tls_proxy(
+    upstream: impl Into<StandInOptions>,
+    cert: PathBuf,
+    key: PathBuf,
+    adjust: impl FnOnce(&mut Config),
+) -> Harness {
+    Harness::start_with(upstream, |c| {
+        c.tls_cert_file = Some(cert);
+        c.tls_key_file = Some(key);
+        adjust(c);
+    })
+}
+
+/// A rustls client trusting `pki`, speaking only `version` (or both when `None`), offering
+/// ALPN `http/1.1` as browsers do for WebSockets.
+fn client(
+    pki: &TestPki,
+    version: Option<&'static rustls::SupportedProtocolVersion>,
+) -> Arc<ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: Vec<&'static rustls::SupportedProtocolVersion> = match version {
+        Some(v) => vec![v],
+        None => vec![&rustls::version::TLS13, &rustls::version::TLS12],
+    };
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&versions)
+        .expect("versions")
+        .with_root_certificates(pki.root_store())
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// A TCP connection to `addr` with the TLS handshake done (or its error).
+fn tls_connect(addr: SocketAddr, config: &Arc<ClientConfig>) -> io::Result<Tls> {
+    let tcp = TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let name = ServerName::try_from("localhost").expect("name");
+    let conn = ClientConnection::new(config.clone(), name).map_err(io::Error::other)?;
+    let mut tls = StreamOwned::new(conn, tcp);
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock)?;
+    }
+    Ok(tls)
+}
+
+/// A WebSocket over TLS to `path`.
+fn wss(addr: SocketAddr, config: &Arc<ClientConfig>, path: &str) -> WebSocket<Tls> {
+    let tls = tls_connect(addr, config).expect("TLS handshake");
+    let url = format!("wss://localhost:{}{path}", addr.port());
+    let (ws, resp) = tungstenite::client::client(url.as_str(), tls)
+        .unwrap_or_else(|e| panic!("upgrade {path}: {e}"));
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+fn echo(ws: &mut WebSocket<Tls>, text: &str) {
+    ws.send(Message::text(text)).expect("send");
+    assert_eq!(ws.read().expect("echo"), Message::text(text));
+}
+
+/// Send `request` over TLS and read the answer until the proxy closes.
+fn tls_request(addr: SocketAddr, config: &Arc<ClientConfig>, request: &[u8]) -> RawAnswer {
+    let mut tls = tls_connect(addr, config).expect("TLS handshake");
+    tls.write_all(request).expect("write request");
+    read_all(&mut tls)
+}
+
+fn read_all(tls: &mut Tls) -> RawAnswer {
+    let mut all = Vec::new();
+    match tls.read_to_end(&mut all) {
+        Ok(_) => {}
+        // No close_notify before the FIN: the bytes before it still count.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {}
+        Err(e) => panic!("read answer: {e} after {:?}", String::from_utf8_lossy(&all)),
+    }
+    let text = String::from_utf8_lossy(&all).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    RawAnswer {
+        status,
+        head: head.to_owned(),
+        body: body.to_owned(),
+    }
+}
+
+fn get(addr: SocketAddr, config: &Arc<ClientConfig>, path: &str) -> RawAnswer {
+    tls_request(
+        addr,
+        config,
+        format!("GET {path} HTTP/1.1\r\nHost: proxy\r\n\r\n").as_bytes(),
+    )
+}
+
+/// The value of an unlabelled series in a /metrics text.
+fn metric(text: &str, name: &str) -> Option<i64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn tls_1_2_and_1_3_with_rsa_ecdsa_and_ed25519_keys_negotiate_http_1_1_and_resume() {
+    let pki = TestPki::new();
+    for kind in [KeyKind::EcdsaP256, KeyKind::Rsa2048, KeyKind::Ed25519] {
+        let issued = pki.issue_pem(kind, in_a_year());
+        let (_dir, cert, key) = pem_files(&issued);
+        let h = tls_proxy(B::Echo, cert, key, |_| {});
+        for (version, want) in [
+            (&rustls::version::TLS12, ProtocolVersion::TLSv1_2),
+            (&rustls::version::TLS13, ProtocolVersion::TLSv1_3),
+        ] {
+            let config = client(&pki, Some(version));
+            let tls = tls_connect(h.addr, &config).expect("handshake");
+            assert_eq!(tls.conn.protocol_version(), Some(want), "{kind:?}");
+            assert_eq!(tls.conn.alpn_protocol(), Some(&b"http/1.1"[..]), "{kind:?}");
+            let presented = tls.conn.peer_certificates().expect("a certificate");
+            assert_eq!(presented[0], issued.der, "{kind:?} {want:?}");
+            assert_eq!(tls.conn.handshake_kind(), Some(HandshakeKind::Full));
+            // TLS 1.3 tickets come after the handshake: a request and its answer bring them.
+            let mut tls = tls;
+            tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            assert_eq!(read_all(&mut tls).status, 200);
+
+            let tok = Harness::token(&["echo"]);
+            let mut ws = wss(h.addr, &config, &format!("/{tok}/echo"));
+            // The second connection of this client resumes the first one's session.
+            assert_eq!(
+                ws.get_ref().conn.handshake_kind(),
+                Some(HandshakeKind::Resumed),
+                "{kind:?} {want:?}: no resumption"
+            );
+            echo(&mut ws, &format!("hello over {want:?} with {kind:?}"));
+            ws.close(None).expect("close");
+            while ws.read().is_ok() {}
+        }
+        assert!(h.wait_idle(), "{kind:?}: sockets left open");
+    }
+}
+
+#[test]
+fn plain_http_on_the_tls_port_and_a_client_without_http_1_1_fail_the_handshake_only() {
+    let pki = TestPki::new();
+    let issued = pki.issue_pem(KeyKind::EcdsaP256, in_a_year());
+    let (_dir, cert, key) = pem_files(&issued);
+    let h = tls_proxy(B::Echo, cert, key, |c| {
+        c.metrics_addr = Some("127.0.0.1:0".into())
+    });
+    let tok = Harness::token(&["echo"]);
+    // Cleartext HTTP gets no HTTP answer (it cannot be read as TLS) and no upstream work.
+    let mut plain = TcpStream::connect(h.addr).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    plain
+        .write_all(&upgrade_request(&format!("/{tok}/echo"), ""))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "a cleartext answer on the TLS port: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    // A client offering only h2 has no protocol in common with the proxy.
+    let mut h2_only = (*client(&pki, None)).clone();
+    h2_only.alpn_protocols = vec![b"h2".to_vec()];
+    let err = tls_connect(h.addr, &Arc::new(h2_only))
+        .map(|_| ())
+        .unwrap_err();
+    assert!(err.to_string().contains("NoApplicationProtocol"), "{err}");
+    assert_eq!(h.upstream.connections_total(), 0);
+    let metrics_addr = h.proxy.as_ref().unwrap().metrics_addr().unwrap();
+    let text = get(metrics_addr, &client(&pki, None), "/metrics").body;
+    assert_eq!(
+        metric(&text, "kubevirt_vnc_proxy_tls_handshake_failures_total"),
+        Some(2),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "kubevirt_vnc_proxy_tls_certificate_expiry_timestamp_seconds"
+        ),
+        Some(issued.not_after)
+    );
+    // Still serving.
+    let mut ws = wss(h.addr, &client(&pki, None), &format!("/{tok}/echo"));
+    echo(&mut ws, "still here");
+}
+
+#[test]
+fn probes_and_metrics_answer_over_tls_on_both_listeners() {
+    let pki = TestPki::new();
+    let issued = pki.issue_pem(KeyKind::EcdsaP256, in_a_year());
+    let (_dir, cert, key) = pem_files(&issued);
+    let client_ca = TempDir::new("client-ca");
+    client_ca.write("ca.pem", &pki.ca_pem);
+    // With client certificates required on the main port, the probe port still takes the
+    // kubelet's and Prometheus' certificate-less HTTPS.
+    let h = tls_proxy(B::Echo, cert, key, |c| {
+        c.metrics_addr = Some("127.0.0.1:0".into());
+        c.client_ca_file = Some(client_ca.path().join("ca.pem"));
+    });
+    let metrics_addr = h.proxy.as_ref().unwrap().metrics_addr().unwrap();
+    let anonymous = client(&pki, None);
+    for path in ["/healthz", "/readyz"] {
+        let a = get(metrics_addr, &anonymous, path);
+        assert_eq!(a.status, 200, "{path}: {}", a.body);
+    }
+    let m = get(metrics_addr, &anonymous, "/metrics");
+    assert_eq!(m.status, 200);
+    assert!(
+        m.body.contains("kubevirt_vnc_proxy_max_connections 10000"),
+        "{}",
+        m.body
+    );
+    // The main port answers them too, to a client with a certificate.
+    let with_cert = pki.client_config_with_cert(&pki.client_pem("ingress"));
+    for path in ["/healthz", "/readyz"] {
+        let a = get(h.addr, &with_cert, path);
+        assert_eq!(a.status, 200, "{path}: {}", a.body);
+    }
+    // Plain HTTP on the TLS probe port is no probe answer.
+    let mut plain = TcpStream::connect(metrics_addr).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+}
+
+#[test]
+fn client_certificates_are_required_before_any_upstream_work() {
+    let pki = TestPki::new();
+    let issued = pki.issue_pem(KeyKind::EcdsaP256, in_a_year());
+    let (_dir, cert, key) = pem_files(&issued);
+    let client_ca = TempDir::new("client-ca");
+    client_ca.write("ca.pem", &pki.ca_pem);
+    let h = tls_proxy(B::Echo, cert, key, |c| {
+        c.client_ca_file = Some(client_ca.path().join("ca.pem"));
+    });
+    let tok = Harness::token(&["echo"]);
+    let path = format!("/{tok}/echo");
+    // No certificate: the handshake fails (TLS 1.3 reports it on the first read).
+    let no_cert = client(&pki, None);
+    let refused = |config: &Arc<ClientConfig>| match tls_connect(h.addr, config) {
+        Err(e) => e.to_string(),
+        Ok(mut tls) => {
+            let _ = tls.write_all(&upgrade_request(&path, ""));
+            let mut buf = Vec::new();
+            match tls.read_to_end(&mut buf) {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("answered without a valid client certificate: {buf:?}"),
+            }
+        }
+    };
+    let why = refused(&no_cert);
+    assert!(
+        why.contains("CertificateRequired") || why.contains("HandshakeFailure"),
+        "{why}"
+    );
+    // A certificate from another CA is no better.
+    let other = TestPki::new();
+    let stranger = pki.client_config_with_cert(&other.client_pem("stranger"));
+    let why = refused(&stranger);
+    assert!(
+        why.contains("UnknownCA") || why.contains("BadCertificate"),
+        "{why}"
+    );
+    assert_eq!(h.upstream.connections_total(), 0, "the upstream was dialed");
+    // The CA's own client gets through.
+    let ingress = pki.client_config_with_cert(&pki.client_pem("ingress"));
+    let mut ws = wss(h.addr, &ingress, &path);
+    echo(&mut ws, "mutual");
+    assert_eq!(h.upstream.connections_total(), 1);
+}
+
+#[test]
+fn every_refusal_status_is_unchanged_over_tls() {
+    let pki = TestPki::new();
+    let issued = pki.issue_pem(KeyKind::EcdsaP256, in_a_year());
+    let (_dir, cert, key) = pem_files(&issued);
+    let opts = StandInOptions::serving(B::Echo)
+        .vmi("gone", B::Status(404))
+        .vmi("busy", B::Status(503))
+        .vmi("broken", B::Status(500))
+        .vmi("bad-accept", B::BadAccept)
+        .vmi("silent", B::Silent);
+    let h = tls_proxy(opts, cert, key, |c| {
+        c.upstream_timeout = Duration::from_secs(1);
+        c.handshake_timeout = Duration::from_secs(1);
+        c.max_head_bytes = 1024;
+    });
+    let config = client(&pki, None);
+    let up = |vmi: &str| format!("/{}/{vmi}", Harness::token(&[vmi]));
+    let expired = common::tokens::mint(SECRET, NS, &["echo"], common::tokens::now() - 3600);
+    let with = |path: &str, extra: &str| upgrade_request(path, extra);
+    let big = format!("X-Fill: {}\r\n", "a".repeat(2048));
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("garbage", b"garbage\r\n\r\n".to_vec(), 400),
+        (
+            "no upgrade",
+            format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", up("echo")).into_bytes(),
+            400,
+        ),
+        ("head too big", with(&up("echo"), &big), 431),
+        (
+            "version 8",
+            String::from_utf8(with(&up("echo"), ""))
+                .unwrap()
+                .replace("Version: 13", "Version: 8")
+                .into_bytes(),
+            426,
+        ),
+        ("no token", with("/echo", ""), 404),
+        ("bad token", with("/not.a.token/echo", ""), 401),
+        ("expired", with(&format!("/{expired}/echo"), ""), 401),
+        (
+            "other vmi",
+            with(&format!("/{}/other", Harness::token(&["echo"])), ""),
+            403,
+        ),
+        ("upstream 404", with(&up("gone"), ""), 404),
+        ("upstream 503", with(&up("busy"), ""), 503),
+        ("upstream 500", with(&up("broken"), ""), 502),
+        ("bad accept", with(&up("bad-accept"), ""), 502),
+        ("silent upstream", with(&up("silent"), ""), 504),
+    ];
+    for (what, request, want) in cases {
+        let a = tls_request(h.addr, &config, &request);
+        assert_eq!(a.status, want, "{what}: {}", a.body);
+        assert!(a.head.contains("Connection: close"), "{what}: {}", a.head);
+        if want == 426 {
+            assert!(a.head.contains("Sec-WebSocket-Version: 13"), "{}", a.head);
+        }
+    }
+    // A head that never completes: 408 once the TLS handshake is done.
+    let mut tls = tls_connect(h.addr, &config).expect("handshake");
+    tls.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    let started = Instant::now();
+    let a = read_all(&mut tls);
+    assert_eq!(a.status, 408);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The per-address limit answers 503 over TLS as well.
+    drop(h);
+    let (_dir2, cert, key) = pem_files(&issued);
+    let h = tls_proxy(B::Echo, cert, key, |c| c.max_connections_per_ip = 1);
+    let _holder = tls_connect(h.addr, &config).expect("first connection");
+    let a = tls_request(h.addr, &config, &with(&up("echo"), ""));
+    assert_eq!(a.status, 503, "{}", a.body);
+}
+
+#[test]
+fn a_thousand_stalled_handshakes_do_not_delay_a_real_session() {
+    let pki = TestPki::new();
+    let issued = pki.issue_pem(KeyKind::EcdsaP256, in_a_year());
+    let (_dir, cert, key) = pem_files(&issued);
+    let stalled = common::fit_to_nofile_limit("stalled TLS handshakes", 1000, 2);
+    let h = tls_proxy(B::Echo, cert, key, |c| {
+        c.handshake_timeout = Duration::from_secs(3);
+    });
+    let config = client(&pki, None);
+    let tok = Harness::token(&["echo"]);
+    let path = format!("/{tok}/echo");
+    // The time of a session with nobody else around.
+    let started = Instant::now();
+    let mut ws = wss(h.addr, &config, &path);
+    echo(&mut ws, "alone");
+    let alone = started.elapsed();
+    drop(ws);
+    // Each stalled client sends the first bytes of a ClientHello record and nothing more.
+    let hello_start = [0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00];
+    let mut holders = Vec::with_capacity(stalled);
+    for _ in 0..stalled {
+        let mut s = TcpStream::connect(h.addr).expect("stalled connect");
+        s.write_all(&hello_start).expect("partial hello");
+        holders.push(s);
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || h.handle().stats().accepted
+            > stalled as u64),
+        "the proxy did not take the stalled connections"
+    );
+    let started = Instant::now();
+    let mut ws = wss(h.addr, &config, &path);
+    echo(&mut ws, "among the stalled");
+    let among = started.elapsed();
+    assert!(
+        among < Duration::from_millis(500).max(alone * 20),
+        "a session took {among:?} among {stalled} stalled handshakes ({alone:?} alone)"
+    );
+    drop(ws);
+    // HANDSHAKE_TIMEOUT_SECONDS counts from accept: the stalled ones are closed.
+    for s in &mut holders {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for s in &mut holders {
+        let mut buf = [0u8; 64];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => panic!("a stalled handshake was not closed: {e}"),
+            }
+        }
+        assert!(Instant::now() < deadline);
+    }
+    assert!(h.wait_idle());
+}
+
+#[test]
+fn backpressure_holds_with_tls_on_both_sides() {
+    const TOTAL: u64 = 128 << 20;
+    let pki = TestPki::new();
+    let issued = pki.issue_pem(KeyKind::EcdsaP256, in_a_year());
+    let (dir, cert, key) = pem_files(&issued);
+    dir.write("ca.pem", &pki.ca_pem);
+    let standin = StandIn::start_with(StandInOptions {
+        tls: Some(pki.server_tls()),
+        ..StandInOptions::serving(B::Stream {
+            total: TOTAL,
+            frame: 65536,
+        })
+    });
+    let proxy = ProxyProcess::start(&[
+        ("LOCAL_DEV_MODE", "true".into()),
+        (
+            "WS_REMOTE_URL",
+            format!("wss://localhost:{}", standin.addr().port()),
+        ),
+        (
+            "UPSTREAM_CA_FILE",
+            dir.path().join("ca.pem").display().to_string(),
+        ),
+        ("TLS_CERT_FILE", cert.display().to_string()),
+        ("TLS_KEY_FILE", key.display().to_string()),
+    ]);
+    let vmi = format!("stream-{TOTAL}-65536");
+    let tok = Harness::token(&[&vmi]);
+    let mut ws = wss(proxy.addr, &client(&pki, None), &format!("/{tok}/{vmi}"));
+    // Read a little, stall while the upstream pushes, then read everything in order.
+    let mut seen = 0u64;
+    let mut state = common::upstream::fnv1a(0xcbf2_9ce4_8422_2325, &[]);
+    let mut take = |ws: &mut WebSocket<Tls>, until: u64| {
+        while seen < until {
+            match ws.read().expect("read") {
+                Message::Binary(b) => {
+                    let want = common::upstream::pattern_vec(seen, b.len());
+                    assert_eq!(&b[..], &want[..], "bytes at {seen} out of order");
+                    state = common::upstream::fnv1a(state, &b);
+                    seen += b.len() as u64;
+                }
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+    };
+    take(&mut ws, 1 << 20);
+    let flowing = proxy.rss_kib();
+    let mut peak = flowing;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(100));
+        peak = peak.max(proxy.rss_kib());
+    }
+    take(&mut ws, TOTAL);
+    assert_eq!(seen, TOTAL, "bytes lost");
+    assert!(
+        peak <= flowing + 2048,
+        "RSS grew from {flowing} KiB to {peak} KiB while the TLS client stalled\n{}",
+        proxy.log_text()
+    );
+}
+
+#[test]
+fn a_rotated_certificate_serves_new_connections_and_spares_open_sessions() {
+    let pki = TestPki::new();
+    let first = pki.issue_pem(KeyKind::EcdsaP256, in_a_year());
+    let second = pki.issue_pem(KeyKind::Rsa2048, in_a_year() + 86_400);
+    let unmatched = pki.issue_pem(KeyKind::EcdsaP256, in_a_year() + 2 * 86_400);
+    let mut mount = SecretMount::new(&first);
+    let upstream = StandIn::serving(B::Echo);
+    let proxy = ProxyProcess::local_dev(
+        upstream.addr(),
+        &[
+            ("TLS_CERT_FILE", &mount.cert().display().to_string()),
+            ("TLS_KEY_FILE", &mount.key().display().to_string()),
+            ("CREDENTIALS_CHECK_SECONDS", "1"),
+            ("METRICS_ADDR", "127.0.0.1:0"),
+        ],
+    );
+    let metrics_addr: SocketAddr = {
+        let found = wait_until(Duration::from_secs(10), || {
+            proxy.log_text().contains("/readyz on ")
+        });
+        assert!(found, "{}", proxy.log_text());
+        let log = proxy.log_text();
+        let line = log.lines().find(|l| l.contains("/readyz on ")).unwrap();
+        line.rsplit("/readyz on ")
+            .next()
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no metrics address in {line}"))
+    };
+    // One client configuration throughout: a rotation must also beat its resumption.
+    let config = client(&pki, None);
+    let presented = |config: &Arc<ClientConfig>| {
+        let tls = tls_connect(proxy.addr, config).expect("handshake");
+        tls.conn.peer_certificates().expect("certificate")[0].clone()
+    };
+    let expiry = || {
+        let text = get(metrics_addr, &config, "/metrics").body;
+        (
+            metric(
+                &text,
+                "kubevirt_vnc_proxy_tls_certificate_expiry_timestamp_seconds",
+            ),
+            metric(&text, "kubevirt_vnc_proxy_tls_reloads_total"),
+            metric(&text, "kubevirt_vnc_proxy_tls_reload_failures_total"),
+        )
+    };
+    assert_eq!(presented(&config), first.der);
+    assert_eq!(expiry(), (Some(first.not_after), Some(0), Some(0)));
+    let tok = Harness::token(&["echo"]);
+    let mut open = wss(proxy.addr, &config, &format!("/{tok}/echo"));
+    echo(&mut open, "before");
+
+    mount.publish(&second.cert_pem, &second.key_pem);
+    assert!(
+        wait_until(Duration::from_secs(10), || presented(&config) == second.der),
+        "new connections never saw the rotated certificate\n{}",
+        proxy.log_text()
+    );
+    assert_eq!(expiry(), (Some(second.not_after), Some(1), Some(0)));
+    echo(&mut open, "after the rotation");
+    let mut fresh = wss(proxy.addr, &config, &format!("/{tok}/echo"));
+    echo(&mut fresh, "on the new certificate");
+
+    // A certificate with the wrong key: the second pair keeps serving, one ERROR line.
+    mount.publish(&unmatched.cert_pem, &second.key_pem);
+    assert!(
+        wait_until(Duration::from_secs(10), || expiry().2 == Some(1)),
+        "the bad pair was not reported\n{}",
+        proxy.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(presented(&config), second.der);
+    assert_eq!(expiry(), (Some(second.not_after), Some(1), Some(1)));
+    let errors: Vec<String> = proxy
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("ERROR") && l.contains("TLS_KEY_FILE"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(errors.len(), 1, "one ERROR line per bad pair: {errors:#?}");
+    assert!(
+        errors[0].contains("previous TLS certificate keeps serving"),
+        "{}",
+        errors[0]
+    );
+    echo(&mut open, "still open");
+    echo(&mut fresh, "still open too");
+}
+
+#[test]
+fn the_binary_refuses_half_a_tls_configuration_and_bad_files_with_status_2() {
+    let pki = TestPki::new();
+    let issued = pki.issue_pem(KeyKind::EcdsaP256, in_a_year());
+    let other = pki.issue_pem(KeyKind::EcdsaP256, in_a_year());
+    let (dir, cert, key) = pem_files(&issued);
+    dir.write("other.key", &other.key_pem);
+    dir.write("empty.pem", "");
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let cases: Vec<(Vec<(&str, String)>, &str)> = vec![
+        (
+            vec![("TLS_CERT_FILE", cert.display().to_string())],
+            "TLS_KEY_FILE: not set",
+        ),
+        (
+            vec![("TLS_KEY_FILE", key.display().to_string())],
+            "TLS_CERT_FILE: not set",
+        ),
+        (
+            vec![("CLIENT_CA_FILE", path("cert.pem"))],
+            "CLIENT_CA_FILE: needs TLS",
+        ),
+        (
+            vec![
+                ("TLS_CERT_FILE", path("empty.pem")),
+                ("TLS_KEY_FILE", key.display().to_string()),
+            ],
+            "holds no certificate",
+        ),
+        (
+            vec![
+                ("TLS_CERT_FILE", cert.display().to_string()),
+                ("TLS_KEY_FILE", path("other.key")),
+            ],
+            "does not fit the certificate",
+        ),
+        (
+            vec![
+                ("TLS_CERT_FILE", cert.display().to_string()),
+                ("TLS_KEY_FILE", path("missing.key")),
+            ],
+            "TLS_KEY_FILE",
+        ),
+    ];
+    for (env, want) in cases {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubevirt-vnc-proxy"))
+            .arg("check-config")
+            .env_clear()
+            .env("SECRET_KEY", SECRET)
+            .env("LOCAL_DEV_MODE", "true")
+            .env("WS_REMOTE_URL", "ws://127.0.0.1:1")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .expect("run check-config");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{env:?}: {stderr}");
+        assert!(stderr.contains(want), "{env:?}: want {want:?} in {stderr}");
+    }
+}
