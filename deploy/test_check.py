@@ -332,7 +332,7 @@ FAMS_TEXT = "\n".join(f"# TYPE {n} {t}" for n, t in {
                               "kubevirt_vnc_proxy_bytes_total", "kubevirt_vnc_proxy_limits_hit_total",
                               "kubevirt_vnc_proxy_keepalive_timeouts_total",
                               "kubevirt_vnc_proxy_backpressure_pauses_total",
-                              "kubevirt_vnc_proxy_tls_reload_failures_total",
+                              "kubevirt_vnc_proxy_tls_reloads_total", "kubevirt_vnc_proxy_tls_reload_failures_total",
                               "kubevirt_vnc_proxy_tls_handshake_failures_total")},
     **{f: "gauge" for f in ("kubevirt_vnc_proxy_open_sessions", "kubevirt_vnc_proxy_open_connections",
                             "kubevirt_vnc_proxy_max_connections", "kubevirt_vnc_proxy_workers",
