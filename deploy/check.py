@@ -200,8 +200,11 @@ def grafana_variable_query(query):
         return m.group(2)
     inner, depth = m.group(2), 0
     for k, ch in enumerate(inner):
-        depth += ch in "({[" and 1 or (ch in ")}]" and -1 or 0)
-        if ch == "," and depth == 0:
+        if ch in "({[":
+            depth += 1
+        elif ch in ")}]":
+            depth -= 1
+        elif ch == "," and depth == 0:
             return inner[:k]
     return None  # label_values(LABEL): no metric
 

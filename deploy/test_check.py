@@ -373,7 +373,8 @@ class DashboardAndRules(unittest.TestCase):
 
     def test_a_made_up_metric_in_a_rule_or_a_variable_is_reported(self):
         dashboard, rules = load_kit()
-        rules[0]["spec"]["groups"][0]["rules"][0]["expr"] = "kubevirt_vnc_proxy_open_connections / kubevirt_vnc_proxy_max_conns > 0.8"
+        rules[0]["spec"]["groups"][0]["rules"][0]["expr"] = (
+            "kubevirt_vnc_proxy_open_connections / kubevirt_vnc_proxy_max_conns > 0.8")
         dashboard["templating"]["list"][1]["query"] = {"query": "label_values(kubevirt_vnc_proxy_nope, namespace)"}
         problems = query_problems(dashboard, rules)
         self.assertTrue(any("KubevirtVncProxyNearMaxConnections" in p and "kubevirt_vnc_proxy_max_conns" in p
@@ -477,7 +478,8 @@ class Promtool(unittest.TestCase):
                             for p in problems), problems)
 
     def test_a_query_that_does_not_parse_is_reported(self):
-        problems = self.problems(edit_dashboard=lambda d: d.replace("sum by (outcome) (rate(", "sum by (outcome) (rate((", 1))
+        unbalanced = lambda d: d.replace("sum by (outcome) (rate(", "sum by (outcome) (rate((", 1)  # noqa: E731
+        problems = self.problems(edit_dashboard=unbalanced)
         self.assertTrue(any("dashboard.json" in p and "promtool check rules" in p for p in problems), problems)
 
 
