@@ -47,6 +47,15 @@ fn main() -> ExitCode {
     }
     raise_open_files_limit(&config);
     let workers = config.workers;
+    let tls = match (&config.tls_cert_file, &config.client_ca_file) {
+        (None, _) => None,
+        (Some(cert), None) => Some(format!("TLS with {}", cert.display())),
+        (Some(cert), Some(ca)) => Some(format!(
+            "TLS with {}, client certificates from {} required",
+            cert.display(),
+            ca.display()
+        )),
+    };
     // WORKERS independent loops share the port through SO_REUSEPORT; the
     // first one binds (and picks the port when PORT=0), the others follow.
     // The first is the process's one place for signals (it answers
@@ -79,6 +88,9 @@ fn main() -> ExitCode {
     log::info!("listening on {}", first.local_addr());
     if workers > 1 {
         log::info!("{workers} workers share the port");
+    }
+    if let Some(tls) = tls {
+        log::info!("the listeners speak {tls}");
     }
     if let Some(m) = first.metrics_addr() {
         log::info!("serving /metrics, /healthz and /readyz on {m}");

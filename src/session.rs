@@ -1282,6 +1282,7 @@ mod tests {
     use super::*;
     use std::cell::RefCell;
     use std::rc::Rc;
+    use std::sync::Arc;
     use std::time::{Duration, SystemTime};
 
     use crate::events::SessionEnd;
@@ -1387,6 +1388,11 @@ mod tests {
     impl Rig {
         /// A session whose client and upstream take one byte per write.
         fn new(answer: Answer) -> Self {
+            Self::with_client(answer, Conn::new)
+        }
+
+        /// The same, the client's socket wrapped by `wrap` (e.g. in TLS).
+        fn with_client(answer: Answer, wrap: impl FnOnce(Mem) -> Conn<Mem>) -> Self {
             let world = World::new(answer);
             let (mem, client) = Mem::open();
             client.borrow_mut().max_write = 1;
@@ -1394,15 +1400,7 @@ mod tests {
             upstream.borrow_mut().max_write = 1;
             DIALS.with(|d| d.borrow_mut().push_back(up));
             let peer = "127.0.0.1:40000".parse().expect("peer");
-            let session = Session::new(
-                1,
-                0,
-                Kind::Main,
-                Conn::new(mem),
-                peer,
-                world.now,
-                &world.config,
-            );
+            let session = Session::new(1, 0, Kind::Main, wrap(mem), peer, world.now, &world.config);
             let mut rig = Rig {
                 world,
                 session,
@@ -1634,5 +1632,167 @@ mod tests {
             [Event::Refused { status: Status::ServiceUnavailable, vmi: Some(v), namespace: Some(n), .. }]
                 if v == "vm-1" && n == "lab-ns"
         ));
+    }
+
+    /// A TLS client of the session over the in-memory wire: the test's
+    /// rustls client on one end, the session's TLS server on the other.
+    struct TlsPeer {
+        tls: rustls::ClientConnection,
+        /// Plaintext the session sent, decrypted.
+        received: Vec<u8>,
+    }
+
+    impl TlsPeer {
+        /// Shuttle records both ways until neither side has more to say
+        /// (bounded): the client's records in, the session's out, with a
+        /// writable event each round (each write takes one byte).
+        fn pump(&mut self, rig: &mut Rig) {
+            for _ in 0..20_000 {
+                let mut out = Vec::new();
+                while self.tls.wants_write() {
+                    self.tls.write_tls(&mut out).expect("client write_tls");
+                }
+                let sent = std::mem::take(&mut rig.client.borrow_mut().outbox);
+                if out.is_empty() && sent.is_empty() && !rig.session.client.has_pending_output() {
+                    return;
+                }
+                if !out.is_empty() {
+                    rig.client_sends(&out);
+                }
+                let mut rd = &sent[..];
+                while !rd.is_empty() {
+                    self.tls.read_tls(&mut rd).expect("client read_tls");
+                    self.tls.process_new_packets().expect("client TLS");
+                }
+                let mut buf = [0u8; 4096];
+                loop {
+                    match std::io::Read::read(&mut self.tls.reader(), &mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => self.received.extend_from_slice(&buf[..n]),
+                    }
+                }
+                rig.event(Side::Client, false, true);
+                rig.drive();
+            }
+            panic!("the TLS exchange never settled");
+        }
+
+        fn send(&mut self, rig: &mut Rig, plaintext: &[u8]) {
+            std::io::Write::write_all(&mut self.tls.writer(), plaintext).expect("client write");
+            self.pump(rig);
+        }
+    }
+
+    /// A certificate for `localhost` with a `kind` key, as the files
+    /// `TLS_CERT_FILE` and `TLS_KEY_FILE` would hold it, loaded by the
+    /// listener's own code.
+    fn listener_tls(rsa: bool) -> (crate::listener_tls::ListenerTls, rustls::RootCertStore) {
+        let key = if rsa {
+            rcgen::KeyPair::from_pem_and_sign_algo(
+                include_str!("../tests/fixtures/rsa_private.pem"),
+                &rcgen::PKCS_RSA_SHA256,
+            )
+        } else {
+            rcgen::KeyPair::generate()
+        }
+        .expect("key");
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+        let cert = params.self_signed(&key).expect("certificate");
+        let dir = std::env::temp_dir().join(format!(
+            "kvp-session-tls-{}-{}",
+            std::process::id(),
+            u8::from(rsa)
+        ));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("cert.pem"), cert.pem()).expect("cert");
+        std::fs::write(dir.join("key.pem"), key.serialize_pem()).expect("key");
+        let mut config = Config::local_dev("ws://127.0.0.1:9", &[b'k'; 32]).expect("config");
+        config.tls_cert_file = Some(dir.join("cert.pem"));
+        config.tls_key_file = Some(dir.join("key.pem"));
+        let tls = crate::listener_tls::ListenerTls::load(&config, Instant::now())
+            .expect("loads")
+            .expect("configured");
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).expect("root");
+        (tls, roots)
+    }
+
+    /// TLS 1.2 and 1.3, RSA and ECDSA keys, over the in-memory wire with
+    /// every write taking one byte: the handshake, the upgrade, frames both
+    /// ways and a clean close all go through the session's TLS, and the
+    /// upstream sees exactly what the client sent in the clear.
+    #[test]
+    fn a_whole_session_over_tls_1_2_and_1_3_with_rsa_and_ecdsa_keys() {
+        for rsa in [false, true] {
+            let (server, roots) = listener_tls(rsa);
+            for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+                let what = format!("rsa {rsa}, {:?}", version.version);
+                let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_protocol_versions(&[version])
+                .expect("version")
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth();
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+                let mut peer = TlsPeer {
+                    tls: rustls::ClientConnection::new(Arc::new(config), name).expect("client"),
+                    received: Vec::new(),
+                };
+                let accepted = server.accept(Kind::Main).expect("server side");
+                let buffer = World::new(in_an_hour()).config.buffer_size;
+                let mut rig = Rig::with_client(in_an_hour(), |mem| {
+                    Conn::new(mem).into_tls(accepted, buffer)
+                });
+                peer.pump(&mut rig);
+                assert!(!peer.tls.is_handshaking(), "{what}: handshake not done");
+                assert_eq!(peer.tls.protocol_version(), Some(version.version), "{what}");
+                assert_eq!(peer.tls.alpn_protocol(), Some(&b"http/1.1"[..]), "{what}");
+                assert!(matches!(rig.session.state, State::ReadingRequest { .. }));
+
+                peer.send(&mut rig, UPGRADE);
+                assert!(matches!(rig.session.state, State::Dialing(_)), "{what}");
+                rig.event(Side::Upstream, false, true);
+                rig.drive();
+                let request =
+                    String::from_utf8(rig.upstream.borrow().outbox.clone()).expect("utf-8");
+                let key = request
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                    .expect("a key")
+                    .to_owned();
+                rig.upstream.borrow_mut().outbox.clear();
+                rig.upstream_sends(&http::switching_protocols(&key, None));
+                peer.pump(&mut rig);
+                assert!(rig.session.is_relaying(), "{what}");
+                assert!(peer.received.starts_with(b"HTTP/1.1 101 "), "{what}");
+                peer.received.clear();
+
+                peer.send(&mut rig, &frame(BINARY, b"key event", Some(KEY)));
+                rig.upstream_sends(&frame(BINARY, b"framebuffer update", None));
+                peer.pump(&mut rig);
+                assert_eq!(
+                    frames(&rig.upstream.borrow().outbox).0,
+                    vec![(BINARY, b"key event".to_vec())],
+                    "{what}"
+                );
+                assert_eq!(
+                    frames(&peer.received).0,
+                    vec![(BINARY, b"framebuffer update".to_vec())],
+                    "{what}"
+                );
+                peer.send(&mut rig, &frame(CLOSE, &1000u16.to_be_bytes(), Some(KEY)));
+                rig.upstream.borrow_mut().eof = true;
+                rig.upstream_sends(&frame(CLOSE, &1000u16.to_be_bytes(), None));
+                peer.pump(&mut rig);
+                let Some(Event::Closed { end, .. }) = rig.close() else {
+                    panic!("{what}: no closing event: {:?}", rig.world.events);
+                };
+                assert_eq!(end, SessionEnd::Normal, "{what}");
+                assert_eq!(rig.world.pool.in_use(), 0, "{what}");
+            }
+        }
     }
 }

@@ -438,10 +438,33 @@ fn every_refusal_status_is_unchanged_over_tls() {
     // The per-address limit answers 503 over TLS as well.
     drop(h);
     let (_dir2, cert, key) = pem_files(&issued);
-    let h = tls_proxy(B::Echo, cert, key, |c| c.max_connections_per_ip = 1);
-    let _holder = tls_connect(h.addr, &config).expect("first connection");
+    let h = tls_proxy(B::Echo, cert.clone(), key.clone(), |c| {
+        c.max_connections_per_ip = 1;
+        c.allowed_origins = vec!["https://console.example".into()];
+    });
+    let holder = tls_connect(h.addr, &config).expect("first connection");
     let a = tls_request(h.addr, &config, &with(&up("echo"), ""));
     assert_eq!(a.status, 503, "{}", a.body);
+    drop(holder);
+    assert!(h.wait_idle());
+    // An Origin not allowed: 403.
+    let a = tls_request(
+        h.addr,
+        &config,
+        &with(&up("echo"), "Origin: https://elsewhere.example\r\n"),
+    );
+    assert_eq!(a.status, 403, "{}", a.body);
+    // Shutting down: 503.
+    h.handle().drain(Duration::from_secs(5));
+    let a = tls_request(h.addr, &config, &with(&up("echo"), ""));
+    assert_eq!(a.status, 503, "{}", a.body);
+    // An upstream nobody listens on: 502.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let h = tls_proxy(B::Echo, cert, key, |c| c.upstream.port = port);
+    let a = tls_request(h.addr, &config, &with(&up("echo"), ""));
+    assert_eq!(a.status, 502, "{}", a.body);
 }
 
 #[test]
