@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use common::pki::{IssuedPem, KeyKind, TestPki};
 use common::upstream::{Behaviour as B, StandInOptions, wait_until};
-use common::{Harness, NS, ProxyProcess, RawAnswer, SECRET, StandIn, TempDir, upgrade_request};
+use common::{
+    Harness, NS, ProxyProcess, RawAnswer, SECRET, StandIn, TempDir, parse_answer, upgrade_request,
+};
 use kubevirt_vnc_proxy::Config;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, HandshakeKind, ProtocolVersion, StreamOwned};
@@ -155,18 +157,38 @@ fn read_all(tls: &mut Tls) -> RawAnswer {
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {}
         Err(e) => panic!("read answer: {e} after {:?}", String::from_utf8_lossy(&all)),
     }
-    let text = String::from_utf8_lossy(&all).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    RawAnswer {
-        status,
-        head: head.to_owned(),
-        body: body.to_owned(),
-    }
+    parse_answer(&all)
+}
+
+/// Cleartext `request` on a TLS port gets no HTTP answer: it cannot be read as TLS.
+fn assert_no_cleartext_answer(addr: SocketAddr, request: &[u8]) {
+    let mut plain = TcpStream::connect(addr).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    plain.write_all(request).unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "a cleartext answer on the TLS port: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+}
+
+/// The proxy with an ECDSA certificate from `pki`, requiring client certificates signed by
+/// `pki`'s CA, after `adjust`; the guards keep its files.
+fn mtls_proxy(pki: &TestPki, adjust: impl FnOnce(&mut Config)) -> (Harness, TempDir, TempDir) {
+    let issued = pki.issue_pem(KeyKind::EcdsaP256, in_a_year());
+    let (files, cert, key) = pem_files(&issued);
+    let client_ca = TempDir::new("client-ca");
+    client_ca.write("ca.pem", &pki.ca_pem);
+    let ca = client_ca.path().join("ca.pem");
+    let h = tls_proxy(B::Echo, cert, key, |c| {
+        c.client_ca_file = Some(ca);
+        adjust(c);
+    });
+    (h, files, client_ca)
 }
 
 fn get(addr: SocketAddr, config: &Arc<ClientConfig>, path: &str) -> RawAnswer {
@@ -233,20 +255,7 @@ fn plain_http_on_the_tls_port_and_a_client_without_http_1_1_fail_the_handshake_o
     });
     let tok = Harness::token(&["echo"]);
     // Cleartext HTTP gets no HTTP answer (it cannot be read as TLS) and no upstream work.
-    let mut plain = TcpStream::connect(h.addr).unwrap();
-    plain
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    plain
-        .write_all(&upgrade_request(&format!("/{tok}/echo"), ""))
-        .unwrap();
-    let mut answer = Vec::new();
-    let _ = plain.read_to_end(&mut answer);
-    assert!(
-        !answer.starts_with(b"HTTP/"),
-        "a cleartext answer on the TLS port: {:?}",
-        String::from_utf8_lossy(&answer)
-    );
+    assert_no_cleartext_answer(h.addr, &upgrade_request(&format!("/{tok}/echo"), ""));
     // A client offering only h2 has no protocol in common with the proxy.
     let mut h2_only = (*client(&pki, None)).clone();
     h2_only.alpn_protocols = vec![b"h2".to_vec()];
@@ -277,16 +286,9 @@ fn plain_http_on_the_tls_port_and_a_client_without_http_1_1_fail_the_handshake_o
 #[test]
 fn probes_and_metrics_answer_over_tls_on_both_listeners() {
     let pki = TestPki::new();
-    let issued = pki.issue_pem(KeyKind::EcdsaP256, in_a_year());
-    let (_dir, cert, key) = pem_files(&issued);
-    let client_ca = TempDir::new("client-ca");
-    client_ca.write("ca.pem", &pki.ca_pem);
     // With client certificates required on the main port, the probe port still takes the
     // kubelet's and Prometheus' certificate-less HTTPS.
-    let h = tls_proxy(B::Echo, cert, key, |c| {
-        c.metrics_addr = Some("127.0.0.1:0".into());
-        c.client_ca_file = Some(client_ca.path().join("ca.pem"));
-    });
+    let (h, _files, _ca) = mtls_proxy(&pki, |c| c.metrics_addr = Some("127.0.0.1:0".into()));
     let metrics_addr = h.proxy.as_ref().unwrap().metrics_addr().unwrap();
     let anonymous = client(&pki, None);
     for path in ["/healthz", "/readyz"] {
@@ -307,32 +309,13 @@ fn probes_and_metrics_answer_over_tls_on_both_listeners() {
         assert_eq!(a.status, 200, "{path}: {}", a.body);
     }
     // Plain HTTP on the TLS probe port is no probe answer.
-    let mut plain = TcpStream::connect(metrics_addr).unwrap();
-    plain
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    plain
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut answer = Vec::new();
-    let _ = plain.read_to_end(&mut answer);
-    assert!(
-        !answer.starts_with(b"HTTP/"),
-        "{:?}",
-        String::from_utf8_lossy(&answer)
-    );
+    assert_no_cleartext_answer(metrics_addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
 }
 
 #[test]
 fn client_certificates_are_required_before_any_upstream_work() {
     let pki = TestPki::new();
-    let issued = pki.issue_pem(KeyKind::EcdsaP256, in_a_year());
-    let (_dir, cert, key) = pem_files(&issued);
-    let client_ca = TempDir::new("client-ca");
-    client_ca.write("ca.pem", &pki.ca_pem);
-    let h = tls_proxy(B::Echo, cert, key, |c| {
-        c.client_ca_file = Some(client_ca.path().join("ca.pem"));
-    });
+    let (h, _files, _ca) = mtls_proxy(&pki, |_| {});
     let tok = Harness::token(&["echo"]);
     let path = format!("/{tok}/echo");
     // No certificate: the handshake fails (TLS 1.3 reports it on the first read).
@@ -454,10 +437,6 @@ fn every_refusal_status_is_unchanged_over_tls() {
         &with(&up("echo"), "Origin: https://elsewhere.example\r\n"),
     );
     assert_eq!(a.status, 403, "{}", a.body);
-    // Shutting down: 503.
-    h.handle().drain(Duration::from_secs(5));
-    let a = tls_request(h.addr, &config, &with(&up("echo"), ""));
-    assert_eq!(a.status, 503, "{}", a.body);
     // An upstream nobody listens on: 502.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
@@ -465,6 +444,11 @@ fn every_refusal_status_is_unchanged_over_tls() {
     let h = tls_proxy(B::Echo, cert, key, |c| c.upstream.port = port);
     let a = tls_request(h.addr, &config, &with(&up("echo"), ""));
     assert_eq!(a.status, 502, "{}", a.body);
+    // Shutting down: 503 (a connection held open keeps the draining loop listening).
+    let _open = tls_connect(h.addr, &config).expect("a connection to hold");
+    h.handle().drain(Duration::from_secs(5));
+    let a = tls_request(h.addr, &config, &with(&up("echo"), ""));
+    assert_eq!(a.status, 503, "{}", a.body);
 }
 
 #[test]

@@ -274,7 +274,12 @@ pub fn raw_request(addr: SocketAddr, request: &[u8]) -> RawAnswer {
 pub fn read_answer(s: &mut TcpStream) -> RawAnswer {
     let mut all = Vec::new();
     s.read_to_end(&mut all).expect("read answer until close");
-    let text = String::from_utf8_lossy(&all).into_owned();
+    parse_answer(&all)
+}
+
+/// An HTTP answer from the bytes read until the connection closed.
+pub fn parse_answer(all: &[u8]) -> RawAnswer {
+    let text = String::from_utf8_lossy(all).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head
         .split(' ')
