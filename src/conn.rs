@@ -170,7 +170,12 @@ impl<S: Transport> Conn<S> {
             return Io::Failed(e);
         }
         // Bounded: each round reads TLS records from the socket or returns.
-        for _ in 0..8 {
+        // rustls reads at most 4 KiB a time, and a handshake flight may be
+        // 64 KiB (a client's certificate chain): while handshaking enough
+        // rounds for a whole flight, so that no caller waits for an event
+        // that will not come while the flight sits in the socket.
+        let rounds = if self.is_handshaking() { 32 } else { 8 };
+        for _ in 0..rounds {
             let Some(tls) = self.tls.as_mut() else {
                 return Io::WouldBlock;
             };
@@ -284,11 +289,6 @@ impl<S: Transport> Conn<S> {
             let _ = self.flush_tls();
         }
         self.stream.shutdown_write();
-    }
-
-    /// True when TLS runs over the socket.
-    pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
     }
 
     /// True while the TLS handshake has not completed.

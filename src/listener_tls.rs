@@ -15,12 +15,16 @@
 //! - A changed set that does not load (unreadable, no key, a key that does
 //!   not match) leaves the old one serving; the caller logs one ERROR line
 //!   per distinct bad set and counts it.
+//! - With `WORKERS` > 1 every worker uses the first one's state
+//!   (`Proxy::add_worker`): one set of tickets, so a client resumes on any
+//!   worker; one check per interval, so a bad rotation is one ERROR line.
 //! - The METRICS_ADDR listener speaks TLS too when this is on, with the
 //!   same certificate and never asking for a client certificate (kubelet's
 //!   `scheme: HTTPS` probes and Prometheus present none).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
@@ -81,8 +85,59 @@ pub(crate) enum Checked {
     Failed(LoadError),
 }
 
+/// The listeners' TLS, shared by the workers of a process: the state
+/// behind a lock (taken once per accepted connection, never while
+/// relaying), the expiry readable without it (for `/metrics` gauges).
+pub(crate) struct SharedTls {
+    state: Mutex<ListenerTls>,
+    not_after: AtomicI64,
+}
+
+impl std::fmt::Debug for SharedTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedTls")
+            .field("not_after", &self.not_after())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedTls {
+    /// Load the files at start, if TLS is configured (see
+    /// [`ListenerTls::load`]).
+    pub fn load(config: &Config, now: Instant) -> Result<Option<Arc<Self>>, ConfigError> {
+        Ok(ListenerTls::load(config, now)?.map(|tls| {
+            Arc::new(SharedTls {
+                not_after: AtomicI64::new(tls.not_after),
+                state: Mutex::new(tls),
+            })
+        }))
+    }
+
+    /// The server side of TLS for a connection accepted by `kind`'s
+    /// listener, after checking the files for rotation (what the check
+    /// found is for the caller to log and count).
+    pub fn accept(
+        &self,
+        now: Instant,
+        kind: Kind,
+    ) -> (Checked, Result<ServerConnection, rustls::Error>) {
+        // Plain values inside: a panic elsewhere cannot leave them torn.
+        let mut tls = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let checked = tls.check(now);
+        if let Checked::Reloaded { not_after } = checked {
+            self.not_after.store(not_after, Ordering::Relaxed);
+        }
+        (checked, tls.accept(kind))
+    }
+
+    /// When the certificate chain in force expires first (Unix seconds).
+    pub fn not_after(&self) -> i64 {
+        self.not_after.load(Ordering::Relaxed)
+    }
+}
+
 /// The listener's TLS configuration in force and what it was loaded from.
-pub(crate) struct ListenerTls {
+struct ListenerTls {
     files: Files,
     interval: Duration,
     next_check: Instant,
@@ -97,7 +152,7 @@ pub(crate) struct ListenerTls {
 impl ListenerTls {
     /// Load the files at start, if TLS is configured; any problem is a
     /// configuration error naming the variable.
-    pub fn load(config: &Config, now: Instant) -> Result<Option<Self>, ConfigError> {
+    fn load(config: &Config, now: Instant) -> Result<Option<Self>, ConfigError> {
         let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) else {
             return Ok(None);
         };
@@ -123,7 +178,7 @@ impl ListenerTls {
     }
 
     /// Reload the files if the interval has passed and they changed.
-    pub fn check(&mut self, now: Instant) -> Checked {
+    fn check(&mut self, now: Instant) -> Checked {
         if now < self.next_check {
             return Checked::Unchanged;
         }
@@ -148,17 +203,12 @@ impl ListenerTls {
 
     /// The server side of TLS for a connection accepted by `kind`'s
     /// listener.
-    pub fn accept(&self, kind: Kind) -> Result<ServerConnection, rustls::Error> {
+    fn accept(&self, kind: Kind) -> Result<ServerConnection, rustls::Error> {
         let config = match kind {
             Kind::Main => &self.main,
             Kind::Metrics => &self.probe,
         };
         ServerConnection::new(config.clone())
-    }
-
-    /// When the certificate in force expires (Unix seconds).
-    pub fn not_after(&self) -> i64 {
-        self.not_after
     }
 }
 
@@ -175,18 +225,25 @@ fn load(files: &Files) -> Result<Loaded, LoadError> {
                 path(&files.cert)
             ))
         })?;
-    let Some(leaf) = chain.first() else {
+    if chain.is_empty() {
         return Err(cert_err(format!(
             "{} holds no certificate",
             path(&files.cert)
         )));
-    };
-    let not_after = crate::x509::not_after(leaf).ok_or_else(|| {
-        cert_err(format!(
-            "{}: the first certificate's validity cannot be read",
-            path(&files.cert)
-        ))
-    })?;
+    }
+    // The chain is as good as its first certificate to expire: an
+    // intermediate can run out before the leaf.
+    let mut not_after = i64::MAX;
+    for (i, cert) in chain.iter().enumerate() {
+        let t = crate::x509::not_after(cert).ok_or_else(|| {
+            cert_err(format!(
+                "{}: the validity of certificate {} cannot be read",
+                path(&files.cert),
+                i + 1
+            ))
+        })?;
+        not_after = not_after.min(t);
+    }
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
         err("TLS_KEY_FILE")(format!(
             "{} holds no usable PEM private key (PKCS#8, PKCS#1 or SEC1): {e}",

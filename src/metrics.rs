@@ -98,8 +98,10 @@ pub struct Gauges {
     pub workers_alive: usize,
     /// MAX_CONNECTIONS of this loop (summed: the process's capacity).
     pub max_connections: usize,
-    /// When the listener's certificate expires (Unix seconds), when the
-    /// listener speaks TLS; the earliest of the workers'.
+    /// When the listener's certificate chain expires (Unix seconds), when
+    /// the listener speaks TLS. Not combined by [`add`](Self::add): the
+    /// workers share one TLS state, which the loop serving `/metrics` reads
+    /// when it renders (a worker's published copy may be a pass old).
     pub tls_not_after: Option<i64>,
 }
 
@@ -112,10 +114,6 @@ impl Gauges {
         self.bulk_buffers_in_use += other.bulk_buffers_in_use;
         self.draining |= other.draining;
         self.max_connections += other.max_connections;
-        self.tls_not_after = match (self.tls_not_after, other.tls_not_after) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
     }
 }
 

@@ -24,7 +24,7 @@ use crate::config::{Config, ConfigError};
 use crate::conn::{Conn, Readiness};
 use crate::events::{AccessLog, Event, Observer};
 use crate::http::{Refusal, Status};
-use crate::listener_tls::{Checked, ListenerTls};
+use crate::listener_tls::{Checked, SharedTls};
 use crate::metrics::{Gauges, Metrics};
 use crate::session::{Ctx, FIRST_SESSION_TOKEN, Kind, Session, Side};
 use crate::upstream::Credentials;
@@ -160,6 +160,9 @@ struct Shared {
     /// The loop this one is a worker of ([`Proxy::add_worker`]), woken when
     /// this one ends: it may be waiting for its workers to answer a signal.
     owner: OnceLock<Weak<Shared>>,
+    /// That loop's listener TLS, which this one uses instead of its own:
+    /// one set of session tickets and one rotation check for the process.
+    tls: OnceLock<Arc<SharedTls>>,
 }
 
 impl Shared {
@@ -423,8 +426,9 @@ pub struct Proxy {
     upstream_addrs: Vec<SocketAddr>,
     upstream_host: String,
     credentials: Credentials,
-    /// The listeners' own TLS (`TLS_CERT_FILE`), when configured.
-    tls: Option<ListenerTls>,
+    /// The listeners' own TLS (`TLS_CERT_FILE`), when configured; a
+    /// worker uses its owner's instead (`Shared::tls`).
+    tls: Option<Arc<SharedTls>>,
     /// Draining: when open sessions are told to go away; once they have
     /// been (`gone_away`), when what is left is closed regardless.
     drain_until: Option<Instant>,
@@ -588,7 +592,7 @@ impl Proxy {
             .map_err(|e| StartError::Resolve(format!("{}: {e}", up.host)))?
             .collect();
         Credentials::load(config, Instant::now())?;
-        let tls = ListenerTls::load(config, Instant::now())?;
+        let tls = SharedTls::load(config, Instant::now())?;
         resolve_one(&config.host, config.port, "HOST")?;
         Ok(format!(
             "upstream {}://{} ({} address{}), {} mode, {} key(s), token sources {:?}, listener {}",
@@ -661,7 +665,7 @@ impl Proxy {
         }
         // Credential files are read now, so a missing one stops the start.
         let credentials = Credentials::load(&config, Instant::now())?;
-        let tls = ListenerTls::load(&config, Instant::now())?;
+        let tls = SharedTls::load(&config, Instant::now())?;
         let poll = Poll::new()?;
         let mut listener = bind_listener(listen, config.workers > 1)
             .map_err(|e| StartError::Bind("HOST/PORT", listen, e))?;
@@ -746,6 +750,7 @@ impl Proxy {
                 exited: AtomicBool::new(false),
                 failure: Mutex::new(None),
                 owner: OnceLock::new(),
+                tls: OnceLock::new(),
             }),
         })
     }
@@ -776,11 +781,15 @@ impl Proxy {
     /// the whole process and one place answers signals. A worker whose loop
     /// dies (its thread panicked, or its poll failed) shows there: its
     /// gauges are left out, `…_workers_alive` drops, and this loop's
-    /// `/healthz` answers 503.
+    /// `/healthz` answers 503. With a TLS listener the worker takes this
+    /// loop's certificate, session tickets and rotation checks.
     pub fn add_worker(&mut self, worker: Handle) {
         worker.shared.publish.store(true, Ordering::Relaxed);
         // A worker has one owner; a second call keeps the first.
         let _ = worker.shared.owner.set(Arc::downgrade(&self.shared));
+        if let Some(tls) = &self.tls {
+            let _ = worker.shared.tls.set(tls.clone());
+        }
         worker.shared.wake();
         self.workers.push(worker);
     }
@@ -1093,7 +1102,7 @@ impl Proxy {
             workers: 1,
             workers_alive: 1,
             max_connections: self.config.max_connections,
-            tls_not_after: self.tls.as_ref().map(ListenerTls::not_after),
+            tls_not_after: self.listener_tls_state().map(SharedTls::not_after),
         }
     }
 
@@ -1348,11 +1357,15 @@ impl Proxy {
         // handshake that queued the connection: read it now instead of
         // after another trip through epoll (when it has not come yet, the
         // read costs an EAGAIN and its event comes as usual).
+        // A fresh socket's send buffer is empty: it is writable too, so a
+        // TLS server's first flight goes out in this pass, not after the
+        // EPOLLOUT that registering raises.
         if let Some(s) = self.sessions.get_mut(key) {
             s.ready(
                 Side::Client,
                 Readiness {
                     readable: true,
+                    writable: true,
                     ..Readiness::default()
                 },
             );
@@ -1368,10 +1381,11 @@ impl Proxy {
         now: Instant,
         kind: Kind,
     ) -> Result<Option<rustls::ServerConnection>, rustls::Error> {
-        let Some(tls) = self.tls.as_mut() else {
+        let Some(tls) = self.shared.tls.get().or(self.tls.as_ref()) else {
             return Ok(None);
         };
-        match tls.check(now) {
+        let (checked, accepted) = tls.accept(now, kind);
+        match checked {
             Checked::Unchanged => {}
             Checked::Reloaded { not_after } => {
                 self.metrics.tls_reloads += 1;
@@ -1387,7 +1401,12 @@ impl Proxy {
                 );
             }
         }
-        tls.accept(kind).map(Some)
+        accepted.map(Some)
+    }
+
+    /// The listener TLS this loop uses: its owner's when it is a worker.
+    fn listener_tls_state(&self) -> Option<&SharedTls> {
+        self.shared.tls.get().or(self.tls.as_ref()).map(|t| &**t)
     }
 
     fn remove(&mut self, key: usize, now: Instant) {

@@ -474,16 +474,8 @@ impl<S: Transport> Session<S> {
         // A head is at most `max` bytes; reading stops there either way.
         match gather(&mut self.client, ctx.scratch, &mut head, max) {
             Gathered::Open => {}
-            // No HTTP answer can reach a client that failed TLS (a missing
-            // or untrusted client certificate, no common version or ALPN,
-            // plain HTTP on the TLS port): rustls sent its alert, and the
-            // operator gets one line and a count.
-            Gathered::Failed(e) if self.client.is_tls() && head.is_empty() => {
-                ctx.metrics.tls_handshake_failures += 1;
-                info!(
-                    "session {} {}: TLS handshake failed: {e}",
-                    self.id, self.peer
-                );
+            Gathered::Failed(e) if self.client.is_handshaking() => {
+                self.tls_failed(ctx, &e);
                 return self.finish(ctx, None, None);
             }
             Gathered::Eof | Gathered::Failed(_) => {
@@ -1073,13 +1065,23 @@ impl<S: Transport> Session<S> {
     fn write_refusal(&mut self, ctx: &mut Ctx<'_>, out: Vec<u8>, mut written: usize) -> State<S> {
         // A TLS client refused before its handshake finished (the per-IP
         // limit refuses at accept) is answered once the handshake is done:
-        // reading drives it; a request arriving behind it is dropped.
-        while self.client.is_handshaking() {
-            match self.client.read(ctx.scratch) {
-                Io::Done(_) => {}
-                Io::WouldBlock => return State::Refusing { out, written },
-                Io::Eof | Io::Failed(_) => return State::Done(None),
+        // reading drives it (bounded, as in `gather`); a request arriving
+        // behind it is dropped.
+        for _ in 0..64 {
+            if !self.client.is_handshaking() || !self.client.can_read() {
+                break;
             }
+            match self.client.read(ctx.scratch) {
+                Io::Done(_) | Io::WouldBlock => {}
+                Io::Eof => return State::Done(None),
+                Io::Failed(e) => {
+                    self.tls_failed(ctx, &e);
+                    return State::Done(None);
+                }
+            }
+        }
+        if self.client.is_handshaking() {
+            return State::Refusing { out, written };
         }
         while self.client.writable && written < out.len() {
             match self.client.write(&out[written..]) {
@@ -1097,6 +1099,18 @@ impl<S: Transport> Session<S> {
         } else {
             State::Refusing { out, written }
         }
+    }
+
+    /// No HTTP answer can reach a client that failed TLS (a missing or
+    /// untrusted client certificate, no common version or ALPN, cleartext
+    /// on the TLS port): rustls sent its alert, and the operator gets one
+    /// line and a count.
+    fn tls_failed(&self, ctx: &mut Ctx<'_>, e: &io::Error) {
+        ctx.metrics.tls_handshake_failures += 1;
+        info!(
+            "session {} {}: TLS handshake failed: {e}",
+            self.id, self.peer
+        );
     }
 
     /// Shut our sides down for writing and wait (bounded) for the peers to
@@ -1236,11 +1250,17 @@ fn gather<S: Transport>(
     {
         return Gathered::Failed(e);
     }
-    while conn.can_read() && out.len() < max {
+    // Bounded: a head is at most `max` bytes, and a read that brought
+    // nothing while more is buffered (TLS records, see `Conn::read`) is
+    // retried a few times only.
+    for _ in 0..64 {
+        if !conn.can_read() || out.len() >= max {
+            break;
+        }
         let want = (max - out.len()).min(scratch.len());
         match conn.read(&mut scratch[..want]) {
             Io::Done(n) => out.extend_from_slice(&scratch[..n]),
-            Io::WouldBlock => break,
+            Io::WouldBlock => {}
             Io::Eof => return Gathered::Eof,
             Io::Failed(e) => return Gathered::Failed(e),
         }
@@ -1686,7 +1706,7 @@ mod tests {
     /// A certificate for `localhost` with a `kind` key, as the files
     /// `TLS_CERT_FILE` and `TLS_KEY_FILE` would hold it, loaded by the
     /// listener's own code.
-    fn listener_tls(rsa: bool) -> (crate::listener_tls::ListenerTls, rustls::RootCertStore) {
+    fn listener_tls(rsa: bool) -> (Arc<crate::listener_tls::SharedTls>, rustls::RootCertStore) {
         let key = if rsa {
             rcgen::KeyPair::from_pem_and_sign_algo(
                 include_str!("../tests/fixtures/rsa_private.pem"),
@@ -1709,7 +1729,7 @@ mod tests {
         let mut config = Config::local_dev("ws://127.0.0.1:9", &[b'k'; 32]).expect("config");
         config.tls_cert_file = Some(dir.join("cert.pem"));
         config.tls_key_file = Some(dir.join("key.pem"));
-        let tls = crate::listener_tls::ListenerTls::load(&config, Instant::now())
+        let tls = crate::listener_tls::SharedTls::load(&config, Instant::now())
             .expect("loads")
             .expect("configured");
         let _ = std::fs::remove_dir_all(&dir);
@@ -1741,7 +1761,10 @@ mod tests {
                     tls: rustls::ClientConnection::new(Arc::new(config), name).expect("client"),
                     received: Vec::new(),
                 };
-                let accepted = server.accept(Kind::Main).expect("server side");
+                let accepted = server
+                    .accept(Instant::now(), Kind::Main)
+                    .1
+                    .expect("server side");
                 let buffer = World::new(in_an_hour()).config.buffer_size;
                 let mut rig = Rig::with_client(in_an_hour(), |mem| {
                     Conn::new(mem).into_tls(accepted, buffer)

@@ -180,18 +180,26 @@ impl TestPki {
             not_after,
             ExtendedKeyUsagePurpose::ServerAuth,
             &SERVER_NAMES,
+            0,
         )
     }
 
     /// A client certificate from this CA (ECDSA P-256) with `name` as its common name, for
     /// mutual TLS.
     pub fn client_pem(&self, name: &str) -> IssuedPem {
+        self.client_pem_padded(name, 0)
+    }
+
+    /// [`client_pem`](Self::client_pem) carrying `padding` bytes in a private, non-critical
+    /// extension: a client's certificate flight as large as a long chain makes it.
+    pub fn client_pem_padded(&self, name: &str, padding: usize) -> IssuedPem {
         let far = 4_102_444_800; // 2100-01-01
         self.issue_pem_for(
             KeyKind::EcdsaP256,
             far,
             ExtendedKeyUsagePurpose::ClientAuth,
             &[name],
+            padding,
         )
     }
 
@@ -201,6 +209,7 @@ impl TestPki {
         not_after: i64,
         usage: ExtendedKeyUsagePurpose,
         names: &[&str],
+        padding: usize,
     ) -> IssuedPem {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let mut params = CertificateParams::new(names.clone()).expect("test pki: names");
@@ -214,6 +223,18 @@ impl TestPki {
         params.use_authority_key_identifier_extension = true;
         params.not_after =
             rcgen::date_time_ymd(1970, 1, 1) + std::time::Duration::from_secs(not_after as u64);
+        if padding > 0 {
+            // An OCTET STRING of zeros under an OID of the private-enterprise arc.
+            let mut content = vec![0x04, 0x83];
+            content.extend_from_slice(&(padding as u32).to_be_bytes()[1..]);
+            content.resize(content.len() + padding, 0);
+            params
+                .custom_extensions
+                .push(rcgen::CustomExtension::from_oid_content(
+                    &[1, 3, 6, 1, 4, 1, 55555, 1],
+                    content,
+                ));
+        }
         let key = match kind {
             KeyKind::EcdsaP256 => KeyPair::generate(),
             KeyKind::Ed25519 => KeyPair::generate_for(&rcgen::PKCS_ED25519),
