@@ -288,7 +288,10 @@ fn novnc_in_chromium_over_wss_with_certificate_rotation_to_qemu_local_dev_mode()
         .arg(&home.path)
         .args(["--cert-origin", &origin])
         .arg("--rotated-flag")
-        .arg(&flag);
+        .arg(&flag)
+        // Holds the token in the WebSocket URLs: it stays in the temp HOME, removed on drop.
+        .arg("--net-log")
+        .arg(home.path.join("netlog.json"));
     let node = Proc::spawn("run.mjs", &mut cmd).expect("run node");
 
     // run.mjs has the first session on screen: rotate, like the kubelet would.
@@ -320,16 +323,46 @@ fn novnc_in_chromium_over_wss_with_certificate_rotation_to_qemu_local_dev_mode()
         shot.display()
     );
 
-    // What is compared: the leaf certificate Chromium verified on a fresh TLS connection to
-    // the proxy (CDP Network.getCertificate, DER), before and after the rotation. Its serial
-    // number, read from that DER, must be the one of the certificate this test issued and
-    // published (first, then second); the whole DER must be equal too.
-    let seen = |label: &str| -> Vec<u8> {
-        let line = output
+    // What is compared: leaf certificates as Chromium received them, DER, against the ones
+    // this test issued and published: their serial numbers (read from the DER on both sides)
+    // and the whole DER.
+    // 1. On the two RFB sessions' own TLS connections (Chromium's NetLog, in the order the
+    //    WebSockets were opened): the session opened before the rotation got the first
+    //    certificate, the new session after it the second.
+    let line_after = |prefix: &str| -> &str {
+        output
             .lines()
-            .find_map(|l| l.split(&format!("certificate {label}: ")).nth(1))
-            .unwrap_or_else(|| panic!("run.mjs printed no `certificate {label}:` line"));
-        unhex(line.trim()).unwrap_or_else(|| panic!("bad hex after `certificate {label}:`"))
+            .find_map(|l| l.split(prefix).nth(1))
+            .unwrap_or_else(|| panic!("run.mjs printed no `{prefix}` line"))
+            .trim()
+    };
+    let sessions: Vec<Vec<u8>> = line_after("websocket certificates: ")
+        .split(',')
+        .map(|h| unhex(h).unwrap_or_else(|| panic!("bad hex in `websocket certificates:`")))
+        .collect();
+    assert_eq!(
+        sessions.len(),
+        2,
+        "expected two wss:// sessions in the NetLog"
+    );
+    assert_eq!(
+        hex(&serial(&sessions[0])),
+        hex(&first_serial),
+        "the session opened before the rotation did not get the first certificate"
+    );
+    assert_eq!(
+        hex(&serial(&sessions[1])),
+        hex(&second_serial),
+        "the session opened after the rotation did not get the new certificate's serial"
+    );
+    assert_eq!(sessions[0], first.der.as_ref());
+    assert_eq!(sessions[1], second.der.as_ref());
+    // 2. On a fresh TLS connection to the origin (GET /healthz in a new page) just before the
+    //    first session and just after the rotation: the chain Chromium verified for it (CDP
+    //    Network.getCertificate).
+    let seen = |label: &str| -> Vec<u8> {
+        let prefix = format!("certificate {label}: ");
+        unhex(line_after(&prefix)).unwrap_or_else(|| panic!("bad hex after `{prefix}`"))
     };
     let (before, after) = (seen("before"), seen("after"));
     assert_eq!(

@@ -4,6 +4,7 @@
 //                [--screenshot out.png] [--timeout-ms 60000] [--page http://127.0.0.1:N/]
 //                [--chromium /usr/bin/chromium] [--expect-status 401|4xx]
 //                [--home DIR] [--cert-origin https://127.0.0.1:PORT] [--rotated-flag PATH]
+//                [--net-log PATH]
 //
 // --expect connect:    noVNC must report `connect`, then its canvas must show more than one
 //                      colour (the remote screen really arrived) before the timeout.
@@ -20,12 +21,16 @@
 //                      session in a second page as `connect` does, and checks that the first
 //                      session is still connected and still receiving its screen (WebSocket
 //                      messages and a canvas change after the new certificate was served).
+// --net-log PATH:      Chromium writes its NetLog there; once it has closed, prints
+//                      `websocket certificates: <hex DER>,...`: for every wss:// WebSocket the
+//                      page opened, in the order they were opened, the leaf certificate the
+//                      server presented on that WebSocket's own TLS connection.
 // --home DIR:          HOME for Chromium, whose NSS database ($HOME/.pki/nssdb) is where the
 //                      test puts the CA it trusts.
 // Without --page the static server (serve.mjs) is started in this process.
 // Exit 0 on the expected outcome, 1 otherwise (with the reason on stderr), 2 on bad usage.
 
-import { existsSync, mkdtempSync, mkdirSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { chromium } from 'playwright-core';
@@ -33,7 +38,7 @@ import { startServer } from './serve.mjs';
 
 const USAGE = 'usage: node run.mjs --url ws://... --expect connect|disconnect|rotate '
     + '[--screenshot PATH] [--timeout-ms N] [--page URL] [--chromium PATH] [--expect-status 401|4xx] '
-    + '[--home DIR] [--cert-origin https://HOST:PORT] [--rotated-flag PATH]';
+    + '[--home DIR] [--cert-origin https://HOST:PORT] [--rotated-flag PATH] [--net-log PATH]';
 
 function parseArgs(argv) {
     const opts = {
@@ -47,12 +52,13 @@ function parseArgs(argv) {
         home: null,
         certOrigin: null,
         rotatedFlag: null,
+        netLog: null,
     };
     const keys = {
         '--url': 'url', '--expect': 'expect', '--screenshot': 'screenshot',
         '--timeout-ms': 'timeoutMs', '--page': 'page', '--chromium': 'chromium',
         '--expect-status': 'expectStatus', '--home': 'home', '--cert-origin': 'certOrigin',
-        '--rotated-flag': 'rotatedFlag',
+        '--rotated-flag': 'rotatedFlag', '--net-log': 'netLog',
     };
     for (let i = 0; i < argv.length; i += 2) {
         const key = keys[argv[i]];
@@ -122,6 +128,7 @@ async function main() {
             args: [
                 '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
                 '--disable-background-networking', '--disable-component-update', '--disable-sync',
+                ...(opts.netLog ? [`--log-net-log=${opts.netLog}`] : []),
             ],
             viewport: { width: 820, height: 520 },
             timeout: Math.min(30_000, left()),
@@ -164,7 +171,8 @@ async function main() {
         }));
 
         // `connect`: the RFB handshake completes, then the canvas shows more than one colour.
-        const waitScreen = async (p, name) => {
+        // With `settle`, then waits (bounded) for the picture to settle before a screenshot.
+        const waitScreen = async (p, name, settle) => {
             let st = await state(p);
             if (st.error) throw new Error(`${name}: page error: ${st.error}`);
             // 1. the RFB handshake through the proxy completes.
@@ -197,7 +205,7 @@ async function main() {
             }
             log(`${name}: canvas ${c.width}x${c.height} shows ${c.colours >= 16 ? '16+' : c.colours} colours `
                 + `(${c.lit} pixels off the background) after ${Date.now() - started} ms`);
-            if (opts.screenshot) {
+            if (settle && opts.screenshot) {
                 // Let the screen finish painting before the picture: wait (bounded) until the
                 // number of text pixels stays the same for a moment.
                 let prev = -1;
@@ -230,7 +238,7 @@ async function main() {
                 const { tableNames } = await cdp.send('Network.getCertificate', { origin });
                 if (!tableNames || tableNames.length === 0) throw new Error(`no certificate for ${origin}`);
                 log(`${origin}: ${sec?.protocol}, subject ${sec?.subjectName}, issuer ${sec?.issuer}, `
-                    + `valid to ${sec?.validTo}, chain of ${tableNames.length}`);
+                    + `valid to ${sec?.validTo}, chain of ${tableNames.length}, after ${Date.now() - started} ms`);
                 return Buffer.from(tableNames[0], 'base64').toString('hex');
             } finally {
                 await p.close().catch(() => {});
@@ -242,8 +250,9 @@ async function main() {
         if (opts.expect === 'rotate') {
             log(`certificate before: ${await certificateOf(opts.certOrigin)}`);
             await openPage(page, 'first');
-            await waitScreen(page, 'first');
-            log('rotate now');
+            // No settling here: the screenshots are taken at the end.
+            await waitScreen(page, 'first', false);
+            log(`rotate now (after ${Date.now() - started} ms)`);
             while (!existsSync(opts.rotatedFlag)) {
                 if (left() <= 0) throw new Error(`${opts.rotatedFlag} did not appear: no rotation`);
                 await sleep(100);
@@ -260,7 +269,7 @@ async function main() {
             // A new session, opened after the rotation, in a second page.
             page2 = await context.newPage();
             await openPage(page2, 'second');
-            await waitScreen(page2, 'second');
+            await waitScreen(page2, 'second', false);
             // The session opened before the rotation still gets its screen: more framebuffer
             // updates arrived on its WebSocket and the picture changed (the VGA text cursor
             // blinks) after the new certificate was served.
@@ -278,7 +287,8 @@ async function main() {
                     + `the canvas ${hash === mark.hash ? 'did not change' : 'changed'}: its screen stopped updating`);
             }
             log(`first: still connected; ${first.rxMessages - mark.rx} messages (${first.rxBytes} bytes in all) `
-                + `and a canvas change within ${Date.now() - mark.at} ms after the rotation`);
+                + `and a canvas change within ${Date.now() - mark.at} ms of the new certificate being served `
+                + '(the second session was opened meanwhile)');
             if (opts.screenshot) {
                 const second = opts.screenshot.replace(/(\.png)?$/, '-second.png');
                 await page2.screenshot({ path: second, timeout: Math.max(5_000, left()) });
@@ -287,7 +297,7 @@ async function main() {
             s = first;
         } else if (opts.expect === 'connect') {
             await openPage(page, 'page');
-            s = await waitScreen(page, 'page');
+            s = await waitScreen(page, 'page', true);
         } else {
             await openPage(page, 'page');
             s = await state(page);
@@ -340,12 +350,49 @@ async function main() {
         rmSync(profile, { recursive: true, force: true });
         if (server) server.close();
     }
+    if (!failure && opts.netLog) {
+        try {
+            const certs = websocketCertificates(opts.netLog);
+            log(`websocket certificates: ${certs.join(',')}`);
+        } catch (err) {
+            failure = new Error(`reading the NetLog: ${err.message ?? err}`);
+        }
+    }
     if (failure) {
         log(`FAILED (expect ${opts.expect}): ${failure.message ?? failure}`);
         for (const line of consoleLines) log(`  ${line}`);
         process.exit(1);
     }
     process.exit(0);
+}
+
+// The leaf certificate of each wss:// WebSocket in Chromium's NetLog (written in full once the
+// browser has closed), in the order the WebSockets were created, as hex DER. The chain of
+// events: the WebSocket's URL_REQUEST (REQUEST_ALIVE with its url) is bound to an
+// HTTP_STREAM_JOB (HTTP_STREAM_REQUEST_BOUND_TO_JOB), the job to a SOCKET
+// (SOCKET_POOL_BOUND_TO_SOCKET), and that socket logged the server's certificates
+// (SSL_CERTIFICATES_RECEIVED, PEM, leaf first) during its handshake.
+function websocketCertificates(path) {
+    const netlog = JSON.parse(readFileSync(path, 'utf8'));
+    const types = netlog.constants.logEventTypes;
+    const byType = (name) => netlog.events.filter((e) => e.type === types[name]);
+    const dep = (e) => e.params?.source_dependency?.id;
+    const jobOf = new Map();
+    for (const e of byType('HTTP_STREAM_REQUEST_BOUND_TO_JOB')) {
+        if (!jobOf.has(e.source.id)) jobOf.set(e.source.id, dep(e));
+    }
+    const socketOf = new Map(byType('SOCKET_POOL_BOUND_TO_SOCKET').map((e) => [e.source.id, dep(e)]));
+    const leafOf = new Map(byType('SSL_CERTIFICATES_RECEIVED')
+        .map((e) => [e.source.id, e.params?.certificates?.[0]]));
+    const sockets = byType('REQUEST_ALIVE')
+        .filter((e) => String(e.params?.url).startsWith('wss://'))
+        .sort((a, b) => a.source.id - b.source.id);
+    return sockets.map((e) => {
+        const pem = leafOf.get(socketOf.get(jobOf.get(e.source.id)));
+        if (!pem) throw new Error(`no certificate on the connection of WebSocket request ${e.source.id}`);
+        const b64 = pem.replace(/-----(BEGIN|END) CERTIFICATE-----/g, '').replace(/\s+/g, '');
+        return Buffer.from(b64, 'base64').toString('hex');
+    });
 }
 
 // A hard stop in case something hangs outside the polling loops (browser launch, close).
