@@ -1,6 +1,6 @@
 //! Browser end-to-end test: a real noVNC (from npm) in Debian's headless Chromium, driven by
 //! playwright-core, connects through the proxy binary to a real VNC server (QEMU, with a
-//! disk-less VM showing its SeaBIOS screen). Two paths:
+//! disk-less VM showing its SeaBIOS screen). Three paths:
 //!
 //! - (a) local dev mode: the proxy dials QEMU's built-in VNC WebSocket
 //!   (`ws://127.0.0.1:<port>`) with `API_PATH=/` (QEMU's WebSocket server serves only `/`).
@@ -8,15 +8,16 @@
 //!   with the service account's CA and bearer token, to the stand-in KubeVirt
 //!   (`tests/support/upstream.rs`: TLS, bearer required, KubeVirt paths only), which bridges
 //!   the `bridge-vm` VNC subresource to QEMU's plain VNC TCP port, like virt-handler.
-//!
 //! - (c) `wss://`: as (a), but noVNC reaches the proxy over `wss://` (its own TLS listener, a
 //!   test CA trusted through an NSS database in Chromium's HOME), and the certificate is
 //!   rotated mid-test (see its test).
 //!
-//! [`run_browser_cases`] takes the proxy's environment and the VMI name, so each path only
-//! brings its upstream. All three tests can run at once (separate ports, directories, screenshots).
+//! [`run_browser_cases`] takes the proxy's environment and the VMI name, so (a) and (b) only
+//! bring their upstream; (c) shares its pieces (proxy, page server, tokens, run.mjs). All
+//! three tests can run at once (separate ports, directories, screenshots).
 //!
-//! Needs /usr/bin/chromium, qemu-system-x86_64, node and tests/e2e/node_modules: run
+//! Needs /usr/bin/chromium, qemu-system-x86_64, node, tests/e2e/node_modules and, for (c),
+//! certutil: run
 //! `bash tests/e2e/setup.sh` once. Without them the tests fail (so CI cannot pass by not
 //! testing), unless `E2E_SKIP=1` is set. Screenshots land in `target/e2e/`.
 //!
