@@ -1,6 +1,6 @@
 //! Browser end-to-end test: a real noVNC (from npm) in Debian's headless Chromium, driven by
 //! playwright-core, connects through the proxy binary to a real VNC server (QEMU, with a
-//! disk-less VM showing its SeaBIOS screen). Two paths:
+//! disk-less VM showing its SeaBIOS screen). Three paths:
 //!
 //! - (a) local dev mode: the proxy dials QEMU's built-in VNC WebSocket
 //!   (`ws://127.0.0.1:<port>`) with `API_PATH=/` (QEMU's WebSocket server serves only `/`).
@@ -8,11 +8,16 @@
 //!   with the service account's CA and bearer token, to the stand-in KubeVirt
 //!   (`tests/support/upstream.rs`: TLS, bearer required, KubeVirt paths only), which bridges
 //!   the `bridge-vm` VNC subresource to QEMU's plain VNC TCP port, like virt-handler.
+//! - (c) `wss://`: as (a), but noVNC reaches the proxy over `wss://` (its own TLS listener, a
+//!   test CA trusted through an NSS database in Chromium's HOME), and the certificate is
+//!   rotated mid-test (see its test).
 //!
-//! [`run_browser_cases`] takes the proxy's environment and the VMI name, so each path only
-//! brings its upstream. Both tests can run at once (separate ports, directories, screenshots).
+//! [`run_browser_cases`] takes the proxy's environment and the VMI name, so (a) and (b) only
+//! bring their upstream; (c) shares its pieces (proxy, page server, tokens, run.mjs). All
+//! three tests can run at once (separate ports, directories, screenshots).
 //!
-//! Needs /usr/bin/chromium, qemu-system-x86_64, node and tests/e2e/node_modules: run
+//! Needs /usr/bin/chromium, qemu-system-x86_64, node, tests/e2e/node_modules and, for (c),
+//! certutil: run
 //! `bash tests/e2e/setup.sh` once. Without them the tests fail (so CI cannot pass by not
 //! testing), unless `E2E_SKIP=1` is set. Screenshots land in `target/e2e/`.
 //!
@@ -51,6 +56,9 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 /// For the whole `connect` case in run.mjs: browser start, RFB handshake, and the wait for the
 /// remote screen (QEMU under TCG on 2 cores can be slow to paint).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(90);
+/// For the whole `rotate` case in run.mjs: two certificate probes, two sessions to the remote
+/// screen, and the first session's screen seen updating after the rotation.
+const ROTATION_TIMEOUT: Duration = Duration::from_secs(180);
 /// For the whole `disconnect` case in run.mjs.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(45);
 /// Extra time allowed for run.mjs beyond its own timeout before it is killed.
@@ -178,6 +186,224 @@ fn novnc_in_chromium_through_proxy_in_cluster_tls_to_qemu_vnc_tcp() {
     qemu.proc.assert_running();
 }
 
+/// Path (c): noVNC over `wss://` to the proxy's own TLS listener (a certificate from a test CA
+/// that Chromium trusts through its NSS database, mounted like a cert-manager Secret), and on
+/// to QEMU's VNC WebSocket as in path (a). The certificate is rotated mid-test: a new TLS
+/// connection then gets the new certificate (same CA, another serial), a new session connects
+/// and draws the screen, and the session opened before the rotation keeps receiving its screen.
+#[test]
+fn novnc_in_chromium_over_wss_with_certificate_rotation_to_qemu_local_dev_mode() {
+    if !prerequisites_or_skip() {
+        return;
+    }
+    let Some(certutil) = find_in_path("certutil") else {
+        panic!(
+            "browser_e2e: missing certutil (Debian's libnss3-tools), to make Chromium trust the \
+             test CA. Run `bash tests/e2e/setup.sh`, or set E2E_SKIP=1 to skip this test."
+        );
+    };
+    let qemu = Qemu::start(QemuVnc::WebSocket);
+    let pki = pki::TestPki::new();
+    // Two certificates from the same CA for 127.0.0.1 and localhost, each with a fresh key
+    // (and so another serial), expiring on different days so that validTo tells them apart
+    // in the log as well.
+    let today = tokens::now() as i64 / 86_400;
+    let first = pki.issue_pem(pki::KeyKind::EcdsaP256, (today + 90) * 86_400);
+    let second = pki.issue_pem(pki::KeyKind::EcdsaP256, (today + 91) * 86_400);
+    let serial = |der: &[u8]| {
+        pki::serial_of(der).unwrap_or_else(|| panic!("no serial in the certificate {}", hex(der)))
+    };
+    let (first_serial, second_serial) = (serial(&first.der), serial(&second.der));
+    assert_ne!(
+        first_serial, second_serial,
+        "rcgen gave both the same serial"
+    );
+    let mut mount = pki::SecretMount::new(&first);
+
+    // HOME for Chromium: a new NSS database trusting the test CA for servers ("C,,"), the way
+    // a user imports a private CA on Linux. No flag makes Chromium skip verification.
+    let home = TempDir::new("home");
+    let nssdb = home.path.join(".pki").join("nssdb");
+    std::fs::create_dir_all(&nssdb).expect("create .pki/nssdb");
+    home.write("ca.pem", &pki.ca_pem);
+    let db = format!("sql:{}", nssdb.display());
+    for args in [
+        vec!["-N", "-d", &db, "--empty-password"],
+        vec![
+            "-A",
+            "-d",
+            &db,
+            "-n",
+            "kubevirt-vnc-proxy test CA",
+            "-t",
+            "C,,",
+            "-i",
+            &home.path.join("ca.pem").display().to_string(),
+        ],
+    ] {
+        let out = Command::new(&certutil)
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run certutil");
+        assert!(
+            out.status.success(),
+            "certutil {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    let proxy = start_proxy(&[
+        ("LOCAL_DEV_MODE".into(), "true".into()),
+        ("WS_REMOTE_URL".into(), format!("ws://{}", qemu.addr)),
+        // As in path (a): QEMU serves only `/` and wants no subprotocol offer.
+        ("API_PATH".into(), "/".into()),
+        ("UPSTREAM_SUBPROTOCOLS".into(), String::new()),
+        ("TLS_CERT_FILE".into(), mount.cert().display().to_string()),
+        ("TLS_KEY_FILE".into(), mount.key().display().to_string()),
+        ("CREDENTIALS_CHECK_SECONDS".into(), "1".into()),
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
+    let server = start_static_server().unwrap_or_else(|e| panic!("{e}"));
+    let with_logs = |msg: String| {
+        format!(
+            "{msg}\n--- proxy log ---\n{}\n--- static server log ---\n{}\n--- qemu output ---\n{}",
+            proxy.proc.output(),
+            server.proc.output(),
+            qemu.proc.output()
+        )
+    };
+
+    let out_dir = e2e_output_dir();
+    std::fs::create_dir_all(&out_dir).expect("create target/e2e");
+    let shot = out_dir.join("wss-rotation.png");
+    let _ = std::fs::remove_file(&shot);
+    let token = mint_token(tokens::SECRET, NAMESPACE, VMI);
+    let url = format!("wss://{}/{token}/{VMI}", proxy.addr);
+    let origin = format!("https://{}", proxy.addr);
+    let flag = home.path.join("rotated");
+    let started = Instant::now();
+    let mut cmd = run_mjs(&server.ready, &url, "rotate", &shot, ROTATION_TIMEOUT);
+    cmd.arg("--home")
+        .arg(&home.path)
+        .args(["--cert-origin", &origin])
+        .arg("--rotated-flag")
+        .arg(&flag)
+        // Holds the token in the WebSocket URLs: it stays in the temp HOME, removed on drop.
+        .arg("--net-log")
+        .arg(home.path.join("netlog.json"));
+    let node = Proc::spawn("run.mjs", &mut cmd).expect("run node");
+
+    // run.mjs has the first session on screen: rotate, like the kubelet would.
+    if let Err(e) = node.wait_for_line("rotate now", ROTATION_TIMEOUT) {
+        let _ = node.wait_exit(Duration::from_secs(5));
+        panic!(
+            "{}",
+            with_logs(format!(
+                "run.mjs never asked for the rotation: {e}\n--- run.mjs output ---\n{}",
+                node.output()
+            ))
+        );
+    }
+    let rotated_at = Instant::now();
+    mount.publish(&second);
+    // The files are checked at most every CREDENTIALS_CHECK_SECONDS (1 s) on an accept: after
+    // this pause the next connection is sure to be accepted after a check that sees them.
+    thread::sleep(Duration::from_millis(1_200));
+    std::fs::write(&flag, b"").expect("write the rotated flag");
+
+    let output = finish_mjs(&node, "rotate", &shot, ROTATION_TIMEOUT)
+        .map_err(&with_logs)
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "browser_e2e[wss-rotation]: both sessions drew the screen, the first kept updating \
+         {:.1?} after the rotation; {:.1?} in all; screenshots {} and -second.png",
+        rotated_at.elapsed(),
+        started.elapsed(),
+        shot.display()
+    );
+
+    // What is compared: leaf certificates as Chromium received them, DER, against the ones
+    // this test issued and published: their serial numbers (read from the DER on both sides)
+    // and the whole DER.
+    // 1. On the two RFB sessions' own TLS connections (Chromium's NetLog, in the order the
+    //    WebSockets were opened): the session opened before the rotation got the first
+    //    certificate, the new session after it the second.
+    let line_after = |prefix: &str| -> &str {
+        output
+            .lines()
+            .find_map(|l| l.split(prefix).nth(1))
+            .unwrap_or_else(|| panic!("run.mjs printed no `{prefix}` line"))
+            .trim()
+    };
+    let sessions: Vec<Vec<u8>> = line_after("websocket certificates: ")
+        .split(',')
+        .map(|h| unhex(h).unwrap_or_else(|| panic!("bad hex in `websocket certificates:`")))
+        .collect();
+    assert_eq!(
+        sessions.len(),
+        2,
+        "expected two wss:// sessions in the NetLog"
+    );
+    assert_eq!(
+        hex(&serial(&sessions[0])),
+        hex(&first_serial),
+        "the session opened before the rotation did not get the first certificate"
+    );
+    assert_eq!(
+        hex(&serial(&sessions[1])),
+        hex(&second_serial),
+        "the session opened after the rotation did not get the new certificate's serial"
+    );
+    assert_eq!(sessions[0], first.der.as_ref());
+    assert_eq!(sessions[1], second.der.as_ref());
+    // 2. On a fresh TLS connection to the origin (GET /healthz in a new page) just before the
+    //    first session and just after the rotation: the chain Chromium verified for it (CDP
+    //    Network.getCertificate).
+    let seen = |label: &str| -> Vec<u8> {
+        let prefix = format!("certificate {label}: ");
+        unhex(line_after(&prefix)).unwrap_or_else(|| panic!("bad hex after `{prefix}`"))
+    };
+    let (before, after) = (seen("before"), seen("after"));
+    assert_eq!(
+        hex(&serial(&before)),
+        hex(&first_serial),
+        "before the rotation Chromium was not served the first certificate"
+    );
+    assert_eq!(
+        hex(&serial(&after)),
+        hex(&second_serial),
+        "after the rotation a new TLS connection did not get the new certificate's serial"
+    );
+    assert_eq!(before, first.der.as_ref());
+    assert_eq!(after, second.der.as_ref());
+
+    if let Some(status) = proxy.proc.exited() {
+        panic!("{}", with_logs(format!("the proxy exited: {status}")));
+    }
+    if proxy.proc.output().contains(token.as_str()) {
+        panic!("{}", with_logs("the proxy logged the token".into()));
+    }
+    qemu.proc.assert_running();
+}
+
+/// Lower-case hex.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The bytes of an even-length hex string, or `None`.
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
 // ---------------------------------------------------------------------------------------------
 // The reusable part: the proxy under a given environment, noVNC through it.
 
@@ -214,18 +440,7 @@ fn run_browser_cases(path: &ProxyPath<'_>) -> Result<(), String> {
         )
     };
 
-    // Tokens as LabOrchestrator mints them: generate_auth_token of
-    // lab-orchestrator-lib-auth 0.0.5, what production pins (hand-made only
-    // with PYTHON_SKIP=1).
-    let mint = |secret: &str| {
-        if labo::available() {
-            let mut m = labo::Mint::new(secret, &[path.vmi]).expires_in(600.0);
-            m.namespace = path.namespace.into();
-            m.with(labo::LibAuth::V0_0_5)
-        } else {
-            tokens::mint(secret, path.namespace, &[path.vmi], tokens::now() + 600)
-        }
-    };
+    let mint = |secret: &str| mint_token(secret, path.namespace, path.vmi);
 
     // 1. A valid token: noVNC connects and draws the SeaBIOS screen.
     let token = mint(tokens::SECRET);
@@ -281,6 +496,32 @@ fn run_browser_cases(path: &ProxyPath<'_>) -> Result<(), String> {
     Ok(())
 }
 
+/// A token for `vmi` in `namespace`, signed with `secret`, as LabOrchestrator mints them:
+/// generate_auth_token of lab-orchestrator-lib-auth 0.0.5, what production pins (hand-made
+/// only with PYTHON_SKIP=1).
+fn mint_token(secret: &str, namespace: &str, vmi: &str) -> String {
+    if labo::available() {
+        let mut m = labo::Mint::new(secret, &[vmi]).expires_in(600.0);
+        m.namespace = namespace.into();
+        m.with(labo::LibAuth::V0_0_5)
+    } else {
+        tokens::mint(secret, namespace, &[vmi], tokens::now() + 600)
+    }
+}
+
+/// `node tests/e2e/run.mjs` with the arguments every case passes; the caller adds its own.
+fn run_mjs(page: &str, url: &str, expect: &str, screenshot: &Path, timeout: Duration) -> Command {
+    let mut cmd = Command::new("node");
+    cmd.current_dir(e2e_dir())
+        .arg("run.mjs")
+        .args(["--page", page, "--url", url, "--expect", expect])
+        .arg("--screenshot")
+        .arg(screenshot)
+        .args(["--timeout-ms", &timeout.as_millis().to_string()])
+        .args(["--chromium", CHROMIUM]);
+    cmd
+}
+
 /// Runs `node tests/e2e/run.mjs` and returns its output as the error when it fails.
 fn run_novnc(
     page: &str,
@@ -290,22 +531,27 @@ fn run_novnc(
     timeout: Duration,
     expect_status: Option<&str>,
 ) -> Result<(), String> {
-    let mut cmd = Command::new("node");
-    cmd.current_dir(e2e_dir())
-        .arg("run.mjs")
-        .args(["--page", page, "--url", url, "--expect", expect])
-        .arg("--screenshot")
-        .arg(screenshot)
-        .args(["--timeout-ms", &timeout.as_millis().to_string()])
-        .args(["--chromium", CHROMIUM]);
+    let mut cmd = run_mjs(page, url, expect, screenshot, timeout);
     if let Some(status) = expect_status {
         cmd.args(["--expect-status", status]);
     }
     let proc = Proc::spawn("run.mjs", &mut cmd).map_err(|e| format!("cannot run node: {e}"))?;
+    finish_mjs(&proc, expect, screenshot, timeout).map(|_| ())
+}
+
+/// Waits (bounded: `timeout` plus [`NODE_GRACE`]) for run.mjs to exit; its output when it
+/// succeeded, or an error with it.
+fn finish_mjs(
+    proc: &Proc,
+    expect: &str,
+    screenshot: &Path,
+    timeout: Duration,
+) -> Result<String, String> {
     match proc.wait_exit(timeout + NODE_GRACE) {
         Some(status) if status.success() => {
-            eprintln!("{}", proc.output());
-            Ok(())
+            let output = proc.output();
+            eprintln!("{output}");
+            Ok(output)
         }
         Some(status) => Err(format!(
             "run.mjs --expect {expect} failed ({status}); screenshot (if any): {}\n--- run.mjs output ---\n{}",

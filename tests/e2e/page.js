@@ -12,8 +12,31 @@ const e2e = {
     securityFailure: null,
     error: null,
     events: [],
+    // WebSocket messages (and their bytes) received by noVNC, counted as they arrive: after
+    // the handshake nearly all are framebuffer updates, so a growing count shows the remote
+    // screen still being sent (the rotation case checks it on a session opened before the
+    // certificate changed).
+    rxMessages: 0,
+    rxBytes: 0,
 };
 window.e2e = e2e;
+
+// noVNC creates its WebSocket with `new WebSocket(url, protocols)`, checks that the object has
+// WebSocket's own properties, and reads it through `onmessage`. A constructor that returns a
+// real WebSocket with one more listener of its own changes nothing else (a subclass would fail
+// noVNC's property check).
+const NativeWebSocket = window.WebSocket;
+function CountingWebSocket(...args) {
+    const ws = new NativeWebSocket(...args);
+    ws.addEventListener('message', (ev) => {
+        e2e.rxMessages += 1;
+        e2e.rxBytes += ev.data?.byteLength ?? ev.data?.size ?? String(ev.data).length;
+    });
+    return ws;
+}
+CountingWebSocket.prototype = NativeWebSocket.prototype;
+for (const k of ['CONNECTING', 'OPEN', 'CLOSING', 'CLOSED']) CountingWebSocket[k] = NativeWebSocket[k];
+window.WebSocket = CountingWebSocket;
 
 function note(what) {
     e2e.events.push(`${Math.round(performance.now())}ms ${what}`);
@@ -41,6 +64,19 @@ window.e2eCanvasColours = (limit = 16) => {
         if (rgb !== bg) lit++;
     }
     return { width, height, colours: seen.size, lit };
+};
+
+// A cheap fingerprint of the whole canvas (FNV-1a over the RGB of every pixel), so the test
+// can tell whether the picture changed between two moments.
+window.e2eCanvasHash = () => {
+    const canvas = screen.querySelector('canvas');
+    if (!canvas || canvas.width === 0 || canvas.height === 0) return 0;
+    const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+    let h = 0x811c9dc5;
+    for (let i = 0; i < data.length; i += 4) {
+        h = Math.imul(h ^ ((data[i] << 16) | (data[i + 1] << 8) | data[i + 2]), 0x01000193) >>> 0;
+    }
+    return h;
 };
 
 try {

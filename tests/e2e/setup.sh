@@ -2,6 +2,7 @@
 # Installs what the browser end-to-end test (tests/browser_e2e.rs) needs:
 #   - Debian's chromium (/usr/bin/chromium) and qemu-system-x86 (qemu-system-x86_64 with the
 #     SeaBIOS and VGA option ROMs it boots with),
+#   - Debian's libnss3-tools (certutil), for the wss:// test's CA in Chromium's NSS database,
 #   - noVNC and playwright-core from npm, pinned by package.json + package-lock.json.
 #   - LabOrchestrator's own Python code from PyPI, for the token and differential tests
 #     (tests/python/setup.sh, run at the end).
@@ -20,6 +21,8 @@ command -v qemu-system-x86_64 >/dev/null 2>&1 || pkgs+=(qemu-system-x86)
 # checked separately so a trimmed install is repaired too).
 [[ -e /usr/share/seabios/bios-256k.bin ]] || pkgs+=(seabios)
 [[ -e /usr/share/seabios/vgabios-stdvga.bin ]] || pkgs+=(seabios)
+# certutil, to put the wss:// test's CA into a throw-away NSS database that Chromium trusts.
+command -v certutil >/dev/null 2>&1 || pkgs+=(libnss3-tools)
 
 if ((${#pkgs[@]})); then
     sudo=()

@@ -269,3 +269,100 @@ impl TestPki {
         Arc::new(config)
     }
 }
+
+/// A directory laid out like a Kubernetes Secret volume, as cert-manager's rotations reach a
+/// pod: `tls.crt` and `tls.key` are symlinks through `..data`, which points at a versioned
+/// directory; [`publish`](Self::publish) writes a new version and swaps `..data` atomically
+/// (a rename over it), so the names never change and a reader never sees half a pair.
+/// Removed on drop.
+pub struct SecretMount {
+    dir: std::path::PathBuf,
+    version: usize,
+}
+
+impl SecretMount {
+    /// A mount under the system temp dir holding `first`.
+    pub fn new(first: &IssuedPem) -> SecretMount {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "kvp-secret-mount-{}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        std::fs::create_dir_all(&dir).expect("secret mount dir");
+        let mut m = SecretMount { dir, version: 0 };
+        m.publish(first);
+        std::os::unix::fs::symlink("..data/tls.crt", m.cert()).expect("tls.crt link");
+        std::os::unix::fs::symlink("..data/tls.key", m.key()).expect("tls.key link");
+        m
+    }
+
+    /// Writes `issued` as a new version and points `..data` at it atomically.
+    pub fn publish(&mut self, issued: &IssuedPem) {
+        self.version += 1;
+        let name = format!("..2026_12_03_{:02}", self.version);
+        let version = self.dir.join(&name);
+        std::fs::create_dir(&version).expect("version dir");
+        std::fs::write(version.join("tls.crt"), &issued.cert_pem).expect("write cert");
+        std::fs::write(version.join("tls.key"), &issued.key_pem).expect("write key");
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&name, &tmp).expect("..data_tmp link");
+        std::fs::rename(&tmp, self.dir.join("..data")).expect("swap ..data");
+    }
+
+    /// `TLS_CERT_FILE`: `<mount>/tls.crt`.
+    pub fn cert(&self) -> std::path::PathBuf {
+        self.dir.join("tls.crt")
+    }
+
+    /// `TLS_KEY_FILE`: `<mount>/tls.key`.
+    pub fn key(&self) -> std::path::PathBuf {
+        self.dir.join("tls.key")
+    }
+}
+
+impl Drop for SecretMount {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The serial number of a DER X.509 certificate, as its content octets (big-endian, with any
+/// leading zero DER keeps to make it positive), or `None` if `der` is not shaped like one.
+/// Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL, serialNumber
+/// INTEGER, ... }, ... }: only these three headers are read.
+pub fn serial_of(der: &[u8]) -> Option<Vec<u8>> {
+    /// One DER element at the start of `b`: (tag, contents, rest).
+    fn element(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, b) = b.split_first()?;
+        let (&first, mut b) = b.split_first()?;
+        let len = if first < 0x80 {
+            usize::from(first)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || b.len() < n {
+                return None;
+            }
+            let len = b[..n]
+                .iter()
+                .fold(0usize, |acc, &x| (acc << 8) | usize::from(x));
+            b = &b[n..];
+            len
+        };
+        (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+    }
+    let (0x30, cert, _) = element(der)? else {
+        return None;
+    };
+    let (0x30, tbs, _) = element(cert)? else {
+        return None;
+    };
+    let (mut tag, mut value, rest) = element(tbs)?;
+    if tag == 0xa0 {
+        (tag, value, _) = element(rest)?;
+    }
+    (tag == 0x02).then(|| value.to_vec())
+}
