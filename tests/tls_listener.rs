@@ -7,12 +7,11 @@ mod common;
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::fs::symlink;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::pki::{IssuedPem, KeyKind, TestPki};
+use common::pki::{IssuedPem, KeyKind, SecretMount, TestPki};
 use common::upstream::{Behaviour as B, StandInOptions, wait_until};
 use common::{
     Harness, NS, ProxyProcess, RawAnswer, SECRET, StandIn, TempDir, parse_answer, upgrade_request,
@@ -29,46 +28,6 @@ type Tls = StreamOwned<ClientConnection, TcpStream>;
 fn in_a_year() -> i64 {
     let now = common::tokens::now() as i64;
     (now / 86_400 + 365) * 86_400
-}
-
-/// A certificate directory laid out as the kubelet mounts a Secret that cert-manager rotates:
-/// `tls.crt -> ..data/tls.crt`, `..data -> ..VERSION/`, and a rotation writes a new
-/// `..VERSION/` and swaps the `..data` symlink in one rename.
-struct SecretMount {
-    dir: TempDir,
-    version: usize,
-}
-
-impl SecretMount {
-    fn new(first: &IssuedPem) -> SecretMount {
-        let dir = TempDir::new("tls-secret");
-        let mut m = SecretMount { dir, version: 0 };
-        m.publish(&first.cert_pem, &first.key_pem);
-        symlink("..data/tls.crt", m.dir.path().join("tls.crt")).expect("tls.crt link");
-        symlink("..data/tls.key", m.dir.path().join("tls.key")).expect("tls.key link");
-        m
-    }
-
-    /// Write `cert` and `key` as a new version and point `..data` at it atomically.
-    fn publish(&mut self, cert: &str, key: &str) {
-        self.version += 1;
-        let name = format!("..2026_12_03_{:02}", self.version);
-        let version = self.dir.path().join(&name);
-        std::fs::create_dir(&version).expect("version dir");
-        std::fs::write(version.join("tls.crt"), cert).expect("write cert");
-        std::fs::write(version.join("tls.key"), key).expect("write key");
-        let tmp = self.dir.path().join("..data_tmp");
-        symlink(&name, &tmp).expect("..data_tmp link");
-        std::fs::rename(&tmp, self.dir.path().join("..data")).expect("swap ..data");
-    }
-
-    fn cert(&self) -> PathBuf {
-        self.dir.path().join("tls.crt")
-    }
-
-    fn key(&self) -> PathBuf {
-        self.dir.path().join("tls.key")
-    }
 }
 
 /// Plain PEM files in a directory of their own.
@@ -669,7 +628,7 @@ fn a_rotated_certificate_serves_new_connections_and_spares_open_sessions() {
     let mut open = wss(proxy.addr, &config, &format!("/{tok}/echo"));
     echo(&mut open, "before");
 
-    mount.publish(&second.cert_pem, &second.key_pem);
+    mount.publish(&second);
     assert!(
         wait_until(Duration::from_secs(10), || expiry().1 == Some(1)),
         "the rotation was not loaded\n{}",
@@ -690,7 +649,10 @@ fn a_rotated_certificate_serves_new_connections_and_spares_open_sessions() {
     echo(&mut fresh, "on the new certificate");
 
     // A certificate with the wrong key: the second pair keeps serving, one ERROR line.
-    mount.publish(&unmatched.cert_pem, &second.key_pem);
+    mount.publish(&IssuedPem {
+        key_pem: second.key_pem.clone(),
+        ..unmatched.clone()
+    });
     assert!(
         wait_until(Duration::from_secs(10), || expiry().2 == Some(1)),
         "the bad pair was not reported\n{}",
