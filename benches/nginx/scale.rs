@@ -796,6 +796,22 @@ fn med<T>(samples: &[(Route, T)], r: Route, f: impl Fn(&T) -> f64) -> f64 {
     median(samples.iter().filter(|(x, _)| *x == r).map(|(_, s)| f(s)))
 }
 
+/// Each route's rounds, e.g. `ours 1 / 2, 3 / 4; nginx ...`.
+fn per_round<T>(samples: &[(Route, T)], f: impl Fn(&T) -> String) -> String {
+    present(samples)
+        .into_iter()
+        .map(|r| {
+            let rounds: Vec<String> = samples
+                .iter()
+                .filter(|(x, _)| *x == r)
+                .map(|(_, s)| f(s))
+                .collect();
+            format!("{} {}", r.name(), rounds.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 fn num(v: f64, digits: usize) -> String {
     if v.is_finite() {
         format!("{v:.digits$}")
@@ -866,7 +882,15 @@ fn render_at_scale(out: &mut String, k: &ScaleKnobs, s: &[(Route, AtScale)]) {
             num(med(s, r, flat_ratio), 2),
         );
     }
-    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "Per round, p99 with {a} / {open} open (µs): {}.\n",
+        per_round(s, |x| format!(
+            "{:.0} / {:.0}",
+            x.low.p(0.99),
+            x.high.p(0.99)
+        ))
+    );
     let ours = |f: &dyn Fn(&AtScale) -> f64| med(s, Route::Ours, f);
     let peers: Vec<Route> = present(s)
         .into_iter()
@@ -967,7 +991,15 @@ fn render_flood(out: &mut String, k: &ScaleKnobs, s: &[(Route, Flooded)]) {
             ),
         );
     }
-    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "Per round, echo p99 quiet / flooded (µs): {}.\n",
+        per_round(s, |x| format!(
+            "{:.0} / {:.0}",
+            x.quiet.p(0.99),
+            x.flooded.p(0.99)
+        ))
+    );
     let ratio = med(s, Route::Ours, flood_ratio);
     let _ = writeln!(
         out,
