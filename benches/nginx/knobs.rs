@@ -25,6 +25,8 @@ pub(crate) struct Knobs {
     /// CPU placement during the sequential round trips (`BENCH_PIN`).
     pub(crate) pin: Pin,
     pub(crate) smoke: bool,
+    /// Latency at scale and the handshake flood (`BENCH_SCALE*`, `BENCH_FLOOD_*`).
+    pub(crate) scale: crate::scale::ScaleKnobs,
     /// Why `idle` is smaller than asked, if it is.
     pub(crate) idle_note: Option<String>,
 }
@@ -77,6 +79,7 @@ impl Knobs {
                 _ => Pin::One,
             },
             smoke,
+            scale: crate::scale::ScaleKnobs::from_env(smoke)?,
             idle_note: None,
         })
     }

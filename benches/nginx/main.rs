@@ -106,6 +106,7 @@ mod origin;
 mod process;
 mod proxy;
 mod report;
+mod scale;
 mod scaling;
 mod variant;
 mod workloads;

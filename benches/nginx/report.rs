@@ -262,6 +262,7 @@ impl Report<'_> {
             self.render_variant(&mut out, v, s);
         }
         self.render_targets(&mut out, &summaries);
+        crate::scale::render(&mut out, &k.scale, self.variants);
         for v in self.variants {
             self.render_rounds(&mut out, v);
         }

@@ -74,6 +74,8 @@ pub(crate) struct VariantResults {
     pub(crate) ours_peak_kib: u64,
     /// WORKERS=1 against WORKERS=2 (plain variant, unless `BENCH_WORKERS=0`).
     pub(crate) scaling: Option<Scaling>,
+    /// Latency at scale and the handshake flood (plain variant, unless `BENCH_SCALE=0`).
+    pub(crate) scale: crate::scale::ScaleResults,
 }
 
 pub(crate) fn run_variant(
@@ -100,7 +102,7 @@ pub(crate) fn run_variant(
         },
         Arc::clone(wire),
     )?;
-    let max_conn = (knobs.idle + knobs.conc + 1024).max(10_000);
+    let max_conn = (knobs.idle.max(knobs.scale.peak()) + knobs.conc + 1024).max(10_000);
     let mut proxy_env: Vec<(String, String)> = vec![
         ("SECRET_KEY".into(), tokens::SECRET.into()),
         ("MAX_CONNECTIONS".into(), max_conn.to_string()),
@@ -138,7 +140,7 @@ pub(crate) fn run_variant(
                 .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         })
         .is_some_and(|caps| caps & (1 << 24) != 0);
-    let wc = 2 * (knobs.idle.max(knobs.conc)) + 512;
+    let wc = 2 * (knobs.idle.max(knobs.conc).max(knobs.scale.peak())) + 512;
     let want_rlimit = wc as u64 + 512;
     let nginx_cfg = NginxConfig {
         bin: nginx_bin.to_path_buf(),
@@ -204,6 +206,7 @@ pub(crate) fn run_variant(
         nginx_log: Vec::new(),
         ours_peak_kib: 0,
         scaling: None,
+        scale: Default::default(),
     };
     let mut resumed = PerRoute::<(usize, usize)>::default();
     for round in 0..knobs.rounds {
@@ -298,6 +301,17 @@ pub(crate) fn run_variant(
                     res.nginx_log.extend(fresh.serious_log_lines());
                 }
             }
+        }
+        if knobs.scale.on && !tls {
+            step("latency at scale, handshake flood");
+            crate::scale::round(
+                &mut res.scale,
+                &knobs.scale,
+                knobs.pin,
+                &routes,
+                &origin,
+                round,
+            )?;
         }
     }
     ours.check_alive()?;
