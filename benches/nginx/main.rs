@@ -100,6 +100,7 @@ mod support;
 
 mod client;
 mod frames;
+mod haproxy;
 mod knobs;
 mod nginx;
 mod origin;
@@ -116,6 +117,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use frames::Wire;
+use haproxy::{find_haproxy, haproxy_version};
 use knobs::{Knobs, raise_nofile_limit};
 use nginx::{find_nginx, nginx_version};
 use report::Report;
@@ -199,7 +201,12 @@ fn run() -> Res<()> {
     knobs.fit_idle_to(limits.0);
     let nginx_bin = find_nginx()?;
     let nginx_version = nginx_version(&nginx_bin);
-    eprintln!("bench nginx: {} ({nginx_version})", knobs.describe());
+    let haproxy_bin = find_haproxy()?;
+    let haproxy_version = haproxy_version(&haproxy_bin);
+    eprintln!(
+        "bench nginx: {} ({nginx_version}, {haproxy_version})",
+        knobs.describe()
+    );
 
     let t = Instant::now();
     let wire = Arc::new(Wire::build(knobs.mib as usize * (1 << 20)));
@@ -209,14 +216,33 @@ fn run() -> Res<()> {
         t.elapsed().as_secs_f64()
     );
 
-    let mut variants = vec![run_variant(&knobs, &wire, &nginx_bin, false)?];
+    // (upstream TLS, client TLS) per variant.
+    let mut sides = vec![(false, false)];
     if knobs.tls {
-        variants.push(run_variant(&knobs, &wire, &nginx_bin, true)?);
+        sides.push((true, false));
+    }
+    if knobs.client_tls {
+        sides.push((false, true));
+        if knobs.tls {
+            sides.push((true, true));
+        }
+    }
+    let mut variants = Vec::with_capacity(sides.len());
+    for (tls, client_tls) in sides {
+        variants.push(run_variant(
+            &knobs,
+            &wire,
+            &nginx_bin,
+            &haproxy_bin,
+            tls,
+            client_tls,
+        )?);
     }
     let report = Report {
         knobs: &knobs,
         variants: &variants,
         nginx_version,
+        haproxy_version,
         load_before,
         load_after: support::load_average(),
         limits,
