@@ -16,6 +16,11 @@ use crate::nginx::TempDir;
 use crate::process::{free_port, signal, wait_listening};
 use crate::{KUBEVIRT_PREFIX, Res};
 
+/// Kernel pipes HAProxy may keep for splicing (`maxpipes`). Its default, a quarter of
+/// maxconn, takes two descriptors each and would push its open-files need past the bench's
+/// hard limit with 9,000 idle sessions; the bulk transfers splice one session at a time.
+pub(crate) const HAPROXY_MAXPIPES: usize = 256;
+
 pub(crate) fn find_haproxy() -> Res<PathBuf> {
     if let Some(p) = std::env::var_os("HAPROXY").filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(p));
@@ -59,6 +64,10 @@ pub(crate) struct HaproxyConfig {
     pub(crate) listen_pem: Option<PathBuf>,
     /// Sessions (client connections) it must hold at once.
     pub(crate) maxconn: usize,
+    /// Its open-files limit: two descriptors per session and a margin, at most what it may
+    /// set. Without it HAProxy asks for more than twice maxconn (room for its own pipes for
+    /// splicing) and refuses to start when the hard limit is lower.
+    pub(crate) ulimit_n: u64,
 }
 
 impl HaproxyConfig {
@@ -93,6 +102,8 @@ impl HaproxyConfig {
              global\n\
              \x20   nbthread 1\n\
              \x20   maxconn {maxconn}\n\
+             \x20   ulimit-n {ulimit_n}\n\
+             \x20   maxpipes {HAPROXY_MAXPIPES}\n\
              defaults\n\
              \x20   mode http\n\
              \x20   option splice-auto\n\
@@ -111,6 +122,7 @@ impl HaproxyConfig {
              {bearer}\
              \x20   server origin {origin}{server_tls} maxconn {maxconn}\n",
             maxconn = self.maxconn,
+            ulimit_n = self.ulimit_n,
         )
     }
 }

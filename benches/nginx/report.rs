@@ -287,6 +287,7 @@ impl Report<'_> {
             self.render_variant(&mut out, v, s);
         }
         self.render_targets(&mut out, &summaries);
+        self.render_readme(&mut out, &summaries);
         for v in self.variants {
             self.render_rounds(&mut out, v);
         }
@@ -867,6 +868,115 @@ impl Report<'_> {
              which leaves out nginx's preallocated connection slots (counting them would favour \
              us). Targets are reported, not enforced.\n"
         );
+    }
+
+    /// The README's tables (Performance, "Against nginx and HAProxy"), ready to paste: each
+    /// variant's headline figures with ours, both peers and ours against the better peer.
+    pub(crate) fn render_readme(&self, out: &mut String, summaries: &[Summary]) {
+        let k = self.knobs;
+        let _ = writeln!(
+            out,
+            "#### For the README (medians of {} rounds; `a / b` cells pair two figures)\n",
+            k.rounds
+        );
+        let route_cell = |vals: &[[f64; 4]], r: Route, d: usize| {
+            let parts: Vec<String> = vals.iter().map(|v| fmt_num(v[ix(r)], d)).collect();
+            parts.join(" / ")
+        };
+        let ratio_cell = |vals: &[[f64; 4]], higher: bool| {
+            let parts: Vec<String> = vals
+                .iter()
+                .map(|v| ratio(v[ix(Route::Ours)], best_peer(*v, higher)))
+                .collect();
+            parts.join(" / ")
+        };
+        for (v, s) in self.variants.iter().zip(summaries) {
+            let name = match (v.client_tls, v.tls) {
+                (false, false) => "plain `ws://`",
+                (false, true) => "TLS upstream `wss://`",
+                (true, false) => "TLS client side, plain upstream",
+                (true, true) => "TLS client side and upstream",
+            };
+            let _ = writeln!(
+                out,
+                "| {name} | ours | nginx | HAProxy | ours/better peer |\n|---|---:|---:|---:|---:|"
+            );
+            let mut row = |label: &str, vals: &[[f64; 4]], d: usize, higher: bool| {
+                let _ = writeln!(
+                    out,
+                    "| {label} | {} | {} | {} | {} |",
+                    route_cell(vals, Route::Ours, d),
+                    route_cell(vals, Route::Nginx, d),
+                    route_cell(vals, Route::Haproxy, d),
+                    ratio_cell(vals, higher)
+                );
+            };
+            let added = |p: [f64; 4]| {
+                let d = p[ix(Route::Direct)];
+                [f64::NAN, p[1] - d, p[2] - d, p[3] - d]
+            };
+            row(
+                "CPU per GiB relayed, downstream / upstream (s)",
+                &[s.down_cpu, s.up_cpu],
+                3,
+                false,
+            );
+            row(
+                "throughput, downstream / upstream (MiB/s)",
+                &[s.down_rate, s.up_rate],
+                0,
+                true,
+            );
+            row(
+                "round-trip latency added over direct, p50 / p99 (µs)",
+                &[added(s.rtt_p50), added(s.rtt_p99)],
+                1,
+                false,
+            );
+            if v.client_tls {
+                row(
+                    "CPU per sequential round trip (µs)",
+                    &[s.rtt_cpu_us],
+                    1,
+                    false,
+                );
+                row(
+                    &format!(
+                        "new sessions/s from {NEW_THREADS} clients, resumed / full handshakes"
+                    ),
+                    &[s.new_rate, s.new_full_rate],
+                    0,
+                    true,
+                );
+                row(
+                    "CPU per 1,000 new TLS sessions, resumed / full handshakes (s)",
+                    &[s.new_cpu, s.new_full_cpu],
+                    3,
+                    false,
+                );
+            } else {
+                row(
+                    "CPU per sequential / concurrent round trip (µs)",
+                    &[s.rtt_cpu_us, s.conc_cpu_us],
+                    1,
+                    false,
+                );
+                row(
+                    &format!("new sessions/s from {NEW_THREADS} clients"),
+                    &[s.new_rate],
+                    0,
+                    true,
+                );
+                row("CPU per 1,000 new sessions (s)", &[s.new_cpu], 3, false);
+            }
+            row(
+                &format!("memory per idle session, {} sessions (KiB)", k.idle),
+                &[s.idle_avg],
+                2,
+                false,
+            );
+            let _ = writeln!(out);
+        }
     }
 
     /// Every round, so the spread behind the medians is visible.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::client::{Endpoint, Route};
 use crate::frames::Wire;
-use crate::haproxy::{Haproxy, HaproxyConfig};
+use crate::haproxy::{HAPROXY_MAXPIPES, Haproxy, HaproxyConfig};
 use crate::knobs::{Knobs, Pinning, nofile_limits};
 use crate::nginx::{Nginx, NginxConfig, TempDir};
 use crate::origin::{Origin, OriginOptions};
@@ -197,12 +197,22 @@ pub(crate) fn run_variant(
         extra: knobs.nginx_directives.clone(),
     };
 
+    let haproxy_maxconn = knobs.idle.max(knobs.conc) + 256;
     let haproxy_cfg = HaproxyConfig {
         bin: haproxy_bin.to_path_buf(),
         origin: origin.addr,
         tls: nginx_cfg.tls.clone(),
         listen_pem,
-        maxconn: knobs.idle.max(knobs.conc) + 256,
+        maxconn: haproxy_maxconn,
+        // Two descriptors per session, HAProxy's splice pipes (two each) and a margin.
+        ulimit_n: {
+            let want = 2 * (haproxy_maxconn + HAPROXY_MAXPIPES) as u64 + 512;
+            if may_exceed_hard {
+                want
+            } else {
+                want.min(hard)
+            }
+        },
     };
 
     let mut ours = ProxyProcess::start(&proxy_env, &knobs.loglevel)?;
