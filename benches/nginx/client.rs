@@ -1,4 +1,4 @@
-//! The clients: the three routes to the origin, and a blocking WebSocket client over plain TCP or TLS.
+//! The clients: the four routes to the origin, and a blocking WebSocket client over plain TCP or TLS.
 
 use std::io;
 use std::io::{Read, Write};
@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use base64::Engine as _;
 use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, ClientConnection};
+use rustls::{ClientConfig, ClientConnection, HandshakeKind};
 
 use crate::frames::{echo_payload, kubevirt_path, mask_for, parse_head, push_frame};
 use crate::{CLOSE_READ_LIMIT, IO_TIMEOUT, MAX_CLIENT_FRAME, MAX_HEAD, NS, Res, tokens};
@@ -18,23 +18,25 @@ pub(crate) enum Route {
     Direct,
     Ours,
     Nginx,
+    Haproxy,
 }
 
 impl Route {
-    pub(crate) const ALL: [Route; 3] = [Route::Ours, Route::Nginx, Route::Direct];
+    pub(crate) const ALL: [Route; 4] = [Route::Ours, Route::Nginx, Route::Haproxy, Route::Direct];
 
     pub(crate) fn name(self) -> &'static str {
         match self {
             Route::Direct => "direct",
             Route::Ours => "ours",
             Route::Nginx => "nginx",
+            Route::Haproxy => "HAProxy",
         }
     }
 
     /// The routes in the order of round `r`: rotating, so none always goes first.
-    pub(crate) fn rotation(r: usize) -> [Route; 3] {
+    pub(crate) fn rotation(r: usize) -> [Route; 4] {
         let mut order = Route::ALL;
-        order.rotate_left(r % 3);
+        order.rotate_left(r % 4);
         order
     }
 }
@@ -44,7 +46,9 @@ impl Route {
 pub(crate) struct Endpoint {
     pub(crate) route: Route,
     pub(crate) addr: SocketAddr,
-    /// TLS client configuration (direct route to a TLS origin).
+    /// TLS client configuration: the direct route to a TLS origin, and every route in the
+    /// client-TLS variants (one configuration, so one session cache, per route: rustls keys
+    /// its cache by server name, and every route is 127.0.0.1).
     pub(crate) tls: Option<Arc<ClientConfig>>,
     /// Bearer the client sends itself (direct route to an origin that requires one).
     pub(crate) bearer: Option<String>,
@@ -54,8 +58,9 @@ impl Endpoint {
     pub(crate) fn path(&self, vmi: &str, token: Option<&str>) -> String {
         match self.route {
             Route::Direct => kubevirt_path(vmi),
-            // nginx gets the same request shape (it ignores the token) so that request sizes match.
-            Route::Ours | Route::Nginx => match token {
+            // nginx and HAProxy get the same request shape (they ignore the token) so that
+            // request sizes match.
+            Route::Ours | Route::Nginx | Route::Haproxy => match token {
                 Some(t) => format!("/{t}/{vmi}"),
                 None => format!(
                     "/{}/{vmi}",
@@ -73,7 +78,7 @@ impl Endpoint {
             .and_then(|_| tcp.set_write_timeout(Some(IO_TIMEOUT)))
             .and_then(|_| tcp.set_nodelay(true))
             .map_err(|e| fail(e.to_string()))?;
-        let stream = match &self.tls {
+        let mut stream = match &self.tls {
             Some(cfg) => {
                 let name = ServerName::from(IpAddr::V4(Ipv4Addr::LOCALHOST));
                 let conn = ClientConnection::new(Arc::clone(cfg), name)
@@ -82,8 +87,21 @@ impl Endpoint {
             }
             None => ClientStream::Plain(tcp),
         };
+        // The TLS handshake by itself first, so that its kind (full or resumed) is known.
+        let resumed = match &mut stream {
+            ClientStream::Tls(s) => {
+                while s.conn.is_handshaking() {
+                    s.conn
+                        .complete_io(&mut s.sock)
+                        .map_err(|e| fail(format!("TLS handshake: {e}")))?;
+                }
+                s.conn.handshake_kind() == Some(HandshakeKind::Resumed)
+            }
+            ClientStream::Plain(_) => false,
+        };
         let mut client = Client {
             s: stream,
+            resumed,
             buf: Vec::new(),
             start: 0,
             wbuf: Vec::new(),
@@ -133,6 +151,8 @@ impl Write for ClientStream {
 /// A blocking WebSocket client over raw frames: masks what it sends, checks what it gets.
 pub(crate) struct Client {
     pub(crate) s: ClientStream,
+    /// The TLS handshake resumed a session (false for a full handshake or plain TCP).
+    pub(crate) resumed: bool,
     /// Received, not yet consumed: `buf[start..]`.
     pub(crate) buf: Vec<u8>,
     pub(crate) start: usize,

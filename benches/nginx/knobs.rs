@@ -15,6 +15,8 @@ pub(crate) struct Knobs {
     pub(crate) idle: usize,
     pub(crate) rounds: usize,
     pub(crate) tls: bool,
+    /// The client-TLS variants: the proxies' own TLS listeners (`BENCH_CLIENT_TLS`).
+    pub(crate) client_tls: bool,
     /// The scaling section: our proxy with WORKERS=1 against WORKERS=2 (`BENCH_WORKERS`).
     pub(crate) scaling: bool,
     pub(crate) loglevel: String,
@@ -50,6 +52,8 @@ impl Knobs {
             idle: env_num("BENCH_IDLE", d.5)?,
             rounds: env_num("BENCH_ROUNDS", d.6)?,
             tls: std::env::var("BENCH_TLS").map_or(true, |v| v != "0" && v != "false"),
+            client_tls: std::env::var("BENCH_CLIENT_TLS")
+                .map_or(true, |v| v != "0" && v != "false"),
             scaling: std::env::var("BENCH_WORKERS").map_or(true, |v| v != "0" && v != "false"),
             loglevel: std::env::var("BENCH_LOGLEVEL")
                 .ok()
@@ -106,7 +110,7 @@ impl Knobs {
         format!(
             "bash benches/nginx-setup.sh && {smoke}BENCH_MIB={} BENCH_RTT={} BENCH_CONC={} \
              BENCH_CONC_TRIPS={} BENCH_NEW={} BENCH_IDLE={} BENCH_ROUNDS={} BENCH_TLS={} \
-             BENCH_WORKERS={} BENCH_LOGLEVEL={} BENCH_PIN={}{}{}{} cargo bench --bench nginx",
+             BENCH_CLIENT_TLS={} BENCH_WORKERS={} BENCH_LOGLEVEL={} BENCH_PIN={}{}{}{} cargo bench --bench nginx",
             self.mib,
             self.rtt,
             self.conc,
@@ -115,6 +119,7 @@ impl Knobs {
             self.idle,
             self.rounds,
             u8::from(self.tls),
+            u8::from(self.client_tls),
             u8::from(self.scaling),
             self.loglevel,
             match self.pin {
@@ -150,7 +155,7 @@ impl Knobs {
     pub(crate) fn describe(&self) -> String {
         format!(
             "S={} MiB, N={} round trips, C={} concurrent x T={}, M={} new sessions, K={} idle, \
-             R={} rounds, TLS variant {}, workers scaling {}{}",
+             R={} rounds, TLS upstream variant {}, TLS client variants {}, workers scaling {}{}",
             self.mib,
             self.rtt,
             self.conc,
@@ -159,6 +164,7 @@ impl Knobs {
             self.idle,
             self.rounds,
             if self.tls { "on" } else { "off" },
+            if self.client_tls { "on" } else { "off" },
             if self.scaling { "on" } else { "off" },
             if self.smoke { " (smoke)" } else { "" }
         )
@@ -202,7 +208,7 @@ pub(crate) fn raise_nofile_limit() -> Res<(u64, u64)> {
 pub(crate) enum Pin {
     /// Wherever the scheduler puts them.
     Off,
-    /// Everything (bench threads, our proxy, the nginx worker) on the last CPU: no cross-CPU
+    /// Everything (bench threads, our proxy, the nginx worker, HAProxy) on the last CPU: no cross-CPU
     /// wakeups, so a round trip costs the work along its path and nothing depends on placement.
     One,
     /// The proxies on the last CPU, the bench (client and origin) on the others.

@@ -1,8 +1,8 @@
-//! The proxy against nginx as a WebSocket reverse proxy, and both against a direct connection,
-//! to the same upstream, in one run.
+//! The proxy against nginx and HAProxy as WebSocket reverse proxies, and all three against a
+//! direct connection, to the same upstream, in one run.
 //!
 //! Run with `bash benches/nginx-setup.sh && cargo bench --bench nginx` (the script installs
-//! Debian's nginx if it is missing). Three routes reach one upstream:
+//! Debian's nginx and haproxy if they are missing). Four routes reach one upstream:
 //!
 //! - **direct**: the client dials the upstream itself, on the KubeVirt path;
 //! - **ours**: the release binary of this crate as a child process, with a fresh HS256 token
@@ -10,7 +10,10 @@
 //! - **nginx**: `nginx -p DIR -c DIR/nginx.conf -g 'daemon off;'` as a child process, one
 //!   worker, `proxy_buffering off`, the usual `Upgrade`/`Connection` headers, a regex location
 //!   that maps `/TOKEN/VMI` to the same KubeVirt path our proxy sends. nginx checks no token:
-//!   it does strictly less work per session than our proxy.
+//!   it does strictly less work per session than our proxy;
+//! - **HAProxy**: `haproxy -db -f DIR/haproxy.cfg` as a child process (one process, `nbthread
+//!   1`), HTTP mode with `option splice-auto`, `http-request replace-path` for the same mapping,
+//!   `timeout tunnel` for the upgraded connection, no token check either (`haproxy.rs`).
 //!
 //! The upstream ("origin") is written here, not taken from `tests/support/upstream.rs`: that
 //! stand-in runs a thread per connection, generates its stream byte by byte and hashes what it
@@ -34,9 +37,13 @@
 //!    time, p50, p99);
 //! 5. new sessions: 16 client threads, each session connect + upgrade + one echo + close,
 //!    M sessions in all (sessions per second, p50/p99 of a whole session);
-//! 6. K idle sessions (one echo each) on a *fresh* proxy and a fresh nginx per round: RSS of
-//!    our process and of the nginx worker at 0, K/2 and K sessions (the allocator keeps freed
-//!    memory, so a reused process would measure almost nothing).
+//! 6. K idle sessions (one echo each) on a *fresh* proxy, a fresh nginx and a fresh HAProxy
+//!    per round: RSS of our process, of the nginx worker and of HAProxy at 0, K/2 and K
+//!    sessions (the allocator keeps freed memory, so a reused process would measure almost
+//!    nothing).
+//!
+//! The report ends with the README's tables ("For the README"), ratios against the better of
+//! nginx and HAProxy (the lower cost, the higher rate).
 //!
 //! Scaling (plain variant only, after its rounds): workloads 4 and 5 again on two more processes
 //! of ours, started with `WORKERS=1` and `WORKERS=2`, taking turns in each round (the order
@@ -48,14 +55,24 @@
 //! second core gives the proxy.
 //!
 //! Costs are read from `/proc`: our proxy process, the nginx *worker* (the child of the
-//! master; the master does nothing per connection). CPU is the run time the scheduler
+//! master; the master does nothing per connection), the HAProxy process. CPU is the run time the scheduler
 //! accounted (`/proc/PID/task/*/schedstat`, nanoseconds) with its user/system split from
 //! utime/stime in `/proc/PID/stat` (clock ticks, too coarse alone for a 0.1 s transfer).
 //!
-//! Both variants run: plain `ws://` upstream (our proxy in local dev mode) and TLS upstream
+//! Four variants run: plain `ws://` upstream (our proxy in local dev mode) and TLS upstream
 //! (our proxy in in-cluster mode with a service-account directory; nginx with `proxy_ssl_verify
-//! on`, the same CA and bearer, TLS 1.2 and 1.3 allowed). The client side is plain in both
-//! (the direct route speaks TLS itself in the TLS variant).
+//! on`, HAProxy with `ssl verify required`, the same CA and bearer, TLS 1.2 and 1.3 allowed),
+//! each with the client side plain and with the client side over TLS (issue 15, point 5: our
+//! proxy with `TLS_CERT_FILE`/`TLS_KEY_FILE`, nginx `listen ssl`, HAProxy `bind ssl`, one ECDSA
+//! P-256 certificate from the test CA for all three, TLS 1.2 and 1.3; resumption as each
+//! would be deployed: ours tickets plus a session cache, nginx `ssl_session_cache
+//! shared:SSL:10m` with tickets, HAProxy its defaults, a 20,000-session cache and tickets).
+//! The direct route speaks TLS exactly when the upstream does. In the client-TLS variants the
+//! bench's client is rustls with ALPN `http/1.1` and one session cache per route (rustls keys
+//! it by server name, 127.0.0.1 for every route); the new-session workload runs twice, once
+//! letting sessions resume and once with no client cache (full handshakes), and the report
+//! counts the resumed handshakes. The concurrent workload's mio client is plain TCP only, so
+//! it skips a route that speaks TLS to its client.
 //!
 //! Knobs (environment): `BENCH_MIB` (S, 256), `BENCH_RTT` (N, 20000), `BENCH_CONC` (C, 1000),
 //! `BENCH_CONC_TRIPS` (T, 100), `BENCH_NEW` (M, 4000), `BENCH_IDLE` (K, 9000), `BENCH_ROUNDS`
@@ -72,6 +89,7 @@
 //! CPUs costs tens of microseconds and is charged, inflated, to the woken process, so without
 //! pinning the latency and CPU figures depend on where each process happened to land (a round
 //! trip's p50 flips between ~18 and ~90 µs from one round to the next).
+//! `BENCH_CLIENT_TLS` (1; 0 skips the two client-TLS variants), `HAPROXY` (the haproxy binary).
 //! `BENCH_SMOKE=1` (or no `--bench` argument, as under `cargo test --benches`) makes every
 //! default tiny; explicit knobs still win.
 //!
@@ -82,7 +100,7 @@
 //!
 //! Where things are: `knobs.rs` (the `BENCH_*` knobs, open-files limits, CPU pinning),
 //! `frames.rs` (WebSocket frames and the pre-built wire bytes), `origin.rs` (the mio WebSocket
-//! origin server), `nginx.rs` (nginx's configuration and process), `proxy.rs` (our proxy as a
+//! origin server), `nginx.rs` (nginx's configuration and process), `haproxy.rs` (HAProxy's), `proxy.rs` (our proxy as a
 //! child), `process.rs` (CPU time and RSS as this bench counts them), `client.rs` (the clients
 //! and their routes), `workloads.rs` (each measured workload), `variant.rs` (every route and
 //! round for a plain or TLS upstream), `scaling.rs` (one worker against two), `report.rs` (the
@@ -100,6 +118,7 @@ mod support;
 
 mod client;
 mod frames;
+mod haproxy;
 mod knobs;
 mod nginx;
 mod origin;
@@ -117,6 +136,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use frames::Wire;
+use haproxy::{find_haproxy, haproxy_version};
 use knobs::{Knobs, raise_nofile_limit};
 use nginx::{find_nginx, nginx_version};
 use report::Report;
@@ -200,7 +220,12 @@ fn run() -> Res<()> {
     knobs.fit_idle_to(limits.0);
     let nginx_bin = find_nginx()?;
     let nginx_version = nginx_version(&nginx_bin);
-    eprintln!("bench nginx: {} ({nginx_version})", knobs.describe());
+    let haproxy_bin = find_haproxy()?;
+    let haproxy_version = haproxy_version(&haproxy_bin);
+    eprintln!(
+        "bench nginx: {} ({nginx_version}, {haproxy_version})",
+        knobs.describe()
+    );
 
     let t = Instant::now();
     let wire = Arc::new(Wire::build(knobs.mib as usize * (1 << 20)));
@@ -210,14 +235,33 @@ fn run() -> Res<()> {
         t.elapsed().as_secs_f64()
     );
 
-    let mut variants = vec![run_variant(&knobs, &wire, &nginx_bin, false)?];
+    // (upstream TLS, client TLS) per variant.
+    let mut sides = vec![(false, false)];
     if knobs.tls {
-        variants.push(run_variant(&knobs, &wire, &nginx_bin, true)?);
+        sides.push((true, false));
+    }
+    if knobs.client_tls {
+        sides.push((false, true));
+        if knobs.tls {
+            sides.push((true, true));
+        }
+    }
+    let mut variants = Vec::with_capacity(sides.len());
+    for (tls, client_tls) in sides {
+        variants.push(run_variant(
+            &knobs,
+            &wire,
+            &nginx_bin,
+            &haproxy_bin,
+            tls,
+            client_tls,
+        )?);
     }
     let report = Report {
         knobs: &knobs,
         variants: &variants,
         nginx_version,
+        haproxy_version,
         load_before,
         load_after: support::load_average(),
         limits,

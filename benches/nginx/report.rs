@@ -55,6 +55,19 @@ pub(crate) fn fmt_num(v: f64, digits: usize) -> String {
     }
 }
 
+/// The better of the two peers (nginx, HAProxy): the lower value, or the higher one for a
+/// rate. NaN if neither was measured.
+pub(crate) fn best_peer(vals: [f64; 4], higher_is_better: bool) -> f64 {
+    let (n, h) = (vals[ix(Route::Nginx)], vals[ix(Route::Haproxy)]);
+    match (n.is_finite(), h.is_finite()) {
+        (true, true) if higher_is_better => n.max(h),
+        (true, true) => n.min(h),
+        (true, false) => n,
+        (false, true) => h,
+        (false, false) => f64::NAN,
+    }
+}
+
 pub(crate) fn ratio(a: f64, b: f64) -> String {
     if a.is_finite() && b.is_finite() && b != 0.0 {
         format!("{:.2}", a / b)
@@ -67,6 +80,7 @@ pub(crate) struct Report<'a> {
     pub(crate) knobs: &'a Knobs,
     pub(crate) variants: &'a [VariantResults],
     pub(crate) nginx_version: String,
+    pub(crate) haproxy_version: String,
     pub(crate) load_before: String,
     pub(crate) load_after: String,
     pub(crate) limits: (u64, u64),
@@ -75,57 +89,63 @@ pub(crate) struct Report<'a> {
 
 /// Medians of one variant, computed once for the tables and the targets.
 pub(crate) struct Summary {
-    pub(crate) down_rate: [f64; 3],
-    pub(crate) up_rate: [f64; 3],
-    pub(crate) down_cpu: [f64; 3],
-    pub(crate) down_sys: [f64; 3],
-    pub(crate) up_cpu: [f64; 3],
-    pub(crate) up_sys: [f64; 3],
-    pub(crate) down_busy: [f64; 3],
-    pub(crate) up_busy: [f64; 3],
-    pub(crate) rtt_p50: [f64; 3],
-    pub(crate) rtt_p99: [f64; 3],
-    pub(crate) rtt_cpu_us: [f64; 3],
-    pub(crate) rtt_sys: [f64; 3],
-    pub(crate) conc_sys: [f64; 3],
-    pub(crate) new_sys: [f64; 3],
-    pub(crate) conc_total: [f64; 3],
-    pub(crate) conc_rate: [f64; 3],
-    pub(crate) conc_p50: [f64; 3],
-    pub(crate) conc_p99: [f64; 3],
-    pub(crate) conc_cpu_us: [f64; 3],
-    pub(crate) new_rate: [f64; 3],
-    pub(crate) new_p50: [f64; 3],
-    pub(crate) new_p99: [f64; 3],
-    pub(crate) new_cpu: [f64; 3],
-    pub(crate) idle_start: [f64; 3],
-    pub(crate) idle_half: [f64; 3],
-    pub(crate) idle_full: [f64; 3],
-    pub(crate) idle_avg: [f64; 3],
-    pub(crate) idle_marginal: [f64; 3],
-    pub(crate) idle_cpu: [f64; 3],
-    pub(crate) idle_open_rate: [f64; 3],
-    pub(crate) idle_peak: [f64; 3],
-    pub(crate) idle_upgrade_p50: [f64; 3],
-    pub(crate) idle_upgrade_p99: [f64; 3],
+    pub(crate) down_rate: [f64; 4],
+    pub(crate) up_rate: [f64; 4],
+    pub(crate) down_cpu: [f64; 4],
+    pub(crate) down_sys: [f64; 4],
+    pub(crate) up_cpu: [f64; 4],
+    pub(crate) up_sys: [f64; 4],
+    pub(crate) down_busy: [f64; 4],
+    pub(crate) up_busy: [f64; 4],
+    pub(crate) rtt_p50: [f64; 4],
+    pub(crate) rtt_p99: [f64; 4],
+    pub(crate) rtt_cpu_us: [f64; 4],
+    pub(crate) rtt_sys: [f64; 4],
+    pub(crate) conc_sys: [f64; 4],
+    pub(crate) new_sys: [f64; 4],
+    pub(crate) conc_total: [f64; 4],
+    pub(crate) conc_rate: [f64; 4],
+    pub(crate) conc_p50: [f64; 4],
+    pub(crate) conc_p99: [f64; 4],
+    pub(crate) conc_cpu_us: [f64; 4],
+    pub(crate) new_rate: [f64; 4],
+    pub(crate) new_p50: [f64; 4],
+    pub(crate) new_p99: [f64; 4],
+    pub(crate) new_cpu: [f64; 4],
+    /// Client-TLS variants: new sessions with full handshakes.
+    pub(crate) new_full_rate: [f64; 4],
+    pub(crate) new_full_p50: [f64; 4],
+    pub(crate) new_full_cpu: [f64; 4],
+    pub(crate) new_full_sys: [f64; 4],
+    pub(crate) idle_start: [f64; 4],
+    pub(crate) idle_half: [f64; 4],
+    pub(crate) idle_full: [f64; 4],
+    pub(crate) idle_avg: [f64; 4],
+    pub(crate) idle_marginal: [f64; 4],
+    pub(crate) idle_cpu: [f64; 4],
+    pub(crate) idle_open_rate: [f64; 4],
+    pub(crate) idle_peak: [f64; 4],
+    pub(crate) idle_upgrade_p50: [f64; 4],
+    pub(crate) idle_upgrade_p99: [f64; 4],
     /// nginx's preallocated connection slots, KiB per idle session (two slots each).
     pub(crate) nginx_slots_per_session: f64,
 }
 
-/// Index of a route in the summary arrays: direct, ours, nginx.
+/// Index of a route in the summary arrays: direct, ours, nginx, HAProxy.
 pub(crate) fn ix(r: Route) -> usize {
     match r {
         Route::Direct => 0,
         Route::Ours => 1,
         Route::Nginx => 2,
+        Route::Haproxy => 3,
     }
 }
 
 impl Summary {
     pub(crate) fn new(v: &VariantResults, payload: usize) -> Summary {
         let gib = payload as f64 / GIB;
-        let each = |f: &dyn Fn(Route) -> f64| -> [f64; 3] {
-            let mut out = [f64::NAN; 3];
+        let each = |f: &dyn Fn(Route) -> f64| -> [f64; 4] {
+            let mut out = [f64::NAN; 4];
             for r in Route::ALL {
                 out[ix(r)] = f(r);
             }
@@ -177,6 +197,10 @@ impl Summary {
             new_p50: each(&|r| pct(v.news.get(r), 0.50) / 1000.0),
             new_p99: each(&|r| pct(v.news.get(r), 0.99) / 1000.0),
             new_cpu: each(&|r| proxied(r, cpu_per(v.news.get(r), 1000.0))),
+            new_full_rate: each(&|r| per_second(v.news_full.get(r))),
+            new_full_p50: each(&|r| pct(v.news_full.get(r), 0.50) / 1000.0),
+            new_full_cpu: each(&|r| proxied(r, cpu_per(v.news_full.get(r), 1000.0))),
+            new_full_sys: each(&|r| proxied(r, lat_sys(v.news_full.get(r)))),
             idle_start: each(&|r| idle(r, &|i| i.start as f64)),
             idle_half: each(&|r| idle(r, &|i| i.half as f64)),
             idle_full: each(&|r| idle(r, &|i| i.full as f64)),
@@ -202,15 +226,16 @@ impl Report<'_> {
         let k = self.knobs;
         let _ = writeln!(
             out,
-            "### Our proxy against nginx (and a direct connection)\n"
+            "### Our proxy against nginx and HAProxy (and a direct connection)\n"
         );
         let _ = writeln!(out, "`{}`\n", k.command_line());
         let _ = writeln!(
             out,
-            "{}; {}; load average (1 min) before {}, after {}; open-files limit {} (hard {}); \
+            "{}; {}; {}; load average (1 min) before {}, after {}; open-files limit {} (hard {}); \
              total run time {:.0} s.\n",
             support::machine(),
             self.nginx_version,
+            self.haproxy_version,
             self.load_before,
             self.load_after,
             self.limits.0,
@@ -263,6 +288,7 @@ impl Report<'_> {
         }
         self.render_targets(&mut out, &summaries);
         crate::scale::render(&mut out, &k.scale, self.variants);
+        self.render_readme(&mut out, &summaries);
         for v in self.variants {
             self.render_rounds(&mut out, v);
         }
@@ -271,27 +297,28 @@ impl Report<'_> {
 
     pub(crate) fn render_variant(&self, out: &mut String, v: &VariantResults, s: &Summary) {
         let k = self.knobs;
-        let title = if v.tls {
-            "TLS upstream (`wss://`: our proxy in-cluster mode with a service-account CA and bearer; \
-             nginx `proxy_pass https://` with `proxy_ssl_verify on`, the same CA and bearer)"
-        } else {
-            "Plain upstream (`ws://`: our proxy in local dev mode; nginx `proxy_pass http://`)"
-        };
+        let title = variant_title(v);
         let _ = writeln!(out, "#### {title}\n");
         let _ = writeln!(
             out,
-            "| workload (median of {} rounds) | direct | ours | nginx | ours/nginx |",
+            "| workload (median of {} rounds) | direct | ours | nginx | HAProxy | ours/nginx | ours/better peer |",
             k.rounds
         );
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|");
-        let row = |out: &mut String, name: &str, vals: [f64; 3], d: usize| {
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+        let row = |out: &mut String, name: &str, vals: [f64; 4], d: usize| {
+            // Rates: the better peer is the faster one; everything else here is a time.
+            let higher = name.contains("MiB/s")
+                || name.contains("per second")
+                || name.contains("sessions/s");
             let _ = writeln!(
                 out,
-                "| {name} | {} | {} | {} | {} |",
+                "| {name} | {} | {} | {} | {} | {} | {} |",
                 fmt_num(vals[0], d),
                 fmt_num(vals[1], d),
                 fmt_num(vals[2], d),
-                ratio(vals[1], vals[2])
+                fmt_num(vals[3], d),
+                ratio(vals[1], vals[2]),
+                ratio(vals[1], best_peer(vals, higher))
             );
         };
         let mib = k.mib;
@@ -314,7 +341,7 @@ impl Report<'_> {
             1,
         );
         row(out, "… p99 (µs)", s.rtt_p99, 1);
-        let added = |p: [f64; 3]| [f64::NAN, p[1] - p[0], p[2] - p[0]];
+        let added = |p: [f64; 4]| [f64::NAN, p[1] - p[0], p[2] - p[0], p[3] - p[0]];
         row(out, "… added over direct, p50 (µs)", added(s.rtt_p50), 1);
         row(out, "… added over direct, p99 (µs)", added(s.rtt_p99), 1);
         let conc = format!("{} sessions × {} round trips", k.conc, k.conc_trips);
@@ -338,6 +365,18 @@ impl Report<'_> {
             2,
         );
         row(out, "… p99 (ms)", s.new_p99, 2);
+        if v.client_tls {
+            row(
+                out,
+                &format!(
+                    "new sessions per second, full TLS handshakes ({NEW_THREADS} threads, {} sessions)",
+                    k.new_sessions
+                ),
+                s.new_full_rate,
+                0,
+            );
+            row(out, "… one session, p50 (ms)", s.new_full_p50, 2);
+        }
         row(
             out,
             &format!(
@@ -354,21 +393,23 @@ impl Report<'_> {
             1,
         );
         row(out, "… p99 (µs)", s.idle_upgrade_p99, 1);
-        if v.tls {
+        if v.tls || v.client_tls {
             let _ = writeln!(
                 out,
-                "\nThe direct route speaks TLS itself here (the others are plain to the client), and \
-                 the concurrent client is plain-only, hence no direct figure there."
+                "\nThe direct route speaks TLS to the origin exactly when the upstream is TLS; the \
+                 concurrent client is plain-only, hence no figure there for a route that speaks TLS \
+                 to its client. The first new-session row lets sessions resume (each route has its \
+                 own client session cache); \"full TLS handshakes\" runs without one."
             );
         }
 
         let _ = writeln!(
             out,
-            "\n| cost in the proxy (ours: our process; nginx: its worker) | ours | nginx | ours/nginx |"
+            "\n| cost in the proxy (ours: our process; nginx: its worker; HAProxy: its process) | ours | nginx | HAProxy | ours/nginx | ours/better peer |"
         );
-        let _ = writeln!(out, "|---|---:|---:|---:|");
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
         let row2 =
-            |out: &mut String, name: &str, vals: [f64; 3], d: usize, extra: Option<[f64; 3]>| {
+            |out: &mut String, name: &str, vals: [f64; 4], d: usize, extra: Option<[f64; 4]>| {
                 let cell = |i: usize| match extra {
                     Some(e) if e[i].is_finite() => {
                         format!("{} ({:.0} % sys)", fmt_num(vals[i], d), 100.0 * e[i])
@@ -377,10 +418,12 @@ impl Report<'_> {
                 };
                 let _ = writeln!(
                     out,
-                    "| {name} | {} | {} | {} |",
+                    "| {name} | {} | {} | {} | {} | {} |",
                     cell(1),
                     cell(2),
-                    ratio(vals[1], vals[2])
+                    cell(3),
+                    ratio(vals[1], vals[2]),
+                    ratio(vals[1], best_peer(vals, false))
                 );
             };
         row2(
@@ -426,6 +469,15 @@ impl Report<'_> {
             3,
             Some(s.new_sys),
         );
+        if v.client_tls {
+            row2(
+                out,
+                "CPU per 1,000 new sessions, full TLS handshakes (s)",
+                s.new_full_cpu,
+                3,
+                Some(s.new_full_sys),
+            );
+        }
         row2(
             out,
             &format!("CPU while {} sessions sit idle (% of a core)", k.idle),
@@ -476,6 +528,7 @@ impl Report<'_> {
             f64::NAN,
             s.idle_avg[1],
             s.idle_avg[2] + s.nginx_slots_per_session,
+            s.idle_avg[3],
         ];
         row2(
             out,
@@ -498,6 +551,26 @@ impl Report<'_> {
             fmt_num(s.nginx_slots_per_session, 2),
             v.ours_peak_kib
         );
+        if v.client_tls {
+            let count = |p: &super::variant::PerRoute<Latency>, r: Route| {
+                p.get(r)
+                    .iter()
+                    .fold((0, 0), |a, l| (a.0 + l.resumed, a.1 + l.samples.len()))
+            };
+            let parts: Vec<String> = [Route::Ours, Route::Nginx, Route::Haproxy]
+                .iter()
+                .map(|&r| {
+                    let (a, b) = count(&v.news, r);
+                    let (c, d) = count(&v.news_full, r);
+                    format!("{} {a} of {b} (full-handshake run: {c} of {d})", r.name())
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "\nTLS handshakes with the client that resumed, new-session workload: {}.",
+                parts.join(", ")
+            );
+        }
         if v.tls {
             let parts: Vec<String> = v
                 .tls_resumed
@@ -681,94 +754,114 @@ impl Report<'_> {
 
     pub(crate) fn render_targets(&self, out: &mut String, summaries: &[Summary]) {
         let _ = writeln!(out, "#### Targets\n");
-        let _ = writeln!(out, "| target | ours | nginx | limit | |");
-        let _ = writeln!(out, "|---|---:|---:|---:|---|");
-        let mut row = |name: &str, ours: f64, nginx: f64, factor: f64, d: usize| {
-            let limit = factor * nginx;
-            let verdict = if !(ours.is_finite() && limit.is_finite()) {
+        let _ = writeln!(
+            out,
+            "Each target is judged against nginx (as issues 6 and 15 set them) and against the \
+             better of nginx and HAProxy (issue 16).\n"
+        );
+        let _ = writeln!(
+            out,
+            "| target | ours | nginx | HAProxy | ours/nginx | vs nginx | ours/better peer | vs better peer |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---|---:|---|");
+        let verdict = |ours: f64, limit: f64| {
+            if !(ours.is_finite() && limit.is_finite()) {
                 "not measured"
             } else if ours <= limit {
                 "met"
             } else {
                 "not met"
-            };
+            }
+        };
+        // `vals` in summary order (direct, ours, nginx, HAProxy); lower is better for each.
+        let mut row = |name: &str, vals: [f64; 4], factor: f64, d: usize| {
+            let (ours, nginx) = (vals[ix(Route::Ours)], vals[ix(Route::Nginx)]);
+            let best = best_peer(vals, false);
             let _ = writeln!(
                 out,
-                "| {name} | {} | {} | {} | {verdict} |",
+                "| {name} | {} | {} | {} | {} | {} | {} | {} |",
                 fmt_num(ours, d),
                 fmt_num(nginx, d),
-                fmt_num(limit, d)
+                fmt_num(vals[ix(Route::Haproxy)], d),
+                ratio(ours, nginx),
+                verdict(ours, factor * nginx),
+                ratio(ours, best),
+                verdict(ours, factor * best),
             );
         };
+        let added = |p: [f64; 4]| {
+            let d = p[ix(Route::Direct)];
+            [f64::NAN, p[1] - d, p[2] - d, p[3] - d]
+        };
         for (v, s) in self.variants.iter().zip(summaries) {
-            let (o, n) = (ix(Route::Ours), ix(Route::Nginx));
-            if !v.tls {
+            let tag = match (v.client_tls, v.tls) {
+                (false, false) => "",
+                (false, true) => "TLS upstream: ",
+                (true, false) => "TLS client, plain upstream: ",
+                (true, true) => "TLS client, TLS upstream: ",
+            };
+            if !v.tls && !v.client_tls {
+                row("CPU per GiB downstream ≤ 0.8 × (s)", s.down_cpu, 0.8, 3);
+                row("CPU per GiB upstream ≤ 0.8 × (s)", s.up_cpu, 0.8, 3);
+                row("CPU per 1,000 new sessions ≤ 1 × (s)", s.new_cpu, 1.0, 3);
                 row(
-                    "CPU per GiB downstream ≤ 0.8 × nginx (s)",
-                    s.down_cpu[o],
-                    s.down_cpu[n],
-                    0.8,
-                    3,
-                );
-                row(
-                    "CPU per GiB upstream ≤ 0.8 × nginx (s)",
-                    s.up_cpu[o],
-                    s.up_cpu[n],
-                    0.8,
-                    3,
-                );
-                row(
-                    "CPU per 1,000 new sessions ≤ nginx (s)",
-                    s.new_cpu[o],
-                    s.new_cpu[n],
-                    1.0,
-                    3,
-                );
-                let d = ix(Route::Direct);
-                row(
-                    "round trip added over direct, p50 ≤ nginx (µs)",
-                    s.rtt_p50[o] - s.rtt_p50[d],
-                    s.rtt_p50[n] - s.rtt_p50[d],
+                    "round trip added over direct, p50 ≤ 1 × (µs)",
+                    added(s.rtt_p50),
                     1.0,
                     1,
                 );
                 row(
-                    "round trip added over direct, p99 ≤ nginx (µs)",
-                    s.rtt_p99[o] - s.rtt_p99[d],
-                    s.rtt_p99[n] - s.rtt_p99[d],
+                    "round trip added over direct, p99 ≤ 1 × (µs)",
+                    added(s.rtt_p99),
                     1.0,
                     1,
                 );
                 row(
-                    "memory per idle session ≤ 0.25 × nginx (KiB)",
-                    s.idle_avg[o],
-                    s.idle_avg[n],
+                    "memory per idle session ≤ 0.25 × (KiB)",
+                    s.idle_avg,
                     0.25,
                     2,
                 );
-            } else {
+                continue;
+            }
+            row(
+                &format!("{tag}CPU per GiB downstream ≤ 1 × (s)"),
+                s.down_cpu,
+                1.0,
+                3,
+            );
+            row(
+                &format!("{tag}CPU per GiB upstream ≤ 1 × (s)"),
+                s.up_cpu,
+                1.0,
+                3,
+            );
+            if v.client_tls {
                 row(
-                    "TLS: CPU per GiB downstream ≤ nginx (s)",
-                    s.down_cpu[o],
-                    s.down_cpu[n],
+                    &format!("{tag}CPU per 1,000 new TLS sessions, resumed ≤ 1 × (s)"),
+                    s.new_cpu,
                     1.0,
                     3,
                 );
                 row(
-                    "TLS: CPU per GiB upstream ≤ nginx (s)",
-                    s.up_cpu[o],
-                    s.up_cpu[n],
+                    &format!("{tag}CPU per 1,000 new TLS sessions, full handshakes ≤ 1 × (s)"),
+                    s.new_full_cpu,
                     1.0,
                     3,
                 );
                 row(
-                    "TLS: memory per idle session ≤ 0.5 × nginx (KiB)",
-                    s.idle_avg[o],
-                    s.idle_avg[n],
-                    0.5,
-                    2,
+                    &format!("{tag}round trip added over direct, p50 ≤ 1 × (µs)"),
+                    added(s.rtt_p50),
+                    1.0,
+                    1,
                 );
             }
+            row(
+                &format!("{tag}memory per idle session ≤ 0.5 × (KiB)"),
+                s.idle_avg,
+                0.5,
+                2,
+            );
         }
         let _ = writeln!(
             out,
@@ -776,6 +869,115 @@ impl Report<'_> {
              which leaves out nginx's preallocated connection slots (counting them would favour \
              us). Targets are reported, not enforced.\n"
         );
+    }
+
+    /// The README's tables (Performance, "Against nginx and HAProxy"), ready to paste: each
+    /// variant's headline figures with ours, both peers and ours against the better peer.
+    pub(crate) fn render_readme(&self, out: &mut String, summaries: &[Summary]) {
+        let k = self.knobs;
+        let _ = writeln!(
+            out,
+            "#### For the README (medians of {} rounds; `a / b` cells pair two figures)\n",
+            k.rounds
+        );
+        let route_cell = |vals: &[[f64; 4]], r: Route, d: usize| {
+            let parts: Vec<String> = vals.iter().map(|v| fmt_num(v[ix(r)], d)).collect();
+            parts.join(" / ")
+        };
+        let ratio_cell = |vals: &[[f64; 4]], higher: bool| {
+            let parts: Vec<String> = vals
+                .iter()
+                .map(|v| ratio(v[ix(Route::Ours)], best_peer(*v, higher)))
+                .collect();
+            parts.join(" / ")
+        };
+        for (v, s) in self.variants.iter().zip(summaries) {
+            let name = match (v.client_tls, v.tls) {
+                (false, false) => "plain `ws://`",
+                (false, true) => "TLS upstream `wss://`",
+                (true, false) => "TLS client side, plain upstream",
+                (true, true) => "TLS client side and upstream",
+            };
+            let _ = writeln!(
+                out,
+                "| {name} | ours | nginx | HAProxy | ours/better peer |\n|---|---:|---:|---:|---:|"
+            );
+            let mut row = |label: &str, vals: &[[f64; 4]], d: usize, higher: bool| {
+                let _ = writeln!(
+                    out,
+                    "| {label} | {} | {} | {} | {} |",
+                    route_cell(vals, Route::Ours, d),
+                    route_cell(vals, Route::Nginx, d),
+                    route_cell(vals, Route::Haproxy, d),
+                    ratio_cell(vals, higher)
+                );
+            };
+            let added = |p: [f64; 4]| {
+                let d = p[ix(Route::Direct)];
+                [f64::NAN, p[1] - d, p[2] - d, p[3] - d]
+            };
+            row(
+                "CPU per GiB relayed, downstream / upstream (s)",
+                &[s.down_cpu, s.up_cpu],
+                3,
+                false,
+            );
+            row(
+                "throughput, downstream / upstream (MiB/s)",
+                &[s.down_rate, s.up_rate],
+                0,
+                true,
+            );
+            row(
+                "round-trip latency added over direct, p50 / p99 (µs)",
+                &[added(s.rtt_p50), added(s.rtt_p99)],
+                1,
+                false,
+            );
+            if v.client_tls {
+                row(
+                    "CPU per sequential round trip (µs)",
+                    &[s.rtt_cpu_us],
+                    1,
+                    false,
+                );
+                row(
+                    &format!(
+                        "new sessions/s from {NEW_THREADS} clients, resumed / full handshakes"
+                    ),
+                    &[s.new_rate, s.new_full_rate],
+                    0,
+                    true,
+                );
+                row(
+                    "CPU per 1,000 new TLS sessions, resumed / full handshakes (s)",
+                    &[s.new_cpu, s.new_full_cpu],
+                    3,
+                    false,
+                );
+            } else {
+                row(
+                    "CPU per sequential / concurrent round trip (µs)",
+                    &[s.rtt_cpu_us, s.conc_cpu_us],
+                    1,
+                    false,
+                );
+                row(
+                    &format!("new sessions/s from {NEW_THREADS} clients"),
+                    &[s.new_rate],
+                    0,
+                    true,
+                );
+                row("CPU per 1,000 new sessions (s)", &[s.new_cpu], 3, false);
+            }
+            row(
+                &format!("memory per idle session, {} sessions (KiB)", k.idle),
+                &[s.idle_avg],
+                2,
+                false,
+            );
+            let _ = writeln!(out);
+        }
     }
 
     /// Every round, so the spread behind the medians is visible.
@@ -819,18 +1021,20 @@ impl Report<'_> {
         };
         let _ = writeln!(
             out,
-            "<details><summary>all rounds, {} upstream</summary>\n",
+            "<details><summary>all rounds, {} client side, {} upstream</summary>\n",
+            if v.client_tls { "TLS" } else { "plain" },
             if v.tls { "TLS" } else { "plain" }
         );
-        let _ = writeln!(out, "| per round | direct | ours | nginx |");
-        let _ = writeln!(out, "|---|---|---|---|");
+        let _ = writeln!(out, "| per round | direct | ours | nginx | HAProxy |");
+        let _ = writeln!(out, "|---|---|---|---|---|");
         let mut line = |name: &str, f: &dyn Fn(Route) -> String| {
             let _ = writeln!(
                 out,
-                "| {name} | {} | {} | {} |",
+                "| {name} | {} | {} | {} | {} |",
                 f(Route::Direct),
                 f(Route::Ours),
-                f(Route::Nginx)
+                f(Route::Nginx),
+                f(Route::Haproxy)
             );
         };
         line("downstream MiB/s", &|r| rate(v.down.get(r)));
@@ -849,7 +1053,45 @@ impl Report<'_> {
         line("concurrent p50 µs", &|r| pct(v.conc.get(r), 0.5));
         line("concurrent p99 µs", &|r| pct(v.conc.get(r), 0.99));
         line("new sessions/s", &|r| per_s(v.news.get(r)));
+        let per_1000 = |l: &[Latency]| {
+            list(
+                l.iter()
+                    .map(|l| format!("{:.3}", 1000.0 * l.cpu.run / l.samples.len() as f64))
+                    .collect(),
+            )
+        };
+        line("CPU s per 1,000 new sessions", &|r| {
+            proxied(r, per_1000(v.news.get(r)))
+        });
+        if v.client_tls {
+            line("… full TLS handshakes", &|r| {
+                proxied(r, per_1000(v.news_full.get(r)))
+            });
+        }
         line("idle KiB/session", &|r| idle(v.idle.get(r)));
         let _ = writeln!(out, "\n</details>\n");
+    }
+}
+
+/// A variant's heading: what each side speaks and how each proxy is set up for it.
+pub(crate) fn variant_title(v: &VariantResults) -> String {
+    let upstream = if v.tls {
+        "TLS upstream (`wss://`: our proxy in in-cluster mode with a service-account CA and \
+         bearer; nginx `proxy_pass https://` with `proxy_ssl_verify on`, HAProxy `server ... ssl \
+         verify required`, the same CA and bearer)"
+    } else {
+        "plain upstream (`ws://`: our proxy in local dev mode; nginx `proxy_pass http://`, \
+         HAProxy `server` without `ssl`)"
+    };
+    if v.client_tls {
+        format!(
+            "TLS client side (`wss://` to the proxy: our TLS_CERT_FILE/TLS_KEY_FILE, nginx \
+             `listen ssl`, HAProxy `bind ssl`, one ECDSA P-256 certificate, TLS 1.2 and 1.3, \
+             resumption by tickets and session cache), {upstream}"
+        )
+    } else {
+        let mut t = format!("Plain client side, {upstream}");
+        t[..1].make_ascii_uppercase();
+        t
     }
 }

@@ -1,4 +1,4 @@
-//! One variant (plain or TLS upstream): all routes, all rounds.
+//! One variant (client side plain or TLS, upstream plain or TLS): all routes, all rounds.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::client::{Endpoint, Route};
 use crate::frames::Wire;
+use crate::haproxy::{HAPROXY_MAXPIPES, Haproxy, HaproxyConfig};
 use crate::knobs::{Knobs, Pinning, nofile_limits};
 use crate::nginx::{Nginx, NginxConfig, TempDir};
 use crate::origin::{Origin, OriginOptions};
@@ -24,6 +25,7 @@ pub(crate) struct PerRoute<T> {
     pub(crate) direct: Vec<T>,
     pub(crate) ours: Vec<T>,
     pub(crate) nginx: Vec<T>,
+    pub(crate) haproxy: Vec<T>,
 }
 
 impl<T> Default for PerRoute<T> {
@@ -32,6 +34,7 @@ impl<T> Default for PerRoute<T> {
             direct: Vec::new(),
             ours: Vec::new(),
             nginx: Vec::new(),
+            haproxy: Vec::new(),
         }
     }
 }
@@ -42,6 +45,7 @@ impl<T> PerRoute<T> {
             Route::Direct => &self.direct,
             Route::Ours => &self.ours,
             Route::Nginx => &self.nginx,
+            Route::Haproxy => &self.haproxy,
         }
     }
 
@@ -50,17 +54,25 @@ impl<T> PerRoute<T> {
             Route::Direct => self.direct.push(v),
             Route::Ours => self.ours.push(v),
             Route::Nginx => self.nginx.push(v),
+            Route::Haproxy => self.haproxy.push(v),
         }
     }
 }
 
 pub(crate) struct VariantResults {
+    /// TLS between the proxies and the origin.
     pub(crate) tls: bool,
+    /// TLS between the client and the proxies (our TLS_CERT_FILE, nginx `listen ssl`,
+    /// HAProxy `bind ssl`).
+    pub(crate) client_tls: bool,
     pub(crate) down: PerRoute<Transfer>,
     pub(crate) up: PerRoute<Transfer>,
     pub(crate) rtt: PerRoute<Latency>,
     pub(crate) conc: PerRoute<Latency>,
     pub(crate) news: PerRoute<Latency>,
+    /// Client-TLS variants: new sessions with full handshakes only (no client session cache);
+    /// `news` then holds the ones that resume.
+    pub(crate) news_full: PerRoute<Latency>,
     pub(crate) idle: PerRoute<Idle>,
     /// Settled RSS (KiB) of an nginx worker at start with worker_connections 1024 and with the
     /// idle-sized value: the difference is the connection slots nginx preallocates.
@@ -68,7 +80,7 @@ pub(crate) struct VariantResults {
     pub(crate) nginx_start_big: u64,
     pub(crate) nginx_big_connections: usize,
     /// TLS handshakes at the origin: (resumed, all) per route, over the whole variant.
-    pub(crate) tls_resumed: [(Route, usize, usize); 3],
+    pub(crate) tls_resumed: [(Route, usize, usize); 4],
     /// Proxy log and nginx error log lines worth reading.
     pub(crate) nginx_log: Vec<String>,
     pub(crate) ours_peak_kib: u64,
@@ -82,12 +94,19 @@ pub(crate) fn run_variant(
     knobs: &Knobs,
     wire: &Arc<Wire>,
     nginx_bin: &Path,
+    haproxy_bin: &Path,
     tls: bool,
+    client_tls: bool,
 ) -> Res<VariantResults> {
-    let label = if tls { "TLS" } else { "plain" };
-    let pki = tls.then(pki::TestPki::new);
+    let label = match (client_tls, tls) {
+        (false, false) => "plain",
+        (false, true) => "TLS upstream",
+        (true, false) => "TLS client",
+        (true, true) => "TLS both",
+    };
+    let pki = (tls || client_tls).then(pki::TestPki::new);
     let sa_dir = TempDir::new("sa")?;
-    let origin_tls = match &pki {
+    let origin_tls = match pki.as_ref().filter(|_| tls) {
         Some(p) => Some(
             p.server_tls()
                 .server_config()
@@ -109,7 +128,29 @@ pub(crate) fn run_variant(
     ];
     proxy_env.extend(knobs.proxy_env.iter().cloned());
     let mut nginx_tls = None;
-    if let Some(p) = &pki {
+    // The listeners' certificate: one ECDSA P-256 pair for 127.0.0.1 from the test CA, the
+    // same files for the three proxies.
+    let mut listen_tls = None;
+    let mut listen_pem = None;
+    if let Some(p) = pki.as_ref().filter(|_| client_tls) {
+        let issued = p.issue_pem(pki::KeyKind::EcdsaP256, 4_102_444_800);
+        let (cert, key, both) = (
+            sa_dir.0.join("listen.crt"),
+            sa_dir.0.join("listen.key"),
+            sa_dir.0.join("listen.pem"),
+        );
+        std::fs::write(&cert, &issued.cert_pem)
+            .and_then(|_| std::fs::write(&key, &issued.key_pem))
+            .and_then(|_| std::fs::write(&both, format!("{}{}", issued.cert_pem, issued.key_pem)))
+            .map_err(|e| format!("write the listener's certificate: {e}"))?;
+        proxy_env.extend([
+            ("TLS_CERT_FILE".into(), cert.display().to_string()),
+            ("TLS_KEY_FILE".into(), key.display().to_string()),
+        ]);
+        listen_tls = Some((cert, key));
+        listen_pem = Some(both);
+    }
+    if let Some(p) = pki.as_ref().filter(|_| tls) {
         let ca = sa_dir.0.join("ca.crt");
         p.write_ca(&ca).map_err(|e| format!("write ca.crt: {e}"))?;
         std::fs::write(sa_dir.0.join("token"), SA_TOKEN)
@@ -146,6 +187,7 @@ pub(crate) fn run_variant(
         bin: nginx_bin.to_path_buf(),
         origin: origin.addr,
         tls: nginx_tls,
+        listen_tls,
         worker_connections: wc,
         // A master without CAP_SYS_RESOURCE cannot raise the worker's limit above the hard
         // limit (nginx logs an [alert] when it tries).
@@ -157,28 +199,76 @@ pub(crate) fn run_variant(
         extra: knobs.nginx_directives.clone(),
     };
 
+    let haproxy_maxconn = knobs.idle.max(knobs.conc).max(knobs.scale.peak()) + 256;
+    let haproxy_cfg = HaproxyConfig {
+        bin: haproxy_bin.to_path_buf(),
+        origin: origin.addr,
+        tls: nginx_cfg.tls.clone(),
+        listen_pem,
+        maxconn: haproxy_maxconn,
+        // Two descriptors per session, HAProxy's splice pipes (two each) and a margin.
+        ulimit_n: {
+            let want = 2 * (haproxy_maxconn + HAPROXY_MAXPIPES) as u64 + 512;
+            if may_exceed_hard {
+                want
+            } else {
+                want.min(hard)
+            }
+        },
+    };
+
     let mut ours = ProxyProcess::start(&proxy_env, &knobs.loglevel)?;
     let mut nginx = Nginx::start(&nginx_cfg)?;
+    let mut haproxy = Haproxy::start(&haproxy_cfg)?;
     eprintln!(
-        "bench nginx [{label}]: origin {} | ours pid {} on {} | nginx master {} worker {} on {}",
+        "bench nginx [{label}]: origin {} | ours pid {} on {} | nginx master {} worker {} on {} \
+         | haproxy pid {} on {}",
         origin.addr,
         ours.pid(),
         ours.addr,
         nginx.master(),
         nginx.worker,
-        nginx.addr
+        nginx.addr,
+        haproxy.pid(),
+        haproxy.addr
     );
-    // Processes started from here on (fresh proxies and nginx for the idle workload) inherit
-    // the bench's placement.
-    let pinned = Pinning::apply(knobs.pin, &[ours.pid(), nginx.worker]);
-    let client_tls = pki.as_ref().map(|p| p.client_config());
-    let endpoint = |route: Route, addr: SocketAddr| Endpoint {
+    // Processes started from here on (fresh proxies, nginx and HAProxy for the idle workload)
+    // inherit the bench's placement.
+    let pinned = Pinning::apply(knobs.pin, &[ours.pid(), nginx.worker, haproxy.pid()]);
+    // One client configuration per route (and per kind of handshake), each with its own
+    // session cache: rustls keys the cache by server name, the same 127.0.0.1 for all.
+    let client_config = |resume: bool| {
+        pki.as_ref().map(|p| {
+            let mut cfg = (*p.client_config()).clone();
+            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+            if !resume {
+                cfg.resumption = rustls::client::Resumption::disabled();
+            }
+            Arc::new(cfg)
+        })
+    };
+    let configs: Vec<(Route, Option<Arc<rustls::ClientConfig>>)> = Route::ALL
+        .iter()
+        .map(|&r| (r, client_config(true)))
+        .collect();
+    let full_configs: Vec<(Route, Option<Arc<rustls::ClientConfig>>)> = Route::ALL
+        .iter()
+        .map(|&r| (r, client_config(false)))
+        .collect();
+    let config_for = |route: Route, resume: bool| {
+        let list = if resume { &configs } else { &full_configs };
+        list.iter()
+            .find(|(r, _)| *r == route)
+            .and_then(|(_, c)| c.clone())
+    };
+    let endpoint_with = |route: Route, addr: SocketAddr, resume: bool| Endpoint {
         route,
         addr,
-        tls: if route == Route::Direct {
-            client_tls.clone()
-        } else {
-            None
+        tls: match route {
+            Route::Direct if tls => config_for(route, resume),
+            Route::Direct => None,
+            _ if client_tls => config_for(route, resume),
+            _ => None,
         },
         bearer: if route == Route::Direct && tls {
             Some(SA_TOKEN.into())
@@ -187,13 +277,17 @@ pub(crate) fn run_variant(
         },
     };
 
+    let endpoint = |route: Route, addr: SocketAddr| endpoint_with(route, addr, true);
+
     let mut res = VariantResults {
         tls,
+        client_tls,
         down: PerRoute::default(),
         up: PerRoute::default(),
         rtt: PerRoute::default(),
         conc: PerRoute::default(),
         news: PerRoute::default(),
+        news_full: PerRoute::default(),
         idle: PerRoute::default(),
         nginx_start_small: 0,
         nginx_start_big: 0,
@@ -201,6 +295,7 @@ pub(crate) fn run_variant(
         tls_resumed: [
             (Route::Ours, 0, 0),
             (Route::Nginx, 0, 0),
+            (Route::Haproxy, 0, 0),
             (Route::Direct, 0, 0),
         ],
         nginx_log: Vec::new(),
@@ -211,9 +306,10 @@ pub(crate) fn run_variant(
     let mut resumed = PerRoute::<(usize, usize)>::default();
     for round in 0..knobs.rounds {
         let order = Route::rotation(round);
-        let (ours_ep, nginx_ep) = (
+        let (ours_ep, nginx_ep, haproxy_ep) = (
             endpoint(Route::Ours, ours.addr),
             endpoint(Route::Nginx, nginx.addr),
+            endpoint(Route::Haproxy, haproxy.addr),
         );
         let direct_ep = endpoint(Route::Direct, origin.addr);
         let pick = |r: Route| -> (&Endpoint, Meter) {
@@ -221,6 +317,7 @@ pub(crate) fn run_variant(
                 Route::Direct => (&direct_ep, Meter(None)),
                 Route::Ours => (&ours_ep, Meter(Some(ours.pid()))),
                 Route::Nginx => (&nginx_ep, Meter(Some(nginx.worker))),
+                Route::Haproxy => (&haproxy_ep, Meter(Some(haproxy.pid()))),
             }
         };
         let step = |what: &str| {
@@ -247,10 +344,10 @@ pub(crate) fn run_variant(
         }
         step("concurrent sessions");
         for r in order {
-            if r == Route::Direct && tls {
+            let (ep, m) = pick(r);
+            if ep.tls.is_some() {
                 continue; // the mio client speaks plain TCP only
             }
-            let (ep, m) = pick(r);
             res.conc
                 .push(r, concurrent(ep, m, knobs.conc, knobs.conc_trips, &origin)?);
         }
@@ -261,15 +358,20 @@ pub(crate) fn run_variant(
             res.news
                 .push(r, new_sessions(ep, m, knobs.new_sessions, &origin)?);
             let after = origin.stats.resumed();
-            let acc = match r {
-                Route::Direct => &mut resumed.direct,
-                Route::Ours => &mut resumed.ours,
-                Route::Nginx => &mut resumed.nginx,
-            };
-            acc.push((after.0 - before.0, after.1 - before.1));
+            resumed.push(r, (after.0 - before.0, after.1 - before.1));
+        }
+        if client_tls {
+            step("new sessions, full TLS handshakes");
+            for r in order {
+                let (ep, m) = pick(r);
+                let full = endpoint_with(r, ep.addr, false);
+                res.news_full
+                    .push(r, new_sessions(&full, m, knobs.new_sessions, &origin)?);
+            }
         }
         ours.check_alive()?;
         nginx.check_alive()?;
+        haproxy.check_alive()?;
         step("idle sessions (fresh processes)");
         for r in order {
             match r {
@@ -300,6 +402,14 @@ pub(crate) fn run_variant(
                     fresh.check_alive()?;
                     res.nginx_log.extend(fresh.serious_log_lines());
                 }
+                Route::Haproxy => {
+                    let mut fresh = Haproxy::start(&haproxy_cfg)?;
+                    let ep = endpoint(Route::Haproxy, fresh.addr);
+                    res.idle
+                        .push(r, idle_sessions(&ep, fresh.pid(), knobs.idle, &origin)?);
+                    fresh.check_alive()?;
+                    res.nginx_log.extend(fresh.serious_log_lines());
+                }
             }
         }
         if knobs.scale.on && !tls {
@@ -316,25 +426,27 @@ pub(crate) fn run_variant(
     }
     ours.check_alive()?;
     nginx.check_alive()?;
+    haproxy.check_alive()?;
     // The scaling section is about using more than one CPU: undo the placement first (the
     // processes it starts then inherit the bench's restored affinity).
     drop(pinned);
-    if knobs.scaling && !tls {
+    if knobs.scaling && !tls && !client_tls {
         res.scaling = Some(run_scaling(knobs, &proxy_env, &endpoint, &origin)?);
     }
     origin.stats.check()?;
     res.ours_peak_kib = status_kib(ours.pid(), "VmHWM")?;
     res.nginx_log.extend(nginx.serious_log_lines());
+    res.nginx_log.extend(haproxy.serious_log_lines());
     for line in res.nginx_log.iter().take(10) {
         eprintln!("nginx error.log: {line}");
     }
     if res.nginx_log.iter().any(|l| {
-        ["[crit]", "[alert]", "[emerg]"]
+        ["[crit]", "[alert]", "[emerg]", "[ALERT]"]
             .iter()
             .any(|t| l.contains(t))
     }) {
         return Err(format!(
-            "nginx logged critical errors, e.g. {}",
+            "nginx or haproxy logged critical errors, e.g. {}",
             res.nginx_log[0]
         ));
     }

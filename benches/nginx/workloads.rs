@@ -116,6 +116,8 @@ pub(crate) struct Latency {
     pub(crate) samples: Vec<u64>,
     pub(crate) cpu: Cpu,
     pub(crate) elapsed: Duration,
+    /// Sessions whose TLS handshake with the client resumed (new sessions over TLS only).
+    pub(crate) resumed: usize,
 }
 
 /// `n` sequential 32-byte round trips on one session per route, the routes taking turns in
@@ -134,6 +136,7 @@ pub(crate) fn round_trips(routes: &[(&Endpoint, Meter)], n: usize) -> Res<Vec<(R
             samples: Vec::with_capacity(n),
             cpu: Cpu::default(),
             elapsed: Duration::ZERO,
+            resumed: 0,
         };
         sessions.push((r, *meter, c, lat));
     }
@@ -358,6 +361,7 @@ pub(crate) fn concurrent(
         samples,
         cpu,
         elapsed,
+        resumed: 0,
     })
 }
 
@@ -386,17 +390,19 @@ pub(crate) fn new_sessions(ep: &Endpoint, meter: Meter, m: usize, origin: &Origi
         let (ep, work, next, barrier) = (ep.clone(), work.clone(), next.clone(), barrier.clone());
         let h = thread::Builder::new()
             .name("new-sessions".into())
-            .spawn(move || -> Res<Vec<u64>> {
+            .spawn(move || -> Res<(Vec<u64>, usize)> {
                 barrier.wait();
                 let mut samples = Vec::new();
+                let mut resumed = 0;
                 // Bounded: each pass takes one of the m sessions.
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some((vmi, token)) = work.get(i) else {
-                        return Ok(samples);
+                        return Ok((samples, resumed));
                     };
                     let t = Instant::now();
                     let mut c = ep.open(vmi, token.as_deref())?;
+                    resumed += usize::from(c.resumed);
                     c.echo(i as u64)?;
                     c.close()?;
                     samples.push(t.elapsed().as_nanos() as u64);
@@ -409,10 +415,14 @@ pub(crate) fn new_sessions(ep: &Endpoint, meter: Meter, m: usize, origin: &Origi
     barrier.wait();
     let t0 = Instant::now();
     let mut samples = Vec::with_capacity(m);
+    let mut resumed = 0;
     let mut first_error = None;
     for h in handles {
         match h.join() {
-            Ok(Ok(s)) => samples.extend(s),
+            Ok(Ok((s, n))) => {
+                samples.extend(s);
+                resumed += n;
+            }
             Ok(Err(e)) => first_error = first_error.or(Some(e)),
             Err(_) => first_error = first_error.or(Some("a client thread panicked".into())),
         }
@@ -427,6 +437,7 @@ pub(crate) fn new_sessions(ep: &Endpoint, meter: Meter, m: usize, origin: &Origi
         samples,
         cpu,
         elapsed,
+        resumed,
     })
 }
 
