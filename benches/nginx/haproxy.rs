@@ -9,11 +9,9 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
 
 use crate::nginx::TempDir;
-use crate::process::{free_port, signal, wait_listening};
+use crate::process::{free_port, terminate, wait_listening};
 use crate::{KUBEVIRT_PREFIX, Res};
 
 /// Kernel pipes HAProxy may keep for splicing (`maxpipes`). Its default, a quarter of
@@ -203,15 +201,7 @@ impl Haproxy {
 impl Drop for Haproxy {
     fn drop(&mut self) {
         // SIGUSR1 is a soft stop (waits for sessions); SIGTERM stops at once.
-        signal(self.pid(), "TERM");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                break;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let pid = self.pid();
+        terminate(&mut self.child, pid);
     }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::process::{free_port, signal, wait_listening};
+use crate::process::{free_port, signal, terminate, wait_listening};
 use crate::support::procfs::stat_fields;
 use crate::{KUBEVIRT_PREFIX, Res, START_TIMEOUT};
 
@@ -307,16 +307,8 @@ impl Nginx {
 impl Drop for Nginx {
     fn drop(&mut self) {
         // SIGTERM: fast shutdown, the master stops its worker and exits.
-        signal(self.master(), "TERM");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                break;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let master = self.master();
+        terminate(&mut self.child, master);
         // A worker orphaned by a killed master would otherwise keep running.
         if std::fs::read(format!("/proc/{}/cmdline", self.worker))
             .is_ok_and(|c| String::from_utf8_lossy(&c).contains("nginx"))

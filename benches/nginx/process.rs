@@ -80,6 +80,21 @@ pub(crate) fn wait_listening(addr: SocketAddr, mut alive: impl FnMut() -> Res<()
     ))
 }
 
+/// Stops `child` (whose PID is `pid`) with SIGTERM, waits up to 5 s for it
+/// to exit, then kills it; reaped either way.
+pub(crate) fn terminate(child: &mut std::process::Child, pid: u32) {
+    signal(pid, "TERM");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if !matches!(child.try_wait(), Ok(None)) {
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Sends a signal by PID with kill(1) (no libc binding in this crate).
 pub(crate) fn signal(pid: u32, sig: &str) {
     let _ = Command::new("kill")

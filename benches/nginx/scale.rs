@@ -48,7 +48,7 @@ use crate::process::Cpu;
 use crate::support::knobs::env_num;
 use crate::support::stats::{median, percentile_us};
 use crate::variant::VariantResults;
-use crate::workloads::Meter;
+use crate::workloads::{Meter, echo_request, write_pending};
 use crate::{ECHO_LEN, FD_RESERVE, IO_TIMEOUT, MAX_HEAD, NEW_THREADS, NS, Res, tokens};
 
 /// The HMAC key of the flood's tokens: not the proxy's, so every one fails the signature check.
@@ -331,30 +331,13 @@ impl ASession {
 
     fn send_next(&mut self, id: usize) -> Res<()> {
         let seq = self.seq(id);
-        self.pending.clear();
-        push_frame(
-            &mut self.pending,
-            0x82,
-            &echo_payload(seq),
-            Some(mask_for(seq)),
-        );
+        echo_request(&mut self.pending, seq);
         self.sent_at = Instant::now();
         self.flush()
     }
 
     fn flush(&mut self) -> Res<()> {
-        while !self.pending.is_empty() {
-            match self.sock.write(&self.pending) {
-                Ok(0) => return Err("send: wrote nothing".into()),
-                Ok(n) => {
-                    self.pending.drain(..n);
-                }
-                Err(e) if would_block(&e) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(format!("send: {e}")),
-            }
-        }
-        Ok(())
+        write_pending(&mut self.sock, &mut self.pending).map_err(|e| format!("send: {e}"))
     }
 
     /// Reads what has arrived (until WouldBlock); `Ok(true)` at EOF.

@@ -187,32 +187,37 @@ pub(crate) const ECHO_REPLY: usize = 2 + ECHO_LEN;
 
 impl CSession {
     pub(crate) fn send_next(&mut self, id: usize) -> io::Result<()> {
-        let seq = ((id as u64) << 32) | self.done as u64;
-        self.pending.clear();
-        push_frame(
-            &mut self.pending,
-            0x82,
-            &echo_payload(seq),
-            Some(mask_for(seq)),
-        );
+        echo_request(&mut self.pending, ((id as u64) << 32) | self.done as u64);
         self.sent_at = Instant::now();
         self.flush()
     }
 
     pub(crate) fn flush(&mut self) -> io::Result<()> {
-        while !self.pending.is_empty() {
-            match self.sock.write(&self.pending) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.pending.drain(..n);
-                }
-                Err(e) if would_block(&e) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        write_pending(&mut self.sock, &mut self.pending)
     }
+}
+
+/// Replace `pending` with the masked echo request numbered `seq`.
+pub(crate) fn echo_request(pending: &mut Vec<u8>, seq: u64) {
+    pending.clear();
+    push_frame(pending, 0x82, &echo_payload(seq), Some(mask_for(seq)));
+}
+
+/// Write as much of `pending` as the non-blocking `sock` takes (the rest
+/// waits for its writable event).
+pub(crate) fn write_pending(sock: &mut impl Write, pending: &mut Vec<u8>) -> io::Result<()> {
+    while !pending.is_empty() {
+        match sock.write(pending) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                pending.drain(..n);
+            }
+            Err(e) if would_block(&e) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// `k` sessions, each doing `trips` sequential round trips, all at once, from one mio thread.
