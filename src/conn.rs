@@ -257,7 +257,8 @@ impl<S: Transport> Conn<S> {
         self.tls.as_ref().is_some_and(|t| t.wants_write())
     }
 
-    /// Push buffered TLS records to the socket while it accepts them.
+    /// Push buffered TLS records to the socket while it accepts them
+    /// (nothing to do, and no system call, without TLS or when none wait).
     pub fn flush(&mut self) -> io::Result<()> {
         self.flush_tls()
     }

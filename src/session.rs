@@ -1066,7 +1066,11 @@ impl<S: Transport> Session<S> {
         // A TLS client refused before its handshake finished (the per-IP
         // limit refuses at accept) is answered once the handshake is done:
         // reading drives it (bounded, as in `gather`); a request arriving
-        // behind it is dropped.
+        // behind it is dropped. Handshake records the socket did not take
+        // go out first: the event that lets them may say nothing of reading.
+        if self.client.flush().is_err() {
+            return State::Done(None);
+        }
         for _ in 0..64 {
             if !self.client.is_handshaking() || !self.client.can_read() {
                 break;
@@ -1091,7 +1095,7 @@ impl<S: Transport> Session<S> {
             }
         }
         // With TLS, rustls may still hold records the socket did not take.
-        if self.client.has_pending_output() && self.client.flush().is_err() {
+        if self.client.flush().is_err() {
             return State::Done(None);
         }
         if written == out.len() && !self.client.has_pending_output() {
@@ -1245,9 +1249,7 @@ fn gather<S: Transport>(
 ) -> Gathered {
     // TLS handshake records the socket did not take yet: the event that
     // says it takes them now may say nothing about reading.
-    if conn.has_pending_output()
-        && let Err(e) = conn.flush()
-    {
+    if let Err(e) = conn.flush() {
         return Gathered::Failed(e);
     }
     // Bounded: a head is at most `max` bytes, and a read that brought
