@@ -33,6 +33,12 @@ pub(crate) trait Transport: Read + Write + Sized {
     fn set_nodelay(&self) -> io::Result<()>;
     /// Send FIN: nothing more will be written (best effort).
     fn shutdown_write(&mut self);
+    /// A write whose bytes may wait in the kernel for what follows at once
+    /// (`MSG_MORE`): the caller sends its FIN next, which then leaves in the
+    /// same segment as these bytes.
+    fn write_before_fin(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write(buf)
+    }
 }
 
 impl Transport for TcpStream {
@@ -55,6 +61,14 @@ impl Transport for TcpStream {
     }
     fn shutdown_write(&mut self) {
         let _ = self.shutdown(Shutdown::Write);
+    }
+    fn write_before_fin(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // MSG_MORE holds a last partial segment back until the next send,
+        // and close() or shutdown() tack the FIN onto it (tcp_send_fin): one
+        // segment, one wake-up of the peer, one ACK, where a separate FIN
+        // costs each twice. MSG_NOSIGNAL as std's own send: a gone peer is an
+        // EPIPE error, not a signal.
+        socket2::SockRef::from(&*self).send_with_flags(buf, libc::MSG_MORE | libc::MSG_NOSIGNAL)
     }
 }
 
@@ -110,6 +124,10 @@ pub(crate) struct Conn<S = TcpStream> {
     pub read_closed: bool,
     /// An event reported an error on the socket (e.g. a refused connect).
     pub error_seen: bool,
+    /// A plain read emptied the socket after its FIN was known to be queued
+    /// (`read_closed`, no error): the next read would return 0, so it need
+    /// not be spent.
+    drained_to_fin: bool,
     /// rustls may hold decrypted bytes not yet read out (so the connection
     /// is readable even though the socket is drained).
     tls_plaintext: bool,
@@ -129,6 +147,7 @@ impl<S: Transport> Conn<S> {
             writable: false,
             read_closed: false,
             error_seen: false,
+            drained_to_fin: false,
             tls_plaintext: false,
         }
     }
@@ -161,7 +180,7 @@ impl<S: Transport> Conn<S> {
     /// One read of decrypted (or plain) bytes.
     pub fn read(&mut self, buf: &mut [u8]) -> Io {
         if self.tls.is_none() {
-            return plain_read(&mut self.stream, &mut self.readable, self.read_closed, buf);
+            return self.read_socket(buf);
         }
         // Handshake records that met a full socket go out first: a session
         // waiting for the client's next flight only reads, and would
@@ -227,7 +246,17 @@ impl<S: Transport> Conn<S> {
     /// One read of the socket itself, bypassing TLS (for input that is
     /// only dropped), with the short-read rule of plain reads.
     pub fn read_socket(&mut self, buf: &mut [u8]) -> Io {
-        plain_read(&mut self.stream, &mut self.readable, self.read_closed, buf)
+        let io = plain_read(&mut self.stream, &mut self.readable, self.read_closed, buf);
+        if let Io::Done(n) = io {
+            self.drained_to_fin = n < buf.len() && self.read_closed && !self.error_seen;
+        }
+        io
+    }
+
+    /// True when the socket holds nothing but the peer's FIN (see
+    /// `drained_to_fin`); always false with TLS, whose end is rustls' to say.
+    pub fn drained_to_fin(&self) -> bool {
+        self.drained_to_fin && self.tls.is_none()
     }
 
     /// One write of plaintext. With TLS, `Done(n)` means rustls took `n`
@@ -250,6 +279,16 @@ impl<S: Transport> Conn<S> {
             return Io::Failed(e);
         }
         if n == 0 { Io::WouldBlock } else { Io::Done(n) }
+    }
+
+    /// A write of the last bytes before a FIN the caller sends right after
+    /// (shutdown or close, in the same pass): plain TCP may then send them
+    /// in one segment with the FIN. With TLS the same as `write`.
+    pub fn write_before_fin(&mut self, buf: &[u8]) -> Io {
+        if self.tls.is_some() {
+            return self.write(buf);
+        }
+        plain_io(|| self.stream.write_before_fin(buf), &mut self.writable)
     }
 
     /// True when bytes accepted earlier still wait to reach the socket.
@@ -328,8 +367,12 @@ fn plain_read(
 }
 
 fn plain_write(stream: &mut impl Write, writable: &mut bool, buf: &[u8]) -> Io {
+    plain_io(|| stream.write(buf), writable)
+}
+
+fn plain_io(mut write: impl FnMut() -> io::Result<usize>, writable: &mut bool) -> Io {
     for _ in 0..2 {
-        match stream.write(buf) {
+        match write() {
             Ok(0) => return Io::Failed(io::ErrorKind::WriteZero.into()),
             Ok(n) => return Io::Done(n),
             Err(e) if would_block(&e) => {

@@ -301,6 +301,10 @@ impl Pipe {
     /// source cannot be read and nothing can be written (or given back).
     /// Inlined so that the idle direction of every event costs a few
     /// comparisons, not a call into the pump.
+    ///
+    /// `fin_follows`: should this pump write the last bytes this direction
+    /// owes, `dst` gets its FIN in the same pass (the relay is over), so
+    /// those bytes may wait for it and leave in one segment.
     #[inline(always)]
     pub fn pump_if_due<S: Transport>(
         &mut self,
@@ -309,11 +313,12 @@ impl Pipe {
         pool: &mut BufferPool,
         budget: usize,
         now: Instant,
+        fin_follows: bool,
     ) -> Pump {
         let readable = !self.ended() && src.can_read();
         let idle_buffer = self.buf.as_ref().is_some_and(Buffer::is_empty);
         if readable || (dst.writable && self.owes(dst)) || idle_buffer {
-            self.pump(src, dst, pool, budget, now)
+            self.pump(src, dst, pool, budget, now, fin_follows)
         } else {
             Pump::default()
         }
@@ -329,6 +334,7 @@ impl Pipe {
         pool: &mut BufferPool,
         budget: usize,
         now: Instant,
+        fin_follows: bool,
     ) -> Pump {
         let mut out = Pump::default();
         for _ in 0..budget {
@@ -392,8 +398,20 @@ impl Pipe {
                 }
                 self.ping.take_if(|p| p.done());
             }
+            // The source has ended and these are the last bytes owed.
+            let last = fin_follows
+                && self.ended()
+                && limit == self.ready
+                && self.inject.is_none()
+                && self.ping.is_none();
             if let Some(buf) = self.buf.as_mut().filter(|_| dst.writable && limit > 0) {
-                match dst.write(&buf.data()[..limit]) {
+                let data = &buf.data()[..limit];
+                let io = if last {
+                    dst.write_before_fin(data)
+                } else {
+                    dst.write(data)
+                };
+                match io {
                     Io::Done(n) => {
                         buf.consume(n);
                         self.ready -= n;

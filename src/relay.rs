@@ -193,8 +193,13 @@ impl Relay {
         let (up, down) = (&mut self.up, &mut self.down);
         // An event concerns one socket and usually one direction: the other
         // pipe is only pumped when it has something to do.
-        let a = up.pump_if_due(client, upstream, pool, PUMP_BUDGET, now);
-        let b = down.pump_if_due(upstream, client, pool, PUMP_BUDGET, now);
+        let a = up.pump_if_due(client, upstream, pool, PUMP_BUDGET, now, false);
+        // Once the client's side is finished, `down` finishing ends the relay
+        // and every way out of it (`Session::leave_relaying`) sends the client
+        // its FIN at once: the last bytes may wait for it. Not so upstream:
+        // after the client's close answer the session may linger without a
+        // FIN to the upstream, waiting for the server to close first.
+        let b = down.pump_if_due(upstream, client, pool, PUMP_BUDGET, now, up.finished());
         if let Some(e) = a.dst_failed {
             // Writing to the upstream failed: it is gone.
             debug!("session {}: upstream write failed: {e}", self.id);
@@ -565,6 +570,13 @@ pub(crate) mod tests {
         pub max_write: usize,
         /// The proxy shut its write side.
         pub fin: bool,
+        /// Bytes written with `write_before_fin` that a real socket may hold
+        /// back until the next write or the FIN.
+        pub held: bool,
+        /// How many writes were `write_before_fin`.
+        pub before_fin_writes: usize,
+        /// Reads that returned 0 (the peer's FIN seen).
+        pub eof_reads: usize,
     }
 
     #[derive(Debug, Clone)]
@@ -575,6 +587,7 @@ pub(crate) mod tests {
             let mut w = self.0.borrow_mut();
             if w.inbox.is_empty() {
                 return if w.eof {
+                    w.eof_reads += 1;
                     Ok(0)
                 } else {
                     Err(io::ErrorKind::WouldBlock.into())
@@ -602,6 +615,8 @@ pub(crate) mod tests {
             }
             w.room -= n;
             w.outbox.extend_from_slice(&buf[..n]);
+            // A write without MSG_MORE pushes out whatever was held.
+            w.held = false;
             Ok(n)
         }
         fn flush(&mut self) -> io::Result<()> {
@@ -636,7 +651,16 @@ pub(crate) mod tests {
             Ok(())
         }
         fn shutdown_write(&mut self) {
-            self.0.borrow_mut().fin = true;
+            let mut w = self.0.borrow_mut();
+            w.fin = true;
+            w.held = false;
+        }
+        fn write_before_fin(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = self.write(buf)?;
+            let mut w = self.0.borrow_mut();
+            w.held = true;
+            w.before_fin_writes += 1;
+            Ok(n)
         }
     }
 

@@ -1155,8 +1155,10 @@ impl<S: Transport> Session<S> {
     ) -> State<S> {
         let client_done =
             !self.client.readable || discard_input(&mut self.client, ctx.scratch) != Input::More;
-        let upstream_done =
-            upstream.readable && discard_input(&mut upstream, ctx.scratch) == Input::Eof;
+        // The upstream's last read may already have emptied the socket down
+        // to its FIN: then there is no need to read the 0.
+        let upstream_done = upstream.drained_to_fin()
+            || (upstream.readable && discard_input(&mut upstream, ctx.scratch) == Input::Eof);
         if client_done && upstream_done {
             // Closing the descriptors removes them from epoll (no other
             // handle to them exists), so no deregister call is spent.
@@ -1455,10 +1457,25 @@ mod tests {
         fn drive(&mut self) {
             for _ in 0..10_000 {
                 if !self.session.drive(&mut self.world.ctx()) {
+                    self.nothing_held();
                     return;
                 }
             }
             panic!("the session never settled");
+        }
+
+        /// Bytes written to wait for a FIN (MSG_MORE) never wait for an
+        /// event: by the time the session settles the FIN is sent, or the
+        /// session is done (the server closes its sockets at once).
+        fn nothing_held(&self) {
+            for (side, wire) in [("client", &self.client), ("upstream", &self.upstream)] {
+                let w = wire.borrow();
+                assert!(
+                    !w.held || w.fin || self.session.is_done(),
+                    "bytes held back from the {side} with no FIN to follow: {:?}",
+                    self.session.state
+                );
+            }
         }
 
         fn client_sends(&mut self, bytes: &[u8]) {
@@ -1549,6 +1566,12 @@ mod tests {
         rig.upstream.borrow_mut().eof = true;
         rig.upstream_sends(&frame(CLOSE, &1000u16.to_be_bytes(), None));
         assert!(rig.session.is_done(), "{:?}", rig.session.state);
+        // The close answer went to the client to leave with its FIN (one
+        // segment), and the upstream's FIN, known queued behind its close
+        // frame, cost no read of its own.
+        assert!(rig.client.borrow().before_fin_writes > 0);
+        assert_eq!(rig.upstream.borrow().before_fin_writes, 0);
+        assert_eq!(rig.upstream.borrow().eof_reads, 0);
         let Some(Event::Closed {
             end,
             client_close,
@@ -1561,6 +1584,32 @@ mod tests {
         assert_eq!(end, SessionEnd::Normal);
         assert_eq!((client_close, upstream_close), (Some(1000), Some(1000)));
         assert_eq!(rig.world.pool.in_use(), 0);
+    }
+
+    /// The upstream closes first: the client's close answer goes upstream
+    /// at once, not held back for a FIN (towards the upstream the proxy is
+    /// the client, which waits for the server's FIN), and the session ends
+    /// once both peers have closed.
+    #[test]
+    fn an_upstream_that_closes_first_gets_the_client_answer_at_once() {
+        let mut rig = Rig::new(in_an_hour());
+        rig.open();
+        let close = (CLOSE, 1000u16.to_be_bytes().to_vec());
+        rig.upstream_sends(&frame(CLOSE, &1000u16.to_be_bytes(), None));
+        assert_eq!(frames(&rig.client.borrow().outbox).0, vec![close.clone()]);
+        assert_eq!(rig.client.borrow().before_fin_writes, 0);
+        rig.client_sends(&frame(CLOSE, &1000u16.to_be_bytes(), Some(KEY)));
+        assert_eq!(frames(&rig.upstream.borrow().outbox).0, vec![close]);
+        assert_eq!(rig.upstream.borrow().before_fin_writes, 0);
+        assert!(matches!(rig.session.state, State::Lingering { .. }));
+        assert!(rig.client.borrow().fin && !rig.upstream.borrow().fin);
+        rig.upstream.borrow_mut().eof = true;
+        rig.event(Side::Upstream, true, false);
+        rig.drive();
+        rig.client.borrow_mut().eof = true;
+        rig.event(Side::Client, true, false);
+        rig.drive();
+        assert!(rig.session.is_done(), "{:?}", rig.session.state);
     }
 
     /// The token expires while relaying: the deadline the session asks for
