@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use common::tokens::{self, SECRET, lab_claims, mint_claims, now};
 use common::upstream::{self, pattern_vec};
-use common::{Behaviour as B, Harness, NS, StandInOptions, raw_request, upgrade_request};
+use common::{
+    Behaviour as B, Harness, NS, StandInOptions, raw_request, read_head, upgrade_request,
+};
 use jsonwebtoken::{Algorithm, Header};
 use kubevirt_vnc_proxy::KeyMaterial;
 use kubevirt_vnc_proxy::TokenSource;
@@ -46,21 +48,6 @@ fn status(h: &Harness, path: &str, extra: &str) -> (u16, String) {
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     (code, head)
-}
-
-fn read_head(s: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(
-            s.read(&mut b).unwrap(),
-            1,
-            "closed inside the head: {:?}",
-            String::from_utf8_lossy(&head)
-        );
-        head.push(b[0]);
-    }
-    String::from_utf8_lossy(&head).into_owned()
 }
 
 /// An upgraded raw socket (the 101 head consumed).

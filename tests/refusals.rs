@@ -377,3 +377,31 @@ fn a_client_that_leaves_while_the_upstream_is_silent_is_let_go_at_once() {
         "the proxy held the session until the upstream timeout"
     );
 }
+
+#[test]
+fn a_refusal_and_its_fin_reach_the_client_in_one_segment() {
+    // A refusal is all its connection carries, so the proxy writes it with MSG_MORE and the
+    // FIN leaves in the same segment. The request comes in two parts: the proxy's ACK of the
+    // first (delayed at most 200 ms) is in before the count starts; the second is ACKed at
+    // once (a new connection's first segments are acknowledged without delay), then the
+    // answer comes: two segments, three if the FIN came on its own.
+    use std::io::Read;
+    let h = Harness::start(B::Echo);
+    let mut s = TcpStream::connect(h.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /not-a-token HTTP/1.1\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let before = common::segments_in(&s);
+    s.write_all(b"Host: proxy\r\n\r\n").unwrap();
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).unwrap();
+    let after = common::segments_in(&s);
+    let answer = common::parse_answer(&all);
+    assert!((400..500).contains(&answer.status), "{answer:?}");
+    assert_eq!(
+        after - before,
+        2,
+        "the ACK, then the answer with the FIN: {} segments",
+        after - before
+    );
+}

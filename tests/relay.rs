@@ -342,29 +342,6 @@ fn a_last_frame_arriving_with_the_fin_is_relayed_and_ends_the_session() {
     );
 }
 
-/// Segments the kernel has received on `s` (TCP_INFO's `tcpi_segs_in`, Linux 4.2+).
-fn segments_in(s: &std::net::TcpStream) -> u32 {
-    use std::os::fd::AsRawFd;
-    // SAFETY: tcp_info is plain integers, for which all-zero bytes are a valid value.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: the descriptor is open for the borrow of `s`; the kernel writes at most `len`
-    // bytes into `info`, which is that large, and stores the length it wrote in `len`.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
-    let wanted = std::mem::offset_of!(libc::tcp_info, tcpi_segs_in) + 4;
-    assert!(len as usize >= wanted, "TCP_INFO without tcpi_segs_in");
-    info.tcpi_segs_in
-}
-
 #[test]
 fn the_close_answer_and_the_fin_reach_the_client_in_one_segment() {
     // After the close handshake the proxy closes the client's socket at once, so it writes the
@@ -379,13 +356,7 @@ fn the_close_answer_and_the_fin_reach_the_client_in_one_segment() {
     let upstream = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            assert_eq!(s.read(&mut byte).unwrap(), 1, "the proxy left mid-request");
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8(head).unwrap();
+        let head = common::read_head(&mut s);
         let key = head
             .lines()
             .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
@@ -418,21 +389,16 @@ fn the_close_answer_and_the_fin_reach_the_client_in_one_segment() {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let path = format!("/{}/vm-1", Harness::token(&["vm-1"]));
     s.write_all(&common::upgrade_request(&path, "")).unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).unwrap(), 1, "the proxy closed");
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101 "), "{head:?}");
+    let head = common::read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
     let mask = [7u8, 1, 8, 2];
     s.write_all(&[0x88, 0x82, 7, 1, 8, 2, 0x03 ^ mask[0], 0xe8 ^ mask[1]])
         .unwrap();
     std::thread::sleep(Duration::from_millis(400));
-    let before = segments_in(&s);
+    let before = common::segments_in(&s);
     let mut rest = Vec::new();
     s.read_to_end(&mut rest).unwrap();
-    let after = segments_in(&s);
+    let after = common::segments_in(&s);
     assert_eq!(rest, [0x88, 0x02, 0x03, 0xe8]);
     assert_eq!(
         after - before,

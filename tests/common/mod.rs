@@ -522,3 +522,42 @@ pub fn stall_then_read_all(
     assert_eq!(sum, whole, "checksum of the relayed stream");
     (flowing, peak)
 }
+
+/// Segments the kernel has received on `s` (TCP_INFO's `tcpi_segs_in`, Linux 4.2+).
+pub fn segments_in(s: &std::net::TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain integers, for which all-zero bytes are a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the descriptor is open for the borrow of `s`; the kernel writes at most `len`
+    // bytes into `info`, which is that large, and stores the length it wrote in `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    let wanted = std::mem::offset_of!(libc::tcp_info, tcpi_segs_in) + 4;
+    assert!(len as usize >= wanted, "TCP_INFO without tcpi_segs_in");
+    info.tcpi_segs_in
+}
+
+/// Read an HTTP head byte by byte (nothing after it is consumed).
+pub fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            s.read(&mut b).unwrap(),
+            1,
+            "closed inside the head: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(b[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
