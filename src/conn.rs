@@ -128,6 +128,9 @@ pub(crate) struct Conn<S = TcpStream> {
     /// (`read_closed`, no error): the next read would return 0, so it need
     /// not be spent.
     drained_to_fin: bool,
+    /// Bytes went out with `write_before_fin` and no write or FIN since:
+    /// the kernel may still hold them for the FIN.
+    held_for_fin: bool,
     /// rustls may hold decrypted bytes not yet read out (so the connection
     /// is readable even though the socket is drained).
     tls_plaintext: bool,
@@ -148,6 +151,7 @@ impl<S: Transport> Conn<S> {
             read_closed: false,
             error_seen: false,
             drained_to_fin: false,
+            held_for_fin: false,
             tls_plaintext: false,
         }
     }
@@ -263,7 +267,12 @@ impl<S: Transport> Conn<S> {
     /// bytes; they reach the wire as the socket accepts them (see `flush`).
     pub fn write(&mut self, buf: &[u8]) -> Io {
         if self.tls.is_none() {
-            return plain_write(&mut self.stream, &mut self.writable, buf);
+            let io = plain_write(&mut self.stream, &mut self.writable, buf);
+            // An ordinary send pushes out whatever was held before it.
+            if matches!(io, Io::Done(_)) {
+                self.held_for_fin = false;
+            }
+            return io;
         }
         if let Err(e) = self.flush_tls() {
             return Io::Failed(e);
@@ -288,7 +297,27 @@ impl<S: Transport> Conn<S> {
         if self.tls.is_some() {
             return self.write(buf);
         }
-        plain_io(|| self.stream.write_before_fin(buf), &mut self.writable)
+        let io = plain_io(|| self.stream.write_before_fin(buf), &mut self.writable);
+        if matches!(io, Io::Done(_)) {
+            self.held_for_fin = true;
+        }
+        io
+    }
+
+    /// True when bytes written with `write_before_fin` may still wait in the
+    /// kernel for a FIN.
+    pub fn holds_for_fin(&self) -> bool {
+        self.held_for_fin
+    }
+
+    /// The FIN is not coming in this pass after all: send what the kernel
+    /// holds. Setting TCP_NODELAY (already set) pushes the pending segments
+    /// out (Linux: `tcp_push_pending_frames`); nothing to do, and no system
+    /// call, when nothing is held.
+    pub fn push_held(&mut self) {
+        if std::mem::take(&mut self.held_for_fin) {
+            let _ = self.stream.set_nodelay();
+        }
     }
 
     /// True when bytes accepted earlier still wait to reach the socket.
@@ -324,6 +353,7 @@ impl<S: Transport> Conn<S> {
 
     /// Say goodbye (TLS close_notify, best effort) and shut the write side.
     pub fn shutdown_write(&mut self) {
+        self.held_for_fin = false;
         if let Some(tls) = self.tls.as_mut() {
             tls.send_close_notify();
             let _ = self.flush_tls();

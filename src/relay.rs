@@ -194,12 +194,16 @@ impl Relay {
         // An event concerns one socket and usually one direction: the other
         // pipe is only pumped when it has something to do.
         let a = up.pump_if_due(client, upstream, pool, PUMP_BUDGET, now, false);
-        // Once the client's side is finished, `down` finishing ends the relay
-        // and every way out of it (`Session::leave_relaying`) sends the client
-        // its FIN at once: the last bytes may wait for it. Not so upstream:
-        // after the client's close answer the session may linger without a
-        // FIN to the upstream, waiting for the server to close first.
-        let b = down.pump_if_due(upstream, client, pool, PUMP_BUDGET, now, up.finished());
+        // Once the client's side is finished with its close gone upstream and
+        // nothing left for the upstream's socket, no closing rule can give
+        // `up` new work: `down` finishing ends the relay, and every way out
+        // of it (`Session::leave_relaying`) sends the client its FIN at once,
+        // so the last bytes may wait for it (should the relay go on after
+        // all, `Session::relay` pushes them). Not so upstream: after the
+        // client's close answer the session may linger without a FIN to the
+        // upstream, waiting for the server to close first.
+        let fin_follows = up.finished() && up.close_sent() && !upstream.has_pending_output();
+        let b = down.pump_if_due(upstream, client, pool, PUMP_BUDGET, now, fin_follows);
         if let Some(e) = a.dst_failed {
             // Writing to the upstream failed: it is gone.
             debug!("session {}: upstream write failed: {e}", self.id);
@@ -648,6 +652,8 @@ pub(crate) mod tests {
             Ok(None)
         }
         fn set_nodelay(&self) -> io::Result<()> {
+            // As Linux does when TCP_NODELAY is set: held bytes go out.
+            self.0.borrow_mut().held = false;
             Ok(())
         }
         fn shutdown_write(&mut self) {

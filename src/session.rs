@@ -933,6 +933,10 @@ impl<S: Transport> Session<S> {
             .step(&mut self.client, &mut r.upstream, ctx.pool, ctx.now)
         {
             Step::Relaying { more } => {
+                // Bytes written to leave with the client's FIN, and the relay
+                // goes on (`Relay::pump`'s `fin_follows` guessed wrong): they
+                // must not wait for an event.
+                self.client.push_held();
                 self.deadline = r.relay.deadline();
                 more
             }
@@ -1147,8 +1151,9 @@ impl<S: Transport> Session<S> {
     /// nothing unread and the upstream's FIN is in, both close at once;
     /// otherwise the client gets its FIN now and the session lingers.
     /// "Nothing unread" is as of the last event: a client that sends after
-    /// its own close frame, racing this close, may get a reset instead of a
-    /// FIN (no more than it asked for: both close frames have gone by).
+    /// its own close frame, racing this close, may get a reset after its FIN
+    /// (no more than it asked for: both close frames have gone by, the last
+    /// one with a shutdown when it was held for the FIN).
     fn finish_closed(
         &mut self,
         ctx: &mut Ctx<'_>,
@@ -1162,6 +1167,13 @@ impl<S: Transport> Session<S> {
         let upstream_done = upstream.drained_to_fin()
             || (upstream.readable && discard_input(&mut upstream, ctx.scratch) == Input::Eof);
         if client_done && upstream_done {
+            // "Nothing unread" is as of the last event: should the client
+            // have sent more since, close() resets the connection and drops
+            // what the kernel still holds, so a close answer held for the FIN
+            // is sent with it now.
+            if self.client.holds_for_fin() {
+                self.client.shutdown_write();
+            }
             // Closing the descriptors removes them from epoll (no other
             // handle to them exists), so no deregister call is spent.
             return State::Done(closed);
@@ -1574,6 +1586,9 @@ mod tests {
         // segment), and the upstream's FIN, known queued behind its close
         // frame, cost no read of its own.
         assert!(rig.client.borrow().before_fin_writes > 0);
+        // ... and the FIN went with it before close(): a reset from close()
+        // (bytes the client sent after its close) cannot drop it.
+        assert!(rig.client.borrow().fin && !rig.client.borrow().held);
         assert_eq!(rig.upstream.borrow().before_fin_writes, 0);
         assert_eq!(rig.upstream.borrow().eof_reads, 0);
         let Some(Event::Closed {
@@ -1614,6 +1629,28 @@ mod tests {
         rig.event(Side::Client, true, false);
         rig.drive();
         assert!(rig.session.is_done(), "{:?}", rig.session.state);
+    }
+
+    /// The client breaks the protocol while the upstream's close arrives, in
+    /// one pass, and the upstream takes nothing: the client's side looked
+    /// finished before the closing rules gave it a close for the upstream,
+    /// which now waits. The upstream's close answer to the client must not
+    /// wait with it (`nothing_held`).
+    #[test]
+    fn a_close_answer_is_not_held_while_the_relay_goes_on() {
+        let mut rig = Rig::new(in_an_hour());
+        rig.open();
+        rig.upstream.borrow_mut().room = 0;
+        rig.upstream
+            .borrow_mut()
+            .inbox
+            .extend(frame(CLOSE, &1000u16.to_be_bytes(), None));
+        rig.event(Side::Upstream, true, false);
+        // Unmasked: a violation from a client.
+        rig.client_sends(&frame(BINARY, b"x", None));
+        assert!(rig.session.is_relaying(), "{:?}", rig.session.state);
+        assert!(!frames(&rig.client.borrow().outbox).0.is_empty());
+        assert!(!rig.client.borrow().held);
     }
 
     /// The token expires while relaying: the deadline the session asks for
