@@ -150,6 +150,11 @@ struct Requests {
 #[derive(Debug)]
 struct Shared {
     stop: AtomicBool,
+    /// Set by [`Handle::drain`] before it wakes the loop, and read by every
+    /// session before it starts an upstream dial: a pass already under way
+    /// when the drain is asked for (its events polled before) must not dial
+    /// for a request it reads after `drain` returned.
+    drain_requested: AtomicBool,
     waker: Waker,
     counters: Counters,
     requests: Mutex<Requests>,
@@ -265,11 +270,15 @@ impl Handle {
     }
 
     /// Stop gracefully: new sessions are refused at once (503, and
-    /// `/readyz` says not ready), open sessions run for up to `grace`, then
+    /// `/readyz` says not ready; no upstream dial starts once this has
+    /// returned, even in a pass of the loop that was already under way, and
+    /// a deferred decision that allows a session after it is a 503 too),
+    /// open sessions run for up to `grace`, then
     /// get close 1001 `going away`; the loop returns when all are closed,
     /// and at the latest [`SHUTDOWN_CLOSE_TIME`] after the grace (peers
     /// that have not finished their closing handshake by then are cut off).
     pub fn drain(&self, grace: Duration) {
+        self.shared.drain_requested.store(true, Ordering::SeqCst);
         self.shared.requests().drain = Some(grace);
         self.shared.wake();
     }
@@ -749,6 +758,7 @@ impl Proxy {
             signals,
             shared: Arc::new(Shared {
                 stop: AtomicBool::new(false),
+                drain_requested: AtomicBool::new(false),
                 waker,
                 counters: Counters::default(),
                 requests: Mutex::new(Requests::default()),
@@ -1132,7 +1142,6 @@ impl Proxy {
 
     fn ctx(&mut self, now: Instant) -> (&mut Slab<Session>, Ctx<'_>) {
         let draining = self.draining();
-        let not_ready = draining.then(|| "shutting down".to_owned());
         let gauges = self.gauges();
         self.metrics.limits_hit = self.shared.counters.limits_hit.load(Ordering::Relaxed);
         (
@@ -1144,7 +1153,7 @@ impl Proxy {
                 authorizer: self.authorizer.as_mut(),
                 events: &mut self.pending_events,
                 draining,
-                not_ready,
+                drain_requested: &self.shared.drain_requested,
                 metrics: &mut self.metrics,
                 gauges,
                 workers: &self.workers,

@@ -13,6 +13,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use log::{debug, error, info};
@@ -50,10 +51,11 @@ pub(crate) struct Ctx<'a> {
     pub authorizer: &'a mut dyn Authorizer,
     /// Events produced while driving; the server hands them to observers.
     pub events: &'a mut Vec<Event>,
-    /// Shutting down: new sessions are refused with 503.
+    /// The loop is shutting down (a signal, or a drain it has taken in).
     pub draining: bool,
-    /// Why /readyz says no (draining, credentials), if it does.
-    pub not_ready: Option<String>,
+    /// A drain asked for through a handle, seen before the loop takes it
+    /// in (see [`Ctx::draining`]).
+    pub drain_requested: &'a AtomicBool,
     /// Counters for /metrics (sessions add what events do not carry).
     pub metrics: &'a mut crate::metrics::Metrics,
     /// Live values for /metrics.
@@ -68,6 +70,15 @@ pub(crate) struct Ctx<'a> {
     /// zeroes a stack array of its own per read.
     pub scratch: &'a mut [u8],
     pub now: Instant,
+}
+
+impl Ctx<'_> {
+    /// Shutting down: new sessions are refused with 503 and `/readyz` says
+    /// not ready. Read live, not once per pass: `Handle::drain` promises
+    /// that no dial starts after it returned.
+    pub fn draining(&self) -> bool {
+        self.draining || self.drain_requested.load(Ordering::SeqCst)
+    }
 }
 
 /// Which listener accepted a connection.
@@ -517,7 +528,7 @@ impl<S: Transport> Session<S> {
         // From here on the client sent a valid upgrade: refusals may be
         // given as a close frame a web page can read (REJECT_WITH=close).
         let config = ctx.config;
-        if ctx.draining {
+        if ctx.draining() {
             let r = Refusal::new(Status::ServiceUnavailable, "shutting down");
             return self.refuse(ctx, r, Some(&req.key), RefusalContext::default());
         }
@@ -596,6 +607,12 @@ impl<S: Transport> Session<S> {
                 RefusalContext::of_unchecked_grant(&grant),
             )
         };
+        // The drain may have come while the authorizer decided (a deferred
+        // decision, or a host's authorizer that drains): no new dial then.
+        if ctx.draining() {
+            let r = Refusal::new(Status::ServiceUnavailable, "shutting down");
+            return refuse_grant(self, ctx, r);
+        }
         // Whoever decided, no URL is built from a name that could change
         // its path.
         if !is_dns1123_subdomain(&grant.vmi) {
@@ -976,7 +993,8 @@ impl<S: Transport> Session<S> {
                 // Readiness looks at the credentials itself (rate-limited by
                 // CREDENTIALS_CHECK_SECONDS), so a pod with no sessions still
                 // notices a vanished token.
-                let why = ctx.not_ready.clone().or_else(|| {
+                let draining = ctx.draining().then(|| "shutting down".to_owned());
+                let why = draining.or_else(|| {
                     ctx.credentials
                         .current(ctx.now)
                         .err()
@@ -1364,6 +1382,7 @@ mod tests {
         credentials: Credentials,
         scratch: Vec<u8>,
         addrs: Vec<SocketAddr>,
+        drain_requested: AtomicBool,
         now: Instant,
     }
 
@@ -1382,6 +1401,7 @@ mod tests {
                 metrics: Default::default(),
                 scratch: vec![0; 4096],
                 addrs: vec!["127.0.0.1:9".parse().expect("addr")],
+                drain_requested: AtomicBool::new(false),
                 now,
             }
         }
@@ -1394,7 +1414,7 @@ mod tests {
                 authorizer: &mut self.authorizer,
                 events: &mut self.events,
                 draining: false,
-                not_ready: None,
+                drain_requested: &self.drain_requested,
                 metrics: &mut self.metrics,
                 gauges: Default::default(),
                 workers: &[],

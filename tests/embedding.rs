@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, ThreadId};
@@ -356,6 +357,138 @@ fn spawn_then_drain_and_wait() {
     };
     assert!(outcome.contains("going away"), "{outcome}");
     assert_eq!(handle.stats().open_sessions, 0);
+}
+
+/// A host's authorizer that asks its own loop to drain while it decides (as
+/// an admin hook might), then allows.
+struct DrainsWhileDeciding {
+    handle: Arc<Mutex<Option<Handle>>>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Authorizer for DrainsWhileDeciding {
+    fn authorize(&mut self, _: &AuthRequest<'_>, _: Ticket) -> Decision {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if let Some(h) = self.handle.lock().unwrap().as_ref() {
+            h.drain(Duration::from_secs(5));
+        }
+        Decision::Allow(Grant {
+            namespace: NS.to_owned(),
+            vmi: "echo".to_owned(),
+            token_id: "host".to_owned(),
+            expires_at: SystemTime::now() + Duration::from_secs(3600),
+        })
+    }
+}
+
+/// `Handle::drain` is seen by the next dial, not by the loop's next pass:
+/// two requests read in one pass, during which the drain is asked for
+/// (before the first one's decision), both get 503 and nothing goes
+/// upstream. The loop took its events in before the drain, so without a
+/// live check both would be dialed; so would a request a client sent after
+/// `drain` returned, read by a pass that was already under way (a TLS
+/// handshake finished in one pass made that visible).
+#[test]
+fn a_drain_asked_for_during_a_pass_stops_every_dial_after_it() {
+    let standin = StandIn::serving(B::Echo);
+    let slot: Arc<Mutex<Option<Handle>>> = Arc::default();
+    let calls: Arc<AtomicUsize> = Arc::default();
+    let mut proxy = Proxy::builder(config(&standin))
+        .authorizer(DrainsWhileDeciding {
+            handle: slot.clone(),
+            calls: calls.clone(),
+        })
+        .bind()
+        .expect("bind");
+    *slot.lock().unwrap() = Some(proxy.handle());
+    // Both requests are whole in the kernel before the loop runs: the pass
+    // that accepts them is followed by one that reads both.
+    let mut clients: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut c = TcpStream::connect(proxy.local_addr()).expect("connect");
+            c.write_all(&upgrade_request("/console/echo", ""))
+                .expect("write request");
+            c.set_nonblocking(true).expect("nonblocking");
+            c
+        })
+        .collect();
+    let mut answers = vec![Vec::new(); 2];
+    let deadline = Instant::now() + BOUND;
+    while !answers
+        .iter()
+        .all(|a| a.windows(4).any(|w| w == b"\r\n\r\n"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no answers: {:?}",
+            answers
+                .iter()
+                .map(|a| String::from_utf8_lossy(a))
+                .collect::<Vec<_>>()
+        );
+        proxy
+            .poll_once(Some(Duration::from_millis(50)))
+            .expect("poll_once");
+        for (c, a) in clients.iter_mut().zip(&mut answers) {
+            let mut buf = [0u8; 1024];
+            match c.read(&mut buf) {
+                Ok(n) => a.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+    for a in &answers {
+        let a = common::parse_answer(a);
+        assert_eq!(a.status, 503, "{a:?}");
+        assert!(a.body.contains("shutting down"), "{a:?}");
+    }
+    assert_eq!(standin.seen().len(), 0, "nothing dialed after the drain");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the second request is refused before the authorizer"
+    );
+    // The loop then takes the drain in and, with nothing open, is done.
+    let deadline = Instant::now() + BOUND;
+    while !proxy.is_finished() {
+        assert!(Instant::now() < deadline, "the drained loop did not finish");
+        proxy
+            .poll_once(Some(Duration::from_millis(50)))
+            .expect("poll_once");
+    }
+}
+
+/// A deferred decision that allows a session after a drain began is a 503,
+/// not a dial: the session would only be cut off at the grace's end, and
+/// its client is better off reconnecting to a pod that stays.
+#[test]
+fn a_deferred_decision_after_a_drain_refuses_with_503() {
+    let standin = StandIn::serving(B::Echo);
+    let seen = Arc::default();
+    let (ticket_tx, ticket_rx) = mpsc::channel::<(Ticket, Grant)>();
+    let running = Proxy::builder(config(&standin))
+        .authorizer(ConsoleAuth::new(&seen).deferring_to(ticket_tx))
+        .bind()
+        .expect("bind")
+        .spawn()
+        .expect("spawn");
+    let addr = running.local_addr();
+    let handle = running.handle();
+    let client = thread::spawn(move || {
+        raw_request(
+            addr,
+            &upgrade_request("/console/lab-ns/later-echo", "X-User: alice\r\n"),
+        )
+    });
+    let (ticket, grant) = ticket_rx.recv_timeout(BOUND).expect("the ticket");
+    handle.drain(Duration::from_secs(2));
+    handle.decide(ticket, Decision::Allow(grant));
+    let answer = within(BOUND, move || client.join().expect("client"));
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert!(answer.body.contains("shutting down"), "{answer:?}");
+    assert_eq!(standin.seen().len(), 0, "nothing dialed after the drain");
+    within(BOUND, move || running.wait()).expect("the loop ends cleanly");
 }
 
 /// `Running::shutdown` stops at once and waits, whatever is open.
