@@ -124,6 +124,9 @@ pub(crate) struct Conn<S = TcpStream> {
     pub read_closed: bool,
     /// An event reported an error on the socket (e.g. a refused connect).
     pub error_seen: bool,
+    /// A read of the socket itself returned 0 (the peer's FIN, TLS or not)
+    /// or failed: nothing more will come from it.
+    pub input_ended: bool,
     /// A plain read emptied the socket after its FIN was known to be queued
     /// (`read_closed`, no error): the next read would return 0, so it need
     /// not be spent.
@@ -150,6 +153,7 @@ impl<S: Transport> Conn<S> {
             writable: false,
             read_closed: false,
             error_seen: false,
+            input_ended: false,
             drained_to_fin: false,
             held_for_fin: false,
             tls_plaintext: false,
@@ -223,6 +227,7 @@ impl<S: Transport> Conn<S> {
                         // TCP ended: rustls now reports the end, after any
                         // plaintext it still holds, on the next round.
                         self.readable = false;
+                        self.input_ended = true;
                     }
                     if let Err(e) = tls.process_new_packets() {
                         // Send the alert rustls queued, best effort.
@@ -251,8 +256,12 @@ impl<S: Transport> Conn<S> {
     /// only dropped), with the short-read rule of plain reads.
     pub fn read_socket(&mut self, buf: &mut [u8]) -> Io {
         let io = plain_read(&mut self.stream, &mut self.readable, self.read_closed, buf);
-        if let Io::Done(n) = io {
-            self.drained_to_fin = n < buf.len() && self.read_closed && !self.error_seen;
+        match io {
+            Io::Done(n) => {
+                self.drained_to_fin = n < buf.len() && self.read_closed && !self.error_seen;
+            }
+            Io::Eof | Io::Failed(_) => self.input_ended = true,
+            Io::WouldBlock => {}
         }
         io
     }

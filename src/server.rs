@@ -270,9 +270,11 @@ impl Handle {
     }
 
     /// Stop gracefully: new sessions are refused at once (503, and
-    /// `/readyz` says not ready; no upstream dial starts once this has
-    /// returned, even in a pass of the loop that was already under way, and
-    /// a deferred decision that allows a session after it is a 503 too),
+    /// `/readyz` says not ready; no session is let through to the upstream
+    /// once this has returned, even in a pass of the loop that was already
+    /// under way, and a deferred decision that allows a session after it is
+    /// a 503 too; a session already dialing may still try the upstream's
+    /// next address),
     /// open sessions run for up to `grace`, then
     /// get close 1001 `going away`; the loop returns when all are closed,
     /// and at the latest [`SHUTDOWN_CLOSE_TIME`] after the grace (peers

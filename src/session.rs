@@ -75,7 +75,7 @@ pub(crate) struct Ctx<'a> {
 impl Ctx<'_> {
     /// Shutting down: new sessions are refused with 503 and `/readyz` says
     /// not ready. Read live, not once per pass: `Handle::drain` promises
-    /// that no dial starts after it returned.
+    /// that no session is let through to the upstream after it returned.
     pub fn draining(&self) -> bool {
         self.draining || self.drain_requested.load(Ordering::SeqCst)
     }
@@ -1217,21 +1217,21 @@ impl<S: Transport> Session<S> {
             .into_iter()
             .flatten()
         {
+            // Its FIN (or an error) was read, by any earlier read of the
+            // socket, TLS or not: nothing more will come.
+            if conn.input_ended {
+                continue;
+            }
             // Drained by its last read: whatever comes next (its FIN
             // included) raises an event, edge-triggered as it is.
             if !conn.readable {
                 open = true;
                 continue;
             }
-            match discard_input(conn, ctx.scratch) {
-                // Stays readable: a read says so again, should the other
-                // side keep the session lingering.
-                Input::Eof => {}
+            if discard_input(conn, ctx.scratch) != Input::Eof {
+                open = true;
                 // Whatever is left waits for the next event (or the deadline).
-                Input::Empty | Input::More => {
-                    open = true;
-                    conn.readable = false;
-                }
+                conn.readable = false;
             }
         }
         if open {
@@ -1735,31 +1735,46 @@ mod tests {
         assert_eq!((w.would_block_reads, w.eof_reads), (0, 1));
     }
 
-    /// Lingering on both sides: a side whose FIN was read is read again
-    /// (the read says 0 again) while the other side keeps the session; a
-    /// side drained by a short read waits for its event.
+    /// Lingering on both sides, the peers closing in either order: the
+    /// session ends with the second FIN, and a side whose FIN was read is
+    /// not read again while the other keeps the session.
     #[test]
     fn lingering_ends_when_both_sides_have_closed_in_either_order() {
-        let mut rig = Rig::new(in_an_hour());
-        rig.open();
-        // The upstream fails the session with a protocol error: both sides
-        // get their close and the session lingers for the peers' FINs.
-        rig.upstream_sends(&[0x8f, 0x00]);
-        assert!(
-            matches!(rig.session.state, State::Lingering { .. }),
-            "{:?}",
-            rig.session.state
-        );
-        rig.client.borrow_mut().eof = true;
-        rig.client_sends(&[]);
-        assert!(!rig.session.is_done(), "the upstream has not closed");
-        rig.upstream.borrow_mut().eof = true;
-        rig.upstream_sends(&[]);
-        assert!(rig.session.is_done());
-        for (side, wire) in [("client", &rig.client), ("upstream", &rig.upstream)] {
-            let w = wire.borrow();
-            assert!(w.fin, "{side}: no FIN");
-            assert!(w.eof_reads >= 1, "{side}: FIN not read");
+        for client_first in [true, false] {
+            let mut rig = Rig::new(in_an_hour());
+            rig.open();
+            // The upstream breaks the protocol (a reserved opcode): both
+            // sides get their close and the session lingers for the FINs.
+            rig.upstream_sends(&[0x8f, 0x00]);
+            assert!(
+                matches!(rig.session.state, State::Lingering { .. }),
+                "{:?}",
+                rig.session.state
+            );
+            let (first, second) = if client_first {
+                (Side::Client, Side::Upstream)
+            } else {
+                (Side::Upstream, Side::Client)
+            };
+            for (n, side) in [first, second].into_iter().enumerate() {
+                let wire = match side {
+                    Side::Client => rig.client.clone(),
+                    Side::Upstream => rig.upstream.clone(),
+                };
+                wire.borrow_mut().eof = true;
+                rig.event(side, true, false);
+                rig.drive();
+                assert_eq!(
+                    rig.session.is_done(),
+                    n == 1,
+                    "client first: {client_first}"
+                );
+            }
+            for (side, wire) in [("client", &rig.client), ("upstream", &rig.upstream)] {
+                let w = wire.borrow();
+                assert!(w.fin, "{side}: no FIN");
+                assert_eq!(w.eof_reads, 1, "{side}: its FIN read once");
+            }
         }
     }
 
@@ -1917,6 +1932,43 @@ mod tests {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert.der().clone()).expect("root");
         (tls, roots)
+    }
+
+    /// A TLS client that completes its handshake and closes without a
+    /// request (a browser's preconnect, a load balancer's check): the FIN
+    /// that TLS read ends the session at once. It is not waited for again
+    /// while lingering, where no event would ever repeat it.
+    #[test]
+    fn a_tls_client_that_closes_without_a_request_is_done_at_once() {
+        let (server, roots) = listener_tls(false);
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let mut peer = TlsPeer {
+            tls: rustls::ClientConnection::new(Arc::new(config), name).expect("client"),
+            received: Vec::new(),
+        };
+        let accepted = server
+            .accept(Instant::now(), Kind::Main)
+            .1
+            .expect("server side");
+        let buffer = World::new(in_an_hour()).config.buffer_size;
+        let mut rig = Rig::with_client(in_an_hour(), |mem| {
+            Conn::new(mem).into_tls(accepted, buffer)
+        });
+        peer.pump(&mut rig);
+        assert!(!peer.tls.is_handshaking());
+        assert!(matches!(rig.session.state, State::ReadingRequest { .. }));
+        rig.client.borrow_mut().eof = true;
+        rig.client_sends(&[]);
+        assert!(rig.session.is_done(), "{:?}", rig.session.state);
+        assert_eq!(rig.client.borrow().eof_reads, 1);
     }
 
     /// TLS 1.2 and 1.3, RSA and ECDSA keys, over the in-memory wire with
