@@ -1899,6 +1899,37 @@ mod tests {
         }
     }
 
+    /// A rig whose client speaks TLS (`versions`) to the session's TLS
+    /// server (with an RSA or ECDSA key), and the test's end of it.
+    fn tls_rig(
+        rsa: bool,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> (TlsPeer, Rig) {
+        let (server, roots) = listener_tls(rsa);
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(versions)
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let peer = TlsPeer {
+            tls: rustls::ClientConnection::new(Arc::new(config), name).expect("client"),
+            received: Vec::new(),
+        };
+        let accepted = server
+            .accept(Instant::now(), Kind::Main)
+            .1
+            .expect("server side");
+        let buffer = World::new(in_an_hour()).config.buffer_size;
+        let rig = Rig::with_client(in_an_hour(), |mem| {
+            Conn::new(mem).into_tls(accepted, buffer)
+        });
+        (peer, rig)
+    }
+
     /// A certificate for `localhost` with a `kind` key, as the files
     /// `TLS_CERT_FILE` and `TLS_KEY_FILE` would hold it, loaded by the
     /// listener's own code.
@@ -1914,10 +1945,12 @@ mod tests {
         .expect("key");
         let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
         let cert = params.self_signed(&key).expect("certificate");
+        // One directory per call: tests run in parallel and each removes its own.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "kvp-session-tls-{}-{}",
             std::process::id(),
-            u8::from(rsa)
+            CALLS.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).expect("dir");
         std::fs::write(dir.join("cert.pem"), cert.pem()).expect("cert");
@@ -1940,28 +1973,7 @@ mod tests {
     /// while lingering, where no event would ever repeat it.
     #[test]
     fn a_tls_client_that_closes_without_a_request_is_done_at_once() {
-        let (server, roots) = listener_tls(false);
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-        let mut peer = TlsPeer {
-            tls: rustls::ClientConnection::new(Arc::new(config), name).expect("client"),
-            received: Vec::new(),
-        };
-        let accepted = server
-            .accept(Instant::now(), Kind::Main)
-            .1
-            .expect("server side");
-        let buffer = World::new(in_an_hour()).config.buffer_size;
-        let mut rig = Rig::with_client(in_an_hour(), |mem| {
-            Conn::new(mem).into_tls(accepted, buffer)
-        });
+        let (mut peer, mut rig) = tls_rig(false, rustls::DEFAULT_VERSIONS);
         peer.pump(&mut rig);
         assert!(!peer.tls.is_handshaking());
         assert!(matches!(rig.session.state, State::ReadingRequest { .. }));
@@ -1978,30 +1990,9 @@ mod tests {
     #[test]
     fn a_whole_session_over_tls_1_2_and_1_3_with_rsa_and_ecdsa_keys() {
         for rsa in [false, true] {
-            let (server, roots) = listener_tls(rsa);
             for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
                 let what = format!("rsa {rsa}, {:?}", version.version);
-                let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-                    rustls::crypto::ring::default_provider(),
-                ))
-                .with_protocol_versions(&[version])
-                .expect("version")
-                .with_root_certificates(roots.clone())
-                .with_no_client_auth();
-                config.alpn_protocols = vec![b"http/1.1".to_vec()];
-                let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-                let mut peer = TlsPeer {
-                    tls: rustls::ClientConnection::new(Arc::new(config), name).expect("client"),
-                    received: Vec::new(),
-                };
-                let accepted = server
-                    .accept(Instant::now(), Kind::Main)
-                    .1
-                    .expect("server side");
-                let buffer = World::new(in_an_hour()).config.buffer_size;
-                let mut rig = Rig::with_client(in_an_hour(), |mem| {
-                    Conn::new(mem).into_tls(accepted, buffer)
-                });
+                let (mut peer, mut rig) = tls_rig(rsa, &[version]);
                 peer.pump(&mut rig);
                 assert!(!peer.tls.is_handshaking(), "{what}: handshake not done");
                 assert_eq!(peer.tls.protocol_version(), Some(version.version), "{what}");
