@@ -581,8 +581,6 @@ pub(crate) mod tests {
         pub before_fin_writes: usize,
         /// Reads that returned 0 (the peer's FIN seen).
         pub eof_reads: usize,
-        /// Reads that found nothing (EAGAIN on a real socket).
-        pub would_block_reads: usize,
     }
 
     #[derive(Debug, Clone)]
@@ -596,7 +594,6 @@ pub(crate) mod tests {
                     w.eof_reads += 1;
                     Ok(0)
                 } else {
-                    w.would_block_reads += 1;
                     Err(io::ErrorKind::WouldBlock.into())
                 };
             }

