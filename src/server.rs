@@ -150,10 +150,10 @@ struct Requests {
 #[derive(Debug)]
 struct Shared {
     stop: AtomicBool,
-    /// Set by [`Handle::drain`] before it wakes the loop, and read by every
-    /// session before it starts an upstream dial: a pass already under way
-    /// when the drain is asked for (its events polled before) must not dial
-    /// for a request it reads after `drain` returned.
+    /// Set by [`Handle::drain`] before it wakes the loop, and read live by
+    /// sessions (`Ctx::draining`): a pass already under way when the drain
+    /// is asked for (its events polled before) must not let through to the
+    /// upstream a request it reads after `drain` returned.
     drain_requested: AtomicBool,
     waker: Waker,
     counters: Counters,
@@ -270,15 +270,15 @@ impl Handle {
     }
 
     /// Stop gracefully: new sessions are refused at once (503, and
-    /// `/readyz` says not ready; no session is let through to the upstream
-    /// once this has returned, even in a pass of the loop that was already
-    /// under way, and a deferred decision that allows a session after it is
-    /// a 503 too; a session already dialing may still try the upstream's
-    /// next address),
-    /// open sessions run for up to `grace`, then
+    /// `/readyz` says not ready), open sessions run for up to `grace`, then
     /// get close 1001 `going away`; the loop returns when all are closed,
     /// and at the latest [`SHUTDOWN_CLOSE_TIME`] after the grace (peers
     /// that have not finished their closing handshake by then are cut off).
+    ///
+    /// "At once" holds even for a pass of the loop already under way: no
+    /// session is let through to the upstream once this has returned, and
+    /// a deferred decision that allows a session after it is a 503 too (a
+    /// session already dialing may still try the upstream's next address).
     pub fn drain(&self, grace: Duration) {
         self.shared.drain_requested.store(true, Ordering::SeqCst);
         self.shared.requests().drain = Some(grace);

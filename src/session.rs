@@ -283,11 +283,7 @@ impl<S: Transport> Session<S> {
             | State::Dialing(_)
             | State::UpstreamHandshake(_) => {
                 let state = self.take_state();
-                self.state = self.refuse_in(
-                    ctx,
-                    state,
-                    Refusal::new(Status::ServiceUnavailable, "shutting down"),
-                );
+                self.state = self.refuse_in(ctx, state, shutting_down());
             }
         }
         self.drive(ctx)
@@ -529,8 +525,12 @@ impl<S: Transport> Session<S> {
         // given as a close frame a web page can read (REJECT_WITH=close).
         let config = ctx.config;
         if ctx.draining() {
-            let r = Refusal::new(Status::ServiceUnavailable, "shutting down");
-            return self.refuse(ctx, r, Some(&req.key), RefusalContext::default());
+            return self.refuse(
+                ctx,
+                shutting_down(),
+                Some(&req.key),
+                RefusalContext::default(),
+            );
         }
         // Origin first: a page from a foreign site learns nothing else.
         if !config.allowed_origins.is_empty()
@@ -610,8 +610,7 @@ impl<S: Transport> Session<S> {
         // The drain may have come while the authorizer decided (a deferred
         // decision, or a host's authorizer that drains): no new dial then.
         if ctx.draining() {
-            let r = Refusal::new(Status::ServiceUnavailable, "shutting down");
-            return refuse_grant(self, ctx, r);
+            return refuse_grant(self, ctx, shutting_down());
         }
         // Whoever decided, no URL is built from a name that could change
         // its path.
@@ -993,7 +992,7 @@ impl<S: Transport> Session<S> {
                 // Readiness looks at the credentials itself (rate-limited by
                 // CREDENTIALS_CHECK_SECONDS), so a pod with no sessions still
                 // notices a vanished token.
-                let draining = ctx.draining().then(|| "shutting down".to_owned());
+                let draining = ctx.draining().then(|| SHUTTING_DOWN.to_owned());
                 let why = draining.or_else(|| {
                     ctx.credentials
                         .current(ctx.now)
@@ -1269,6 +1268,14 @@ impl<S: Transport> Session<S> {
             upstream_close: report.upstream_close,
         });
     }
+}
+
+/// Why new sessions are refused (503) and `/readyz` says not ready while
+/// the loop drains.
+const SHUTTING_DOWN: &str = "shutting down";
+
+fn shutting_down() -> Refusal {
+    Refusal::new(Status::ServiceUnavailable, SHUTTING_DOWN)
 }
 
 /// How gathering handshake bytes ended.
