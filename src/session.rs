@@ -372,7 +372,14 @@ impl<S: Transport> Session<S> {
                 State::Dialing(d) => self.check_dial(ctx, d),
                 State::UpstreamHandshake(h) => self.upstream_handshake(ctx, h),
                 State::Refusing { out, written } => self.write_refusal(ctx, out, written),
-                State::Lingering { upstream, closed } => self.linger(ctx, upstream, closed),
+                State::Lingering { upstream, closed } => {
+                    let (state, more) = self.linger(ctx, upstream, closed);
+                    if more {
+                        self.state = state;
+                        return true;
+                    }
+                    state
+                }
                 State::Done(closed) => return self.keep(State::Done(closed)),
                 State::Poisoned => self.poisoned(),
                 // Handled above; put back as it was.
@@ -1205,14 +1212,19 @@ impl<S: Transport> Session<S> {
         }
     }
 
+    /// Read and drop what the lingering sides send, until both FINs are in.
+    /// Also returns whether a side had more than one budget's worth queued:
+    /// the loop then drives the session again on its next pass, as epoll
+    /// (edge-triggered) raises no new event for bytes already queued.
     #[inline(never)]
     fn linger(
         &mut self,
         ctx: &mut Ctx<'_>,
         mut upstream: Option<Conn<S>>,
         closed: Option<Box<Closed>>,
-    ) -> State<S> {
+    ) -> (State<S>, bool) {
         let mut open = false;
+        let mut more = false;
         for conn in [Some(&mut self.client), upstream.as_mut()]
             .into_iter()
             .flatten()
@@ -1222,16 +1234,25 @@ impl<S: Transport> Session<S> {
             if conn.input_ended {
                 continue;
             }
-            if discard_input(conn, ctx.scratch) != Input::Eof {
-                open = true;
+            match discard_input(conn, ctx.scratch) {
+                Input::Eof => {}
+                // Whatever comes next waits for the next event (or the
+                // deadline).
+                Input::Empty => {
+                    open = true;
+                    conn.readable = false;
+                }
+                // Still readable: the rest is read on the next pass.
+                Input::More => {
+                    open = true;
+                    more = true;
+                }
             }
-            // Whatever is left waits for the next event (or the deadline).
-            conn.readable = false;
         }
         if open {
-            State::Lingering { upstream, closed }
+            (State::Lingering { upstream, closed }, more)
         } else {
-            State::Done(closed)
+            (State::Done(closed), false)
         }
     }
 
@@ -1754,6 +1775,34 @@ mod tests {
                 assert_eq!(w.eof_reads, 1, "{side}: its FIN read once");
             }
         }
+    }
+
+    /// A lingering client that sends more than one pass reads (and then its
+    /// FIN) in one burst is read on to its FIN over the next passes: epoll
+    /// would raise no new event for bytes already queued, and the session
+    /// would wait for the close timeout and end in a reset.
+    #[test]
+    fn a_lingering_side_with_more_queued_than_one_pass_reads_is_read_on() {
+        let mut rig = Rig::new(in_an_hour());
+        rig.open();
+        rig.upstream_sends(&[0x8f, 0x00]);
+        assert!(matches!(rig.session.state, State::Lingering { .. }));
+        rig.upstream.borrow_mut().eof = true;
+        rig.event(Side::Upstream, true, false);
+        rig.drive();
+        assert!(!rig.session.is_done(), "the client's FIN is not in yet");
+        let burst = 3 * PUMP_BUDGET * rig.world.scratch.len();
+        {
+            let mut c = rig.client.borrow_mut();
+            c.inbox.extend(std::iter::repeat_n(0u8, burst));
+            c.eof = true;
+        }
+        rig.event(Side::Client, true, false);
+        // One event, then the passes the session asks for: no deadline.
+        rig.drive();
+        assert!(rig.session.is_done(), "{:?}", rig.session.state);
+        assert!(rig.client.borrow().inbox.is_empty());
+        assert_eq!(rig.client.borrow().eof_reads, 1);
     }
 
     /// A deferred decision that comes after the session gave up waiting
