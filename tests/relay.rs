@@ -292,21 +292,8 @@ fn a_last_frame_arriving_with_the_fin_is_relayed_and_ends_the_session() {
         let path = format!("/{}/sink", Harness::token(&["sink"]));
         s.write_all(&common::upgrade_request(&path, "")).unwrap();
         // Read the 101 head (nothing follows it from a sink).
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            assert_eq!(
-                s.read(&mut byte).unwrap(),
-                1,
-                "proxy closed during the upgrade"
-            );
-            head.push(byte[0]);
-        }
-        assert!(
-            head.starts_with(b"HTTP/1.1 101 "),
-            "{}",
-            String::from_utf8_lossy(&head)
-        );
+        let head = common::read_head(&mut s);
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
         // One masked binary frame and the FIN, back to back.
         let mask = [1u8, 2, 3, 4];
         let mut frame = vec![

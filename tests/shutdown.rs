@@ -225,17 +225,8 @@ fn raw_session(addr: SocketAddr, vmi: &str) -> TcpStream {
     s.set_read_timeout(Some(PROMPT)).expect("timeout");
     let path = format!("/{}/{vmi}", Harness::token(&[vmi]));
     s.write_all(&upgrade_request(&path, "")).expect("upgrade");
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut b).expect("101"), 1, "EOF in the 101");
-        head.push(b[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    let head = common::read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     s
 }
 

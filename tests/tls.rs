@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -288,17 +288,7 @@ fn head_of(h: &Harness, path: &str, extra: &str) -> String {
     let mut s = TcpStream::connect(h.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(&upgrade_request(path, extra)).unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(
-            s.read(&mut byte).unwrap(),
-            1,
-            "connection closed in the head"
-        );
-        head.push(byte[0]);
-    }
-    String::from_utf8(head).unwrap()
+    common::read_head(&mut s)
 }
 
 fn answered_protocol(head: &str) -> Option<String> {
