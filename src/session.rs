@@ -768,7 +768,6 @@ impl<S: Transport> Session<S> {
             drop(upstream);
             return self.dial(ctx, hs, next_addr, Some(e));
         }
-        let _ = upstream.stream.set_nodelay();
         if let (Some(tls), Some(name)) = (&hs.tls, &ctx.credentials.server_name) {
             match rustls::ClientConnection::new(tls.clone(), name.clone()) {
                 Ok(conn) => upstream = upstream.into_tls(conn, ctx.config.buffer_size),

@@ -330,6 +330,43 @@ fn a_last_frame_arriving_with_the_fin_is_relayed_and_ends_the_session() {
 }
 
 #[test]
+fn the_upgrade_request_carries_the_last_ack_of_the_upstream_handshake() {
+    // The upstream socket is made with TCP_QUICKACK off: the proxy's side of the three-way
+    // handshake does not send its last ACK on its own but with the upgrade request, the first
+    // bytes it sends. So when the request is in, the upstream's socket has received two
+    // segments (the SYN and the request), not three (SYN, ACK, request).
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream_addr = listener.local_addr().unwrap();
+    let upstream = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let head = common::read_head(&mut s);
+        assert!(head.starts_with("GET "), "{head}");
+        common::segments_in(&s)
+    });
+    let config = kubevirt_vnc_proxy::Config::local_dev(
+        &format!("ws://{upstream_addr}"),
+        common::SECRET.as_bytes(),
+    )
+    .unwrap();
+    let proxy = kubevirt_vnc_proxy::Proxy::bind(config)
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let mut s = TcpStream::connect(proxy.local_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let path = format!("/{}/vm-1", Harness::token(&["vm-1"]));
+    s.write_all(&common::upgrade_request(&path, "")).unwrap();
+    let segments = upstream.join().unwrap();
+    assert_eq!(
+        segments, 2,
+        "the upstream received {segments} segments up to the end of the request"
+    );
+}
+
+#[test]
 fn the_close_answer_and_the_fin_reach_the_client_in_one_segment() {
     // After the close handshake the proxy closes the client's socket at once, so it writes the
     // upstream's close answer with MSG_MORE and the FIN leaves in the same segment: one segment
