@@ -329,22 +329,24 @@ fn a_last_frame_arriving_with_the_fin_is_relayed_and_ends_the_session() {
     );
 }
 
-#[test]
-fn the_upgrade_request_carries_the_last_ack_of_the_upstream_handshake() {
-    // The upstream socket is made with TCP_QUICKACK off: the proxy's side of the three-way
-    // handshake does not send its last ACK on its own but with the upgrade request, the first
-    // bytes it sends. So when the request is in, the upstream's socket has received two
-    // segments (the SYN and the request), not three (SYN, ACK, request).
+/// A proxy in front of a raw upstream: `upstream` runs on its own thread with the accepted
+/// connection and the request head the proxy sent, and the client returned has sent its
+/// upgrade for `vm-1` (nothing read yet). The proxy stops when the returned `Running` drops.
+fn through_a_raw_upstream<T: Send + 'static>(
+    upstream: impl FnOnce(std::net::TcpStream, String) -> T + Send + 'static,
+) -> (
+    kubevirt_vnc_proxy::Running,
+    std::net::TcpStream,
+    std::thread::JoinHandle<T>,
+) {
     use std::io::Write;
-    use std::net::{TcpListener, TcpStream};
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let upstream_addr = listener.local_addr().unwrap();
     let upstream = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let head = common::read_head(&mut s);
-        assert!(head.starts_with("GET "), "{head}");
-        common::segments_in(&s)
+        upstream(s, head)
     });
     let config = kubevirt_vnc_proxy::Config::local_dev(
         &format!("ws://{upstream_addr}"),
@@ -355,10 +357,23 @@ fn the_upgrade_request_carries_the_last_ack_of_the_upstream_handshake() {
         .unwrap()
         .spawn()
         .unwrap();
-    let mut s = TcpStream::connect(proxy.local_addr()).unwrap();
+    let mut s = std::net::TcpStream::connect(proxy.local_addr()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let path = format!("/{}/vm-1", Harness::token(&["vm-1"]));
     s.write_all(&common::upgrade_request(&path, "")).unwrap();
+    (proxy, s, upstream)
+}
+
+#[test]
+fn the_upgrade_request_carries_the_last_ack_of_the_upstream_handshake() {
+    // The upstream socket is made with TCP_QUICKACK off: the proxy's side of the three-way
+    // handshake does not send its last ACK on its own but with the upgrade request, the first
+    // bytes it sends. So when the request is in, the upstream's socket has received two
+    // segments (the SYN and the request), not three (SYN, ACK, request).
+    let (_proxy, _client, upstream) = through_a_raw_upstream(|s, head| {
+        assert!(head.starts_with("GET "), "{head}");
+        common::segments_in(&s)
+    });
     let segments = upstream.join().unwrap();
     assert_eq!(
         segments, 2,
@@ -374,13 +389,7 @@ fn the_close_answer_and_the_fin_reach_the_client_in_one_segment() {
     // by which time the proxy's ACK of that close (delayed at most 200 ms) is in; from then on
     // the client must receive exactly one segment: the close frame carrying the FIN.
     use std::io::{Read, Write};
-    use std::net::{TcpListener, TcpStream};
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let upstream_addr = listener.local_addr().unwrap();
-    let upstream = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let head = common::read_head(&mut s);
+    let (_proxy, mut s, upstream) = through_a_raw_upstream(|mut s, head| {
         let key = head
             .lines()
             .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
@@ -400,19 +409,6 @@ fn the_close_answer_and_the_fin_reach_the_client_in_one_segment() {
         s.write_all(&[0x88, 0x02, 0x03, 0xe8]).unwrap();
         // Dropped: the server's FIN.
     });
-    let config = kubevirt_vnc_proxy::Config::local_dev(
-        &format!("ws://{upstream_addr}"),
-        common::SECRET.as_bytes(),
-    )
-    .unwrap();
-    let proxy = kubevirt_vnc_proxy::Proxy::bind(config)
-        .unwrap()
-        .spawn()
-        .unwrap();
-    let mut s = TcpStream::connect(proxy.local_addr()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let path = format!("/{}/vm-1", Harness::token(&["vm-1"]));
-    s.write_all(&common::upgrade_request(&path, "")).unwrap();
     let head = common::read_head(&mut s);
     assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
     let mask = [7u8, 1, 8, 2];
