@@ -42,15 +42,17 @@ pub(crate) trait Transport: Read + Write + Sized {
 }
 
 impl Transport for TcpStream {
-    /// Both options are set before the SYN, so that they apply to the
-    /// handshake. TCP_NODELAY: relayed messages are small and latency-bound.
-    /// TCP_QUICKACK off (what HAProxy calls `tcp-smart-connect`): the last
-    /// ACK of the three-way handshake is not sent on its own but rides on
-    /// the first bytes we send (the upgrade request or the TLS ClientHello,
-    /// written as soon as the connect completes), so one segment fewer per
-    /// session for the upstream to take, and on loopback for us to run its
-    /// receive path. The delayed-ACK mode it sets lasts until the first
-    /// delayed ACK has to go out on its own (the kernel then leaves it).
+    /// TCP_NODELAY: relayed messages are small and latency-bound.
+    /// TCP_QUICKACK off (what HAProxy calls `tcp-smart-connect`), which must
+    /// be set before the SYN-ACK comes: the last ACK of the three-way
+    /// handshake is not sent on its own but rides on the first bytes we
+    /// send (the upgrade request or the TLS ClientHello, written as soon as
+    /// the connect completes; alone after 200 ms, TCP_DELACK_MAX, should
+    /// nothing be written by then), so one segment fewer per session for the
+    /// upstream to take, and on loopback for us to run its receive path.
+    /// It changes nothing after that: taking the SYN-ACK, the kernel puts
+    /// the socket back in quick-ACK mode (`tcp_enter_quickack_mode`).
+    /// Both options are best effort, as mio's connect sets neither.
     fn connect(addr: SocketAddr) -> io::Result<Self> {
         use socket2::{Domain, Protocol, Socket, Type};
         let socket = Socket::new(
@@ -58,8 +60,8 @@ impl Transport for TcpStream {
             Type::STREAM.nonblocking(),
             Some(Protocol::TCP),
         )?;
-        socket.set_tcp_nodelay(true)?;
-        socket.set_tcp_quickack(false)?;
+        let _ = socket.set_tcp_nodelay(true);
+        let _ = socket.set_tcp_quickack(false);
         match socket.connect(&addr.into()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}

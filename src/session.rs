@@ -1212,7 +1212,7 @@ impl<S: Transport> Session<S> {
     }
 
     /// Read and drop what the lingering sides send, until both FINs are in.
-    /// Also returns whether a side had more than one budget's worth queued:
+    /// Also returns whether a side had at least one budget's worth queued:
     /// the loop then drives the session again on its next pass, as epoll
     /// (edge-triggered) raises no new event for bytes already queued.
     #[inline(never)]

@@ -330,23 +330,25 @@ fn a_last_frame_arriving_with_the_fin_is_relayed_and_ends_the_session() {
 }
 
 /// A proxy in front of a raw upstream: `upstream` runs on its own thread with the accepted
-/// connection and the request head the proxy sent, and the client returned has sent its
-/// upgrade for `vm-1` (nothing read yet). The proxy stops when the returned `Running` drops.
+/// connection and the request head the proxy sent, and what it returns comes out of
+/// [`upstream_result`]; the client returned has sent its upgrade for `vm-1` (nothing read
+/// yet). The caller shuts the proxy down.
 fn through_a_raw_upstream<T: Send + 'static>(
     upstream: impl FnOnce(std::net::TcpStream, String) -> T + Send + 'static,
 ) -> (
     kubevirt_vnc_proxy::Running,
     std::net::TcpStream,
-    std::thread::JoinHandle<T>,
+    std::sync::mpsc::Receiver<T>,
 ) {
     use std::io::Write;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let upstream_addr = listener.local_addr().unwrap();
-    let upstream = std::thread::spawn(move || {
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let head = common::read_head(&mut s);
-        upstream(s, head)
+        let _ = done.send(upstream(s, head));
     });
     let config = kubevirt_vnc_proxy::Config::local_dev(
         &format!("ws://{upstream_addr}"),
@@ -361,7 +363,15 @@ fn through_a_raw_upstream<T: Send + 'static>(
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let path = format!("/{}/vm-1", Harness::token(&["vm-1"]));
     s.write_all(&common::upgrade_request(&path, "")).unwrap();
-    (proxy, s, upstream)
+    (proxy, s, result)
+}
+
+/// What the raw upstream's thread returned: a proxy that never dials (or an upstream thread
+/// that panicked) fails the test rather than hanging it.
+fn upstream_result<T>(result: &std::sync::mpsc::Receiver<T>) -> T {
+    result
+        .recv_timeout(Duration::from_secs(15))
+        .expect("the raw upstream did not finish (never dialed, or it panicked)")
 }
 
 #[test]
@@ -369,16 +379,18 @@ fn the_upgrade_request_carries_the_last_ack_of_the_upstream_handshake() {
     // The upstream socket is made with TCP_QUICKACK off: the proxy's side of the three-way
     // handshake does not send its last ACK on its own but with the upgrade request, the first
     // bytes it sends. So when the request is in, the upstream's socket has received two
-    // segments (the SYN and the request), not three (SYN, ACK, request).
-    let (_proxy, _client, upstream) = through_a_raw_upstream(|s, head| {
+    // segments (the SYN and the request), not three (SYN, ACK, request). (Were the proxy's
+    // thread kept from writing for 200 ms after the SYN-ACK, the ACK would go alone.)
+    let (proxy, _client, upstream) = through_a_raw_upstream(|s, head| {
         assert!(head.starts_with("GET "), "{head}");
         common::segments_in(&s)
     });
-    let segments = upstream.join().unwrap();
+    let segments = upstream_result(&upstream);
     assert_eq!(
         segments, 2,
         "the upstream received {segments} segments up to the end of the request"
     );
+    proxy.shutdown().unwrap();
 }
 
 #[test]
@@ -389,7 +401,7 @@ fn the_close_answer_and_the_fin_reach_the_client_in_one_segment() {
     // by which time the proxy's ACK of that close (delayed at most 200 ms) is in; from then on
     // the client must receive exactly one segment: the close frame carrying the FIN.
     use std::io::{Read, Write};
-    let (_proxy, mut s, upstream) = through_a_raw_upstream(|mut s, head| {
+    let (proxy, mut s, upstream) = through_a_raw_upstream(|mut s, head| {
         let key = head
             .lines()
             .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
@@ -426,5 +438,6 @@ fn the_close_answer_and_the_fin_reach_the_client_in_one_segment() {
         "the close answer and the FIN came in {} segments",
         after - before
     );
-    upstream.join().unwrap();
+    upstream_result(&upstream);
+    proxy.shutdown().unwrap();
 }
