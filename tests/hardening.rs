@@ -38,26 +38,8 @@ fn with_kid(secret: &str, kid: Option<&str>, claims: &serde_json::Value) -> Stri
 
 /// Upgrade status for `path` with extra header lines; reads only the head.
 fn status(h: &Harness, path: &str, extra: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(h.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(&upgrade_request(path, extra)).unwrap();
-    let head = read_head(&mut s);
-    let code = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, head)
-}
-
-/// An upgraded raw socket (the 101 head consumed).
-fn raw_session(h: &Harness, path: &str) -> TcpStream {
-    let mut s = TcpStream::connect(h.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(&upgrade_request(path, "")).unwrap();
-    let head = read_head(&mut s);
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    s
+    let (_, head) = common::upgrade_head(h.addr, path, extra);
+    (common::status_in(&head), head)
 }
 
 /// Read one server frame (unmasked): (opcode, payload).
@@ -261,7 +243,7 @@ fn origins_are_checked_before_the_token() {
 fn a_session_ends_when_its_token_expires() {
     let h = Harness::start_with(B::Sink, |c| c.jwt.leeway_secs = 0);
     let t = tokens::mint(SECRET, NS, &["sink-exp"], now() + 2);
-    let mut s = raw_session(&h, &format!("/{t}/sink-exp"));
+    let mut s = common::upgraded(h.addr, &format!("/{t}/sink-exp"));
     let started = Instant::now();
     s.write_all(&client_frame(0x82, b"before expiry", true))
         .unwrap();
@@ -299,7 +281,7 @@ fn frame_violations_from_the_client_close_with_1002_or_1009() {
     for (i, (what, frame, want)) in cases.into_iter().enumerate() {
         let vmi = format!("sink-{i}");
         let t = Harness::token(&[&vmi]);
-        let mut s = raw_session(&h, &format!("/{t}/{vmi}"));
+        let mut s = common::upgraded(h.addr, &format!("/{t}/{vmi}"));
         // A good frame first: it is relayed; the bad one is not.
         s.write_all(&client_frame(0x82, b"fine", true)).unwrap();
         s.write_all(&frame).unwrap();
@@ -331,7 +313,7 @@ fn frame_violations_from_the_client_close_with_1002_or_1009() {
 fn an_upstream_sending_masked_frames_is_treated_as_broken() {
     let h = Harness::start(B::Masked);
     let t = Harness::token(&["masked"]);
-    let mut s = raw_session(&h, &format!("/{t}/masked"));
+    let mut s = common::upgraded(h.addr, &format!("/{t}/masked"));
     let (code, reason) = close_of(&mut s);
     assert_eq!(code, 1011, "{reason}");
     assert!(reason.contains("upstream"), "{reason}");
@@ -351,7 +333,7 @@ fn refusals_as_close_codes_a_page_can_read() {
         (format!("/{good}/status-503"), 4503),
     ];
     for (path, want) in cases {
-        let mut s = raw_session(&h, &path);
+        let mut s = common::upgraded(h.addr, &path);
         let (code, reason) = close_of(&mut s);
         assert_eq!(code, want, "{path}: {reason}");
         assert!(!reason.is_empty());
@@ -476,7 +458,7 @@ fn replies_to_frames_before_a_violation_still_reach_the_client() {
     // arrives, then the proxy's close with 1002 and its reason.
     let h = Harness::start(B::Echo);
     let t = Harness::token(&["echo-ff"]);
-    let mut s = raw_session(&h, &format!("/{t}/echo-ff"));
+    let mut s = common::upgraded(h.addr, &format!("/{t}/echo-ff"));
     let mut both = client_frame(0x81, b"hello", true);
     both.extend(client_frame(0xA1, b"rsv", true));
     s.write_all(&both).unwrap();

@@ -30,15 +30,6 @@ fn get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 // ---- raw WebSocket client bits (frames as bytes, for exact control) ----
 
-fn raw_session(addr: SocketAddr, path: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(&upgrade_request(path, "")).unwrap();
-    let head = common::read_head(&mut s);
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    s
-}
-
 fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
     let mut h = [0u8; 2];
     s.read_exact(&mut h)?;
@@ -75,7 +66,7 @@ fn keepalive_pings_a_silent_client_and_takes_its_pongs_out_of_the_stream() {
         ],
     );
     let t = Harness::token(&["sink-ka"]);
-    let mut s = raw_session(p.addr, &format!("/{t}/sink-ka"));
+    let mut s = common::upgraded(p.addr, &format!("/{t}/sink-ka"));
     s.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let started = Instant::now();
@@ -136,7 +127,7 @@ fn a_client_that_stops_answering_is_gone_after_the_peer_timeout() {
         c.metrics_addr = Some("127.0.0.1:0".into());
     });
     let t = Harness::token(&["sink-silent"]);
-    let s = raw_session(h.addr, &format!("/{t}/sink-silent"));
+    let s = common::upgraded(h.addr, &format!("/{t}/sink-silent"));
     let started = Instant::now();
     // The client never reads and never answers.
     assert!(upstream::wait_until(Duration::from_secs(6), || !standin

@@ -282,18 +282,13 @@ fn a_last_frame_arriving_with_the_fin_is_relayed_and_ends_the_session() {
     // and FIN arriving in one event must still end the session at once:
     // the frame reaches the upstream, then a close 1001, and nothing hangs.
     use std::io::{Read, Write};
-    use std::net::{Shutdown, TcpStream};
+    use std::net::Shutdown;
     let h = Harness::start_with(B::Sink, |c| c.close_timeout = Duration::from_secs(30));
     const SESSIONS: usize = 20;
     let payload = pattern_vec(0, 1000);
     for _ in 0..SESSIONS {
-        let mut s = TcpStream::connect(h.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let path = format!("/{}/sink", Harness::token(&["sink"]));
-        s.write_all(&common::upgrade_request(&path, "")).unwrap();
-        // Read the 101 head (nothing follows it from a sink).
-        let head = common::read_head(&mut s);
-        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        // The 101 head read (nothing follows it from a sink).
+        let mut s = common::upgraded(h.addr, &format!("/{}/sink", Harness::token(&["sink"])));
         // One masked binary frame and the FIN, back to back.
         let mask = [1u8, 2, 3, 4];
         let mut frame = vec![

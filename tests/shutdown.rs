@@ -11,7 +11,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -19,9 +19,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{
-    Behaviour as B, Harness, ProxyProcess, StandIn, StandInOptions, upgrade_request, ws_connect,
-};
+use common::{Behaviour as B, Harness, ProxyProcess, StandIn, StandInOptions, ws_connect};
 use tungstenite::Message;
 use tungstenite::protocol::frame::coding::CloseCode;
 
@@ -221,13 +219,7 @@ fn example(name: &str) -> PathBuf {
 /// A raw WebSocket session (the upgrade done by hand, frames read as bytes),
 /// for clients that misbehave in exact ways.
 fn raw_session(addr: SocketAddr, vmi: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(PROMPT)).expect("timeout");
-    let path = format!("/{}/{vmi}", Harness::token(&[vmi]));
-    s.write_all(&upgrade_request(&path, "")).expect("upgrade");
-    let head = common::read_head(&mut s);
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    s
+    common::upgraded(addr, &format!("/{}/{vmi}", Harness::token(&[vmi])))
 }
 
 /// Server frames in `bytes` (unmasked, as the proxy sends them): opcode and

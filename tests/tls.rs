@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -277,18 +275,11 @@ fn offered(h: &Harness, vmi: &str, protocols: Option<&str>) -> String {
 /// The status of an upgrade to `path`, reading only the response head (a
 /// 101 leaves the connection open).
 fn status_of(h: &Harness, path: &str) -> u16 {
-    let head = head_of(h, path, "");
-    head.split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+    common::status_in(&head_of(h, path, ""))
 }
 
 fn head_of(h: &Harness, path: &str, extra: &str) -> String {
-    let mut s = TcpStream::connect(h.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(&upgrade_request(path, extra)).unwrap();
-    common::read_head(&mut s)
+    common::upgrade_head(h.addr, path, extra).1
 }
 
 fn answered_protocol(head: &str) -> Option<String> {

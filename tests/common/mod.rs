@@ -559,5 +559,33 @@ pub fn read_head(s: &mut TcpStream) -> String {
         );
         head.push(b[0]);
     }
-    String::from_utf8_lossy(&head).into_owned()
+    String::from_utf8(head).unwrap_or_else(|e| panic!("a head that is not UTF-8: {e}"))
+}
+
+/// Connect to `addr`, send an upgrade request for `path` with `extra` header
+/// lines, and read the answer's head (nothing after it), with a 10 s read
+/// timeout on the socket that is returned.
+pub fn upgrade_head(addr: SocketAddr, path: &str, extra: &str) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).expect("connect to the proxy");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    s.write_all(&upgrade_request(path, extra))
+        .expect("send the upgrade");
+    let head = read_head(&mut s);
+    (s, head)
+}
+
+/// A raw socket upgraded to a WebSocket for `path` (the 101 head consumed).
+pub fn upgraded(addr: SocketAddr, path: &str) -> TcpStream {
+    let (s, head) = upgrade_head(addr, path, "");
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    s
+}
+
+/// The status code in a response head (0 when there is none).
+pub fn status_in(head: &str) -> u16 {
+    head.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
 }
