@@ -1368,6 +1368,10 @@ impl Proxy {
                 );
                 s.reject(&mut ctx, r);
             }
+            // The refusal's deadline replaced the handshake's: arm it, or a
+            // TLS client that never says hello waits in `Refusing` for good
+            // (`drive` arms only a deadline that it changes itself).
+            self.after_drive(key, None);
             self.drive(key, now);
             return;
         }

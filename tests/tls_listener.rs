@@ -736,3 +736,28 @@ fn the_binary_refuses_half_a_tls_configuration_and_bad_files_with_status_2() {
         assert!(stderr.contains(want), "{env:?}: want {want:?} in {stderr}");
     }
 }
+
+/// A TLS client refused by MAX_CONNECTIONS_PER_IP at accept, which never sends its
+/// ClientHello, must still be closed by the refusal's close timeout (its deadline must be armed).
+#[test]
+fn a_silent_tls_client_over_the_per_address_limit_is_closed_by_the_close_timeout() {
+    let pki = TestPki::new();
+    let issued = pki.issue_pem(KeyKind::EcdsaP256, in_a_year());
+    let (_dir, cert, key) = pem_files(&issued);
+    let h = tls_proxy(B::Echo, cert, key, |c| {
+        c.max_connections_per_ip = 1;
+        c.handshake_timeout = Duration::from_secs(1);
+        c.close_timeout = Duration::from_millis(500);
+    });
+    let config = client(&pki, None);
+    let holder = tls_connect(h.addr, &config).expect("first connection");
+    // Over the limit: refused at accept, waits in Refusing for a handshake that never comes.
+    let silent = TcpStream::connect(h.addr).unwrap();
+    // The holder gets its 408 after 1 s, then lingers 0.5 s; the silent one has 0.5 s.
+    let idle = wait_until(Duration::from_secs(6), || {
+        h.handle().stats().open_sessions == 0
+    });
+    let left = h.handle().stats().open_sessions;
+    drop((holder, silent));
+    assert!(idle, "sessions still open 6 s later: {left}");
+}
