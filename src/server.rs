@@ -1485,6 +1485,11 @@ impl Proxy {
         }
         self.dispatch_events();
         self.publish_buffers();
+        // A worker's last pass: the loop serving `/metrics` keeps what it
+        // published last, so the sessions just ended are published now.
+        if self.shared.publish.load(Ordering::Relaxed) {
+            self.publish_metrics();
+        }
     }
 }
 

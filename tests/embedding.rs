@@ -1392,3 +1392,38 @@ fn bytes_down_counts_frames_only() {
     assert_eq!(bytes_down, 7 + 4);
     running.shutdown().expect("stopped");
 }
+
+/// A worker stopped at once (`Handle::shutdown`) closes its sessions in its last pass;
+/// those sessions happened, so the `/metrics` of the loop it is a worker of must count them.
+#[test]
+fn sessions_a_worker_closes_as_it_stops_reach_the_first_loops_metrics() {
+    let standin = StandIn::serving(B::Echo);
+    let mut cfg = config(&standin);
+    cfg.metrics_addr = Some("127.0.0.1:0".into());
+    let mut first = Proxy::bind(cfg).expect("bind");
+    let worker = Proxy::bind(config(&standin)).expect("bind worker");
+    first.add_worker(worker.handle());
+    let probes = first.metrics_addr().expect("probe path");
+    let (worker, first) = (
+        worker.spawn().expect("spawn worker"),
+        first.spawn().expect("spawn"),
+    );
+    let token = tokens::mint(SECRET, NS, &["echo"], tokens::now() + 600);
+    let mut ws = ws_connect(worker.local_addr(), &format!("/{token}/echo")).expect("ws");
+    echo(&mut ws, "on the worker");
+    assert!(wait_until(BOUND, || sample(
+        probes,
+        "kubevirt_vnc_proxy_open_sessions"
+    ) == 1.0));
+    within(BOUND, move || worker.shutdown()).expect("the worker stops");
+    assert!(matches!(ws.read(), Err(_) | Ok(Message::Close(_))));
+    let ended = sample(
+        probes,
+        "kubevirt_vnc_proxy_sessions_total{outcome=\"shutdown\"}",
+    );
+    within(BOUND, move || first.shutdown()).expect("the first loop stops");
+    assert_eq!(
+        ended, 1.0,
+        "the worker's last session is missing from /metrics"
+    );
+}
