@@ -874,7 +874,12 @@ impl Proxy {
 
     /// [`next_timeout`](Self::next_timeout) as seen at `now`.
     fn timeout_from(&self, now: Instant) -> Option<Duration> {
-        if !self.again.is_empty() || (self.listener_ready && self.can_accept()) {
+        // A listener left ready by the accept budget raises no new edge for
+        // the connections still queued: the next pass must not sleep.
+        if !self.again.is_empty()
+            || (self.listener_ready && self.can_accept())
+            || self.can_accept_probe()
+        {
             return Some(Duration::ZERO);
         }
         let timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
@@ -884,6 +889,17 @@ impl Proxy {
 
     fn can_accept(&self) -> bool {
         self.accept_paused_until.is_none() && !self.at_capacity
+    }
+
+    /// Probe connections queued, and a slot free for one. Not gated by
+    /// MAX_CONNECTIONS (probes must answer a full proxy), but by the EMFILE
+    /// backoff: out of descriptors, the probe's accept fails like any other,
+    /// and retrying it on every pass would log an error per pass and push
+    /// the pause back for both listeners.
+    fn can_accept_probe(&self) -> bool {
+        self.metrics_ready
+            && self.accept_paused_until.is_none()
+            && self.probe_slots_used < PROBE_SLOTS
     }
 
     /// Open connections that count against MAX_CONNECTIONS: all but the
@@ -965,11 +981,7 @@ impl Proxy {
         if self.listener_ready && self.can_accept() {
             self.accept(now, Kind::Main);
         }
-        // Not gated by MAX_CONNECTIONS (probes must answer a full proxy),
-        // but by the EMFILE backoff: out of descriptors, the probe's accept
-        // fails like any other, and retrying it on every pass would log an
-        // error per pass and push the pause back for both listeners.
-        if self.metrics_ready && self.accept_paused_until.is_none() {
+        if self.can_accept_probe() {
             self.accept(now, Kind::Metrics);
         }
         if !self.pending_events.is_empty() {

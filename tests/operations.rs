@@ -920,3 +920,47 @@ fn scopeguard(child: &mut std::process::Child) -> impl Drop + '_ {
     }
     Kill(child)
 }
+
+/// More probe connections queued at once than one pass accepts (ACCEPT_BUDGET), each
+/// already complete (request and FIN sent), must all be answered promptly: the ones left in the
+/// probe listener's backlog get no new epoll edge.
+#[test]
+fn probes_queued_beyond_one_passs_accept_budget_are_all_answered_at_once() {
+    let standin = StandIn::serving(B::Echo);
+    let mut config = kubevirt_vnc_proxy::Config::local_dev(
+        &format!("ws://{}", standin.addr()),
+        SECRET.as_bytes(),
+    )
+    .unwrap();
+    config.metrics_addr = Some("127.0.0.1:0".into());
+    config.handshake_timeout = Duration::from_secs(30);
+    let proxy = kubevirt_vnc_proxy::Proxy::bind(config).unwrap();
+    let probes = proxy.metrics_addr().unwrap();
+    // Queued in the kernel before the loop runs: 8 complete probes.
+    let mut clients: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut s = TcpStream::connect(probes).unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            s
+        })
+        .collect();
+    let running = proxy.spawn().unwrap();
+    let started = Instant::now();
+    let mut answered = 0;
+    for s in &mut clients {
+        let mut all = Vec::new();
+        let _ = s.read_to_end(&mut all);
+        if all.starts_with(b"HTTP/1.1 200") {
+            answered += 1;
+        }
+    }
+    let took = started.elapsed();
+    running.shutdown().unwrap();
+    assert_eq!(
+        answered, 8,
+        "only {answered} of 8 probes answered in {took:?}"
+    );
+}
