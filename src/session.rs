@@ -486,12 +486,16 @@ impl<S: Transport> Session<S> {
     fn read_request(&mut self, ctx: &mut Ctx<'_>, mut head: Vec<u8>) -> State<S> {
         let max = ctx.config.max_head_bytes;
         // A head is at most `max` bytes; reading stops there either way.
-        match gather(&mut self.client, ctx.scratch, &mut head, max) {
-            Gathered::Open => {}
+        // A client may send its request and its FIN at once (`nc -N`, some
+        // health checkers): the request is still answered, over the half of
+        // the connection that is open.
+        let ended = match gather(&mut self.client, ctx.scratch, &mut head, max) {
+            Gathered::Open => false,
             Gathered::Failed(e) if self.client.is_handshaking() => {
                 self.tls_failed(ctx, &e);
                 return self.finish(ctx, None, None);
             }
+            Gathered::Eof if !head.is_empty() => true,
             Gathered::Eof | Gathered::Failed(_) => {
                 debug!(
                     "session {} {}: client left before sending a request",
@@ -499,7 +503,7 @@ impl<S: Transport> Session<S> {
                 );
                 return self.finish(ctx, None, None);
             }
-        }
+        };
         let probe_only = || {
             http::plain_response(
                 Status::NotFound,
@@ -508,12 +512,28 @@ impl<S: Transport> Session<S> {
             )
         };
         match http::parse_request(&head, max) {
+            Ok(None) if ended => {
+                debug!(
+                    "session {} {}: client left before finishing its request",
+                    self.id, self.peer
+                );
+                self.finish(ctx, None, None)
+            }
             Ok(None) => State::ReadingRequest { head },
             Err(_) if self.kind == Kind::Metrics => self.answer(ctx, probe_only()),
             Err(refusal) => self.refuse(ctx, refusal, None, RefusalContext::default()),
             Ok(Some(http::Request::Probe(p))) => self.answer_probe(ctx, p),
             Ok(Some(http::Request::Upgrade(_))) if self.kind == Kind::Metrics => {
                 self.answer(ctx, probe_only())
+            }
+            // A WebSocket whose client can no longer send is no session:
+            // nothing is dialed for it.
+            Ok(Some(http::Request::Upgrade(_))) if ended => {
+                let r = Refusal::new(
+                    Status::BadRequest,
+                    "the client closed its side right after the upgrade request",
+                );
+                self.refuse(ctx, r, None, RefusalContext::default())
             }
             Ok(Some(http::Request::Upgrade(req))) => {
                 let early = head[req.head_len..].to_vec();

@@ -405,3 +405,81 @@ fn a_refusal_and_its_fin_reach_the_client_in_one_segment() {
         after - before
     );
 }
+
+/// What a client gets for `request` sent together with its FIN (`shutdown(Write)`), both
+/// queued before the loop looks at the connection again, so that one event reports both:
+/// the loop is driven by hand (`poll_once`) to make sure of it. Returns the answer (empty
+/// when the proxy closed without one) and the upstream connections made.
+fn answer_to_a_request_with_its_fin(request: &[u8]) -> (String, usize) {
+    use std::io::{ErrorKind, Read};
+    let standin = common::StandIn::serving(B::Echo);
+    let config = kubevirt_vnc_proxy::Config::local_dev(
+        &format!("ws://{}", standin.addr()),
+        SECRET.as_bytes(),
+    )
+    .expect("config");
+    let mut proxy = kubevirt_vnc_proxy::Proxy::bind(config).expect("bind");
+    let mut client = TcpStream::connect(proxy.local_addr()).expect("connect");
+    // Accepted, with nothing to read yet.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.handle().stats().accepted == 0 {
+        assert!(Instant::now() < deadline, "never accepted");
+        proxy
+            .poll_once(Some(Duration::from_millis(100)))
+            .expect("poll");
+    }
+    client.write_all(request).expect("request");
+    client.shutdown(std::net::Shutdown::Write).expect("FIN");
+    // Both are in the proxy's socket before it is polled again.
+    std::thread::sleep(Duration::from_millis(100));
+    client.set_nonblocking(true).expect("nonblocking");
+    let mut answer = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no end to the answer: {answer:?}"
+        );
+        proxy
+            .poll_once(Some(Duration::from_millis(20)))
+            .expect("poll");
+        let mut buf = [0u8; 1024];
+        match client.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    let answer = String::from_utf8(answer).expect("an answer in UTF-8");
+    (answer, standin.connections_total())
+}
+
+#[test]
+fn a_request_that_comes_with_the_clients_fin_is_still_answered() {
+    // A probe is answered (health checkers such as `nc -N` half-close at once).
+    let (answer, dialed) =
+        answer_to_a_request_with_its_fin(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
+    assert_eq!(dialed, 0);
+    // A bad request gets its refusal.
+    let (answer, _) = answer_to_a_request_with_its_fin(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+    assert!(answer.contains("not a WebSocket upgrade"), "{answer:?}");
+    // A good upgrade from a client that can no longer send gets a 400, and nothing is dialed.
+    let tok = mint(SECRET, NS, &["echo"], now() + 600);
+    let (answer, dialed) =
+        answer_to_a_request_with_its_fin(&upgrade_request(&format!("/{tok}/echo"), ""));
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+    assert!(
+        answer.ends_with("the client closed its side right after the upgrade request\n"),
+        "{answer:?}"
+    );
+    assert_eq!(
+        dialed, 0,
+        "an upstream was dialed for a client that had left"
+    );
+    // Half a request, then the FIN: closed without an answer (and at once).
+    let (answer, _) = answer_to_a_request_with_its_fin(b"GET /healthz HTTP/1.1\r\n");
+    assert_eq!(answer, "");
+}
