@@ -378,15 +378,19 @@ impl Pipe {
                 }
             }
             // Write what is validated; a pending ping goes in at the next
-            // frame boundary, so data is written only up to it.
+            // frame boundary, so data is written only up to it. A ping the
+            // destination took in part is finished before anything else:
+            // bytes written into it would corrupt the stream.
             let boundary = self.boundary_now();
+            let ping_started = self.ping.as_ref().is_some_and(Control::started);
             let limit = match (&self.ping, boundary) {
+                _ if ping_started => 0,
                 (Some(_), Some(b)) => b,
                 _ => self.ready,
             };
             if dst.writable
                 && limit == 0
-                && boundary == Some(0)
+                && (ping_started || boundary == Some(0))
                 && let Some(ping) = self.ping.as_mut()
             {
                 match ping.write_to(dst) {

@@ -1147,6 +1147,45 @@ pub(crate) mod tests {
         }
     }
 
+    /// The proxy's ping to the client is half written when the
+    /// client's socket fills up; meanwhile the upstream sends a frame. Once
+    /// the client reads again, the rest of the ping must come before that
+    /// frame: nothing may be written inside the ping.
+    #[test]
+    fn a_half_written_ping_is_finished_before_more_data() {
+        let mut rig = Rig::new(1024, None);
+        rig.relay = Relay::new(
+            7,
+            1 << 20,
+            Timers {
+                ping_interval: Duration::from_secs(1),
+                peer_timeout: Duration::from_secs(30),
+                ..TIMERS
+            },
+            rig.now,
+            None,
+        );
+        // The client's socket takes 4 bytes, then is full.
+        rig.client_reads(4);
+        assert_eq!(rig.advance(Duration::from_secs(1)), Fired::Nothing);
+        assert_eq!(rig.run(), Step::Relaying { more: false });
+        assert_eq!(rig.c.borrow().outbox.len(), 4, "ping half written");
+        let data = pattern(20, 5);
+        rig.upstream_sends(&frame(BINARY, &data, None));
+        assert_eq!(rig.run(), Step::Relaying { more: false });
+        rig.client_reads(usize::MAX);
+        assert_eq!(rig.run(), Step::Relaying { more: false });
+        let (got, partial) = rig.to_client();
+        let ops: Vec<u8> = got.iter().map(|(op, _)| *op).collect();
+        assert_eq!(
+            (ops, partial),
+            (vec![9, BINARY], 0),
+            "client stream: {:?}",
+            rig.c.borrow().outbox
+        );
+        assert_eq!(got[1].1, data);
+    }
+
     /// The upstream vanishes (EOF without a close frame): the client is told
     /// 1001, and the relay is over (nothing the client says can reach the
     /// upstream any more).
