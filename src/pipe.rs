@@ -168,8 +168,9 @@ impl Pipe {
             && matches!(self.phase, Phase::Flowing)
             && let Some(n) = self.scanner.whole_data_frames(&buf.data()[self.ready..])
         {
+            let front = self.front_boundary();
             self.ready += n;
-            self.boundary = Some(self.ready);
+            self.boundary = front.or(Some(self.ready));
             return;
         }
         self.scan_any();
@@ -197,7 +198,9 @@ impl Pipe {
             }
             let scan = self.scanner.scan(unscanned);
             if let Some(b) = self.scanner.last_boundary() {
-                self.boundary = Some(self.ready + b);
+                // `front_boundary`, spelled out: `buf` borrows `self.buf`.
+                let ready = self.ready;
+                self.boundary = self.boundary.filter(|x| *x <= ready).or(Some(ready + b));
             }
             match self.scanner.take_own_pong() {
                 Some((at, len)) => {
@@ -476,11 +479,20 @@ impl Pipe {
 
     /// Where a frame of the proxy's own may be written now (offset in the
     /// ready bytes), if anywhere.
+    /// The boundary already known within the validated bytes. Kept when
+    /// more are validated: the boundary nearest the write position is where
+    /// a pending ping goes soonest, and a later one, replaced on every read,
+    /// would starve the ping while a slow reader never catches up with a
+    /// stream.
+    fn front_boundary(&self) -> Option<usize> {
+        self.boundary.filter(|b| *b <= self.ready)
+    }
+
     fn boundary_now(&self) -> Option<usize> {
         if self.ready == 0 && self.scanner.at_boundary() {
             Some(0)
         } else {
-            self.boundary.filter(|b| *b <= self.ready)
+            self.front_boundary()
         }
     }
 

@@ -1147,6 +1147,52 @@ pub(crate) mod tests {
         }
     }
 
+    /// A client that reads a continuous stream slowly (each writable
+    /// event frees a little room) and answers every ping it gets. The ping
+    /// must reach it at a frame boundary; it must not be declared gone.
+    #[test]
+    fn a_ping_is_not_starved_by_a_slow_reader_of_a_stream() {
+        let mut rig = Rig::new(1024, None);
+        rig.relay = Relay::new(
+            7,
+            1 << 20,
+            Timers {
+                ping_interval: Duration::from_secs(1),
+                peer_timeout: Duration::from_secs(3),
+                ..TIMERS
+            },
+            rig.now,
+            None,
+        );
+        // Far more than the client will read in the test: small whole frames.
+        let stream: Vec<u8> = (0..4000u32)
+            .flat_map(|i| frame(BINARY, &pattern(40, i as u8), None))
+            .collect();
+        rig.client_reads(0);
+        rig.upstream_sends(&stream);
+        rig.run();
+        let mut seen = 0;
+        for round in 0..16 {
+            rig.client_reads(300);
+            rig.run();
+            let out = rig.c.borrow().outbox.clone();
+            let (got, _) = frames(&out);
+            for (op, payload) in &got[seen..] {
+                if *op == 9 {
+                    rig.client_sends(&frame(10, payload, Some(KEY)));
+                }
+            }
+            seen = got.len();
+            rig.run();
+            let fired = rig.advance(Duration::from_millis(500));
+            assert!(
+                !matches!(fired, Fired::PeerGone(_)),
+                "round {round}: {fired:?}; pings seen by the client: {}",
+                got.iter().filter(|(op, _)| *op == 9).count()
+            );
+        }
+    }
+
     /// The proxy's ping to the client is half written when the
     /// client's socket fills up; meanwhile the upstream sends a frame. Once
     /// the client reads again, the rest of the ping must come before that
