@@ -392,8 +392,7 @@ impl Pipe {
                 _ => self.ready,
             };
             if dst.writable
-                && limit == 0
-                && (ping_started || boundary == Some(0))
+                && self.ping_can_go()
                 && let Some(ping) = self.ping.as_mut()
             {
                 match ping.write_to(dst) {
@@ -540,8 +539,19 @@ impl Pipe {
     pub fn has_pending_work<S: Transport>(&self, src: &Conn<S>, dst: &Conn<S>) -> bool {
         let can_read =
             !self.ended() && src.can_read() && !self.buf.as_ref().is_some_and(Buffer::is_full);
-        let can_write = dst.writable && (self.ready > 0 || (self.ended() && self.inject.is_some()));
+        let can_write = dst.writable
+            && (self.ready > 0 || self.ping_can_go() || (self.ended() && self.inject.is_some()));
         can_read || can_write
+    }
+
+    /// A ping is pending and may be written now: begun already, or the
+    /// stream is at a frame boundary with nothing validated before it. (A
+    /// ping waiting for the rest of a frame in flight is not work: the
+    /// frame's next bytes bring an event.)
+    fn ping_can_go(&self) -> bool {
+        self.ping
+            .as_ref()
+            .is_some_and(|p| p.started() || self.boundary_now() == Some(0))
     }
 
     /// Why the source stopped delivering, once it has.

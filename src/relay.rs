@@ -1193,6 +1193,56 @@ pub(crate) mod tests {
         }
     }
 
+    /// A keepalive ping to the client is queued, then the upstream
+    /// sends a burst that takes exactly the pump budget to relay, the last
+    /// read emptying its socket. The client's socket takes everything: the
+    /// ping must go out in this drive, or the relay must ask for another
+    /// one (`more`); no event will come for it.
+    #[test]
+    fn a_ping_due_when_the_budget_runs_out_is_not_stranded() {
+        let mut rig = Rig::new(1024, None);
+        rig.relay = Relay::new(
+            7,
+            1 << 20,
+            Timers {
+                ping_interval: Duration::from_secs(1),
+                peer_timeout: Duration::from_secs(30),
+                ..TIMERS
+            },
+            rig.now,
+            None,
+        );
+        assert_eq!(rig.advance(Duration::from_secs(1)), Fired::Nothing);
+        // 64-byte frames, 16 to a buffer: 15 full reads and a short one.
+        let burst: Vec<u8> = (0..(15 * 16 + 8))
+            .flat_map(|i: u32| frame(BINARY, &pattern(62, i as u8), None))
+            .collect();
+        rig.upstream_sends(&burst);
+        let step = rig.run();
+        let (got, partial) = rig.to_client();
+        assert_eq!(partial, 0);
+        let data = got.iter().filter(|(op, _)| *op == BINARY).count();
+        let pings = got.iter().filter(|(op, _)| *op == 9).count();
+        assert_eq!(data, 15 * 16 + 8);
+        assert_eq!(
+            pings, 1,
+            "the ping was not written and the relay waits for an event ({step:?})"
+        );
+        // Then one frame that takes the whole budget (15 full reads and a
+        // short one): its end, the only boundary, comes with the last read.
+        rig.c.borrow_mut().outbox.clear();
+        assert_eq!(rig.advance(Duration::from_secs(1)), Fired::Nothing);
+        rig.upstream_sends(&frame(BINARY, &pattern(15 * 1024 + 512 - 4, 3), None));
+        let step = rig.run();
+        let (got, partial) = rig.to_client();
+        let ops: Vec<u8> = got.iter().map(|(op, _)| *op).collect();
+        assert_eq!(
+            (ops, partial),
+            (vec![BINARY, 9], 0),
+            "the ping was not written and the relay waits for an event ({step:?})"
+        );
+    }
+
     /// The proxy's ping to the client is half written when the
     /// client's socket fills up; meanwhile the upstream sends a frame. Once
     /// the client reads again, the rest of the ping must come before that
