@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
@@ -1305,6 +1305,12 @@ impl Proxy {
                     return;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // That one connection failed before it was accepted (reset,
+                // or a network error Linux passes on from it): the next one
+                // is served at once; the budget bounds the retries.
+                Err(e) if failed_before_accept(&e) => {
+                    debug!("accept: a queued connection failed: {e}");
+                }
                 Err(e) => {
                     // Out of file descriptors or similar: the connection
                     // stays queued in the kernel; try again shortly.
@@ -1505,6 +1511,29 @@ impl Proxy {
     }
 }
 
+/// An accept error that belongs to the one connection being accepted, not
+/// to the listener or the process: accept(2) says Linux passes a pending
+/// network error of the new connection on as accept's own, to be retried
+/// like EAGAIN; ECONNABORTED is a connection reset while queued. Pausing
+/// every accept for these (as for EMFILE) would let any client that resets
+/// its connections stall everyone's.
+fn failed_before_accept(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::ENETDOWN
+                | libc::EPROTO
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+        )
+    )
+}
+
 /// The earlier of two optional instants (`None`: no deadline). Spelled out:
 /// it runs on every pass of the loop.
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
@@ -1518,6 +1547,36 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection that failed while queued costs only itself; running out
+    /// of descriptors or memory pauses accepting.
+    #[test]
+    fn only_a_lack_of_resources_pauses_accepting() {
+        for errno in [
+            libc::ECONNABORTED,
+            libc::EPROTO,
+            libc::ENETUNREACH,
+            libc::EHOSTUNREACH,
+        ] {
+            assert!(
+                failed_before_accept(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::EBADF,
+        ] {
+            assert!(
+                !failed_before_accept(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+        assert!(!failed_before_accept(&io::Error::other("no errno")));
+    }
 
     /// `admit` leaves TCP_NODELAY to the listener where
     /// `ACCEPTED_HAVE_NODELAY` says the kernel copies it: hold the kernel to
