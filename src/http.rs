@@ -626,7 +626,7 @@ pub fn parse_upstream_response(
         if !complete && !eof && buf.len() < max_len {
             return Ok(None);
         }
-        let body_end = body_len.map_or(buf.len(), |n| (head_len + n).min(buf.len()));
+        let body_end = body_len.map_or(buf.len(), |n| head_len.saturating_add(n).min(buf.len()));
         let body = &buf[head_len..body_end];
         let detail = upstream_reason(body)
             .or_else(|| resp.reason.and_then(|r| upstream_reason(r.as_bytes())))
@@ -902,6 +902,19 @@ mod tests {
                 .status,
             Status::BadGateway
         );
+    }
+
+    #[test]
+    fn a_huge_content_length_from_the_upstream_is_no_panic() {
+        // usize::MAX: the body's end was computed as head + length and
+        // overflowed, panicking the loop on the upstream's say-so.
+        let huge = "HTTP/1.1 500 Oops\r\nContent-Length: 18446744073709551615\r\n\r\nbusy";
+        let Some(UpstreamAnswer::Refused(r)) =
+            parse_upstream_response(huge.as_bytes(), KEY, 8192, true).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(r.reason, "upstream answered 500: busy");
     }
 
     #[test]
