@@ -3,10 +3,11 @@
 //! (variables and flags); what any other word on the command line means is
 //! the binary's business, so it is decided here.
 
+use std::ffi::OsString;
 use std::fmt;
 
 use kubevirt_vnc_proxy::Config;
-use kubevirt_vnc_proxy::config::{self, did_you_mean, is_option_flag};
+use kubevirt_vnc_proxy::config::{self, did_you_mean, is_option_flag, is_option_variable};
 use kubevirt_vnc_proxy::events::LogFormat;
 
 /// The subcommands. They may stand anywhere among the flags.
@@ -155,10 +156,55 @@ pub struct Failure {
     pub log_format: LogFormat,
 }
 
+/// The command line as text, or the line that says which argument is not
+/// (by its place only: it may be a secret). `std::env::args` panicked on
+/// such an argument and printed it.
+pub fn arguments(argv: impl IntoIterator<Item = OsString>) -> Result<Vec<String>, String> {
+    argv.into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            a.into_string().map_err(|_| {
+                format!(
+                    "configuration error: command line: argument {} is not valid UTF-8 (not shown: it may be a secret)",
+                    i + 1
+                )
+            })
+        })
+        .collect()
+}
+
+/// The environment as text. A value that is not UTF-8 is left out; when
+/// the variable is an option's, its name is returned so that the start
+/// fails naming it (never showing the value: it may be a secret).
+/// `std::env::vars` panicked on such a value and printed it.
+pub fn environment(
+    vars: impl IntoIterator<Item = (OsString, OsString)>,
+) -> (Vec<(String, String)>, Vec<String>) {
+    let mut env = Vec::new();
+    let mut unreadable = Vec::new();
+    for (k, v) in vars {
+        let Ok(k) = k.into_string() else { continue };
+        match v.into_string() {
+            Ok(v) => env.push((k, v)),
+            Err(_) if is_option_variable(&k) => unreadable.push(k),
+            Err(_) => {}
+        }
+    }
+    (env, unreadable)
+}
+
 /// The configuration from the environment and the sorted command line,
-/// with every problem of both.
-pub fn configure(env: Vec<(String, String)>, cli: Cli) -> Result<Config, Failure> {
+/// with every problem of both. `unreadable` names the options' variables
+/// whose value is not UTF-8 (see [`environment`]).
+pub fn configure(
+    env: Vec<(String, String)>,
+    unreadable: &[String],
+    cli: Cli,
+) -> Result<Config, Failure> {
     let mut lines: Vec<String> = cli.errors.iter().map(ToString::to_string).collect();
+    lines.extend(unreadable.iter().map(|var| {
+        format!("configuration error: {var}: not valid UTF-8 (not shown: it may be a secret)")
+    }));
     match Config::from_sources_all(env, cli.args) {
         Ok(c) if lines.is_empty() => Ok(c),
         Ok(c) => Err(Failure {
@@ -166,7 +212,13 @@ pub fn configure(env: Vec<(String, String)>, cli: Cli) -> Result<Config, Failure
             log_format: c.log_format,
         }),
         Err(e) => {
-            lines.extend(e.errors.iter().map(ToString::to_string));
+            // A variable left out for not being text is not also missing.
+            lines.extend(
+                e.errors
+                    .iter()
+                    .filter(|e| !unreadable.contains(&e.var))
+                    .map(ToString::to_string),
+            );
             Err(Failure {
                 lines,
                 log_format: e.log_format,

@@ -1036,6 +1036,11 @@ pub fn is_option_flag(flag: &str) -> bool {
     OPTIONS.iter().any(|o| o.flag() == flag)
 }
 
+/// Whether `name` is an option's environment variable.
+pub fn is_option_variable(name: &str) -> bool {
+    OPTIONS.iter().any(|o| o.var() == name)
+}
+
 /// The candidate `name` most probably meant, if any (another case, `-`
 /// for `_`, a typo or two): for a host's own "did you mean" hints.
 pub fn did_you_mean<'k>(

@@ -18,7 +18,14 @@ use cli::{Command, Failure};
 fn main() -> ExitCode {
     // `kubevirt-vnc-proxy --port 5002 check-config` as well as
     // `kubevirt-vnc-proxy check-config --port 5002`.
-    let cli = cli::parse(std::env::args().skip(1).collect());
+    let argv = match cli::arguments(std::env::args_os().skip(1)) {
+        Ok(argv) => argv,
+        Err(line) => {
+            eprintln!("{line}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = cli::parse(argv);
     match cli.command {
         Command::Token => return mint(&cli.args, cli.subcommand_at),
         Command::CheckConfig => return check_config(cli),
@@ -32,9 +39,9 @@ fn main() -> ExitCode {
         }
         Command::Serve => {}
     }
-    let env: Vec<(String, String)> = std::env::vars().collect();
+    let (env, unreadable) = cli::environment(std::env::vars_os());
     let lookalikes = lookalike_variables(env.iter().map(|(k, _)| k.as_str()));
-    let config = match cli::configure(env, cli) {
+    let config = match cli::configure(env, &unreadable, cli) {
         Ok(c) => c,
         Err(failure) => {
             report_start_errors(&lookalikes, &failure);
@@ -218,11 +225,11 @@ fn report_start_errors(lookalikes: &[Lookalike], failure: &Failure) {
 /// `check-config`: everything the proxy checks at start, without listening;
 /// every configuration error, one line each.
 fn check_config(cli: cli::Cli) -> ExitCode {
-    let env: Vec<(String, String)> = std::env::vars().collect();
+    let (env, unreadable) = cli::environment(std::env::vars_os());
     for l in lookalike_variables(env.iter().map(|(k, _)| k.as_str())) {
         eprintln!("warning: {l}");
     }
-    let config = match cli::configure(env, cli) {
+    let config = match cli::configure(env, &unreadable, cli) {
         Ok(c) => c,
         Err(failure) => {
             eprintln!("{}", failure.lines.join("\n"));

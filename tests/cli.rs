@@ -251,3 +251,51 @@ fn token_names_a_stray_argument_by_its_position_too() {
         assert!(!err.contains(secret) && !text(&out.stdout).contains(secret));
     }
 }
+
+#[test]
+fn a_value_that_is_not_text_is_named_never_shown_and_never_a_panic() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt as _;
+    // Bytes that are no UTF-8 around a would-be secret: the standard
+    // library's env::vars() and env::args() panicked on them, printing
+    // the value.
+    let bad = OsStr::from_bytes(b"s3cr3t-\xff-pasted");
+    let run_with = |env: &[(&str, &OsStr)], args: &[&OsStr]| {
+        Command::new(BIN)
+            .env_clear()
+            .envs(env.iter().copied())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let secret = OsStr::new(SECRET);
+    let local = OsStr::new("true");
+    let check = OsStr::new("check-config");
+    // An option's variable: named, exit 2, and not also called missing.
+    let out = run_with(&[("SECRET_KEY", bad), ("LOCAL_DEV_MODE", local)], &[check]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        "configuration error: SECRET_KEY: not valid UTF-8 (not shown: it may be a secret)\n"
+    );
+    // Any other variable is none of ours: left alone.
+    let out = run_with(
+        &[
+            ("SECRET_KEY", secret),
+            ("LOCAL_DEV_MODE", local),
+            ("SOMEONE_ELSES", bad),
+        ],
+        &[check],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // An argument: by its place.
+    let out = run_with(
+        &[("SECRET_KEY", secret), ("LOCAL_DEV_MODE", local)],
+        &[check, OsStr::new("--port"), bad],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        "configuration error: command line: argument 3 is not valid UTF-8 (not shown: it may be a secret)\n"
+    );
+}
