@@ -161,6 +161,10 @@ pub(crate) struct Conn<S = TcpStream> {
     /// rustls may hold decrypted bytes not yet read out (so the connection
     /// is readable even though the socket is drained).
     tls_plaintext: bool,
+    /// rustls reported the end of the TLS stream: every later read says so
+    /// again, with no event to wait for (the socket's FIN was read with the
+    /// last records, and the kernel will not report it twice).
+    tls_ended: bool,
 }
 
 fn would_block(e: &io::Error) -> bool {
@@ -181,6 +185,7 @@ impl<S: Transport> Conn<S> {
             drained_to_fin: false,
             held_for_fin: false,
             tls_plaintext: false,
+            tls_ended: false,
         }
     }
 
@@ -206,7 +211,7 @@ impl<S: Transport> Conn<S> {
 
     /// True when a read may return data without waiting for an event.
     pub fn can_read(&self) -> bool {
-        self.readable || self.tls_plaintext
+        self.readable || self.tls_plaintext || self.tls_ended
     }
 
     /// One read of decrypted (or plain) bytes.
@@ -233,13 +238,19 @@ impl<S: Transport> Conn<S> {
             // Drain what rustls already decrypted before reading more TLS:
             // its plaintext buffer is bounded and read_tls will not overfill it.
             match tls.reader().read(buf) {
-                Ok(0) if !buf.is_empty() => return Io::Eof,
+                Ok(0) if !buf.is_empty() => {
+                    self.tls_ended = true;
+                    return Io::Eof;
+                }
                 Ok(n) => {
                     self.tls_plaintext = n == buf.len();
                     return Io::Done(n);
                 }
                 Err(e) if would_block(&e) => self.tls_plaintext = false,
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Io::Eof,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    self.tls_ended = true;
+                    return Io::Eof;
+                }
                 Err(e) => return Io::Failed(e),
             }
             if !self.readable {

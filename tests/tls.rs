@@ -409,3 +409,66 @@ fn an_upstream_that_never_finishes_tls_gets_504() {
     assert_eq!(a.status, 504, "{}", a.body);
     holder.join().unwrap();
 }
+
+#[test]
+fn an_upstream_that_answers_and_ends_in_one_flight_ends_the_session() {
+    // A hand-made KubeVirt (the stand-in answers and ends in separate
+    // writes): the 101, one frame and TCP's FIN without close_notify,
+    // read by the proxy in one go. The end was seen while gathering the
+    // head and forgotten, so the session waited for an event that had
+    // already come.
+    use std::io::{Read as _, Write as _};
+    let pki = TestPki::new();
+    let sa = sa_dir(&pki, SA_TOKEN);
+    let tls = pki.server_tls().server_config().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let conn = rustls::ServerConnection::new(tls).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        let key = head
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("sec-websocket-key")
+                    .then(|| value.trim().to_owned())
+            })
+            .unwrap();
+        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let mut flight = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        )
+        .into_bytes();
+        flight.extend_from_slice(&[0x82, 2, b'h', b'i']);
+        s.write_all(&flight).unwrap();
+        s.flush().unwrap();
+        s.sock.shutdown(std::net::Shutdown::Write).unwrap();
+        // Until the proxy lets go.
+        let mut rest = Vec::new();
+        let _ = s.sock.read_to_end(&mut rest);
+    });
+    let standin = kubevirt(&pki, Some(SA_TOKEN), B::Echo);
+    let h = in_cluster(standin, &sa, |c| c.upstream.port = port);
+    let mut ws = h.ws("vm");
+    ws.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(ws.read().unwrap(), Message::binary(&b"hi"[..]));
+    match ws.read() {
+        Ok(Message::Close(Some(f))) => {
+            assert!(f.reason.contains("upstream"), "{f:?}");
+        }
+        other => panic!("expected a close frame at once, got {other:?}"),
+    }
+    drop(ws);
+    server.join().unwrap();
+}
