@@ -141,6 +141,7 @@ fn the_public_modules_hold_no_more_than_listed() {
                 "Lookalike",
                 "lookalike_variables",
                 "is_option_flag",
+                "is_option_variable",
                 "did_you_mean",
             ]),
         ),
