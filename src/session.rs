@@ -443,7 +443,12 @@ impl<S: Transport> Session<S> {
                     Status::GatewayTimeout,
                     "authorization did not answer in time",
                 );
-                self.refuse(ctx, r, Some(&req.key), RefusalContext::default())
+                self.refuse(
+                    ctx,
+                    r,
+                    Some(upgrade_of(&req, ctx.config)),
+                    RefusalContext::default(),
+                )
             }
             s @ (State::Dialing(_) | State::UpstreamHandshake(_)) => {
                 let secs = ctx.config.upstream_timeout.as_secs();
@@ -555,7 +560,7 @@ impl<S: Transport> Session<S> {
             return self.refuse(
                 ctx,
                 shutting_down(),
-                Some(&req.key),
+                Some(upgrade_of(&req, ctx.config)),
                 RefusalContext::default(),
             );
         }
@@ -569,7 +574,12 @@ impl<S: Transport> Session<S> {
                 .origin()
                 .map_or("missing".into(), |o| format!("'{o}' not allowed"));
             let r = Refusal::new(Status::Forbidden, format!("origin {what}"));
-            return self.refuse(ctx, r, Some(&req.key), RefusalContext::default());
+            return self.refuse(
+                ctx,
+                r,
+                Some(upgrade_of(&req, ctx.config)),
+                RefusalContext::default(),
+            );
         }
         let decision = ctx.authorizer.authorize(
             &AuthRequest {
@@ -618,7 +628,7 @@ impl<S: Transport> Session<S> {
                     vmi,
                     namespace,
                 };
-                return self.refuse(ctx, refusal, Some(&req.key), about);
+                return self.refuse(ctx, refusal, Some(upgrade_of(&req, ctx.config)), about);
             }
             Decision::Pending => {
                 // Bounded like the upstream: no decision in time is a 504.
@@ -630,7 +640,7 @@ impl<S: Transport> Session<S> {
             s.refuse(
                 ctx,
                 r,
-                Some(&req.key),
+                Some(upgrade_of(&req, ctx.config)),
                 RefusalContext::of_unchecked_grant(&grant),
             )
         };
@@ -1056,9 +1066,12 @@ impl<S: Transport> Session<S> {
     /// granted, the VMI and namespace.
     fn refuse_in(&mut self, ctx: &mut Ctx<'_>, state: State<S>, r: Refusal) -> State<S> {
         match state {
-            State::Authorizing { req, .. } => {
-                self.refuse(ctx, r, Some(&req.key), RefusalContext::default())
-            }
+            State::Authorizing { req, .. } => self.refuse(
+                ctx,
+                r,
+                Some(upgrade_of(&req, ctx.config)),
+                RefusalContext::default(),
+            ),
             State::Dialing(d) => self.refuse_handshake(ctx, &d.hs, r),
             State::UpstreamHandshake(h) => self.refuse_handshake(ctx, &h.hs, r),
             _ => self.refuse(ctx, r, None, RefusalContext::default()),
@@ -1068,26 +1081,30 @@ impl<S: Transport> Session<S> {
     /// Refuse a granted session whose upstream failed (or did not answer).
     fn refuse_handshake(&mut self, ctx: &mut Ctx<'_>, hs: &Handshake, r: Refusal) -> State<S> {
         let about = RefusalContext::of_grant(&hs.grant);
-        self.refuse(ctx, r, Some(&hs.client_key), about)
+        let upgrade = (hs.client_key.as_str(), hs.client_protocol.as_deref());
+        self.refuse(ctx, r, Some(upgrade), about)
     }
 
     /// The one place a refusal is decided: one event (the access log line),
-    /// one answer to the client. `client_key` is the client's
-    /// Sec-WebSocket-Key once it sent a valid upgrade (then the refusal may
-    /// be a close frame, REJECT_WITH=close).
+    /// one answer to the client. `upgrade` is what a 101 would answer once
+    /// the client sent a valid upgrade: its Sec-WebSocket-Key and the
+    /// subprotocol chosen from its offer (then the refusal may be a close
+    /// frame, REJECT_WITH=close).
     fn refuse(
         &mut self,
         ctx: &mut Ctx<'_>,
         r: Refusal,
-        client_key: Option<&str>,
+        upgrade: Option<(&str, Option<&str>)>,
         about: RefusalContext,
     ) -> State<S> {
         let close = http::refusal_close_code(r.status).filter(|_| ctx.config.reject_with_close);
-        let out = match (close, client_key) {
+        let out = match (close, upgrade) {
             // A browser sees every HTTP refusal as 1006; a completed upgrade
             // followed by a close frame lets the page read code and reason.
-            (Some(code), Some(key)) => {
-                let mut out = http::switching_protocols(key, None);
+            // The 101 names the subprotocol a success would: a browser that
+            // offered one fails a 101 without it (1006 again).
+            (Some(code), Some((key, protocol))) => {
+                let mut out = http::switching_protocols(key, protocol);
                 let mut frame = [0u8; 131];
                 let n = crate::frame::close_frame(code, &r.reason, None, &mut frame);
                 out.extend_from_slice(&frame[..n]);
@@ -1329,6 +1346,13 @@ enum Gathered {
 /// Read what `conn` has (through `scratch`) onto `out`, up to `max` bytes
 /// in all: request and response heads, and what a client sends before its
 /// 101.
+/// What a 101 to `req` would answer: its key and the subprotocol chosen
+/// from its offer (the one a granted session would get).
+fn upgrade_of<'r>(req: &'r http::UpgradeRequest, config: &Config) -> (&'r str, Option<&'r str>) {
+    let protocol = http::select_client_protocol(&req.protocols, &config.client_subprotocols);
+    (&req.key, protocol)
+}
+
 fn gather<S: Transport>(
     conn: &mut Conn<S>,
     scratch: &mut [u8],

@@ -345,6 +345,35 @@ fn refusals_as_close_codes_a_page_can_read() {
     );
 }
 
+/// noVNC offers `binary`, and a browser fails a 101 that does not name the
+/// subprotocol it offered (1006, the very code REJECT_WITH=close exists to
+/// avoid): the refusal's 101 names what a success would have.
+#[test]
+fn a_refusal_as_a_close_frame_names_the_offered_subprotocol() {
+    let h = Harness::start_with(
+        StandInOptions::serving(B::Echo).vmi("status-503", B::Status(503)),
+        |c| c.reject_with_close = true,
+    );
+    let good = Harness::token(&["status-503"]);
+    let cases = [
+        // Refused before any upstream work, and refused by the upstream.
+        (format!("/{}/echo", "not.a.token"), 4401),
+        (format!("/{good}/status-503"), 4503),
+    ];
+    for (path, want) in cases {
+        let offer = "Sec-WebSocket-Protocol: binary, base64\r\n";
+        let (mut s, head) = common::upgrade_head(h.addr, &path, offer);
+        assert!(head.starts_with("HTTP/1.1 101 "), "{path}: {head}");
+        assert!(
+            head.lines()
+                .any(|l| l.eq_ignore_ascii_case("sec-websocket-protocol: binary")),
+            "{path}: the 101 must name the offered subprotocol: {head}"
+        );
+        let (code, reason) = close_of(&mut s);
+        assert_eq!(code, want, "{path}: {reason}");
+    }
+}
+
 #[test]
 fn the_connection_limit_pauses_accepting_and_resumes_at_90_percent() {
     let h = Harness::start_with(B::Echo, |c| c.max_connections = 5);
