@@ -1343,9 +1343,6 @@ enum Gathered {
     Failed(io::Error),
 }
 
-/// Read what `conn` has (through `scratch`) onto `out`, up to `max` bytes
-/// in all: request and response heads, and what a client sends before its
-/// 101.
 /// What a 101 to `req` would answer: its key and the subprotocol chosen
 /// from its offer (the one a granted session would get).
 fn upgrade_of<'r>(req: &'r http::UpgradeRequest, config: &Config) -> (&'r str, Option<&'r str>) {
@@ -1353,6 +1350,9 @@ fn upgrade_of<'r>(req: &'r http::UpgradeRequest, config: &Config) -> (&'r str, O
     (&req.key, protocol)
 }
 
+/// Read what `conn` has (through `scratch`) onto `out`, up to `max` bytes
+/// in all: request and response heads, and what a client sends before its
+/// 101.
 fn gather<S: Transport>(
     conn: &mut Conn<S>,
     scratch: &mut [u8],
