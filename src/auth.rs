@@ -366,13 +366,12 @@ impl JwtVerifier {
                 v.validate_exp = false;
                 v.validate_nbf = false;
                 let mut required = vec![];
+                // With no audience configured, jsonwebtoken refuses a token
+                // that names one, as PyJWT under LabOrchestrator does
+                // (RFC 7519 4.1.3: it was meant for someone else).
                 if !s.audience.is_empty() {
                     v.set_audience(&s.audience);
                     required.push("aud");
-                } else {
-                    // No audience configured: a token that names one is not
-                    // meant for us only if we say who we are, which we don't.
-                    v.validate_aud = false;
                 }
                 if !s.issuer.is_empty() {
                     v.set_issuer(&s.issuer);

@@ -135,7 +135,7 @@ options! {
     SECRET_KEY_FILES: Vec<String> = With(list), "--secret-key-files", "", "more HMAC secrets, one file each, comma-separated (rotation; kid = file name without extension)";
     ALLOW_WEAK_SECRET: bool = With(boolean), "--allow-weak-secret", "false", "accept HMAC secrets shorter than 32 bytes (with a warning)";
     JWT_LEEWAY_SECONDS: u64 = Within(number, 0, MAX_SECONDS), "--jwt-leeway-seconds", "30", "clock skew allowed on exp and nbf";
-    JWT_AUDIENCE: Vec<String> = With(list), "--jwt-audience", "", "accepted audiences, comma-separated; when set, aud is required";
+    JWT_AUDIENCE: Vec<String> = With(list), "--jwt-audience", "", "accepted audiences, comma-separated; when set, aud is required; unset, a token with aud is refused";
     JWT_ISSUER: Vec<String> = With(list), "--jwt-issuer", "", "accepted issuers, comma-separated; when set, iss is required";
     TOKEN_SOURCES: Vec<TokenSource> = With(token_sources), "--token-sources", "path", "where tokens may travel: path, query, header, cookie, protocol (comma-separated)";
     TOKEN_COOKIE: String = With(text), "--token-cookie", "vnc_token", "cookie name for the cookie token source";

@@ -415,3 +415,33 @@ fn our_token_subcommand_mints_what_each_library_version_decodes() {
         );
     }
 }
+
+/// A token that names an audience is meant for that audience. LabOrchestrator's
+/// `generate_auth_token` never writes `aud`, so this token is hand-made; what each library
+/// version's own `decode_auth_token` (PyJWT) makes of it is asked at test time: it refuses, and
+/// so do we while `JWT_AUDIENCE` is unset.
+#[test]
+fn a_token_naming_an_audience_is_refused_without_jwt_audience() {
+    let mut claims = common::tokens::lab_claims("lab-ns", &["echo"], common::tokens::now() + 600);
+    let without = common::tokens::mint_claims(SECRET, &claims);
+    claims["aud"] = json!("another-service");
+    let token = common::tokens::mint_claims(SECRET, &claims);
+    if labo::available() {
+        for lib in LibAuth::ALL {
+            let v = lib.version();
+            // The same claims but `aud` pass: it is the audience that is refused.
+            labo::decode(lib, &without, SECRET, None)
+                .unwrap_or_else(|e| panic!("{v}: the control token is refused: {e}"));
+            let e = labo::decode(lib, &token, SECRET, None)
+                .expect_err("the library refuses a token with an audience it was not given");
+            // 0.0.5 swallows PyJWT's exception and returns None; 2.x lets it through.
+            if lib == LibAuth::V2_2_0 {
+                assert!(e.to_lowercase().contains("audience"), "{v}: {e}");
+            }
+        }
+    }
+    let h = Harness::start(B::Echo);
+    let (status, body) = refusal(&h, &token, "echo", "aud without JWT_AUDIENCE");
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("audience"), "{body}");
+}
