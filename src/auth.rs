@@ -454,7 +454,17 @@ impl JwtVerifier {
                     result = Ok(data.claims);
                     break;
                 }
-                Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => continue,
+                // Not this key: a signature it does not verify, or a key
+                // this token's algorithm cannot use (ES384 meets a P-256
+                // key when both curves are configured). The next key may.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::InvalidSignature | ErrorKind::InvalidEcdsaKey
+                    ) =>
+                {
+                    continue;
+                }
                 Err(e) => {
                     result = Err(map_error(e));
                     break;

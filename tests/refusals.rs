@@ -283,6 +283,46 @@ fn rs256_tokens_with_a_public_key() {
     }
 }
 
+/// ES256 and ES384 keys together (a curve change under rotation): a token is checked with each
+/// key of its family until one fits, a key on the other curve being no answer. The keys are
+/// fresh from rcgen, the tokens from jsonwebtoken (LabOrchestrator's library signs EC tokens
+/// only through PyJWT's `cryptography` backend, not installed for every run).
+#[test]
+fn ec_keys_on_two_curves_each_verify_their_own_tokens() {
+    let p256 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    let material = |k: &rcgen::KeyPair, name: &str| KeyMaterial {
+        kid: None,
+        bytes: k.public_key_pem().into_bytes(),
+        source: name.into(),
+    };
+    let h = Harness::start_with(B::Echo, |c| {
+        c.jwt.algorithms = vec![Algorithm::ES256, Algorithm::ES384];
+        c.jwt.public_keys = vec![material(&p256, "p256.pem"), material(&p384, "p384.pem")];
+    });
+    let claims = lab_claims(NS, &["ubuntu"], now() + 600);
+    let sign = |alg, k: &rcgen::KeyPair| {
+        let key = jsonwebtoken::EncodingKey::from_ec_pem(k.serialize_pem().as_bytes()).unwrap();
+        jsonwebtoken::encode(&Header::new(alg), &claims, &key).unwrap()
+    };
+    for (what, token) in [
+        ("ES256 by the first key", sign(Algorithm::ES256, &p256)),
+        ("ES384 by the second key", sign(Algorithm::ES384, &p384)),
+    ] {
+        let mut ws = h.ws_path(&format!("/{token}/ubuntu"));
+        ws.send(tungstenite::Message::text(what)).unwrap();
+        assert_eq!(ws.read().unwrap(), tungstenite::Message::text(what));
+    }
+    // A key of neither is a bad signature, not an error about a key.
+    let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    let t = sign(Algorithm::ES384, &other);
+    let a = assert_no_upstream(&h, || {
+        refused(&h, &upgrade_request(&format!("/{t}/ubuntu"), ""))
+    });
+    assert_eq!(a.status, 401, "{}", a.body);
+    assert!(a.body.contains("signature"), "{}", a.body);
+}
+
 #[test]
 fn upstream_failures_map_to_502_404_503() {
     let h = Harness::start(
