@@ -273,9 +273,26 @@ enum Field {
     Null,
 }
 
-/// A JSON string literal (also used to quote text-format values).
+/// A JSON string literal (also used to quote text-format values), in which
+/// no control character is left raw: serde_json escapes only U+0000 to
+/// U+001F, and DEL or a C1 control (U+009B is CSI, which a terminal may obey
+/// as it does ESC [) would reach whoever reads the log; U+2028 and U+2029
+/// break lines in some viewers.
 pub(crate) fn json_string(s: &str) -> String {
-    serde_json::Value::String(s.to_owned()).to_string()
+    let quoted = serde_json::Value::String(s.to_owned()).to_string();
+    let raw = |c: char| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}');
+    if !quoted.contains(raw) {
+        return quoted;
+    }
+    let mut out = String::with_capacity(quoted.len() + 16);
+    for c in quoted.chars() {
+        if raw(c) {
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// A VMI name for a log field, when it is one (a DNS-1123 subdomain): what
@@ -394,6 +411,17 @@ impl Observer for AccessLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_control_character_is_left_raw_in_a_quoted_value() {
+        let s = "a\r\nb\u{7f}c\u{9b}2J\u{85}d\u{2028}e";
+        let q = json_string(s);
+        assert_eq!(q, r#""a\r\nb\u007fc\u009b2J\u0085d\u2028e""#);
+        // Still JSON, and still the same text once parsed.
+        assert_eq!(serde_json::from_str::<String>(&q).unwrap(), s);
+        assert_eq!(text_value("x\u{9b}y"), r#""x\u009by""#);
+        assert_eq!(json_string("plain é"), "\"plain é\"");
+    }
 
     fn closed() -> Event {
         Event::Closed {

@@ -578,7 +578,9 @@ fn a_line_break_in_a_token_id_stays_inside_one_log_record() {
     }
     // LabOrchestrator's issuer signs whatever user id it is given.
     let mut mint = labo::Mint::new(SECRET, &["echo"]);
-    mint.user_id = serde_json::json!("5\r\nINFO forged record");
+    // U+009B is CSI, which a terminal may obey as ESC [ does; DEL and the
+    // C1 controls are escaped like the C0 ones.
+    mint.user_id = serde_json::json!("5\r\nINFO forged record\u{9b}2J\u{7f}");
     let t = mint.with(labo::LibAuth::V2_2_0);
     let standin = StandIn::serving(B::Echo);
     let p = Binary::start(standin.addr(), &[("LOGLEVEL", "DEBUG")]);
@@ -587,7 +589,7 @@ fn a_line_break_in_a_token_id_stays_inside_one_log_record() {
     assert_eq!(ws.read().unwrap(), Message::binary(&b"x"[..]));
     ws.close(None).unwrap();
     let lines = p.drain_lines(Duration::from_secs(2));
-    let escaped = r#""5\r\nINFO forged record""#;
+    let escaped = r#""5\r\nINFO forged record\u009b2J\u007f""#;
     assert!(
         lines
             .iter()
@@ -603,6 +605,10 @@ fn a_line_break_in_a_token_id_stays_inside_one_log_record() {
     assert!(
         !lines.iter().any(|l| l.starts_with("INFO forged")),
         "a record was split: {lines:#?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains(char::is_control)),
+        "a control character written raw: {lines:#?}"
     );
 }
 
