@@ -299,3 +299,29 @@ fn a_value_that_is_not_text_is_named_never_shown_and_never_a_panic() {
         "configuration error: command line: argument 3 is not valid UTF-8 (not shown: it may be a secret)\n"
     );
 }
+
+#[test]
+fn a_password_in_ws_remote_url_is_refused_and_never_echoed() {
+    for url in [
+        "ws://admin:hunter2@127.0.0.1:8001",
+        "ws://admin:hunter2@127.0.0.1",
+        "http://admin:hunter2@127.0.0.1",
+    ] {
+        let env = [LOCAL, &[("WS_REMOTE_URL", url)]].concat();
+        let out = run(&env, &["check-config"]);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(2), "{url}: {stdout}{stderr}");
+        assert!(
+            stderr.starts_with("configuration error: WS_REMOTE_URL: "),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("@127.0.0.1"),
+            "{url}: the host is named: {stderr}"
+        );
+        assert!(
+            !stderr.contains("hunter2") && !stdout.contains("hunter2"),
+            "{url}: {stderr}"
+        );
+    }
+}
