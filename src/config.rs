@@ -420,6 +420,11 @@ impl UpstreamUrl {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
         };
+        // It becomes the request line and the Host header: a space or a
+        // line break would split them (or forge a header).
+        if url.contains(|c: char| c.is_whitespace() || c.is_control()) {
+            return Err("must not contain spaces or control characters".into());
+        }
         if authority.contains('@') {
             return Err(format!(
                 "'{url}' carries credentials (not shown), which the proxy would not send: \
@@ -1891,6 +1896,18 @@ mod tests {
             let e = UpstreamUrl::parse(url).unwrap_err();
             assert!(!e.contains("hunter2") && !e.contains("admin"), "{e}");
             assert!(e.contains(shown), "{url}: {e}");
+        }
+        for bad in [
+            "ws://h/a b",
+            "ws://h/a\r\nX-Forged: 1",
+            "ws://h\t:80",
+            "ws://h/\u{85}",
+        ] {
+            let e = UpstreamUrl::parse(bad).unwrap_err();
+            assert_eq!(
+                e, "must not contain spaces or control characters",
+                "{bad:?}"
+            );
         }
         // An @ in the path is no userinfo.
         assert_eq!(without_userinfo("ws://h/a@b"), "ws://h/a@b");

@@ -325,3 +325,20 @@ fn a_password_in_ws_remote_url_is_refused_and_never_echoed() {
         );
     }
 }
+
+#[test]
+fn a_space_or_line_break_in_ws_remote_url_is_refused() {
+    // It would become the upstream's request line: a CRLF there forges a header.
+    for url in [
+        "ws://127.0.0.1:8001/a b",
+        "ws://127.0.0.1:8001/a\r\nX-Forged: 1",
+    ] {
+        let env = [LOCAL, &[("WS_REMOTE_URL", url)]].concat();
+        let out = run(&env, &["check-config"]);
+        assert_eq!(out.status.code(), Some(2), "{url:?}");
+        assert_eq!(
+            text(&out.stderr),
+            "configuration error: WS_REMOTE_URL: must not contain spaces or control characters\n"
+        );
+    }
+}
