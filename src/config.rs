@@ -162,7 +162,7 @@ options! {
     TLS_CERT_FILE: Option<PathBuf> = With(optional_path), "--tls-cert-file", "", "PEM certificate chain: with TLS_KEY_FILE, the port (and METRICS_ADDR) speak TLS 1.2/1.3 only (wss://, https://); reloaded on change";
     TLS_KEY_FILE: Option<PathBuf> = With(optional_path), "--tls-key-file", "", "PEM private key (RSA, ECDSA or Ed25519) of TLS_CERT_FILE";
     CLIENT_CA_FILE: Option<PathBuf> = With(optional_path), "--client-ca-file", "", "PEM CA bundle: clients of the port must present a certificate it signed (mTLS; needs TLS_CERT_FILE)";
-    METRICS_ADDR: Option<String> = With(non_blank), "--metrics-addr", "", "HOST:PORT of the probe path: GET /metrics (Prometheus text format), /healthz and /readyz, answered outside MAX_CONNECTIONS; off when empty";
+    METRICS_ADDR: Option<String> = With(non_blank), "--metrics-addr", "", "IP:PORT of the probe path: GET /metrics (Prometheus text format), /healthz and /readyz, answered outside MAX_CONNECTIONS; off when empty";
     SHUTDOWN_GRACE_SECONDS: Duration = Within(seconds, 0, MAX_SECONDS), "--shutdown-grace-seconds", "25", "on SIGTERM/SIGINT, how long open sessions may run before close 1001";
     PING_INTERVAL_SECONDS: Duration = Within(seconds, 0, MAX_SECONDS), "--ping-interval-seconds", "15", "ping a side after this much silence from it (0: no keepalive)";
     PEER_TIMEOUT_SECONDS: Option<Duration> = Within(optional_seconds, 0, MAX_SECONDS), "--peer-timeout-seconds", "", "a side silent this long is gone: the other gets close 1001 (default 3 x PING_INTERVAL_SECONDS)";
@@ -951,6 +951,19 @@ impl Config {
                 &[],
             )),
             _ => {}
+        }
+        // Parsed when the listener is bound; checked here so that
+        // check-config and every other error in the same run name it too.
+        if let Some(a) = &self.metrics_addr
+            && a.parse::<std::net::SocketAddr>().is_err()
+        {
+            p.push((
+                ConfigError::new(
+                    METRICS_ADDR.var,
+                    format!("'{a}' is not IP:PORT (e.g. 0.0.0.0:9090; names are not looked up)"),
+                ),
+                &[],
+            ));
         }
         if !self.api_path.starts_with('/') {
             p.push((ConfigError::new(API_PATH.var, "must start with '/'"), &[]));

@@ -342,3 +342,21 @@ fn a_space_or_line_break_in_ws_remote_url_is_refused() {
         );
     }
 }
+
+#[test]
+fn check_config_refuses_a_metrics_addr_the_proxy_could_not_bind() {
+    for addr in ["localhost:9090", "9090", "0.0.0.0:99999"] {
+        let env = [LOCAL, &[("METRICS_ADDR", addr)]].concat();
+        for args in [&["check-config"][..], &["--port", "70000"]] {
+            let out = run(&env, args);
+            let stderr = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{addr} {args:?}: {stderr}");
+            assert!(
+                stderr.contains(&format!(
+                    "configuration error: METRICS_ADDR: '{addr}' is not IP:PORT"
+                )),
+                "{addr} {args:?}: {stderr}"
+            );
+        }
+    }
+}
