@@ -791,6 +791,21 @@ impl Config {
         let peer_timeout = r
             .get(&PEER_TIMEOUT_SECONDS)
             .unwrap_or_else(|| (3 * ping_interval).min(Duration::from_secs(MAX_SECONDS)));
+        // An interval of a whole year leaves no longer timeout to derive:
+        // the error is the interval's, the one the operator set.
+        if !r.is_set(&PEER_TIMEOUT_SECONDS)
+            && !ping_interval.is_zero()
+            && peer_timeout <= ping_interval
+        {
+            r.fail(ConfigError::new(
+                PING_INTERVAL_SECONDS.var,
+                format!(
+                    "'{}' leaves no room for the peer timeout, 3 x it but at most \
+                     {MAX_SECONDS}, which must be longer: set a shorter interval",
+                    ping_interval.as_secs()
+                ),
+            ));
+        }
         let config = Config {
             host: r.get(&HOST),
             port: r.get(&PORT),
@@ -1595,6 +1610,13 @@ mod tests {
         let mut ping = BASE.to_vec();
         ping.push(("PING_INTERVAL_SECONDS", "20000000"));
         assert!(vars(&ping, &[]).is_empty(), "{:?}", vars(&ping, &[]));
+        // One of a whole year leaves no longer timeout to derive: the
+        // interval is named, not the timeout nobody set.
+        let mut year = BASE.to_vec();
+        year.push(("PING_INTERVAL_SECONDS", "31536000"));
+        assert_eq!(vars(&year, &[]), ["PING_INTERVAL_SECONDS"]);
+        year.push(("PEER_TIMEOUT_SECONDS", "31536000"));
+        assert_eq!(vars(&year, &[]), ["PEER_TIMEOUT_SECONDS"]);
         // A bad LOCAL_DEV_MODE does not hide a bad WS_REMOTE_URL.
         assert_eq!(
             vars(
