@@ -777,11 +777,15 @@ impl Config {
             });
         }
         secrets.extend(r.files(&SECRET_KEY_FILES).into_iter().map(|mut k| {
-            // A secret file ends with a newline more often than not.
-            let trimmed = String::from_utf8_lossy(&k.bytes)
-                .trim_end_matches(['\r', '\n'])
-                .len();
-            k.bytes.truncate(trimmed);
+            // A secret file ends with a newline more often than not. The
+            // bytes are trimmed, not a lossy text of them: a secret that is
+            // not UTF-8 grows there, and its newline stayed.
+            let end = k
+                .bytes
+                .iter()
+                .rposition(|b| !matches!(b, b'\r' | b'\n'))
+                .map_or(0, |i| i + 1);
+            k.bytes.truncate(end);
             k
         }));
         let public_keys = r.files(&JWT_PUBLIC_KEY_FILE);

@@ -970,3 +970,43 @@ fn probes_queued_beyond_one_passs_accept_budget_are_all_answered_at_once() {
         "only {answered} of 8 probes answered in {took:?}"
     );
 }
+
+/// A secret file ends with a newline more often than not, and the newline is
+/// no part of the secret, even when the secret is bytes that are not text
+/// (`head -c 48 /dev/urandom > k; echo >> k`). Tokens signed with either
+/// file's secret are accepted (rotation); the newline never counts.
+#[test]
+fn secret_key_files_hold_bytes_and_their_trailing_newline_is_dropped() {
+    let dir = common::TempDir::new("secret-files");
+    let binary: Vec<u8> = (0..48u8).map(|i| 0x80 | i.wrapping_mul(37)).collect();
+    assert!(
+        std::str::from_utf8(&binary).is_err(),
+        "the secret is not text"
+    );
+    let with_newline = [binary.as_slice(), b"\n"].concat();
+    std::fs::write(dir.path().join("old"), &with_newline).unwrap();
+    std::fs::write(dir.path().join("new"), format!("{SECRET}-new\r\n")).unwrap();
+    let files = format!(
+        "{},{}",
+        dir.path().join("new").display(),
+        dir.path().join("old").display()
+    );
+    let standin = StandIn::serving(B::Echo);
+    let p = Binary::start(standin.addr(), &[("SECRET_KEY_FILES", &files)]);
+    let claims = common::tokens::lab_claims(common::NS, &["echo"], common::tokens::now() + 600);
+    let header = jsonwebtoken::Header::default();
+    for (what, key, ok) in [
+        ("the binary secret", binary.clone(), true),
+        (
+            "the text secret",
+            format!("{SECRET}-new").into_bytes(),
+            true,
+        ),
+        ("the binary secret with its newline", with_newline, false),
+    ] {
+        let t = common::tokens::mint_with_header(&key, header.clone(), &claims);
+        let (_s, head) = common::upgrade_head(p.addr, &format!("/{t}/echo"), "");
+        let want = if ok { 101 } else { 401 };
+        assert_eq!(common::status_in(&head), want, "{what}: {head}");
+    }
+}
