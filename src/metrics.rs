@@ -203,12 +203,12 @@ impl Metrics {
             );
             counter(
                 "kubevirt_vnc_proxy_tls_reloads_total",
-                "Rotated TLS_CERT_FILE/TLS_KEY_FILE/CLIENT_CA_FILE sets loaded (counted by each worker).",
+                "Rotated TLS_CERT_FILE/TLS_KEY_FILE/CLIENT_CA_FILE sets loaded (once per process: the workers share one TLS state).",
                 &[(String::new(), self.tls_reloads)],
             );
             counter(
                 "kubevirt_vnc_proxy_tls_reload_failures_total",
-                "Rotated TLS file sets that did not load; the previous certificate kept serving (counted by each worker).",
+                "Rotated TLS file sets that did not load; the previous certificate kept serving (once per process).",
                 &[(String::new(), self.tls_reload_failures)],
             );
         }
