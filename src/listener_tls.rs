@@ -77,7 +77,7 @@ pub(crate) struct LoadError {
 /// The outcome of a check for rotated files.
 #[derive(Debug)]
 pub(crate) enum Checked {
-    /// Not due yet, or nothing changed.
+    /// Not due yet, nothing changed, or a failure already reported.
     Unchanged,
     /// A new certificate serves new connections from now on.
     Reloaded { not_after: i64 },
@@ -141,9 +141,13 @@ struct ListenerTls {
     files: Files,
     interval: Duration,
     next_check: Instant,
-    /// The stamps of the set last tried, loaded or not (a bad set is
-    /// reported once, not at every check).
+    /// The stamps of the set in force.
     seen: [Option<Stamp>; 3],
+    /// A changed set that did not load: its stamps and why. It is tried
+    /// again at every check, as a read can fail for a moment (EMFILE on a
+    /// busy proxy, a file caught half-written whose stamp then stays the
+    /// same); it is reported once, not at every check.
+    failing: Option<([Option<Stamp>; 3], String)>,
     main: Arc<ServerConfig>,
     probe: Arc<ServerConfig>,
     not_after: i64,
@@ -171,6 +175,7 @@ impl ListenerTls {
             interval: config.credentials_check_interval,
             next_check: now + config.credentials_check_interval,
             seen,
+            failing: None,
             main: loaded.main,
             probe: loaded.probe,
             not_after: loaded.not_after,
@@ -187,9 +192,10 @@ impl ListenerTls {
         if stamps == self.seen {
             return Checked::Unchanged;
         }
-        self.seen = stamps;
         match load(&self.files) {
             Ok(l) => {
+                self.seen = stamps;
+                self.failing = None;
                 self.main = l.main;
                 self.probe = l.probe;
                 self.not_after = l.not_after;
@@ -197,7 +203,14 @@ impl ListenerTls {
                     not_after: l.not_after,
                 }
             }
-            Err(e) => Checked::Failed(e),
+            Err(e) => {
+                let failing = Some((stamps, e.message.clone()));
+                if failing == self.failing {
+                    return Checked::Unchanged;
+                }
+                self.failing = failing;
+                Checked::Failed(e)
+            }
         }
     }
 

@@ -7,6 +7,7 @@ mod common;
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -675,6 +676,43 @@ fn a_rotated_certificate_serves_new_connections_and_spares_open_sessions() {
     );
     echo(&mut open, "still open");
     echo(&mut fresh, "still open too");
+
+    // A set caught while it was being written: the next one is read in full, in place, with
+    // the same length and time, so its stamp is unchanged. The failed set is tried again at
+    // each check (reported once), and the good one loads.
+    let half_written = pki.issue_pem(KeyKind::EcdsaP256, in_a_year() + 3 * 86_400);
+    let whole = pki.issue_pem(KeyKind::EcdsaP256, in_a_year() + 3 * 86_400);
+    assert_eq!(half_written.key_pem.len(), whole.key_pem.len());
+    mount.publish(&IssuedPem {
+        key_pem: half_written.key_pem.clone(),
+        ..whole.clone()
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || expiry().2 == Some(2)),
+        "the torn set was not reported\n{}",
+        proxy.log_text()
+    );
+    let key_file = std::fs::canonicalize(mount.key()).expect("the key behind the links");
+    let before = std::fs::metadata(&key_file).unwrap();
+    std::fs::write(&key_file, &whole.key_pem).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&key_file)
+        .and_then(|f| f.set_modified(before.modified().unwrap()))
+        .unwrap();
+    let after = std::fs::metadata(&key_file).unwrap();
+    assert_eq!(
+        (after.ino(), after.len(), after.modified().unwrap()),
+        (before.ino(), before.len(), before.modified().unwrap()),
+        "the stamp must stay as it was"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || expiry().1 == Some(2)),
+        "the set whose failed read came right was never tried again\n{}",
+        proxy.log_text()
+    );
+    assert_eq!(presented(&config), whole.der);
+    assert_eq!(expiry(), (Some(whole.not_after), Some(2), Some(2)));
 }
 
 #[test]
