@@ -505,6 +505,10 @@ pub struct Config {
     pub ca_file: Option<PathBuf>,
     /// A bearer token file sent upstream as `Authorization: Bearer …`.
     pub token_file: Option<PathBuf>,
+    /// Send that token over a `ws://` upstream too
+    /// (`ALLOW_CLEARTEXT_BEARER_TOKEN`); otherwise such a configuration
+    /// does not validate.
+    pub allow_cleartext_bearer_token: bool,
     /// How often the credential files are checked for rotation.
     pub credentials_check_interval: Duration,
     /// Subprotocols offered to the upstream.
@@ -739,35 +743,7 @@ impl Config {
         let token_file = r
             .get(&UPSTREAM_TOKEN_FILE)
             .or_else(|| (!local_dev).then(|| sa_dir.join("token")));
-        let allow_cleartext = r.get(&ALLOW_CLEARTEXT_BEARER_TOKEN);
-        let upstream_known = ![
-            LOCAL_DEV_MODE.var,
-            WS_REMOTE_URL.var,
-            KUBERNETES_SERVICE_HOST.var,
-        ]
-        .iter()
-        .any(|v| r.failed(v));
-        // A service-account token over ws:// is readable by anyone on the
-        // path (and in-cluster mode sends one by default): only on request.
-        if token_file.is_some()
-            && !upstream.tls
-            && upstream_known
-            && !allow_cleartext
-            && !r.failed(ALLOW_CLEARTEXT_BEARER_TOKEN.var)
-        {
-            let why = if local_dev {
-                "UPSTREAM_TOKEN_FILE is set"
-            } else {
-                "in-cluster mode (LOCAL_DEV_MODE=false) sends the service-account token"
-            };
-            r.fail(ConfigError::new(
-                WS_REMOTE_URL.var,
-                format!(
-                    "is a ws:// URL and {why}: the bearer token would travel unencrypted; \
-                     use wss://, or set ALLOW_CLEARTEXT_BEARER_TOKEN=true to send it anyway"
-                ),
-            ));
-        }
+        let allow_cleartext_bearer_token = r.get(&ALLOW_CLEARTEXT_BEARER_TOKEN);
         let mut secrets = Vec::new();
         if let Some(secret) = r.get(&SECRET_KEY) {
             secrets.push(KeyMaterial {
@@ -835,6 +811,7 @@ impl Config {
             in_cluster: !local_dev,
             ca_file,
             token_file,
+            allow_cleartext_bearer_token,
             credentials_check_interval: r.get(&CREDENTIALS_CHECK_SECONDS),
             upstream_subprotocols: r.get(&UPSTREAM_SUBPROTOCOLS),
             client_subprotocols: r.get(&CLIENT_SUBPROTOCOLS),
@@ -970,6 +947,32 @@ impl Config {
                 &[],
             )),
             _ => {}
+        }
+        // A bearer token over ws:// is readable by anyone on the path (and
+        // in-cluster mode sends the service account's by default): only on
+        // request. Checked here, so that a host building its Config in code
+        // is held to it as the binary is.
+        if self.token_file.is_some() && !self.upstream.tls && !self.allow_cleartext_bearer_token {
+            let why = if self.in_cluster {
+                "in-cluster mode (LOCAL_DEV_MODE=false) sends the service-account token"
+            } else {
+                "UPSTREAM_TOKEN_FILE is set"
+            };
+            p.push((
+                ConfigError::new(
+                    WS_REMOTE_URL.var,
+                    format!(
+                        "is a ws:// URL and {why}: the bearer token would travel unencrypted; \
+                         use wss://, or set ALLOW_CLEARTEXT_BEARER_TOKEN=true to send it anyway"
+                    ),
+                ),
+                &[
+                    LOCAL_DEV_MODE.var,
+                    KUBERNETES_SERVICE_HOST.var,
+                    UPSTREAM_TOKEN_FILE.var,
+                    ALLOW_CLEARTEXT_BEARER_TOKEN.var,
+                ],
+            ));
         }
         // Parsed when the listener is bound; checked here so that
         // check-config and every other error in the same run name it too.

@@ -1427,3 +1427,38 @@ fn sessions_a_worker_closes_as_it_stops_reach_the_first_loops_metrics() {
         "the worker's last session is missing from /metrics"
     );
 }
+
+/// A host that builds its Config in code is held to what the binary is: a bearer token over a
+/// ws:// upstream is refused at bind unless asked for, and then sent.
+#[test]
+fn a_bearer_token_over_ws_needs_the_host_to_ask_for_it() {
+    let standin = StandIn::serving(B::Echo);
+    let dir = common::TempDir::new("embedding-bearer");
+    dir.write("token", "upstream-bearer-token\n");
+    let mut c = config(&standin);
+    c.token_file = Some(dir.path().join("token"));
+    match Proxy::bind(c.clone()) {
+        Err(StartError::Config(e)) => {
+            assert_eq!(e.var, "WS_REMOTE_URL", "{e}");
+            assert!(e.message.contains("unencrypted"), "{e}");
+        }
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(_) => panic!("a bearer token over ws:// was accepted without being asked for"),
+    }
+    c.allow_cleartext_bearer_token = true;
+    let proxy = Proxy::bind(c).expect("asked for");
+    let addr = proxy.local_addr();
+    let handle = proxy.handle();
+    let runner = thread::spawn(move || proxy.run());
+    let t = tokens::mint(SECRET, NS, &["echo"], tokens::now() + 600);
+    let mut ws = ws_connect(addr, &format!("/{t}/echo")).expect("session");
+    echo(&mut ws, "over ws://");
+    let seen = standin.seen();
+    assert_eq!(
+        seen.last().and_then(|r| r.header("authorization")),
+        Some("Bearer upstream-bearer-token")
+    );
+    drop(ws);
+    handle.shutdown();
+    runner.join().expect("loop thread").expect("loop");
+}
