@@ -613,22 +613,31 @@ pub fn parse_upstream_response(
             .map(|h| h.value)
     };
     if code != 101 {
-        let body_len = find("content-length")
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|v| v.trim().parse::<usize>().ok());
-        let have = buf.len() - head_len;
         // Wait for the body (bounded by max_len or EOF), so the reason the
-        // user sees does not depend on how TCP split the answer.
-        let complete = match body_len {
-            Some(n) => have >= n || buf.len() >= max_len,
-            None => eof || buf.len() >= max_len,
-        };
+        // user sees does not depend on how TCP split the answer. Its end is
+        // where HTTP/1.1 puts it (RFC 9112 6.3): an upstream that keeps the
+        // connection open is not waited for until the timeout.
+        let rest = &buf[head_len..];
+        let chunked = find("transfer-encoding").is_some_and(|v| has_token(v, "chunked"));
+        let (body, complete): (std::borrow::Cow<'_, [u8]>, bool) =
+            if matches!(code, 100..=199 | 204 | 304) {
+                (std::borrow::Cow::Borrowed(&[]), true)
+            } else if chunked {
+                let (body, done) = dechunk(rest);
+                (std::borrow::Cow::Owned(body), done)
+            } else {
+                let body_len = find("content-length")
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                match body_len {
+                    Some(n) => (rest[..n.min(rest.len())].into(), rest.len() >= n),
+                    None => (rest.into(), false),
+                }
+            };
         if !complete && !eof && buf.len() < max_len {
             return Ok(None);
         }
-        let body_end = body_len.map_or(buf.len(), |n| head_len.saturating_add(n).min(buf.len()));
-        let body = &buf[head_len..body_end];
-        let detail = upstream_reason(body)
+        let detail = upstream_reason(&body)
             .or_else(|| resp.reason.and_then(|r| upstream_reason(r.as_bytes())))
             .unwrap_or_else(|| "no reason given".into());
         // Passed on where the client can act on it (no such VMI, busy);
@@ -667,6 +676,37 @@ pub fn parse_upstream_response(
     let protocol = find("sec-websocket-protocol")
         .map(|v| String::from_utf8_lossy(v.trim_ascii()).into_owned());
     Ok(Some(UpstreamAnswer::Upgraded { head_len, protocol }))
+}
+
+/// The data of a chunked body (RFC 9112 7.1) as far as it has come, and
+/// whether its last chunk has. Chunk extensions and trailers are skipped; a
+/// size line that does not parse ends the body where it stands (the answer
+/// is a refusal either way, and its reason is only for reading).
+fn dechunk(mut data: &[u8]) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else {
+            return (out, false);
+        };
+        let line = std::str::from_utf8(&data[..eol]).unwrap_or("");
+        let size = line.split(';').next().unwrap_or("").trim();
+        let Ok(size) = usize::from_str_radix(size, 16) else {
+            return (out, true);
+        };
+        if size == 0 {
+            return (out, true);
+        }
+        let chunk = &data[eol + 2..];
+        if chunk.len() < size {
+            out.extend_from_slice(chunk);
+            return (out, false);
+        }
+        out.extend_from_slice(&chunk[..size]);
+        match chunk[size..].strip_prefix(b"\r\n") {
+            Some(next) => data = next,
+            None => return (out, chunk.len() >= size + 2),
+        }
+    }
 }
 
 /// The readable reason in an upstream error body: a Kubernetes `Status`
@@ -901,6 +941,46 @@ mod tests {
                 .unwrap_err()
                 .status,
             Status::BadGateway
+        );
+    }
+
+    #[test]
+    fn a_chunked_or_bodiless_refusal_ends_where_http_says_not_at_eof() {
+        let reason = |answer: &[u8]| match parse_upstream_response(answer, KEY, 8192, false) {
+            Ok(Some(UpstreamAnswer::Refused(r))) => Some(r.reason),
+            Ok(None) => None,
+            other => panic!("{other:?}"),
+        };
+        let status = r#"{"kind":"Status","message":"virtualmachineinstance \"x\" not found"}"#;
+        let head = "HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let chunked = format!(
+            "{head}10;ext=1\r\n{}\r\n{:x}\r\n{}\r\n0\r\n\r\n",
+            &status[..16],
+            status.len() - 16,
+            &status[16..]
+        );
+        assert_eq!(
+            reason(chunked.as_bytes()).as_deref(),
+            Some(r#"upstream answered 404: virtualmachineinstance "x" not found"#)
+        );
+        // Until the last chunk, the answer is not complete (the connection is open).
+        for cut in [head.len(), head.len() + 5, chunked.len() - 3] {
+            assert_eq!(reason(&chunked.as_bytes()[..cut]), None, "cut at {cut}");
+        }
+        // 204 and 304 have no body, whatever the headers say.
+        assert_eq!(
+            reason(b"HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n").as_deref(),
+            Some("upstream answered 204: No Content")
+        );
+        assert_eq!(
+            dechunk(b"zz\r\nabc"),
+            (vec![], true),
+            "a bad size line ends it"
+        );
+        assert_eq!(
+            dechunk(b"ffffffffffffffffff\r\n"),
+            (vec![], true),
+            "too big: no number"
         );
     }
 

@@ -363,6 +363,50 @@ fn unreachable_upstream_gets_502() {
     assert!(a.body.contains("unreachable"), "{}", a.body);
 }
 
+/// Go's net/http (the API server, `kubectl proxy`) answers with a chunked body when it does not
+/// know the length up front, and keeps the connection open. Hand-made here: neither runs in
+/// the tests. The refusal comes when the last chunk does, with the Status message as reason,
+/// not after UPSTREAM_TIMEOUT_SECONDS as a 504.
+#[test]
+fn a_chunked_refusal_from_an_upstream_that_stays_open_is_passed_on_at_once() {
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = upstream.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = upstream.accept().unwrap();
+        let head = common::read_head(&mut s);
+        assert!(
+            head.starts_with("GET /apis/subresources.kubevirt.io/"),
+            "{head}"
+        );
+        let status = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"virtualmachineinstances.kubevirt.io \"echo\" not found","reason":"NotFound","code":404}"#;
+        let (a, b) = status.split_at(40);
+        let answer = format!(
+            "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n\
+             {:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+            a.len(),
+            b.len()
+        );
+        s.write_all(answer.as_bytes()).unwrap();
+        // Open until the proxy lets go (bounded: the proxy's own timeout).
+        let mut rest = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut rest);
+    });
+    let h = Harness::start_with(B::Echo, |c| {
+        c.upstream.port = port;
+        c.upstream_timeout = Duration::from_secs(60);
+    });
+    let tok = Harness::token(&["echo"]);
+    let a = raw_request(h.addr, &upgrade_request(&format!("/{tok}/echo"), ""));
+    assert_eq!(a.status, 404, "{}", a.body);
+    assert!(
+        a.body
+            .contains(r#"virtualmachineinstances.kubevirt.io "echo" not found"#),
+        "{}",
+        a.body
+    );
+    server.join().unwrap();
+}
+
 #[test]
 fn silent_upstream_gets_504_after_the_timeout() {
     let h = Harness::start_with(B::Silent, |c| c.upstream_timeout = Duration::from_secs(1));
