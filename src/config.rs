@@ -165,7 +165,7 @@ options! {
     METRICS_ADDR: Option<String> = With(non_blank), "--metrics-addr", "", "IP:PORT of the probe path: GET /metrics (Prometheus text format), /healthz and /readyz, answered outside MAX_CONNECTIONS; off when empty";
     SHUTDOWN_GRACE_SECONDS: Duration = Within(seconds, 0, MAX_SECONDS), "--shutdown-grace-seconds", "25", "on SIGTERM/SIGINT, how long open sessions may run before close 1001";
     PING_INTERVAL_SECONDS: Duration = Within(seconds, 0, MAX_SECONDS), "--ping-interval-seconds", "15", "ping a side after this much silence from it (0: no keepalive)";
-    PEER_TIMEOUT_SECONDS: Option<Duration> = Within(optional_seconds, 0, MAX_SECONDS), "--peer-timeout-seconds", "", "a side silent this long is gone: the other gets close 1001 (default 3 x PING_INTERVAL_SECONDS)";
+    PEER_TIMEOUT_SECONDS: Option<Duration> = Within(optional_seconds, 0, MAX_SECONDS), "--peer-timeout-seconds", "", "a side silent this long is gone: the other gets close 1001 (default 3 x PING_INTERVAL_SECONDS; needs an interval)";
     MAX_REQUEST_HEAD_BYTES: usize = Within(number, 512, 1 << 20), "--max-request-head-bytes", "8192", "largest client request head accepted (431 above)";
     HANDSHAKE_TIMEOUT_SECONDS: Duration = Within(seconds, 1, MAX_SECONDS), "--handshake-timeout-seconds", "10", "time a client has to send its request head (408 after)";
     UPSTREAM_TIMEOUT_SECONDS: Duration = Within(seconds, 1, MAX_SECONDS), "--upstream-timeout-seconds", "10", "time the upstream has to connect, finish TLS and answer the upgrade (504 after)";
@@ -771,6 +771,18 @@ impl Config {
         let peer_timeout = r
             .get(&PEER_TIMEOUT_SECONDS)
             .unwrap_or_else(|| (3 * ping_interval).min(Duration::from_secs(MAX_SECONDS)));
+        // Without keepalive nothing times silence: a timeout set for it
+        // would be ignored without a word.
+        if r.is_set(&PEER_TIMEOUT_SECONDS)
+            && ping_interval.is_zero()
+            && !r.failed(PING_INTERVAL_SECONDS.var)
+        {
+            r.fail(ConfigError::new(
+                PEER_TIMEOUT_SECONDS.var,
+                "has no effect with PING_INTERVAL_SECONDS=0 (no keepalive: silence is not \
+                 timed); unset it, or set an interval",
+            ));
+        }
         // An interval of a whole year leaves no longer timeout to derive:
         // the error is the interval's, the one the operator set.
         if !r.is_set(&PEER_TIMEOUT_SECONDS)
@@ -1624,6 +1636,12 @@ mod tests {
         assert_eq!(vars(&year, &[]), ["PING_INTERVAL_SECONDS"]);
         year.push(("PEER_TIMEOUT_SECONDS", "31536000"));
         assert_eq!(vars(&year, &[]), ["PEER_TIMEOUT_SECONDS"]);
+        // No keepalive: a peer timeout would be ignored, so it is refused.
+        let mut off = BASE.to_vec();
+        off.push(("PING_INTERVAL_SECONDS", "0"));
+        assert!(vars(&off, &[]).is_empty());
+        off.push(("PEER_TIMEOUT_SECONDS", "300"));
+        assert_eq!(vars(&off, &[]), ["PEER_TIMEOUT_SECONDS"]);
         // A bad LOCAL_DEV_MODE does not hide a bad WS_REMOTE_URL.
         assert_eq!(
             vars(
