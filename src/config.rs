@@ -1196,7 +1196,7 @@ impl Reader {
     fn files(&mut self, opt: &Opt<Vec<String>>) -> Vec<KeyMaterial> {
         let mut keys = Vec::new();
         for path in self.get(opt) {
-            match std::fs::read(&path) {
+            match crate::upstream::read_small(std::path::Path::new(&path)) {
                 Ok(bytes) => {
                     let kid = std::path::Path::new(&path)
                         .file_stem()

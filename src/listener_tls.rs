@@ -34,7 +34,7 @@ use rustls::{ServerConfig, ServerConnection};
 
 use crate::config::{Config, ConfigError};
 use crate::session::Kind;
-use crate::upstream::{Stamp, read_roots, stamp};
+use crate::upstream::{Stamp, read_roots, read_small, stamp};
 
 /// TLS 1.2 sessions remembered for resumption by ID (about 200 bytes each);
 /// TLS 1.3, and TLS 1.2 clients that take tickets, resume from tickets and
@@ -229,8 +229,9 @@ fn load(files: &Files) -> Result<Loaded, LoadError> {
     let err = |var: &'static str| move |message: String| LoadError { var, message };
     let cert_err = err("TLS_CERT_FILE");
     let path = |p: &Path| p.display().to_string();
-    let chain = CertificateDer::pem_file_iter(&files.cert)
-        .map_err(|e| cert_err(format!("cannot read {}: {e}", path(&files.cert))))?
+    let pem = read_small(&files.cert)
+        .map_err(|e| cert_err(format!("cannot read {}: {e}", path(&files.cert))))?;
+    let chain = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| {
             cert_err(format!(
@@ -257,7 +258,9 @@ fn load(files: &Files) -> Result<Loaded, LoadError> {
         })?;
         not_after = not_after.min(t);
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
+    let key_pem = read_small(&files.key)
+        .map_err(|e| err("TLS_KEY_FILE")(format!("cannot read {}: {e}", path(&files.key))))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
         err("TLS_KEY_FILE")(format!(
             "{} holds no usable PEM private key (PKCS#8, PKCS#1 or SEC1): {e}",
             path(&files.key)

@@ -38,6 +38,28 @@ pub(crate) fn stamp(path: &Path) -> std::io::Result<Stamp> {
     })
 }
 
+/// The most a key, certificate or token file may hold: a Kubernetes
+/// Secret's limit. Past it the file is not one (`/dev/zero` by mistake, a
+/// log), and reading on would fill memory, on the loop when it rotates.
+pub(crate) const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// The whole of a key, certificate or token file, if it is at most
+/// [`MAX_FILE_BYTES`].
+pub(crate) fn read_small(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    fs::File::open(path)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "larger than 1 MiB, so not a key, certificate or token file",
+        ));
+    }
+    Ok(bytes)
+}
+
 /// The credentials in force for new sessions.
 #[derive(Clone)]
 pub(crate) struct Current {
@@ -208,7 +230,7 @@ fn load_ca(path: &Path) -> Result<(Arc<ClientConfig>, Stamp), String> {
 /// The certificates of a PEM bundle as trust anchors (the upstream's CA,
 /// or `CLIENT_CA_FILE` for client certificates).
 pub(crate) fn read_roots(path: &Path) -> Result<RootCertStore, String> {
-    let pem = fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let pem = read_small(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(&pem) {
         let cert =
@@ -225,8 +247,11 @@ pub(crate) fn read_roots(path: &Path) -> Result<RootCertStore, String> {
 
 fn load_token(path: &Path) -> Result<(String, Stamp), String> {
     let st = stamp(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let raw =
-        fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let raw = read_small(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))
+        .and_then(|b| {
+            String::from_utf8(b).map_err(|_| format!("{} is not UTF-8 text", path.display()))
+        })?;
     let token = raw.trim();
     if token.is_empty() {
         return Err(format!("{} is empty", path.display()));

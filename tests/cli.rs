@@ -360,3 +360,49 @@ fn check_config_refuses_a_metrics_addr_the_proxy_could_not_bind() {
         }
     }
 }
+
+#[test]
+fn a_key_certificate_or_token_file_over_1_mib_is_refused_unread() {
+    // /dev/zero by mistake would fill memory; a 2 MiB file stands for it here.
+    let dir = std::env::temp_dir().join(format!("kvp-cli-big-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let big = dir.join("big.pem");
+    std::fs::write(&big, vec![b'A'; 2 << 20]).unwrap();
+    let big = big.display().to_string();
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (vec![("SECRET_KEY_FILES", &big)], "SECRET_KEY_FILES"),
+        (
+            vec![("JWT_ALGORITHMS", "RS256"), ("JWT_PUBLIC_KEY_FILE", &big)],
+            "JWT_PUBLIC_KEY_FILE",
+        ),
+        (
+            vec![("TLS_CERT_FILE", &big), ("TLS_KEY_FILE", &big)],
+            "TLS_CERT_FILE",
+        ),
+        (
+            vec![
+                ("WS_REMOTE_URL", "wss://127.0.0.1:8443"),
+                ("UPSTREAM_CA_FILE", &big),
+            ],
+            "UPSTREAM_CA_FILE",
+        ),
+        (
+            vec![
+                ("UPSTREAM_TOKEN_FILE", &big),
+                ("ALLOW_CLEARTEXT_BEARER_TOKEN", "true"),
+            ],
+            "UPSTREAM_TOKEN_FILE",
+        ),
+    ];
+    for (extra, names) in cases {
+        let env = [LOCAL, &extra].concat();
+        let out = run(&env, &["check-config"]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert!(
+            stderr.contains(names) && stderr.contains("larger than 1 MiB"),
+            "{extra:?}: {stderr}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
