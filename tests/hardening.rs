@@ -345,9 +345,10 @@ fn refusals_as_close_codes_a_page_can_read() {
     );
 }
 
-/// noVNC offers `binary`, and a browser fails a 101 that does not name the
-/// subprotocol it offered (1006, the very code REJECT_WITH=close exists to
-/// avoid): the refusal's 101 names what a success would have.
+/// A page may offer `binary` (noVNC's `wsProtocols` option), and a browser
+/// fails a 101 that names none of the subprotocols it offered (1006, the very
+/// code REJECT_WITH=close exists to avoid): the refusal's 101 names what a
+/// success would have.
 #[test]
 fn a_refusal_as_a_close_frame_names_the_offered_subprotocol() {
     let h = Harness::start_with(
