@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_kubevirt-vnc-proxy");
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
-/// The binary with only `env` in its environment.
-fn run(env: &[(&str, &str)], args: &[&str]) -> Output {
+/// The binary with only `env` in its environment (values and arguments
+/// need not be text).
+fn run<V: AsRef<std::ffi::OsStr>>(env: &[(&str, V)], args: &[V]) -> Output {
     Command::new(BIN)
         .env_clear()
-        .envs(env.iter().copied())
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .args(args)
         .output()
         .unwrap()
@@ -260,26 +261,18 @@ fn a_value_that_is_not_text_is_named_never_shown_and_never_a_panic() {
     // library's env::vars() and env::args() panicked on them, printing
     // the value.
     let bad = OsStr::from_bytes(b"s3cr3t-\xff-pasted");
-    let run_with = |env: &[(&str, &OsStr)], args: &[&OsStr]| {
-        Command::new(BIN)
-            .env_clear()
-            .envs(env.iter().copied())
-            .args(args)
-            .output()
-            .unwrap()
-    };
     let secret = OsStr::new(SECRET);
     let local = OsStr::new("true");
     let check = OsStr::new("check-config");
     // An option's variable: named, exit 2, and not also called missing.
-    let out = run_with(&[("SECRET_KEY", bad), ("LOCAL_DEV_MODE", local)], &[check]);
+    let out = run(&[("SECRET_KEY", bad), ("LOCAL_DEV_MODE", local)], &[check]);
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(
         text(&out.stderr),
         "configuration error: SECRET_KEY: not valid UTF-8 (not shown: it may be a secret)\n"
     );
     // Any other variable is none of ours: left alone.
-    let out = run_with(
+    let out = run(
         &[
             ("SECRET_KEY", secret),
             ("LOCAL_DEV_MODE", local),
@@ -289,7 +282,7 @@ fn a_value_that_is_not_text_is_named_never_shown_and_never_a_panic() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     // An argument: by its place.
-    let out = run_with(
+    let out = run(
         &[("SECRET_KEY", secret), ("LOCAL_DEV_MODE", local)],
         &[check, OsStr::new("--port"), bad],
     );
