@@ -754,6 +754,19 @@ pub(crate) mod tests {
 
     impl Rig {
         /// Buffers of `buffer` bytes; the token expires after `expires_in`.
+        /// A rig whose relay pings after 1 s of silence and gives a
+        /// side up after `peer_timeout`.
+        fn with_keepalive(buffer: usize, peer_timeout: Duration) -> Self {
+            let mut rig = Rig::new(buffer, None);
+            let timers = Timers {
+                ping_interval: Duration::from_secs(1),
+                peer_timeout,
+                ..TIMERS
+            };
+            rig.relay = Relay::new(7, 1 << 20, timers, rig.now, None);
+            rig
+        }
+
         fn new(buffer: usize, expires_in: Option<Duration>) -> Self {
             let now = Instant::now();
             let (c, u) = (Mem::open().1, Mem::open().1);
@@ -1112,18 +1125,7 @@ pub(crate) mod tests {
     /// but answers pings: the client is alive, however long it lasts.
     #[test]
     fn a_client_that_only_reads_and_answers_pings_stays_alive() {
-        let mut rig = Rig::new(4096, None);
-        rig.relay = Relay::new(
-            7,
-            1 << 20,
-            Timers {
-                ping_interval: Duration::from_secs(1),
-                peer_timeout: Duration::from_secs(3),
-                ..TIMERS
-            },
-            rig.now,
-            None,
-        );
+        let mut rig = Rig::with_keepalive(4096, Duration::from_secs(3));
         let mut seen = 0;
         for round in 0..40u8 {
             rig.upstream_sends(&frame(BINARY, &pattern(10_000, round), None));
@@ -1152,18 +1154,7 @@ pub(crate) mod tests {
     /// must reach it at a frame boundary; it must not be declared gone.
     #[test]
     fn a_ping_is_not_starved_by_a_slow_reader_of_a_stream() {
-        let mut rig = Rig::new(1024, None);
-        rig.relay = Relay::new(
-            7,
-            1 << 20,
-            Timers {
-                ping_interval: Duration::from_secs(1),
-                peer_timeout: Duration::from_secs(3),
-                ..TIMERS
-            },
-            rig.now,
-            None,
-        );
+        let mut rig = Rig::with_keepalive(1024, Duration::from_secs(3));
         // Far more than the client will read in the test: small whole frames.
         let stream: Vec<u8> = (0..4000u32)
             .flat_map(|i| frame(BINARY, &pattern(40, i as u8), None))
@@ -1200,18 +1191,7 @@ pub(crate) mod tests {
     /// one (`more`); no event will come for it.
     #[test]
     fn a_ping_due_when_the_budget_runs_out_is_not_stranded() {
-        let mut rig = Rig::new(1024, None);
-        rig.relay = Relay::new(
-            7,
-            1 << 20,
-            Timers {
-                ping_interval: Duration::from_secs(1),
-                peer_timeout: Duration::from_secs(30),
-                ..TIMERS
-            },
-            rig.now,
-            None,
-        );
+        let mut rig = Rig::with_keepalive(1024, Duration::from_secs(30));
         assert_eq!(rig.advance(Duration::from_secs(1)), Fired::Nothing);
         // 64-byte frames, 16 to a buffer: 15 full reads and a short one.
         let burst: Vec<u8> = (0..(15 * 16 + 8))
@@ -1249,18 +1229,7 @@ pub(crate) mod tests {
     /// frame: nothing may be written inside the ping.
     #[test]
     fn a_half_written_ping_is_finished_before_more_data() {
-        let mut rig = Rig::new(1024, None);
-        rig.relay = Relay::new(
-            7,
-            1 << 20,
-            Timers {
-                ping_interval: Duration::from_secs(1),
-                peer_timeout: Duration::from_secs(30),
-                ..TIMERS
-            },
-            rig.now,
-            None,
-        );
+        let mut rig = Rig::with_keepalive(1024, Duration::from_secs(30));
         // The client's socket takes 4 bytes, then is full.
         rig.client_reads(4);
         assert_eq!(rig.advance(Duration::from_secs(1)), Fired::Nothing);
