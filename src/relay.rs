@@ -767,6 +767,20 @@ pub(crate) mod tests {
             rig
         }
 
+        /// The client answers every ping it got since frame `seen` of its
+        /// outbox; `seen` moves past them. Returns the pings it got in all.
+        fn client_answers_pings(&mut self, seen: &mut usize) -> usize {
+            let out = self.c.borrow().outbox.clone();
+            let (got, _) = frames(&out);
+            for (op, payload) in &got[*seen..] {
+                if *op == 9 {
+                    self.client_sends(&frame(10, payload, Some(KEY)));
+                }
+            }
+            *seen = got.len();
+            got.iter().filter(|(op, _)| *op == 9).count()
+        }
+
         fn new(buffer: usize, expires_in: Option<Duration>) -> Self {
             let now = Instant::now();
             let (c, u) = (Mem::open().1, Mem::open().1);
@@ -1130,15 +1144,7 @@ pub(crate) mod tests {
         for round in 0..40u8 {
             rig.upstream_sends(&frame(BINARY, &pattern(10_000, round), None));
             rig.run();
-            // The client answers every ping it got since the last round.
-            let out = rig.c.borrow().outbox.clone();
-            let (got, _) = frames(&out);
-            for (op, payload) in &got[seen..] {
-                if *op == 9 {
-                    rig.client_sends(&frame(10, payload, Some(KEY)));
-                }
-            }
-            seen = got.len();
+            rig.client_answers_pings(&mut seen);
             rig.run();
             let fired = rig.advance(Duration::from_millis(500));
             assert!(
@@ -1166,20 +1172,12 @@ pub(crate) mod tests {
         for round in 0..16 {
             rig.client_reads(300);
             rig.run();
-            let out = rig.c.borrow().outbox.clone();
-            let (got, _) = frames(&out);
-            for (op, payload) in &got[seen..] {
-                if *op == 9 {
-                    rig.client_sends(&frame(10, payload, Some(KEY)));
-                }
-            }
-            seen = got.len();
+            let pings = rig.client_answers_pings(&mut seen);
             rig.run();
             let fired = rig.advance(Duration::from_millis(500));
             assert!(
                 !matches!(fired, Fired::PeerGone(_)),
-                "round {round}: {fired:?}; pings seen by the client: {}",
-                got.iter().filter(|(op, _)| *op == 9).count()
+                "round {round}: {fired:?}; pings seen by the client: {pings}"
             );
         }
     }
