@@ -85,6 +85,8 @@ struct Claims {
     exp: Option<Value>,
     #[serde(default)]
     nbf: Option<Value>,
+    #[serde(default)]
+    iat: Option<Value>,
     lab_instance: LabInstance,
 }
 
@@ -116,7 +118,11 @@ struct TimeRules {
 
 impl TimeRules {
     /// `exp` as a time, or why the claims are refused.
-    fn check(self, exp: Option<&Value>, nbf: Option<&Value>, now: f64) -> Result<f64, AuthError> {
+    fn check(self, claims: &Claims, now: f64) -> Result<f64, AuthError> {
+        // iat is only read, as PyJWT under LabOrchestrator reads it: a
+        // token whose iat is no time is refused, whatever the time.
+        time_claim("iat", claims.iat.as_ref())?;
+        let (exp, nbf) = (claims.exp.as_ref(), claims.nbf.as_ref());
         let exp = time_claim("exp", exp)?
             .ok_or_else(|| AuthError::Malformed("missing claim exp".into()))?;
         if exp + self.leeway <= now {
@@ -164,7 +170,7 @@ fn unreadable_time_claim(token: &str) -> Option<AuthError> {
     jsonwebtoken::decode_header(token).ok()?;
     let json = payload_json(token)?;
     let json = std::str::from_utf8(&json).ok()?;
-    ["exp", "nbf"].into_iter().find_map(|name| {
+    ["exp", "nbf", "iat"].into_iter().find_map(|name| {
         let key = format!("\"{name}\"");
         let at = json.find(&key)? + key.len();
         let value = json[at..].trim_start().strip_prefix(':')?.trim_start();
@@ -407,9 +413,7 @@ impl JwtVerifier {
             }
             e => e,
         })?;
-        let exp = self
-            .times
-            .check(claims.exp.as_ref(), claims.nbf.as_ref(), now)?;
+        let exp = self.times.check(&claims, now)?;
         self.grant(claims, vmi, UNIX_EPOCH + Duration::from_secs_f64(exp))
     }
 

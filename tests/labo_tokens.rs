@@ -445,3 +445,40 @@ fn a_token_naming_an_audience_is_refused_without_jwt_audience() {
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("audience"), "{body}");
 }
+
+/// `iat` is read as PyJWT reads it under LabOrchestrator: a token whose `iat` is not a time is
+/// refused. LabOrchestrator's `generate_auth_token` never writes `iat`, so these tokens are
+/// hand-made; each library version's own `decode_auth_token` is asked about the same tokens.
+#[test]
+fn an_iat_that_is_not_a_time_is_refused_as_pyjwt_refuses_it() {
+    let h = Harness::start(B::Echo);
+    let base = common::tokens::lab_claims("lab-ns", &["echo"], common::tokens::now() + 600);
+    for (iat, ok) in [
+        (json!(common::tokens::now()), true),
+        (json!(1_700_000_000.25), true),
+        (json!("yesterday"), false),
+    ] {
+        let mut claims = base.clone();
+        claims["iat"] = iat.clone();
+        let token = common::tokens::mint_claims(SECRET, &claims);
+        if labo::available() {
+            for lib in LibAuth::ALL {
+                let decoded = labo::decode(lib, &token, SECRET, None);
+                assert_eq!(
+                    decoded.is_ok(),
+                    ok,
+                    "{} on iat {iat}: {decoded:?}",
+                    lib.version()
+                );
+            }
+        }
+        if ok {
+            let mut ws = session(&h, &token, "echo", &format!("iat {iat}"));
+            relays_both_ways(&mut ws, &format!("iat {iat}"));
+        } else {
+            let (status, body) = refusal(&h, &token, "echo", &format!("iat {iat}"));
+            assert_eq!(status, 401, "{body}");
+            assert!(body.contains("claim iat is not a number"), "{body}");
+        }
+    }
+}
