@@ -759,12 +759,15 @@ impl Config {
         let ping_interval = r.get(&PING_INTERVAL_SECONDS);
         // Derived when unset: within the range whatever the (valid)
         // interval, so no error names a variable the operator did not set.
-        let peer_timeout = r
-            .get(&PEER_TIMEOUT_SECONDS)
+        // A blank value is unset, as for every optional setting; an
+        // invalid one has its own error already.
+        let given_timeout = r.get(&PEER_TIMEOUT_SECONDS);
+        let derived = given_timeout.is_none() && !r.failed(PEER_TIMEOUT_SECONDS.var);
+        let peer_timeout = given_timeout
             .unwrap_or_else(|| (3 * ping_interval).min(Duration::from_secs(MAX_SECONDS)));
         // Without keepalive nothing times silence: a timeout set for it
         // would be ignored without a word.
-        if r.is_set(&PEER_TIMEOUT_SECONDS)
+        if given_timeout.is_some()
             && ping_interval.is_zero()
             && !r.failed(PING_INTERVAL_SECONDS.var)
         {
@@ -776,10 +779,7 @@ impl Config {
         }
         // An interval of a whole year leaves no longer timeout to derive:
         // the error is the interval's, the one the operator set.
-        if !r.is_set(&PEER_TIMEOUT_SECONDS)
-            && !ping_interval.is_zero()
-            && peer_timeout <= ping_interval
-        {
+        if derived && !ping_interval.is_zero() && peer_timeout <= ping_interval {
             r.fail(ConfigError::new(
                 PING_INTERVAL_SECONDS.var,
                 format!(
@@ -1632,6 +1632,17 @@ mod tests {
         off.push(("PING_INTERVAL_SECONDS", "0"));
         assert!(vars(&off, &[]).is_empty());
         off.push(("PEER_TIMEOUT_SECONDS", "300"));
+        assert_eq!(vars(&off, &[]), ["PEER_TIMEOUT_SECONDS"]);
+        // Blank is unset, for both checks; invalid is reported once.
+        let blank = ("PEER_TIMEOUT_SECONDS", "");
+        off.pop();
+        off.push(blank);
+        assert!(vars(&off, &[]).is_empty(), "{:?}", vars(&off, &[]));
+        year.pop();
+        year.push(blank);
+        assert_eq!(vars(&year, &[]), ["PING_INTERVAL_SECONDS"]);
+        off.pop();
+        off.push(("PEER_TIMEOUT_SECONDS", "abc"));
         assert_eq!(vars(&off, &[]), ["PEER_TIMEOUT_SECONDS"]);
         // A bad LOCAL_DEV_MODE does not hide a bad WS_REMOTE_URL.
         assert_eq!(
