@@ -280,19 +280,24 @@ enum Field {
 /// break lines in some viewers.
 pub(crate) fn json_string(s: &str) -> String {
     let quoted = serde_json::Value::String(s.to_owned()).to_string();
-    let raw = |c: char| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}');
-    if !quoted.contains(raw) {
+    if !quoted.contains(breaks_a_line) {
         return quoted;
     }
     let mut out = String::with_capacity(quoted.len() + 16);
     for c in quoted.chars() {
-        if raw(c) {
+        if breaks_a_line(c) {
             out.push_str(&format!("\\u{:04x}", u32::from(c)));
         } else {
             out.push(c);
         }
     }
     out
+}
+
+/// A character that must not reach a log line as it is: a control
+/// character, or a line or paragraph separator.
+fn breaks_a_line(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')
 }
 
 /// A VMI name for a log field, when it is one (a DNS-1123 subdomain): what
@@ -311,7 +316,7 @@ pub(crate) fn namespace_field(name: &str) -> Option<String> {
 /// JSON string literal, so that a space, a quote, `=` or a control character
 /// (a CRLF in a token's `id`) can neither split a record nor forge a field.
 pub(crate) fn text_value(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.is_empty() || s.contains(|c: char| c.is_control() || matches!(c, ' ' | '"' | '=')) {
+    if s.is_empty() || s.contains(|c: char| breaks_a_line(c) || matches!(c, ' ' | '"' | '=')) {
         json_string(s).into()
     } else {
         s.into()
@@ -420,6 +425,7 @@ mod tests {
         // Still JSON, and still the same text once parsed.
         assert_eq!(serde_json::from_str::<String>(&q).unwrap(), s);
         assert_eq!(text_value("x\u{9b}y"), r#""x\u009by""#);
+        assert_eq!(text_value("a\u{2028}b"), r#""a\u2028b""#);
         assert_eq!(json_string("plain é"), "\"plain é\"");
     }
 

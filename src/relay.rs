@@ -753,7 +753,6 @@ pub(crate) mod tests {
     };
 
     impl Rig {
-        /// Buffers of `buffer` bytes; the token expires after `expires_in`.
         /// A rig whose relay pings after 1 s of silence and gives a
         /// side up after `peer_timeout`.
         fn with_keepalive(buffer: usize, peer_timeout: Duration) -> Self {
@@ -781,6 +780,7 @@ pub(crate) mod tests {
             got.iter().filter(|(op, _)| *op == 9).count()
         }
 
+        /// Buffers of `buffer` bytes; the token expires after `expires_in`.
         fn new(buffer: usize, expires_in: Option<Duration>) -> Self {
             let now = Instant::now();
             let (c, u) = (Mem::open().1, Mem::open().1);

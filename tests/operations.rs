@@ -580,7 +580,7 @@ fn a_line_break_in_a_token_id_stays_inside_one_log_record() {
     let mut mint = labo::Mint::new(SECRET, &["echo"]);
     // U+009B is CSI, which a terminal may obey as ESC [ does; DEL and the
     // C1 controls are escaped like the C0 ones.
-    mint.user_id = serde_json::json!("5\r\nINFO forged record\u{9b}2J\u{7f}");
+    mint.user_id = serde_json::json!("5\r\nINFO forged record\u{9b}2J\u{7f}\u{2028}");
     let t = mint.with(labo::LibAuth::V2_2_0);
     let standin = StandIn::serving(B::Echo);
     let p = Binary::start(standin.addr(), &[("LOGLEVEL", "DEBUG")]);
@@ -589,7 +589,7 @@ fn a_line_break_in_a_token_id_stays_inside_one_log_record() {
     assert_eq!(ws.read().unwrap(), Message::binary(&b"x"[..]));
     ws.close(None).unwrap();
     let lines = p.drain_lines(Duration::from_secs(2));
-    let escaped = r#""5\r\nINFO forged record\u009b2J\u007f""#;
+    let escaped = r#""5\r\nINFO forged record\u009b2J\u007f\u2028""#;
     assert!(
         lines
             .iter()
@@ -607,7 +607,9 @@ fn a_line_break_in_a_token_id_stays_inside_one_log_record() {
         "a record was split: {lines:#?}"
     );
     assert!(
-        !lines.iter().any(|l| l.contains(char::is_control)),
+        !lines
+            .iter()
+            .any(|l| l.contains(|c: char| c.is_control() || c == '\u{2028}')),
         "a control character written raw: {lines:#?}"
     );
 }
