@@ -81,13 +81,24 @@ impl fmt::Display for AuthError {
 struct Claims {
     #[serde(default)]
     id: Option<Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     exp: Option<Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     nbf: Option<Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     iat: Option<Value>,
+    /// Read only to refuse it when no audience is configured: jsonwebtoken
+    /// takes `"aud": null` for no audience, PyJWT for one.
+    #[serde(default, deserialize_with = "present")]
+    aud: Option<Value>,
     lab_instance: LabInstance,
+}
+
+/// A claim as it stands: `None` when absent, `Some(Value::Null)` for an
+/// explicit null, which PyJWT, under LabOrchestrator, refuses where it reads
+/// the claim (serde's `Option` would take it for absent).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -142,7 +153,7 @@ impl TimeRules {
 fn time_claim(name: &str, value: Option<&Value>) -> Result<Option<f64>, AuthError> {
     let bad = |problem: &str| Err(AuthError::Malformed(format!("claim {name} {problem}")));
     let seconds = match value {
-        None | Some(Value::Null) => return Ok(None),
+        None => return Ok(None),
         Some(Value::Number(n)) => match n.as_f64() {
             Some(s) => s,
             None => return bad("is not a number"),
@@ -211,6 +222,9 @@ pub struct JwtVerifier {
     /// Every configured key; a key is only ever used with algorithms of its
     /// own family (`DecodingKey::family`).
     keys: Vec<Key>,
+    /// No audience is configured: a token that names one, even `null`, is
+    /// meant for someone else.
+    no_audience: bool,
 }
 
 impl fmt::Debug for JwtVerifier {
@@ -393,6 +407,7 @@ impl JwtVerifier {
                 leeway: s.leeway_secs as f64,
             },
             keys,
+            no_audience: s.audience.is_empty(),
         })
     }
 
@@ -413,6 +428,11 @@ impl JwtVerifier {
             }
             e => e,
         })?;
+        if self.no_audience && claims.aud.is_some() {
+            return Err(AuthError::Malformed(
+                "audience, issuer or subject not accepted".into(),
+            ));
+        }
         let exp = self.times.check(&claims, now)?;
         self.grant(claims, vmi, UNIX_EPOCH + Duration::from_secs_f64(exp))
     }
@@ -780,7 +800,7 @@ mod tests {
         assert_eq!(why(&exp(json!(-0.5))), "claim exp is negative");
         assert_eq!(why(&exp(json!("4102444800"))), "claim exp is not a number");
         assert_eq!(why(&exp(json!(true))), "claim exp is not a number");
-        assert_eq!(why(&exp(json!(null))), "missing claim exp");
+        assert_eq!(why(&exp(json!(null))), "claim exp is not a number");
         let lab_instance =
             r#""lab_instance":{"namespace_name":"ns","allowed_vmi_names":["ubuntu"]}"#;
         for value in ["Infinity", "-Infinity", "NaN", "1e400", "-1e400"] {

@@ -422,28 +422,40 @@ fn our_token_subcommand_mints_what_each_library_version_decodes() {
 /// so do we while `JWT_AUDIENCE` is unset.
 #[test]
 fn a_token_naming_an_audience_is_refused_without_jwt_audience() {
-    let mut claims = common::tokens::lab_claims("lab-ns", &["echo"], common::tokens::now() + 600);
-    let without = common::tokens::mint_claims(SECRET, &claims);
-    claims["aud"] = json!("another-service");
-    let token = common::tokens::mint_claims(SECRET, &claims);
-    if labo::available() {
-        for lib in LibAuth::ALL {
-            let v = lib.version();
-            // The same claims but `aud` pass: it is the audience that is refused.
-            labo::decode(lib, &without, SECRET, None)
-                .unwrap_or_else(|e| panic!("{v}: the control token is refused: {e}"));
-            let e = labo::decode(lib, &token, SECRET, None)
-                .expect_err("the library refuses a token with an audience it was not given");
-            // 0.0.5 swallows PyJWT's exception and returns None; 2.x lets it through.
-            if lib == LibAuth::V2_2_0 {
-                assert!(e.to_lowercase().contains("audience"), "{v}: {e}");
+    let base = common::tokens::lab_claims("lab-ns", &["echo"], common::tokens::now() + 600);
+    let without = common::tokens::mint_claims(SECRET, &base);
+    let h = Harness::start(B::Echo);
+    // An explicit null names an audience too, for PyJWT ("aud" in payload).
+    for aud in [json!("another-service"), json!(null)] {
+        let mut claims = base.clone();
+        claims["aud"] = aud.clone();
+        let token = common::tokens::mint_claims(SECRET, &claims);
+        if labo::available() {
+            for lib in LibAuth::ALL {
+                let v = lib.version();
+                // The same claims but `aud` pass: it is the audience that is refused.
+                labo::decode(lib, &without, SECRET, None)
+                    .unwrap_or_else(|e| panic!("{v}: the control token is refused: {e}"));
+                let e = labo::decode(lib, &token, SECRET, None)
+                    .expect_err("the library refuses a token with an audience it was not given");
+                // 0.0.5 swallows PyJWT's exception and returns None; 2.x lets it through.
+                if lib == LibAuth::V2_2_0 {
+                    assert!(
+                        e.to_lowercase().contains("audience"),
+                        "{v} on aud {aud}: {e}"
+                    );
+                }
             }
         }
+        let (status, body) = refusal(
+            &h,
+            &token,
+            "echo",
+            &format!("aud {aud} without JWT_AUDIENCE"),
+        );
+        assert_eq!(status, 401, "{body}");
+        assert!(body.contains("audience"), "{body}");
     }
-    let h = Harness::start(B::Echo);
-    let (status, body) = refusal(&h, &token, "echo", "aud without JWT_AUDIENCE");
-    assert_eq!(status, 401, "{body}");
-    assert!(body.contains("audience"), "{body}");
 }
 
 /// `iat` is read as PyJWT reads it under LabOrchestrator: a token whose `iat` is not a time is
@@ -457,6 +469,7 @@ fn an_iat_that_is_not_a_time_is_refused_as_pyjwt_refuses_it() {
         (json!(common::tokens::now()), true),
         (json!(1_700_000_000.25), true),
         (json!("yesterday"), false),
+        (json!(null), false),
     ] {
         let mut claims = base.clone();
         claims["iat"] = iat.clone();
