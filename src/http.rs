@@ -574,11 +574,19 @@ pub enum UpstreamAnswer {
 /// awaited (up to `max_len` bytes in all, or until `eof`) so the upstream's
 /// own reason can reach the client.
 pub fn parse_upstream_response(
-    buf: &[u8],
+    all: &[u8],
     key: &str,
     max_len: usize,
     eof: bool,
 ) -> Result<Option<UpstreamAnswer>, Refusal> {
+    // Interim answers (100 Continue; 103 Early Hints from a proxy in front
+    // of the API server) come before the real one (RFC 9110 15.2): skipped.
+    // Each is a whole head, so this ends within `all`.
+    let mut start = 0;
+    while let Some(n) = interim_head_len(&all[start..]) {
+        start += n;
+    }
+    let buf = &all[start..];
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     let head_len = match resp.parse(buf) {
@@ -590,7 +598,7 @@ pub fn parse_upstream_response(
                     "upstream closed during the handshake",
                 ));
             }
-            if buf.len() >= max_len {
+            if all.len() >= max_len {
                 return Err(Refusal::new(
                     Status::BadGateway,
                     "upstream response head too large",
@@ -619,22 +627,21 @@ pub fn parse_upstream_response(
         // connection open is not waited for until the timeout.
         let rest = &buf[head_len..];
         let chunked = find("transfer-encoding").is_some_and(|v| has_token(v, "chunked"));
-        let (body, complete): (std::borrow::Cow<'_, [u8]>, bool) =
-            if matches!(code, 100..=199 | 204 | 304) {
-                (std::borrow::Cow::Borrowed(&[]), true)
-            } else if chunked {
-                let (body, done) = dechunk(rest);
-                (std::borrow::Cow::Owned(body), done)
-            } else {
-                let body_len = find("content-length")
-                    .and_then(|v| std::str::from_utf8(v).ok())
-                    .and_then(|v| v.trim().parse::<usize>().ok());
-                match body_len {
-                    Some(n) => (rest[..n.min(rest.len())].into(), rest.len() >= n),
-                    None => (rest.into(), false),
-                }
-            };
-        if !complete && !eof && buf.len() < max_len {
+        let (body, complete): (std::borrow::Cow<'_, [u8]>, bool) = if matches!(code, 204 | 304) {
+            (std::borrow::Cow::Borrowed(&[]), true)
+        } else if chunked {
+            let (body, done) = dechunk(rest);
+            (std::borrow::Cow::Owned(body), done)
+        } else {
+            let body_len = find("content-length")
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            match body_len {
+                Some(n) => (rest[..n.min(rest.len())].into(), rest.len() >= n),
+                None => (rest.into(), false),
+            }
+        };
+        if !complete && !eof && all.len() < max_len {
             return Ok(None);
         }
         let detail = upstream_reason(&body)
@@ -675,7 +682,23 @@ pub fn parse_upstream_response(
     }
     let protocol = find("sec-websocket-protocol")
         .map(|v| String::from_utf8_lossy(v.trim_ascii()).into_owned());
-    Ok(Some(UpstreamAnswer::Upgraded { head_len, protocol }))
+    Ok(Some(UpstreamAnswer::Upgraded {
+        head_len: start + head_len,
+        protocol,
+    }))
+}
+
+/// The length of the whole interim (1xx but 101) response head at the
+/// start of `buf`, if that is what it holds.
+fn interim_head_len(buf: &[u8]) -> Option<usize> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if matches!(resp.code, Some(100..=199)) => {
+            (resp.code != Some(101)).then_some(n)
+        }
+        _ => None,
+    }
 }
 
 /// The data of a chunked body (RFC 9112 7.1) as far as it has come, and
@@ -903,6 +926,15 @@ mod tests {
                 protocol: None
             }
         );
+        // After an interim answer, the frames start after the 101's head.
+        let hinted = format!("HTTP/1.1 103 Early Hints\r\n\r\n{ok}");
+        assert_eq!(
+            parse_upstream_response(hinted.as_bytes(), KEY, 8192, false),
+            Ok(Some(UpstreamAnswer::Upgraded {
+                head_len: hinted.len() - 3,
+                protocol: None
+            }))
+        );
         let bad = ok.replace(&accept, "AAAA");
         assert_eq!(
             parse_upstream_response(bad.as_bytes(), KEY, 8192, false)
@@ -967,6 +999,16 @@ mod tests {
         for cut in [head.len(), head.len() + 5, chunked.len() - 3] {
             assert_eq!(reason(&chunked.as_bytes()[..cut]), None, "cut at {cut}");
         }
+        // Interim answers are skipped, whole or in part (then: more to come).
+        let early = "HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n";
+        let not_found = "HTTP/1.1 404 Not Found\r\nContent-Length: 4\r\n\r\ngone";
+        let both = format!("{early}HTTP/1.1 100 Continue\r\n\r\n{not_found}");
+        assert_eq!(
+            reason(both.as_bytes()).as_deref(),
+            Some("upstream answered 404: gone")
+        );
+        assert_eq!(reason(early.as_bytes()), None);
+        assert_eq!(reason(&both.as_bytes()[..early.len() + 5]), None);
         // 204 and 304 have no body, whatever the headers say.
         assert_eq!(
             reason(b"HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n").as_deref(),
