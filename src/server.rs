@@ -695,7 +695,7 @@ impl Proxy {
                 let addr: SocketAddr = addr.parse().map_err(|e| {
                     StartError::Config(ConfigError {
                         var: "METRICS_ADDR".into(),
-                        message: format!("'{addr}' is not HOST:PORT: {e}"),
+                        message: format!("'{addr}' is not IP:PORT: {e}"),
                     })
                 })?;
                 Some(
