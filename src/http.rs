@@ -691,6 +691,11 @@ pub fn parse_upstream_response(
 /// The length of the whole interim (1xx but 101) response head at the
 /// start of `buf`, if that is what it holds.
 fn interim_head_len(buf: &[u8]) -> Option<usize> {
+    // Nearly every answer is a 101 or a refusal: told by the status code's
+    // first digit without parsing the head twice (`HTTP/1.1 1xx`).
+    if buf.get(9) != Some(&b'1') || buf.get(9..12) == Some(b"101") {
+        return None;
+    }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     match resp.parse(buf) {
