@@ -223,7 +223,8 @@ pub struct JwtVerifier {
     /// own family (`DecodingKey::family`).
     keys: Vec<Key>,
     /// No audience is configured: a token that names one, even `null`, is
-    /// meant for someone else.
+    /// meant for someone else (RFC 7519 4.1.3), and PyJWT under
+    /// LabOrchestrator refuses it.
     no_audience: bool,
 }
 
@@ -386,12 +387,13 @@ impl JwtVerifier {
                 v.validate_exp = false;
                 v.validate_nbf = false;
                 let mut required = vec![];
-                // With no audience configured, jsonwebtoken refuses a token
-                // that names one, as PyJWT under LabOrchestrator does
-                // (RFC 7519 4.1.3: it was meant for someone else).
                 if !s.audience.is_empty() {
                     v.set_audience(&s.audience);
                     required.push("aud");
+                } else {
+                    // Refused by `no_audience`, which also sees `"aud": null`
+                    // (jsonwebtoken takes it for absent): one decision.
+                    v.validate_aud = false;
                 }
                 if !s.issuer.is_empty() {
                     v.set_issuer(&s.issuer);

@@ -406,6 +406,11 @@ impl UpstreamUrl {
                     .into(),
             );
         }
+        // It becomes the request line and the Host header: a space or a
+        // line break would split them (or forge a header).
+        if url.contains(|c: char| c.is_whitespace() || c.is_control()) {
+            return Err("must not contain spaces or control characters".into());
+        }
         let (tls, rest) = if let Some(rest) = url.strip_prefix("ws://") {
             (false, rest)
         } else if let Some(rest) = url.strip_prefix("wss://") {
@@ -417,11 +422,6 @@ impl UpstreamUrl {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
         };
-        // It becomes the request line and the Host header: a space or a
-        // line break would split them (or forge a header).
-        if url.contains(|c: char| c.is_whitespace() || c.is_control()) {
-            return Err("must not contain spaces or control characters".into());
-        }
         if path.contains(['?', '#']) {
             return Err("the URL must not have a query or fragment".into());
         }

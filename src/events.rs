@@ -286,7 +286,7 @@ pub(crate) fn json_string(s: &str) -> String {
     let mut out = String::with_capacity(quoted.len() + 16);
     for c in quoted.chars() {
         if breaks_a_line(c) {
-            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+            let _ = write!(out, "\\u{:04x}", u32::from(c));
         } else {
             out.push(c);
         }

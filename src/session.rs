@@ -713,9 +713,7 @@ impl<S: Transport> Session<S> {
             grant.namespace,
             grant.vmi
         );
-        let client_protocol =
-            http::select_client_protocol(&req.protocols, &ctx.config.client_subprotocols)
-                .map(str::to_owned);
+        let client_protocol = upgrade_of(&req, ctx.config).1.map(str::to_owned);
         let hs = Handshake {
             grant,
             client_key: std::mem::take(&mut req.key),
@@ -1343,8 +1341,8 @@ enum Gathered {
     Failed(io::Error),
 }
 
-/// What a 101 to `req` would answer: its key and the subprotocol chosen
-/// from its offer (the one a granted session would get).
+/// What a 101 to `req` answers, a success's or a refusal's
+/// (REJECT_WITH=close): its key and the subprotocol chosen from its offer.
 fn upgrade_of<'r>(req: &'r http::UpgradeRequest, config: &Config) -> (&'r str, Option<&'r str>) {
     let protocol = http::select_client_protocol(&req.protocols, &config.client_subprotocols);
     (&req.key, protocol)
