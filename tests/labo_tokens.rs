@@ -1,8 +1,9 @@
 //! Tokens as LabOrchestrator sends them: minted at test time by `generate_auth_token` of PyPI's
 //! `lab-orchestrator-lib-auth` itself (0.0.5, what production runs, and 2.2.0, the latest; see
 //! tests/support/labo.rs), not by hand. Each case runs for every issuer the library can be:
-//! 0.0.5 with HS256 (all it knows), 2.2.0 with HS256 (its default) and with RS256 (a key pair
-//! made for the run). And the other way round: a token from our `token` subcommand is read by
+//! 0.0.5 with HS256 (all it knows), 2.2.0 with HS256 (its default) and with each asymmetric
+//! algorithm PyJWT and the proxy share, RS256, PS256, ES256, ES384 and EdDSA (key pairs made for
+//! the run by `cryptography`, as an operator would make them). And the other way round: a token from our `token` subcommand is read by
 //! each version's own `decode_auth_token`.
 //!
 //! With `PYTHON_SKIP=1` every test here returns early after a notice.
@@ -21,15 +22,50 @@ use common::{Behaviour as B, Harness, SECRET, raw_request, upgrade_request, upst
 use jsonwebtoken::Algorithm;
 use kubevirt_vnc_proxy::Config;
 use kubevirt_vnc_proxy::KeyMaterial;
-use labo::{LibAuth, Mint};
+use labo::{KeyKind, LibAuth, Mint};
 use serde_json::{Value, json};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
 
+/// An algorithm `generate_auth_token` signs with (PyJWT's `algorithm`) that the proxy also
+/// verifies: HS256, LabOrchestrator's default, and each asymmetric family jsonwebtoken and PyJWT
+/// share (PyJWT's ES512 has no jsonwebtoken counterpart).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Alg {
     Hs256,
     Rs256,
+    Ps256,
+    Es256,
+    Es384,
+    EdDsa,
+}
+
+impl Alg {
+    /// PyJWT's name for it and jsonwebtoken's.
+    fn names(self) -> (&'static str, Algorithm) {
+        match self {
+            Alg::Hs256 => ("HS256", Algorithm::HS256),
+            Alg::Rs256 => ("RS256", Algorithm::RS256),
+            Alg::Ps256 => ("PS256", Algorithm::PS256),
+            Alg::Es256 => ("ES256", Algorithm::ES256),
+            Alg::Es384 => ("ES384", Algorithm::ES384),
+            Alg::EdDsa => ("EdDSA", Algorithm::EdDSA),
+        }
+    }
+
+    /// The key pair this algorithm signs with, made once per run: (private PEM, public PEM);
+    /// `None` for HS256, which signs with [`SECRET`].
+    fn keys(self) -> Option<&'static (String, String)> {
+        static KEYS: [OnceLock<(String, String)>; 4] = [const { OnceLock::new() }; 4];
+        let (slot, kind) = match self {
+            Alg::Hs256 => return None,
+            Alg::Rs256 | Alg::Ps256 => (0, KeyKind::Rsa),
+            Alg::Es256 => (1, KeyKind::P256),
+            Alg::Es384 => (2, KeyKind::P384),
+            Alg::EdDsa => (3, KeyKind::Ed25519),
+        };
+        Some(KEYS[slot].get_or_init(|| labo::key_pair(kind)))
+    }
 }
 
 /// A library version signing with one algorithm.
@@ -39,8 +75,8 @@ struct Issuer {
     alg: Alg,
 }
 
-/// Every issuer the library can be: 0.0.5 signs HS256 only.
-const ISSUERS: [Issuer; 3] = [
+/// Every issuer the library can be: 0.0.5 signs HS256 only, 2.2.0 whatever PyJWT can.
+const ISSUERS: [Issuer; 7] = [
     Issuer {
         lib: LibAuth::V0_0_5,
         alg: Alg::Hs256,
@@ -53,29 +89,39 @@ const ISSUERS: [Issuer; 3] = [
         lib: LibAuth::V2_2_0,
         alg: Alg::Rs256,
     },
+    Issuer {
+        lib: LibAuth::V2_2_0,
+        alg: Alg::Ps256,
+    },
+    Issuer {
+        lib: LibAuth::V2_2_0,
+        alg: Alg::Es256,
+    },
+    Issuer {
+        lib: LibAuth::V2_2_0,
+        alg: Alg::Es384,
+    },
+    Issuer {
+        lib: LibAuth::V2_2_0,
+        alg: Alg::EdDsa,
+    },
 ];
-
-/// One RSA key pair for the whole run: (private PEM, public PEM).
-fn rsa() -> &'static (String, String) {
-    static KEYS: OnceLock<(String, String)> = OnceLock::new();
-    KEYS.get_or_init(labo::rsa_key_pair)
-}
 
 impl Issuer {
     fn name(self) -> String {
-        format!("lib-auth {} {:?}", self.lib.version(), self.alg)
+        format!("lib-auth {} {}", self.lib.version(), self.alg.names().0)
     }
 
     /// A proxy that accepts this issuer's algorithm (only that one) with its key, then
     /// `adjust`ed, in front of a stand-in that serves `upstream`.
     fn proxy(self, upstream: B, adjust: impl FnOnce(&mut Config)) -> Harness {
         Harness::start_with(upstream, |c| {
-            if self.alg == Alg::Rs256 {
-                c.jwt.algorithms = vec![Algorithm::RS256];
+            if let Some((_, public)) = self.alg.keys() {
+                c.jwt.algorithms = vec![self.alg.names().1];
                 c.jwt.public_keys = vec![KeyMaterial {
                     kid: None,
-                    bytes: rsa().1.as_bytes().to_vec(),
-                    source: "labo::rsa_key_pair".into(),
+                    bytes: public.as_bytes().to_vec(),
+                    source: format!("labo::key_pair for {}", self.alg.names().0),
                 }];
             }
             adjust(c);
@@ -85,10 +131,18 @@ impl Issuer {
     /// `generate_auth_token` of this version; HS256 is the library's default, so it is not
     /// named.
     fn mint(self, m: Mint) -> String {
-        match self.alg {
-            Alg::Hs256 => m.with(self.lib),
-            Alg::Rs256 => m.signed("RS256", &rsa().0).with(self.lib),
-        }
+        let token = match self.alg.keys() {
+            None => m.with(self.lib),
+            Some((private, _)) => m.signed(self.alg.names().0, private).with(self.lib),
+        };
+        let header: Value = serde_json::from_str(&part(&token, 0)).expect("JSON header");
+        assert_eq!(
+            header["alg"],
+            self.alg.names().0,
+            "{}: {header}",
+            self.name()
+        );
+        token
     }
 }
 
@@ -282,7 +336,9 @@ fn a_session_is_closed_with_1008_when_its_token_expires() {
     if !labo::available() {
         return;
     }
-    rsa(); // made before the clocks start
+    for issuer in ISSUERS {
+        issuer.alg.keys(); // made before the clocks start
+    }
     std::thread::scope(|s| {
         for issuer in ISSUERS {
             s.spawn(move || closes_at_exp(issuer));

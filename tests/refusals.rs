@@ -286,8 +286,8 @@ fn rs256_tokens_with_a_public_key() {
 /// ES256 and ES384 keys together (a curve change under rotation): a token is checked with each
 /// key of its family until one fits, a key on the other curve being no answer. Hand-made: the
 /// keys are fresh from rcgen and the tokens signed by jsonwebtoken, as what is tested is our
-/// search through the keys, which no issuer's token shapes (LabOrchestrator's tokens, RS256
-/// and HS256, are tests/labo_tokens.rs's).
+/// search through the keys, which no issuer's token shapes (LabOrchestrator's own tokens, in
+/// each algorithm, are tests/labo_tokens.rs's).
 #[test]
 fn ec_keys_on_two_curves_each_verify_their_own_tokens() {
     let p256 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();

@@ -103,7 +103,7 @@ pub struct Mint {
     pub lab_instance_id: Value,
     pub namespace: String,
     pub vmis: Vec<String>,
-    /// The HMAC secret, or for RS256 the PEM private key.
+    /// The HMAC secret, or for an asymmetric algorithm the PEM private key.
     pub key: String,
     /// `expires_in` seconds (both versions).
     pub expires_in: Option<f64>,
@@ -151,7 +151,7 @@ impl Mint {
     }
 
     /// Sign with `algorithm` (2.x only) and `key` (an HMAC secret, or a PEM private key for
-    /// RS256, e.g. from [`rsa_key_pair`]).
+    /// the asymmetric algorithms, e.g. from [`key_pair`]).
     pub fn signed(mut self, algorithm: &'static str, key: &str) -> Mint {
         self.algorithm = Some(algorithm);
         self.key = key.into();
@@ -222,25 +222,54 @@ pub fn decode(
     }
 }
 
-/// An RSA key pair for RS256, fresh from `cryptography` in the 2.2.0 virtualenv (the package
-/// PyJWT signs RS256 with): (PKCS#8 private key PEM, SubjectPublicKeyInfo public key PEM).
-pub fn rsa_key_pair() -> (String, String) {
-    const SCRIPT: &str = "\
+/// The kinds of key pair PyJWT signs with (through `cryptography`) and the proxy verifies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    /// RSA 2048 (RS256, PS256).
+    Rsa,
+    /// ECDSA on P-256 (ES256).
+    P256,
+    /// ECDSA on P-384 (ES384).
+    P384,
+    /// Ed25519 (EdDSA).
+    Ed25519,
+}
+
+impl KeyKind {
+    /// The `cryptography` call that makes a private key of this kind.
+    fn generate(self) -> &'static str {
+        match self {
+            KeyKind::Rsa => "rsa.generate_private_key(public_exponent=65537, key_size=2048)",
+            KeyKind::P256 => "ec.generate_private_key(ec.SECP256R1())",
+            KeyKind::P384 => "ec.generate_private_key(ec.SECP384R1())",
+            KeyKind::Ed25519 => "ed25519.Ed25519PrivateKey.generate()",
+        }
+    }
+}
+
+/// A key pair fresh from `cryptography` in the 2.2.0 virtualenv (the package PyJWT signs
+/// every asymmetric algorithm with): (PKCS#8 private key PEM, SubjectPublicKeyInfo public key
+/// PEM), the forms an operator exports for LabOrchestrator and for the proxy.
+pub fn key_pair(kind: KeyKind) -> (String, String) {
+    let script = format!(
+        "\
 from cryptography.hazmat.primitives import serialization as s
-from cryptography.hazmat.primitives.asymmetric import rsa
-k = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+k = {}
 print(k.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption()).decode(), end='')
 print(k.public_key().public_bytes(s.Encoding.PEM, s.PublicFormat.SubjectPublicKeyInfo).decode(), end='')
-";
+",
+        kind.generate()
+    );
     let python =
         python(LibAuth::V2_2_0.venv()).expect("PYTHON_SKIP=1: check labo::available() first");
     let out = Command::new(&python)
-        .args(["-c", SCRIPT])
+        .args(["-c", &script])
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
     assert!(
         out.status.success(),
-        "RSA key generation failed: {}",
+        "{kind:?} key generation failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let pems = String::from_utf8(out.stdout).expect("PEM is ASCII");
