@@ -292,6 +292,22 @@ impl fmt::Debug for JwtSettings {
     }
 }
 
+/// The label of the first PEM block in `pem` that holds a private key
+/// (`PRIVATE KEY`, `RSA PRIVATE KEY`, `EC PRIVATE KEY`, `ENCRYPTED PRIVATE
+/// KEY`...), if any.
+fn private_key_label(pem: &[u8]) -> Option<String> {
+    const BEGIN: &[u8] = b"-----BEGIN ";
+    pem.split(|&b| b == b'\n').find_map(|line| {
+        let label = line
+            .trim_ascii()
+            .strip_prefix(BEGIN)?
+            .strip_suffix(b"-----")?;
+        label
+            .ends_with(b"PRIVATE KEY")
+            .then(|| String::from_utf8_lossy(label).into_owned())
+    })
+}
+
 fn is_hmac(alg: Algorithm) -> bool {
     matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
 }
@@ -349,6 +365,19 @@ impl JwtVerifier {
             }
         }
         for m in s.public_keys.iter().filter(|_| !wants_public.is_empty()) {
+            // jsonwebtoken takes an RSA private key for a public one and then
+            // refuses every token as badly signed; and the key that signs
+            // tokens has no business in the proxy's pod.
+            if let Some(label) = private_key_label(&m.bytes) {
+                return Err((
+                    "JWT_PUBLIC_KEY_FILE",
+                    format!(
+                        "{} holds a private key ({label}); give the proxy only the public key \
+                         (openssl pkey -in KEY -pubout)",
+                        m.source
+                    ),
+                ));
+            }
             // A PEM file holds one kind of key; use it for whichever
             // configured family it parses as.
             let mut parsed = None;
@@ -653,6 +682,25 @@ mod tests {
         let exp = exp.into();
         json!({"id": 5, "exp": exp, "lab_instance": {"lab_id": 1, "lab_instance_id": "9",
                "namespace_name": ns, "allowed_vmi_names": vmis, "additional_data": {"x": [1]}}})
+    }
+
+    #[test]
+    fn private_key_labels_are_found_in_any_block() {
+        let pem = |label: &str| format!("-----BEGIN {label}-----\nAAAA\n-----END {label}-----\n");
+        for label in [
+            "PRIVATE KEY",
+            "RSA PRIVATE KEY",
+            "EC PRIVATE KEY",
+            "ENCRYPTED PRIVATE KEY",
+        ] {
+            let after_a_public_key = pem("PUBLIC KEY") + &pem(label).replace('\n', "\r\n");
+            for text in [pem(label), after_a_public_key] {
+                assert_eq!(private_key_label(text.as_bytes()).as_deref(), Some(label));
+            }
+        }
+        for public in ["PUBLIC KEY", "RSA PUBLIC KEY", "CERTIFICATE"] {
+            assert_eq!(private_key_label(pem(public).as_bytes()), None, "{public}");
+        }
     }
 
     #[test]

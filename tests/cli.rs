@@ -402,3 +402,48 @@ fn a_key_certificate_or_token_file_over_1_mib_is_refused_unread() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The signing key given where the public key belongs: jsonwebtoken takes an RSA private key
+/// for a public one and then refuses every token as badly signed, so the mistake used to pass
+/// check-config and show only as 401s. Now it is named at start, for every kind of private key
+/// (the RSA fixture is PKCS#8, the EC key fresh from rcgen); the public key still passes.
+#[test]
+fn a_private_key_given_as_jwt_public_key_file_is_refused_at_start() {
+    let dir = std::env::temp_dir().join(format!("kvp-cli-private-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let ec = dir.join("ec_private.pem");
+    let ec_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    std::fs::write(&ec, ec_key.serialize_pem()).unwrap();
+    let cases = [
+        ("RS256", fixtures.join("rsa_private.pem"), false),
+        ("ES256", ec, false),
+        ("RS256", fixtures.join("rsa_public.pem"), true),
+    ];
+    for (alg, file, ok) in cases {
+        let file = file.display().to_string();
+        let env = [
+            LOCAL,
+            &[("JWT_ALGORITHMS", alg), ("JWT_PUBLIC_KEY_FILE", &file)],
+        ]
+        .concat();
+        let out = run(&env, &["check-config"]);
+        let stderr = text(&out.stderr);
+        if ok {
+            assert_eq!(out.status.code(), Some(0), "{file}: {stderr}");
+            continue;
+        }
+        assert_eq!(out.status.code(), Some(2), "{file}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "configuration error: JWT_PUBLIC_KEY_FILE: {file} holds a private key (PRIVATE KEY)"
+            )) && stderr.contains("only the public key"),
+            "{file}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("BEGIN"),
+            "{file}: the key is not shown: {stderr}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
