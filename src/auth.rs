@@ -9,7 +9,7 @@
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -308,6 +308,16 @@ fn private_key_label(pem: &[u8]) -> Option<String> {
     })
 }
 
+/// The curve of an EC public key and the one algorithm it verifies, told by
+/// the length of its uncompressed point (0x04, x, y).
+fn ec_curve(key: &DecodingKey) -> Option<(&'static str, Algorithm)> {
+    match key.try_get_as_bytes().ok()?.len() {
+        65 => Some(("P-256", Algorithm::ES256)),
+        97 => Some(("P-384", Algorithm::ES384)),
+        _ => None,
+    }
+}
+
 fn is_hmac(alg: Algorithm) -> bool {
     matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
 }
@@ -401,6 +411,26 @@ impl JwtVerifier {
                     ),
                 ));
             };
+            // An EC key verifies one algorithm, its curve's; jsonwebtoken
+            // parses any curve and fails only at the first token.
+            if key.family() == AlgorithmFamily::Ec {
+                let curve = ec_curve(&key);
+                if !curve.is_some_and(|(_, alg)| s.algorithms.contains(&alg)) {
+                    let what = match curve {
+                        Some((name, alg)) => format!("a {name} key, for {alg:?} only"),
+                        None => "an EC key on a curve other than P-256 (ES256) and P-384 \
+                                 (ES384)"
+                            .into(),
+                    };
+                    return Err((
+                        "JWT_PUBLIC_KEY_FILE",
+                        format!(
+                            "{} is {what}, and JWT_ALGORITHMS accepts {:?}",
+                            m.source, s.algorithms
+                        ),
+                    ));
+                }
+            }
             keys.push(Key {
                 kid: m.kid.clone(),
                 key,
@@ -701,6 +731,18 @@ mod tests {
         for public in ["PUBLIC KEY", "RSA PUBLIC KEY", "CERTIFICATE"] {
             assert_eq!(private_key_label(pem(public).as_bytes()), None, "{public}");
         }
+    }
+
+    #[test]
+    fn an_ec_key_on_a_curve_without_an_algorithm_here_is_named_as_such() {
+        // P-521's uncompressed point: jsonwebtoken parses the key, and has
+        // no ES512 to verify with it.
+        let p521 = DecodingKey::from_ec_der(&[4; 133]);
+        assert_eq!(ec_curve(&p521), None);
+        assert_eq!(
+            ec_curve(&DecodingKey::from_ec_der(&[4; 97])),
+            Some(("P-384", Algorithm::ES384))
+        );
     }
 
     #[test]

@@ -447,3 +447,53 @@ fn a_private_key_given_as_jwt_public_key_file_is_refused_at_start() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An EC key verifies its own curve's algorithm only. jsonwebtoken parses a key on any curve, so
+/// a P-256 key left in place when JWT_ALGORITHMS moved to ES384 (or the other way round) used to
+/// pass check-config and then refuse every token as badly signed; now it is named at start.
+/// Keys fresh from rcgen.
+#[test]
+fn an_ec_key_on_a_curve_jwt_algorithms_does_not_accept_is_refused_at_start() {
+    let dir = std::env::temp_dir().join(format!("kvp-cli-curves-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = |name: &str, alg: &'static rcgen::SignatureAlgorithm| {
+        let path = dir.join(name);
+        let pair = rcgen::KeyPair::generate_for(alg).unwrap();
+        std::fs::write(&path, pair.public_key_pem()).unwrap();
+        path.display().to_string()
+    };
+    let p256 = key("p256.pem", &rcgen::PKCS_ECDSA_P256_SHA256);
+    let p384 = key("p384.pem", &rcgen::PKCS_ECDSA_P384_SHA384);
+    let cases = [
+        ("ES384", &p256, Some("a P-256 key, for ES256 only")),
+        ("ES256", &p384, Some("a P-384 key, for ES384 only")),
+        ("RS256,ES384", &p256, Some("a P-256 key, for ES256 only")),
+        ("ES256", &p256, None),
+        ("ES384", &p384, None),
+        ("ES256,ES384", &p384, None),
+    ];
+    for (algs, file, refused) in cases {
+        let env = [
+            LOCAL,
+            &[("JWT_ALGORITHMS", algs), ("JWT_PUBLIC_KEY_FILE", file)],
+        ]
+        .concat();
+        let out = run(&env, &["check-config"]);
+        let stderr = text(&out.stderr);
+        let what = format!("{algs} with {file}");
+        match refused {
+            None => assert_eq!(out.status.code(), Some(0), "{what}: {stderr}"),
+            Some(why) => {
+                assert_eq!(out.status.code(), Some(2), "{what}: {stderr}");
+                assert!(
+                    stderr.contains(&format!(
+                        "configuration error: JWT_PUBLIC_KEY_FILE: {file} is {why}, and \
+                         JWT_ALGORITHMS accepts"
+                    )),
+                    "{what}: {stderr}"
+                );
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
