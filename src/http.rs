@@ -23,7 +23,7 @@ const MAX_HEADERS: usize = 64;
 pub enum Status {
     /// 200: a probe's answer (never a refusal's).
     Ok = 200,
-    /// 400: a malformed request, or not a WebSocket upgrade.
+    /// 400: a malformed request.
     BadRequest = 400,
     /// 401: the token is missing or does not verify.
     Unauthorized = 401,
@@ -31,9 +31,12 @@ pub enum Status {
     Forbidden = 403,
     /// 404: no such path (or the upstream knows no such VMI).
     NotFound = 404,
+    /// 405: a method other than GET (answered with `Allow: GET`).
+    MethodNotAllowed = 405,
     /// 408: the request head did not come in time.
     RequestTimeout = 408,
-    /// 426: a WebSocket version other than 13.
+    /// 426: not a WebSocket upgrade, or a WebSocket version other than 13
+    /// (answered with `Upgrade: websocket` and `Sec-WebSocket-Version: 13`).
     UpgradeRequired = 426,
     /// 431: the request head is too large.
     RequestHeaderFieldsTooLarge = 431,
@@ -61,6 +64,7 @@ impl Status {
             Status::Unauthorized => "Unauthorized",
             Status::Forbidden => "Forbidden",
             Status::NotFound => "Not Found",
+            Status::MethodNotAllowed => "Method Not Allowed",
             Status::RequestTimeout => "Request Timeout",
             Status::UpgradeRequired => "Upgrade Required",
             Status::RequestHeaderFieldsTooLarge => "Request Header Fields Too Large",
@@ -286,7 +290,7 @@ pub fn parse_upgrade_request(
         Err(e) => {
             return Err(Refusal::new(
                 Status::BadRequest,
-                format!("malformed request: {e}"),
+                format!("malformed request: {}", syntax_error(e)),
             ));
         }
     };
@@ -306,7 +310,7 @@ pub fn parse_upgrade_request(
     }
     if req.method != Some("GET") {
         return Err(Refusal::new(
-            Status::BadRequest,
+            Status::MethodNotAllowed,
             "WebSocket upgrade must use GET",
         ));
     }
@@ -387,8 +391,10 @@ pub fn parse_upgrade_request(
         return Err(Refusal::new(Status::BadRequest, "missing Host header"));
     }
     if !upgrade_ok || !connection_ok {
+        // A browser opening the console's URL as a page, say: 426 names the
+        // protocol to upgrade to (RFC 9110 15.5.22), as the Python proxy did.
         return Err(Refusal::new(
-            Status::BadRequest,
+            Status::UpgradeRequired,
             "not a WebSocket upgrade (Upgrade: websocket and Connection: upgrade required)",
         ));
     }
@@ -415,6 +421,20 @@ pub fn parse_upgrade_request(
         headers,
         head_len,
     }))
+}
+
+/// httparse's error in our words: its own say "invalid token", which here
+/// would read as the JWT.
+fn syntax_error(e: httparse::Error) -> &'static str {
+    match e {
+        httparse::Error::HeaderName => "invalid character in a header name",
+        httparse::Error::HeaderValue => "invalid character in a header value",
+        httparse::Error::NewLine => "malformed line ending",
+        httparse::Error::Version => "malformed HTTP version",
+        httparse::Error::Token | httparse::Error::Status | httparse::Error::TooManyHeaders => {
+            "malformed request line (method or target)"
+        }
+    }
 }
 
 /// A LF not preceded by CR anywhere in `head`. Written as a fold over byte
@@ -447,13 +467,17 @@ pub fn select_client_protocol<'a>(offered: &'a [String], allowed: &[String]) -> 
 /// The response for a refusal: status, plain-text reason, `Connection: close`.
 pub fn refusal_response(r: &Refusal) -> Vec<u8> {
     let body = format!("{}\n", r.reason);
-    let extra = if r.status == Status::UpgradeRequired {
-        "Sec-WebSocket-Version: 13\r\n"
-    } else {
-        ""
+    // What RFC 9110 requires beside these two statuses.
+    let (extra, connection) = match r.status {
+        Status::UpgradeRequired => (
+            "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
+            "Upgrade, close",
+        ),
+        Status::MethodNotAllowed => ("Allow: GET\r\n", "close"),
+        _ => ("", "close"),
     };
     format!(
-        "HTTP/1.1 {} {}\r\n{extra}Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {} {}\r\n{extra}Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
         r.status.code(),
         r.status.reason_phrase(),
         body.len(),
@@ -825,12 +849,13 @@ mod tests {
                 .status
                 .code()
         };
-        assert_eq!(status(&req("").replace("GET", "POST")), 400);
+        assert_eq!(status(&req("").replace("GET", "POST")), 405);
         assert_eq!(status(&req("").replace("HTTP/1.1", "HTTP/1.0")), 400);
-        assert_eq!(status(&req("").replace("Upgrade: websocket\r\n", "")), 400);
+        // Not an upgrade at all (a page load, say): the protocol is named.
+        assert_eq!(status(&req("").replace("Upgrade: websocket\r\n", "")), 426);
         assert_eq!(
             status(&req("").replace("keep-alive, Upgrade", "keep-alive")),
-            400
+            426
         );
         assert_eq!(status(&req("").replace("Version: 13", "Version: 8")), 426);
         assert_eq!(status(&req("").replace(KEY, "c2hvcnQ=")), 400);
@@ -861,8 +886,38 @@ mod tests {
         )))
         .unwrap();
         assert!(resp.starts_with("HTTP/1.1 426 Upgrade Required\r\n"));
+        assert!(resp.contains("\r\nUpgrade: websocket\r\n"));
         assert!(resp.contains("Sec-WebSocket-Version: 13\r\n"));
+        assert!(resp.contains("Connection: Upgrade, close\r\n"));
+        let resp = refusal_response(&Refusal::new(Status::MethodNotAllowed, "GET"));
+        let resp = String::from_utf8(resp).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 405 Method Not Allowed\r\nAllow: GET\r\n"));
         assert!(resp.contains("Connection: close\r\n"));
+    }
+
+    /// httparse calls a bad character in the request line an "invalid token";
+    /// in a log about JWTs that reads as a bad token, so it is said in our words.
+    #[test]
+    fn a_malformed_request_line_is_not_called_an_invalid_token() {
+        let reason = |s: &[u8]| parse_upgrade_request(s, 8192).unwrap_err().reason;
+        for line in [
+            &b"GET /a\xe9/b HTTP/1.1\r\n"[..],
+            b"GET  /a/b HTTP/1.1\r\n",
+            b"GET /a/\x01 HTTP/1.1\r\n",
+            b"G(T /a/b HTTP/1.1\r\n",
+        ] {
+            let r = reason(&[line, &b"Host: x\r\n\r\n"[..]].concat());
+            assert_eq!(
+                r,
+                "malformed request: malformed request line (method or target)"
+            );
+        }
+        let r = reason(b"GET /a/b HTTP/1.1\r\nHo st: x\r\n\r\n");
+        assert_eq!(r, "malformed request: invalid character in a header name");
+        let r = reason(b"GET /a/b HTTP/1.1\r\nHost: \x01\r\n\r\n");
+        assert_eq!(r, "malformed request: invalid character in a header value");
+        let r = reason(b"GET /a/b HTTP/1.x\r\nHost: x\r\n\r\n");
+        assert_eq!(r, "malformed request: malformed HTTP version");
     }
 
     #[test]
@@ -1052,6 +1107,7 @@ mod tests {
             (Status::Unauthorized, 401, "Unauthorized", Some(4401)),
             (Status::Forbidden, 403, "Forbidden", Some(4403)),
             (Status::NotFound, 404, "Not Found", Some(4404)),
+            (Status::MethodNotAllowed, 405, "Method Not Allowed", None),
             (Status::RequestTimeout, 408, "Request Timeout", None),
             (Status::UpgradeRequired, 426, "Upgrade Required", None),
             (

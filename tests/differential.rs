@@ -294,9 +294,14 @@ fn upgrade(addr: SocketAddr, path: &str, extra_headers: &str) -> Answer {
 
 /// A plain HTTP request (no upgrade).
 fn plain_get(addr: SocketAddr, path: &str) -> String {
+    http_request(addr, "GET", path, "")
+}
+
+/// `METHOD PATH` with `extra_headers` (each ending in CRLF) after Host; what comes back.
+fn http_request(addr: SocketAddr, method: &str, path: &str, extra_headers: &str) -> String {
     let mut s = TcpStream::connect(addr).expect("connect to the proxy");
     s.set_read_timeout(Some(QUIET)).expect("read timeout");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra_headers}\r\n");
     s.write_all(request.as_bytes()).expect("send the request");
     match read_head(&mut s) {
         Ok((head, rest)) => http_outcome(&head, rest, &mut s),
@@ -745,6 +750,17 @@ fn cases() -> Vec<Case> {
         }),
         case("plain `GET /healthz` (no upgrade)", false, |_, s| {
             plain_get(s.addr, "/healthz")
+        }),
+        case(
+            "the console's URL opened as a page: `GET /TOKEN/echo`, no upgrade",
+            false,
+            |c, s| plain_get(s.addr, &format!("/{}/echo", c.valid)),
+        ),
+        case("an upgrade with `POST /TOKEN/echo`", false, |c, s| {
+            let upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\n\
+                           Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                           Sec-WebSocket-Version: 13\r\n";
+            http_request(s.addr, "POST", &format!("/{}/echo", c.valid), upgrade)
         }),
     ]
 }

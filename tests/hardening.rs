@@ -341,7 +341,7 @@ fn refusals_as_close_codes_a_page_can_read() {
     // Without a valid upgrade there is nothing to close: HTTP it is.
     assert_eq!(
         raw_request(h.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").status,
-        400
+        426
     );
 }
 

@@ -20,7 +20,12 @@ use kubevirt_vnc_proxy::KeyMaterial;
 /// `raw_request` reads until EOF).
 fn refused(h: &Harness, request: &[u8]) -> RawAnswer {
     let a = raw_request(h.addr, request);
-    assert!(a.head.contains("Connection: close"), "{}", a.head);
+    let connection = a.head.lines().find_map(|l| l.strip_prefix("Connection: "));
+    assert!(
+        connection.is_some_and(|c| c.split(", ").any(|t| t == "close")),
+        "{}",
+        a.head
+    );
     assert!(a.head.contains("Content-Type: text/plain"), "{}", a.head);
     assert!(!a.body.trim().is_empty(), "a refusal carries a reason");
     a
@@ -39,7 +44,7 @@ fn assert_no_upstream<F: FnOnce() -> RawAnswer>(h: &Harness, f: F) -> RawAnswer 
 }
 
 #[test]
-fn malformed_and_non_upgrade_requests_get_400() {
+fn malformed_and_non_upgrade_requests_are_refused() {
     let h = Harness::start(B::Echo);
     let tok = Harness::token(&["echo"]);
     let path = format!("/{tok}/echo");
@@ -47,14 +52,14 @@ fn malformed_and_non_upgrade_requests_get_400() {
         (b"garbage\r\n\r\n".to_vec(), 400),
         (
             format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes(),
-            400,
+            426,
         ),
         (
             String::from_utf8(upgrade_request(&path, ""))
                 .unwrap()
                 .replace("GET", "POST")
                 .into_bytes(),
-            400,
+            405,
         ),
         (
             String::from_utf8(upgrade_request(&path, ""))
@@ -111,6 +116,38 @@ fn wrong_websocket_version_gets_426_with_the_supported_version() {
     let a = assert_no_upstream(&h, || refused(&h, req.as_bytes()));
     assert_eq!(a.status, 426);
     assert!(a.head.contains("Sec-WebSocket-Version: 13"));
+}
+
+/// What is not a WebSocket upgrade is told what would be, in the headers RFC 9110 asks for: a
+/// page load of the console's URL gets 426 naming `Upgrade: websocket` (as the Python proxy
+/// answered), another method 405 with `Allow: GET`. And a request line httparse cannot read is
+/// not called an "invalid token", which in our logs would read as a bad JWT.
+#[test]
+fn what_is_not_an_upgrade_is_told_what_would_be() {
+    let h = Harness::start(B::Echo);
+    let path = format!("/{}/echo", Harness::token(&["echo"]));
+    let page = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAccept: text/html\r\n\r\n");
+    let a = assert_no_upstream(&h, || refused(&h, page.as_bytes()));
+    assert_eq!(a.status, 426, "{}", a.head);
+    assert!(a.head.contains("\r\nUpgrade: websocket\r\n"), "{}", a.head);
+    assert!(
+        a.head.contains("\r\nConnection: Upgrade, close"),
+        "{}",
+        a.head
+    );
+    let post = String::from_utf8(upgrade_request(&path, ""))
+        .unwrap()
+        .replacen("GET", "POST", 1);
+    let a = assert_no_upstream(&h, || refused(&h, post.as_bytes()));
+    assert_eq!(a.status, 405, "{}", a.head);
+    assert!(a.head.contains("\r\nAllow: GET\r\n"), "{}", a.head);
+    let latin1 = [&b"GET /a\xe9/echo HTTP/1.1\r\n"[..], b"Host: x\r\n\r\n"].concat();
+    let a = assert_no_upstream(&h, || refused(&h, &latin1));
+    assert_eq!(a.status, 400);
+    assert_eq!(
+        a.body.trim_end(),
+        "malformed request: malformed request line (method or target)"
+    );
 }
 
 #[test]
@@ -549,7 +586,7 @@ fn a_request_that_comes_with_the_clients_fin_is_still_answered() {
     assert_eq!(dialed, 0);
     // A bad request gets its refusal.
     let (answer, _) = answer_to_a_request_with_its_fin(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
-    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+    assert!(answer.starts_with("HTTP/1.1 426 "), "{answer:?}");
     assert!(answer.contains("not a WebSocket upgrade"), "{answer:?}");
     // A good upgrade from a client that can no longer send gets a 400, and nothing is dialed.
     let tok = mint(SECRET, NS, &["echo"], now() + 600);

@@ -363,7 +363,7 @@ fn every_refusal_status_is_unchanged_over_tls() {
         (
             "no upgrade",
             format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", up("echo")).into_bytes(),
-            400,
+            426,
         ),
         ("head too big", with(&up("echo"), &big), 431),
         (
@@ -391,9 +391,16 @@ fn every_refusal_status_is_unchanged_over_tls() {
     for (what, request, want) in cases {
         let a = tls_request(h.addr, &config, &request);
         assert_eq!(a.status, want, "{what}: {}", a.body);
-        assert!(a.head.contains("Connection: close"), "{what}: {}", a.head);
         if want == 426 {
             assert!(a.head.contains("Sec-WebSocket-Version: 13"), "{}", a.head);
+            assert!(a.head.contains("Upgrade: websocket"), "{}", a.head);
+            assert!(
+                a.head.contains("Connection: Upgrade, close"),
+                "{what}: {}",
+                a.head
+            );
+        } else {
+            assert!(a.head.contains("Connection: close"), "{what}: {}", a.head);
         }
     }
     // A head that never completes: 408 once the TLS handshake is done.
