@@ -857,13 +857,19 @@ impl<S: Transport> Session<S> {
             }
         }
         let max = ctx.config.max_head_bytes;
-        let eof = match gather(up, ctx.scratch, response, max) {
-            Gathered::Open => false,
-            Gathered::Eof => true,
-            Gathered::Failed(e) => {
+        // A reset may come in the same event as a whole answer (a load
+        // balancer that aborts after a 404, an upstream killed after its
+        // 101): what was read before it is the answer, and is judged as if
+        // the connection had ended there. The reset is the reason only when
+        // the answer is not whole.
+        let (eof, reset) = match gather(up, ctx.scratch, response, max) {
+            Gathered::Open => (false, None),
+            Gathered::Eof => (true, None),
+            Gathered::Failed(e) if response.is_empty() => {
                 let r = failed(up, e);
                 return self.refuse_handshake(ctx, &h.hs, r);
             }
+            Gathered::Failed(e) => (true, Some(e)),
         };
         if response.is_empty() && !eof {
             return State::UpstreamHandshake(h);
@@ -871,7 +877,11 @@ impl<S: Transport> Session<S> {
         let (head_len, protocol) =
             match http::parse_upstream_response(response, &hs.upstream_key, max, eof) {
                 Ok(None) => return State::UpstreamHandshake(h),
-                Err(r) | Ok(Some(UpstreamAnswer::Refused(r))) => {
+                Err(r) => {
+                    let r = reset.map_or(r, |e| failed(up, e));
+                    return self.refuse_handshake(ctx, &h.hs, r);
+                }
+                Ok(Some(UpstreamAnswer::Refused(r))) => {
                     return self.refuse_handshake(ctx, &h.hs, r);
                 }
                 Ok(Some(UpstreamAnswer::Upgraded { head_len, protocol })) => (head_len, protocol),

@@ -445,6 +445,82 @@ fn a_chunked_refusal_from_an_upstream_that_stays_open_is_passed_on_at_once() {
     server.join().unwrap();
 }
 
+/// An upstream that answers in full and then resets the connection (a load balancer that aborts
+/// after its answer, an upstream killed right after its 101), before the proxy has read the
+/// answer: what came before the reset is the answer. Hand-made answers (no API server runs
+/// here); the reset is SO_LINGER 0. Before, the reset won and the client got a 502 naming it.
+#[test]
+fn a_whole_answer_followed_by_a_reset_is_the_answer() {
+    let status = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"virtualmachineinstances.kubevirt.io \"echo\" not found","reason":"NotFound","code":404}"#;
+    let not_found = format!(
+        "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{status}",
+        status.len()
+    );
+    let upgrade = |head: &str| {
+        let key = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .expect("a key");
+        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+        // The 101, then the VNC server's greeting in a binary frame.
+        let mut answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {accept}\r\n\r\n"
+        )
+        .into_bytes();
+        answer.extend_from_slice(b"\x82\x0cRFB 003.008\n");
+        answer
+    };
+    for upgraded in [false, true] {
+        let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = upstream.local_addr().unwrap().port();
+        let not_found = not_found.clone();
+        let answer_for = move |head: &str| {
+            if upgraded {
+                upgrade(head)
+            } else {
+                not_found.into_bytes()
+            }
+        };
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = upstream.accept().unwrap();
+            let head = common::read_head(&mut s);
+            s.write_all(&answer_for(&head)).unwrap();
+            socket2::SockRef::from(&s)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            drop(s); // the reset, right behind the answer
+        });
+        let h = Harness::start_with(B::Echo, |c| c.upstream.port = port);
+        let tok = Harness::token(&["echo"]);
+        let what = if upgraded { "101" } else { "404" };
+        if upgraded {
+            let mut ws = common::ws_connect(h.addr, &format!("/{tok}/echo"))
+                .unwrap_or_else(|e| panic!("{what}: no 101 for the client: {e}"));
+            let greeting = ws.read().expect("the greeting");
+            assert_eq!(
+                greeting,
+                tungstenite::Message::binary(&b"RFB 003.008\n"[..])
+            );
+            // Then the client learns that the upstream is gone: 1001 when the proxy reads the
+            // end, 1011 when it reads the reset itself (a read may come between the two).
+            use tungstenite::protocol::frame::coding::CloseCode;
+            match ws.read() {
+                Ok(tungstenite::Message::Close(Some(f))) => assert!(
+                    matches!(f.code, CloseCode::Away | CloseCode::Error),
+                    "{what}: {f:?}"
+                ),
+                other => panic!("{what}: {other:?} instead of a close"),
+            }
+        } else {
+            let a = raw_request(h.addr, &upgrade_request(&format!("/{tok}/echo"), ""));
+            assert_eq!(a.status, 404, "{what}: {}", a.body);
+            assert!(a.body.contains("\"echo\" not found"), "{what}: {}", a.body);
+        }
+        server.join().unwrap();
+    }
+}
+
 #[test]
 fn silent_upstream_gets_504_after_the_timeout() {
     let h = Harness::start_with(B::Silent, |c| c.upstream_timeout = Duration::from_secs(1));
