@@ -429,9 +429,17 @@ impl UpstreamUrl {
             let (h, after) = v6
                 .split_once(']')
                 .ok_or_else(|| format!("unclosed '[' in '{url}'"))?;
-            (h, after.strip_prefix(':'))
+            // `[::1]8001`, a ':' short: not port 80 with the rest ignored.
+            let port = after.strip_prefix(':');
+            if port.is_none() && !after.is_empty() {
+                return Err(format!("'{after}' after ']' is not ':PORT'"));
+            }
+            (h, port)
         } else {
             match authority.rsplit_once(':') {
+                Some((h, _)) if h.contains(':') => {
+                    return Err(format!("'{url}': an IPv6 address goes in brackets, [::1]"));
+                }
                 Some((h, p)) => (h, Some(p)),
                 None => (authority, None),
             }
@@ -1941,6 +1949,9 @@ mod tests {
             "ws://h:x",
             "ws://h/p?q",
             "ws://[::1",
+            "ws://[::1]8001",
+            "ws://[::1]:",
+            "ws://::1:8001",
         ] {
             assert!(UpstreamUrl::parse(bad).is_err(), "{bad}");
         }

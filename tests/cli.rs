@@ -322,6 +322,18 @@ fn a_password_in_ws_remote_url_is_refused_and_never_echoed() {
     }
 }
 
+/// A ':' short after an IPv6 address was port 80 with the rest ignored, and the proxy dialed it.
+#[test]
+fn a_port_without_its_colon_after_an_ipv6_address_is_refused() {
+    let env = [LOCAL, &[("WS_REMOTE_URL", "ws://[::1]8001")]].concat();
+    let out = run(&env, &["check-config"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        "configuration error: WS_REMOTE_URL: '8001' after ']' is not ':PORT'\n"
+    );
+}
+
 #[test]
 fn a_space_or_line_break_in_ws_remote_url_is_refused() {
     // It would become the upstream's request line: a CRLF there forges a header.
