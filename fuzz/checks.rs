@@ -254,6 +254,7 @@ fn check_decision(req: &UpgradeRequest) -> Decision {
     {
         Err(RouteError::NotFound(_)) => Err((Status::NotFound, None)),
         Err(RouteError::BadEncoding) => Err((Status::BadRequest, None)),
+        Err(e @ RouteError::BadQueryValue(_)) => panic!("the path's parser judged the query: {e}"),
         Ok(t) => {
             let token = t.path_token.expect("the path shape carries a token");
             match verifier().authorize(&token, &t.vmi) {
@@ -368,18 +369,23 @@ fn check_filter_query(query: &str) {
     let mut allowed = config().upstream_query_params.clone();
     allowed.extend(pairs.first().and_then(|(k, _)| decode(k)));
     let got = route::filter_query(query, &allowed);
-    let decoded: Option<Vec<(String, String)>> = pairs
+    // Only allowed names' values are decoded (what is dropped is never
+    // judged); the first of them that does not decode is the error.
+    let listed = pairs
         .iter()
-        .map(|(k, v)| Some((decode(k)?, decode(v)?)))
-        .collect();
-    let Some(decoded) = decoded else {
-        assert_eq!(got, Err(RouteError::BadEncoding), "filter_query({query:?})");
-        return;
-    };
-    let kept: Vec<(String, String)> = decoded
-        .into_iter()
-        .filter(|(k, _)| allowed.contains(k))
-        .collect();
+        .filter_map(|(k, v)| decode(k).filter(|k| allowed.contains(k)).map(|k| (k, *v)));
+    let mut kept = Vec::new();
+    for (k, v) in listed {
+        let Some(v) = decode(v) else {
+            assert_eq!(
+                got,
+                Err(RouteError::BadQueryValue(k)),
+                "filter_query({query:?})"
+            );
+            return;
+        };
+        kept.push((k, v));
+    }
     let out = match got {
         Ok(out) => out,
         Err(e) => panic!("filter_query({query:?}) = {e:?}, all escapes are valid"),

@@ -149,7 +149,7 @@ impl Authorizer for JwtAuthorizer {
                 Err(e @ RouteError::NotFound(_)) => {
                     return Decision::deny(Status::NotFound, e.to_string());
                 }
-                Err(e @ RouteError::BadEncoding) => {
+                Err(e @ (RouteError::BadEncoding | RouteError::BadQueryValue(_))) => {
                     return Decision::deny(Status::BadRequest, e.to_string());
                 }
             };

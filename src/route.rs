@@ -13,6 +13,9 @@ pub enum RouteError {
     NotFound(&'static str),
     /// A segment has broken percent-encoding or is not UTF-8 (HTTP 400).
     BadEncoding,
+    /// The value of this allow-listed query parameter has broken
+    /// percent-encoding or is not UTF-8 (HTTP 400).
+    BadQueryValue(String),
 }
 
 impl fmt::Display for RouteError {
@@ -20,6 +23,9 @@ impl fmt::Display for RouteError {
         match self {
             RouteError::NotFound(why) => f.write_str(why),
             RouteError::BadEncoding => f.write_str("malformed percent-encoding in path"),
+            RouteError::BadQueryValue(name) => {
+                write!(f, "malformed percent-encoding in query parameter '{name}'")
+            }
         }
     }
 }
@@ -116,16 +122,19 @@ fn hex_value(b: u8) -> Option<u8> {
 
 /// Keep only the query parameters named in `allowed` (exact, case-sensitive
 /// names, as KubeVirt reads them), decoded once and re-encoded so nothing but
-/// plain `name=value` pairs reaches the upstream. `Err` for broken escapes.
+/// plain `name=value` pairs reaches the upstream. What is dropped is never
+/// judged (a page's `?utm=100%` must not cost the session); `Err` for an
+/// allowed parameter whose value has broken escapes.
 pub fn filter_query(query: &str, allowed: &[String]) -> Result<Option<String>, RouteError> {
     let mut out = String::new();
+    let decode = |s: &str| percent_decode(&s.replace('+', " "));
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let decode = |s: &str| percent_decode(&s.replace('+', " ")).ok_or(RouteError::BadEncoding);
-        let (k, v) = (decode(k)?, decode(v)?);
-        if !allowed.contains(&k) {
+        // A name that does not decode is no allowed name.
+        let Some(k) = decode(k).filter(|k| allowed.contains(k)) else {
             continue;
-        }
+        };
+        let v = decode(v).ok_or_else(|| RouteError::BadQueryValue(k.clone()))?;
         if !out.is_empty() {
             out.push('&');
         }
@@ -240,7 +249,17 @@ mod tests {
                 .as_deref(),
             Some("preserveSession=true")
         );
-        assert!(filter_query("preserveSession=%zz", &allowed).is_err());
+        assert_eq!(
+            filter_query("preserveSession=%zz", &allowed),
+            Err(RouteError::BadQueryValue("preserveSession".into()))
+        );
+        // What is dropped is not decoded, and so never refused.
+        assert_eq!(
+            filter_query("utm=100%&preserveSession=1&x%zz=%E9", &allowed)
+                .unwrap()
+                .as_deref(),
+            Some("preserveSession=1")
+        );
     }
 
     #[test]

@@ -674,7 +674,7 @@ impl<S: Transport> Session<S> {
                     return refuse_grant(
                         self,
                         ctx,
-                        Refusal::new(Status::BadRequest, format!("query: {e}")),
+                        Refusal::new(Status::BadRequest, e.to_string()),
                     );
                 }
             },

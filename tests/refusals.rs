@@ -150,6 +150,40 @@ fn what_is_not_an_upgrade_is_told_what_would_be() {
     );
 }
 
+/// Only the allow-listed query parameters (`UPSTREAM_QUERY_PARAMS`, `preserveSession`) are read;
+/// what is dropped is never judged. A page's own parameter with a broken escape (`?utm=100%`)
+/// used to refuse a session whose token had already passed, as "query: malformed
+/// percent-encoding in path"; a broken allowed one is refused by its name.
+#[test]
+fn only_the_allowed_query_parameters_are_judged() {
+    let h = Harness::start(B::Echo);
+    let tok = Harness::token(&["echo"]);
+    let before = h.upstream.seen().len();
+    let mut ws = common::ws_connect(
+        h.addr,
+        &format!("/{tok}/echo?utm=100%&preserveSession=true&x=%E9"),
+    )
+    .expect("a session with a page's broken parameters");
+    ws.send(tungstenite::Message::text("hi")).unwrap();
+    assert_eq!(ws.read().unwrap(), tungstenite::Message::text("hi"));
+    let seen = h.upstream.seen();
+    assert_eq!(
+        seen[before..].iter().map(|r| r.query()).collect::<Vec<_>>(),
+        vec![Some("preserveSession=true")]
+    );
+    let a = assert_no_upstream(&h, || {
+        refused(
+            &h,
+            &upgrade_request(&format!("/{tok}/echo?preserveSession=%zz"), ""),
+        )
+    });
+    assert_eq!(a.status, 400);
+    assert_eq!(
+        a.body.trim_end(),
+        "malformed percent-encoding in query parameter 'preserveSession'"
+    );
+}
+
 #[test]
 fn oversized_heads_get_431() {
     let h = Harness::start(B::Echo);
