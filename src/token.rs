@@ -100,18 +100,26 @@ fn bearer(value: &str) -> Option<String> {
         .then(|| token.trim().to_owned())
 }
 
+// A carrier whose token does not decode still carries this request's token:
+// it is passed on as it came, to be refused as a malformed token (401 with
+// that reason), not taken for no token at all ("token missing"). Neither a
+// '%' nor a protocol's base64 survives the JWT parser.
+
 fn from_protocol(p: &str) -> Option<String> {
     let encoded = p.strip_prefix(BEARER_PROTOCOL_PREFIX)?;
-    let raw = URL_SAFE_NO_PAD.decode(encoded.trim_end_matches('=')).ok()?;
-    String::from_utf8(raw).ok().filter(|t| !t.is_empty())
+    let token = URL_SAFE_NO_PAD
+        .decode(encoded.trim_end_matches('='))
+        .ok()
+        .and_then(|raw| String::from_utf8(raw).ok())
+        .unwrap_or_else(|| encoded.to_owned());
+    Some(token).filter(|t| !t.is_empty())
 }
 
 fn query_value(query: &str, name: &str) -> Option<String> {
     query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=')?;
         (k == name)
-            .then(|| percent_decode(v))
-            .flatten()
+            .then(|| percent_decode(v).unwrap_or_else(|| v.to_owned()))
             .filter(|v| !v.is_empty())
     })
 }
@@ -145,6 +153,12 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(find_token(ALL, &c, "t").as_deref(), Some("abc.def"));
+        // A token that does not decode is still the request's token.
+        let c = Carriers {
+            query: Some("token=abc%zz"),
+            ..Default::default()
+        };
+        assert_eq!(find_token(ALL, &c, "t").as_deref(), Some("abc%zz"));
         assert_eq!(find_token(&[TokenSource::Cookie], &c, "t"), None);
         let c = Carriers {
             authorization: Some("Bearer x.y.z"),

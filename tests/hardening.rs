@@ -205,6 +205,24 @@ fn every_token_transport() {
         !head.contains("bearer"),
         "the credential is never echoed: {head}"
     );
+    // A token that does not decode is refused as malformed, not called missing.
+    let protocol = |encoded: &str| {
+        format!(
+            "{origin}Sec-WebSocket-Protocol: base64url.bearer.authorization.k8s.io.{encoded}, binary\r\n"
+        )
+    };
+    for (path, headers) in [
+        (format!("/echo?token={t}%zz"), origin.to_owned()),
+        ("/echo".to_owned(), protocol("e30.!")),
+    ] {
+        let a = raw_request(h.addr, &upgrade_request(&path, &headers));
+        assert_eq!(a.status, 401, "{path} {headers}");
+        assert!(
+            a.body.starts_with("malformed token"),
+            "{path} {headers}: {}",
+            a.body
+        );
+    }
     // Without a token anywhere: 401. The path source is off: /TOKEN/VMI is 404.
     assert_eq!(status(&h, "/echo", origin).0, 401);
     assert_eq!(status(&h, &format!("/{t}/echo"), origin).0, 404);
