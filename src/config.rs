@@ -377,6 +377,35 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+/// Why `entry` can never equal an `Origin` header as browsers write it (RFC
+/// 6454 6.2: `scheme://host[:port]`, lower case, no path, no default port),
+/// with the spelling that would; `None` when it can (or is `null`).
+fn origin_problem(entry: &str) -> Option<String> {
+    let not_origin = || Some(format!("'{entry}' is not an origin (scheme://host[:port])"));
+    if entry == "null" {
+        return None;
+    }
+    let Some((scheme, rest)) = entry.split_once("://") else {
+        return not_origin();
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if scheme.is_empty() || authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
+        return not_origin();
+    }
+    let (scheme, authority) = (scheme.to_ascii_lowercase(), authority.to_ascii_lowercase());
+    let default_port = match scheme.as_str() {
+        "http" => ":80",
+        "https" => ":443",
+        _ => "",
+    };
+    let canonical = match authority.strip_suffix(default_port) {
+        Some(host) if !default_port.is_empty() => format!("{scheme}://{host}"),
+        _ => format!("{scheme}://{authority}"),
+    };
+    (canonical != entry)
+        .then(|| format!("'{entry}' is never what a browser sends as Origin: write '{canonical}'"))
+}
+
 /// Where to reach the upstream (KubeVirt's API, `kubectl proxy`, or a
 /// stand-in): a plain `ws://` URL in local dev mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -928,6 +957,13 @@ impl Config {
                 ),
                 &[TOKEN_SOURCES.var],
             ));
+        }
+        // Compared byte for byte with what the browser sends, an entry in
+        // another spelling of the same origin would refuse every session.
+        for entry in &self.allowed_origins {
+            if let Some(m) = origin_problem(entry) {
+                p.push((ConfigError::new(ALLOWED_ORIGINS.var, m), &[]));
+            }
         }
         if !self.ping_interval.is_zero() && self.peer_timeout <= self.ping_interval {
             p.push((

@@ -509,3 +509,50 @@ fn an_ec_key_on_a_curve_jwt_algorithms_does_not_accept_is_refused_at_start() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The Origin check compares byte for byte with what a browser sends (RFC 6454: lower case, no
+/// path, no default port), so an entry spelled otherwise refused every session, the cookie
+/// transport's included, while check-config passed. Now each such entry is named at start with
+/// the spelling that would match; the browser's own spellings pass.
+#[test]
+fn an_allowed_origin_no_browser_would_send_is_refused_at_start() {
+    let cases = [
+        (
+            "https://Lab.Example.com/",
+            "'https://Lab.Example.com/' is never what a browser sends as Origin: write \
+             'https://lab.example.com'",
+        ),
+        (
+            "https://lab.example.com:443",
+            "'https://lab.example.com:443' is never what a browser sends as Origin: write \
+             'https://lab.example.com'",
+        ),
+        (
+            "http://lab.example.com:80/",
+            "'http://lab.example.com:80/' is never what a browser sends as Origin: write \
+             'http://lab.example.com'",
+        ),
+        (
+            "https://lab.example.com/console",
+            "'https://lab.example.com/console' is not an origin (scheme://host[:port])",
+        ),
+        (
+            "lab.example.com",
+            "'lab.example.com' is not an origin (scheme://host[:port])",
+        ),
+    ];
+    for (entry, message) in cases {
+        let list = format!("https://ok.example,{entry}");
+        let env = [LOCAL, &[("ALLOWED_ORIGINS", list.as_str())]].concat();
+        let out = run(&env, &["check-config"]);
+        assert_eq!(out.status.code(), Some(2), "{entry}");
+        assert_eq!(
+            text(&out.stderr),
+            format!("configuration error: ALLOWED_ORIGINS: {message}\n")
+        );
+    }
+    let good = "https://lab.example.com,http://127.0.0.1:8080,https://[::1]:8443,null";
+    let env = [LOCAL, &[("ALLOWED_ORIGINS", good)]].concat();
+    let out = run(&env, &["check-config"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
