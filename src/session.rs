@@ -14,7 +14,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{debug, error, info};
 use mio::net::TcpStream;
@@ -450,6 +450,15 @@ impl<S: Transport> Session<S> {
                     RefusalContext::default(),
                 )
             }
+            // A connect that did not complete in its share of the time:
+            // the next address gets the rest (see `attempt_deadline`).
+            State::Dialing(d)
+                if d.next_addr < ctx.upstream_addrs.len() && ctx.now < upstream_end(ctx, &d.hs) =>
+            {
+                let Dialing { hs, next_addr, .. } = *d;
+                let e = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+                self.dial(ctx, hs, next_addr, Some(e))
+            }
             s @ (State::Dialing(_) | State::UpstreamHandshake(_)) => {
                 let secs = ctx.config.upstream_timeout.as_secs();
                 let r = Refusal::new(
@@ -749,6 +758,8 @@ impl<S: Transport> Session<S> {
                         last_error = Some(e);
                         continue;
                     }
+                    let left = ctx.upstream_addrs.len() - i;
+                    self.deadline = Some(attempt_deadline(ctx.now, upstream_end(ctx, &hs), left));
                     return State::Dialing(Box::new(Dialing {
                         hs,
                         upstream: Conn::new(stream),
@@ -796,6 +807,9 @@ impl<S: Transport> Session<S> {
             drop(upstream);
             return self.dial(ctx, hs, next_addr, Some(e));
         }
+        // The handshake has what is left of UPSTREAM_TIMEOUT_SECONDS, not
+        // this connect's share of it.
+        self.deadline = Some(upstream_end(ctx, &hs));
         if let (Some(tls), Some(name)) = (&hs.tls, &ctx.credentials.server_name) {
             match rustls::ClientConnection::new(tls.clone(), name.clone()) {
                 Ok(conn) => upstream = upstream.into_tls(conn, ctx.config.buffer_size),
@@ -1390,6 +1404,27 @@ fn gather<S: Transport>(
     Gathered::Open
 }
 
+/// When the upstream must have answered: `UPSTREAM_TIMEOUT_SECONDS` from
+/// the first dial.
+fn upstream_end(ctx: &Ctx<'_>, hs: &Handshake) -> Instant {
+    hs.dial_started + ctx.config.upstream_timeout
+}
+
+/// The least time a connect is given while another address waits (Go's
+/// net.Dialer gives the same): a busy upstream's SYN-ACK is not cut short.
+const MIN_CONNECT_SHARE: Duration = Duration::from_secs(2);
+
+/// When to give up this connect for the next address: the time left is
+/// spread over the `addrs_left` addresses (this one included), as Go's
+/// net.Dialer does, so an address that drops SYNs (a node gone, a
+/// firewall) cannot spend all of `UPSTREAM_TIMEOUT_SECONDS` while the next
+/// would answer. The last address gets all that is left.
+fn attempt_deadline(now: Instant, end: Instant, addrs_left: usize) -> Instant {
+    let left = end.saturating_duration_since(now);
+    let share = left / u32::try_from(addrs_left.max(1)).unwrap_or(u32::MAX);
+    now + share.max(MIN_CONNECT_SHARE.min(left))
+}
+
 /// What reading a closing socket's input (and dropping it) found.
 #[derive(Debug, PartialEq, Eq)]
 enum Input {
@@ -1926,6 +1961,59 @@ mod tests {
             [Event::Refused { status: Status::ServiceUnavailable, vmi: Some(v), namespace: Some(n), .. }]
                 if v == "vm-1" && n == "lab-ns"
         ));
+    }
+
+    /// Two upstream addresses, the first silent (its SYNs dropped: a node
+    /// gone). The first connect is given half of UPSTREAM_TIMEOUT_SECONDS
+    /// (Go's net.Dialer rule), then the second address is dialed, and once
+    /// it connects the handshake has what is left of the whole timeout.
+    /// Before, the first address took it all and the client got 504.
+    #[test]
+    fn a_silent_first_address_gives_way_to_the_next() {
+        let mut rig = Rig::new(in_an_hour());
+        rig.world.addrs.push("127.0.0.2:9".parse().expect("addr"));
+        let (second, second_wire) = Mem::open();
+        DIALS.with(|d| d.borrow_mut().push_back(second));
+        let started = rig.world.now;
+        let timeout = rig.world.config.upstream_timeout;
+        rig.client_sends(UPGRADE);
+        assert!(matches!(rig.session.state, State::Dialing(_)));
+        assert_eq!(rig.session.deadline, Some(started + timeout / 2));
+        // The first connect never completes: no event at all.
+        rig.deadline();
+        assert_eq!(
+            DIALS.with(|d| d.borrow().len()),
+            0,
+            "the second address is dialed"
+        );
+        assert!(matches!(rig.session.state, State::Dialing(_)));
+        assert!(rig.client.borrow().outbox.is_empty(), "no answer yet");
+        assert_eq!(rig.session.deadline, Some(started + timeout), "the rest");
+        // The second connects and answers: the session relays.
+        rig.upstream = second_wire;
+        rig.world.now += Duration::from_millis(10);
+        rig.event(Side::Upstream, false, true);
+        rig.drive();
+        assert_eq!(rig.session.deadline, Some(started + timeout));
+        let request = String::from_utf8(rig.upstream.borrow().outbox.clone()).expect("utf-8");
+        let key = request
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .expect("the upgrade went to the second address");
+        rig.upstream_sends(&http::switching_protocols(key, None));
+        assert!(rig.session.is_relaying());
+    }
+
+    #[test]
+    fn each_connect_gets_its_share_of_the_time_left_and_the_last_all_of_it() {
+        let now = Instant::now();
+        let s = Duration::from_secs;
+        assert_eq!(attempt_deadline(now, now + s(10), 2), now + s(5));
+        assert_eq!(attempt_deadline(now, now + s(10), 1), now + s(10));
+        // At least 2 s each, while there is that much left.
+        assert_eq!(attempt_deadline(now, now + s(10), 8), now + s(2));
+        assert_eq!(attempt_deadline(now, now + s(1), 3), now + s(1));
+        assert_eq!(attempt_deadline(now, now, 3), now);
     }
 
     /// A TLS client of the session over the in-memory wire: the test's
