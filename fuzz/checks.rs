@@ -110,7 +110,7 @@ fn check_request_head(data: &[u8], max_len: usize, depth: Depth) {
         Ok(Some(Request::Upgrade(req))) => check_upgrade_request(data, max_len, req),
         Err(refusal) => {
             assert!(
-                matches!(refusal.status.code(), 400 | 405 | 426 | 431),
+                matches!(refusal.status.code(), 400 | 405 | 414 | 426 | 431),
                 "unexpected refusal status: {refusal:?}"
             );
             check_refusal_response(refusal);

@@ -35,6 +35,9 @@ pub enum Status {
     MethodNotAllowed = 405,
     /// 408: the request head did not come in time.
     RequestTimeout = 408,
+    /// 414: the request line alone is over the head limit (a token or path
+    /// too long to parse).
+    UriTooLong = 414,
     /// 426: not a WebSocket upgrade, or a WebSocket version other than 13
     /// (answered with `Upgrade: websocket` and `Sec-WebSocket-Version: 13`).
     UpgradeRequired = 426,
@@ -66,6 +69,7 @@ impl Status {
             Status::NotFound => "Not Found",
             Status::MethodNotAllowed => "Method Not Allowed",
             Status::RequestTimeout => "Request Timeout",
+            Status::UriTooLong => "URI Too Long",
             Status::UpgradeRequired => "Upgrade Required",
             Status::RequestHeaderFieldsTooLarge => "Request Header Fields Too Large",
             Status::InternalServerError => "Internal Server Error",
@@ -274,10 +278,7 @@ pub fn parse_upgrade_request(
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             if buf.len() >= max_len {
-                return Err(Refusal::new(
-                    Status::RequestHeaderFieldsTooLarge,
-                    "request head too large",
-                ));
+                return Err(oversized(buf, max_len));
             }
             return Ok(None);
         }
@@ -295,10 +296,7 @@ pub fn parse_upgrade_request(
         }
     };
     if head_len > max_len {
-        return Err(Refusal::new(
-            Status::RequestHeaderFieldsTooLarge,
-            "request head too large",
-        ));
+        return Err(oversized(&buf[..head_len], max_len));
     }
     // httparse tolerates bare LF line ends; a proxy must not, since a peer
     // that splits lines differently could see another request (smuggling).
@@ -421,6 +419,29 @@ pub fn parse_upgrade_request(
         headers,
         head_len,
     }))
+}
+
+/// The refusal for a head over `max_len` bytes: 414 when the request line
+/// alone does not fit (RFC 9112 3: a target too long to parse, a token of
+/// kilobytes, say), else 431.
+fn oversized(head: &[u8], max_len: usize) -> Refusal {
+    // httparse skips empty lines before the request line; so does this.
+    let start = head
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(head.len());
+    let line_end = head[start..].iter().position(|&b| b == b'\n');
+    if line_end.is_none_or(|end| start + end >= max_len) {
+        Refusal::new(
+            Status::UriTooLong,
+            format!("request line longer than {max_len} bytes"),
+        )
+    } else {
+        Refusal::new(
+            Status::RequestHeaderFieldsTooLarge,
+            "request head too large",
+        )
+    }
 }
 
 /// httparse's error in our words: its own say "invalid token", which here
@@ -874,6 +895,13 @@ mod tests {
                 .status,
             Status::RequestHeaderFieldsTooLarge
         );
+        // A request line over the limit on its own: 414, complete or not.
+        let long = req("").replace("/t/vm", &format!("/{}/vm", "t".repeat(9000)));
+        for head in [&long.as_bytes()[..8192], long.as_bytes()] {
+            let r = parse_upgrade_request(head, 8192).unwrap_err();
+            assert_eq!(r.status, Status::UriTooLong, "{}", head.len());
+            assert_eq!(r.reason, "request line longer than 8192 bytes");
+        }
         let many: String = (0..70).map(|i| format!("X-{i}: y\r\n")).collect();
         assert_eq!(status(&req(&many)), 431);
         // The last line's LF, and a head made of a bare LF alone.
@@ -1109,6 +1137,7 @@ mod tests {
             (Status::NotFound, 404, "Not Found", Some(4404)),
             (Status::MethodNotAllowed, 405, "Method Not Allowed", None),
             (Status::RequestTimeout, 408, "Request Timeout", None),
+            (Status::UriTooLong, 414, "URI Too Long", None),
             (Status::UpgradeRequired, 426, "Upgrade Required", None),
             (
                 Status::RequestHeaderFieldsTooLarge,

@@ -446,10 +446,11 @@ fn huge_and_truncated_tokens_get_exact_refusals() {
         raw_request(h.addr, &upgrade_request(&format!("/{truncated}/echo"), "")).status,
         401
     );
+    // A request line over the head limit on its own: 414 URI Too Long.
     let huge = "a".repeat(64 << 10);
     assert_eq!(
         raw_request(h.addr, &upgrade_request(&format!("/{huge}/echo"), "")).status,
-        431
+        414
     );
     let long_vmi = "a".repeat(254);
     let t = Harness::token(&[&long_vmi]);
