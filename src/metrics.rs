@@ -217,7 +217,7 @@ impl Metrics {
         };
         gauge(
             "kubevirt_vnc_proxy_open_connections",
-            "Client connections open, in any state.",
+            "Client connections open, in any state, as MAX_CONNECTIONS counts them (the probe port's not included).",
             &g.open_connections,
         );
         gauge(

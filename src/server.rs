@@ -3,7 +3,7 @@
 //! another thread.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -414,8 +414,9 @@ pub struct Proxy {
     accept_paused_until: Option<Instant>,
     /// MAX_CONNECTIONS reached; accepting resumes at 90 %.
     at_capacity: bool,
-    /// Metrics-listener connections open (at most [`PROBE_SLOTS`]).
-    probe_slots_used: usize,
+    /// Metrics-listener connections open, oldest first (their keys; at
+    /// most [`PROBE_SLOTS`]).
+    probes: VecDeque<usize>,
     /// Open connections per client address (MAX_CONNECTIONS_PER_IP).
     per_ip: HashMap<IpAddr, usize>,
     sessions: Slab<Session>,
@@ -729,7 +730,7 @@ impl Proxy {
             metrics_ready: false,
             accept_paused_until: None,
             at_capacity: false,
-            probe_slots_used: 0,
+            probes: VecDeque::with_capacity(PROBE_SLOTS),
             per_ip: HashMap::new(),
             sessions: Slab::new(),
             relaying: 0,
@@ -891,21 +892,19 @@ impl Proxy {
         self.accept_paused_until.is_none() && !self.at_capacity
     }
 
-    /// Probe connections queued, and a slot free for one. Not gated by
-    /// MAX_CONNECTIONS (probes must answer a full proxy), but by the EMFILE
-    /// backoff: out of descriptors, the probe's accept fails like any other,
-    /// and retrying it on every pass would log an error per pass and push
-    /// the pause back for both listeners.
+    /// Probe connections queued (a full set of slots makes room, see
+    /// `accept`). Not gated by MAX_CONNECTIONS (probes must answer a full
+    /// proxy), but by the EMFILE backoff: out of descriptors, the probe's
+    /// accept fails like any other, and retrying it on every pass would log
+    /// an error per pass and push the pause back for both listeners.
     fn can_accept_probe(&self) -> bool {
-        self.metrics_ready
-            && self.accept_paused_until.is_none()
-            && self.probe_slots_used < PROBE_SLOTS
+        self.metrics_ready && self.accept_paused_until.is_none()
     }
 
     /// Open connections that count against MAX_CONNECTIONS: all but the
     /// probe path's.
     fn counted(&self) -> usize {
-        self.sessions.len().saturating_sub(self.probe_slots_used)
+        self.sessions.len().saturating_sub(self.probes.len())
     }
 
     /// Wait for events (at most `timeout`; `Some(ZERO)` does not wait), handle
@@ -1124,7 +1123,9 @@ impl Proxy {
 
     fn gauges(&self) -> Gauges {
         Gauges {
-            open_connections: self.sessions.len(),
+            // What MAX_CONNECTIONS counts (and the alert on it divides by):
+            // the probe port's connections, the scrape's own, are not.
+            open_connections: self.counted(),
             relaying: self.relaying,
             buffers_in_use: self.pool.in_use(),
             bulk_buffers_in_use: self.pool.bulk_in_use(),
@@ -1267,9 +1268,17 @@ impl Proxy {
 
     fn accept(&mut self, now: Instant, kind: Kind) {
         for _ in 0..ACCEPT_BUDGET {
-            if kind == Kind::Metrics && self.probe_slots_used >= PROBE_SLOTS {
-                // The listener stays ready: tried again once a slot frees.
-                return;
+            if kind == Kind::Metrics
+                && self.probes.len() >= PROBE_SLOTS
+                && let Some(&oldest) = self.probes.front()
+            {
+                // A probe is answered in the pass that accepts it, so the
+                // oldest of a full set is one that sends nothing (or reads
+                // nothing): it gives way. Waiting for a slot instead let
+                // 16 idle connections hold kubelet's probe in the backlog
+                // past its timeout, and a live proxy was restarted.
+                debug!("probe port: all {PROBE_SLOTS} slots busy, closing the oldest connection");
+                self.remove(oldest, now);
             }
             if kind == Kind::Main && self.counted() >= self.config.max_connections {
                 // Stop accepting: new clients wait in the kernel's backlog
@@ -1356,7 +1365,7 @@ impl Proxy {
         entry.insert(session);
         // Counted once it is in: a failed register above takes no slot.
         if kind == Kind::Metrics {
-            self.probe_slots_used += 1;
+            self.probes.push_back(key);
         }
         let c = &self.shared.counters;
         c.open.fetch_add(1, Ordering::Relaxed);
@@ -1460,7 +1469,7 @@ impl Proxy {
             self.relaying -= 1;
         }
         if s.kind() == Kind::Metrics {
-            self.probe_slots_used -= 1;
+            self.probes.retain(|&k| k != key);
         }
         self.shared.counters.open.fetch_sub(1, Ordering::Relaxed);
         let ip = s.peer().ip();

@@ -526,7 +526,7 @@ fn max_connections_is_per_worker() {
             s
         })
         .collect();
-    // Less the scrape's own connection, which the gauge counts too.
+    // The scrape's own connection (the probe port's) is not counted.
     let open = || -> usize {
         let (_, body) = get(metrics, "/metrics");
         let n: usize = body
@@ -537,7 +537,7 @@ fn max_connections_is_per_worker() {
                     .ok()
             })
             .unwrap();
-        n - 1
+        n
     };
     assert!(upstream::wait_until(Duration::from_secs(5), || open() > 5));
     std::thread::sleep(Duration::from_millis(300));
@@ -731,6 +731,43 @@ fn probes_on_the_probe_path_answer_a_proxy_full_of_slow_clients() {
         }
     }
     drop(slow);
+}
+
+/// The probe port holds 16 connections at once. Any pod may reach it, and 16 that send nothing
+/// used to hold every slot for HANDSHAKE_TIMEOUT_SECONDS while kubelet's probe waited in the
+/// backlog past its 2 s timeout (kept up, the pod is restarted and every console dropped). Now
+/// the oldest connection of a full set gives way, so probes answer at once however many idle
+/// connections come, and the idle ones are closed.
+#[test]
+fn idle_connections_on_the_probe_path_give_way_to_probes() {
+    let h = Harness::start_with(B::Echo, |c| c.metrics_addr = Some("127.0.0.1:0".into()));
+    let probes = h.proxy.as_ref().unwrap().metrics_addr().unwrap();
+    let mut idle: Vec<TcpStream> = Vec::new();
+    for round in 0..3 {
+        // More than the slots, each round: the earlier ones are given up, oldest first.
+        idle.extend((0..20).map(|_| TcpStream::connect(probes).unwrap()));
+        std::thread::sleep(Duration::from_millis(100));
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            let started = Instant::now();
+            let (status, _) = get(probes, path);
+            let took = started.elapsed();
+            assert_eq!(status, 200, "round {round}: {path}");
+            assert!(
+                took < Duration::from_millis(500),
+                "round {round}: {path} took {took:?}"
+            );
+        }
+    }
+    // The first idle connections were closed without an answer.
+    let mut first = idle.swap_remove(0);
+    first
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert!(matches!(first.read(&mut [0u8; 1]), Ok(0) | Err(_)));
+    // The main port never noticed.
+    let mut ws = h.ws("echo");
+    ws.send(tungstenite::Message::text("still here")).unwrap();
+    assert_eq!(ws.read().unwrap(), tungstenite::Message::text("still here"));
 }
 
 #[test]
