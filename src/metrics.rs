@@ -57,8 +57,13 @@ impl Histogram {
 pub struct Metrics {
     sessions_by_end: BTreeMap<SessionEnd, u64>,
     refusals_by_status: BTreeMap<Status, u64>,
+    /// Bytes of ended sessions (their `Closed` events).
     bytes_up: u64,
     bytes_down: u64,
+    /// Bytes of open sessions, as far as counted (see `count_live`): the
+    /// counter moves while a console is open, not all at once when it ends.
+    live_up: u64,
+    live_down: u64,
     handshake: Histogram,
     upstream_dial: Histogram,
     /// Sessions ended because a peer stopped answering keepalive pings.
@@ -118,6 +123,20 @@ impl Gauges {
 }
 
 impl Metrics {
+    /// Bytes an open session relayed since it was last counted.
+    pub(crate) fn count_live(&mut self, (up, down): (u64, u64)) {
+        self.live_up += up;
+        self.live_down += down;
+    }
+
+    /// A session ends: what was counted of it live leaves the live count,
+    /// as its `Closed` event (dispatched in the same pass, before anything
+    /// is published) brings all of it. So the sum never goes down.
+    pub(crate) fn uncount_live(&mut self, (up, down): (u64, u64)) {
+        self.live_up = self.live_up.saturating_sub(up);
+        self.live_down = self.live_down.saturating_sub(down);
+    }
+
     /// Add another worker's counts.
     pub fn merge(&mut self, other: &Metrics) {
         for (k, v) in &other.sessions_by_end {
@@ -128,6 +147,8 @@ impl Metrics {
         }
         self.bytes_up += other.bytes_up;
         self.bytes_down += other.bytes_down;
+        self.live_up += other.live_up;
+        self.live_down += other.live_down;
         self.handshake.merge(&other.handshake);
         self.upstream_dial.merge(&other.upstream_dial);
         self.keepalive_timeouts += other.keepalive_timeouts;
@@ -173,10 +194,13 @@ impl Metrics {
         );
         counter(
             "kubevirt_vnc_proxy_bytes_total",
-            "Frame bytes relayed, by direction.",
+            "Frame bytes relayed, by direction (open sessions' counted every second).",
             &[
-                ("{direction=\"up\"}".into(), self.bytes_up),
-                ("{direction=\"down\"}".into(), self.bytes_down),
+                ("{direction=\"up\"}".into(), self.bytes_up + self.live_up),
+                (
+                    "{direction=\"down\"}".into(),
+                    self.bytes_down + self.live_down,
+                ),
             ],
         );
         counter(

@@ -380,6 +380,11 @@ impl Relay {
         Keepalive::Next(next.max(now + Duration::from_millis(10)))
     }
 
+    /// Frame bytes relayed so far: (client to upstream, upstream to client).
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.up.bytes(), self.down.bytes())
+    }
+
     /// The relay is over, however it ended: what it counted, with the
     /// buffers given back to the pool (a pipe dropped with its buffer would
     /// leak the pool's count, and a bulk buffer's slot with it).

@@ -67,6 +67,9 @@ pub const SHUTDOWN_CLOSE_TIME: Duration = Duration::from_secs(1);
 /// proxy, dropping every console.
 pub(crate) const PROBE_SLOTS: usize = 16;
 
+/// How often open sessions' bytes are counted into `bytes_total`.
+const BYTES_COUNT_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Spare relay buffers kept for reuse.
 const SPARE_BUFFERS: usize = 64;
 /// Bytes of the loop's scratch buffer (see `Ctx::scratch`).
@@ -440,6 +443,8 @@ pub struct Proxy {
     workers: Vec<Handle>,
     /// What this loop last published for the worker serving `/metrics`.
     last_published: Option<(Metrics, Gauges)>,
+    /// When open sessions' bytes are next counted into the metrics.
+    next_bytes_count: Instant,
     /// Events produced during a pass, handed to observers at its end.
     pending_events: Vec<Event>,
     upstream_addrs: Vec<SocketAddr>,
@@ -752,6 +757,7 @@ impl Proxy {
             metrics: Metrics::default(),
             workers: Vec::new(),
             last_published: None,
+            next_bytes_count: Instant::now(),
             pending_events: Vec::new(),
             config,
             upstream_addrs,
@@ -885,6 +891,10 @@ impl Proxy {
         }
         let timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
         let next = earliest(earliest(timer, self.accept_paused_until), self.drain_until);
+        // Bytes relayed before a quiet spell are counted a second later, not
+        // at the next event.
+        let count = (self.relaying > 0 && self.metrics_read()).then_some(self.next_bytes_count);
+        let next = earliest(next, count);
         next.map(|at| at.saturating_duration_since(now))
     }
 
@@ -987,10 +997,31 @@ impl Proxy {
             self.dispatch_events();
         }
         self.publish_buffers();
+        if now >= self.next_bytes_count && self.metrics_read() {
+            self.count_live_bytes(now);
+        }
         if self.shared.publish.load(Ordering::Relaxed) {
             self.publish_metrics();
         }
         Ok(())
+    }
+
+    /// Someone reads this loop's metrics: it serves `/metrics`, or
+    /// publishes them for the loop that does.
+    fn metrics_read(&self) -> bool {
+        self.metrics_listener.is_some() || self.shared.publish.load(Ordering::Relaxed)
+    }
+
+    /// Count the bytes open sessions relayed since the last count into
+    /// `bytes_total`, at most once a [`BYTES_COUNT_INTERVAL`] (one walk over
+    /// the sessions, not work per message), so a console open for hours
+    /// shows in the byte rate as it goes rather than all at once when it
+    /// ends.
+    fn count_live_bytes(&mut self, now: Instant) {
+        for (_, s) in self.sessions.iter_mut() {
+            self.metrics.count_live(s.take_new_bytes());
+        }
+        self.next_bytes_count = now + BYTES_COUNT_INTERVAL;
     }
 
     /// Let handles see the buffer counts (stats()).

@@ -224,6 +224,8 @@ pub(crate) struct Session<S = TcpStream> {
     started: Instant,
     /// Counted in the server's relaying gauge (the server keeps this).
     pub(crate) counted_relaying: bool,
+    /// Bytes (up, down) already in the metrics' live count.
+    bytes_counted: (u64, u64),
 }
 
 impl<S: Transport> Session<S> {
@@ -251,6 +253,7 @@ impl<S: Transport> Session<S> {
             deadline: Some(now + config.handshake_timeout),
             started: now,
             counted_relaying: false,
+            bytes_counted: (0, 0),
         }
     }
 
@@ -300,6 +303,22 @@ impl<S: Transport> Session<S> {
     /// True while frames are relayed.
     pub fn is_relaying(&self) -> bool {
         matches!(self.state, State::Relaying(_))
+    }
+
+    /// Bytes relayed since the last call (up, down), for the metrics' live
+    /// count; `close` takes what was counted back out.
+    pub fn take_new_bytes(&mut self) -> (u64, u64) {
+        let now = match &self.state {
+            State::Relaying(r) => r.relay.bytes(),
+            State::Lingering {
+                closed: Some(c), ..
+            }
+            | State::Done(Some(c)) => (c.report.bytes_up, c.report.bytes_down),
+            _ => return (0, 0),
+        };
+        let (up, down) = self.bytes_counted;
+        self.bytes_counted = now;
+        (now.0.saturating_sub(up), now.1.saturating_sub(down))
     }
 
     /// The client's address.
@@ -1332,6 +1351,8 @@ impl<S: Transport> Session<S> {
             return;
         };
         let Closed { grant: g, report } = *closed;
+        ctx.metrics
+            .uncount_live(std::mem::take(&mut self.bytes_counted));
         ctx.events.push(Event::Closed {
             id: self.id,
             peer: self.peer,

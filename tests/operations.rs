@@ -770,6 +770,44 @@ fn idle_connections_on_the_probe_path_give_way_to_probes() {
     assert_eq!(ws.read().unwrap(), tungstenite::Message::text("still here"));
 }
 
+/// `bytes_total` moves while a console is open (counted within a second), not all at once when
+/// it ends, and never goes down when it does. Before, a console streaming for hours added
+/// nothing until it closed, and the byte rate showed a spike then.
+#[test]
+fn bytes_total_counts_open_sessions_as_they_go() {
+    let h = Harness::start_with(B::Echo, |c| c.metrics_addr = Some("127.0.0.1:0".into()));
+    let metrics = h.proxy.as_ref().unwrap().metrics_addr().unwrap();
+    let bytes = |direction: &str| -> u64 {
+        let name = format!("kubevirt_vnc_proxy_bytes_total{{direction=\"{direction}\"}} ");
+        let (_, body) = get(metrics, "/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(name.as_str())?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {body}"))
+    };
+    let mut ws = h.ws("echo");
+    let payload = vec![7u8; 100_000];
+    ws.send(tungstenite::Message::binary(payload.clone()))
+        .unwrap();
+    assert_eq!(ws.read().unwrap(), tungstenite::Message::binary(payload));
+    // 100,000 payload bytes and the frame's head, masked upstream (14) and not down (10).
+    let started = Instant::now();
+    assert!(
+        upstream::wait_until(Duration::from_secs(3), || bytes("up") == 100_014
+            && bytes("down") == 100_010),
+        "the open session's bytes are not counted: up {}, down {}",
+        bytes("up"),
+        bytes("down")
+    );
+    assert!(started.elapsed() < Duration::from_millis(2500));
+    // It ends: the count stays, and its close frames are added.
+    ws.close(None).unwrap();
+    while ws.read().is_ok() {}
+    assert!(h.wait_idle());
+    let (up, down) = (bytes("up"), bytes("down"));
+    assert!(up > 100_014 && down > 100_010, "{up} {down}");
+    assert!(up < 100_014 + 16 && down < 100_010 + 16, "{up} {down}");
+}
+
 #[test]
 fn metrics_count_sessions_by_how_they_ended() {
     let h = Harness::start_with(
