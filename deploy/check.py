@@ -23,7 +23,10 @@ expected; exit status 1 on any failure, 2 on a usage error):
      root filesystem, no privilege escalation, all capabilities dropped,
      RuntimeDefault seccomp, service-account token mounted), port 5001 named
      ws, resource requests and limits;
-  g. terminationGracePeriodSeconds is at least 5 s above the longest the
+  g. the container's preStop hook is Kubernetes' sleep action of at least
+     3 s (the endpoint's removal races SIGTERM, and on SIGTERM the proxy
+     refuses new consoles), and terminationGracePeriodSeconds, which counts
+     from the hook, is at least 5 s above that sleep plus the longest the
      proxy takes from SIGTERM to exit: SHUTDOWN_GRACE_SECONDS (as the
      Deployment sets it, else the default `--help` shows) plus 2 s for the
      closing handshakes;
@@ -99,6 +102,9 @@ PROXY_CLOSING_BOUND = 2
 # What terminationGracePeriodSeconds must leave above that bound before the
 # kubelet's SIGKILL (slow nodes, a preStop hook, the container runtime).
 TERMINATION_MARGIN = 5
+# The least preStop sleep that lets ingresses and kube-proxy stop sending new
+# consoles before SIGTERM makes the proxy refuse them.
+PRESTOP_MIN_SLEEP = 3
 
 
 # The metrics kit (issue 15, point 6) -------------------------------------------
@@ -639,17 +645,33 @@ class Checker:
             return None
         return int(m.group(1))
 
+    def prestop_sleep(self, where, pod):
+        """The proxy container's preStop sleep in seconds (0 when there is none)."""
+        for c in pod.get("containers") or []:
+            if c.get("name") != NAME:
+                continue
+            hook = ((c.get("lifecycle") or {}).get("preStop") or {})
+            seconds = (hook.get("sleep") or {}).get("seconds")
+            if not isinstance(seconds, int) or isinstance(seconds, bool) or seconds < PRESTOP_MIN_SLEEP:
+                self.fail(where, f"the {NAME} container needs lifecycle.preStop.sleep.seconds of at least "
+                          f"{PRESTOP_MIN_SLEEP}: the pod leaves the endpoints while the kubelet signals it, and "
+                          f"on SIGTERM the proxy refuses the new consoles still routed to it; got {hook!r}")
+                return 0
+            return seconds
+        return 0
+
     def check_termination_grace(self, where, pod):
         period = pod.get("terminationGracePeriodSeconds")
+        sleep = self.prestop_sleep(where, pod)
         grace = self.shutdown_grace(where, pod)
         if grace is None:
             return
-        need = grace + PROXY_CLOSING_BOUND + TERMINATION_MARGIN
+        need = sleep + grace + PROXY_CLOSING_BOUND + TERMINATION_MARGIN
         if not isinstance(period, int) or isinstance(period, bool) or period < need:
-            self.fail(where, f"terminationGracePeriodSeconds must be an integer of at least {need}: the proxy "
-                      f"takes up to SHUTDOWN_GRACE_SECONDS ({grace}) + {PROXY_CLOSING_BOUND} s from SIGTERM to "
-                      f"exit, and the kubelet's SIGKILL must come at least {TERMINATION_MARGIN} s later; "
-                      f"got {period!r}")
+            self.fail(where, f"terminationGracePeriodSeconds must be an integer of at least {need}: it counts "
+                      f"from the preStop sleep ({sleep} s), the proxy takes up to SHUTDOWN_GRACE_SECONDS "
+                      f"({grace}) + {PROXY_CLOSING_BOUND} s from SIGTERM to exit, and the kubelet's SIGKILL "
+                      f"must come at least {TERMINATION_MARGIN} s later; got {period!r}")
 
     # f, g, h. Deployment --------------------------------------------------------
     def check_deployment(self, where, dep, listed, options):

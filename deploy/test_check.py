@@ -155,6 +155,32 @@ def edited(found, kind, edit):
     return out
 
 
+class Termination(unittest.TestCase):
+    def problems(self, pod):
+        checker = bare_checker()
+        checker.check_termination_grace("deployment.yaml", pod)
+        return checker.errors
+
+    def setUp(self):
+        _found, dep = load_base()
+        self.pod = dep["spec"]["template"]["spec"]
+
+    def test_the_base_as_it_is(self):
+        self.assertEqual(self.problems(self.pod), [])
+
+    def test_no_prestop_sleep_is_reported(self):
+        pod = copy.deepcopy(self.pod)
+        for c in pod["containers"]:
+            c.pop("lifecycle", None)
+        self.assertTrue(any("preStop.sleep.seconds" in p for p in self.problems(pod)))
+
+    def test_the_sleep_counts_in_the_termination_period(self):
+        pod = copy.deepcopy(self.pod)
+        pod["terminationGracePeriodSeconds"] = 35  # 25 + 2 + 5, without the 5 s sleep
+        problems = self.problems(pod)
+        self.assertTrue(any("at least 37" in p and "preStop sleep (5 s)" in p for p in problems), problems)
+
+
 class Scaling(unittest.TestCase):
     def setUp(self):
         self.found, self.dep = load_base()
