@@ -210,7 +210,21 @@ fn check_probe(data: &[u8], probe: Probe) {
     let line = head.first().copied().unwrap_or_default();
     let mut parts = line.split(' ');
     let (method, target) = (parts.next(), parts.next().unwrap_or_default());
-    let path = target.split('?').next().unwrap_or_default();
+    // An absolute-form target (`http://host/path`) is routed by its path
+    // (RFC 9112 3.2.2); no path is `/`.
+    let lower = target.to_ascii_lowercase();
+    let target = ["http://", "https://"]
+        .iter()
+        .find(|scheme| lower.starts_with(*scheme))
+        .map(|scheme| {
+            let rest = &target[scheme.len()..];
+            rest.find(['/', '?']).map_or("", |i| &rest[i..])
+        })
+        .unwrap_or(target);
+    let path = match target.split('?').next().unwrap_or_default() {
+        "" => "/",
+        path => path,
+    };
     let want = match probe {
         Probe::Health => "/healthz",
         Probe::Ready => "/readyz",

@@ -241,7 +241,8 @@ pub fn parse_request(buf: &[u8], max_len: usize) -> Result<Option<Request>, Refu
             .iter()
             .any(|h| h.name.eq_ignore_ascii_case("upgrade"))
     {
-        let probe = match req.path.map(|p| p.split('?').next().unwrap_or(p)) {
+        let path = req.path.map(origin_form);
+        let probe = match path.as_deref().map(|p| p.split('?').next().unwrap_or(p)) {
             Some("/healthz") => Some(Probe::Health),
             Some("/readyz") => Some(Probe::Ready),
             Some("/metrics") => Some(Probe::Metrics),
@@ -318,7 +319,7 @@ pub fn parse_upgrade_request(
             "WebSocket upgrade requires HTTP/1.1",
         ));
     }
-    let target = req.path.unwrap_or_default().to_owned();
+    let target = origin_form(req.path.unwrap_or_default());
 
     let mut upgrade_ok = false;
     let mut connection_ok = false;
@@ -419,6 +420,26 @@ pub fn parse_upgrade_request(
         headers,
         head_len,
     }))
+}
+
+/// `target` in origin form (`/path?query`): an absolute-form target
+/// (`http://host/path?query`, which RFC 9112 3.2.2 says a server must
+/// accept, though only proxies are sent one) loses its scheme and authority;
+/// the route is the path, whatever the host.
+fn origin_form(target: &str) -> String {
+    let after_scheme = ["http://", "https://"].iter().find_map(|scheme| {
+        let head = target.get(..scheme.len())?;
+        head.eq_ignore_ascii_case(scheme)
+            .then(|| &target[scheme.len()..])
+    });
+    let Some(rest) = after_scheme else {
+        return target.to_owned();
+    };
+    match rest.find(['/', '?']) {
+        Some(i) if rest[i..].starts_with('/') => rest[i..].to_owned(),
+        Some(i) => format!("/{}", &rest[i..]),
+        None => "/".to_owned(),
+    }
 }
 
 /// The refusal for a head over `max_len` bytes: 414 when the request line
@@ -921,6 +942,30 @@ mod tests {
         let resp = String::from_utf8(resp).unwrap();
         assert!(resp.starts_with("HTTP/1.1 405 Method Not Allowed\r\nAllow: GET\r\n"));
         assert!(resp.contains("Connection: close\r\n"));
+    }
+
+    #[test]
+    fn an_absolute_form_target_is_routed_by_its_path() {
+        for (target, path) in [
+            ("http://proxy:5001/t/vm?x=1", "/t/vm?x=1"),
+            ("HTTPS://proxy/t/vm", "/t/vm"),
+            ("http://proxy", "/"),
+            ("http://proxy?x=1", "/?x=1"),
+            ("/t/vm", "/t/vm"),
+            ("ws://proxy/t/vm", "ws://proxy/t/vm"),
+        ] {
+            assert_eq!(origin_form(target), path, "{target}");
+        }
+        let line = req("").replace("GET /t/vm", "GET http://proxy/t/vm");
+        let r = parse_upgrade_request(line.as_bytes(), 8192)
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.target, "/t/vm");
+        let probe = b"GET http://10.0.0.1:9090/healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(
+            parse_request(probe, 8192),
+            Ok(Some(Request::Probe(Probe::Health)))
+        );
     }
 
     /// httparse calls a bad character in the request line an "invalid token";

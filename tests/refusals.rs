@@ -184,6 +184,24 @@ fn only_the_allowed_query_parameters_are_judged() {
     );
 }
 
+/// An absolute-form target (`GET http://host/TOKEN/VMI`, which RFC 9112 3.2.2 asks a server to
+/// accept) is routed by its path, for a session as for a probe; it was a 404 ("path must start
+/// with /").
+#[test]
+fn an_absolute_form_target_is_routed_by_its_path() {
+    let h = Harness::start(B::Echo);
+    let tok = Harness::token(&["echo"]);
+    let request = upgrade_request(&format!("http://{}/{tok}/echo", h.addr), "");
+    let mut s = TcpStream::connect(h.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&request).unwrap();
+    let head = common::read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    let probe = format!("GET http://{}/healthz HTTP/1.1\r\nHost: x\r\n\r\n", h.addr);
+    let a = raw_request(h.addr, probe.as_bytes());
+    assert_eq!((a.status, a.body.as_str()), (200, "ok\n"));
+}
+
 #[test]
 fn oversized_heads_get_431_and_a_request_line_over_the_limit_414() {
     let h = Harness::start(B::Echo);
