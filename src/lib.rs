@@ -146,8 +146,9 @@
 //! [`Decision`]. [`Decision::Allow`] with a [`Grant`] names the
 //! namespace and VMI the session may reach (the proxy still checks both
 //! names against the Kubernetes naming rules before building any URL), and
-//! when the grant expires (the session then ends with close 1008, unless
-//! `close_on_token_expiry` is off); [`Decision::deny`] refuses with a status
+//! when the grant expires (the session then ends with close 1008 once
+//! `jwt.leeway_secs` (`JWT_LEEWAY_SECONDS`) more have passed, whichever
+//! authorizer made the grant, unless `close_on_token_expiry` is off); [`Decision::deny`] refuses with a status
 //! ([`Status`]) and a reason sent to the client.
 //! The built-in [`JwtAuthorizer`], used unless [`ProxyBuilder::authorizer`]
 //! names another, verifies LabOrchestrator's JWTs; a custom authorizer may
