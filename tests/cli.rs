@@ -26,6 +26,19 @@ fn text(b: &[u8]) -> String {
 
 const LOCAL: &[(&str, &str)] = &[("SECRET_KEY", SECRET), ("LOCAL_DEV_MODE", "true")];
 
+/// A fresh directory for this test process's files, named after `what`.
+fn scratch_dir(what: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("kvp-cli-{what}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `check-config` with [`LOCAL`] and `extra`: its exit status and its standard error.
+fn check_config(extra: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = run(&[LOCAL, extra].concat(), &["check-config"]);
+    (out.status.code(), text(&out.stderr))
+}
+
 #[test]
 fn a_subcommand_may_come_after_the_flags() {
     for args in [
@@ -325,12 +338,12 @@ fn a_password_in_ws_remote_url_is_refused_and_never_echoed() {
 /// A ':' short after an IPv6 address was port 80 with the rest ignored, and the proxy dialed it.
 #[test]
 fn a_port_without_its_colon_after_an_ipv6_address_is_refused() {
-    let env = [LOCAL, &[("WS_REMOTE_URL", "ws://[::1]8001")]].concat();
-    let out = run(&env, &["check-config"]);
-    assert_eq!(out.status.code(), Some(2));
     assert_eq!(
-        text(&out.stderr),
-        "configuration error: WS_REMOTE_URL: '8001' after ']' is not ':PORT'\n"
+        check_config(&[("WS_REMOTE_URL", "ws://[::1]8001")]),
+        (
+            Some(2),
+            "configuration error: WS_REMOTE_URL: '8001' after ']' is not ':PORT'\n".into()
+        )
     );
 }
 
@@ -372,8 +385,7 @@ fn check_config_refuses_a_metrics_addr_the_proxy_could_not_bind() {
 #[test]
 fn a_key_certificate_or_token_file_over_1_mib_is_refused_unread() {
     // /dev/zero by mistake would fill memory; a 2 MiB file stands for it here.
-    let dir = std::env::temp_dir().join(format!("kvp-cli-big-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("big");
     let big = dir.join("big.pem");
     std::fs::write(&big, vec![b'A'; 2 << 20]).unwrap();
     let big = big.display().to_string();
@@ -403,10 +415,8 @@ fn a_key_certificate_or_token_file_over_1_mib_is_refused_unread() {
         ),
     ];
     for (extra, names) in cases {
-        let env = [LOCAL, &extra].concat();
-        let out = run(&env, &["check-config"]);
-        let stderr = text(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{extra:?}: {stderr}");
+        let (code, stderr) = check_config(&extra);
+        assert_eq!(code, Some(2), "{extra:?}: {stderr}");
         assert!(
             stderr.contains(names) && stderr.contains("larger than 1 MiB"),
             "{extra:?}: {stderr}"
@@ -421,8 +431,7 @@ fn a_key_certificate_or_token_file_over_1_mib_is_refused_unread() {
 /// (the RSA fixture is PKCS#8, the EC key fresh from rcgen); the public key still passes.
 #[test]
 fn a_private_key_given_as_jwt_public_key_file_is_refused_at_start() {
-    let dir = std::env::temp_dir().join(format!("kvp-cli-private-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("private");
     let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let ec = dir.join("ec_private.pem");
     let ec_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
@@ -434,18 +443,13 @@ fn a_private_key_given_as_jwt_public_key_file_is_refused_at_start() {
     ];
     for (alg, file, ok) in cases {
         let file = file.display().to_string();
-        let env = [
-            LOCAL,
-            &[("JWT_ALGORITHMS", alg), ("JWT_PUBLIC_KEY_FILE", &file)],
-        ]
-        .concat();
-        let out = run(&env, &["check-config"]);
-        let stderr = text(&out.stderr);
+        let (code, stderr) =
+            check_config(&[("JWT_ALGORITHMS", alg), ("JWT_PUBLIC_KEY_FILE", &file)]);
         if ok {
-            assert_eq!(out.status.code(), Some(0), "{file}: {stderr}");
+            assert_eq!(code, Some(0), "{file}: {stderr}");
             continue;
         }
-        assert_eq!(out.status.code(), Some(2), "{file}: {stderr}");
+        assert_eq!(code, Some(2), "{file}: {stderr}");
         assert!(
             stderr.contains(&format!(
                 "configuration error: JWT_PUBLIC_KEY_FILE: {file} holds a private key (PRIVATE KEY)"
@@ -466,8 +470,7 @@ fn a_private_key_given_as_jwt_public_key_file_is_refused_at_start() {
 /// Keys fresh from rcgen.
 #[test]
 fn an_ec_key_on_a_curve_jwt_algorithms_does_not_accept_is_refused_at_start() {
-    let dir = std::env::temp_dir().join(format!("kvp-cli-curves-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("curves");
     let key = |name: &str, alg: &'static rcgen::SignatureAlgorithm| {
         let path = dir.join(name);
         let pair = rcgen::KeyPair::generate_for(alg).unwrap();
@@ -485,18 +488,13 @@ fn an_ec_key_on_a_curve_jwt_algorithms_does_not_accept_is_refused_at_start() {
         ("ES256,ES384", &p384, None),
     ];
     for (algs, file, refused) in cases {
-        let env = [
-            LOCAL,
-            &[("JWT_ALGORITHMS", algs), ("JWT_PUBLIC_KEY_FILE", file)],
-        ]
-        .concat();
-        let out = run(&env, &["check-config"]);
-        let stderr = text(&out.stderr);
+        let (code, stderr) =
+            check_config(&[("JWT_ALGORITHMS", algs), ("JWT_PUBLIC_KEY_FILE", file)]);
         let what = format!("{algs} with {file}");
         match refused {
-            None => assert_eq!(out.status.code(), Some(0), "{what}: {stderr}"),
+            None => assert_eq!(code, Some(0), "{what}: {stderr}"),
             Some(why) => {
-                assert_eq!(out.status.code(), Some(2), "{what}: {stderr}");
+                assert_eq!(code, Some(2), "{what}: {stderr}");
                 assert!(
                     stderr.contains(&format!(
                         "configuration error: JWT_PUBLIC_KEY_FILE: {file} is {why}, and \
@@ -543,16 +541,16 @@ fn an_allowed_origin_no_browser_would_send_is_refused_at_start() {
     ];
     for (entry, message) in cases {
         let list = format!("https://ok.example,{entry}");
-        let env = [LOCAL, &[("ALLOWED_ORIGINS", list.as_str())]].concat();
-        let out = run(&env, &["check-config"]);
-        assert_eq!(out.status.code(), Some(2), "{entry}");
         assert_eq!(
-            text(&out.stderr),
-            format!("configuration error: ALLOWED_ORIGINS: {message}\n")
+            check_config(&[("ALLOWED_ORIGINS", list.as_str())]),
+            (
+                Some(2),
+                format!("configuration error: ALLOWED_ORIGINS: {message}\n")
+            ),
+            "{entry}"
         );
     }
     let good = "https://lab.example.com,http://127.0.0.1:8080,https://[::1]:8443,null";
-    let env = [LOCAL, &[("ALLOWED_ORIGINS", good)]].concat();
-    let out = run(&env, &["check-config"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let (code, stderr) = check_config(&[("ALLOWED_ORIGINS", good)]);
+    assert_eq!(code, Some(0), "{stderr}");
 }
