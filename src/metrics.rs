@@ -57,7 +57,7 @@ impl Histogram {
 pub struct Metrics {
     sessions_by_end: BTreeMap<SessionEnd, u64>,
     refusals_by_status: BTreeMap<Status, u64>,
-    /// Bytes of ended sessions (their `Closed` events).
+    /// Bytes of ended sessions (see `end_session`).
     bytes_up: u64,
     bytes_down: u64,
     /// Bytes of open sessions, as far as counted (see `count_live`): the
@@ -129,12 +129,16 @@ impl Metrics {
         self.live_down += down;
     }
 
-    /// A session ends: what was counted of it live leaves the live count,
-    /// as its `Closed` event (dispatched in the same pass, before anything
-    /// is published) brings all of it. So the sum never goes down.
-    pub(crate) fn uncount_live(&mut self, (up, down): (u64, u64)) {
-        self.live_up = self.live_up.saturating_sub(up);
-        self.live_down = self.live_down.saturating_sub(down);
+    /// A session ends with `total` bytes, of which `counted` were in the
+    /// live count: they move to the ended sessions' count in one step, so
+    /// a `/metrics` rendered at any moment (one may be answered between a
+    /// session's end and its `Closed` event's dispatch) never sees the sum
+    /// go down.
+    pub(crate) fn end_session(&mut self, counted: (u64, u64), total: (u64, u64)) {
+        self.live_up = self.live_up.saturating_sub(counted.0);
+        self.live_down = self.live_down.saturating_sub(counted.1);
+        self.bytes_up += total.0;
+        self.bytes_down += total.1;
     }
 
     /// Add another worker's counts.
@@ -314,15 +318,9 @@ impl Observer for Metrics {
             Event::Refused { status, .. } => {
                 *self.refusals_by_status.entry(*status).or_default() += 1
             }
-            Event::Closed {
-                end,
-                bytes_up,
-                bytes_down,
-                ..
-            } => {
+            // Its bytes were counted when it ended (`end_session`).
+            Event::Closed { end, .. } => {
                 *self.sessions_by_end.entry(*end).or_default() += 1;
-                self.bytes_up += bytes_up;
-                self.bytes_down += bytes_down;
             }
         }
     }

@@ -735,7 +735,7 @@ impl Proxy {
             metrics_ready: false,
             accept_paused_until: None,
             at_capacity: false,
-            probes: VecDeque::with_capacity(PROBE_SLOTS),
+            probes: VecDeque::with_capacity(PROBE_SLOTS + 1),
             per_ip: HashMap::new(),
             sessions: Slab::new(),
             relaying: 0,
@@ -1299,18 +1299,6 @@ impl Proxy {
 
     fn accept(&mut self, now: Instant, kind: Kind) {
         for _ in 0..ACCEPT_BUDGET {
-            if kind == Kind::Metrics
-                && self.probes.len() >= PROBE_SLOTS
-                && let Some(&oldest) = self.probes.front()
-            {
-                // A probe is answered in the pass that accepts it, so the
-                // oldest of a full set is one that sends nothing (or reads
-                // nothing): it gives way. Waiting for a slot instead let
-                // 16 idle connections hold kubelet's probe in the backlog
-                // past its timeout, and a live proxy was restarted.
-                debug!("probe port: all {PROBE_SLOTS} slots busy, closing the oldest connection");
-                self.remove(oldest, now);
-            }
             if kind == Kind::Main && self.counted() >= self.config.max_connections {
                 // Stop accepting: new clients wait in the kernel's backlog
                 // (or get refused by it) instead of costing descriptors.
@@ -1336,7 +1324,25 @@ impl Proxy {
                 },
             };
             match listener.accept() {
-                Ok((stream, peer)) => self.admit(now, kind, stream, peer),
+                Ok((stream, peer)) => {
+                    self.admit(now, kind, stream, peer);
+                    if kind == Kind::Metrics
+                        && self.probes.len() > PROBE_SLOTS
+                        && let Some(&oldest) = self.probes.front()
+                    {
+                        // A probe sends its request at once and is answered
+                        // within a round trip or two (a TLS handshake's), so
+                        // the oldest of a full set has had the longest to be
+                        // one and most likely sends nothing: it gives way to
+                        // the one just accepted. Waiting for a slot instead
+                        // let 16 idle connections hold kubelet's probe in
+                        // the backlog past its timeout.
+                        debug!(
+                            "probe port: more than {PROBE_SLOTS} connections, closing the oldest"
+                        );
+                        self.remove(oldest, now);
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     match kind {
                         Kind::Main => self.listener_ready = false,

@@ -306,7 +306,7 @@ impl<S: Transport> Session<S> {
     }
 
     /// Bytes relayed since the last call (up, down), for the metrics' live
-    /// count; `close` takes what was counted back out.
+    /// count; `close` moves what was counted to the ended sessions' count.
     pub fn take_new_bytes(&mut self) -> (u64, u64) {
         let now = match &self.state {
             State::Relaying(r) => r.relay.bytes(),
@@ -1351,8 +1351,10 @@ impl<S: Transport> Session<S> {
             return;
         };
         let Closed { grant: g, report } = *closed;
-        ctx.metrics
-            .uncount_live(std::mem::take(&mut self.bytes_counted));
+        ctx.metrics.end_session(
+            std::mem::take(&mut self.bytes_counted),
+            (report.bytes_up, report.bytes_down),
+        );
         ctx.events.push(Event::Closed {
             id: self.id,
             peer: self.peer,
