@@ -473,7 +473,7 @@ impl UpstreamUrl {
                 None => (authority, None),
             }
         };
-        if host.is_empty() || host.contains('@') {
+        if host.is_empty() {
             return Err(format!("'{url}' has no usable host"));
         }
         let port = match port {

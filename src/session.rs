@@ -752,7 +752,7 @@ impl<S: Transport> Session<S> {
             upstream_key,
             dial_started: ctx.now,
         };
-        self.deadline = Some(ctx.now + ctx.config.upstream_timeout);
+        // `dial` sets the deadline: the first connect's share of the time.
         self.dial(ctx, hs, 0, None)
     }
 
