@@ -10,6 +10,13 @@
 //! wake-ups of the reader on the other side. Bulk buffers are few (a fixed
 //! number in use at once); a direction that cannot have one keeps the
 //! regular size.
+//!
+//! The pool can also bound the memory of the buffers in use at once
+//! (`RELAY_MEMORY_BYTES`). A direction about to read asks with
+//! [`BufferPool::take`], which refuses when no buffer fits, and when others
+//! are already waiting (first come, first served): the direction then leaves
+//! its source unread, which is backpressure like a full buffer's, and the
+//! loop drives it again once a buffer comes back (see `server.rs`).
 
 /// A fixed-capacity byte queue: bytes are appended at the end and consumed
 /// from the front. It never grows.
@@ -123,6 +130,17 @@ pub struct BufferPool {
     free_bulk: Vec<Buffer>,
     bulk_max: usize,
     bulk_in_use: usize,
+    /// Bytes of the buffers handed out.
+    bytes_in_use: usize,
+    /// At most this many bytes in use for [`take`](Self::take) to hand out
+    /// another buffer (0: no limit).
+    limit: usize,
+    /// Directions queued for memory (kept by the loop): while any wait,
+    /// [`take`](Self::take) refuses all but the one being served.
+    waiting: usize,
+    serving: bool,
+    /// [`take`](Self::take) refused since the loop last asked.
+    refused: bool,
 }
 
 /// Free bulk buffers kept for reuse, at most: enough that a few streams
@@ -151,31 +169,92 @@ impl BufferPool {
             free_bulk: Vec::new(),
             bulk_max,
             bulk_in_use: 0,
+            bytes_in_use: 0,
+            limit: 0,
+            waiting: 0,
+            serving: false,
+            refused: false,
         }
     }
 
-    /// A regular buffer, empty.
+    /// Bound the bytes of the buffers [`take`](Self::take) hands out
+    /// (0: no bound).
+    pub fn with_limit(mut self, limit: usize) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// A regular buffer, empty, whatever the limit: for the bytes a
+    /// handshake leaves (the 101 head), which cannot wait (the pipe reads
+    /// nothing more into one handed out over the limit).
     pub fn get(&mut self) -> Buffer {
         self.in_use += 1;
+        self.bytes_in_use += self.size;
         self.free.pop().unwrap_or_else(|| Buffer::new(self.size))
     }
 
     /// A bulk buffer, empty, if one may be handed out; else a regular one.
+    /// Whatever the limit, like [`get`](Self::get).
     pub fn get_bulk(&mut self) -> Buffer {
         if self.bulk_size == 0 || self.bulk_in_use >= self.bulk_max {
             return self.get();
         }
         self.in_use += 1;
         self.bulk_in_use += 1;
+        self.bytes_in_use += self.bulk_size;
         self.free_bulk
             .pop()
             .unwrap_or_else(|| Buffer::new(self.bulk_size))
+    }
+
+    /// A buffer to read into (a bulk one if `bulk` and one fits), or `None`
+    /// when none fits the limit or others wait for memory first: the caller
+    /// leaves its source unread and is queued (see [`take_refused`](Self::take_refused)).
+    #[inline]
+    pub fn take(&mut self, bulk: bool) -> Option<Buffer> {
+        if self.limit == 0 {
+            return Some(if bulk { self.get_bulk() } else { self.get() });
+        }
+        if !self.fits(self.size) || (self.waiting > 0 && !self.serving) {
+            self.refused = true;
+            return None;
+        }
+        Some(if bulk && self.fits(self.bulk_size) {
+            self.get_bulk()
+        } else {
+            self.get()
+        })
+    }
+
+    /// `bytes` more would stay within the limit.
+    fn fits(&self, bytes: usize) -> bool {
+        self.limit == 0 || self.bytes_in_use + bytes <= self.limit
+    }
+
+    /// A regular buffer fits the limit: a waiting direction may be served.
+    pub fn has_room(&self) -> bool {
+        self.fits(self.size)
+    }
+
+    /// Whether [`take`](Self::take) refused since the last call: the session
+    /// just driven must be queued.
+    #[inline]
+    pub fn take_refused(&mut self) -> bool {
+        std::mem::take(&mut self.refused)
+    }
+
+    /// The loop's queue: `waiting` directions wait; `serving` while it
+    /// drives the one at its head (which alone may then take).
+    pub fn set_queue(&mut self, waiting: usize, serving: bool) {
+        self.waiting = waiting;
+        self.serving = serving;
     }
 
     /// Give a buffer back. Its contents are discarded.
     pub fn put(&mut self, mut buf: Buffer) {
         debug_assert!(self.in_use > 0);
         self.in_use -= 1;
+        self.bytes_in_use -= buf.capacity();
         buf.start = 0;
         buf.end = 0;
         if self.bulk_size != 0 && buf.capacity() == self.bulk_size {
@@ -202,6 +281,11 @@ impl BufferPool {
     /// Bulk buffers currently handed out.
     pub fn bulk_in_use(&self) -> usize {
         self.bulk_in_use
+    }
+
+    /// Bytes of the buffers currently handed out.
+    pub fn bytes_in_use(&self) -> usize {
+        self.bytes_in_use
     }
 
     /// Spare buffers kept for reuse (both sizes): for the unit tests.
@@ -264,5 +348,48 @@ mod tests {
         let mut off = BufferPool::with_bulk(8, 2, 0, 2);
         assert_eq!(off.get_bulk().capacity(), 8);
         assert_eq!(off.bulk_in_use(), 0);
+    }
+
+    #[test]
+    fn the_limit_bounds_what_take_hands_out_and_queued_directions_go_first() {
+        let mut pool = BufferPool::with_bulk(8, 2, 32, 4).with_limit(48);
+        // A bulk buffer while one fits, then regular ones, then none.
+        let a = pool.take(true).expect("room for a bulk buffer");
+        assert_eq!(a.capacity(), 32);
+        let b = pool.take(true).expect("room for a regular buffer");
+        assert_eq!(b.capacity(), 8);
+        let c = pool.take(false).expect("room for a last regular buffer");
+        assert_eq!(pool.bytes_in_use(), 48);
+        assert!(!pool.take_refused());
+        assert!(pool.take(false).is_none());
+        assert!(pool.take_refused(), "the refusal is reported once");
+        assert!(!pool.take_refused());
+        // A handshake's leftovers cannot wait: get() goes over the limit.
+        let head = pool.get();
+        assert!(!pool.has_room() && pool.bytes_in_use() > 48);
+        pool.put(head);
+        pool.put(c);
+        assert!(pool.has_room());
+        // One direction queued: only the one being served may take.
+        pool.set_queue(1, false);
+        assert!(pool.take(false).is_none());
+        assert!(pool.take_refused());
+        pool.set_queue(1, true);
+        let d = pool.take(false).expect("the head of the queue is served");
+        pool.set_queue(0, false);
+        for buf in [a, b, d] {
+            pool.put(buf);
+        }
+        assert_eq!((pool.in_use(), pool.bytes_in_use()), (0, 0));
+        // No limit: take never refuses.
+        let mut open = BufferPool::new(8, 0);
+        let held: Vec<_> = (0..100)
+            .map(|_| open.take(false).expect("no limit"))
+            .collect();
+        assert_eq!(open.bytes_in_use(), 800);
+        assert!(!open.take_refused());
+        for buf in held {
+            open.put(buf);
+        }
     }
 }

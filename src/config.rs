@@ -172,6 +172,7 @@ options! {
     RELAY_BUFFER_BYTES: usize = Within(number, 1024, 16 << 20), "--relay-buffer-bytes", "65536", "size of the fixed buffer per relay direction";
     RELAY_BULK_BUFFER_BYTES: usize = Within(number, 0, 16 << 20), "--relay-bulk-buffer-bytes", "262144", "larger buffer for a direction whose source brings a whole buffer in one read (fewer, larger reads and writes); off when not above RELAY_BUFFER_BYTES";
     RELAY_BULK_BUFFERS: usize = Within(number, 0, UNBOUNDED), "--relay-bulk-buffers", "64", "at most this many bulk buffers in use at once (bounds their memory); others keep RELAY_BUFFER_BYTES";
+    RELAY_MEMORY_BYTES: usize = Within(number, 0, UNBOUNDED), "--relay-memory-bytes", "33554432", "relay buffers in use at once, in bytes, per worker (bulk ones included; 0: no limit); a direction that finds none free leaves its source unread until one is";
     MAX_FRAME_SIZE: u64 = Within(number, 1, u64::MAX), "--max-frame-size", "67108864", "largest frame payload relayed (close 1009 above)";
 }
 
@@ -594,6 +595,8 @@ pub struct Config {
     pub bulk_buffer_size: usize,
     /// Bulk buffers in use at once, at most.
     pub bulk_buffers: usize,
+    /// Bytes of relay buffers in use at once, at most (0: no limit).
+    pub relay_memory: usize,
     /// Largest frame payload relayed.
     pub max_frame_size: u64,
     /// Time allowed for the closing handshake and for lingering after a
@@ -872,6 +875,7 @@ impl Config {
             buffer_size: r.get(&RELAY_BUFFER_BYTES),
             bulk_buffer_size: r.get(&RELAY_BULK_BUFFER_BYTES),
             bulk_buffers: r.get(&RELAY_BULK_BUFFERS),
+            relay_memory: r.get(&RELAY_MEMORY_BYTES),
             max_frame_size: r.get(&MAX_FRAME_SIZE),
             close_timeout: Duration::from_secs(5),
         };
@@ -938,6 +942,16 @@ impl Config {
                     "must be at least MAX_REQUEST_HEAD_BYTES + 1024",
                 ),
                 &[MAX_REQUEST_HEAD_BYTES.var],
+            ));
+        }
+        if self.relay_memory != 0 && self.relay_memory < self.buffer_size {
+            // Not one buffer would fit: no session could relay a byte.
+            p.push((
+                ConfigError::new(
+                    RELAY_MEMORY_BYTES.var,
+                    "must be 0 (no limit) or at least RELAY_BUFFER_BYTES",
+                ),
+                &[RELAY_BUFFER_BYTES.var],
             ));
         }
         if self.token_sources.is_empty() {
@@ -1054,7 +1068,7 @@ impl Config {
     /// The numeric settings, each with its row (which has its range), as
     /// whole numbers (a duration in whole seconds, a fraction counting as
     /// one more).
-    fn numeric_values(&self) -> [(&'static dyn OptInfo, u64); 16] {
+    fn numeric_values(&self) -> [(&'static dyn OptInfo, u64); 17] {
         let secs = |d: Duration| d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0));
         let n = |v: usize| v as u64;
         [
@@ -1076,6 +1090,7 @@ impl Config {
             (&RELAY_BUFFER_BYTES, n(self.buffer_size)),
             (&RELAY_BULK_BUFFER_BYTES, n(self.bulk_buffer_size)),
             (&RELAY_BULK_BUFFERS, n(self.bulk_buffers)),
+            (&RELAY_MEMORY_BYTES, n(self.relay_memory)),
             (&MAX_FRAME_SIZE, self.max_frame_size),
         ]
     }
@@ -1427,6 +1442,26 @@ mod tests {
     }
 
     #[test]
+    fn relay_memory_holds_at_least_one_buffer_or_is_off() {
+        let c = run(BASE, &[]).unwrap();
+        assert_eq!((c.relay_memory, c.buffer_size), (32 << 20, 64 << 10));
+        let mut e = BASE.to_vec();
+        e.push(("RELAY_MEMORY_BYTES", "65535"));
+        let err = run(&e, &[]).unwrap_err();
+        assert_eq!(err.var, "RELAY_MEMORY_BYTES");
+        assert!(
+            err.message.contains("RELAY_BUFFER_BYTES"),
+            "{}",
+            err.message
+        );
+        for ok in ["0", "65536"] {
+            e.pop();
+            e.push(("RELAY_MEMORY_BYTES", ok));
+            assert!(run(&e, &[]).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
     fn booleans_as_python_accepted_them() {
         for t in ["true", "True", "1", "yes", "ON"] {
             assert_eq!(parse_bool("X", t), Ok(true));
@@ -1528,7 +1563,7 @@ mod tests {
         let ranged = OPTIONS
             .iter()
             .filter_map(|o| o.range().map(|(lo, hi)| (o.var(), lo, hi)));
-        assert_eq!(ranged.clone().count(), 17);
+        assert_eq!(ranged.clone().count(), 18);
         for (var, lo, hi) in ranged {
             let bad = if lo > 0 {
                 (lo - 1).to_string()

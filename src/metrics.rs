@@ -93,6 +93,10 @@ pub struct Gauges {
     pub buffers_in_use: usize,
     /// Of those, bulk buffers.
     pub bulk_buffers_in_use: usize,
+    /// Bytes of the relay buffers in use.
+    pub buffer_bytes: usize,
+    /// Sessions waiting for relay memory.
+    pub waiting_for_memory: usize,
     /// Draining for shutdown.
     pub draining: bool,
     /// Event loops of the process (`WORKERS`). Not summed by
@@ -117,6 +121,8 @@ impl Gauges {
         self.relaying += other.relaying;
         self.buffers_in_use += other.buffers_in_use;
         self.bulk_buffers_in_use += other.bulk_buffers_in_use;
+        self.buffer_bytes += other.buffer_bytes;
+        self.waiting_for_memory += other.waiting_for_memory;
         self.draining |= other.draining;
         self.max_connections += other.max_connections;
     }
@@ -262,6 +268,16 @@ impl Metrics {
             "kubevirt_vnc_proxy_bulk_buffers_in_use",
             "Bulk relay buffers held by sessions streaming in bulk (at most RELAY_BULK_BUFFERS).",
             &g.bulk_buffers_in_use,
+        );
+        gauge(
+            "kubevirt_vnc_proxy_buffer_bytes",
+            "Bytes of the relay buffers held by sessions (at most RELAY_MEMORY_BYTES per worker, but for handshake leftovers).",
+            &g.buffer_bytes,
+        );
+        gauge(
+            "kubevirt_vnc_proxy_sessions_waiting_for_memory",
+            "Sessions with a direction waiting for a relay buffer (RELAY_MEMORY_BYTES reached): their sources go unread.",
+            &g.waiting_for_memory,
         );
         gauge(
             "kubevirt_vnc_proxy_draining",

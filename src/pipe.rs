@@ -7,6 +7,9 @@
 //! event, so the pipe remembers `readable` itself and resumes reading as
 //! soon as a write makes room; the kernel's socket buffers and TCP flow
 //! control then push back on the sender. Memory per pipe is one buffer.
+//! A pipe with no buffer that finds the pool's memory limit reached
+//! (`RELAY_MEMORY_BYTES`) waits the same way, its source unread, until the
+//! loop drives it again with a buffer free.
 
 use std::io;
 use std::time::Instant;
@@ -109,6 +112,13 @@ pub(crate) struct Pipe {
     /// when one read brings a whole regular buffer's worth; cleared when a
     /// read brings less than a quarter of that (interactive traffic again).
     bulk: bool,
+    /// The source has bytes but the pool had no buffer for them: the loop
+    /// queued this session and drives it again when one frees.
+    starved: bool,
+    /// The buffer was handed out over the pool's limit (a handshake's
+    /// leftovers cannot wait): nothing more is read into it; once emptied it
+    /// goes back, and reading takes a buffer within the limit.
+    lent: bool,
 }
 
 /// What one [`Pipe::pump`] did.
@@ -136,6 +146,8 @@ impl Pipe {
             uncounted: 0,
             pauses: 0,
             bulk: false,
+            starved: false,
+            lent: false,
         }
     }
 
@@ -146,6 +158,7 @@ impl Pipe {
         if raw.is_empty() && frames.is_empty() {
             return;
         }
+        self.lent = !pool.has_room();
         let buf = self.buf.get_or_insert_with(|| pool.get());
         let taken = buf.push(raw) + buf.push(frames);
         // Config validation keeps the buffer larger than any handshake
@@ -352,14 +365,17 @@ impl Pipe {
             }
             // Read while there is room and the source is still delivering.
             if !self.ended() && src.can_read() {
-                let bulk = self.bulk;
-                let buf = self
-                    .buf
-                    .get_or_insert_with(|| if bulk { pool.get_bulk() } else { pool.get() });
-                if buf.is_full() {
-                    self.pauses += 1;
-                } else {
-                    match src.read(buf.space()) {
+                if self.buf.is_none() {
+                    self.buf = pool.take(self.bulk);
+                    self.starved = self.buf.is_none();
+                }
+                match self.buf.as_mut() {
+                    // Waiting for memory (queued by the loop), or for the
+                    // destination to take a buffer lent over the limit.
+                    None => {}
+                    Some(_) if self.lent => {}
+                    Some(buf) if buf.is_full() => self.pauses += 1,
+                    Some(buf) => match src.read(buf.space()) {
                         Io::Done(n) => {
                             buf.fill(n);
                             // Bulk: one read brought a regular buffer's
@@ -377,7 +393,7 @@ impl Pipe {
                         Io::WouldBlock => {}
                         Io::Eof => self.end_source(SourceEnd::Eof),
                         Io::Failed(e) => self.end_source(SourceEnd::Failed(e.to_string())),
-                    }
+                    },
                 }
             }
             // Write what is validated; a pending ping goes in at the next
@@ -454,6 +470,7 @@ impl Pipe {
             // An idle pipe gives its buffer back: idle sessions hold none.
             if let Some(buf) = self.buf.take_if(|b| b.is_empty()) {
                 pool.put(buf);
+                self.lent = false;
             }
             if !moved {
                 break;
@@ -498,7 +515,16 @@ impl Pipe {
     /// True while reading pauses because the buffer is full: the source has
     /// more to say, it is not silent.
     pub fn is_paused(&self) -> bool {
-        !self.ended() && self.buf.as_ref().is_some_and(Buffer::is_full)
+        !self.ended() && !self.may_read()
+    }
+
+    /// Reading may go on: there is room in the buffer, or no buffer and no
+    /// wait for memory. (Whether the source has anything is the socket's.)
+    fn may_read(&self) -> bool {
+        match &self.buf {
+            Some(buf) => !self.lent && !buf.is_full(),
+            None => !self.starved,
+        }
     }
 
     /// Send the destination a ping of the proxy's own at the next frame
@@ -537,8 +563,7 @@ impl Pipe {
     /// True when the pipe stopped with rounds left but could still move bytes
     /// (its budget ran out): the session must be driven again soon.
     pub fn has_pending_work<S: Transport>(&self, src: &Conn<S>, dst: &Conn<S>) -> bool {
-        let can_read =
-            !self.ended() && src.can_read() && !self.buf.as_ref().is_some_and(Buffer::is_full);
+        let can_read = !self.ended() && src.can_read() && self.may_read();
         let can_write = dst.writable
             && (self.ready > 0 || self.ping_can_go() || (self.ended() && self.inject.is_some()));
         can_read || can_write

@@ -1268,4 +1268,57 @@ pub(crate) mod tests {
         assert_eq!(&to_client[0].1[2..], b"upstream closed the connection");
         assert_eq!(rig.finish().0.end, SessionEnd::Abnormal);
     }
+
+    /// With the pool's memory taken (`RELAY_MEMORY_BYTES`): the 101 goes
+    /// out through a buffer lent over the limit, into which nothing more is
+    /// read; the source then waits for memory (reported to the loop, which
+    /// queues the session), is not taken for silent meanwhile, and is read
+    /// once a buffer frees.
+    #[test]
+    fn a_direction_waits_for_memory_and_reads_once_a_buffer_frees() {
+        let mut rig = Rig::with_keepalive(64, Duration::from_secs(3));
+        rig.pool = BufferPool::new(64, 4).with_limit(64);
+        // The client has nothing to say: its socket is found empty first.
+        assert_eq!(rig.run(), Step::Relaying { more: false });
+        let other = rig.pool.take(false).expect("another session's buffer");
+        let head = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
+        rig.client_reads(0);
+        rig.relay.preload(&mut rig.pool, head, &[], &[]);
+        let data = pattern(40, 5);
+        let sent = frame(BINARY, &data, None);
+        rig.upstream_sends(&sent);
+        assert_eq!(rig.run(), Step::Relaying { more: false });
+        assert_eq!(
+            rig.u.borrow().inbox.len(),
+            sent.len(),
+            "nothing read into the lent buffer"
+        );
+        assert_eq!(rig.pool.in_use(), 2);
+        assert!(
+            !rig.pool.take_refused(),
+            "the lent buffer waits for the client, not for memory"
+        );
+
+        rig.client_reads(1 << 20);
+        assert_eq!(rig.run(), Step::Relaying { more: false });
+        assert_eq!(rig.c.borrow().outbox, head, "the 101 went, the data waits");
+        assert_eq!(rig.pool.in_use(), 1, "the lent buffer went back");
+        assert!(rig.pool.take_refused(), "the source waits for memory");
+        let up = pattern(20, 6);
+        rig.client_sends(&frame(BINARY, &up, Some(KEY)));
+        assert_eq!(rig.run(), Step::Relaying { more: false });
+        // Both sources wait for us: longer than the peer timeout is not
+        // silence.
+        assert_eq!(rig.advance(Duration::from_secs(4)), Fired::Nothing);
+        assert_eq!(rig.u.borrow().inbox.len(), sent.len());
+        assert!(rig.to_upstream().0.is_empty());
+
+        rig.pool.put(other);
+        assert_eq!(rig.run(), Step::Relaying { more: false });
+        let (to_client, partial) = frames(&rig.c.borrow().outbox[head.len()..]);
+        assert_eq!((to_client, partial), (vec![(BINARY, data)], 0));
+        assert_eq!(rig.to_upstream(), (vec![(BINARY, up)], 0));
+        let (_, pool) = rig.finish();
+        assert_eq!(pool.in_use(), 0);
+    }
 }

@@ -121,6 +121,8 @@ struct Counters {
     accepted: AtomicU64,
     buffers_in_use: AtomicUsize,
     bulk_buffers_in_use: AtomicUsize,
+    buffer_bytes: AtomicUsize,
+    waiting_for_memory: AtomicUsize,
     limits_hit: AtomicU64,
 }
 
@@ -136,6 +138,11 @@ pub struct Stats {
     pub buffers_in_use: usize,
     /// Of those, bulk buffers (`RELAY_BULK_BUFFER_BYTES`).
     pub bulk_buffers_in_use: usize,
+    /// Their bytes (at most `RELAY_MEMORY_BYTES`, but for a handshake's
+    /// leftovers, which cannot wait).
+    pub buffer_bytes: usize,
+    /// Sessions waiting for relay memory (`RELAY_MEMORY_BYTES` reached).
+    pub waiting_for_memory: usize,
     /// Times a connection limit was hit (MAX_CONNECTIONS reached, or a
     /// client refused by MAX_CONNECTIONS_PER_IP).
     pub limits_hit: u64,
@@ -303,6 +310,8 @@ impl Handle {
             accepted: c.accepted.load(Ordering::Relaxed),
             buffers_in_use: c.buffers_in_use.load(Ordering::Relaxed),
             bulk_buffers_in_use: c.bulk_buffers_in_use.load(Ordering::Relaxed),
+            buffer_bytes: c.buffer_bytes.load(Ordering::Relaxed),
+            waiting_for_memory: c.waiting_for_memory.load(Ordering::Relaxed),
             limits_hit: c.limits_hit.load(Ordering::Relaxed),
         }
     }
@@ -434,6 +443,10 @@ pub struct Proxy {
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     /// Sessions that ran out of budget with work left.
     again: Vec<usize>,
+    /// Sessions with a direction waiting for relay memory
+    /// (`RELAY_MEMORY_BYTES`), first come first served; each at most once
+    /// (`Session::waiting_memory`), and taken out when it ends.
+    waiting: VecDeque<usize>,
     pool: BufferPool,
     config: Config,
     authorizer: Box<dyn Authorizer>,
@@ -743,12 +756,14 @@ impl Proxy {
             pass_started: Instant::now(),
             timers: BinaryHeap::new(),
             again: Vec::new(),
+            waiting: VecDeque::new(),
             pool: BufferPool::with_bulk(
                 config.buffer_size,
                 SPARE_BUFFERS,
                 config.bulk_buffer_size,
                 config.bulk_buffers,
-            ),
+            )
+            .with_limit(config.relay_memory),
             upstream_host: config.upstream.host_header(),
             credentials,
             tls,
@@ -884,6 +899,7 @@ impl Proxy {
         // A listener left ready by the accept budget raises no new edge for
         // the connections still queued: the next pass must not sleep.
         if !self.again.is_empty()
+            || (!self.waiting.is_empty() && self.pool.has_room())
             || (self.listener_ready && self.can_accept())
             || self.can_accept_probe()
         {
@@ -979,6 +995,7 @@ impl Proxy {
                 self.drive(key, now);
             }
         }
+        self.serve_waiting(now);
         self.fire_timers(now);
         self.compact_timers();
         if self.check_drain(now) {
@@ -1031,6 +1048,10 @@ impl Proxy {
             .store(self.pool.in_use(), Ordering::Relaxed);
         c.bulk_buffers_in_use
             .store(self.pool.bulk_in_use(), Ordering::Relaxed);
+        c.buffer_bytes
+            .store(self.pool.bytes_in_use(), Ordering::Relaxed);
+        c.waiting_for_memory
+            .store(self.waiting.len(), Ordering::Relaxed);
     }
 
     /// Signals answered by the loop itself: the first drains, another one
@@ -1160,6 +1181,8 @@ impl Proxy {
             relaying: self.relaying,
             buffers_in_use: self.pool.in_use(),
             bulk_buffers_in_use: self.pool.bulk_in_use(),
+            buffer_bytes: self.pool.bytes_in_use(),
+            waiting_for_memory: self.waiting.len(),
             draining: self.draining(),
             // This loop; `process_metrics` counts the others.
             workers: 1,
@@ -1222,6 +1245,9 @@ impl Proxy {
             if more {
                 self.again.push(key);
             }
+            if self.pool.take_refused() {
+                self.queue_for_memory(key);
+            }
             return;
         }
         let (sessions, mut ctx) = self.ctx(now);
@@ -1236,8 +1262,45 @@ impl Proxy {
         self.after_drive(key, Some(before));
     }
 
+    /// Queue a session whose pump found no buffer within the memory limit
+    /// (once: a queued session is served before it could be refused again).
+    #[cold]
+    fn queue_for_memory(&mut self, key: usize) {
+        if let Some(s) = self.sessions.get_mut(key)
+            && !s.waiting_memory
+        {
+            s.waiting_memory = true;
+            self.waiting.push_back(key);
+            self.pool.set_queue(self.waiting.len(), false);
+        }
+    }
+
+    /// Drive the sessions waiting for relay memory, oldest first, while a
+    /// buffer fits. Bounded: each is driven at most once per pass (one
+    /// refused again goes to the back of the queue).
+    fn serve_waiting(&mut self, now: Instant) {
+        for _ in 0..self.waiting.len() {
+            if !self.pool.has_room() {
+                break;
+            }
+            let Some(key) = self.waiting.pop_front() else {
+                break;
+            };
+            if let Some(s) = self.sessions.get_mut(key) {
+                s.waiting_memory = false;
+            }
+            // It alone may take a buffer while the others keep waiting.
+            self.pool.set_queue(self.waiting.len(), true);
+            self.drive(key, now);
+            self.pool.set_queue(self.waiting.len(), false);
+        }
+    }
+
     /// Remove a finished session, or arm its deadline if it changed.
     fn after_drive(&mut self, key: usize, deadline_before: Option<Option<Instant>>) {
+        if self.pool.take_refused() {
+            self.queue_for_memory(key);
+        }
         let Some(s) = self.sessions.get_mut(key) else {
             return;
         };
@@ -1507,6 +1570,10 @@ impl Proxy {
         }
         if s.kind() == Kind::Metrics {
             self.probes.retain(|&k| k != key);
+        }
+        if s.waiting_memory {
+            self.waiting.retain(|&k| k != key);
+            self.pool.set_queue(self.waiting.len(), false);
         }
         self.shared.counters.open.fetch_sub(1, Ordering::Relaxed);
         let ip = s.peer().ip();

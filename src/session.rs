@@ -224,6 +224,8 @@ pub(crate) struct Session<S = TcpStream> {
     started: Instant,
     /// Counted in the server's relaying gauge (the server keeps this).
     pub(crate) counted_relaying: bool,
+    /// In the server's queue for relay memory (the server keeps this).
+    pub(crate) waiting_memory: bool,
     /// Bytes (up, down) already in the metrics' live count.
     bytes_counted: (u64, u64),
 }
@@ -253,6 +255,7 @@ impl<S: Transport> Session<S> {
             deadline: Some(now + config.handshake_timeout),
             started: now,
             counted_relaying: false,
+            waiting_memory: false,
             bytes_counted: (0, 0),
         }
     }
