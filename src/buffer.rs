@@ -130,8 +130,10 @@ pub struct BufferPool {
     free_bulk: Vec<Buffer>,
     bulk_max: usize,
     bulk_in_use: usize,
-    /// Bytes of the buffers handed out.
+    /// Bytes of the buffers handed out within the limit.
     bytes_in_use: usize,
+    /// Bytes of the buffers lent over it ([`lend`](Self::lend)).
+    lent_bytes: usize,
     /// At most this many bytes in use for [`take`](Self::take) to hand out
     /// another buffer (0: no limit).
     limit: usize,
@@ -170,6 +172,7 @@ impl BufferPool {
             bulk_max,
             bulk_in_use: 0,
             bytes_in_use: 0,
+            lent_bytes: 0,
             limit: 0,
             waiting: 0,
             serving: false,
@@ -184,9 +187,8 @@ impl BufferPool {
         self
     }
 
-    /// A regular buffer, empty, whatever the limit: for the bytes a
-    /// handshake leaves (the 101 head), which cannot wait (the pipe reads
-    /// nothing more into one handed out over the limit).
+    /// A regular buffer, empty, counted within the limit whatever it is
+    /// (for the unit tests, and the way [`take`](Self::take) hands one out).
     pub fn get(&mut self) -> Buffer {
         self.in_use += 1;
         self.bytes_in_use += self.size;
@@ -194,7 +196,7 @@ impl BufferPool {
     }
 
     /// A bulk buffer, empty, if one may be handed out; else a regular one.
-    /// Whatever the limit, like [`get`](Self::get).
+    /// Counted whatever the limit, like [`get`](Self::get).
     pub fn get_bulk(&mut self) -> Buffer {
         if self.bulk_size == 0 || self.bulk_in_use >= self.bulk_max {
             return self.get();
@@ -215,7 +217,7 @@ impl BufferPool {
         if self.limit == 0 {
             return Some(if bulk { self.get_bulk() } else { self.get() });
         }
-        if !self.fits(self.size) || (self.waiting > 0 && !self.serving) {
+        if self.would_refuse() {
             self.refused = true;
             return None;
         }
@@ -224,6 +226,49 @@ impl BufferPool {
         } else {
             self.get()
         })
+    }
+
+    /// A regular buffer for bytes that cannot wait (what a handshake left:
+    /// the 101 head), whatever the limit: counted within it when
+    /// [`take`](Self::take) would have handed one out (`false`), else lent
+    /// over it (`true`): nothing more may be read into a lent buffer until
+    /// it is [adopted](Self::adopt), and it goes back with
+    /// [`put_lent`](Self::put_lent).
+    pub fn get_for_leftovers(&mut self) -> (Buffer, bool) {
+        if !self.would_refuse() {
+            return (self.get(), false);
+        }
+        self.in_use += 1;
+        self.lent_bytes += self.size;
+        (
+            self.free.pop().unwrap_or_else(|| Buffer::new(self.size)),
+            true,
+        )
+    }
+
+    /// Count a lent buffer within the limit, if [`take`](Self::take) would
+    /// hand one out now; else `false`, reported like a refusal.
+    pub fn adopt(&mut self) -> bool {
+        if self.would_refuse() {
+            self.refused = true;
+            return false;
+        }
+        self.lent_bytes -= self.size;
+        self.bytes_in_use += self.size;
+        true
+    }
+
+    /// Give back a lent buffer (see [`get_for_leftovers`](Self::get_for_leftovers)).
+    pub fn put_lent(&mut self, buf: Buffer) {
+        debug_assert!(self.lent_bytes >= buf.capacity());
+        self.lent_bytes -= buf.capacity();
+        self.bytes_in_use += buf.capacity();
+        self.put(buf);
+    }
+
+    /// [`take`](Self::take) would refuse now.
+    fn would_refuse(&self) -> bool {
+        self.limit != 0 && (!self.fits(self.size) || (self.waiting > 0 && !self.serving))
     }
 
     /// `bytes` more would stay within the limit.
@@ -283,9 +328,9 @@ impl BufferPool {
         self.bulk_in_use
     }
 
-    /// Bytes of the buffers currently handed out.
+    /// Bytes of the buffers currently handed out, lent ones included.
     pub fn bytes_in_use(&self) -> usize {
-        self.bytes_in_use
+        self.bytes_in_use + self.lent_bytes
     }
 
     /// Spare buffers kept for reuse (both sizes): for the unit tests.
@@ -364,14 +409,33 @@ mod tests {
         assert!(pool.take(false).is_none());
         assert!(pool.take_refused(), "the refusal is reported once");
         assert!(!pool.take_refused());
-        // A handshake's leftovers cannot wait: get() goes over the limit.
-        let head = pool.get();
-        assert!(!pool.has_room() && pool.bytes_in_use() > 48);
+        // A handshake's leftovers cannot wait: lent over the limit, which
+        // does not count it (so a waiting direction is not held up by it).
+        let (head, lent) = pool.get_for_leftovers();
+        assert!(lent);
+        assert_eq!(pool.bytes_in_use(), 56);
+        assert!(!pool.adopt(), "no room to count it within the limit");
+        assert!(pool.take_refused());
+        pool.put(c);
+        assert!(pool.adopt(), "room again: counted within the limit");
+        assert_eq!(pool.bytes_in_use(), 48);
+        assert!(pool.take(false).is_none());
+        assert!(pool.take_refused());
         pool.put(head);
+        let (lent_again, lent) = pool.get_for_leftovers();
+        assert!(!lent, "room: counted within the limit at once");
+        pool.put(lent_again);
+        let c = pool.take(false).expect("room again");
+        let (head, lent) = pool.get_for_leftovers();
+        assert!(lent);
+        pool.put_lent(head);
         pool.put(c);
         assert!(pool.has_room());
         // One direction queued: only the one being served may take.
         pool.set_queue(1, false);
+        let (head, lent) = pool.get_for_leftovers();
+        assert!(lent, "lent while others wait, room or not");
+        pool.put_lent(head);
         assert!(pool.take(false).is_none());
         assert!(pool.take_refused());
         pool.set_queue(1, true);

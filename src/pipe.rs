@@ -117,7 +117,8 @@ pub(crate) struct Pipe {
     starved: bool,
     /// The buffer was handed out over the pool's limit (a handshake's
     /// leftovers cannot wait): nothing more is read into it; once emptied it
-    /// goes back, and reading takes a buffer within the limit.
+    /// goes back, and reading takes a buffer within the limit. Emptied but
+    /// for the start of a frame, that start moves into one.
     lent: bool,
 }
 
@@ -158,8 +159,14 @@ impl Pipe {
         if raw.is_empty() && frames.is_empty() {
             return;
         }
-        self.lent = !pool.has_room();
-        let buf = self.buf.get_or_insert_with(|| pool.get());
+        if self.buf.is_none() {
+            let (buf, lent) = pool.get_for_leftovers();
+            self.buf = Some(buf);
+            self.lent = lent;
+        }
+        let Some(buf) = self.buf.as_mut() else {
+            return;
+        };
         let taken = buf.push(raw) + buf.push(frames);
         // Config validation keeps the buffer larger than any handshake
         // leftover, so nothing is cut here.
@@ -302,9 +309,7 @@ impl Pipe {
         self.inject = None;
         self.ping = None;
         self.ready = 0;
-        if let Some(buf) = self.buf.take() {
-            pool.put(buf);
-        }
+        self.give_back(pool);
     }
 
     /// True when the source has ended and everything owed to the destination
@@ -368,6 +373,11 @@ impl Pipe {
                 if self.buf.is_none() {
                     self.buf = pool.take(self.bulk);
                     self.starved = self.buf.is_none();
+                } else if self.lent && self.ready == 0 {
+                    // Emptied but for the start of a frame: reading its
+                    // rest needs the buffer counted within the limit.
+                    self.lent = !pool.adopt();
+                    self.starved = self.lent;
                 }
                 match self.buf.as_mut() {
                     // Waiting for memory (queued by the loop), or for the
@@ -468,9 +478,8 @@ impl Pipe {
                 }
             }
             // An idle pipe gives its buffer back: idle sessions hold none.
-            if let Some(buf) = self.buf.take_if(|b| b.is_empty()) {
-                pool.put(buf);
-                self.lent = false;
+            if self.buf.as_ref().is_some_and(Buffer::is_empty) {
+                self.give_back(pool);
             }
             if !moved {
                 break;
@@ -512,8 +521,9 @@ impl Pipe {
         }
     }
 
-    /// True while reading pauses because the buffer is full: the source has
-    /// more to say, it is not silent.
+    /// True while reading pauses for the destination (a full buffer, or a
+    /// lent one not yet written out) or for memory: the source has more to
+    /// say, it is not silent.
     pub fn is_paused(&self) -> bool {
         !self.ended() && !self.may_read()
     }
@@ -522,7 +532,8 @@ impl Pipe {
     /// wait for memory. (Whether the source has anything is the socket's.)
     fn may_read(&self) -> bool {
         match &self.buf {
-            Some(buf) => !self.lent && !buf.is_full(),
+            Some(_) if self.lent => self.ready == 0 && !self.starved,
+            Some(buf) => !buf.is_full(),
             None => !self.starved,
         }
     }
@@ -639,8 +650,17 @@ impl Pipe {
 
     /// Return the buffer to the pool (the session is over).
     pub fn release(&mut self, pool: &mut BufferPool) {
+        self.give_back(pool);
+    }
+
+    /// The buffer goes back to the pool, as lent or as counted.
+    fn give_back(&mut self, pool: &mut BufferPool) {
         if let Some(buf) = self.buf.take() {
-            pool.put(buf);
+            if std::mem::take(&mut self.lent) {
+                pool.put_lent(buf);
+            } else {
+                pool.put(buf);
+            }
         }
     }
 }

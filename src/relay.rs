@@ -1321,4 +1321,68 @@ pub(crate) mod tests {
         let (_, pool) = rig.finish();
         assert_eq!(pool.in_use(), 0);
     }
+
+    /// A handshake's leftovers ending inside a frame, in a buffer lent over
+    /// the limit: once the rest is written, the start of a frame left in it
+    /// waits until the buffer can be counted within the limit (another
+    /// frees), then its rest is read and the frame arrives whole.
+    #[test]
+    fn the_start_of_a_frame_left_in_a_lent_buffer_is_read_on_once_it_fits_the_limit() {
+        let mut rig = Rig::new(64, None);
+        rig.pool = BufferPool::new(64, 4).with_limit(64);
+        assert_eq!(rig.run(), Step::Relaying { more: false });
+        let other = rig.pool.take(false).expect("another session's buffer");
+        let head = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
+        let data = pattern(40, 7);
+        let whole = frame(BINARY, &data, None);
+        rig.relay.preload(&mut rig.pool, head, &whole[..1], &[]);
+        rig.upstream_sends(&whole[1..]);
+        assert_eq!(rig.run(), Step::Relaying { more: false });
+        assert_eq!(rig.c.borrow().outbox, head);
+        assert!(rig.pool.take_refused(), "the rest waits for memory");
+        assert_eq!(rig.pool.in_use(), 2);
+        rig.pool.put(other);
+        eprintln!(
+            "before: {:?} readable {}",
+            rig.relay.down,
+            rig.upstream.can_read()
+        );
+        assert_eq!(rig.run(), Step::Relaying { more: false });
+        eprintln!(
+            "after: {:?} inbox {}",
+            rig.relay.down,
+            rig.u.borrow().inbox.len()
+        );
+        let (to_client, partial) = frames(&rig.c.borrow().outbox[head.len()..]);
+        assert_eq!((to_client, partial), (vec![(BINARY, data)], 0));
+        let (_, pool) = rig.finish();
+        assert_eq!(pool.in_use(), 0);
+    }
+
+    /// Room in the pool, but another direction waits for memory: a new
+    /// session's 101 buffer is lent all the same (the queue goes first),
+    /// so nothing is read into it.
+    #[test]
+    fn a_new_session_does_not_read_ahead_of_a_direction_waiting_for_memory() {
+        let mut rig = Rig::new(64, None);
+        rig.pool = BufferPool::new(64, 4).with_limit(128);
+        assert_eq!(rig.run(), Step::Relaying { more: false });
+        rig.pool.set_queue(1, false);
+        let head = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
+        rig.client_reads(0);
+        rig.relay.preload(&mut rig.pool, head, &[], &[]);
+        let sent = frame(BINARY, &pattern(20, 8), None);
+        rig.upstream_sends(&sent);
+        assert_eq!(rig.run(), Step::Relaying { more: false });
+        assert_eq!(
+            rig.u.borrow().inbox.len(),
+            sent.len(),
+            "nothing read ahead of the queue"
+        );
+        rig.pool.set_queue(0, false);
+        rig.client_reads(1 << 20);
+        assert_eq!(rig.run(), Step::Relaying { more: false });
+        let (to_client, _) = frames(&rig.c.borrow().outbox[head.len()..]);
+        assert_eq!(to_client.len(), 1);
+    }
 }
