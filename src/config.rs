@@ -165,7 +165,7 @@ options! {
     METRICS_ADDR: Option<String> = With(non_blank), "--metrics-addr", "", "IP:PORT of the probe path: GET /metrics (Prometheus text format), /healthz and /readyz, answered outside MAX_CONNECTIONS; off when empty";
     SHUTDOWN_GRACE_SECONDS: Duration = Within(seconds, 0, MAX_SECONDS), "--shutdown-grace-seconds", "25", "on SIGTERM/SIGINT, how long open sessions may run before close 1001";
     PING_INTERVAL_SECONDS: Duration = Within(seconds, 0, MAX_SECONDS), "--ping-interval-seconds", "15", "ping a side after this much silence from it (0: no keepalive)";
-    PEER_TIMEOUT_SECONDS: Option<Duration> = Within(optional_seconds, 0, MAX_SECONDS), "--peer-timeout-seconds", "", "a side silent this long is gone: the other gets close 1001 (default 3 x PING_INTERVAL_SECONDS; needs an interval)";
+    PEER_TIMEOUT_SECONDS: Option<Duration> = Within(optional_seconds, 0, MAX_SECONDS), "--peer-timeout-seconds", "", "a side silent this long, or that takes none of the bytes waiting for it this long, is gone: the other gets close 1001 (default 3 x PING_INTERVAL_SECONDS; needs an interval)";
     MAX_REQUEST_HEAD_BYTES: usize = Within(number, 512, 1 << 20), "--max-request-head-bytes", "8192", "largest client request head accepted (431 above, 414 when the request line alone is)";
     HANDSHAKE_TIMEOUT_SECONDS: Duration = Within(seconds, 1, MAX_SECONDS), "--handshake-timeout-seconds", "10", "time a client has to send its request head (408 after)";
     UPSTREAM_TIMEOUT_SECONDS: Duration = Within(seconds, 1, MAX_SECONDS), "--upstream-timeout-seconds", "10", "time the upstream has to connect, finish TLS and answer the upgrade (504 after)";

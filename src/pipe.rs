@@ -120,6 +120,10 @@ pub(crate) struct Pipe {
     /// goes back, and reading takes a buffer within the limit. Emptied but
     /// for the start of a frame, that start moves into one.
     lent: bool,
+    /// Since when bytes owed to the destination wait for it to take any
+    /// (it reads nothing): keepalive gives up on a destination stalled for
+    /// PEER_TIMEOUT, as on a silent one.
+    stalled_since: Option<Instant>,
 }
 
 /// What one [`Pipe::pump`] did.
@@ -149,6 +153,7 @@ impl Pipe {
             bulk: false,
             starved: false,
             lent: false,
+            stalled_since: None,
         }
     }
 
@@ -358,6 +363,7 @@ impl Pipe {
         fin_follows: bool,
     ) -> Pump {
         let mut out = Pump::default();
+        let was_writable = dst.writable;
         for _ in 0..budget {
             let mut moved = false;
             // TLS records accepted earlier go out as the socket allows.
@@ -491,6 +497,17 @@ impl Pipe {
             if drained && !self.owes(dst) {
                 break;
             }
+        }
+        // Bytes wait for a destination that takes none: since when. A
+        // destination found writable took bytes since it last blocked (its
+        // readiness comes back when the peer makes room), so that ends it,
+        // as does nothing owed.
+        let owes = self.owes(dst);
+        if was_writable || !owes {
+            self.stalled_since = None;
+        }
+        if owes && !dst.writable {
+            self.stalled_since.get_or_insert(now);
         }
         out
     }
@@ -641,6 +658,11 @@ impl Pipe {
             self.last_rx = now;
         }
         now.saturating_duration_since(self.last_rx)
+    }
+
+    /// Since when the destination has taken nothing of what waits for it.
+    pub fn stalled_since(&self) -> Option<Instant> {
+        self.stalled_since
     }
 
     /// When the source last delivered bytes.

@@ -83,6 +83,9 @@ pub(crate) enum Fired {
     /// This side sent nothing, not even a pong, for PEER_TIMEOUT: the other
     /// side is being told (close 1001).
     PeerGone(Side),
+    /// This side took nothing of what waits for it for PEER_TIMEOUT (it
+    /// does not read): the other side is being told (close 1001).
+    PeerStalled(Side),
     /// The token expired (CLOSE_ON_TOKEN_EXPIRY): the client is being told
     /// (1008), the upstream gets a normal goodbye.
     TokenExpired,
@@ -245,11 +248,15 @@ impl Relay {
         // session may end.
         let flushed = !client.has_pending_output() && !upstream.has_pending_output();
         if up.finished() && down.finished() && flushed {
-            self.outcome = Some(if self.going_away {
-                "going away (shutdown)".to_owned()
-            } else {
-                describe_end(up, down)
-            });
+            // A timeout named earlier says more than the pipes' ends (both
+            // "stopped by the proxy" then).
+            if self.outcome.is_none() {
+                self.outcome = Some(if self.going_away {
+                    "going away (shutdown)".to_owned()
+                } else {
+                    describe_end(up, down)
+                });
+            }
             self.end.get_or_insert_with(|| end_of(up, down));
             let clean = matches!(up.end(), Some(SourceEnd::Close(_)))
                 && matches!(down.end(), Some(SourceEnd::Close(_)));
@@ -297,11 +304,19 @@ impl Relay {
         if self.keepalive_at.is_some_and(|t| t <= now) {
             match self.keepalive(now, pool) {
                 Keepalive::Next(at) => self.keepalive_at = Some(at),
-                Keepalive::Gone(side) => {
-                    self.outcome = Some(format!("{side} timed out (no answer to pings)"));
+                Keepalive::Gone(side, stalled) => {
+                    self.outcome = Some(if stalled {
+                        format!("{side} timed out (takes no bytes)")
+                    } else {
+                        format!("{side} timed out (no answer to pings)")
+                    });
                     self.end = Some(SessionEnd::Timeout);
                     self.start_closing(now);
-                    return Fired::PeerGone(side);
+                    return if stalled {
+                        Fired::PeerStalled(side)
+                    } else {
+                        Fired::PeerGone(side)
+                    };
                 }
             }
         }
@@ -340,8 +355,10 @@ impl Relay {
 
     /// Ping sides that have been silent for PING_INTERVAL (the pong comes
     /// back through the other pipe and is taken out of the stream there),
-    /// and give up on a side silent for PEER_TIMEOUT: the other side gets
-    /// close 1001.
+    /// and give up on a side silent for PEER_TIMEOUT, or that took nothing
+    /// of what waits for it for as long (it may talk, but it does not read,
+    /// and its buffer would be held for good): the other side gets close
+    /// 1001.
     fn keepalive(&mut self, now: Instant, pool: &mut BufferPool) -> Keepalive {
         let Timers {
             ping_interval: interval,
@@ -355,11 +372,17 @@ impl Relay {
                 Side::Upstream => (&mut self.down, &mut self.up, &mut self.ping_upstream),
             };
             let silence = from.silence(now);
-            if silence >= timeout {
+            let stalled = toward.stalled_since();
+            if silence >= timeout
+                || stalled.is_some_and(|t| now.saturating_duration_since(t) >= timeout)
+            {
                 // The side still there is told; the silent one just loses TCP.
                 toward.abort(pool);
                 from.finish_with_close(1001, timed_out(side));
-                return Keepalive::Gone(side);
+                return Keepalive::Gone(side, silence < timeout);
+            }
+            if let Some(t) = stalled {
+                next = next.min(t + timeout);
             }
             let due = last_ping
                 .is_none_or(|p| p < from.last_rx() || now.saturating_duration_since(p) >= interval);
@@ -419,8 +442,9 @@ impl Relay {
 enum Keepalive {
     /// Both sides are alive; look again then.
     Next(Instant),
-    /// This side sent nothing, not even a pong, for PEER_TIMEOUT.
-    Gone(Side),
+    /// This side sent nothing, not even a pong, for PEER_TIMEOUT; or took
+    /// nothing of what waits for it (the `bool`) for as long.
+    Gone(Side, bool),
 }
 
 /// The reason the other side is given when `side` stopped answering.
@@ -1319,6 +1343,39 @@ pub(crate) mod tests {
         assert_eq!((to_client, partial), (vec![(BINARY, data)], 0));
         assert_eq!(rig.to_upstream(), (vec![(BINARY, up)], 0));
         let (_, pool) = rig.finish();
+        assert_eq!(pool.in_use(), 0);
+    }
+
+    /// A client that keeps talking but reads nothing: what waits for it
+    /// would hold its buffer for good (and, under RELAY_MEMORY_BYTES, keep
+    /// others waiting). Taking nothing for PEER_TIMEOUT is gone, as silence
+    /// is: the upstream gets close 1001.
+    #[test]
+    fn a_side_that_talks_but_takes_nothing_is_given_up_after_the_peer_timeout() {
+        let mut rig = Rig::with_keepalive(1024, Duration::from_secs(3));
+        rig.client_reads(0);
+        rig.upstream_sends(&frame(BINARY, &pattern(4_000, 1), None));
+        rig.run();
+        let mut fired = Fired::Nothing;
+        for round in 0..8u8 {
+            rig.client_sends(&frame(BINARY, &[round], Some(KEY)));
+            rig.run();
+            fired = rig.advance(Duration::from_millis(500));
+            if fired != Fired::Nothing {
+                assert!(round >= 5, "given up after {round} rounds of 500 ms");
+                break;
+            }
+        }
+        assert_eq!(fired, Fired::PeerStalled(Side::Client));
+        rig.run();
+        let (to_upstream, _) = rig.to_upstream();
+        let last = to_upstream.last().expect("frames to the upstream");
+        assert_eq!(last.0, CLOSE);
+        assert_eq!(&last.1[..2], &1001u16.to_be_bytes());
+        assert_eq!(&last.1[2..], b"client timed out");
+        let (report, pool) = rig.finish();
+        assert_eq!(report.end, SessionEnd::Timeout);
+        assert_eq!(report.outcome, "client timed out (takes no bytes)");
         assert_eq!(pool.in_use(), 0);
     }
 

@@ -500,6 +500,13 @@ impl<S: Transport> Session<S> {
                                 self.id, self.peer
                             );
                         }
+                        Fired::PeerStalled(side) => {
+                            ctx.metrics.keepalive_timeouts += 1;
+                            info!(
+                                "session {} {}: {side} stopped reading, closing",
+                                self.id, self.peer
+                            );
+                        }
                         Fired::TokenExpired => {
                             info!("session {} {}: token expired, closing", self.id, self.peer);
                         }

@@ -150,6 +150,45 @@ fn a_client_that_stops_answering_is_gone_after_the_peer_timeout() {
 }
 
 #[test]
+fn a_client_that_talks_but_never_reads_is_gone_after_the_peer_timeout() {
+    // It sends a message every 100 ms, so it is never silent, and reads
+    // nothing while the upstream streams: every buffer on the way fills,
+    // and the proxy's would be held for good (RELAY_MEMORY_BYTES is shared).
+    const TOTAL: u64 = 1 << 30;
+    const FRAME: usize = 64 << 10;
+    let h = Harness::start_with(
+        B::Stream {
+            total: TOTAL,
+            frame: FRAME,
+        },
+        |c| {
+            c.ping_interval = Duration::from_secs(1);
+            c.peer_timeout = Duration::from_secs(2);
+            c.close_timeout = Duration::from_secs(1);
+        },
+    );
+    let mut ws = h.ws(&format!("stream-{TOTAL}-{FRAME}"));
+    let handle = h.handle();
+    let started = Instant::now();
+    while handle.stats().open_sessions > 0 && started.elapsed() < Duration::from_secs(20) {
+        // Sends fail once the proxy has closed the socket.
+        let _ = ws.send(Message::binary(vec![7u8; 16]));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s = handle.stats();
+    assert_eq!(
+        s.open_sessions, 0,
+        "the session outlived 20 s of a client reading nothing"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!((s.buffers_in_use, s.buffer_bytes), (0, 0));
+}
+
+#[test]
 fn sigterm_drains_then_closes_with_1001_and_exits_0() {
     let standin = StandIn::serving(B::Echo);
     let mut p = Binary::start(standin.addr(), &[("SHUTDOWN_GRACE_SECONDS", "2")]);
