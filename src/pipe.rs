@@ -106,7 +106,8 @@ pub(crate) struct Pipe {
     bytes: u64,
     /// Bytes still to be written that are not frames (the 101 head).
     uncounted: u64,
-    /// Times the buffer filled up and reading paused.
+    /// Times reading paused for the destination (a full buffer, or TLS
+    /// records waiting for its socket).
     pauses: u64,
     /// The source streams in bulk: take a bulk buffer when taking one. Set
     /// when one read brings a whole regular buffer's worth; cleared when a
@@ -120,6 +121,11 @@ pub(crate) struct Pipe {
     /// goes back, and reading takes a buffer within the limit. Emptied but
     /// for the start of a frame, that start moves into one.
     lent: bool,
+    /// TLS towards the destination still holds records it took from this
+    /// pipe (its socket is full): reading waits until they are on the wire,
+    /// so those records take the place of the bytes they came from and
+    /// buffer and records together stay within the buffer's size.
+    behind_tls: bool,
     /// Since when bytes owed to the destination wait for it to take any
     /// (it reads nothing): keepalive gives up on a destination stalled for
     /// PEER_TIMEOUT, as on a silent one.
@@ -153,6 +159,7 @@ impl Pipe {
             bulk: false,
             starved: false,
             lent: false,
+            behind_tls: false,
             stalled_since: None,
         }
     }
@@ -342,7 +349,8 @@ impl Pipe {
         fin_follows: bool,
     ) -> Pump {
         let readable = !self.ended() && src.can_read();
-        let idle_buffer = self.buf.as_ref().is_some_and(Buffer::is_empty);
+        let idle_buffer =
+            self.buf.as_ref().is_some_and(Buffer::is_empty) && !dst.has_pending_output();
         if readable || (dst.writable && self.owes(dst)) || idle_buffer {
             self.pump(src, dst, pool, budget, now, fin_follows)
         } else {
@@ -374,8 +382,15 @@ impl Pipe {
                 out.dst_failed = Some(e);
                 return out;
             }
-            // Read while there is room and the source is still delivering.
-            if !self.ended() && src.can_read() {
+            // Read while there is room and the source is still delivering,
+            // and TLS towards the destination holds none of what it took
+            // (see `behind_tls`): a buffer's bytes and the records made of
+            // them are never both held, so what a slow TLS reader costs stays
+            // within the buffer, and within RELAY_MEMORY_BYTES.
+            self.behind_tls = dst.has_pending_output();
+            if self.behind_tls && !self.ended() && src.can_read() {
+                self.pauses += 1;
+            } else if !self.ended() && src.can_read() {
                 if self.buf.is_none() {
                     self.buf = pool.take(self.bulk);
                     self.starved = self.buf.is_none();
@@ -484,7 +499,11 @@ impl Pipe {
                 }
             }
             // An idle pipe gives its buffer back: idle sessions hold none.
-            if self.buf.as_ref().is_some_and(Buffer::is_empty) {
+            // Not while TLS still holds records made of its bytes: they
+            // count as the buffer's until they are on the wire (else every
+            // slow TLS reader could hold a buffer's worth of records outside
+            // the pool's count, one session after another).
+            if self.buf.as_ref().is_some_and(Buffer::is_empty) && !dst.has_pending_output() {
                 self.give_back(pool);
             }
             if !moved {
@@ -538,9 +557,9 @@ impl Pipe {
         }
     }
 
-    /// True while reading pauses for the destination (a full buffer, or a
-    /// lent one not yet written out) or for memory: the source has more to
-    /// say, it is not silent.
+    /// True while reading pauses for the destination (a full buffer, TLS
+    /// records not yet on the wire, or a lent buffer not yet written out) or
+    /// for memory: the source has more to say, it is not silent.
     pub fn is_paused(&self) -> bool {
         !self.ended() && !self.may_read()
     }
@@ -548,11 +567,12 @@ impl Pipe {
     /// Reading may go on: there is room in the buffer, or no buffer and no
     /// wait for memory. (Whether the source has anything is the socket's.)
     fn may_read(&self) -> bool {
-        match &self.buf {
-            Some(_) if self.lent => self.ready == 0 && !self.starved,
-            Some(buf) => !buf.is_full(),
-            None => !self.starved,
-        }
+        !self.behind_tls
+            && match &self.buf {
+                Some(_) if self.lent => self.ready == 0 && !self.starved,
+                Some(buf) => !buf.is_full(),
+                None => !self.starved,
+            }
     }
 
     /// Send the destination a ping of the proxy's own at the next frame

@@ -2074,22 +2074,54 @@ mod tests {
                 if !out.is_empty() {
                     rig.client_sends(&out);
                 }
-                let mut rd = &sent[..];
-                while !rd.is_empty() {
-                    self.tls.read_tls(&mut rd).expect("client read_tls");
-                    self.tls.process_new_packets().expect("client TLS");
-                }
-                let mut buf = [0u8; 4096];
+                self.decrypt(&sent);
+                rig.event(Side::Client, false, true);
+                rig.drive();
+            }
+            panic!("the TLS exchange never settled");
+        }
+
+        /// Take in records the session sent; keep what they decrypt to.
+        fn decrypt(&mut self, mut records: &[u8]) {
+            let mut buf = [0u8; 4096];
+            loop {
+                // rustls holds 16 KiB of plaintext at most: read as it comes.
                 loop {
                     match std::io::Read::read(&mut self.tls.reader(), &mut buf) {
                         Ok(0) | Err(_) => break,
                         Ok(n) => self.received.extend_from_slice(&buf[..n]),
                     }
                 }
-                rig.event(Side::Client, false, true);
-                rig.drive();
+                if records.is_empty() {
+                    return;
+                }
+                self.tls.read_tls(&mut records).expect("client read_tls");
+                self.tls.process_new_packets().expect("client TLS");
             }
-            panic!("the TLS exchange never settled");
+        }
+
+        /// The TLS handshake, the upgrade, the dial and the upstream's 101:
+        /// relaying, with nothing received yet.
+        fn open(&mut self, rig: &mut Rig, what: &str) {
+            self.pump(rig);
+            assert!(!self.tls.is_handshaking(), "{what}: handshake not done");
+            assert!(matches!(rig.session.state, State::ReadingRequest { .. }));
+            self.send(rig, UPGRADE);
+            assert!(matches!(rig.session.state, State::Dialing(_)), "{what}");
+            rig.event(Side::Upstream, false, true);
+            rig.drive();
+            let request = String::from_utf8(rig.upstream.borrow().outbox.clone()).expect("utf-8");
+            let key = request
+                .lines()
+                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                .expect("a key")
+                .to_owned();
+            rig.upstream.borrow_mut().outbox.clear();
+            rig.upstream_sends(&http::switching_protocols(&key, None));
+            self.pump(rig);
+            assert!(rig.session.is_relaying(), "{what}");
+            assert!(self.received.starts_with(b"HTTP/1.1 101 "), "{what}");
+            self.received.clear();
         }
 
         fn send(&mut self, rig: &mut Rig, plaintext: &[u8]) {
@@ -2192,29 +2224,9 @@ mod tests {
             for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
                 let what = format!("rsa {rsa}, {:?}", version.version);
                 let (mut peer, mut rig) = tls_rig(rsa, &[version]);
-                peer.pump(&mut rig);
-                assert!(!peer.tls.is_handshaking(), "{what}: handshake not done");
+                peer.open(&mut rig, &what);
                 assert_eq!(peer.tls.protocol_version(), Some(version.version), "{what}");
                 assert_eq!(peer.tls.alpn_protocol(), Some(&b"http/1.1"[..]), "{what}");
-                assert!(matches!(rig.session.state, State::ReadingRequest { .. }));
-
-                peer.send(&mut rig, UPGRADE);
-                assert!(matches!(rig.session.state, State::Dialing(_)), "{what}");
-                rig.event(Side::Upstream, false, true);
-                rig.drive();
-                let request =
-                    String::from_utf8(rig.upstream.borrow().outbox.clone()).expect("utf-8");
-                let key = request
-                    .lines()
-                    .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
-                    .expect("a key")
-                    .to_owned();
-                rig.upstream.borrow_mut().outbox.clear();
-                rig.upstream_sends(&http::switching_protocols(&key, None));
-                peer.pump(&mut rig);
-                assert!(rig.session.is_relaying(), "{what}");
-                assert!(peer.received.starts_with(b"HTTP/1.1 101 "), "{what}");
-                peer.received.clear();
 
                 peer.send(&mut rig, &frame(BINARY, b"key event", Some(KEY)));
                 rig.upstream_sends(&frame(BINARY, b"framebuffer update", None));
@@ -2240,5 +2252,64 @@ mod tests {
                 assert_eq!(rig.world.pool.in_use(), 0, "{what}");
             }
         }
+    }
+
+    /// A client that reads slowly over TLS: the records TLS holds for its
+    /// full socket count as the buffer's. The session reads from the
+    /// upstream no more than buffer and records together hold (one buffer),
+    /// keeps the buffer, counted in the pool, until the records are on the
+    /// wire, and every byte arrives in order once the client reads.
+    /// (Without this each slow TLS reader held up to RELAY_BUFFER_BYTES of
+    /// records beside a full buffer, outside RELAY_MEMORY_BYTES.)
+    #[test]
+    fn tls_records_waiting_for_a_full_socket_stay_within_the_buffer() {
+        let (mut peer, mut rig) = tls_rig(false, rustls::DEFAULT_VERSIONS);
+        peer.open(&mut rig, "open");
+        let buffer = rig.world.config.buffer_size;
+        // From now on the client's socket takes 16 KiB, then nothing.
+        {
+            let mut c = rig.client.borrow_mut();
+            c.max_write = 0;
+            c.room = 16 << 10;
+        }
+        let payload: Vec<u8> = (0..8 * buffer).map(|i| (i % 251) as u8).collect();
+        let stream: Vec<u8> = payload
+            .chunks(16 << 10)
+            .flat_map(|c| frame(BINARY, c, None))
+            .collect();
+        rig.upstream_sends(&stream);
+        for _ in 0..3 {
+            rig.event(Side::Client, false, true);
+            rig.drive();
+        }
+        let read = stream.len() - rig.upstream.borrow().inbox.len();
+        let sent = std::mem::take(&mut rig.client.borrow_mut().outbox);
+        assert_eq!(sent.len(), 16 << 10, "the client's socket is full");
+        peer.decrypt(&sent);
+        // Held by the session: what it read less what the client could
+        // decrypt (a record cut by the full socket is on the wire, not held).
+        let held = read - peer.received.len();
+        let cut_record = (16 << 10) + 64;
+        assert!(
+            held <= buffer + cut_record,
+            "read {read} bytes, the client got {}: {held} held, more than a {buffer}-byte buffer",
+            peer.received.len()
+        );
+        assert!(held >= buffer / 2, "the buffer is used: {held} held");
+        assert!(rig.session.client.has_pending_output());
+        assert_eq!(
+            (rig.world.pool.in_use(), rig.world.pool.bytes_in_use()),
+            (1, buffer),
+            "the buffer stays counted while TLS holds its records"
+        );
+        // The client reads: everything arrives, in order, and the buffer
+        // goes back once nothing waits.
+        rig.client.borrow_mut().room = usize::MAX;
+        peer.pump(&mut rig);
+        let (got, rest) = frames(&peer.received);
+        assert_eq!(rest, 0);
+        let got: Vec<u8> = got.into_iter().flat_map(|(_, p)| p).collect();
+        assert!(got == payload, "bytes lost or out of order");
+        assert_eq!(rig.world.pool.in_use(), 0);
     }
 }
