@@ -51,9 +51,9 @@ impl Buffer {
         self.data.len()
     }
 
-    /// True when no more bytes fit.
-    pub fn is_full(&self) -> bool {
-        self.len() == self.capacity()
+    /// Bytes that still fit.
+    pub fn free(&self) -> usize {
+        self.capacity() - self.len()
     }
 
     /// The bytes held, oldest first.
@@ -349,7 +349,7 @@ mod tests {
         let mut pool = BufferPool::new(8, 1);
         let mut b = pool.get();
         assert_eq!(b.push(b"abcdefghij"), 8);
-        assert!(b.is_full());
+        assert_eq!(b.free(), 0);
         b.consume(3);
         assert_eq!(b.data(), b"defgh");
         assert_eq!(b.space().len(), 3);

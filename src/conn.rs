@@ -18,6 +18,8 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use rustls::Connection;
 
+use crate::tls_records::RecordEdges;
+
 /// The byte stream under a [`Conn`]: non-blocking reads and writes
 /// (`WouldBlock` when the kernel has nothing or takes nothing), a
 /// half-close, and what a session asks of a socket while connecting.
@@ -165,6 +167,45 @@ pub(crate) struct Conn<S = TcpStream> {
     /// again, with no event to wait for (the socket's FIN was read with the
     /// last records, and the kernel will not report it twice).
     tls_ended: bool,
+    /// Where the TLS records read from the socket end (see `tls_records`).
+    edges: RecordEdges,
+}
+
+/// Room a read of decrypted bytes needs so that rustls keeps none of them:
+/// a whole record's plaintext (16 KiB), plus small records that one of its
+/// 4 KiB socket reads may complete with it.
+const TLS_READ_ROOM: usize = (16 << 10) + (4 << 10);
+
+/// The socket under TLS as rustls reads it, each read ending at the end of
+/// the record in progress when `align` asks (the reader's buffer is nearly
+/// full: see `tls_records`).
+struct RecordReader<'a, S> {
+    stream: &'a mut S,
+    edges: &'a mut RecordEdges,
+    align: bool,
+}
+
+impl<S: Read> Read for RecordReader<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let take = match self.edges.to_record_end() {
+            Some(end) if self.align => end.min(buf.len()),
+            _ => buf.len(),
+        };
+        let n = self.stream.read(&mut buf[..take])?;
+        self.edges.saw(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// A socket with nothing to read yet: a rustls read from it does nothing
+/// but let rustls give back the buffer it keeps for records in progress,
+/// which it does only on a read that finds that buffer empty.
+struct NothingYet;
+
+impl Read for NothingYet {
+    fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
 }
 
 fn would_block(e: &io::Error) -> bool {
@@ -186,6 +227,7 @@ impl<S: Transport> Conn<S> {
             held_for_fin: false,
             tls_plaintext: false,
             tls_ended: false,
+            edges: RecordEdges::default(),
         }
     }
 
@@ -256,7 +298,15 @@ impl<S: Transport> Conn<S> {
             if !self.readable {
                 return Io::WouldBlock;
             }
-            match tls.read_tls(&mut self.stream) {
+            // Near the end of the caller's buffer, read no further than the
+            // record in progress, so that should the caller stop here, it
+            // stops on a boundary (see `tls_records`).
+            let mut socket = RecordReader {
+                stream: &mut self.stream,
+                edges: &mut self.edges,
+                align: buf.len() < 2 * TLS_READ_ROOM,
+            };
+            match tls.read_tls(&mut socket) {
                 Ok(n) => {
                     if n == 0 {
                         // TCP ended: rustls now reports the end, after any
@@ -285,6 +335,40 @@ impl<S: Transport> Conn<S> {
         // Out of rounds with records still coming: stay readable.
         self.tls_plaintext = true;
         Io::WouldBlock
+    }
+
+    /// The free bytes a buffer needs for a read into it: with TLS, room for
+    /// whatever rustls may hand over at once (else rustls keeps the rest),
+    /// within `capacity`; without, a byte.
+    pub fn room_to_read(&self, capacity: usize) -> usize {
+        if self.tls.is_some() {
+            TLS_READ_ROOM.min(capacity)
+        } else {
+            1
+        }
+    }
+
+    /// The caller stops reading for a while (its buffer is full): with TLS,
+    /// if the last read ended on a record boundary, let rustls give back
+    /// the buffer it keeps for a record in progress (17 KiB once a full
+    /// record went through it; 4 KiB after).
+    pub fn pause_reading(&mut self) {
+        if let Some(tls) = self.tls.as_mut()
+            && self.edges.at_boundary()
+        {
+            let _ = tls.read_tls(&mut NothingYet);
+        }
+    }
+
+    /// True when rustls holds nothing read from the socket: no plaintext
+    /// not yet taken, no part of a record (for the unit tests).
+    #[cfg(test)]
+    pub fn tls_keeps_nothing_read(&mut self) -> bool {
+        let nothing_decrypted = self.tls.as_mut().is_none_or(|t| {
+            t.process_new_packets()
+                .is_ok_and(|s| s.plaintext_bytes_to_read() == 0)
+        });
+        nothing_decrypted && self.edges.at_boundary()
     }
 
     /// One read of the socket itself, bypassing TLS (for input that is

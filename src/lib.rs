@@ -272,6 +272,7 @@ mod relay;
 mod route;
 mod server;
 mod session;
+mod tls_records;
 mod token;
 mod upstream;
 mod x509;

@@ -126,6 +126,9 @@ pub(crate) struct Pipe {
     /// so those records take the place of the bytes they came from and
     /// buffer and records together stay within the buffer's size.
     behind_tls: bool,
+    /// Free bytes the buffer needs for a read from the source
+    /// (`Conn::room_to_read`): with TLS, a record's worth and more.
+    room: usize,
     /// Since when bytes owed to the destination wait for it to take any
     /// (it reads nothing): keepalive gives up on a destination stalled for
     /// PEER_TIMEOUT, as on a silent one.
@@ -160,6 +163,7 @@ impl Pipe {
             starved: false,
             lent: false,
             behind_tls: false,
+            room: 1,
             stalled_since: None,
         }
     }
@@ -400,12 +404,22 @@ impl Pipe {
                     self.lent = !pool.adopt();
                     self.starved = self.lent;
                 }
+                if let Some(buf) = &self.buf {
+                    self.room = src.room_to_read(buf.capacity());
+                }
                 match self.buf.as_mut() {
                     // Waiting for memory (queued by the loop), or for the
                     // destination to take a buffer lent over the limit.
                     None => {}
                     Some(_) if self.lent => {}
-                    Some(buf) if buf.is_full() => self.pauses += 1,
+                    // Full, for this source: with TLS, a read needs room for
+                    // all rustls may hand over, and the last one ended on a
+                    // record boundary (see `tls_records`), so rustls keeps
+                    // nothing of the stream while reading pauses.
+                    Some(buf) if buf.free() < self.room => {
+                        self.pauses += 1;
+                        src.pause_reading();
+                    }
                     Some(buf) => match src.read(buf.space()) {
                         Io::Done(n) => {
                             buf.fill(n);
@@ -570,7 +584,7 @@ impl Pipe {
         !self.behind_tls
             && match &self.buf {
                 Some(_) if self.lent => self.ready == 0 && !self.starved,
-                Some(buf) => !buf.is_full(),
+                Some(buf) => buf.free() >= self.room,
                 None => !self.starved,
             }
     }

@@ -2312,4 +2312,67 @@ mod tests {
         assert!(got == payload, "bytes lost or out of order");
         assert_eq!(rig.world.pool.in_use(), 0);
     }
+
+    /// A client sending over TLS faster than the upstream takes: the read
+    /// that fills the buffer ends on a record boundary, so while reading
+    /// pauses rustls keeps nothing of the stream (no plaintext that did not
+    /// fit, no part of a record: it can give its record buffer back), and
+    /// the rest waits in the socket. Every byte arrives once the upstream
+    /// reads. (Before, a stalled TLS source kept up to 16 KiB of plaintext
+    /// and a 17-20 KiB record buffer, outside RELAY_MEMORY_BYTES.)
+    #[test]
+    fn reading_from_tls_pauses_on_a_record_boundary() {
+        let (mut peer, mut rig) = tls_rig(false, rustls::DEFAULT_VERSIONS);
+        peer.open(&mut rig, "open");
+        let buffer = rig.world.config.buffer_size;
+        {
+            let mut up = rig.upstream.borrow_mut();
+            up.max_write = 0;
+            up.room = 0;
+        }
+        let payload: Vec<u8> = (0..4 * buffer).map(|i| (i % 253) as u8).collect();
+        let stream: Vec<u8> = payload
+            .chunks(10_000)
+            .flat_map(|c| frame(BINARY, c, Some(KEY)))
+            .collect();
+        let mut records = Vec::new();
+        let mut rest = &stream[..];
+        // A small first write: the records (16 KiB of plaintext each) then
+        // do not end where the buffer does.
+        let mut most = 1000;
+        while !rest.is_empty() {
+            let chunk = &rest[..rest.len().min(std::mem::replace(&mut most, usize::MAX))];
+            let n = std::io::Write::write(&mut peer.tls.writer(), chunk).expect("client write");
+            rest = &rest[n..];
+            while peer.tls.wants_write() {
+                peer.tls.write_tls(&mut records).expect("client write_tls");
+            }
+        }
+        let mut ends = Vec::new();
+        let mut at = 0;
+        while at + 5 <= records.len() {
+            at += 5 + usize::from(u16::from_be_bytes([records[at + 3], records[at + 4]]));
+            ends.push(at);
+        }
+        rig.client_sends(&records);
+        let taken = records.len() - rig.client.borrow().inbox.len();
+        assert!(taken > buffer / 2 && taken < records.len(), "read {taken}");
+        assert!(
+            ends.contains(&taken),
+            "reading paused {taken} bytes into the TLS stream, not at a record's end"
+        );
+        assert!(rig.session.client.tls_keeps_nothing_read());
+        assert_eq!(rig.world.pool.in_use(), 1, "a full buffer");
+        // The upstream reads: all of it arrives, in order.
+        rig.upstream.borrow_mut().room = usize::MAX;
+        for _ in 0..100 {
+            rig.event(Side::Upstream, false, true);
+            rig.drive();
+        }
+        assert!(rig.client.borrow().inbox.is_empty());
+        let (got, rest) = frames(&rig.upstream.borrow().outbox);
+        assert_eq!(rest, 0);
+        let got: Vec<u8> = got.into_iter().flat_map(|(_, p)| p).collect();
+        assert!(got == payload, "bytes lost or out of order");
+    }
 }
