@@ -230,7 +230,7 @@ class Scaling(unittest.TestCase):
 @unittest.skipUnless(shutil.which("kubectl"), "kubectl renders the overlays")
 class Overlays(unittest.TestCase):
     OPTIONS = {"SECRET_KEY", "LOCAL_DEV_MODE", "LOGLEVEL", "LOG_FORMAT", "SHUTDOWN_GRACE_SECONDS",
-               "METRICS_ADDR", "TLS_CERT_FILE", "TLS_KEY_FILE", "CLIENT_CA_FILE"}
+               "METRICS_ADDR", "MAX_CONNECTIONS", "TLS_CERT_FILE", "TLS_KEY_FILE", "CLIENT_CA_FILE"}
 
     @classmethod
     def setUpClass(cls):

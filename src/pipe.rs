@@ -409,9 +409,12 @@ impl Pipe {
                 }
                 match self.buf.as_mut() {
                     // Waiting for memory (queued by the loop), or for the
-                    // destination to take a buffer lent over the limit.
-                    None => {}
-                    Some(_) if self.lent => {}
+                    // destination to take a buffer lent over the limit:
+                    // paused as behind a full buffer, so a TLS source gives
+                    // back its record buffer (17-20 KiB a waiting console
+                    // kept).
+                    None => src.pause_reading(),
+                    Some(_) if self.lent => src.pause_reading(),
                     // Full, for this source: with TLS, a read needs room for
                     // all rustls may hand over, and the last one ended on a
                     // record boundary (see `tls_records`), so rustls keeps

@@ -806,3 +806,151 @@ fn a_silent_tls_client_over_the_per_address_limit_is_closed_by_the_close_timeout
     drop((holder, silent));
     assert!(idle, "sessions still open 6 s later: {left}");
 }
+
+/// The value of the container's environment variable `name` in a manifest
+/// (`- name:` then `value:`), if it is set there.
+fn manifest_env(yaml: &str, name: &str) -> Option<String> {
+    let mut lines = yaml.lines();
+    while let Some(line) = lines.next() {
+        if line.trim() == format!("- name: {name}") {
+            let value = lines.next()?.trim().strip_prefix("value:")?;
+            return Some(value.trim().trim_matches('"').to_owned());
+        }
+    }
+    None
+}
+
+/// The container's memory limit in a manifest, in bytes (`Mi` or `Gi`).
+fn manifest_memory_limit(yaml: &str) -> u64 {
+    let after = yaml.split("limits:").nth(1).expect("limits:");
+    let line = after
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("memory:"))
+        .expect("a memory limit");
+    let v = line.trim();
+    let (n, unit) = v.split_at(v.len() - 2);
+    let n: u64 = n.parse().expect("a number");
+    match unit {
+        "Mi" => n << 20,
+        "Gi" => n << 30,
+        other => panic!("memory limit unit {other}"),
+    }
+}
+
+/// What a console costs the proxy through the real binary, TLS to the
+/// client and to the upstream (deploy/'s TLS overlay, its costliest shape
+/// per session), with an upstream that behaves as `upstream` and a client
+/// that reads nothing after the 101: RSS at the start, and the bytes each
+/// session adds (the slope from `n / 2` sessions to `n`, as the first ones
+/// also grow what the process keeps for all), and `n`. Relay memory is
+/// kept to two buffers, so that what is left is the session's own.
+fn tls_console_cost(upstream: B, buffer: usize) -> (u64, u64, usize) {
+    let n = common::fit_to_nofile_limit("console memory", 200, 2);
+    let pki = TestPki::new();
+    let issued = pki.issue_pem(KeyKind::EcdsaP256, in_a_year());
+    let (dir, cert, key) = pem_files(&issued);
+    dir.write("ca.pem", &pki.ca_pem);
+    let standin = StandIn::start_with(StandInOptions {
+        tls: Some(pki.server_tls()),
+        ..StandInOptions::serving(upstream)
+    });
+    let proxy = ProxyProcess::start(&[
+        ("LOCAL_DEV_MODE", "true".into()),
+        (
+            "WS_REMOTE_URL",
+            format!("wss://localhost:{}", standin.addr().port()),
+        ),
+        (
+            "UPSTREAM_CA_FILE",
+            dir.path().join("ca.pem").display().to_string(),
+        ),
+        ("TLS_CERT_FILE", cert.display().to_string()),
+        ("TLS_KEY_FILE", key.display().to_string()),
+        ("RELAY_BUFFER_BYTES", buffer.to_string()),
+        ("RELAY_MEMORY_BYTES", (2 * buffer).to_string()),
+    ]);
+    let settled = || proxy.settled_rss_kib() << 10;
+    let at_start = settled();
+    let vmi = "console";
+    let tok = Harness::token(&[vmi]);
+    let config = client(&pki, None);
+    let half = n / 2;
+    let mut open: Vec<_> = (0..half)
+        .map(|_| wss(proxy.addr, &config, &format!("/{tok}/{vmi}")))
+        .collect();
+    let with_half = settled();
+    open.extend((half..n).map(|_| wss(proxy.addr, &config, &format!("/{tok}/{vmi}"))));
+    let with_all = settled();
+    drop(open);
+    (
+        at_start,
+        with_all.saturating_sub(with_half) / (n - half) as u64,
+        n,
+    )
+}
+
+/// An upstream that streams as fast as it may: every console whose client
+/// reads nothing fills what it is allowed and waits.
+fn streaming() -> B {
+    B::Stream {
+        total: 256 << 20,
+        frame: 65536,
+    }
+}
+
+#[test]
+fn the_deployments_memory_limit_holds_max_connections_stalled_tls_consoles() {
+    // Its memory limit must hold the process, the relay buffers
+    // RELAY_MEMORY_BYTES allows and the spares the pool keeps (64 regular
+    // and 4 bulk buffers per worker, see server.rs), and MAX_CONNECTIONS
+    // consoles whose browsers all fell behind at once, the worst case, each
+    // measured through the real binary. With 10% to spare for allocator
+    // slack. (The limit was 64Mi for 10,000 sessions, which need 330 MiB:
+    // an OOM kill waiting for a large lab.)
+    let yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/kubernetes/deployment.yaml"
+    ))
+    .expect("deployment.yaml");
+    let defaults = Config::local_dev("ws://127.0.0.1:9", SECRET.as_bytes()).expect("defaults");
+    let setting = |name: &str, default: usize| -> usize {
+        manifest_env(&yaml, name).map_or(default, |v| v.parse().expect(name))
+    };
+    let max_connections = setting("MAX_CONNECTIONS", defaults.max_connections);
+    let relay_memory = setting("RELAY_MEMORY_BYTES", defaults.relay_memory);
+    let buffer = setting("RELAY_BUFFER_BYTES", defaults.buffer_size);
+    let bulk = setting("RELAY_BULK_BUFFER_BYTES", defaults.bulk_buffer_size);
+    let workers = setting("WORKERS", defaults.workers).max(1);
+    let limit = manifest_memory_limit(&yaml);
+
+    let (at_start, per_session, n) = tls_console_cost(streaming(), buffer);
+    let spares = (64 * buffer + 4 * bulk) as u64;
+    let needed = at_start
+        + workers as u64 * (relay_memory as u64 + spares)
+        + (workers * max_connections) as u64 * per_session;
+    assert!(
+        needed + needed / 10 <= limit,
+        "deployment.yaml: a {} MiB memory limit, but {max_connections} stalled TLS consoles \
+         ({per_session} bytes each, measured over {n}) with {relay_memory} bytes of relay \
+         buffers and {spares} of spares need {} MiB, plus 10%",
+        limit >> 20,
+        needed >> 20
+    );
+}
+
+#[test]
+fn a_tls_console_waiting_for_relay_memory_keeps_little_beyond_an_idle_ones_state() {
+    // Waiting for a buffer (RELAY_MEMORY_BYTES all taken), a console with
+    // bytes coming from a TLS upstream leaves them in the socket, and rustls
+    // gives back its 17-20 KiB record buffer: beyond an idle console's state
+    // it keeps at most what the read of the upstream's 101 decrypted past
+    // what it took (part of one record, under 16 KiB). It kept about
+    // 33 KiB more than an idle console when the record buffer stayed.
+    let buffer = 65536;
+    let (_, idle, _) = tls_console_cost(B::Echo, buffer);
+    let (_, waiting, n) = tls_console_cost(streaming(), buffer);
+    assert!(
+        waiting <= idle + 24 * 1024,
+        "a waiting TLS console costs {waiting} bytes, an idle one {idle} (over {n} each)"
+    );
+}

@@ -414,6 +414,20 @@ impl ProxyProcess {
         self.status_field("VmRSS:")
     }
 
+    /// RSS in KiB once it has stopped moving for 100 ms (at most 5 s).
+    pub fn settled_rss_kib(&self) -> u64 {
+        let mut last = self.rss_kib();
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = self.rss_kib();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        last
+    }
+
     /// The proxy's log so far, for a failure message.
     pub fn log_text(&self) -> String {
         self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
