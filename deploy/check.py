@@ -125,6 +125,8 @@ DASHBOARD_NEEDS = {
     "kubevirt_vnc_proxy_bytes_total": "bytes relayed",
     "kubevirt_vnc_proxy_upstream_dial_seconds": "upstream latency",
     "kubevirt_vnc_proxy_tls_certificate_expiry_timestamp_seconds": "certificate expiry",
+    "kubevirt_vnc_proxy_buffer_bytes": "relay memory",
+    "kubevirt_vnc_proxy_sessions_waiting_for_memory": "sessions waiting for relay memory",
 }
 RULES_NEED = {
     "kubevirt_vnc_proxy_max_connections": "sessions near MAX_CONNECTIONS",

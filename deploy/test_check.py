@@ -363,7 +363,7 @@ FAMS_TEXT = "\n".join(f"# TYPE {n} {t}" for n, t in {
     **{f: "gauge" for f in ("kubevirt_vnc_proxy_open_sessions", "kubevirt_vnc_proxy_open_connections",
                             "kubevirt_vnc_proxy_max_connections", "kubevirt_vnc_proxy_workers",
                             "kubevirt_vnc_proxy_workers_alive", "kubevirt_vnc_proxy_draining",
-                            "kubevirt_vnc_proxy_sessions_waiting_for_memory",
+                            "kubevirt_vnc_proxy_sessions_waiting_for_memory", "kubevirt_vnc_proxy_buffer_bytes",
                             check.EXPIRY)},
     **{f: "histogram" for f in ("kubevirt_vnc_proxy_upstream_dial_seconds", "kubevirt_vnc_proxy_handshake_seconds")},
 }.items()) + "\n"
