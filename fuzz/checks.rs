@@ -498,7 +498,9 @@ fn reference_route(
     };
     let mut segs: Vec<&str> = rest.split('/').collect();
     if let Some(p) = prefix {
-        if segs[0] != p {
+        // The prefix is configured decoded and matched against the segment
+        // decoded once; one that does not decode matches nothing.
+        if reference_percent_decode(segs[0]).as_deref() != Some(p) {
             return RefRoute::NotFound;
         }
         segs.remove(0);
@@ -524,8 +526,16 @@ fn check_route(target: &str) {
         .strip_prefix('/')
         .and_then(|r| r.split(['/', '?']).next())
         .unwrap_or("vnc");
+    // As configured: HOST_PATH_PREFIX is kept decoded (and the raw segment,
+    // which matches only when it has no escapes).
+    let decoded_first = reference_percent_decode(first_segment);
     for (path_token, vmi_only) in ROUTE_SHAPES {
-        for prefix in [None, Some("vnc"), Some(first_segment)] {
+        for prefix in [
+            None,
+            Some("vnc"),
+            Some(first_segment),
+            decoded_first.as_deref(),
+        ] {
             let got = route::parse_request_target(target, prefix, path_token, vmi_only);
             let want = reference_route(target, prefix, path_token, vmi_only);
             let same = match (&got, &want) {

@@ -128,7 +128,7 @@ options! {
     HOST: String = With(text), "--host", "0.0.0.0", "address to listen on";
     PORT: u16 = Within(number, 0, 65535), "--port", "5001", "port to listen on";
     WORKERS: usize = Within(number, 1, 256), "--workers", "1", "independent event loops sharing the port (SO_REUSEPORT), one thread each; MAX_CONNECTIONS applies to each";
-    HOST_PATH_PREFIX: Option<String> = With(path_segment), "--host-path-prefix", "", "one leading path segment to expect and strip (behind a reverse proxy)";
+    HOST_PATH_PREFIX: Option<String> = With(path_segment), "--host-path-prefix", "", "one leading path segment to expect and strip (behind a reverse proxy), compared once percent-decoded";
     SECRET_KEY: Option<String> = With(non_empty), "--secret-key", "", "HMAC secret for HS* tokens (required unless JWT_PUBLIC_KEY_FILE is set)";
     JWT_ALGORITHMS: Vec<Algorithm> = With(algorithms), "--jwt-algorithms", "HS256", "accepted algorithms, comma-separated: HS256/384/512, RS256/384/512, PS256/384/512, ES256/384, EdDSA";
     JWT_PUBLIC_KEY_FILE: Vec<String> = With(list), "--jwt-public-key-file", "", "PEM public key files for the asymmetric algorithms, comma-separated (kid = file name without extension)";
@@ -215,12 +215,17 @@ fn boolean(v: &str) -> Result<bool, String> {
 }
 
 /// `/vnc/` and `vnc` are the same prefix; a second segment is refused.
+/// `HOST_PATH_PREFIX`: one segment, which may be given percent-encoded as
+/// in a URL or not; kept decoded, as the request's segment is compared once
+/// decoded (so a literal `%` is written `%25`).
 fn path_segment(v: &str) -> Result<Option<String>, String> {
     let prefix = v.trim_matches('/');
     if prefix.contains('/') {
         return Err("must be a single path segment (no '/' inside)".into());
     }
-    Ok((!prefix.is_empty()).then(|| prefix.to_owned()))
+    let decoded = crate::route::percent_decode(prefix)
+        .ok_or("malformed percent-encoding (write a literal '%' as %25)")?;
+    Ok((!decoded.is_empty()).then_some(decoded))
 }
 
 fn algorithms(v: &str) -> Result<Vec<Algorithm>, String> {
@@ -1428,6 +1433,27 @@ mod tests {
         assert_eq!(run(&e, &["--port=7001"]).unwrap().port, 7001);
         let c = run(&e, &["--host-path-prefix", "/vnc/"]).unwrap();
         assert_eq!(c.path_prefix.as_deref(), Some("vnc"));
+    }
+
+    #[test]
+    fn a_path_prefix_is_kept_decoded_as_the_requests_segment_is_compared() {
+        let prefix = |v: &str| {
+            let mut e = BASE.to_vec();
+            e.push(("HOST_PATH_PREFIX", v));
+            run(&e, &[]).map(|c| c.path_prefix)
+        };
+        assert_eq!(prefix("lab%20consoles"), Ok(Some("lab consoles".into())));
+        assert_eq!(prefix("lab consoles"), Ok(Some("lab consoles".into())));
+        assert_eq!(prefix("100%25"), Ok(Some("100%".into())));
+        let e = all_errors(&[BASE, &[("HOST_PATH_PREFIX", "100%")]].concat(), &[]);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(
+            (e[0].var.as_str(), e[0].message.as_str()),
+            (
+                "HOST_PATH_PREFIX",
+                "malformed percent-encoding (write a literal '%' as %25)"
+            )
+        );
     }
 
     #[test]

@@ -58,8 +58,19 @@ pub fn parse_request_target(
         return Err(RouteError::NotFound("path must start with /"));
     };
     let mut segments = rest.split('/');
-    if prefix.is_some_and(|p| segments.next() != Some(p)) {
-        return Err(RouteError::NotFound("path prefix does not match"));
+    if let Some(p) = prefix {
+        // Decoded once, like the token and the name: a browser escapes what
+        // a URL may not hold raw (`/lab%20consoles/` for "lab consoles").
+        // A segment without escapes is its own decoding, without a copy.
+        let first = segments.next().unwrap_or_default();
+        let same = if first.contains('%') {
+            percent_decode(first).as_deref() == Some(p)
+        } else {
+            first == p
+        };
+        if !same {
+            return Err(RouteError::NotFound("path prefix does not match"));
+        }
     }
     let segments: Vec<&str> = segments.take(3).collect();
     let expected = match (path_token, vmi_only) {
@@ -197,6 +208,32 @@ mod tests {
             parse_target("/other/tok/ubuntu", Some("vnc")),
             Err(RouteError::NotFound(_))
         ));
+        // The prefix segment is decoded once, as the others are.
+        for (target, prefix) in [
+            ("/lab%20consoles/tok/ubuntu", "lab consoles"),
+            ("/v%6Ec/tok/ubuntu", "vnc"),
+            ("/100%25/tok/ubuntu", "100%"),
+        ] {
+            let r = parse_target(target, Some(prefix)).unwrap();
+            assert_eq!(
+                (r.path_token.as_deref(), r.vmi.as_str()),
+                (Some("tok"), "ubuntu")
+            );
+        }
+        for (target, prefix) in [
+            ("/lab%20consoles/tok/ubuntu", "lab%20consoles"),
+            ("/100%25/tok/ubuntu", "100%25"),
+            ("/v%6/tok/ubuntu", "v%6"),
+            ("/vnc%FF/tok/ubuntu", "vnc\u{FFFD}"),
+        ] {
+            assert!(
+                matches!(
+                    parse_target(target, Some(prefix)),
+                    Err(RouteError::NotFound(_))
+                ),
+                "{target} against {prefix}"
+            );
+        }
         for bad in ["/", "/tok", "/tok/", "//vm", "/a/b/c", "tok/vm", "/tok/vm/"] {
             assert!(
                 matches!(parse_target(bad, None), Err(RouteError::NotFound(_))),

@@ -238,6 +238,29 @@ fn unknown_paths_and_prefixes_get_404() {
 }
 
 #[test]
+fn a_prefix_a_browser_escapes_routes_once_decoded() {
+    // A browser escapes a space in a URL: HOST_PATH_PREFIX "lab consoles"
+    // arrives as `/lab%20consoles/` (decoded once, as the token and the
+    // VMI name are; the escaped text itself is no match).
+    let h = Harness::start_with(B::Echo, |c| c.path_prefix = Some("lab consoles".into()));
+    let tok = Harness::token(&["echo"]);
+    let mut ws = h.ws_path(&format!("/lab%20consoles/{tok}/echo"));
+    ws.send(tungstenite::Message::text("via prefix")).unwrap();
+    assert_eq!(ws.read().unwrap(), tungstenite::Message::text("via prefix"));
+    for path in [
+        format!("/lab%2520consoles/{tok}/echo"),
+        format!("/lab%2/{tok}/echo"),
+    ] {
+        let a = assert_no_upstream(&h, || refused(&h, &upgrade_request(&path, "")));
+        assert_eq!(
+            (a.status, a.body.trim_end()),
+            (404, "path prefix does not match"),
+            "{path}"
+        );
+    }
+}
+
+#[test]
 fn bad_tokens_get_401_before_any_upstream_work() {
     let h = Harness::start(B::Echo);
     let claims = lab_claims(NS, &["echo"], now() + 600);
