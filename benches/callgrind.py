@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """User-space instructions per round trip and per session, counted by callgrind.
 
-    python3 benches/callgrind.py [--binary PATH] [--trips N] [--sessions M] [--nginx]
+    python3 benches/callgrind.py [--binary PATH] [--trips N] [--sessions M] [--nginx] [--tls]
 
 Runs the proxy binary (default: a release build with symbols, made here in
 target/profiling) under `valgrind --tool=callgrind` twice per workload, in
@@ -12,6 +12,12 @@ out:
 - round trips: one session, then N 32-byte echo round trips on it;
 - sessions: M sessions one after another, each connect, upgrade with an
   HS256 token, one echo, close (what `benches/nginx/` calls a new session).
+
+With `--tls` the client speaks TLS to the proxy and the proxy TLS to the
+upstream (`wss://`), both TLS 1.3 on a certificate made here with `openssl`
+(the client and the upstream are Python's ssl, whose work is not counted):
+the path of `BENCH_TLS=1 BENCH_CLIENT_TLS=1` in `benches/nginx/`, each
+session a full handshake both ways.
 
 With `--nginx` the same is counted for nginx (one process, `master_process
 off`, `proxy_buffering off`, the Upgrade headers, a location mapping
@@ -29,6 +35,7 @@ import hashlib
 import os
 import re
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -83,9 +90,11 @@ def frame(opcode, payload, mask):
     return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
-def serve_upstream(conn):
+def serve_upstream(conn, tls=None):
     """Echo every frame back (unmasked) after a real 101."""
     try:
+        if tls:
+            conn = tls.wrap_socket(conn, server_side=True)
         head, buf = recv_head(conn)
         key = next(
             line.split(b":", 1)[1].strip()
@@ -107,15 +116,34 @@ def serve_upstream(conn):
     conn.close()
 
 
-def upstream(listener):
+def upstream(listener, tls):
     while True:
         conn, _ = listener.accept()
-        threading.Thread(target=serve_upstream, args=(conn,), daemon=True).start()
+        threading.Thread(target=serve_upstream, args=(conn, tls), daemon=True).start()
 
 
-def session(port, path, echoes):
+def make_pki(d):
+    """A CA and a certificate for localhost and 127.0.0.1 it signed, in `d`:
+    ca.pem, cert.pem, key.pem."""
+    def run(*argv):
+        subprocess.check_call(argv, cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+        "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=bench CA",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign")
+    run("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-keyout", "key.pem", "-out", "leaf.csr", "-subj", "/CN=localhost")
+    with open(os.path.join(d, "leaf.ext"), "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+                "extendedKeyUsage=serverAuth\n")
+    run("openssl", "x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "cert.pem", "-days", "2", "-extfile", "leaf.ext")
+
+
+def session(port, path, echoes, tls=None):
     s = socket.create_connection(("127.0.0.1", port))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls:
+        s = tls.wrap_socket(s, server_hostname="localhost")
     s.sendall(
         (
             "GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -179,9 +207,10 @@ def nginx_command(upstream_port, port):
     return ["nginx", "-p", d, "-c", os.path.join(d, "nginx.conf")], "/token/vm1"
 
 
-def measure(command, env, sessions, echoes, out):
+def measure(command, env, sessions, echoes, out, tls=None):
     """Instructions callgrind counted in the server that `command(port)`
-    starts for `sessions` sessions of `echoes` round trips each."""
+    starts for `sessions` sessions of `echoes` round trips each (over TLS
+    with the client context `tls`)."""
     port = free_port()
     env = dict(env, PORT=str(port))
     argv, path = command(port)
@@ -200,7 +229,7 @@ def measure(command, env, sessions, echoes, out):
         else:
             raise SystemExit("the proxy did not start listening")
         for _ in range(sessions):
-            session(port, path, echoes)
+            session(port, path, echoes, tls)
         time.sleep(0.3)
     finally:
         proc.terminate()
@@ -218,6 +247,7 @@ def main():
     ap.add_argument("--trips", type=int, default=20000)
     ap.add_argument("--sessions", type=int, default=2000)
     ap.add_argument("--nginx", action="store_true", help="count nginx instead")
+    ap.add_argument("--tls", action="store_true", help="TLS to the client and to the upstream")
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
     binary = args.binary
@@ -231,10 +261,21 @@ def main():
             ["cargo", "build", "--release", "--target-dir", OUT], cwd=REPO, env=env
         )
         binary = os.path.join(OUT, "release", "kubevirt-vnc-proxy")
+    if args.tls and args.nginx:
+        raise SystemExit("--tls counts our proxy only")
+    server_tls = client_tls = None
+    if args.tls:
+        pki = os.path.join(OUT, "pki")
+        os.makedirs(pki, exist_ok=True)
+        make_pki(pki)
+        server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_tls.load_cert_chain(os.path.join(pki, "cert.pem"), os.path.join(pki, "key.pem"))
+        client_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client_tls.load_verify_locations(os.path.join(pki, "ca.pem"))
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(128)
-    threading.Thread(target=upstream, args=(listener,), daemon=True).start()
+    threading.Thread(target=upstream, args=(listener, server_tls), daemon=True).start()
     upstream_port = listener.getsockname()[1]
     env = dict(
         os.environ,
@@ -243,20 +284,27 @@ def main():
         SECRET_KEY="s" * 40,
         LOGLEVEL="WARNING",
     )
+    if args.tls:
+        env.update(
+            WS_REMOTE_URL="wss://localhost:%d" % upstream_port,
+            UPSTREAM_CA_FILE=os.path.join(pki, "ca.pem"),
+            TLS_CERT_FILE=os.path.join(pki, "cert.pem"),
+            TLS_KEY_FILE=os.path.join(pki, "key.pem"),
+        )
     if args.nginx:
         name = "nginx"
 
         def command(port):
             return nginx_command(upstream_port, port)
     else:
-        name = "callgrind"
+        name = "callgrind-tls" if args.tls else "callgrind"
 
         def command(port):
             return proxy_command(binary, env)
     files = {w: os.path.join(OUT, "%s.%s" % (name, w)) for w in ("base", "trips", "sessions")}
-    base = measure(command, env, 1, 1, files["base"])
-    trips = measure(command, env, 1, 1 + args.trips, files["trips"])
-    sessions = measure(command, env, 1 + args.sessions, 1, files["sessions"])
+    base = measure(command, env, 1, 1, files["base"], client_tls)
+    trips = measure(command, env, 1, 1 + args.trips, files["trips"], client_tls)
+    sessions = measure(command, env, 1 + args.sessions, 1, files["sessions"], client_tls)
     print("server: %s" % (name if args.nginx else binary))
     print("instructions per round trip: %.0f" % ((trips - base) / args.trips))
     print("instructions per session: %.0f" % ((sessions - base) / args.sessions))
