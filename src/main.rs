@@ -135,11 +135,24 @@ fn main() -> ExitCode {
 }
 
 fn start_failed(e: StartError) -> ExitCode {
-    fatal(&e.to_string());
-    match e {
-        StartError::Config(_) | StartError::Resolve(_) => ExitCode::from(2),
-        // Bind, Io, and any kind added later (StartError is non_exhaustive).
-        _ => ExitCode::FAILURE,
+    /// 2 for what the configuration can fix, as for a bad value.
+    fn configuration(e: &StartError) -> bool {
+        match e {
+            StartError::Config(_) | StartError::Resolve(_) => true,
+            StartError::Several(all) => all.iter().all(configuration),
+            // Bind, Io, and any kind added later (StartError is non_exhaustive).
+            _ => false,
+        }
+    }
+    // One log line (one JSON record) per failure.
+    match &e {
+        StartError::Several(all) => all.iter().for_each(|e| fatal(&e.to_string())),
+        e => fatal(&e.to_string()),
+    }
+    if configuration(&e) {
+        ExitCode::from(2)
+    } else {
+        ExitCode::FAILURE
     }
 }
 

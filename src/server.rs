@@ -87,6 +87,10 @@ pub enum StartError {
     Bind(&'static str, SocketAddr, io::Error),
     /// Setting up the event loop failed.
     Io(io::Error),
+    /// More than one of the files and names the configuration points to
+    /// failed (keys, certificates, CA, token, host names): every one is
+    /// checked, so that one run names them all. In the order they are read.
+    Several(Vec<StartError>),
 }
 
 impl fmt::Display for StartError {
@@ -96,6 +100,10 @@ impl fmt::Display for StartError {
             StartError::Resolve(m) => write!(f, "cannot resolve the upstream: {m}"),
             StartError::Bind(var, addr, e) => write!(f, "cannot listen on {addr} ({var}): {e}"),
             StartError::Io(e) => write!(f, "cannot start: {e}"),
+            StartError::Several(all) => {
+                let lines: Vec<String> = all.iter().map(ToString::to_string).collect();
+                f.write_str(&lines.join("\n"))
+            }
         }
     }
 }
@@ -593,6 +601,75 @@ fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> 
     Ok(TcpListener::from_std(socket.into()))
 }
 
+/// What a start reads and resolves once the configuration's values are
+/// right: the files they name (keys, credentials, certificates) and the host
+/// names.
+struct Ready {
+    /// The built-in authorizer, when it was asked for (its key files read).
+    jwt: Option<JwtAuthorizer>,
+    upstream_addrs: Vec<SocketAddr>,
+    listen: SocketAddr,
+    credentials: Credentials,
+    tls: Option<Arc<SharedTls>>,
+}
+
+impl Ready {
+    /// Every step, each whether or not another failed, so that a start (and
+    /// `check-config`) names every missing file and unresolvable name at
+    /// once, not one per run. The only DNS lookups: at start, never per
+    /// session.
+    fn check(config: &Config, with_jwt: bool) -> Result<Ready, StartError> {
+        let mut failed = Vec::new();
+        fn keep<T>(failed: &mut Vec<StartError>, r: Result<T, StartError>) -> Option<T> {
+            r.map_err(|e| failed.push(e)).ok()
+        }
+        let jwt = if with_jwt {
+            keep(
+                &mut failed,
+                JwtAuthorizer::new(config).map_err(StartError::from),
+            )
+        } else {
+            None
+        };
+        let up = &config.upstream;
+        let upstream_addrs = keep(
+            &mut failed,
+            (up.host.as_str(), up.port)
+                .to_socket_addrs()
+                .map_err(|e| StartError::Resolve(format!("{}: {e}", up.host)))
+                .map(Iterator::collect::<Vec<SocketAddr>>)
+                .and_then(|addrs| match addrs.is_empty() {
+                    true => Err(StartError::Resolve(format!("{}: no addresses", up.host))),
+                    false => Ok(addrs),
+                }),
+        );
+        let listen = keep(&mut failed, resolve_one(&config.host, config.port, "HOST"));
+        let credentials = keep(
+            &mut failed,
+            Credentials::load(config, Instant::now()).map_err(StartError::from),
+        );
+        let tls = keep(
+            &mut failed,
+            SharedTls::load(config, Instant::now()).map_err(StartError::from),
+        );
+        match (upstream_addrs, listen, credentials, tls) {
+            (Some(upstream_addrs), Some(listen), Some(credentials), Some(tls))
+                if failed.is_empty() =>
+            {
+                Ok(Ready {
+                    jwt,
+                    upstream_addrs,
+                    listen,
+                    credentials,
+                    tls,
+                })
+            }
+            _ if failed.len() == 1 => Err(failed.remove(0)),
+            _ => Err(StartError::Several(failed)),
+        }
+    }
+}
+
 fn resolve_one(host: &str, port: u16, var: &str) -> Result<SocketAddr, StartError> {
     (host, port)
         .to_socket_addrs()
@@ -619,18 +696,13 @@ impl Proxy {
 
     /// Everything [`bind`](Self::bind) checks, without listening: the
     /// configuration, the keys, the upstream's name, the credential files.
-    /// Returns a one-line summary.
+    /// Returns a one-line summary; past the configuration's values, every
+    /// file or name that fails is in the error (`StartError::Several` for
+    /// more than one).
     pub fn check(config: &Config) -> Result<String, StartError> {
         config.validate()?;
-        JwtAuthorizer::new(config)?;
-        let up = &config.upstream;
-        let addrs: Vec<SocketAddr> = (up.host.as_str(), up.port)
-            .to_socket_addrs()
-            .map_err(|e| StartError::Resolve(format!("{}: {e}", up.host)))?
-            .collect();
-        Credentials::load(config, Instant::now())?;
-        let tls = SharedTls::load(config, Instant::now())?;
-        resolve_one(&config.host, config.port, "HOST")?;
+        let ready = Ready::check(config, true)?;
+        let (up, addrs, tls) = (&config.upstream, &ready.upstream_addrs, &ready.tls);
         Ok(format!(
             "upstream {}://{} ({} address{}), {} mode, {} key(s), token sources {:?}, listener {}",
             if up.tls { "wss" } else { "ws" },
@@ -668,26 +740,22 @@ impl Proxy {
 
     fn build(b: ProxyBuilder) -> Result<Proxy, StartError> {
         let config = b.config;
-        let authorizer: Box<dyn Authorizer> = match b.authorizer {
-            Some(a) => {
-                config.validate_without_keys()?;
-                a
-            }
-            None => {
-                config.validate()?;
-                Box::new(JwtAuthorizer::new(&config)?)
-            }
-        };
-        // The only DNS lookup: at start, never per session.
-        let up = &config.upstream;
-        let upstream_addrs: Vec<SocketAddr> = (up.host.as_str(), up.port)
-            .to_socket_addrs()
-            .map_err(|e| StartError::Resolve(format!("{}: {e}", up.host)))?
-            .collect();
-        if upstream_addrs.is_empty() {
-            return Err(StartError::Resolve(format!("{}: no addresses", up.host)));
+        match b.authorizer {
+            Some(_) => config.validate_without_keys()?,
+            None => config.validate()?,
         }
-        let listen = resolve_one(&config.host, config.port, "HOST")?;
+        let Ready {
+            jwt,
+            upstream_addrs,
+            listen,
+            credentials,
+            tls,
+        } = Ready::check(&config, b.authorizer.is_none())?;
+        let authorizer: Box<dyn Authorizer> = match (b.authorizer, jwt) {
+            (Some(a), _) => a,
+            (None, Some(jwt)) => Box::new(jwt),
+            (None, None) => unreachable!("Ready::check builds the JWT authorizer when asked"),
+        };
         for k in config
             .jwt
             .secrets
@@ -700,9 +768,6 @@ impl Proxy {
                 k.bytes.len()
             );
         }
-        // Credential files are read now, so a missing one stops the start.
-        let credentials = Credentials::load(&config, Instant::now())?;
-        let tls = SharedTls::load(&config, Instant::now())?;
         let poll = Poll::new()?;
         let mut listener = bind_listener(listen, config.workers > 1)
             .map_err(|e| StartError::Bind("HOST/PORT", listen, e))?;

@@ -554,3 +554,62 @@ fn an_allowed_origin_no_browser_would_send_is_refused_at_start() {
     let (code, stderr) = check_config(&[("ALLOWED_ORIGINS", good)]);
     assert_eq!(code, Some(0), "{stderr}");
 }
+
+#[test]
+fn every_file_problem_is_named_in_one_run() {
+    // An operator fixing the mounts of a new deployment: the upstream's CA
+    // and the listener's certificate both missing. Each used to show on its
+    // own run, the second only once the first was fixed.
+    let dir = scratch_dir("files");
+    let (ca, cert, key) = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    let (ca, cert, key) = (
+        ca.to_str().unwrap(),
+        cert.to_str().unwrap(),
+        key.to_str().unwrap(),
+    );
+    let env = [
+        LOCAL,
+        &[
+            ("WS_REMOTE_URL", "wss://127.0.0.1:9"),
+            ("UPSTREAM_CA_FILE", ca),
+            ("TLS_CERT_FILE", cert),
+            ("TLS_KEY_FILE", key),
+            ("PORT", "0"),
+        ],
+    ]
+    .concat();
+    let expected = [
+        format!("configuration error: UPSTREAM_CA_FILE: cannot read {ca}: "),
+        format!("configuration error: TLS_CERT_FILE: cannot read {cert}: "),
+    ];
+    let out = run(&env, &["check-config"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    for (line, start) in lines.iter().zip(&expected) {
+        assert!(line.starts_with(start.as_str()), "{stderr}");
+    }
+    // A start says the same, one JSON record per problem, and exits 2.
+    let env = [&env[..], &[("LOG_FORMAT", "json")]].concat();
+    let out = run(&env, &[]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let msgs: Vec<String> = stderr
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+            assert_eq!(v["level"], "ERROR", "{l}");
+            v["msg"].as_str().expect("msg").to_owned()
+        })
+        .collect();
+    assert_eq!(msgs.len(), 2, "{stderr}");
+    for (msg, start) in msgs.iter().zip(&expected) {
+        assert!(msg.starts_with(start.as_str()), "{stderr}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
