@@ -53,6 +53,15 @@ impl RecordEdges {
                 bytes = &bytes[n..];
                 continue;
             }
+            // A whole header in view (the usual case: a read starts on a
+            // record's edge): its length straight from the bytes.
+            if self.header_len == 0
+                && let [_, _, _, hi, lo, ..] = *bytes
+            {
+                self.body_left = usize::from(u16::from_be_bytes([hi, lo]));
+                bytes = &bytes[HEADER..];
+                continue;
+            }
             let n = (HEADER - self.header_len).min(bytes.len());
             self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
             self.header_len += n;
