@@ -337,6 +337,31 @@ impl<S: Transport> Conn<S> {
         Io::WouldBlock
     }
 
+    /// Plaintext rustls has already decrypted, without reading the socket:
+    /// 0 when there is none (or no TLS). The end of the stream, or an error,
+    /// is left for the next `read` to report.
+    pub fn take_decrypted(&mut self, buf: &mut [u8]) -> usize {
+        let Some(tls) = self.tls.as_mut() else {
+            return 0;
+        };
+        // `tls_plaintext` says whether a read may return at once: more
+        // plaintext, or the end waiting to be told.
+        match tls.reader().read(buf) {
+            Ok(0) => {
+                self.tls_plaintext = !buf.is_empty();
+                0
+            }
+            Ok(n) => {
+                self.tls_plaintext = n == buf.len();
+                n
+            }
+            Err(e) => {
+                self.tls_plaintext = !would_block(&e);
+                0
+            }
+        }
+    }
+
     /// The free bytes a buffer needs for a read into it: with TLS, room for
     /// whatever rustls may hand over at once (else rustls keeps the rest),
     /// within `capacity`; without, a byte.

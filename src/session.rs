@@ -936,6 +936,24 @@ impl<S: Transport> Session<S> {
             );
             return self.refuse_handshake(ctx, &h.hs, r);
         }
+        let accept = http::switching_protocols(&hs.client_key, hs.client_protocol.as_deref());
+        // What rustls decrypted past the head goes with it, as far as the
+        // buffer that carries the 101 holds: else a console whose relay
+        // waits for memory keeps it there (up to a record, 16 KiB). Bounded:
+        // each round takes bytes already decrypted, or ends.
+        let mut room = ctx
+            .pool
+            .regular_size()
+            .saturating_sub(accept.len() + response.len() - head_len);
+        while room > 0 {
+            let want = room.min(ctx.scratch.len());
+            let n = up.take_decrypted(&mut ctx.scratch[..want]);
+            if n == 0 {
+                break;
+            }
+            response.extend_from_slice(&ctx.scratch[..n]);
+            room -= n;
+        }
         let UpstreamHandshake {
             hs,
             upstream,
@@ -962,7 +980,6 @@ impl<S: Transport> Session<S> {
             ctx.now,
             expires,
         );
-        let accept = http::switching_protocols(&hs.client_key, hs.client_protocol.as_deref());
         relay.preload(ctx.pool, &accept, &response[head_len..], &hs.early);
         self.deadline = relay.deadline();
         let g = hs.grant;
