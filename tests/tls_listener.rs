@@ -509,22 +509,23 @@ fn a_thousand_stalled_handshakes_do_not_delay_a_real_session() {
     assert!(h.wait_idle());
 }
 
-#[test]
-fn backpressure_holds_with_tls_on_both_sides() {
-    const TOTAL: u64 = 128 << 20;
-    let pki = TestPki::new();
+/// The proxy process with TLS to the client and to a stand-in upstream
+/// that behaves as `upstream`, both on certificates of `pki`, and `extra`
+/// settings; with the directory of its files, which must outlive it.
+fn tls_both_ways(
+    pki: &TestPki,
+    upstream: B,
+    extra: &[(&'static str, String)],
+) -> (TempDir, StandIn, ProxyProcess) {
     let issued = pki.issue_pem(KeyKind::EcdsaP256, in_a_year());
     let (dir, cert, key) = pem_files(&issued);
     dir.write("ca.pem", &pki.ca_pem);
     let standin = StandIn::start_with(StandInOptions {
         tls: Some(pki.server_tls()),
-        ..StandInOptions::serving(B::Stream {
-            total: TOTAL,
-            frame: 65536,
-        })
+        ..StandInOptions::serving(upstream)
     });
-    let proxy = ProxyProcess::start(&[
-        ("LOCAL_DEV_MODE", "true".into()),
+    let mut env = vec![
+        ("LOCAL_DEV_MODE", "true".to_owned()),
         (
             "WS_REMOTE_URL",
             format!("wss://localhost:{}", standin.addr().port()),
@@ -535,7 +536,21 @@ fn backpressure_holds_with_tls_on_both_sides() {
         ),
         ("TLS_CERT_FILE", cert.display().to_string()),
         ("TLS_KEY_FILE", key.display().to_string()),
-    ]);
+    ];
+    env.extend_from_slice(extra);
+    let proxy = ProxyProcess::start(&env);
+    (dir, standin, proxy)
+}
+
+#[test]
+fn backpressure_holds_with_tls_on_both_sides() {
+    const TOTAL: u64 = 128 << 20;
+    let pki = TestPki::new();
+    let stream = B::Stream {
+        total: TOTAL,
+        frame: 65536,
+    };
+    let (_files, _standin, proxy) = tls_both_ways(&pki, stream, &[]);
     let vmi = format!("stream-{TOTAL}-65536");
     let tok = Harness::token(&[&vmi]);
     let mut ws = wss(proxy.addr, &client(&pki, None), &format!("/{tok}/{vmi}"));
@@ -847,28 +862,14 @@ fn manifest_memory_limit(yaml: &str) -> u64 {
 fn tls_console_cost(upstream: B, buffer: usize) -> (u64, u64, usize) {
     let n = common::fit_to_nofile_limit("console memory", 200, 2);
     let pki = TestPki::new();
-    let issued = pki.issue_pem(KeyKind::EcdsaP256, in_a_year());
-    let (dir, cert, key) = pem_files(&issued);
-    dir.write("ca.pem", &pki.ca_pem);
-    let standin = StandIn::start_with(StandInOptions {
-        tls: Some(pki.server_tls()),
-        ..StandInOptions::serving(upstream)
-    });
-    let proxy = ProxyProcess::start(&[
-        ("LOCAL_DEV_MODE", "true".into()),
-        (
-            "WS_REMOTE_URL",
-            format!("wss://localhost:{}", standin.addr().port()),
-        ),
-        (
-            "UPSTREAM_CA_FILE",
-            dir.path().join("ca.pem").display().to_string(),
-        ),
-        ("TLS_CERT_FILE", cert.display().to_string()),
-        ("TLS_KEY_FILE", key.display().to_string()),
-        ("RELAY_BUFFER_BYTES", buffer.to_string()),
-        ("RELAY_MEMORY_BYTES", (2 * buffer).to_string()),
-    ]);
+    let (_files, _standin, proxy) = tls_both_ways(
+        &pki,
+        upstream,
+        &[
+            ("RELAY_BUFFER_BYTES", buffer.to_string()),
+            ("RELAY_MEMORY_BYTES", (2 * buffer).to_string()),
+        ],
+    );
     let settled = || proxy.settled_rss_kib() << 10;
     let at_start = settled();
     let vmi = "console";
