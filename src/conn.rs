@@ -169,6 +169,8 @@ pub(crate) struct Conn<S = TcpStream> {
     tls_ended: bool,
     /// Where the TLS records read from the socket end (see `tls_records`).
     edges: RecordEdges,
+    /// A read of the socket brought bytes, ever: the peer has said something.
+    heard: bool,
 }
 
 /// Room a read of decrypted bytes needs so that rustls keeps none of them:
@@ -228,6 +230,7 @@ impl<S: Transport> Conn<S> {
             tls_plaintext: false,
             tls_ended: false,
             edges: RecordEdges::default(),
+            heard: false,
         }
     }
 
@@ -308,6 +311,7 @@ impl<S: Transport> Conn<S> {
             };
             match tls.read_tls(&mut socket) {
                 Ok(n) => {
+                    self.heard |= n > 0;
                     if n == 0 {
                         // TCP ended: rustls now reports the end, after any
                         // plaintext it still holds, on the next round.
@@ -402,12 +406,18 @@ impl<S: Transport> Conn<S> {
         let io = plain_read(&mut self.stream, &mut self.readable, self.read_closed, buf);
         match io {
             Io::Done(n) => {
+                self.heard |= n > 0;
                 self.drained_to_fin = n < buf.len() && self.read_closed && !self.error_seen;
             }
             Io::Eof | Io::Failed(_) => self.input_ended = true,
             Io::WouldBlock => {}
         }
         io
+    }
+
+    /// True once a read of the socket brought bytes.
+    pub fn heard(&self) -> bool {
+        self.heard
     }
 
     /// True when the socket holds nothing but the peer's FIN (see

@@ -1456,19 +1456,12 @@ impl Proxy {
                     self.admit(now, kind, stream, peer);
                     if kind == Kind::Metrics
                         && self.probes.len() > PROBE_SLOTS
-                        && let Some(&oldest) = self.probes.front()
+                        && let Some(victim) = self.probe_to_close()
                     {
-                        // A probe sends its request at once and is answered
-                        // within a round trip or two (a TLS handshake's), so
-                        // the oldest of a full set has had the longest to be
-                        // one and most likely sends nothing: it gives way to
-                        // the one just accepted. Waiting for a slot instead
-                        // let 16 idle connections hold kubelet's probe in
-                        // the backlog past its timeout.
                         debug!(
-                            "probe port: more than {PROBE_SLOTS} connections, closing the oldest"
+                            "probe port: more than {PROBE_SLOTS} connections, closing the oldest silent one"
                         );
-                        self.remove(oldest, now);
+                        self.remove(victim, now);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -1662,6 +1655,25 @@ impl Proxy {
             // for them, so look now.
             self.listener_ready = true;
         }
+    }
+
+    /// Which probe-port connection gives way to the one just accepted
+    /// when they are more than [`PROBE_SLOTS`]: the oldest that has sent
+    /// nothing, else the oldest. A probe sends its request (or its TLS
+    /// ClientHello) at once and is answered within a round trip or two, so
+    /// a silent one is most likely not a probe, and one mid-handshake most
+    /// likely is (a kubelet probe over TLS, which a flood of silent
+    /// connections closed when the oldest always gave way). Waiting for a
+    /// slot instead let 16 idle connections hold kubelet's probe in the
+    /// backlog past its timeout. Bounded: at most `PROBE_SLOTS` + 1.
+    fn probe_to_close(&self) -> Option<usize> {
+        let older = self.probes.len().saturating_sub(1);
+        self.probes
+            .iter()
+            .take(older)
+            .copied()
+            .find(|&k| self.sessions.get(k).is_some_and(|s| !s.client_heard()))
+            .or_else(|| self.probes.front().copied())
     }
 
     fn resume_at(&self) -> usize {

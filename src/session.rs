@@ -324,6 +324,12 @@ impl<S: Transport> Session<S> {
         (now.0.saturating_sub(up), now.1.saturating_sub(down))
     }
 
+    /// The client has sent something (a request's first bytes, a TLS
+    /// ClientHello): the probe port gives way to silent connections first.
+    pub fn client_heard(&self) -> bool {
+        self.client.heard()
+    }
+
     /// The client's address.
     pub fn peer(&self) -> SocketAddr {
         self.peer

@@ -955,3 +955,49 @@ fn a_tls_console_waiting_for_relay_memory_keeps_little_beyond_an_idle_ones_state
         "a waiting TLS console costs {waiting} bytes, an idle one {idle} (over {n} each)"
     );
 }
+
+#[test]
+fn a_tls_probe_mid_handshake_outlasts_a_flood_of_silent_connections_on_the_probe_port() {
+    let pki = TestPki::new();
+    let issued = pki.issue_pem(KeyKind::EcdsaP256, in_a_year());
+    let (_dir, cert, key) = pem_files(&issued);
+    let h = tls_proxy(B::Echo, cert, key, |c| {
+        c.metrics_addr = Some("127.0.0.1:0".into())
+    });
+    let probes = h.proxy.as_ref().unwrap().metrics_addr().unwrap();
+    // The probe: its ClientHello sent and the server's answer read, its
+    // Finished not yet sent (a kubelet probe between two round trips).
+    let name = ServerName::try_from("localhost").unwrap().to_owned();
+    let mut probe = ClientConnection::new(client(&pki, None), name).unwrap();
+    let mut sock = TcpStream::connect(probes).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    while probe.wants_write() {
+        probe.write_tls(&mut sock).unwrap();
+    }
+    while !probe.wants_write() {
+        assert!(probe.read_tls(&mut sock).unwrap() > 0, "no server flight");
+        probe.process_new_packets().unwrap();
+    }
+    // More silent connections than the probe port holds, all after it.
+    // (The port holds 16.)
+    let mut silent: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(probes).unwrap())
+        .collect();
+    // The oldest silent one gives way (once the proxy has accepted them all).
+    let oldest = &mut silent[0];
+    oldest
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    match oldest.read(&mut [0u8; 1]) {
+        Ok(0) => {}
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        other => panic!("the oldest silent connection is still open: {other:?}"),
+    }
+    // The probe finishes its handshake and is answered.
+    let mut tls = StreamOwned::new(probe, sock);
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("the probe's connection was closed");
+    assert_eq!(read_all(&mut tls).status, 200);
+    drop(silent);
+}
