@@ -225,6 +225,10 @@ fn path_segment(v: &str) -> Result<Option<String>, String> {
     }
     let decoded = crate::route::percent_decode(prefix)
         .ok_or("malformed percent-encoding (write a literal '%' as %25)")?;
+    // A decoded '/' (`%2F`) could never match one segment of a request.
+    if decoded.contains('/') {
+        return Err("must be a single path segment (no '/' inside, escaped or not)".into());
+    }
     Ok((!decoded.is_empty()).then_some(decoded))
 }
 
@@ -1445,6 +1449,11 @@ mod tests {
         assert_eq!(prefix("lab%20consoles"), Ok(Some("lab consoles".into())));
         assert_eq!(prefix("lab consoles"), Ok(Some("lab consoles".into())));
         assert_eq!(prefix("100%25"), Ok(Some("100%".into())));
+        for slashed in ["a%2Fb", "%2Fvnc%2F"] {
+            let e = all_errors(&[BASE, &[("HOST_PATH_PREFIX", slashed)]].concat(), &[]);
+            assert_eq!(e.len(), 1, "{slashed}: {e:?}");
+            assert!(e[0].message.contains("single path segment"), "{e:?}");
+        }
         let e = all_errors(&[BASE, &[("HOST_PATH_PREFIX", "100%")]].concat(), &[]);
         assert_eq!(e.len(), 1, "{e:?}");
         assert_eq!(
