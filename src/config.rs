@@ -214,9 +214,9 @@ fn boolean(v: &str) -> Result<bool, String> {
     parse_bool("", v).map_err(|e| e.message)
 }
 
-/// `/vnc/` and `vnc` are the same prefix; a second segment is refused.
-/// `HOST_PATH_PREFIX`: one segment, which may be given percent-encoded as
-/// in a URL or not; kept decoded, as the request's segment is compared once
+/// `HOST_PATH_PREFIX`: one segment (`/vnc/` and `vnc` are the same prefix;
+/// a second segment is refused), which may be given percent-encoded as in a
+/// URL or not; kept decoded, as the request's segment is compared once
 /// decoded (so a literal `%` is written `%25`).
 fn path_segment(v: &str) -> Result<Option<String>, String> {
     let prefix = v.trim_matches('/');

@@ -605,8 +605,8 @@ fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> 
 /// right: the files they name (keys, credentials, certificates) and the host
 /// names.
 struct Ready {
-    /// The built-in authorizer, when it was asked for (its key files read).
-    jwt: Option<JwtAuthorizer>,
+    /// The embedder's authorizer, or the built-in one (its key files read).
+    authorizer: Box<dyn Authorizer>,
     upstream_addrs: Vec<SocketAddr>,
     listen: SocketAddr,
     credentials: Credentials,
@@ -618,18 +618,21 @@ impl Ready {
     /// `check-config`) names every missing file and unresolvable name at
     /// once, not one per run. The only DNS lookups: at start, never per
     /// session.
-    fn check(config: &Config, with_jwt: bool) -> Result<Ready, StartError> {
+    /// `custom` is the embedder's authorizer; without one the built-in JWT
+    /// authorizer is made here.
+    fn check(config: &Config, custom: Option<Box<dyn Authorizer>>) -> Result<Ready, StartError> {
         let mut failed = Vec::new();
         fn keep<T>(failed: &mut Vec<StartError>, r: Result<T, StartError>) -> Option<T> {
             r.map_err(|e| failed.push(e)).ok()
         }
-        let jwt = if with_jwt {
-            keep(
+        let authorizer = match custom {
+            Some(a) => Some(a),
+            None => keep(
                 &mut failed,
-                JwtAuthorizer::new(config).map_err(StartError::from),
-            )
-        } else {
-            None
+                JwtAuthorizer::new(config)
+                    .map(|a| Box::new(a) as Box<dyn Authorizer>)
+                    .map_err(StartError::from),
+            ),
         };
         let up = &config.upstream;
         let upstream_addrs = keep(
@@ -638,9 +641,12 @@ impl Ready {
                 .to_socket_addrs()
                 .map_err(|e| StartError::Resolve(format!("{}: {e}", up.host)))
                 .map(Iterator::collect::<Vec<SocketAddr>>)
-                .and_then(|addrs| match addrs.is_empty() {
-                    true => Err(StartError::Resolve(format!("{}: no addresses", up.host))),
-                    false => Ok(addrs),
+                .and_then(|addrs| {
+                    if addrs.is_empty() {
+                        Err(StartError::Resolve(format!("{}: no addresses", up.host)))
+                    } else {
+                        Ok(addrs)
+                    }
                 }),
         );
         let listen = keep(&mut failed, resolve_one(&config.host, config.port, "HOST"));
@@ -652,18 +658,20 @@ impl Ready {
             &mut failed,
             SharedTls::load(config, Instant::now()).map_err(StartError::from),
         );
-        match (upstream_addrs, listen, credentials, tls) {
-            (Some(upstream_addrs), Some(listen), Some(credentials), Some(tls))
-                if failed.is_empty() =>
-            {
-                Ok(Ready {
-                    jwt,
-                    upstream_addrs,
-                    listen,
-                    credentials,
-                    tls,
-                })
-            }
+        match (authorizer, upstream_addrs, listen, credentials, tls) {
+            (
+                Some(authorizer),
+                Some(upstream_addrs),
+                Some(listen),
+                Some(credentials),
+                Some(tls),
+            ) => Ok(Ready {
+                authorizer,
+                upstream_addrs,
+                listen,
+                credentials,
+                tls,
+            }),
             _ if failed.len() == 1 => Err(failed.remove(0)),
             _ => Err(StartError::Several(failed)),
         }
@@ -701,7 +709,7 @@ impl Proxy {
     /// more than one).
     pub fn check(config: &Config) -> Result<String, StartError> {
         config.validate()?;
-        let ready = Ready::check(config, true)?;
+        let ready = Ready::check(config, None)?;
         let (up, addrs, tls) = (&config.upstream, &ready.upstream_addrs, &ready.tls);
         Ok(format!(
             "upstream {}://{} ({} address{}), {} mode, {} key(s), token sources {:?}, listener {}",
@@ -745,17 +753,12 @@ impl Proxy {
             None => config.validate()?,
         }
         let Ready {
-            jwt,
+            authorizer,
             upstream_addrs,
             listen,
             credentials,
             tls,
-        } = Ready::check(&config, b.authorizer.is_none())?;
-        let authorizer: Box<dyn Authorizer> = match (b.authorizer, jwt) {
-            (Some(a), _) => a,
-            (None, Some(jwt)) => Box::new(jwt),
-            (None, None) => unreachable!("Ready::check builds the JWT authorizer when asked"),
-        };
+        } = Ready::check(&config, b.authorizer)?;
         for k in config
             .jwt
             .secrets
