@@ -70,7 +70,8 @@ expected; exit status 1 on any failure, 2 on a usage error):
      keywords, labels, ranges, strings and Grafana variables skipped;
      `_bucket`/`_sum`/`_count` stripped only from histograms); every query
      names one; the dashboard and rules use the families the issue asks for;
-     the expiry gauge equals the served certificate's notAfter;
+     the expiry gauge equals the served certificate's notAfter; in a panel whose
+     title says "per pod", every aggregation keeps the pod label;
   p. with promtool on PATH (else a note): the rules and the dashboard's queries
      parse (`promtool check rules`), and prometheusrule.test.yaml's alert tests
      pass (`promtool test rules`): each alert fires on its case only.
@@ -193,6 +194,57 @@ def promql_metric_names(expr):
                 names.add(after[1][1:-1])
         i += 1
     return names
+
+
+# Aggregation operators: each may keep labels with `by (...)` or drop them with `without (...)`.
+PROMQL_AGGREGATIONS = {"sum", "min", "max", "avg", "group", "stddev", "stdvar", "count",
+                       "count_values", "bottomk", "topk", "quantile", "limitk", "limit_ratio"}
+
+
+def promql_aggregations_dropping(expr, label):
+    """The aggregation operators of a PromQL expression that do not keep `label`: those with
+    no `by (...)` naming it (either before or after their arguments), or whose
+    `without (...)` names it."""
+    toks = [(m.lastgroup, m.group()) for m in PROMQL_TOKEN.finditer(expr)
+            if m.lastgroup not in ("space", "comment")]
+
+    def labels(i):
+        """The label list opening at toks[i] (a `(`), and the index past its `)`."""
+        out, i = [], i + 1
+        while i < len(toks) and toks[i] != ("punct", ")"):
+            if toks[i][0] == "ident":
+                out.append(toks[i][1])
+            i += 1
+        return out, i + 1
+
+    def clause(i):
+        """(keyword, labels) of a by/without clause at toks[i], else None."""
+        if (i + 1 < len(toks) and toks[i][0] == "ident" and toks[i][1].lower() in ("by", "without")
+                and toks[i + 1] == ("punct", "(")):
+            return toks[i][1].lower(), labels(i + 1)[0]
+        return None
+
+    dropping = []
+    for i, (kind, text) in enumerate(toks):
+        if kind != "ident" or text.lower() not in PROMQL_AGGREGATIONS:
+            continue
+        found = clause(i + 1)
+        if found is None and toks[i + 1:i + 2] == [("punct", "(")]:
+            # `sum(x) by (pod)`: the clause follows the arguments.
+            depth, j = 0, i + 1
+            while j < len(toks):
+                if toks[j] == ("punct", "("):
+                    depth += 1
+                elif toks[j] == ("punct", ")"):
+                    depth -= 1
+                    if depth == 0:
+                        break
+                j += 1
+            found = clause(j + 1)
+        keeps = found is not None and ((found[0] == "by") == (label in found[1]))
+        if not keeps:
+            dropping.append(text)
+    return dropping
 
 
 def grafana_variable_query(query):
@@ -1104,6 +1156,14 @@ class Checker:
             for family, what in needs.items():
                 if family not in used:
                     self.fail(path, f"no query uses {family} ({what})")
+        # A panel that says "per pod" shows one series per pod: a sum over pods under that
+        # title reads as one pod's figure (N pods waiting look like one pod N times worse).
+        for where, expr in dashboard_queries(dashboard):
+            if "per pod" in where.lower():
+                for op in promql_aggregations_dropping(expr, "pod"):
+                    self.fail(f"{self.rel(DASHBOARD)} ({where})",
+                              f"its title says per pod, but `{op}` aggregates over pods (add `by (pod)`): "
+                              f"{expr.strip()!r}")
         return len(checked)
 
     def check_live_metrics(self):

@@ -408,6 +408,26 @@ class DashboardAndRules(unittest.TestCase):
                             for p in problems), problems)
         self.assertTrue(any("variable 'namespace'" in p and "kubevirt_vnc_proxy_nope" in p for p in problems), problems)
 
+    def test_aggregations_that_drop_a_label(self):
+        drop = check.promql_aggregations_dropping
+        self.assertEqual(drop("max by (pod) (x)", "pod"), [])
+        self.assertEqual(drop("sum(x{pod=~\"$pod\"}) by (namespace, pod)", "pod"), [])
+        self.assertEqual(drop("sum without (le) (x) / max by (pod) (y)", "pod"), [])
+        self.assertEqual(drop("rate(x[5m])", "pod"), [])
+        self.assertEqual(drop("sum(x{pod=~\"$pod\"})", "pod"), ["sum"])
+        self.assertEqual(drop("max by (pod) (x) / count(y) by (namespace)", "pod"), ["count"])
+        self.assertEqual(drop("topk without (pod) (3, x)", "pod"), ["topk"])
+
+    def test_a_per_pod_panel_summing_over_pods_is_reported(self):
+        dashboard, rules = load_kit()
+        dashboard["panels"].append({"title": "Waiting sessions per pod", "targets": [
+            {"refId": "A", "expr": "max by (pod) (kubevirt_vnc_proxy_buffer_bytes)"},
+            {"refId": "B", "expr": "sum(kubevirt_vnc_proxy_sessions_waiting_for_memory)"}]})
+        problems = query_problems(dashboard, rules)
+        self.assertEqual(len(problems), 1, problems)
+        self.assertIn("panel 'Waiting sessions per pod' target B", problems[0])
+        self.assertIn("`sum` aggregates over pods", problems[0])
+
     def test_a_recorded_name_counts_and_a_missing_family_is_reported(self):
         dashboard, rules = load_kit()
         group = rules[0]["spec"]["groups"][0]["rules"]
