@@ -835,20 +835,21 @@ fn manifest_env(yaml: &str, name: &str) -> Option<String> {
     None
 }
 
-/// The container's memory limit in a manifest, in bytes (`Mi` or `Gi`).
-fn manifest_memory_limit(yaml: &str) -> u64 {
-    let after = yaml.split("limits:").nth(1).expect("limits:");
+/// The container's memory under `limits:` or `requests:` in a manifest, in
+/// bytes (`Mi` or `Gi`).
+fn manifest_memory(yaml: &str, under: &str) -> u64 {
+    let after = yaml.split(under).nth(1).expect(under);
     let line = after
         .lines()
         .find_map(|l| l.trim().strip_prefix("memory:"))
-        .expect("a memory limit");
+        .expect("a memory setting");
     let v = line.trim();
     let (n, unit) = v.split_at(v.len() - 2);
     let n: u64 = n.parse().expect("a number");
     match unit {
         "Mi" => n << 20,
         "Gi" => n << 30,
-        other => panic!("memory limit unit {other}"),
+        other => panic!("memory unit {other}"),
     }
 }
 
@@ -900,14 +901,18 @@ fn streaming() -> B {
 }
 
 #[test]
-fn the_deployments_memory_limit_holds_max_connections_stalled_tls_consoles() {
+fn the_deployments_memory_request_and_limit_hold_max_connections_stalled_tls_consoles() {
     // Its memory limit must hold the process, the relay buffers
     // RELAY_MEMORY_BYTES allows and the spares the pool keeps (64 regular
     // and 4 bulk buffers per worker, see server.rs), and MAX_CONNECTIONS
     // consoles whose browsers all fell behind at once, the worst case, each
     // measured through the real binary. With 10% to spare for allocator
     // slack. (The limit was 64Mi for 10,000 sessions, which needed about
-    // 530 MiB then: an OOM kill waiting for a large lab.)
+    // 530 MiB then: an OOM kill waiting for a large lab.) The request must
+    // hold the same without the slack: under node memory pressure the
+    // kubelet evicts first the pods using more than they request, and an
+    // evicted proxy ends every console it holds. (It was 16Mi, which a
+    // proxy holding a few hundred consoles exceeds.)
     let yaml = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/deploy/kubernetes/deployment.yaml"
@@ -922,7 +927,8 @@ fn the_deployments_memory_limit_holds_max_connections_stalled_tls_consoles() {
     let buffer = setting("RELAY_BUFFER_BYTES", defaults.buffer_size);
     let bulk = setting("RELAY_BULK_BUFFER_BYTES", defaults.bulk_buffer_size);
     let workers = setting("WORKERS", defaults.workers).max(1);
-    let limit = manifest_memory_limit(&yaml);
+    let limit = manifest_memory(&yaml, "limits:");
+    let request = manifest_memory(&yaml, "requests:");
 
     let (at_start, per_session, n) = tls_console_cost(streaming(), buffer);
     let spares = (64 * buffer + 4 * bulk) as u64;
@@ -935,6 +941,14 @@ fn the_deployments_memory_limit_holds_max_connections_stalled_tls_consoles() {
          ({per_session} bytes each, measured over {n}) with {relay_memory} bytes of relay \
          buffers and {spares} of spares need {} MiB, plus 10%",
         limit >> 20,
+        needed >> 20
+    );
+    assert!(
+        needed <= request,
+        "deployment.yaml: a {} MiB memory request, below the {} MiB that {max_connections} \
+         stalled TLS consoles need at worst: under node memory pressure such a pod is evicted \
+         first",
+        request >> 20,
         needed >> 20
     );
 }
