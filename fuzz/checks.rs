@@ -499,9 +499,11 @@ fn reference_route(
     let mut segs: Vec<&str> = rest.split('/').collect();
     if let Some(p) = prefix {
         // The prefix is configured decoded and matched against the segment
-        // decoded once; one that does not decode matches nothing.
-        if reference_percent_decode(segs[0]).as_deref() != Some(p) {
-            return RefRoute::NotFound;
+        // decoded once; one that does not decode is malformed.
+        match reference_percent_decode(segs[0]) {
+            None => return RefRoute::BadEncoding,
+            Some(first) if first != p => return RefRoute::NotFound,
+            Some(_) => {}
         }
         segs.remove(0);
     }

@@ -62,9 +62,11 @@ pub fn parse_request_target(
         // Decoded once, like the token and the name: a browser escapes what
         // a URL may not hold raw (`/lab%20consoles/` for "lab consoles").
         // A segment without escapes is its own decoding, without a copy.
+        // A broken escape is a malformed request (400), here as in the
+        // token or the name, not an unknown path.
         let first = segments.next().unwrap_or_default();
         let same = if first.contains('%') {
-            percent_decode(first).as_deref() == Some(p)
+            percent_decode(first).ok_or(RouteError::BadEncoding)? == p
         } else {
             first == p
         };
@@ -223,14 +225,25 @@ mod tests {
         for (target, prefix) in [
             ("/lab%20consoles/tok/ubuntu", "lab%20consoles"),
             ("/100%25/tok/ubuntu", "100%25"),
-            ("/v%6/tok/ubuntu", "v%6"),
-            ("/vnc%FF/tok/ubuntu", "vnc\u{FFFD}"),
         ] {
             assert!(
                 matches!(
                     parse_target(target, Some(prefix)),
                     Err(RouteError::NotFound(_))
                 ),
+                "{target} against {prefix}"
+            );
+        }
+        // A prefix segment that does not decode is malformed, as a token or
+        // a name that does not is.
+        for (target, prefix) in [
+            ("/v%6/tok/ubuntu", "v%6"),
+            ("/vnc%FF/tok/ubuntu", "vnc\u{FFFD}"),
+            ("/%zz/tok/ubuntu", "vnc"),
+        ] {
+            assert_eq!(
+                parse_target(target, Some(prefix)),
+                Err(RouteError::BadEncoding),
                 "{target} against {prefix}"
             );
         }

@@ -247,16 +247,19 @@ fn a_prefix_a_browser_escapes_routes_once_decoded() {
     let mut ws = h.ws_path(&format!("/lab%20consoles/{tok}/echo"));
     ws.send(tungstenite::Message::text("via prefix")).unwrap();
     assert_eq!(ws.read().unwrap(), tungstenite::Message::text("via prefix"));
-    for path in [
-        format!("/lab%2520consoles/{tok}/echo"),
-        format!("/lab%2/{tok}/echo"),
+    for (path, want) in [
+        (
+            format!("/lab%2520consoles/{tok}/echo"),
+            (404, "path prefix does not match"),
+        ),
+        // A broken escape is a malformed request wherever it is.
+        (
+            format!("/lab%2/{tok}/echo"),
+            (400, "malformed percent-encoding in path"),
+        ),
     ] {
         let a = assert_no_upstream(&h, || refused(&h, &upgrade_request(&path, "")));
-        assert_eq!(
-            (a.status, a.body.trim_end()),
-            (404, "path prefix does not match"),
-            "{path}"
-        );
+        assert_eq!((a.status, a.body.trim_end()), want, "{path}");
     }
 }
 
