@@ -254,6 +254,10 @@ fn check_config(cli: cli::Cli) -> ExitCode {
             println!("configuration ok: {summary}");
             ExitCode::SUCCESS
         }
+        Err(StartError::Several(all)) => {
+            all.iter().for_each(|e| eprintln!("{e}"));
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("{e}");
             ExitCode::from(2)

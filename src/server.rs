@@ -100,9 +100,17 @@ impl fmt::Display for StartError {
             StartError::Resolve(m) => write!(f, "cannot resolve the upstream: {m}"),
             StartError::Bind(var, addr, e) => write!(f, "cannot listen on {addr} ({var}): {e}"),
             StartError::Io(e) => write!(f, "cannot start: {e}"),
+            // One line, as an error's text is by convention (a host logging
+            // `{e}` gets one record); the binary logs each on its own.
             StartError::Several(all) => {
-                let lines: Vec<String> = all.iter().map(ToString::to_string).collect();
-                f.write_str(&lines.join("\n"))
+                write!(f, "{} start-up problems: ", all.len())?;
+                for (i, e) in all.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str("; ")?;
+                    }
+                    e.fmt(f)?;
+                }
+                Ok(())
             }
         }
     }

@@ -1361,6 +1361,29 @@ fn start_errors_are_typed_and_say_what_to_fix() {
         }
         other => panic!("expected a bind error, got {other:?}"),
     }
+
+    // Two missing files: both named, each its own error, and the whole in
+    // one line (a host logging `{e}` writes one record).
+    let mut cfg = config(&standin);
+    cfg.tls_cert_file = Some("/nonexistent/cert.pem".into());
+    cfg.tls_key_file = Some("/nonexistent/key.pem".into());
+    cfg.token_file = Some("/nonexistent/token".into());
+    cfg.allow_cleartext_bearer_token = true;
+    match Proxy::check(&cfg) {
+        Err(e @ StartError::Several(_)) => {
+            let StartError::Several(all) = &e else {
+                unreachable!()
+            };
+            assert_eq!(all.len(), 2, "{e:?}");
+            let text = e.to_string();
+            assert!(!text.contains('\n'), "{text:?}");
+            assert!(text.starts_with("2 start-up problems: "), "{text}");
+            assert!(text.contains("/nonexistent/cert.pem"), "{text}");
+            assert!(text.contains("; "), "{text}");
+            assert!(text.contains("/nonexistent/token"), "{text}");
+        }
+        other => panic!("expected both files named, got {other:?}"),
+    }
 }
 
 /// `Event::Closed::bytes_down` counts frames only, not the proxy's own 101
