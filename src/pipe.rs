@@ -407,6 +407,7 @@ impl Pipe {
                 if let Some(buf) = &self.buf {
                     self.room = src.room_to_read(buf.capacity());
                 }
+                let waits = self.buf.as_ref().is_some_and(|b| self.waits_for_room(b));
                 match self.buf.as_mut() {
                     // Waiting for memory (queued by the loop), or for the
                     // destination to take a buffer lent over the limit:
@@ -419,7 +420,7 @@ impl Pipe {
                     // all rustls may hand over, and the last one ended on a
                     // record boundary (see `tls_records`), so rustls keeps
                     // nothing of the stream while reading pauses.
-                    Some(buf) if buf.free() < self.room => {
+                    Some(_) if waits => {
                         self.pauses += 1;
                         src.pause_reading();
                     }
@@ -587,9 +588,20 @@ impl Pipe {
         !self.behind_tls
             && match &self.buf {
                 Some(_) if self.lent => self.ready == 0 && !self.starved,
-                Some(buf) => buf.free() >= self.room,
+                Some(buf) => !self.waits_for_room(buf),
                 None => !self.starved,
             }
+    }
+
+    /// Too little room for this source's next read, and writing out
+    /// validated bytes will make more. With none validated, the buffer holds
+    /// only the start of a frame (a header, or a control frame kept until
+    /// whole), which nothing frees but reading its rest: then a read takes
+    /// what room there is (with TLS and a buffer of at most a record's
+    /// plaintext, waiting for the whole room stalled the direction for good;
+    /// rustls keeps the rest of the record meanwhile).
+    fn waits_for_room(&self, buf: &Buffer) -> bool {
+        buf.free() < self.room && self.ready > 0
     }
 
     /// Send the destination a ping of the proxy's own at the next frame

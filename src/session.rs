@@ -2277,6 +2277,39 @@ mod tests {
         }
     }
 
+    /// RELAY_BUFFER_BYTES at 16 KiB (at least MAX_REQUEST_HEAD_BYTES + 1024
+    /// is valid) with a TLS client: one record brings a whole frame and the
+    /// first byte of the next one's header, the next record the rest. The
+    /// buffer then holds only that byte, which nothing frees but reading on;
+    /// waiting for a record's worth of room (all of this buffer) stalled the
+    /// direction for good (found in review).
+    #[test]
+    fn a_frame_header_split_across_tls_records_goes_on_in_a_small_buffer() {
+        let (mut peer, mut rig) = tls_rig(false, rustls::DEFAULT_VERSIONS);
+        rig.world.config.buffer_size = 16 << 10;
+        rig.world.pool = BufferPool::new(16 << 10, 4);
+        peer.open(&mut rig, "open");
+        rig.upstream.borrow_mut().max_write = 0;
+        let first = frame(BINARY, b"first", Some(KEY));
+        let second = frame(BINARY, b"second", Some(KEY));
+        peer.send(&mut rig, &[&first[..], &second[..1]].concat());
+        assert_eq!(
+            frames(&rig.upstream.borrow().outbox).0,
+            vec![(BINARY, b"first".to_vec())]
+        );
+        peer.send(&mut rig, &second[1..]);
+        for _ in 0..10 {
+            rig.event(Side::Client, true, true);
+            rig.drive();
+        }
+        assert_eq!(
+            frames(&rig.upstream.borrow().outbox).0,
+            vec![(BINARY, b"first".to_vec()), (BINARY, b"second".to_vec())],
+            "the second frame never reached the upstream; {} bytes unread",
+            rig.client.borrow().inbox.len()
+        );
+    }
+
     /// A client that reads slowly over TLS: the records TLS holds for its
     /// full socket count as the buffer's. The session reads from the
     /// upstream no more than buffer and records together hold (one buffer),

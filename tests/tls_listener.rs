@@ -822,6 +822,47 @@ fn a_silent_tls_client_over_the_per_address_limit_is_closed_by_the_close_timeout
     assert!(idle, "sessions still open 6 s later: {left}");
 }
 
+/// A masked binary frame as a browser sends it (payload under 126 bytes).
+fn masked_binary(payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut f = vec![0x82, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+#[test]
+fn a_frame_split_across_tls_records_is_relayed_with_a_16_kib_buffer() {
+    // RELAY_BUFFER_BYTES at 16 KiB, below a TLS record's plaintext: one
+    // record brings a frame and the first byte of the next one's header,
+    // the next record the rest. The proxy waited for a record's worth of
+    // room to read on, which only an empty buffer had, and that byte
+    // stayed: the console froze.
+    let pki = TestPki::new();
+    let issued = pki.issue_pem(KeyKind::EcdsaP256, in_a_year());
+    let (_dir, cert, key) = pem_files(&issued);
+    let h = tls_proxy(B::Echo, cert, key, |c| c.buffer_size = 16 << 10);
+    let tok = Harness::token(&["echo"]);
+    let mut ws = wss(h.addr, &client(&pki, None), &format!("/{tok}/echo"));
+    let (first, second) = (masked_binary(b"first"), masked_binary(b"second"));
+    for _ in 0..3 {
+        // One write, one record; then the proxy reads it alone.
+        let tls = ws.get_mut();
+        tls.write_all(&[&first[..], &second[..1]].concat())
+            .expect("first record");
+        tls.flush().expect("flush");
+        std::thread::sleep(Duration::from_millis(50));
+        let tls = ws.get_mut();
+        tls.write_all(&second[1..]).expect("second record");
+        tls.flush().expect("flush");
+        assert_eq!(ws.read().expect("echo"), Message::binary(&b"first"[..]));
+        assert_eq!(
+            ws.read().expect("the frame split across records"),
+            Message::binary(&b"second"[..])
+        );
+    }
+}
+
 /// The value of the container's environment variable `name` in a manifest
 /// (`- name:` then `value:`), if it is set there.
 fn manifest_env(yaml: &str, name: &str) -> Option<String> {
