@@ -311,9 +311,19 @@ impl FrameScanner {
     }
 
     /// Expect one more pong carrying `payload` (the proxy sent a ping).
+    /// Only one payload is awaited at a time, so a ping sent while another
+    /// is unanswered must carry the same one ([`awaited_pong`](Self::awaited_pong)).
     pub fn expect_pong(&mut self, payload: [u8; PING_PAYLOAD_LEN]) {
-        let due = self.own_pong.map_or(0, |(_, n)| n);
+        let due = match self.own_pong {
+            Some((p, n)) if p == payload => n,
+            _ => 0,
+        };
         self.own_pong = Some((payload, due + 1));
+    }
+
+    /// The payload of the proxy's pings still unanswered, if any.
+    pub fn awaited_pong(&self) -> Option<[u8; PING_PAYLOAD_LEN]> {
+        self.own_pong.map(|(p, _)| p)
     }
 
     /// Where the last scan stopped at one of the proxy's own pongs, as

@@ -630,6 +630,11 @@ impl Pipe {
         self.scanner.expect_pong(payload);
     }
 
+    /// The payload of the pings still unanswered on this pipe's stream.
+    pub fn awaited_pong(&self) -> Option<[u8; PING_PAYLOAD_LEN]> {
+        self.scanner.awaited_pong()
+    }
+
     fn end_source(&mut self, end: SourceEnd) {
         self.phase = Phase::Ended(end);
         if let Some(buf) = self.buf.as_mut() {

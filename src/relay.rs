@@ -387,7 +387,10 @@ impl Relay {
             let due = last_ping
                 .is_none_or(|p| p < from.last_rx() || now.saturating_duration_since(p) >= interval);
             if silence >= interval && due {
-                let payload = ping_payload();
+                // A ping while another is unanswered carries its payload:
+                // the scanner awaits one payload, and a pong answering the
+                // first must not pass for the peer's own (found in review).
+                let payload = from.awaited_pong().unwrap_or_else(ping_payload);
                 if toward.queue_ping(payload) {
                     from.expect_pong(payload);
                     *last_ping = Some(now);
@@ -912,6 +915,43 @@ pub(crate) mod tests {
 
     const BINARY: u8 = 2;
     const CLOSE: u8 = 8;
+
+    /// Two keepalive pings unanswered (the first sat behind a backlog):
+    /// the pongs to both are the proxy's, and neither crosses the relay.
+    /// The second ping used to take a fresh payload and the scanner then
+    /// awaited that one only, so the pong to the first went to the upstream.
+    #[test]
+    fn pongs_to_two_unanswered_pings_are_both_taken_out() {
+        let mut rig = Rig::with_keepalive(1024, Duration::from_secs(30));
+        rig.upstream_sends(&frame(BINARY, b"a", None));
+        assert_eq!(rig.advance(Duration::from_secs(1)), Fired::Nothing);
+        rig.upstream_sends(&frame(BINARY, b"b", None));
+        rig.run();
+        assert_eq!(rig.advance(Duration::from_secs(1)), Fired::Nothing);
+        rig.upstream_sends(&frame(BINARY, b"c", None));
+        rig.run();
+        let pings: Vec<Vec<u8>> = rig
+            .to_client()
+            .0
+            .into_iter()
+            .filter(|(op, _)| *op == 9)
+            .map(|(_, p)| p)
+            .collect();
+        assert_eq!(pings.len(), 2, "two pings unanswered");
+        for p in &pings {
+            rig.client_sends(&frame(10, p, Some(KEY)));
+        }
+        rig.client_sends(&frame(BINARY, b"after", Some(KEY)));
+        rig.run();
+        // (The proxy's own pings to the upstream aside.)
+        let (to_upstream, _) = rig.to_upstream();
+        let relayed: Vec<_> = to_upstream.into_iter().filter(|(op, _)| *op != 9).collect();
+        assert_eq!(
+            relayed,
+            vec![(BINARY, b"after".to_vec())],
+            "pongs to the proxy's own pings reached the upstream"
+        );
+    }
 
     /// Both peers take one byte per write call: every frame, the 101 head
     /// and the handshake leftovers still arrive whole and in order, and a
