@@ -467,10 +467,12 @@ impl<S: Transport> Conn<S> {
         io
     }
 
-    /// True when bytes written with `write_before_fin` may still wait in the
-    /// kernel for a FIN.
-    pub fn holds_for_fin(&self) -> bool {
-        self.held_for_fin
+    /// Closing needs a [`shutdown_write`](Self::shutdown_write) first:
+    /// bytes written with `write_before_fin` may still wait in the kernel
+    /// for a FIN, or TLS owes the peer its close_notify (RFC 8446 §6.1:
+    /// sent before closing the write side).
+    pub fn owes_shutdown(&self) -> bool {
+        self.held_for_fin || self.tls.is_some()
     }
 
     /// The FIN is not coming in this pass after all: send what the kernel

@@ -1304,8 +1304,8 @@ impl<S: Transport> Session<S> {
             // "Nothing unread" is as of the last event: should the client
             // have sent more since, close() resets the connection and drops
             // what the kernel still holds, so a close answer held for the FIN
-            // is sent with it now.
-            if self.client.holds_for_fin() {
+            // is sent with it now. Over TLS, close_notify goes first.
+            if self.client.owes_shutdown() {
                 self.client.shutdown_write();
             }
             // Closing the descriptors removes them from epoll (no other
@@ -2275,6 +2275,27 @@ mod tests {
                 assert_eq!(rig.world.pool.in_use(), 0, "{what}");
             }
         }
+    }
+
+    /// A clean close over a TLS listener ends the client's TLS connection
+    /// with close_notify (RFC 8446 §6.1), as every other way out does
+    /// (`Conn::shutdown_write`); the fast exit after a whole close
+    /// handshake skipped it (found in review).
+    #[test]
+    fn a_clean_close_over_tls_sends_close_notify() {
+        let (mut peer, mut rig) = tls_rig(false, rustls::DEFAULT_VERSIONS);
+        peer.open(&mut rig, "open");
+        peer.send(&mut rig, &frame(CLOSE, &1000u16.to_be_bytes(), Some(KEY)));
+        rig.upstream.borrow_mut().eof = true;
+        rig.upstream_sends(&frame(CLOSE, &1000u16.to_be_bytes(), None));
+        peer.pump(&mut rig);
+        assert!(rig.session.is_done(), "{:?}", rig.session.state);
+        let (got, _) = frames(&peer.received);
+        assert_eq!(got.last().map(|f| f.0), Some(CLOSE));
+        // After close_notify rustls' reader says Ok(0); without, WouldBlock.
+        let mut b = [0u8; 16];
+        let r = std::io::Read::read(&mut peer.tls.reader(), &mut b);
+        assert!(matches!(r, Ok(0)), "no close_notify from the proxy: {r:?}");
     }
 
     /// RELAY_BUFFER_BYTES at 16 KiB (at least MAX_REQUEST_HEAD_BYTES + 1024

@@ -822,6 +822,36 @@ fn a_silent_tls_client_over_the_per_address_limit_is_closed_by_the_close_timeout
     assert!(idle, "sessions still open 6 s later: {left}");
 }
 
+#[test]
+fn a_clean_close_over_tls_ends_with_close_notify() {
+    // RFC 8446 §6.1: close_notify before the write side closes, however
+    // the session ends. Here it mostly lingers for the client's FIN; the
+    // fast exit (both FINs already in when the close handshake completes),
+    // which skipped close_notify, depends on timing on loopback and is
+    // driven deterministically by session.rs's
+    // `a_clean_close_over_tls_sends_close_notify`.
+    let pki = TestPki::new();
+    let issued = pki.issue_pem(KeyKind::EcdsaP256, in_a_year());
+    let (_dir, cert, key) = pem_files(&issued);
+    let h = tls_proxy(B::Echo, cert, key, |_| {});
+    let tok = Harness::token(&["echo"]);
+    let mut ws = wss(h.addr, &client(&pki, None), &format!("/{tok}/echo"));
+    echo(&mut ws, "before the close");
+    ws.close(None).expect("close");
+    loop {
+        match ws.read() {
+            Ok(_) => {}
+            Err(tungstenite::Error::ConnectionClosed) => break,
+            Err(e) => panic!("closing handshake: {e}"),
+        }
+    }
+    let mut rest = [0u8; 16];
+    match ws.get_mut().read(&mut rest) {
+        Ok(0) => {}
+        other => panic!("the TLS stream ended without close_notify: {other:?}"),
+    }
+}
+
 /// A masked binary frame as a browser sends it (payload under 126 bytes).
 fn masked_binary(payload: &[u8]) -> Vec<u8> {
     let mask = [0x37, 0xfa, 0x21, 0x3d];
