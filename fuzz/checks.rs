@@ -193,8 +193,9 @@ fn check_upgrade_request(data: &[u8], max_len: usize, req: &UpgradeRequest) {
     check_any_source_decision(req);
 }
 
-/// A probe was answered: the head is a `GET` of that path (query aside)
-/// without an `Upgrade` header, as a reference reading of the head says.
+/// A probe was answered: the head is a `GET` or `HEAD` of that path (query
+/// aside) without an `Upgrade` to a WebSocket, as a reference reading of the
+/// head says.
 fn check_probe(data: &[u8], probe: Probe) {
     let text = String::from_utf8_lossy(data);
     // Empty lines before the request line are skipped (RFC 9112 2.2, as
@@ -230,17 +231,20 @@ fn check_probe(data: &[u8], probe: Probe) {
         Probe::Ready => "/readyz",
         Probe::Metrics => "/metrics",
     };
-    assert_eq!(
-        (method, path),
-        (Some("GET"), want),
+    assert!(
+        matches!(method, Some("GET" | "HEAD")) && path == want,
         "probe {probe:?} from {line:?}"
     );
+    // An Upgrade to anything but a WebSocket (h2c) is ignored.
     assert!(
-        !head
-            .iter()
-            .skip(1)
-            .any(|l| l.to_ascii_lowercase().starts_with("upgrade:")),
-        "a request with an Upgrade header answered as probe {probe:?}"
+        !head.iter().skip(1).any(|l| {
+            let l = l.to_ascii_lowercase();
+            l.strip_prefix("upgrade:").is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim_matches([' ', '\t', '\r']) == "websocket")
+            })
+        }),
+        "a WebSocket upgrade answered as probe {probe:?}"
     );
 }
 

@@ -234,12 +234,17 @@ pub enum Request {
 pub fn parse_request(buf: &[u8], max_len: usize) -> Result<Option<Request>, Refusal> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
+    // HEAD too (`curl -I`, a load balancer's `httpchk HEAD /healthz`):
+    // RFC 9110 §9.1 asks a server to support both; the caller sends the
+    // head of the answer only (`is_head`). An Upgrade to anything but a
+    // WebSocket (`curl --http2` offers h2c) is ignored, as RFC 9110 §7.8
+    // lets a server do, and the probe answered.
     if let Ok(httparse::Status::Complete(_)) = req.parse(buf)
-        && req.method == Some("GET")
+        && matches!(req.method, Some("GET" | "HEAD"))
         && !req
             .headers
             .iter()
-            .any(|h| h.name.eq_ignore_ascii_case("upgrade"))
+            .any(|h| h.name.eq_ignore_ascii_case("upgrade") && has_token(h.value, "websocket"))
     {
         let path = req.path.map(origin_form);
         let probe = match path.as_deref().map(|p| p.split('?').next().unwrap_or(p)) {
@@ -253,6 +258,19 @@ pub fn parse_request(buf: &[u8], max_len: usize) -> Result<Option<Request>, Refu
         }
     }
     Ok(parse_upgrade_request(buf, max_len)?.map(Request::Upgrade))
+}
+
+/// The request is a HEAD: its answer is the head alone (RFC 9110 §9.3.2).
+pub fn is_head(head: &[u8]) -> bool {
+    head.starts_with(b"HEAD ")
+}
+
+/// Cut a response to its head, for a HEAD request. The Content-Length
+/// stays: it is what a GET would have brought, as RFC 9110 §8.6 allows.
+pub fn strip_content(response: &mut Vec<u8>) {
+    if let Some(i) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+        response.truncate(i + 4);
+    }
 }
 
 /// A plain response to a probe.

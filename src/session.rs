@@ -560,7 +560,8 @@ impl<S: Transport> Session<S> {
                 "only GET /metrics, /healthz and /readyz here\n",
             )
         };
-        match http::parse_request(&head, max) {
+        let head_only = http::is_head(&head);
+        let mut next = match http::parse_request(&head, max) {
             Ok(None) if ended => {
                 debug!(
                     "session {} {}: client left before finishing its request",
@@ -588,7 +589,15 @@ impl<S: Transport> Session<S> {
                 let early = head[req.head_len..].to_vec();
                 self.authorize(ctx, req, early)
             }
+        };
+        // A HEAD gets the head of its answer only (an upgrade is never one:
+        // it must be a GET, so only probes and refusals come here).
+        if let State::Refusing { out, written: 0 } = &mut next
+            && head_only
+        {
+            http::strip_content(out);
         }
+        next
     }
 
     fn authorize(

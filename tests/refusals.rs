@@ -202,6 +202,54 @@ fn an_absolute_form_target_is_routed_by_its_path() {
     assert_eq!((a.status, a.body.as_str()), (200, "ok\n"));
 }
 
+/// RFC 9110 §9.1 and §9.3.2: HEAD is answered as GET would be, head only
+/// (`curl -I`, a load balancer's `httpchk HEAD /healthz`). It got a 405
+/// with a body. And an Upgrade to anything but a WebSocket is ignored
+/// (§7.8): `curl --http2` offers h2c, and got 426 (404 on the probe port).
+#[test]
+fn head_probes_and_h2c_offers_get_the_probe_answer() {
+    let h = Harness::start_with(B::Echo, |c| c.metrics_addr = Some("127.0.0.1:0".into()));
+    let probes = h
+        .proxy
+        .as_ref()
+        .unwrap()
+        .metrics_addr()
+        .expect("probe port");
+    let h2c = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\
+               HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n";
+    for (addr, path) in [
+        (h.addr, "/healthz"),
+        (h.addr, "/readyz"),
+        (probes, "/healthz"),
+        (probes, "/metrics"),
+    ] {
+        let get = raw_request(
+            addr,
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+        );
+        assert_eq!(get.status, 200, "GET {path}: {}", get.body);
+        let head = raw_request(
+            addr,
+            format!("HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+        );
+        assert_eq!((head.status, head.body.as_str()), (200, ""), "HEAD {path}");
+        assert!(head.head.contains("Content-Length: "), "{}", head.head);
+        let offer = raw_request(
+            addr,
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\n{h2c}\r\n").as_bytes(),
+        );
+        assert_eq!(offer.status, 200, "GET {path} offering h2c: {}", offer.body);
+    }
+    // A refusal of a HEAD has no content either; an upgrade is still a GET.
+    let tok = Harness::token(&["echo"]);
+    let a = raw_request(
+        h.addr,
+        format!("HEAD /{tok}/echo HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    );
+    assert_eq!((a.status, a.body.as_str()), (405, ""), "{}", a.head);
+    assert!(a.head.contains("Allow: GET"), "{}", a.head);
+}
+
 #[test]
 fn oversized_heads_get_431_and_a_request_line_over_the_limit_414() {
     let h = Harness::start(B::Echo);
