@@ -200,6 +200,12 @@ impl Headers {
     }
 }
 
+/// A Content-Length of zero (`1*DIGIT`, RFC 9110 §8.6, all of them 0).
+fn is_zero(value: &[u8]) -> bool {
+    let v = value.trim_ascii();
+    !v.is_empty() && v.iter().all(|&b| b == b'0')
+}
+
 fn header_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value.split(|&b| b == b',').map(|t| t.trim_ascii())
 }
@@ -346,6 +352,7 @@ pub fn parse_upgrade_request(
     let mut host = false;
     let mut protocols = Vec::new();
     let mut origin = false;
+    let mut zero_length = false;
     let mut authorization = false;
     let bytes = req
         .headers
@@ -394,10 +401,18 @@ pub fn parse_upgrade_request(
                 return Err(Refusal::new(Status::BadRequest, "duplicate Authorization"));
             }
         } else if name.eq_ignore_ascii_case("content-length")
+            && !std::mem::replace(&mut zero_length, true)
+            && is_zero(h.value)
+        {
+            // One `Content-Length: 0` says what an upgrade request is, no
+            // body: Envoy (Istio's ingress and sidecars) adds it to requests
+            // without one, upgrades included, so refusing it refused every
+            // console behind them.
+        } else if name.eq_ignore_ascii_case("content-length")
             || name.eq_ignore_ascii_case("transfer-encoding")
         {
             // An upgrade request has no body; one that claims a body is
-            // either confused or smuggling.
+            // either confused or smuggling (so is a second Content-Length).
             return Err(Refusal::new(
                 Status::BadRequest,
                 "upgrade request must not have a body",
@@ -920,7 +935,21 @@ mod tests {
         assert_eq!(status(&req("").replace("Version: 13", "Version: 8")), 426);
         assert_eq!(status(&req("").replace(KEY, "c2hvcnQ=")), 400);
         assert_eq!(status(&req("Sec-WebSocket-Key: x\r\n")), 400);
-        assert_eq!(status(&req("Content-Length: 0\r\n")), 400);
+        // One Content-Length of zero (Envoy adds it) says there is no body.
+        assert!(parse_upgrade_request(req("Content-Length: 0\r\n").as_bytes(), 8192).is_ok());
+        assert!(parse_upgrade_request(req("content-length:  00 \r\n").as_bytes(), 8192).is_ok());
+        assert_eq!(status(&req("Content-Length: 1\r\n")), 400);
+        assert_eq!(status(&req("Content-Length: \r\n")), 400);
+        assert_eq!(status(&req("Content-Length: +0\r\n")), 400);
+        assert_eq!(status(&req("Content-Length: 0, 0\r\n")), 400);
+        assert_eq!(
+            status(&req("Content-Length: 0\r\nContent-Length: 0\r\n")),
+            400
+        );
+        assert_eq!(
+            status(&req("Content-Length: 0\r\nTransfer-Encoding: chunked\r\n")),
+            400
+        );
         assert_eq!(status(&req("Transfer-Encoding: chunked\r\n")), 400);
         assert_eq!(status(&req("").replace("Host: x\r\n", "")), 400);
         // Obsolete line folding and bare LF line ends are refused.

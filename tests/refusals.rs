@@ -81,6 +81,10 @@ fn malformed_and_non_upgrade_requests_are_refused() {
         ),
         (upgrade_request(&path, "Content-Length: 5\r\n"), 400),
         (
+            upgrade_request(&path, "Content-Length: 0\r\nContent-Length: 0\r\n"),
+            400,
+        ),
+        (
             upgrade_request(&path, "Transfer-Encoding: chunked\r\n"),
             400,
         ),
@@ -200,6 +204,25 @@ fn an_absolute_form_target_is_routed_by_its_path() {
     let probe = format!("GET http://{}/healthz HTTP/1.1\r\nHost: x\r\n\r\n", h.addr);
     let a = raw_request(h.addr, probe.as_bytes());
     assert_eq!((a.status, a.body.as_str()), (200, "ok\n"));
+}
+
+/// Envoy (Istio's ingress gateway and sidecars) adds `Content-Length: 0`
+/// to requests without a body, WebSocket upgrades included (envoyproxy/envoy
+/// #15049; hand-made here, as no Envoy runs on this machine). It declares no
+/// body, so the console opens; it was refused 400 behind every Envoy.
+#[test]
+fn an_upgrade_with_a_zero_content_length_opens_the_console() {
+    let h = Harness::start(B::Echo);
+    let tok = Harness::token(&["echo"]);
+    let (s, head) = common::upgrade_head(h.addr, &format!("/{tok}/echo"), "content-length: 0\r\n");
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    let mut ws =
+        tungstenite::WebSocket::from_raw_socket(s, tungstenite::protocol::Role::Client, None);
+    ws.send(tungstenite::Message::text("behind Envoy")).unwrap();
+    assert_eq!(
+        ws.read().unwrap(),
+        tungstenite::Message::text("behind Envoy")
+    );
 }
 
 /// RFC 9110 §9.1 and §9.3.2: HEAD is answered as GET would be, head only
