@@ -35,6 +35,9 @@ pub enum Status {
     MethodNotAllowed = 405,
     /// 408: the request head did not come in time.
     RequestTimeout = 408,
+    /// 409: the upstream says the VMI is not in a state to connect to
+    /// (KubeVirt: not running, or paused).
+    Conflict = 409,
     /// 414: the request line alone is over the head limit (a token or path
     /// too long to parse).
     UriTooLong = 414,
@@ -67,6 +70,7 @@ impl Status {
             Status::Unauthorized => "Unauthorized",
             Status::Forbidden => "Forbidden",
             Status::NotFound => "Not Found",
+            Status::Conflict => "Conflict",
             Status::MethodNotAllowed => "Method Not Allowed",
             Status::RequestTimeout => "Request Timeout",
             Status::UriTooLong => "URI Too Long",
@@ -567,6 +571,7 @@ pub fn refusal_close_code(status: Status) -> Option<u16> {
         Status::Unauthorized => Some(4401),
         Status::Forbidden => Some(4403),
         Status::NotFound => Some(4404),
+        Status::Conflict => Some(4409),
         Status::BadGateway => Some(4502),
         Status::ServiceUnavailable => Some(4503),
         Status::GatewayTimeout => Some(4504),
@@ -746,10 +751,12 @@ pub fn parse_upstream_response(
         let detail = upstream_reason(&body)
             .or_else(|| resp.reason.and_then(|r| upstream_reason(r.as_bytes())))
             .unwrap_or_else(|| "no reason given".into());
-        // Passed on where the client can act on it (no such VMI, busy);
-        // anything else is the upstream's failure.
+        // Passed on where the client can act on it (no such VMI, VMI not
+        // running or paused, busy); anything else is the upstream's failure
+        // (and counts in the 5xx alerts, which a stopped VM must not).
         let status = match code {
             404 => Status::NotFound,
+            409 => Status::Conflict,
             503 => Status::ServiceUnavailable,
             _ => Status::BadGateway,
         };
@@ -1229,6 +1236,7 @@ mod tests {
             (Status::NotFound, 404, "Not Found", Some(4404)),
             (Status::MethodNotAllowed, 405, "Method Not Allowed", None),
             (Status::RequestTimeout, 408, "Request Timeout", None),
+            (Status::Conflict, 409, "Conflict", Some(4409)),
             (Status::UriTooLong, 414, "URI Too Long", None),
             (Status::UpgradeRequired, 426, "Upgrade Required", None),
             (

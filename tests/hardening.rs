@@ -340,14 +340,17 @@ fn an_upstream_sending_masked_frames_is_treated_as_broken() {
 #[test]
 fn refusals_as_close_codes_a_page_can_read() {
     let h = Harness::start_with(
-        StandInOptions::serving(B::Echo).vmi("status-503", B::Status(503)),
+        StandInOptions::serving(B::Echo)
+            .vmi("status-503", B::Status(503))
+            .vmi("status-409", B::Status(409)),
         |c| c.reject_with_close = true,
     );
-    let good = Harness::token(&["echo", "status-503"]);
+    let good = Harness::token(&["echo", "status-503", "status-409"]);
     let cases = [
         (format!("/{}/echo", "not.a.token"), 4401),
         (format!("/{good}/other"), 4403),
         (format!("/{good}"), 4404),
+        (format!("/{good}/status-409"), 4409),
         (format!("/{good}/status-503"), 4503),
     ];
     for (path, want) in cases {

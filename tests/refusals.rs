@@ -517,18 +517,22 @@ fn ec_keys_on_two_curves_each_verify_their_own_tokens() {
 }
 
 #[test]
-fn upstream_failures_map_to_502_404_503() {
+fn upstream_failures_map_to_502_404_409_503() {
     let h = Harness::start(
         StandInOptions::default()
             .vmi("badaccept", B::BadAccept)
             .vmi("status-403", B::Status(403))
             .vmi("status-404", B::Status(404))
+            .vmi("status-409", B::Status(409))
             .vmi("status-500", B::Status(500))
             .vmi("status-503", B::Status(503)),
     );
     let cases = [
         ("status-500", 502, "stand-in says 500"),
         ("status-404", 404, "stand-in says 404"),
+        // KubeVirt's answer for a VMI not running or paused (a Kubernetes
+        // Conflict Status): the VM's state, not an upstream failure.
+        ("status-409", 409, "stand-in says 409"),
         ("status-503", 503, "stand-in says 503"),
         ("status-403", 502, "stand-in says 403"),
         ("badaccept", 502, "Sec-WebSocket-Accept"),
