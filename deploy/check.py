@@ -196,9 +196,11 @@ def promql_metric_names(expr):
     return names
 
 
-# Aggregation operators: each may keep labels with `by (...)` or drop them with `without (...)`.
+# Aggregation operators that merge series: each keeps the labels of its `by (...)` or drops
+# those of its `without (...)`. (topk, bottomk, limitk and limit_ratio pick series whole, with
+# every label kept, so they are not listed.)
 PROMQL_AGGREGATIONS = {"sum", "min", "max", "avg", "group", "stddev", "stdvar", "count",
-                       "count_values", "bottomk", "topk", "quantile", "limitk", "limit_ratio"}
+                       "count_values", "quantile"}
 
 
 def promql_aggregations_dropping(expr, label):
@@ -225,8 +227,20 @@ def promql_aggregations_dropping(expr, label):
         return None
 
     dropping = []
+    brace, label_list = 0, False
     for i, (kind, text) in enumerate(toks):
-        if kind != "ident" or text.lower() not in PROMQL_AGGREGATIONS:
+        # Label names (`{quantile="0.99"}`, `group_left(count)`) are not operators.
+        if (kind, text) == ("punct", "{"):
+            brace += 1
+        elif (kind, text) == ("punct", "}"):
+            brace = max(0, brace - 1)
+        elif kind == "ident" and text.lower() in PROMQL_LABEL_LISTS:
+            label_list = True
+            continue
+        elif label_list and (kind, text) == ("punct", ")"):
+            label_list = False
+        if (kind != "ident" or text.lower() not in PROMQL_AGGREGATIONS or brace or label_list
+                or not (toks[i + 1:i + 2] == [("punct", "(")] or clause(i + 1))):
             continue
         found = clause(i + 1)
         if found is None and toks[i + 1:i + 2] == [("punct", "(")]:

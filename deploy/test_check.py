@@ -416,7 +416,11 @@ class DashboardAndRules(unittest.TestCase):
         self.assertEqual(drop("rate(x[5m])", "pod"), [])
         self.assertEqual(drop("sum(x{pod=~\"$pod\"})", "pod"), ["sum"])
         self.assertEqual(drop("max by (pod) (x) / count(y) by (namespace)", "pod"), ["count"])
-        self.assertEqual(drop("topk without (pod) (3, x)", "pod"), ["topk"])
+        # topk and the like pick series whole; label names are not operators.
+        self.assertEqual(drop("topk(5, max by (pod) (x))", "pod"), [])
+        self.assertEqual(drop("x{quantile=\"0.99\"}", "pod"), [])
+        self.assertEqual(drop("max by (pod) (x) * on (pod) group_left (count) y", "pod"), [])
+        self.assertEqual(drop("quantile(0.9, x)", "pod"), ["quantile"])
 
     def test_a_per_pod_panel_summing_over_pods_is_reported(self):
         dashboard, rules = load_kit()

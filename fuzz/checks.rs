@@ -1142,7 +1142,11 @@ fn check_answer(data: &[u8], answer: &Result<Option<UpstreamAnswer>, http::Refus
                 .and_then(|(c, _)| c.parse::<u16>().ok())
                 .unwrap_or_else(|| panic!("refusal reason without the upstream status: {r:?}"));
             assert_ne!(code, 101, "a 101 is never passed on as a refusal");
-            let want = if matches!(code, 404 | 409 | 503) { code } else { 502 };
+            let want = if matches!(code, 404 | 409 | 503) {
+                code
+            } else {
+                502
+            };
             assert_eq!(r.status.code(), want, "{r:?}");
             // The reason goes into an HTTP body and a log line.
             let tolerated = |c: char| TOLERATE_TAB_IN_STATUS_REASON && c == '\t';

@@ -271,8 +271,11 @@ pub fn parse_request(buf: &[u8], max_len: usize) -> Result<Option<Request>, Refu
 }
 
 /// The request is a HEAD: its answer is the head alone (RFC 9110 §9.3.2).
+/// Empty lines before the request line are skipped, as the parser skips
+/// them (RFC 9112 §2.2).
 pub fn is_head(head: &[u8]) -> bool {
-    head.starts_with(b"HEAD ")
+    let start = head.iter().position(|&b| b != b'\r' && b != b'\n');
+    start.is_some_and(|i| head[i..].starts_with(b"HEAD "))
 }
 
 /// Cut a response to its head, for a HEAD request. The Content-Length

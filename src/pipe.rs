@@ -419,7 +419,10 @@ impl Pipe {
                     // Full, for this source: with TLS, a read needs room for
                     // all rustls may hand over, and the last one ended on a
                     // record boundary (see `tls_records`), so rustls keeps
-                    // nothing of the stream while reading pauses.
+                    // nothing of the stream while reading pauses. (But for
+                    // a buffer under a record's plaintext whose last read
+                    // went into less room, see `waits_for_room`: then
+                    // rustls keeps the rest of that one record.)
                     Some(_) if waits => {
                         self.pauses += 1;
                         src.pause_reading();

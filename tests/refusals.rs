@@ -256,6 +256,16 @@ fn head_probes_and_h2c_offers_get_the_probe_answer() {
             format!("HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
         );
         assert_eq!((head.status, head.body.as_str()), (200, ""), "HEAD {path}");
+        // After empty lines too, which the parser skips (RFC 9112 §2.2).
+        let late = raw_request(
+            addr,
+            format!("\r\n\nHEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+        );
+        assert_eq!(
+            (late.status, late.body.as_str()),
+            (200, ""),
+            "late HEAD {path}"
+        );
         assert!(head.head.contains("Content-Length: "), "{}", head.head);
         let offer = raw_request(
             addr,
