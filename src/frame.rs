@@ -314,10 +314,7 @@ impl FrameScanner {
     /// Only one payload is awaited at a time, so a ping sent while another
     /// is unanswered must carry the same one ([`awaited_pong`](Self::awaited_pong)).
     pub fn expect_pong(&mut self, payload: [u8; PING_PAYLOAD_LEN]) {
-        let due = match self.own_pong {
-            Some((p, n)) if p == payload => n,
-            _ => 0,
-        };
+        let due = self.own_pong.map_or(0, |(_, n)| n);
         self.own_pong = Some((payload, due + 1));
     }
 

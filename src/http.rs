@@ -408,22 +408,21 @@ pub fn parse_upgrade_request(
                 return Err(Refusal::new(Status::BadRequest, "duplicate Authorization"));
             }
         } else if name.eq_ignore_ascii_case("content-length")
-            && !std::mem::replace(&mut zero_length, true)
-            && is_zero(h.value)
-        {
-            // One `Content-Length: 0` says what an upgrade request is, no
-            // body: Envoy (Istio's ingress and sidecars) adds it to requests
-            // without one, upgrades included, so refusing it refused every
-            // console behind them.
-        } else if name.eq_ignore_ascii_case("content-length")
             || name.eq_ignore_ascii_case("transfer-encoding")
         {
             // An upgrade request has no body; one that claims a body is
             // either confused or smuggling (so is a second Content-Length).
-            return Err(Refusal::new(
-                Status::BadRequest,
-                "upgrade request must not have a body",
-            ));
+            // One `Content-Length: 0` says there is none: Envoy (Istio's
+            // ingress and sidecars) adds it to requests without a body,
+            // upgrades included, so refusing it refused every console
+            // behind them.
+            let says_none = name.eq_ignore_ascii_case("content-length") && is_zero(h.value);
+            if !says_none || std::mem::replace(&mut zero_length, true) {
+                return Err(Refusal::new(
+                    Status::BadRequest,
+                    "upgrade request must not have a body",
+                ));
+            }
         }
     }
     if !host {

@@ -540,8 +540,10 @@ fn upstream_failures_map_to_502_404_409_503() {
     let cases = [
         ("status-500", 502, "stand-in says 500"),
         ("status-404", 404, "stand-in says 404"),
-        // KubeVirt's answer for a VMI not running or paused (a Kubernetes
-        // Conflict Status): the VM's state, not an upstream failure.
+        // What KubeVirt answers for a VMI not running or paused, a
+        // Kubernetes Conflict Status (the stand-in's hand-made Status body:
+        // KubeVirt's Go code cannot run here): the VM's state, not an
+        // upstream failure.
         ("status-409", 409, "stand-in says 409"),
         ("status-503", 503, "stand-in says 503"),
         ("status-403", 502, "stand-in says 403"),
