@@ -523,3 +523,53 @@ fn replies_to_frames_before_a_violation_still_reach_the_client() {
     let (code, reason) = close_of(&mut s);
     assert_eq!((code, reason.as_str()), (1002, "reserved bits set"));
 }
+
+#[test]
+fn with_several_token_carriers_the_first_in_order_decides() {
+    // Header, then subprotocol, then query, then cookie: the first carrier
+    // that holds a token is the one checked, and no later one is tried, so
+    // a page cannot fall back from a refused token to another it carries.
+    let h = Harness::start_with(B::Echo, |c| {
+        c.token_sources = vec![
+            TokenSource::Cookie,
+            TokenSource::Query,
+            TokenSource::Protocol,
+            TokenSource::Header,
+        ];
+        c.token_cookie = "vnc_token".into();
+        c.allowed_origins = vec!["https://lab.example".into()];
+    });
+    let good = Harness::token(&["echo"]);
+    let other = Harness::token(&["other-vmi"]);
+    let origin = "Origin: https://lab.example\r\n";
+    let header = |t: &str| format!("Authorization: Bearer {t}\r\n");
+    let protocol = |t: &str| {
+        let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(t);
+        format!(
+            "Sec-WebSocket-Protocol: base64url.bearer.authorization.k8s.io.{encoded}, binary\r\n"
+        )
+    };
+    let cookie = |t: &str| format!("Cookie: vnc_token={t}\r\n");
+    // (path, headers) for token `a` in the earlier carrier and `b` in the later.
+    let request = |what: &str, a: &str, b: &str| -> (String, String) {
+        match what {
+            "header before subprotocol" => ("/echo".into(), header(a) + &protocol(b)),
+            "subprotocol before query" => (format!("/echo?token={b}"), protocol(a)),
+            "query before cookie" => (format!("/echo?token={a}"), cookie(b)),
+            _ => unreachable!("{what}"),
+        }
+    };
+    for what in [
+        "header before subprotocol",
+        "subprotocol before query",
+        "query before cookie",
+    ] {
+        let (path, headers) = request(what, &good, &other);
+        let headers = format!("{origin}{headers}");
+        assert_eq!(status(&h, &path, &headers).0, 101, "{what}: earlier good");
+        let (path, headers) = request(what, &other, &good);
+        let headers = format!("{origin}{headers}");
+        let a = raw_request(h.addr, &upgrade_request(&path, &headers));
+        assert_eq!(a.status, 403, "{what}: earlier for another VMI: {}", a.body);
+    }
+}
