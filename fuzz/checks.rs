@@ -1135,15 +1135,27 @@ fn check_answer(data: &[u8], answer: &Result<Option<UpstreamAnswer>, http::Refus
         Ok(None) => {}
         Err(r) => assert_eq!(r.status.code(), 502, "{r:?}"),
         Ok(Some(UpstreamAnswer::Refused(r))) => {
-            let code = r
+            let (code, detail) = r
                 .reason
                 .strip_prefix("upstream answered ")
                 .and_then(|rest| rest.split_once(": "))
-                .and_then(|(c, _)| c.parse::<u16>().ok())
+                .and_then(|(c, d)| Some((c.parse::<u16>().ok()?, d)))
                 .unwrap_or_else(|| panic!("refusal reason without the upstream status: {r:?}"));
             assert_ne!(code, 101, "a 101 is never passed on as a refusal");
+            // KubeVirt's 400s that name the VMI's state (virt-api's own
+            // messages) are the VMI's, like its 409.
+            let vmi_state = code == 400
+                && [
+                    "VMI is not running",
+                    "Unable to connect to VirtualMachineInstance because phase is ",
+                    "No graphics devices are present",
+                ]
+                .iter()
+                .any(|m| detail.starts_with(m));
             let want = if matches!(code, 404 | 409 | 503) {
                 code
+            } else if vmi_state {
+                409
             } else {
                 502
             };

@@ -300,6 +300,8 @@ def upstream():
           status(500, "Internal Server Error", "line one\nline two", ctype="text/plain", length=False))
     write("upstream_response", "400_vmi_not_running",
           status(400, "Bad Request", k8s(400, "BadRequest", "VMI is not running")))
+    write("upstream_response", "400_no_graphics_devices",
+          status(400, "Bad Request", k8s(400, "BadRequest", "No graphics devices are present.")))
     write("upstream_response", "404_body_still_coming",
           status(404, "Not Found", k8s(404, "NotFound", "x"))[:-7])
     write("upstream_response", "502_huge_content_length",

@@ -36,7 +36,8 @@ pub enum Status {
     /// 408: the request head did not come in time.
     RequestTimeout = 408,
     /// 409: the upstream says the VMI is not in a state to connect to
-    /// (KubeVirt: not running, or paused).
+    /// (KubeVirt: not running, paused, or without a display; see
+    /// `names_vmi_state`).
     Conflict = 409,
     /// 414: the request line alone is over the head limit (a token or path
     /// too long to parse).
@@ -759,6 +760,7 @@ pub fn parse_upstream_response(
         let status = match code {
             404 => Status::NotFound,
             409 => Status::Conflict,
+            400 if names_vmi_state(&detail) => Status::Conflict,
             503 => Status::ServiceUnavailable,
             _ => Status::BadGateway,
         };
@@ -847,6 +849,23 @@ fn dechunk(mut data: &[u8]) -> (Vec<u8>, bool) {
 
 /// The readable reason in an upstream error body: a Kubernetes `Status`
 /// object's `message`, else the first line of text, cut short.
+/// Whether an upstream 400's message is KubeVirt telling why the VMI cannot
+/// have a console now, a fact about the VMI and not a fault of either side.
+/// virt-api answers these as a BadRequest Status (pkg/virt-api/rest:
+/// `validateVMIForVNC`, `getVirtHandlerConnForVMI`): a VMI still scheduling
+/// or already stopped ("VMI is not running", or, in older releases, "Unable
+/// to connect to VirtualMachineInstance because phase is ..."), or one built
+/// without a display ("No graphics devices are present."). Any other 400 may
+/// be the proxy's own request at fault, so it stays a 502.
+fn names_vmi_state(message: &str) -> bool {
+    const STATES: [&str; 3] = [
+        "VMI is not running",
+        "Unable to connect to VirtualMachineInstance because phase is ",
+        "No graphics devices are present",
+    ];
+    STATES.iter().any(|s| message.starts_with(s))
+}
+
 fn upstream_reason(body: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(body);
     let text = text.trim();

@@ -342,15 +342,25 @@ fn refusals_as_close_codes_a_page_can_read() {
     let h = Harness::start_with(
         StandInOptions::serving(B::Echo)
             .vmi("status-503", B::Status(503))
-            .vmi("status-409", B::Status(409)),
+            .vmi("status-409", B::Status(409))
+            // KubeVirt's 400 for a VMI that is not running (hand-made Status).
+            .vmi(
+                "booting",
+                B::KubeStatus {
+                    code: 400,
+                    reason: "BadRequest",
+                    message: "VMI is not running",
+                },
+            ),
         |c| c.reject_with_close = true,
     );
-    let good = Harness::token(&["echo", "status-503", "status-409"]);
+    let good = Harness::token(&["echo", "status-503", "status-409", "booting"]);
     let cases = [
         (format!("/{}/echo", "not.a.token"), 4401),
         (format!("/{good}/other"), 4403),
         (format!("/{good}"), 4404),
         (format!("/{good}/status-409"), 4409),
+        (format!("/{good}/booting"), 4409),
         (format!("/{good}/status-503"), 4503),
     ];
     for (path, want) in cases {

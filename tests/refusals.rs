@@ -557,6 +557,46 @@ fn upstream_failures_map_to_502_404_409_503() {
     }
 }
 
+/// KubeVirt's virt-api refuses a console with a 400 (a BadRequest Status)
+/// when the VMI cannot have one now: still scheduling or stopped (two
+/// wordings, new and older releases) or built without a display. Those are
+/// the VMI's state, passed on as 409 with virt-api's message, so that a class
+/// opening consoles while its VMs boot does not raise the upstream-failure
+/// alert; any other 400 stays a 502. The Status bodies are hand-made in the
+/// shape virt-api writes (messages from pkg/virt-api/rest: KubeVirt's Go code
+/// cannot run here).
+#[test]
+fn kubevirts_400_for_the_vmis_state_is_409_and_any_other_400_is_502() {
+    let bad_request = |message| B::KubeStatus {
+        code: 400,
+        reason: "BadRequest",
+        message,
+    };
+    let phase = "Unable to connect to VirtualMachineInstance because phase is \
+                 Scheduling instead of Running or Scheduled";
+    let upgrade_fault = "websocket: the client is not using the websocket protocol: \
+                         'upgrade' token not found in 'Connection' header";
+    let h = Harness::start(
+        StandInOptions::default()
+            .vmi("booting", bad_request("VMI is not running"))
+            .vmi("older", bad_request(phase))
+            .vmi("headless", bad_request("No graphics devices are present."))
+            .vmi("fault", bad_request(upgrade_fault)),
+    );
+    let cases = [
+        ("booting", 409, "upstream answered 400: VMI is not running"),
+        ("older", 409, phase),
+        ("headless", 409, "No graphics devices are present."),
+        ("fault", 502, upgrade_fault),
+    ];
+    for (vmi, status, reason) in cases {
+        let tok = Harness::token(&[vmi]);
+        let a = raw_request(h.addr, &upgrade_request(&format!("/{tok}/{vmi}"), ""));
+        assert_eq!(a.status, status, "{vmi}: {}", a.body);
+        assert!(a.body.contains(reason), "{vmi}: {}", a.body);
+    }
+}
+
 #[test]
 fn unreachable_upstream_gets_502() {
     // A port with nothing listening: bind, note the port, close.

@@ -16,6 +16,7 @@
 //! | `DropAfter(N)`        | upgrade, send one binary message of N pattern bytes, drop TCP (no close frame) |
 //! | `CloseAfter(N)`       | upgrade, send one binary message of N pattern bytes, close 1000 "done" |
 //! | `Status(CODE)`        | no upgrade: HTTP CODE with a Kubernetes `Status` JSON body           |
+//! | `KubeStatus { code, reason, message }` | no upgrade: HTTP `code` with a Kubernetes `Status` carrying this `reason` and `message` (hand-made in the shape virt-api writes, for its refusals) |
 //! | `Silent`              | never answer; hold the socket until the peer closes it (max 60 s)     |
 //! | `BadAccept`           | 101 with a wrong `Sec-WebSocket-Accept`                              |
 //! | `Masked`              | upgrade, then a *masked* server frame (protocol violation)           |
@@ -23,7 +24,7 @@
 //!
 //! A name that is neither listed nor covered by a default gets a 404 Kubernetes `Status`
 //! ("no behaviour declared for VMI ..."), the answer virt-api gives for a VMI it does not know.
-//! A request that is not a valid WebSocket upgrade gets a 400 (except for `Status` and
+//! A request that is not a valid WebSocket upgrade gets a 400 (except for `Status`, `KubeStatus` and
 //! `Silent`, which do not look at the upgrade headers). A declaration that cannot be served
 //! (a `Stream` frame of 0 bytes, a status outside 100..=999) panics in [`StandIn::start_with`].
 //!
@@ -679,6 +680,14 @@ pub enum Behaviour {
     CloseAfter(u64),
     /// No upgrade: this HTTP status with a Kubernetes `Status` body.
     Status(u16),
+    /// No upgrade: this HTTP status with a Kubernetes `Status` body carrying
+    /// this `reason` and `message`, in the shape virt-api's `StatusError`s
+    /// take (hand-made: KubeVirt's Go code cannot run here).
+    KubeStatus {
+        code: u16,
+        reason: &'static str,
+        message: &'static str,
+    },
     /// Never answer; hold the socket until the peer closes it (at most [`HOLD_LIMIT`]).
     Silent,
     /// 101 with a wrong `Sec-WebSocket-Accept`.
@@ -694,7 +703,9 @@ impl Behaviour {
     fn invalid(&self) -> Option<String> {
         match self {
             Behaviour::Stream { frame: 0, .. } => Some("a Stream frame of 0 bytes".into()),
-            Behaviour::Status(code) if !(100..=999).contains(code) => {
+            Behaviour::Status(code) | Behaviour::KubeStatus { code, .. }
+                if !(100..=999).contains(code) =>
+            {
                 Some(format!("HTTP status {code}, outside 100..=999"))
             }
             _ => None,
@@ -829,6 +840,14 @@ fn serve<S: Conn>(shared: &Shared, mut stream: S) {
     match what {
         Behaviour::Status(code) => {
             respond_status(&mut stream, code, &format!("stand-in says {code}"));
+            return;
+        }
+        Behaviour::KubeStatus {
+            code,
+            reason,
+            message,
+        } => {
+            respond_kube_status(&mut stream, code, message, reason);
             return;
         }
         Behaviour::Silent => {
