@@ -16,7 +16,7 @@
 //! | 1/20 | token signed with another secret: 401 | refusal before upstream work |
 //! | 1/20 | token for another VMI: 403 | refusal after the token check |
 //! | 1/20 | upstream sends 16 bytes then drops TCP: 1001 to the client, which answers | upstream went away |
-//! | 1/20 | upstream answers 503: 503 to the client | upstream refusal |
+//! | 1/20 | upstream says the console is in use: 503 to the client | upstream refusal |
 //! | 1/20 | half a request head, then the client drops TCP | abandoned handshake |
 //! | 1/20 | upstream never answers the upgrade; the client gives up and drops TCP | abandoned dial |
 //! | 1/20 | token that expired an hour ago: 401 | refusal (expiry path) |
@@ -136,7 +136,15 @@ fn run() -> Res<()> {
     // Echo for the sessions; the refusals and endings of the other kinds by name.
     let standin = StandIn::start_with(
         StandInOptions::serving(Behaviour::Echo)
-            .vmi("status-503", Behaviour::Status(503))
+            // KubeVirt's answer for a console in use (hand-made Status in virt-api's shape).
+            .vmi(
+                "in-use",
+                Behaviour::KubeStatus {
+                    code: 500,
+                    reason: "InternalError",
+                    message: upstream::CONSOLE_IN_USE,
+                },
+            )
             .vmi(
                 format!("dropafter-{ECHO_LEN}"),
                 Behaviour::DropAfter(ECHO_LEN as u64),
@@ -568,7 +576,7 @@ impl Kind {
             Kind::BadSignature => "token with a bad signature: 401",
             Kind::Forbidden => "token for another VMI: 403",
             Kind::UpstreamDrop => "upstream sends 16 B and drops TCP: 1001",
-            Kind::UpstreamRefuses => "upstream answers 503: 503",
+            Kind::UpstreamRefuses => "upstream says the console is in use: 503",
             Kind::HalfHead => "half a request head, client drops TCP",
             Kind::AbandonDial => "upstream silent, client gives up after 20 ms",
             Kind::Expired => "expired token: 401",
@@ -673,7 +681,7 @@ fn session(target: &Target, kind: Kind, seq: u64) -> Res<()> {
             expect_refusal(target.upgrade(&token, &echo_vmi)?, 401)
         }
         Kind::UpstreamRefuses => {
-            let vmi = "status-503";
+            let vmi = "in-use";
             expect_refusal(target.upgrade(&token_for(vmi), vmi)?, 503)
         }
         Kind::UpstreamDrop => {

@@ -1152,10 +1152,16 @@ fn check_answer(data: &[u8], answer: &Result<Option<UpstreamAnswer>, http::Refus
                 ]
                 .iter()
                 .any(|m| detail.starts_with(m));
-            let want = if matches!(code, 404 | 409 | 503) {
+            // virt-handler's refusal of a second console, passed on by
+            // virt-api inside a 500 (or as it is): the console is busy.
+            let busy = matches!(code, 500 | 503)
+                && detail.contains("Active VNC connection. Request denied");
+            let want = if matches!(code, 404 | 409) {
                 code
             } else if vmi_state {
                 409
+            } else if busy {
+                503
             } else {
                 502
             };

@@ -289,6 +289,13 @@ def upstream():
     write("upstream_response", "503_preserve_session_busy",
           status(503, "Service Unavailable",
                  k8s(503, "ServiceUnavailable", "Active VNC connection. Request denied.")))
+    write("upstream_response", "500_preserve_session_busy_via_virt_api",
+          status(500, "Internal Server Error",
+                 k8s(500, "InternalError",
+                     "Internal error occurred: Can't connect to websocket (503): websocket: "
+                     "bad handshake: application info: Active VNC connection. Request denied.")))
+    write("upstream_response", "503_aggregator_service_unavailable",
+          status(503, "Service Unavailable", "service unavailable\n", ctype="text/plain; charset=utf-8"))
     write("upstream_response", "403_rbac_forbidden",
           status(403, "Forbidden", k8s(403, "Forbidden",
                  'virtualmachineinstances.subresources.kubevirt.io "ubuntu" is forbidden: '

@@ -51,7 +51,8 @@ pub enum Status {
     InternalServerError = 500,
     /// 502: the upstream failed, or answered something else than 101.
     BadGateway = 502,
-    /// 503: shutting down, a connection limit, or the upstream is busy.
+    /// 503: shutting down, a connection limit, or the VMI's console is in
+    /// use (KubeVirt's `preserveSession`, see `CONSOLE_IN_USE`).
     ServiceUnavailable = 503,
     /// 504: the upstream (or a deferred authorization) did not answer in time.
     GatewayTimeout = 504,
@@ -755,13 +756,14 @@ pub fn parse_upstream_response(
             .or_else(|| resp.reason.and_then(|r| upstream_reason(r.as_bytes())))
             .unwrap_or_else(|| "no reason given".into());
         // Passed on where the client can act on it (no such VMI, VMI not
-        // running or paused, busy); anything else is the upstream's failure
-        // (and counts in the 5xx alerts, which a stopped VM must not).
+        // running or paused, console in use); anything else is the
+        // upstream's failure (and counts in the upstream-failure alert,
+        // which a stopped VM must not, and virt-api being down must).
         let status = match code {
             404 => Status::NotFound,
             409 => Status::Conflict,
             400 if names_vmi_state(&detail) => Status::Conflict,
-            503 => Status::ServiceUnavailable,
+            500 | 503 if detail.contains(CONSOLE_IN_USE) => Status::ServiceUnavailable,
             _ => Status::BadGateway,
         };
         return Ok(Some(UpstreamAnswer::Refused(Refusal::new(
@@ -847,8 +849,16 @@ fn dechunk(mut data: &[u8]) -> (Vec<u8>, bool) {
     }
 }
 
-/// The readable reason in an upstream error body: a Kubernetes `Status`
-/// object's `message`, else the first line of text, cut short.
+/// What virt-handler answers a `preserveSession=true` request while another
+/// console to the VMI is open. Current virt-api passes it on inside a 500
+/// (an InternalError Status: "Internal error occurred: Can't connect to
+/// websocket (503): ... application info: Active VNC connection. Request
+/// denied."; pkg/virt-api/rest/dialers.go with client-go's `EnrichError`),
+/// so the message, not the status, says the console is busy. A 503 without
+/// it is most likely the API server's own "service unavailable" for a
+/// virt-api it cannot reach (kube-aggregator), an upstream failure.
+const CONSOLE_IN_USE: &str = "Active VNC connection. Request denied";
+
 /// Whether an upstream 400's message is KubeVirt telling why the VMI cannot
 /// have a console now, a fact about the VMI and not a fault of either side.
 /// virt-api answers these as a BadRequest Status (pkg/virt-api/rest:
@@ -866,6 +876,8 @@ fn names_vmi_state(message: &str) -> bool {
     STATES.iter().any(|s| message.starts_with(s))
 }
 
+/// The readable reason in an upstream error body: a Kubernetes `Status`
+/// object's `message`, else the first line of text, cut short.
 fn upstream_reason(body: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(body);
     let text = text.trim();

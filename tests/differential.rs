@@ -54,7 +54,7 @@ const OTHER_SECRET: &str = "another-secret-entirely-0123456789abcdef";
 const QUIET: Duration = Duration::from_secs(3);
 const STARTUP: Duration = Duration::from_secs(20);
 /// The VMIs the valid token lists (their stand-in behaviours are declared where it starts).
-/// `echo-preserve` has sessions of its own (the stand-in answers `preserveSession=true` with 503
+/// `echo-preserve` has sessions of its own (the stand-in answers `preserveSession=true` with 500
 /// while another session to the same VMI is open); `ECHO` is not a DNS-1123 name.
 const VMIS: [&str; 6] = [
     "echo",

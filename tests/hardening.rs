@@ -337,11 +337,21 @@ fn an_upstream_sending_masked_frames_is_treated_as_broken() {
     assert!(reason.contains("upstream"), "{reason}");
 }
 
+/// KubeVirt's answer for a console already open with `preserveSession=true`
+/// (the stand-in's hand-made InternalError Status, in virt-api's shape).
+fn in_use() -> B {
+    B::KubeStatus {
+        code: 500,
+        reason: "InternalError",
+        message: common::upstream::CONSOLE_IN_USE,
+    }
+}
+
 #[test]
 fn refusals_as_close_codes_a_page_can_read() {
     let h = Harness::start_with(
         StandInOptions::serving(B::Echo)
-            .vmi("status-503", B::Status(503))
+            .vmi("in-use", in_use())
             .vmi("status-409", B::Status(409))
             // KubeVirt's 400 for a VMI that is not running (hand-made Status).
             .vmi(
@@ -354,14 +364,14 @@ fn refusals_as_close_codes_a_page_can_read() {
             ),
         |c| c.reject_with_close = true,
     );
-    let good = Harness::token(&["echo", "status-503", "status-409", "booting"]);
+    let good = Harness::token(&["echo", "in-use", "status-409", "booting"]);
     let cases = [
         (format!("/{}/echo", "not.a.token"), 4401),
         (format!("/{good}/other"), 4403),
         (format!("/{good}"), 4404),
         (format!("/{good}/status-409"), 4409),
         (format!("/{good}/booting"), 4409),
-        (format!("/{good}/status-503"), 4503),
+        (format!("/{good}/in-use"), 4503),
     ];
     for (path, want) in cases {
         let mut s = common::upgraded(h.addr, &path);
@@ -383,14 +393,14 @@ fn refusals_as_close_codes_a_page_can_read() {
 #[test]
 fn a_refusal_as_a_close_frame_names_the_offered_subprotocol() {
     let h = Harness::start_with(
-        StandInOptions::serving(B::Echo).vmi("status-503", B::Status(503)),
+        StandInOptions::serving(B::Echo).vmi("in-use", in_use()),
         |c| c.reject_with_close = true,
     );
-    let good = Harness::token(&["status-503"]);
+    let good = Harness::token(&["in-use"]);
     let cases = [
         // Refused before any upstream work, and refused by the upstream.
         (format!("/{}/echo", "not.a.token"), 4401),
-        (format!("/{good}/status-503"), 4503),
+        (format!("/{good}/in-use"), 4503),
     ];
     for (path, want) in cases {
         let offer = "Sec-WebSocket-Protocol: binary, base64\r\n";

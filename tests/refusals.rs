@@ -535,17 +535,31 @@ fn upstream_failures_map_to_502_404_409_503() {
             .vmi("status-404", B::Status(404))
             .vmi("status-409", B::Status(409))
             .vmi("status-500", B::Status(500))
-            .vmi("status-503", B::Status(503)),
+            .vmi("status-503", B::Status(503))
+            .vmi(
+                "in-use",
+                B::KubeStatus {
+                    code: 500,
+                    reason: "InternalError",
+                    message: common::upstream::CONSOLE_IN_USE,
+                },
+            ),
     );
     let cases = [
         ("status-500", 502, "stand-in says 500"),
         ("status-404", 404, "stand-in says 404"),
-        // What KubeVirt answers for a VMI not running or paused, a
+        // KubeVirt's Conflict (a paused VMI, in older releases), a
         // Kubernetes Conflict Status (the stand-in's hand-made Status body:
         // KubeVirt's Go code cannot run here): the VM's state, not an
         // upstream failure.
         ("status-409", 409, "stand-in says 409"),
-        ("status-503", 503, "stand-in says 503"),
+        // A console already open with preserveSession=true: virt-api passes
+        // virt-handler's refusal on inside a 500 (the stand-in's hand-made
+        // InternalError Status in its shape); the message says busy.
+        ("in-use", 503, "Active VNC connection. Request denied."),
+        // Any other 503 is most likely the API server's "service
+        // unavailable" for a virt-api it cannot reach: an upstream failure.
+        ("status-503", 502, "stand-in says 503"),
         ("status-403", 502, "stand-in says 403"),
         ("badaccept", 502, "Sec-WebSocket-Accept"),
     ];

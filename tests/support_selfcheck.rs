@@ -948,26 +948,29 @@ fn preserve_session_refuses_a_second_session() {
     let (mut first, _) = ws_over(raw_stream(&si), &url(flagged("win")), &[]).unwrap();
     assert_eq!(si.sessions_open(), 1);
 
-    // Same VMI, flag set: 503 with KubeVirt's message; also via v1alpha3 and among other params.
+    // Same VMI, flag set: virt-api's 500 wrapping virt-handler's refusal; also via v1alpha3,
+    // among other params, and in another spelling Go's ParseBool takes as true.
     for path in [
         flagged("win"),
         path_with("v1alpha3", "win", "?preserveSession=true"),
         path_with("v1", "win", "?x=1&preserveSession=true"),
+        path_with("v1", "win", "?preserveSession=1"),
     ] {
         let resp = raw_exchange(&si, &upgrade_request(&path));
         let (code, reason, _, body) = parse_response(&resp);
         assert_eq!(
             (code, reason.as_str()),
-            (503, "Service Unavailable"),
+            (500, "Internal Server Error"),
             "{path}"
         );
         let v: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(v["message"], "Active VNC connection. Request denied.");
-        assert_eq!(v["code"], 503);
+        assert_eq!(v["message"], support::upstream::CONSOLE_IN_USE);
+        assert_eq!(v["reason"], "InternalError");
+        assert_eq!(v["code"], 500);
     }
     match ws_over(raw_stream(&si), &url(flagged("win")), &[]) {
-        Err(WsError::Http(resp)) => assert_eq!(resp.status(), 503),
-        other => panic!("expected HTTP 503, got {:?}", other.map(|_| ())),
+        Err(WsError::Http(resp)) => assert_eq!(resp.status(), 500),
+        other => panic!("expected HTTP 500, got {:?}", other.map(|_| ())),
     }
 
     // Without the flag (or with another value) the new session proceeds.

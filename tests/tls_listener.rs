@@ -344,7 +344,16 @@ fn every_refusal_status_is_unchanged_over_tls() {
     let (_dir, cert, key) = pem_files(&issued);
     let opts = StandInOptions::serving(B::Echo)
         .vmi("gone", B::Status(404))
-        .vmi("busy", B::Status(503))
+        .vmi("unavailable", B::Status(503))
+        // A console in use, as virt-api answers it (hand-made Status).
+        .vmi(
+            "in-use",
+            B::KubeStatus {
+                code: 500,
+                reason: "InternalError",
+                message: common::upstream::CONSOLE_IN_USE,
+            },
+        )
         .vmi("broken", B::Status(500))
         .vmi("bad-accept", B::BadAccept)
         .vmi("silent", B::Silent);
@@ -383,7 +392,8 @@ fn every_refusal_status_is_unchanged_over_tls() {
             403,
         ),
         ("upstream 404", with(&up("gone"), ""), 404),
-        ("upstream 503", with(&up("busy"), ""), 503),
+        ("console in use", with(&up("in-use"), ""), 503),
+        ("upstream 503", with(&up("unavailable"), ""), 502),
         ("upstream 500", with(&up("broken"), ""), 502),
         ("bad accept", with(&up("bad-accept"), ""), 502),
         ("silent upstream", with(&up("silent"), ""), 504),

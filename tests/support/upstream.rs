@@ -34,9 +34,11 @@
 //! Like KubeVirt, every upgrade:
 //! - answers `Sec-WebSocket-Protocol: plain.kubevirt.io` when the client offers that
 //!   subprotocol, and no subprotocol otherwise;
-//! - with `?preserveSession=true` in the query, answers 503 (`Active VNC connection. Request
-//!   denied.`) while another WebSocket session to the same VMI is open on this stand-in. Without
-//!   the flag a second session simply proceeds (real KubeVirt would kick the first one).
+//! - with `?preserveSession=true` in the query (or another spelling Go's `ParseBool` takes as
+//!   true), answers 500 with [`CONSOLE_IN_USE`] (virt-handler's refusal as current virt-api
+//!   passes it on) while another WebSocket session to the same VMI is open on this stand-in.
+//!   Without the flag a second session simply proceeds (real KubeVirt would kick the first one,
+//!   dropping its connection without a close frame).
 //!
 //! [`StandIn::start_with`] adds, in the order they are checked, after the request is recorded:
 //! a required bearer token (else 401), KubeVirt paths only (else 404), and TLS around it all
@@ -68,6 +70,13 @@ use tungstenite::handshake::derive_accept_key;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
+
+/// The message of the 500 the stand-in answers a `preserveSession=true` request with while
+/// another session to the VMI is open: virt-handler's refusal as current virt-api passes it on,
+/// wrapped in an InternalError Status (`pkg/virt-api/rest/dialers.go` with client-go's
+/// `EnrichError`). Hand-made in that shape: KubeVirt's Go code cannot run here.
+pub const CONSOLE_IN_USE: &str = "Internal error occurred: Can't connect to websocket (503): \
+     websocket: bad handshake: application info: Active VNC connection. Request denied.";
 
 /// Largest request head the stand-in accepts (bytes, including the blank line).
 pub const MAX_HEAD: usize = 16 * 1024;
@@ -602,14 +611,18 @@ pub fn is_kubevirt_vnc_path(target: &str) -> bool {
     )
 }
 
-/// Whether the query of `target` has `name=true` (KubeVirt compares with `"true"` exactly).
+/// Whether the query of `target` has `name` set to a value Go's `strconv.ParseBool` reads as
+/// true, as virt-api and virt-handler read `preserveSession`.
 fn query_flag(target: &str, name: &str) -> bool {
     target
         .split_once('?')
         .map(|(_, q)| q.split('#').next().unwrap_or(""))
         .is_some_and(|q| {
-            q.split('&')
-                .any(|kv| kv.split_once('=') == Some((name, "true")))
+            q.split('&').any(|kv| {
+                kv.split_once('=').is_some_and(|(k, v)| {
+                    k == name && matches!(v, "1" | "t" | "T" | "true" | "TRUE" | "True")
+                })
+            })
         })
 }
 
@@ -867,12 +880,7 @@ fn serve<S: Conn>(shared: &Shared, mut stream: S) {
     };
 
     let Some(_session) = open_session(shared, &head.target) else {
-        respond_kube_status(
-            &mut stream,
-            503,
-            "Active VNC connection. Request denied.",
-            "ServiceUnavailable",
-        );
+        respond_kube_status(&mut stream, 500, CONSOLE_IN_USE, "InternalError");
         return;
     };
 
