@@ -1156,7 +1156,11 @@ fn check_answer(data: &[u8], answer: &Result<Option<UpstreamAnswer>, http::Refus
             // virt-api inside a 500 (or as it is): the console is busy.
             let busy = matches!(code, 500 | 503)
                 && detail.contains("Active VNC connection. Request denied");
-            let want = if matches!(code, 404 | 409) {
+            // The API server's 404 for a path nothing serves is the
+            // proxy's setup at fault, not a missing VMI.
+            let path_not_served = code == 404
+                && detail.starts_with("the server could not find the requested resource");
+            let want = if matches!(code, 404 | 409) && !path_not_served {
                 code
             } else if vmi_state {
                 409

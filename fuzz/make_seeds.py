@@ -294,6 +294,8 @@ def upstream():
                  k8s(500, "InternalError",
                      "Internal error occurred: Can't connect to websocket (503): websocket: "
                      "bad handshake: application info: Active VNC connection. Request denied.")))
+    write("upstream_response", "404_path_not_served",
+          status(404, "Not Found", k8s(404, "NotFound", "the server could not find the requested resource")))
     write("upstream_response", "503_aggregator_service_unavailable",
           status(503, "Service Unavailable", "service unavailable\n", ctype="text/plain; charset=utf-8"))
     write("upstream_response", "403_rbac_forbidden",

@@ -760,6 +760,7 @@ pub fn parse_upstream_response(
         // upstream's failure (and counts in the upstream-failure alert,
         // which a stopped VM must not, and virt-api being down must).
         let status = match code {
+            404 if detail.starts_with(PATH_NOT_SERVED) => Status::BadGateway,
             404 => Status::NotFound,
             409 => Status::Conflict,
             400 if names_vmi_state(&detail) => Status::Conflict,
@@ -848,6 +849,13 @@ fn dechunk(mut data: &[u8]) -> (Vec<u8>, bool) {
         }
     }
 }
+
+/// The API server's 404 for a path that nothing serves (its generic
+/// NotFound Status): KubeVirt is not installed, or `API_PATH` names an API
+/// version it does not serve. The proxy's setup is at fault, not the VMI
+/// (virt-api's own 404 names it: `virtualmachineinstance.kubevirt.io "x"
+/// not found`), so it is a 502 and counts as an upstream failure.
+const PATH_NOT_SERVED: &str = "the server could not find the requested resource";
 
 /// What virt-handler answers a `preserveSession=true` request while another
 /// console to the VMI is open. Current virt-api passes it on inside a 500

@@ -611,6 +611,39 @@ fn kubevirts_400_for_the_vmis_state_is_409_and_any_other_400_is_502() {
     }
 }
 
+/// The API server's generic 404 for a path nothing serves (KubeVirt not
+/// installed, or an API_PATH naming a version it does not serve) is the
+/// proxy's setup at fault, not a missing VMI: 502, so that it counts as an
+/// upstream failure instead of telling every student their VM is gone.
+/// (The stand-in's 404 for a path that is not KubeVirt's is hand-made in the
+/// API server's words.)
+#[test]
+fn an_api_path_the_api_server_does_not_serve_is_502_not_404() {
+    let opts = StandInOptions {
+        kubevirt_paths_only: true,
+        ..StandInOptions::serving(B::Echo)
+    };
+    let h = Harness::start_with(opts, |c| {
+        c.api_path = "/apis/subresources.kubevirt.io/v9/namespaces/{namespace}/\
+                      virtualmachineinstances/{vmi_name}/vnc"
+            .into()
+    });
+    let tok = Harness::token(&["echo"]);
+    let a = raw_request(h.addr, &upgrade_request(&format!("/{tok}/echo"), ""));
+    assert_eq!(a.status, 502, "{}", a.body);
+    assert!(
+        a.body
+            .contains("upstream answered 404: the server could not find the requested resource"),
+        "{}",
+        a.body
+    );
+    // virt-api's own 404, for a VMI it does not know, is still passed on.
+    let h = Harness::start(StandInOptions::default());
+    let tok = Harness::token(&["gone"]);
+    let a = raw_request(h.addr, &upgrade_request(&format!("/{tok}/gone"), ""));
+    assert_eq!(a.status, 404, "{}", a.body);
+}
+
 #[test]
 fn unreachable_upstream_gets_502() {
     // A port with nothing listening: bind, note the port, close.
