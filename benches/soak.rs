@@ -137,14 +137,7 @@ fn run() -> Res<()> {
     let standin = StandIn::start_with(
         StandInOptions::serving(Behaviour::Echo)
             // KubeVirt's answer for a console in use (hand-made Status in virt-api's shape).
-            .vmi(
-                "in-use",
-                Behaviour::KubeStatus {
-                    code: 500,
-                    reason: "InternalError",
-                    message: upstream::CONSOLE_IN_USE,
-                },
-            )
+            .vmi("in-use", Behaviour::console_in_use())
             .vmi(
                 format!("dropafter-{ECHO_LEN}"),
                 Behaviour::DropAfter(ECHO_LEN as u64),

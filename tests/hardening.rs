@@ -337,21 +337,11 @@ fn an_upstream_sending_masked_frames_is_treated_as_broken() {
     assert!(reason.contains("upstream"), "{reason}");
 }
 
-/// KubeVirt's answer for a console already open with `preserveSession=true`
-/// (the stand-in's hand-made InternalError Status, in virt-api's shape).
-fn in_use() -> B {
-    B::KubeStatus {
-        code: 500,
-        reason: "InternalError",
-        message: common::upstream::CONSOLE_IN_USE,
-    }
-}
-
 #[test]
 fn refusals_as_close_codes_a_page_can_read() {
     let h = Harness::start_with(
         StandInOptions::serving(B::Echo)
-            .vmi("in-use", in_use())
+            .vmi("in-use", B::console_in_use())
             .vmi("status-409", B::Status(409))
             // KubeVirt's 400 for a VMI that is not running (hand-made Status).
             .vmi(
@@ -393,7 +383,7 @@ fn refusals_as_close_codes_a_page_can_read() {
 #[test]
 fn a_refusal_as_a_close_frame_names_the_offered_subprotocol() {
     let h = Harness::start_with(
-        StandInOptions::serving(B::Echo).vmi("in-use", in_use()),
+        StandInOptions::serving(B::Echo).vmi("in-use", B::console_in_use()),
         |c| c.reject_with_close = true,
     );
     let good = Harness::token(&["in-use"]);

@@ -526,6 +526,17 @@ fn ec_keys_on_two_curves_each_verify_their_own_tokens() {
     assert!(a.body.contains("signature"), "{}", a.body);
 }
 
+/// Opens each VMI's console with a token for it and checks the status and
+/// a piece of the body (the upstream's reason) the proxy answers with.
+fn answers_each_vmi_with(h: &Harness, cases: &[(&str, u16, &str)]) {
+    for &(vmi, status, reason) in cases {
+        let tok = Harness::token(&[vmi]);
+        let a = raw_request(h.addr, &upgrade_request(&format!("/{tok}/{vmi}"), ""));
+        assert_eq!(a.status, status, "{vmi}: {}", a.body);
+        assert!(a.body.contains(reason), "{vmi}: {}", a.body);
+    }
+}
+
 #[test]
 fn upstream_failures_map_to_502_404_409_503() {
     let h = Harness::start(
@@ -536,14 +547,7 @@ fn upstream_failures_map_to_502_404_409_503() {
             .vmi("status-409", B::Status(409))
             .vmi("status-500", B::Status(500))
             .vmi("status-503", B::Status(503))
-            .vmi(
-                "in-use",
-                B::KubeStatus {
-                    code: 500,
-                    reason: "InternalError",
-                    message: common::upstream::CONSOLE_IN_USE,
-                },
-            ),
+            .vmi("in-use", B::console_in_use()),
     );
     let cases = [
         ("status-500", 502, "stand-in says 500"),
@@ -563,12 +567,7 @@ fn upstream_failures_map_to_502_404_409_503() {
         ("status-403", 502, "stand-in says 403"),
         ("badaccept", 502, "Sec-WebSocket-Accept"),
     ];
-    for (vmi, status, reason) in cases {
-        let tok = Harness::token(&[vmi]);
-        let a = raw_request(h.addr, &upgrade_request(&format!("/{tok}/{vmi}"), ""));
-        assert_eq!(a.status, status, "{vmi}: {}", a.body);
-        assert!(a.body.contains(reason), "{vmi}: {}", a.body);
-    }
+    answers_each_vmi_with(&h, &cases);
 }
 
 /// KubeVirt's virt-api refuses a console with a 400 (a BadRequest Status)
@@ -603,12 +602,7 @@ fn kubevirts_400_for_the_vmis_state_is_409_and_any_other_400_is_502() {
         ("headless", 409, "No graphics devices are present."),
         ("fault", 502, upgrade_fault),
     ];
-    for (vmi, status, reason) in cases {
-        let tok = Harness::token(&[vmi]);
-        let a = raw_request(h.addr, &upgrade_request(&format!("/{tok}/{vmi}"), ""));
-        assert_eq!(a.status, status, "{vmi}: {}", a.body);
-        assert!(a.body.contains(reason), "{vmi}: {}", a.body);
-    }
+    answers_each_vmi_with(&h, &cases);
 }
 
 /// The API server's generic 404 for a path nothing serves (KubeVirt not

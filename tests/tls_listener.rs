@@ -346,14 +346,7 @@ fn every_refusal_status_is_unchanged_over_tls() {
         .vmi("gone", B::Status(404))
         .vmi("unavailable", B::Status(503))
         // A console in use, as virt-api answers it (hand-made Status).
-        .vmi(
-            "in-use",
-            B::KubeStatus {
-                code: 500,
-                reason: "InternalError",
-                message: common::upstream::CONSOLE_IN_USE,
-            },
-        )
+        .vmi("in-use", B::console_in_use())
         .vmi("broken", B::Status(500))
         .vmi("bad-accept", B::BadAccept)
         .vmi("silent", B::Silent);

@@ -712,6 +712,16 @@ pub enum Behaviour {
 }
 
 impl Behaviour {
+    /// KubeVirt's answer for a console already open with `preserveSession=true`, as current
+    /// virt-api sends it: a 500 InternalError Status carrying [`CONSOLE_IN_USE`].
+    pub fn console_in_use() -> Behaviour {
+        Behaviour::KubeStatus {
+            code: 500,
+            reason: "InternalError",
+            message: CONSOLE_IN_USE,
+        }
+    }
+
     /// Why this declaration cannot be served, if it cannot.
     fn invalid(&self) -> Option<String> {
         match self {
