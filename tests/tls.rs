@@ -472,3 +472,36 @@ fn an_upstream_that_answers_and_ends_in_one_flight_ends_the_session() {
     drop(ws);
     server.join().unwrap();
 }
+
+#[test]
+fn a_clean_close_over_tls_ends_the_session_without_waiting_for_the_clients_fin() {
+    // The client closes, KubeVirt answers and ends its TLS connection: with both close frames
+    // through and the upstream's end read, nothing is owed to anyone, so the proxy closes the
+    // client's socket and the session ends at once, as it does over plain TCP. The client here
+    // keeps its socket open: a session waiting for its FIN would last the 30 s close timeout.
+    let pki = TestPki::new();
+    let sa = sa_dir(&pki, SA_TOKEN);
+    let h = in_cluster(kubevirt(&pki, Some(SA_TOKEN), B::Echo), &sa, |c| {
+        c.close_timeout = Duration::from_secs(30);
+    });
+    let stats = h.handle();
+    for i in 0..20 {
+        let mut ws = h.ws("echo-close");
+        ws.send(Message::text("bye")).unwrap();
+        assert_eq!(ws.read().unwrap(), Message::text("bye"));
+        ws.close(None).unwrap();
+        // The upstream's answer to the close, then the end of the WebSocket.
+        loop {
+            match ws.read() {
+                Ok(Message::Close(_)) | Ok(_) => {}
+                Err(tungstenite::Error::ConnectionClosed) => break,
+                Err(e) => panic!("session {i}: {e}"),
+            }
+        }
+        assert!(
+            upstream::wait_until(Duration::from_secs(3), || stats.stats().open_sessions == 0),
+            "session {i} still open with its client's socket open: it waits for the client's FIN"
+        );
+        drop(ws);
+    }
+}
