@@ -949,12 +949,16 @@ fn preserve_session_refuses_a_second_session() {
     assert_eq!(si.sessions_open(), 1);
 
     // Same VMI, flag set: virt-api's 500 wrapping virt-handler's refusal; also via v1alpha3,
-    // among other params, and in another spelling Go's ParseBool takes as true.
+    // among other params, in another spelling Go's ParseBool takes as true, percent-encoded,
+    // and first of two values (Go's `Query().Get` decodes and takes the first).
     for path in [
         flagged("win"),
         path_with("v1alpha3", "win", "?preserveSession=true"),
         path_with("v1", "win", "?x=1&preserveSession=true"),
         path_with("v1", "win", "?preserveSession=1"),
+        path_with("v1", "win", "?preserveSession=%74rue"),
+        path_with("v1", "win", "?preserveSession=true&preserveSession=false"),
+        path_with("v1", "win", "?a;b=1&preserveSession=true"),
     ] {
         let resp = raw_exchange(&si, &upgrade_request(&path));
         let (code, reason, _, body) = parse_response(&resp);
@@ -982,17 +986,36 @@ fn preserve_session_refuses_a_second_session() {
         &[],
     )
     .unwrap();
+    // The first value is the one read, and a pair holding a `;` is no pair (Go 1.17 on).
+    let (mut fourth, _) = ws_over(
+        raw_stream(&si),
+        &url(path_with(
+            "v1",
+            "win",
+            "?preserveSession=false&preserveSession=true",
+        )),
+        &[],
+    )
+    .unwrap();
+    let (mut fifth, _) = ws_over(
+        raw_stream(&si),
+        &url(path_with("v1", "win", "?x=1;preserveSession=true")),
+        &[],
+    )
+    .unwrap();
     // Another VMI, or the same name in another namespace, is not affected.
     let (mut other, _) = ws_over(raw_stream(&si), &url(flagged("linux")), &[]).unwrap();
     let other_ns = flagged("win").replace("lab-ns", "other-ns");
     let (mut other_ns, _) = ws_over(raw_stream(&si), &url(other_ns), &[]).unwrap();
-    assert_eq!(si.sessions_open(), 5);
+    assert_eq!(si.sessions_open(), 7);
     echo_once(&mut first, b"first still works".to_vec());
 
     for ws in [
         &mut first,
         &mut second,
         &mut third,
+        &mut fourth,
+        &mut fifth,
         &mut other,
         &mut other_ns,
     ] {

@@ -612,18 +612,45 @@ pub fn is_kubevirt_vnc_path(target: &str) -> bool {
 }
 
 /// Whether the query of `target` has `name` set to a value Go's `strconv.ParseBool` reads as
-/// true, as virt-api and virt-handler read `preserveSession`.
+/// true, as virt-api and virt-handler read `preserveSession` (`QueryParameter`, that is Go's
+/// `url.Query().Get`).
 fn query_flag(target: &str, name: &str) -> bool {
-    target
-        .split_once('?')
-        .map(|(_, q)| q.split('#').next().unwrap_or(""))
-        .is_some_and(|q| {
-            q.split('&').any(|kv| {
-                kv.split_once('=').is_some_and(|(k, v)| {
-                    k == name && matches!(v, "1" | "t" | "T" | "true" | "TRUE" | "True")
-                })
-            })
+    query_get(target, name)
+        .is_some_and(|v| matches!(v.as_str(), "1" | "t" | "T" | "true" | "TRUE" | "True"))
+}
+
+/// Go's `url.Query().Get(name)`: the value of the first pair named `name`, with `+` read as a
+/// space and `%XX` decoded; a pair that does not decode, or holds a `;`, is skipped, as Go's
+/// `url.ParseQuery` skips it (since Go 1.17 a `;` no longer separates pairs).
+fn query_get(target: &str, name: &str) -> Option<String> {
+    let (_, query) = target.split_once('?')?;
+    let query = query.split('#').next().unwrap_or("");
+    query
+        .split('&')
+        .filter(|kv| !kv.is_empty() && !kv.contains(';'))
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            Some((go_query_unescape(k)?, go_query_unescape(v)?))
         })
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v)
+}
+
+/// Go's `url.QueryUnescape`: `+` is a space, `%XX` a byte; a broken escape fails.
+fn go_query_unescape(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        out.push(match b {
+            b'+' => b' ',
+            b'%' => {
+                let hex = [bytes.next()?, bytes.next()?];
+                u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?
+            }
+            b => b,
+        });
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Which VMI a request is for, for `preserveSession`: `namespace/name` (the namespace is empty
