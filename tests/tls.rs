@@ -491,12 +491,13 @@ fn a_clean_close_over_tls_ends_the_session_without_waiting_for_the_clients_fin()
         assert_eq!(ws.read().unwrap(), Message::text("bye"));
         ws.close(None).unwrap();
         // The upstream's answer to the close, then the end of the WebSocket.
-        loop {
-            match ws.read() {
-                Ok(Message::Close(_)) | Ok(_) => {}
-                Err(tungstenite::Error::ConnectionClosed) => break,
-                Err(e) => panic!("session {i}: {e}"),
-            }
+        match ws.read() {
+            Ok(Message::Close(_)) => {}
+            other => panic!("session {i}: expected the close answer, got {other:?}"),
+        }
+        match ws.read() {
+            Err(tungstenite::Error::ConnectionClosed) => {}
+            other => panic!("session {i}: expected the closed WebSocket, got {other:?}"),
         }
         assert!(
             upstream::wait_until(Duration::from_secs(3), || stats.stats().open_sessions == 0),
