@@ -173,10 +173,13 @@ pub(crate) struct Conn<S = TcpStream> {
     heard: bool,
 }
 
+/// The most plaintext one TLS record carries (RFC 8446 5.1, RFC 5246 6.2.1).
+pub(crate) const TLS_RECORD_PLAINTEXT: usize = 16 << 10;
+
 /// Room a read of decrypted bytes needs so that rustls keeps none of them:
-/// a whole record's plaintext (16 KiB), plus small records that one of its
-/// 4 KiB socket reads may complete with it.
-const TLS_READ_ROOM: usize = (16 << 10) + (4 << 10);
+/// a whole record's plaintext, plus small records that one of its 4 KiB
+/// socket reads may complete with it.
+const TLS_READ_ROOM: usize = TLS_RECORD_PLAINTEXT + (4 << 10);
 
 /// The socket under TLS as rustls reads it, each read ending at the end of
 /// the record in progress when `align` asks (the reader's buffer is nearly

@@ -15,7 +15,7 @@ use std::io;
 use std::time::Instant;
 
 use crate::buffer::{Buffer, BufferPool};
-use crate::conn::{Conn, Io, Transport};
+use crate::conn::{Conn, Io, TLS_RECORD_PLAINTEXT, Transport};
 use crate::frame::{
     Direction, FrameScanner, PING_PAYLOAD_LEN, ScanStop, Violation, close_frame, ping_frame,
 };
@@ -113,8 +113,9 @@ pub(crate) struct Pipe {
     /// records waiting for its socket).
     pauses: u64,
     /// The source streams in bulk: take a bulk buffer when taking one. Set
-    /// when one read brings a whole regular buffer's worth; cleared when a
-    /// read brings less than a quarter of that (interactive traffic again).
+    /// when the reads between two writes (one read, but for TLS) bring a
+    /// whole regular buffer's worth; cleared when they bring less than a
+    /// quarter of that (interactive traffic again).
     bulk: bool,
     /// The source has bytes but the pool had no buffer for them: the loop
     /// queued this session and drives it again when one frees.
@@ -379,7 +380,9 @@ impl Pipe {
     ) -> Pump {
         let mut out = Pump::default();
         let was_writable = dst.writable;
-        for _ in 0..budget {
+        // Bytes read since the buffer last went to the destination.
+        let mut gathered = 0;
+        for round in 0..budget {
             let mut moved = false;
             // TLS records accepted earlier go out as the socket allows.
             if dst.writable
@@ -433,23 +436,50 @@ impl Pipe {
                     Some(buf) => match src.read(buf.space()) {
                         Io::Done(n) => {
                             buf.fill(n);
-                            // Bulk: one read brought a regular buffer's
-                            // worth (not a small read topping up a buffer
-                            // a slow destination left full).
-                            if n >= pool.regular_size() {
-                                self.bulk = true;
-                            } else if n < pool.regular_size() / 4 {
-                                self.bulk = false;
-                            }
+                            let room_left = buf.free() >= self.room;
+                            gathered += n;
                             moved = true;
                             self.last_rx = now;
                             self.scan_new();
+                            // A TLS source hands over one record (16 KiB
+                            // at most) a read: after a full one (a stream,
+                            // not a message), while more may come at once
+                            // and the next one has its room, read on and
+                            // write once, not once a record. A plain read
+                            // takes all the socket holds; after a short
+                            // record, write first (reading on would put
+                            // the read that finds the socket empty before
+                            // the write, on a message's round trip); in
+                            // the last round, write, so the budget always
+                            // ends on a write.
+                            let more = self.room > 1 // TLS: see `room_to_read`
+                                && n >= TLS_RECORD_PLAINTEXT
+                                && room_left
+                                && src.can_read()
+                                && round + 1 < budget;
+                            if more {
+                                continue;
+                            }
                         }
                         Io::WouldBlock => {}
                         Io::Eof => self.end_source(SourceEnd::Eof),
                         Io::Failed(e) => self.end_source(SourceEnd::Failed(e.to_string())),
                     },
                 }
+                // Bulk: the reads since the last write brought a regular
+                // buffer's worth, or as much of it as fits before a read
+                // lacks its room, and at least half (not a small read
+                // topping up a buffer a slow destination left full).
+                let regular = pool.regular_size();
+                let whole = regular
+                    .saturating_sub(self.room.saturating_sub(1))
+                    .max(regular / 2);
+                if gathered >= whole {
+                    self.bulk = true;
+                } else if gathered > 0 && gathered < regular / 4 {
+                    self.bulk = false;
+                }
+                gathered = 0;
             }
             // Write what is validated; a pending ping goes in at the next
             // frame boundary, so data is written only up to it. A ping the

@@ -613,6 +613,8 @@ pub(crate) mod tests {
         pub before_fin_writes: usize,
         /// Reads that returned 0 (the peer's FIN seen).
         pub eof_reads: usize,
+        /// Write calls that took bytes.
+        pub writes: usize,
     }
 
     #[derive(Debug, Clone)]
@@ -650,6 +652,7 @@ pub(crate) mod tests {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
             w.room -= n;
+            w.writes += 1;
             w.outbox.extend_from_slice(&buf[..n]);
             // A write without MSG_MORE pushes out whatever was held.
             w.held = false;

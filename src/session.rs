@@ -2187,6 +2187,40 @@ mod tests {
             std::io::Write::write_all(&mut self.tls.writer(), plaintext).expect("client write");
             self.pump(rig);
         }
+
+        /// The TLS records the client makes of `stream`, without sending
+        /// them: a first write of `first` bytes, then the rest (rustls cuts
+        /// records of 16 KiB of plaintext at most from each write).
+        fn records(&mut self, stream: &[u8], first: usize) -> Vec<u8> {
+            let mut records = Vec::new();
+            let mut rest = stream;
+            let mut most = first;
+            while !rest.is_empty() {
+                let chunk = &rest[..rest.len().min(std::mem::replace(&mut most, usize::MAX))];
+                let n = std::io::Write::write(&mut self.tls.writer(), chunk).expect("client write");
+                rest = &rest[n..];
+                while self.tls.wants_write() {
+                    self.tls.write_tls(&mut records).expect("client write_tls");
+                }
+            }
+            records
+        }
+    }
+
+    /// Binary frames as a client sends them (masked), carrying `payload`
+    /// cut every `chunk` bytes.
+    fn client_frames(payload: &[u8], chunk: usize) -> Vec<u8> {
+        payload
+            .chunks(chunk)
+            .flat_map(|c| frame(BINARY, c, Some(KEY)))
+            .collect()
+    }
+
+    /// Every frame the upstream received, whole, their payloads in order.
+    fn upstream_payload(rig: &Rig) -> Vec<u8> {
+        let (got, rest) = frames(&rig.upstream.borrow().outbox);
+        assert_eq!(rest, 0, "a frame cut short");
+        got.into_iter().flat_map(|(_, p)| p).collect()
     }
 
     /// A rig whose client speaks TLS (`versions`) to the session's TLS
@@ -2426,6 +2460,34 @@ mod tests {
         assert_eq!(rig.world.pool.in_use(), 0);
     }
 
+    /// A client streaming over TLS: rustls hands over one record (16 KiB of
+    /// plaintext) a read, and the session reads on while more has come and
+    /// the buffer has room for another, then writes once: four records'
+    /// worth reach the upstream in two writes, not one a record (a write
+    /// is a system call, and on loopback the reader's wake-up too).
+    #[test]
+    fn records_read_from_tls_together_go_out_in_one_write() {
+        let (mut peer, mut rig) = tls_rig(false, rustls::DEFAULT_VERSIONS);
+        peer.open(&mut rig, "open");
+        assert_eq!(rig.world.config.buffer_size, 64 << 10);
+        rig.upstream.borrow_mut().max_write = 0;
+        let payload: Vec<u8> = (0..64 << 10).map(|i| (i % 249) as u8).collect();
+        let records = peer.records(&client_frames(&payload, 4000), usize::MAX);
+        assert!(records.len() > 4 * (16 << 10), "at least five records");
+        let before = rig.upstream.borrow().writes;
+        rig.client_sends(&records);
+        for _ in 0..4 {
+            rig.event(Side::Client, true, true);
+            rig.drive();
+        }
+        assert!(
+            upstream_payload(&rig) == payload,
+            "bytes lost or out of order"
+        );
+        let writes = rig.upstream.borrow().writes - before;
+        assert!(writes <= 2, "{writes} writes for five records");
+    }
+
     /// A client sending over TLS faster than the upstream takes: the read
     /// that fills the buffer ends on a record boundary, so while reading
     /// pauses rustls keeps nothing of the stream (no plaintext that did not
@@ -2444,23 +2506,9 @@ mod tests {
             up.room = 0;
         }
         let payload: Vec<u8> = (0..4 * buffer).map(|i| (i % 253) as u8).collect();
-        let stream: Vec<u8> = payload
-            .chunks(10_000)
-            .flat_map(|c| frame(BINARY, c, Some(KEY)))
-            .collect();
-        let mut records = Vec::new();
-        let mut rest = &stream[..];
         // A small first write: the records (16 KiB of plaintext each) then
         // do not end where the buffer does.
-        let mut most = 1000;
-        while !rest.is_empty() {
-            let chunk = &rest[..rest.len().min(std::mem::replace(&mut most, usize::MAX))];
-            let n = std::io::Write::write(&mut peer.tls.writer(), chunk).expect("client write");
-            rest = &rest[n..];
-            while peer.tls.wants_write() {
-                peer.tls.write_tls(&mut records).expect("client write_tls");
-            }
-        }
+        let records = peer.records(&client_frames(&payload, 10_000), 1000);
         let mut ends = Vec::new();
         let mut at = 0;
         while at + 5 <= records.len() {
@@ -2483,10 +2531,10 @@ mod tests {
             rig.drive();
         }
         assert!(rig.client.borrow().inbox.is_empty());
-        let (got, rest) = frames(&rig.upstream.borrow().outbox);
-        assert_eq!(rest, 0);
-        let got: Vec<u8> = got.into_iter().flat_map(|(_, p)| p).collect();
-        assert!(got == payload, "bytes lost or out of order");
+        assert!(
+            upstream_payload(&rig) == payload,
+            "bytes lost or out of order"
+        );
     }
 
     /// Every open console holds its session (in the server's slab) and its
