@@ -170,7 +170,7 @@ options! {
     HANDSHAKE_TIMEOUT_SECONDS: Duration = Within(seconds, 1, MAX_SECONDS), "--handshake-timeout-seconds", "10", "time a client has to send its request head (408 after)";
     UPSTREAM_TIMEOUT_SECONDS: Duration = Within(seconds, 1, MAX_SECONDS), "--upstream-timeout-seconds", "10", "time the upstream has to connect, finish TLS and answer the upgrade (504 after)";
     RELAY_BUFFER_BYTES: usize = Within(number, 1024, 16 << 20), "--relay-buffer-bytes", "65536", "size of the fixed buffer per relay direction";
-    RELAY_BULK_BUFFER_BYTES: usize = Within(number, 0, 16 << 20), "--relay-bulk-buffer-bytes", "262144", "larger buffer for a direction whose source brings a whole buffer between two writes (fewer, larger reads and writes); off when not above RELAY_BUFFER_BYTES";
+    RELAY_BULK_BUFFER_BYTES: usize = Within(number, 0, 16 << 20), "--relay-bulk-buffer-bytes", "262144", "larger buffer for a direction whose source fills its buffer between two writes (with TLS, all but the room a record needs; fewer, larger reads and writes); off when not above RELAY_BUFFER_BYTES";
     RELAY_BULK_BUFFERS: usize = Within(number, 0, UNBOUNDED), "--relay-bulk-buffers", "64", "at most this many bulk buffers in use at once (bounds their memory); others keep RELAY_BUFFER_BYTES";
     RELAY_MEMORY_BYTES: usize = Within(number, 0, UNBOUNDED), "--relay-memory-bytes", "33554432", "relay buffers in use at once, in bytes, per worker (bulk ones included; 0: no limit); a direction that finds none free leaves its source unread until one is";
     MAX_FRAME_SIZE: u64 = Within(number, 1, u64::MAX), "--max-frame-size", "67108864", "largest frame payload relayed (close 1009 above)";

@@ -113,9 +113,10 @@ pub(crate) struct Pipe {
     /// records waiting for its socket).
     pauses: u64,
     /// The source streams in bulk: take a bulk buffer when taking one. Set
-    /// when the reads between two writes (one read, but for TLS) bring a
-    /// whole regular buffer's worth; cleared when they bring less than a
-    /// quarter of that (interactive traffic again).
+    /// when the reads between two writes (one read, but for TLS) fill a
+    /// regular buffer (with TLS, as far as reads go: see `pump`); cleared
+    /// when they bring less than a quarter of one (interactive traffic
+    /// again).
     bulk: bool,
     /// The source has bytes but the pool had no buffer for them: the loop
     /// queued this session and drives it again when one frees.
@@ -466,14 +467,17 @@ impl Pipe {
                         Io::Failed(e) => self.end_source(SourceEnd::Failed(e.to_string())),
                     },
                 }
-                // Bulk: the reads since the last write brought a regular
-                // buffer's worth, or as much of it as fits before a read
-                // lacks its room, and at least half (not a small read
-                // topping up a buffer a slow destination left full).
+                // Bulk: the reads since the last write filled a regular
+                // buffer (not a small read topping up a buffer a slow
+                // destination left full). With TLS, filled as far as reads
+                // go, a read needing room for a record (45 KiB of 64), and
+                // by more than one record (unless the buffer holds only
+                // one), so that a single message does not switch a small
+                // buffer to bulk.
                 let regular = pool.regular_size();
                 let whole = regular
                     .saturating_sub(self.room.saturating_sub(1))
-                    .max(regular / 2);
+                    .max((TLS_RECORD_PLAINTEXT + 1).min(regular));
                 if gathered >= whole {
                     self.bulk = true;
                 } else if gathered > 0 && gathered < regular / 4 {

@@ -2488,6 +2488,45 @@ mod tests {
         assert!(writes <= 2, "{writes} writes for five records");
     }
 
+    /// Which TLS traffic takes a bulk buffer: reads that filled the regular
+    /// buffer as far as TLS reads go (all but the room a record needs) and
+    /// brought more than one record. A single record does not (half a
+    /// buffer did: one 9,000-byte message switched a 16 KiB buffer to
+    /// 256 KiB ones, one 16 KiB frame a 32 KiB buffer); a message of
+    /// 96 KiB through 64 KiB buffers does (a last read under a quarter
+    /// buffer would have ended it). Seen from the buffer the next message
+    /// takes, while the upstream reads nothing.
+    #[test]
+    fn a_tls_source_takes_a_bulk_buffer_only_after_filling_its_own() {
+        for (regular, message, bulk) in [
+            (16 << 10, 9_000, 0),
+            (32 << 10, 16_376, 0), // one record: 16 KiB with its header
+            (64 << 10, 40_000, 0),
+            // Three records gathered (48 KiB), then the 48 KiB rest.
+            (64 << 10, 96 << 10, 1),
+        ] {
+            let (mut peer, mut rig) = tls_rig(false, rustls::DEFAULT_VERSIONS);
+            peer.open(&mut rig, "open");
+            rig.upstream.borrow_mut().max_write = 0;
+            rig.world.pool = BufferPool::with_bulk(regular, 4, 256 << 10, 4);
+            let payload: Vec<u8> = (0..message).map(|i| (i % 251) as u8).collect();
+            let records = peer.records(&frame(BINARY, &payload, Some(KEY)), usize::MAX);
+            rig.client_sends(&records);
+            for _ in 0..4 {
+                rig.event(Side::Client, true, true);
+                rig.drive();
+            }
+            assert!(upstream_payload(&rig) == payload, "{message} bytes relayed");
+            rig.upstream.borrow_mut().room = 0;
+            peer.send(&mut rig, &frame(BINARY, b"next", Some(KEY)));
+            assert_eq!(
+                rig.world.pool.bulk_in_use(),
+                bulk,
+                "{regular}-byte buffers, a {message}-byte message"
+            );
+        }
+    }
+
     /// A client sending over TLS faster than the upstream takes: the read
     /// that fills the buffer ends on a record boundary, so while reading
     /// pauses rustls keeps nothing of the stream (no plaintext that did not
