@@ -369,6 +369,11 @@ impl<S: Transport> Conn<S> {
         }
     }
 
+    /// rustls runs over the socket.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
     /// The free bytes a buffer needs for a read into it: with TLS, room for
     /// whatever rustls may hand over at once (else rustls keeps the rest),
     /// within `capacity`; without, a byte.

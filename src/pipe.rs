@@ -452,8 +452,13 @@ impl Pipe {
                             // the read that finds the socket empty before
                             // the write, on a message's round trip); in
                             // the last round, write, so the budget always
-                            // ends on a write.
+                            // ends on a write. Not towards TLS: there it
+                            // cost CPU per GiB (4 % and 9 % more with TLS
+                            // on both sides, the bulk buffers that follow
+                            // included), where towards a plain socket it
+                            // saves 8-15 %.
                             let more = self.room > 1 // TLS: see `room_to_read`
+                                && !dst.is_tls()
                                 && n >= TLS_RECORD_PLAINTEXT
                                 && room_left
                                 && src.can_read()
