@@ -5,9 +5,9 @@
 //! buffers so a busy proxy does not allocate per read.
 //!
 //! Buffers come in two sizes. A direction streaming in bulk (its source
-//! filled a whole buffer between two writes) asks for a larger one: a quarter as
-//! many reads and writes per byte, and, on a busy machine, as many fewer
-//! wake-ups of the reader on the other side. Bulk buffers are few (a fixed
+//! filled a whole buffer between two writes) asks for a larger one: a
+//! quarter as many reads and writes per byte, and, on a busy machine, as
+//! many fewer wake-ups of the reader on the other side. Bulk buffers are few (a fixed
 //! number in use at once); a direction that cannot have one keeps the
 //! regular size.
 //!

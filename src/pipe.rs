@@ -457,7 +457,7 @@ impl Pipe {
                             // on both sides, the bulk buffers that follow
                             // included), where towards a plain socket it
                             // saves 8-15 %.
-                            let more = self.room > 1 // TLS: see `room_to_read`
+                            let more = src.is_tls()
                                 && !dst.is_tls()
                                 && n >= TLS_RECORD_PLAINTEXT
                                 && room_left

@@ -2473,7 +2473,10 @@ mod tests {
         rig.upstream.borrow_mut().max_write = 0;
         let payload: Vec<u8> = (0..64 << 10).map(|i| (i % 249) as u8).collect();
         let records = peer.records(&client_frames(&payload, 4000), usize::MAX);
-        assert!(records.len() > 4 * (16 << 10), "at least five records");
+        assert!(
+            records.len() > 4 * crate::conn::TLS_RECORD_PLAINTEXT,
+            "at least five records"
+        );
         let before = rig.upstream.borrow().writes;
         rig.client_sends(&records);
         for _ in 0..4 {
