@@ -2141,22 +2141,8 @@ mod tests {
         }
 
         /// Take in records the session sent; keep what they decrypt to.
-        fn decrypt(&mut self, mut records: &[u8]) {
-            let mut buf = [0u8; 4096];
-            loop {
-                // rustls holds 16 KiB of plaintext at most: read as it comes.
-                loop {
-                    match std::io::Read::read(&mut self.tls.reader(), &mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => self.received.extend_from_slice(&buf[..n]),
-                    }
-                }
-                if records.is_empty() {
-                    return;
-                }
-                self.tls.read_tls(&mut records).expect("client read_tls");
-                self.tls.process_new_packets().expect("client TLS");
-            }
+        fn decrypt(&mut self, records: &[u8]) {
+            decrypt(&mut self.tls, records, &mut self.received);
         }
 
         /// The TLS handshake, the upgrade, the dial and the upstream's 101:
@@ -2188,23 +2174,48 @@ mod tests {
             self.pump(rig);
         }
 
-        /// The TLS records the client makes of `stream`, without sending
-        /// them: a first write of `first` bytes, then the rest (rustls cuts
-        /// records of 16 KiB of plaintext at most from each write).
+        /// The TLS records the client makes of `stream` (see `encrypt`).
         fn records(&mut self, stream: &[u8], first: usize) -> Vec<u8> {
-            let mut records = Vec::new();
-            let mut rest = stream;
-            let mut most = first;
-            while !rest.is_empty() {
-                let chunk = &rest[..rest.len().min(std::mem::replace(&mut most, usize::MAX))];
-                let n = std::io::Write::write(&mut self.tls.writer(), chunk).expect("client write");
-                rest = &rest[n..];
-                while self.tls.wants_write() {
-                    self.tls.write_tls(&mut records).expect("client write_tls");
+            encrypt(&mut self.tls, stream, first)
+        }
+    }
+
+    /// Take in `records` a peer of the session received; keep what they
+    /// decrypt to. (Shared by the test's TLS client and TLS upstream.)
+    fn decrypt<D>(tls: &mut rustls::ConnectionCommon<D>, mut records: &[u8], into: &mut Vec<u8>) {
+        let mut buf = [0u8; 4096];
+        loop {
+            // rustls holds 16 KiB of plaintext at most: read as it comes.
+            loop {
+                match std::io::Read::read(&mut tls.reader(), &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => into.extend_from_slice(&buf[..n]),
                 }
             }
-            records
+            if records.is_empty() {
+                return;
+            }
+            tls.read_tls(&mut records).expect("peer read_tls");
+            tls.process_new_packets().expect("peer TLS");
         }
+    }
+
+    /// The TLS records a peer of the session makes of `stream`, without
+    /// sending them: a first write of `first` bytes, then the rest (rustls
+    /// cuts records of 16 KiB of plaintext at most from each write).
+    fn encrypt<D>(tls: &mut rustls::ConnectionCommon<D>, stream: &[u8], first: usize) -> Vec<u8> {
+        let mut records = Vec::new();
+        let mut rest = stream;
+        let mut most = first;
+        while !rest.is_empty() {
+            let chunk = &rest[..rest.len().min(std::mem::replace(&mut most, usize::MAX))];
+            let n = std::io::Write::write(&mut tls.writer(), chunk).expect("peer write");
+            rest = &rest[n..];
+            while tls.wants_write() {
+                tls.write_tls(&mut records).expect("peer write_tls");
+            }
+        }
+        records
     }
 
     /// Binary frames as a client sends them (masked), carrying `payload`
@@ -2218,9 +2229,7 @@ mod tests {
 
     /// Every frame the upstream received, whole, their payloads in order.
     fn upstream_payload(rig: &Rig) -> Vec<u8> {
-        let (got, rest) = frames(&rig.upstream.borrow().outbox);
-        assert_eq!(rest, 0, "a frame cut short");
-        got.into_iter().flat_map(|(_, p)| p).collect()
+        payload_of(&rig.upstream.borrow().outbox)
     }
 
     /// A rig whose client speaks TLS (`versions`) to the session's TLS
@@ -2577,6 +2586,314 @@ mod tests {
             upstream_payload(&rig) == payload,
             "bytes lost or out of order"
         );
+    }
+
+    /// The test's end of a `wss://` upstream: a rustls server on the rig's
+    /// upstream wire. The session reaches it by its production path: the
+    /// CA file loaded by `Credentials`, the server name from the URL, and
+    /// `Conn::into_tls` in `check_dial`, as in-cluster mode reaches KubeVirt
+    /// with the service-account CA.
+    struct TlsUpstream {
+        tls: rustls::ServerConnection,
+        /// Plaintext the session sent upstream, decrypted.
+        received: Vec<u8>,
+    }
+
+    impl TlsUpstream {
+        /// Shuttle records both ways until neither side has more to say
+        /// (bounded), as `TlsPeer::pump` does on the client's side.
+        fn pump(&mut self, rig: &mut Rig) {
+            for _ in 0..20_000 {
+                let mut out = Vec::new();
+                while self.tls.wants_write() {
+                    self.tls.write_tls(&mut out).expect("upstream write_tls");
+                }
+                let sent = std::mem::take(&mut rig.upstream.borrow_mut().outbox);
+                if out.is_empty() && sent.is_empty() && !rig.upstream_owes_records() {
+                    return;
+                }
+                if !out.is_empty() {
+                    rig.upstream_sends(&out);
+                }
+                decrypt(&mut self.tls, &sent, &mut self.received);
+                rig.event(Side::Upstream, false, true);
+                rig.drive();
+            }
+            panic!("the upstream's TLS exchange never settled");
+        }
+
+        fn send(&mut self, rig: &mut Rig, plaintext: &[u8]) {
+            std::io::Write::write_all(&mut self.tls.writer(), plaintext).expect("upstream write");
+            self.pump(rig);
+        }
+
+        /// The dial completes: the TLS handshake, the session's upgrade
+        /// request over it, and the 101. The client's side is the caller's.
+        fn accept(&mut self, rig: &mut Rig) {
+            assert!(matches!(rig.session.state, State::Dialing(_)));
+            rig.event(Side::Upstream, false, true);
+            rig.drive();
+            self.pump(rig);
+            assert!(!self.tls.is_handshaking(), "upstream handshake not done");
+            let request = String::from_utf8(std::mem::take(&mut self.received)).expect("utf-8");
+            assert!(
+                request.starts_with(
+                    "GET /apis/subresources.kubevirt.io/v1/namespaces/lab-ns/virtualmachineinstances/vm-1/vnc"
+                ),
+                "{request}"
+            );
+            let key = request
+                .lines()
+                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                .expect("a key")
+                .to_owned();
+            self.send(rig, &http::switching_protocols(&key, None));
+            assert!(
+                matches!(&rig.session.state, State::Relaying(r) if r.upstream.is_tls()),
+                "{:?}",
+                rig.session.state
+            );
+        }
+    }
+
+    impl Rig {
+        /// rustls towards the upstream holds records its socket has not
+        /// taken yet (only a writable event moves them).
+        fn upstream_owes_records(&self) -> bool {
+            match &self.session.state {
+                State::UpstreamHandshake(h) => h.upstream.has_pending_output(),
+                State::Relaying(r) => r.upstream.has_pending_output(),
+                State::Lingering {
+                    upstream: Some(u), ..
+                } => u.has_pending_output(),
+                _ => false,
+            }
+        }
+    }
+
+    /// Make the rig's upstream `wss://localhost` before it is dialed, and
+    /// return the test's end of it. The session is given only the CA (as a
+    /// pod only its service account's `ca.crt`), which signed the server's
+    /// certificate for `localhost`: the session's check of the chain and
+    /// name is the real one.
+    fn tls_upstream(rig: &mut Rig) -> TlsUpstream {
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().expect("key"))
+            .expect("CA");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("params")
+            .signed_by(&key, &ca)
+            .expect("certificate");
+        // One file per call: tests run in parallel and each removes its own.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let ca_file = std::env::temp_dir().join(format!(
+            "kvp-session-upstream-ca-{}-{}.crt",
+            std::process::id(),
+            CALLS.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&ca_file, ca.pem()).expect("CA file");
+        // A wss:// URL makes the session dial with TLS; UPSTREAM_CA_FILE
+        // (by default SERVICE_ACCOUNT_DIR/ca.crt) is its only trust anchor.
+        let mut config = Config::local_dev("wss://localhost:9", &[b'k'; 32]).expect("config");
+        config.jwt.leeway_secs = rig.world.config.jwt.leeway_secs;
+        config.ca_file = Some(ca_file.clone());
+        rig.world.credentials = Credentials::load(&config, rig.world.now).expect("credentials");
+        rig.world.config = config;
+        let _ = std::fs::remove_file(&ca_file);
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        )
+        .expect("server config");
+        TlsUpstream {
+            tls: rustls::ServerConnection::new(Arc::new(server)).expect("server"),
+            received: Vec::new(),
+        }
+    }
+
+    /// TLS on both sides, relaying, the client's 101 taken: the TLS client
+    /// of `tls_rig` and the `wss://` upstream of `tls_upstream`.
+    fn tls_both_ways() -> (TlsPeer, TlsUpstream, Rig) {
+        let (mut peer, mut rig) = tls_rig(false, rustls::DEFAULT_VERSIONS);
+        let mut upstream = tls_upstream(&mut rig);
+        peer.pump(&mut rig);
+        peer.send(&mut rig, UPGRADE);
+        upstream.accept(&mut rig);
+        peer.pump(&mut rig);
+        assert!(peer.received.starts_with(b"HTTP/1.1 101 "));
+        peer.received.clear();
+        (peer, upstream, rig)
+    }
+
+    /// Binary frames as the upstream sends them (unmasked), carrying
+    /// `payload` cut every `chunk` bytes.
+    fn server_frames(payload: &[u8], chunk: usize) -> Vec<u8> {
+        payload
+            .chunks(chunk)
+            .flat_map(|c| frame(BINARY, c, None))
+            .collect()
+    }
+
+    /// The payloads of whole frames, in order.
+    fn payload_of(stream: &[u8]) -> Vec<u8> {
+        let (got, rest) = frames(stream);
+        assert_eq!(rest, 0, "a frame cut short");
+        got.into_iter().flat_map(|(_, p)| p).collect()
+    }
+
+    /// A `wss://` upstream streaming to a plain client: rustls hands over a
+    /// record a read, and towards the plain socket the session reads on and
+    /// writes once (33014bf): five records reach the client in at most two
+    /// writes, every byte in order. (The mirror of
+    /// `records_read_from_tls_together_go_out_in_one_write`.)
+    #[test]
+    fn records_read_from_a_tls_upstream_go_to_a_plain_client_together() {
+        let mut rig = Rig::new(in_an_hour());
+        let mut upstream = tls_upstream(&mut rig);
+        rig.client_sends(UPGRADE);
+        upstream.accept(&mut rig);
+        assert!(!rig.session.client.is_tls());
+        {
+            let mut c = rig.client.borrow_mut();
+            assert!(c.outbox.starts_with(b"HTTP/1.1 101 "));
+            c.outbox.clear();
+            c.max_write = 0;
+        }
+        assert_eq!(rig.world.config.buffer_size, 64 << 10);
+        let payload: Vec<u8> = (0..64 << 10).map(|i| (i % 247) as u8).collect();
+        let records = encrypt(
+            &mut upstream.tls,
+            &server_frames(&payload, 4000),
+            usize::MAX,
+        );
+        assert!(
+            records.len() > 4 * crate::conn::TLS_RECORD_PLAINTEXT,
+            "at least five records"
+        );
+        let before = rig.client.borrow().writes;
+        rig.upstream_sends(&records);
+        for _ in 0..4 {
+            rig.event(Side::Upstream, true, true);
+            rig.drive();
+        }
+        assert!(rig.upstream.borrow().inbox.is_empty());
+        assert!(
+            payload_of(&rig.client.borrow().outbox) == payload,
+            "bytes lost or out of order"
+        );
+        let writes = rig.client.borrow().writes - before;
+        assert!(writes <= 2, "{writes} writes for five records");
+    }
+
+    /// TLS on both sides, the upstream streaming: towards a TLS client the
+    /// session writes each record as it comes, not gathered (33014bf:
+    /// gathering cost CPU there). Seen with the client's socket full: the
+    /// first record read goes to the client's TLS at once, which then holds
+    /// it, so the session reads no second one (gathering would read three
+    /// before writing). Once the client reads, every byte arrives in order.
+    #[test]
+    fn a_tls_upstream_streams_to_a_tls_client_record_by_record() {
+        let (mut peer, mut upstream, mut rig) = tls_both_ways();
+        {
+            let mut c = rig.client.borrow_mut();
+            c.max_write = 0;
+            c.room = 0;
+        }
+        let payload: Vec<u8> = (0..64 << 10).map(|i| (i % 241) as u8).collect();
+        let records = encrypt(
+            &mut upstream.tls,
+            &server_frames(&payload, 4000),
+            usize::MAX,
+        );
+        // Where each record ends in the upstream's TLS stream.
+        let mut ends = Vec::new();
+        let mut at = 0;
+        while at + 5 <= records.len() {
+            at += 5 + usize::from(u16::from_be_bytes([records[at + 3], records[at + 4]]));
+            ends.push(at);
+        }
+        assert!(ends.len() >= 5, "at least five records: {ends:?}");
+        rig.upstream_sends(&records);
+        for _ in 0..4 {
+            rig.event(Side::Upstream, true, true);
+            rig.drive();
+        }
+        let taken = records.len() - rig.upstream.borrow().inbox.len();
+        assert!(rig.session.client.has_pending_output(), "a record waits");
+        assert!(
+            taken >= ends[0] && taken < ends[1],
+            "{taken} bytes of the upstream's TLS stream read before writing \
+             (records end at {ends:?}): records gathered towards TLS"
+        );
+        rig.client.borrow_mut().room = usize::MAX;
+        peer.pump(&mut rig);
+        assert!(rig.upstream.borrow().inbox.is_empty());
+        assert!(
+            payload_of(&peer.received) == payload,
+            "bytes lost or out of order"
+        );
+        assert_eq!(rig.world.pool.in_use(), 0);
+    }
+
+    /// TLS on both sides: a message each way, then a close handshake begun
+    /// by the client, the upstream answering with its close frame, its
+    /// close_notify and its FIN. The session ends at once, cleanly, both
+    /// codes 1000, and the client gets close_notify.
+    #[test]
+    fn a_message_round_trip_and_a_clean_close_over_tls_on_both_sides() {
+        let (mut peer, mut upstream, mut rig) = tls_both_ways();
+
+        peer.send(&mut rig, &frame(BINARY, b"key event", Some(KEY)));
+        upstream.pump(&mut rig);
+        assert_eq!(
+            frames(&upstream.received).0,
+            vec![(BINARY, b"key event".to_vec())]
+        );
+        upstream.send(&mut rig, &frame(BINARY, b"framebuffer update", None));
+        peer.pump(&mut rig);
+        assert_eq!(
+            frames(&peer.received).0,
+            vec![(BINARY, b"framebuffer update".to_vec())]
+        );
+
+        let close = (CLOSE, 1000u16.to_be_bytes().to_vec());
+        peer.send(&mut rig, &frame(CLOSE, &1000u16.to_be_bytes(), Some(KEY)));
+        upstream.pump(&mut rig);
+        assert_eq!(frames(&upstream.received).0.last(), Some(&close));
+        std::io::Write::write_all(
+            &mut upstream.tls.writer(),
+            &frame(CLOSE, &1000u16.to_be_bytes(), None),
+        )
+        .expect("upstream write");
+        upstream.tls.send_close_notify();
+        rig.upstream.borrow_mut().eof = true;
+        upstream.pump(&mut rig);
+        peer.pump(&mut rig);
+        assert!(rig.session.is_done(), "{:?}", rig.session.state);
+        assert_eq!(frames(&peer.received).0.last(), Some(&close));
+        let mut b = [0u8; 16];
+        let r = std::io::Read::read(&mut peer.tls.reader(), &mut b);
+        assert!(matches!(r, Ok(0)), "no close_notify to the client: {r:?}");
+        let Some(Event::Closed {
+            end,
+            client_close,
+            upstream_close,
+            ..
+        }) = rig.close()
+        else {
+            panic!("no closing event: {:?}", rig.world.events);
+        };
+        assert_eq!(end, SessionEnd::Normal);
+        assert_eq!((client_close, upstream_close), (Some(1000), Some(1000)));
+        assert_eq!(rig.world.pool.in_use(), 0);
     }
 
     /// Every open console holds its session (in the server's slab) and its
