@@ -1685,11 +1685,7 @@ mod tests {
 
         fn event(&mut self, side: Side, readable: bool, writable: bool) {
             // As epoll says with EPOLLRDHUP: the peer's FIN is queued.
-            let wire = match side {
-                Side::Client => &self.client,
-                Side::Upstream => &self.upstream,
-            };
-            let read_closed = readable && wire.borrow().eof;
+            let read_closed = readable && self.wire(side).borrow().eof;
             self.session.ready(
                 side,
                 Readiness {
@@ -1725,6 +1721,14 @@ mod tests {
                     "bytes held back from the {side} with no FIN to follow: {:?}",
                     self.session.state
                 );
+            }
+        }
+
+        /// The in-memory socket of `side`, as the test's end sees it.
+        fn wire(&self, side: Side) -> &Rc<RefCell<Wire>> {
+            match side {
+                Side::Client => &self.client,
+                Side::Upstream => &self.upstream,
             }
         }
 
@@ -1789,6 +1793,23 @@ mod tests {
                 .find(|e| matches!(e, Event::Closed { .. }))
                 .cloned()
         }
+
+        /// The session closes with a complete close handshake: a normal
+        /// end, 1000 each way, every buffer back in the pool.
+        fn assert_closed_cleanly(&mut self) {
+            let Some(Event::Closed {
+                end,
+                client_close,
+                upstream_close,
+                ..
+            }) = self.close()
+            else {
+                panic!("no closing event: {:?}", self.world.events);
+            };
+            assert_eq!(end, SessionEnd::Normal);
+            assert_eq!((client_close, upstream_close), (Some(1000), Some(1000)));
+            assert_eq!(self.world.pool.in_use(), 0);
+        }
     }
 
     fn in_an_hour() -> Answer {
@@ -1825,18 +1846,7 @@ mod tests {
         assert!(rig.client.borrow().fin && !rig.client.borrow().held);
         assert_eq!(rig.upstream.borrow().before_fin_writes, 0);
         assert_eq!(rig.upstream.borrow().eof_reads, 0);
-        let Some(Event::Closed {
-            end,
-            client_close,
-            upstream_close,
-            ..
-        }) = rig.close()
-        else {
-            panic!("no closing event: {:?}", rig.world.events);
-        };
-        assert_eq!(end, SessionEnd::Normal);
-        assert_eq!((client_close, upstream_close), (Some(1000), Some(1000)));
-        assert_eq!(rig.world.pool.in_use(), 0);
+        rig.assert_closed_cleanly();
     }
 
     /// The upstream closes first: the client's close answer goes upstream
@@ -2117,27 +2127,9 @@ mod tests {
     }
 
     impl TlsPeer {
-        /// Shuttle records both ways until neither side has more to say
-        /// (bounded): the client's records in, the session's out, with a
-        /// writable event each round (each write takes one byte).
+        /// Shuttle records both ways until neither side has more to say.
         fn pump(&mut self, rig: &mut Rig) {
-            for _ in 0..20_000 {
-                let mut out = Vec::new();
-                while self.tls.wants_write() {
-                    self.tls.write_tls(&mut out).expect("client write_tls");
-                }
-                let sent = std::mem::take(&mut rig.client.borrow_mut().outbox);
-                if out.is_empty() && sent.is_empty() && !rig.session.client.has_pending_output() {
-                    return;
-                }
-                if !out.is_empty() {
-                    rig.client_sends(&out);
-                }
-                self.decrypt(&sent);
-                rig.event(Side::Client, false, true);
-                rig.drive();
-            }
-            panic!("the TLS exchange never settled");
+            pump_tls(&mut self.tls, &mut self.received, rig, Side::Client);
         }
 
         /// Take in records the session sent; keep what they decrypt to.
@@ -2178,6 +2170,39 @@ mod tests {
         fn records(&mut self, stream: &[u8], first: usize) -> Vec<u8> {
             encrypt(&mut self.tls, stream, first)
         }
+    }
+
+    /// Shuttle records between a test peer's rustls on the session's `side`
+    /// and the session until neither has more to say (bounded): the peer's
+    /// records in, the session's out, with a writable event each round
+    /// (each write may take one byte). rustls on the session's side may
+    /// still hold records its socket has not taken: only a writable event
+    /// moves them, so those count as more to say.
+    fn pump_tls<D>(
+        tls: &mut rustls::ConnectionCommon<D>,
+        received: &mut Vec<u8>,
+        rig: &mut Rig,
+        side: Side,
+    ) {
+        for _ in 0..20_000 {
+            let mut out = Vec::new();
+            while tls.wants_write() {
+                tls.write_tls(&mut out).expect("peer write_tls");
+            }
+            let sent = std::mem::take(&mut rig.wire(side).borrow_mut().outbox);
+            if out.is_empty() && sent.is_empty() && !rig.owes_records(side) {
+                return;
+            }
+            if !out.is_empty() {
+                rig.wire(side).borrow_mut().inbox.extend(&out);
+                rig.event(side, true, false);
+                rig.drive();
+            }
+            decrypt(tls, &sent, received);
+            rig.event(side, false, true);
+            rig.drive();
+        }
+        panic!("the TLS exchange on the {side:?} side never settled");
     }
 
     /// Take in `records` a peer of the session received; keep what they
@@ -2600,26 +2625,9 @@ mod tests {
     }
 
     impl TlsUpstream {
-        /// Shuttle records both ways until neither side has more to say
-        /// (bounded), as `TlsPeer::pump` does on the client's side.
+        /// Shuttle records both ways until neither side has more to say.
         fn pump(&mut self, rig: &mut Rig) {
-            for _ in 0..20_000 {
-                let mut out = Vec::new();
-                while self.tls.wants_write() {
-                    self.tls.write_tls(&mut out).expect("upstream write_tls");
-                }
-                let sent = std::mem::take(&mut rig.upstream.borrow_mut().outbox);
-                if out.is_empty() && sent.is_empty() && !rig.upstream_owes_records() {
-                    return;
-                }
-                if !out.is_empty() {
-                    rig.upstream_sends(&out);
-                }
-                decrypt(&mut self.tls, &sent, &mut self.received);
-                rig.event(Side::Upstream, false, true);
-                rig.drive();
-            }
-            panic!("the upstream's TLS exchange never settled");
+            pump_tls(&mut self.tls, &mut self.received, rig, Side::Upstream);
         }
 
         fn send(&mut self, rig: &mut Rig, plaintext: &[u8]) {
@@ -2657,9 +2665,12 @@ mod tests {
     }
 
     impl Rig {
-        /// rustls towards the upstream holds records its socket has not
+        /// The session's rustls on `side` holds records its socket has not
         /// taken yet (only a writable event moves them).
-        fn upstream_owes_records(&self) -> bool {
+        fn owes_records(&self, side: Side) -> bool {
+            if side == Side::Client {
+                return self.session.client.has_pending_output();
+            }
             match &self.session.state {
                 State::UpstreamHandshake(h) => h.upstream.has_pending_output(),
                 State::Relaying(r) => r.upstream.has_pending_output(),
@@ -2882,18 +2893,7 @@ mod tests {
         let mut b = [0u8; 16];
         let r = std::io::Read::read(&mut peer.tls.reader(), &mut b);
         assert!(matches!(r, Ok(0)), "no close_notify to the client: {r:?}");
-        let Some(Event::Closed {
-            end,
-            client_close,
-            upstream_close,
-            ..
-        }) = rig.close()
-        else {
-            panic!("no closing event: {:?}", rig.world.events);
-        };
-        assert_eq!(end, SessionEnd::Normal);
-        assert_eq!((client_close, upstream_close), (Some(1000), Some(1000)));
-        assert_eq!(rig.world.pool.in_use(), 0);
+        rig.assert_closed_cleanly();
     }
 
     /// Every open console holds its session (in the server's slab) and its
