@@ -262,6 +262,7 @@ mod authorize;
 mod buffer;
 pub mod config;
 mod conn;
+mod crypto;
 pub mod events;
 mod frame;
 mod http;

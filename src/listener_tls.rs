@@ -266,7 +266,7 @@ fn load(files: &Files) -> Result<Loaded, LoadError> {
             path(&files.key)
         ))
     })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(crate::crypto::provider());
     let verifier = match &files.client_ca {
         Some(ca) => {
             let roots = read_roots(ca).map_err(err("CLIENT_CA_FILE"))?;

@@ -2277,13 +2277,12 @@ mod tests {
         versions: &[&'static rustls::SupportedProtocolVersion],
     ) -> (TlsPeer, Rig) {
         let (server, roots) = listener_tls(rsa);
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(versions)
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(crate::crypto::provider()))
+                .with_protocol_versions(versions)
+                .expect("versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
         let peer = TlsPeer {
@@ -2723,17 +2722,16 @@ mod tests {
         rig.world.credentials = Credentials::load(&config, rig.world.now).expect("credentials");
         rig.world.config = config;
         let _ = std::fs::remove_file(&ca_file);
-        let server = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-        )
-        .expect("server config");
+        let server =
+            rustls::ServerConfig::builder_with_provider(Arc::new(crate::crypto::provider()))
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![cert.der().clone()],
+                    rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+                )
+                .expect("server config");
         TlsUpstream {
             tls: rustls::ServerConnection::new(Arc::new(server)).expect("server"),
             received: Vec::new(),

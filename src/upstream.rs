@@ -218,7 +218,7 @@ fn reload<T>(
 fn load_ca(path: &Path) -> Result<(Arc<ClientConfig>, Stamp), String> {
     let st = stamp(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let roots = read_roots(path)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(crate::crypto::provider());
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup failed: {e}"))?

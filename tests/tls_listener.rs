@@ -61,7 +61,7 @@ fn client(
     pki: &TestPki,
     version: Option<&'static rustls::SupportedProtocolVersion>,
 ) -> Arc<ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = common::upstream::ring_provider();
     let versions: Vec<&'static rustls::SupportedProtocolVersion> = match version {
         Some(v) => vec![v],
         None => vec![&rustls::version::TLS13, &rustls::version::TLS12],
@@ -318,13 +318,12 @@ fn client_certificates_are_required_before_any_upstream_work() {
     // TLS 1.2 without tickets: a ticket carries the client's certificate, and rustls' client
     // refuses post-handshake messages over 16 KiB (TLS 1.3 sends its tickets after the
     // handshake). What is tested is the server reading a 40 KiB flight.
-    let mut bulky =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS12])
-            .unwrap()
-            .with_root_certificates(pki.root_store())
-            .with_client_auth_cert(vec![bulky.der.clone()], key)
-            .unwrap();
+    let mut bulky = ClientConfig::builder_with_provider(common::upstream::ring_provider())
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(pki.root_store())
+        .with_client_auth_cert(vec![bulky.der.clone()], key)
+        .unwrap();
     bulky.resumption = rustls::client::Resumption::disabled();
     let bulky = Arc::new(bulky);
     let started = Instant::now();

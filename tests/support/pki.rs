@@ -112,7 +112,7 @@ impl TestPki {
 
     /// A rustls client configuration (ring provider) that trusts this CA only.
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = super::upstream::ring_provider();
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .expect("test pki: protocol versions")
@@ -258,7 +258,7 @@ impl TestPki {
     /// A rustls client configuration trusting this CA, presenting `client` (from
     /// [`client_pem`](Self::client_pem), possibly another CA's) for mutual TLS.
     pub fn client_config_with_cert(&self, client: &IssuedPem) -> Arc<rustls::ClientConfig> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = super::upstream::ring_provider();
         let key = PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes()).expect("client key");
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
