@@ -2768,6 +2768,24 @@ mod tests {
         got.into_iter().flat_map(|(_, p)| p).collect()
     }
 
+    /// The session's handshake with a `wss://` upstream agrees on X25519:
+    /// rustls sends one key share, for the first of the provider's groups,
+    /// and since rustls 0.23.48 *ring*'s default list starts with P-384,
+    /// which tripled the proxy's CPU per new TLS-upstream session
+    /// (`crate::crypto::provider` puts X25519 first again).
+    #[test]
+    fn the_upstream_handshake_agrees_on_x25519() {
+        let mut rig = Rig::new(in_an_hour());
+        let mut upstream = tls_upstream(&mut rig);
+        rig.client_sends(UPGRADE);
+        upstream.accept(&mut rig);
+        let group = upstream
+            .tls
+            .negotiated_key_exchange_group()
+            .expect("a group");
+        assert_eq!(group.name(), rustls::NamedGroup::X25519);
+    }
+
     /// A `wss://` upstream streaming to a plain client: rustls hands over a
     /// record a read, and towards the plain socket the session reads on and
     /// writes once (33014bf): five records reach the client in at most two

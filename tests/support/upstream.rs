@@ -204,12 +204,18 @@ pub struct ServerTls {
     pub key: PrivateKeyDer<'static>,
 }
 
-/// The crypto provider of the proxy (rustls over *ring*), for the tests' own TLS ends. rustls
-/// 0.23.48 deprecates it for its lack of post-quantum key exchange; `src/crypto.rs` says why
-/// the proxy keeps it, and the tests speak what the proxy speaks.
+/// The crypto provider of the proxy (rustls over *ring*, X25519 first), for the tests' and the
+/// benches' own TLS ends, which speak what the proxy speaks and offer key shares as browsers
+/// and Go do (rustls 0.23.48's default for *ring* puts P-384 first, which would make every
+/// handshake of the bench's clients and origin several times dearer than a browser's).
+/// `src/crypto.rs` says why *ring* stays, deprecated as it is.
 #[allow(deprecated)]
 pub fn ring_provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::kx_group;
+    Arc::new(rustls::crypto::CryptoProvider {
+        kx_groups: vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1],
+        ..rustls::crypto::ring::default_provider()
+    })
 }
 
 impl ServerTls {
