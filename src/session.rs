@@ -986,13 +986,20 @@ impl<S: Transport> Session<S> {
         let expires = if ctx.config.close_on_token_expiry {
             // exp is wall-clock time; the loop's timers are monotonic. The
             // fraction of exp counts: a token minted for 2.5 s ends at 2.5 s.
+            // What is left is counted from a monotonic instant read with the
+            // wall clock, not from `ctx.now`: the pass may have begun a while
+            // ago, and the session would end early by the pass's age.
             let leeway = std::time::Duration::from_secs(ctx.config.jwt.leeway_secs);
-            let left = hs.grant.expires_at.checked_add(leeway).map(|end| {
-                end.duration_since(std::time::SystemTime::now())
-                    .unwrap_or_default()
-            });
-            // A grant too far in the future to represent never expires.
-            left.and_then(|left| ctx.now.checked_add(left))
+            let (mono, wall) = (Instant::now(), std::time::SystemTime::now());
+            let left = hs
+                .grant
+                .expires_at
+                .checked_add(leeway)
+                .map(|end| end.duration_since(wall).unwrap_or_default());
+            // A grant too far in the future to represent never expires. (In
+            // the loop `ctx.now` is never ahead of `mono`; the unit tests'
+            // clock may be.)
+            left.and_then(|left| mono.max(ctx.now).checked_add(left))
         } else {
             None
         };
@@ -1920,6 +1927,27 @@ mod tests {
             panic!("no closing event");
         };
         assert_eq!(end, SessionEnd::TokenExpired);
+    }
+
+    /// The loop reads its clock once per pass, so the upstream's 101 may be
+    /// handled well after `ctx.now`: the expiry deadline counts from the
+    /// moment the wall clock is read, never from the pass's start, or the
+    /// session would end before the token's `exp` by the pass's age (as it
+    /// did in CI, on a loaded machine, by a fraction of a millisecond).
+    #[test]
+    fn the_expiry_deadline_does_not_start_early_when_the_pass_began_long_ago() {
+        let mut rig = Rig::new(Answer::Allow(SystemTime::now() + Duration::from_secs(2)));
+        // A pass that began a second ago (the clock is read once per pass).
+        rig.world.now = Instant::now() - Duration::from_secs(1);
+        let before = Instant::now();
+        rig.open();
+        let at = rig.session.deadline.expect("the expiry is a deadline");
+        // At least 2 s from when the grant was read, less what `open` took.
+        assert!(
+            at >= before + Duration::from_millis(1900),
+            "deadline {:?} after the read, 2 s asked",
+            at.saturating_duration_since(before)
+        );
     }
 
     /// Lingering on both sides, the peers closing in either order: the
