@@ -315,8 +315,10 @@ fn novnc_in_chromium_over_wss_with_certificate_rotation_to_qemu_local_dev_mode()
     let rotated_at = Instant::now();
     mount.publish(&second);
     // The files are checked at most every CREDENTIALS_CHECK_SECONDS (1 s) on an accept: after
-    // this pause the next connection is sure to be accepted after a check that sees them.
-    thread::sleep(Duration::from_millis(1_200));
+    // this pause the next connection is sure to be accepted after a check that sees them, and
+    // a connection Chromium opened just before the check (it may keep one to reuse) has
+    // finished its handshake or been given up (HANDSHAKE_TIMEOUT, 1 s here).
+    thread::sleep(Duration::from_millis(2_500));
     std::fs::write(&flag, b"").expect("write the rotated flag");
 
     let output = finish_mjs(&node, "rotate", &shot, ROTATION_TIMEOUT)

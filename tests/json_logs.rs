@@ -208,11 +208,14 @@ fn every_json_line_has_ts_and_level_and_the_documented_fields() {
     assert_eq!(answer.status, 401);
 
     let mut lines = p.startup.clone();
+    // The session's line comes when the stand-in's FIN does, which may be
+    // after the refusals' lines: both are waited for.
     lines.extend(p.lines_until(|l| {
         l.iter()
             .filter(|l| l.contains(r#""event":"refused""#))
             .count()
             == 4
+            && l.iter().any(|l| l.contains(r#""event":"session""#))
     }));
     let mut seen = BTreeMap::<&str, Vec<Value>>::new();
     for l in &lines {

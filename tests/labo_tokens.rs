@@ -346,9 +346,11 @@ fn a_session_is_closed_with_1008_when_its_token_expires() {
     });
 }
 
-/// A token that expires 2.5 s after minting, on a proxy without leeway: the session relays
+/// A token that expires 4.5 s after minting, on a proxy without leeway: the session relays
 /// (to the counting upstream), then the proxy closes it with 1008 once the token's `exp` has
-/// passed, within a second, and the upstream with 1000.
+/// passed, within a second, and the upstream with 1000. (4.5 s: the Pythons of this test and
+/// of others start at once on a loaded machine, and the token must still be valid when the
+/// session opens; the close is timed against the token's own `exp`, not the minting.)
 fn closes_at_exp(issuer: Issuer) {
     let what = issuer.name();
     let h = issuer.proxy(B::Sink, |c| {
@@ -358,8 +360,8 @@ fn closes_at_exp(issuer: Issuer) {
     let minting = Instant::now();
     let m = lab(&["sink-expiry"]);
     let t = issuer.mint(match issuer.lib {
-        LibAuth::V0_0_5 => m.expires_in(2.5),
-        LibAuth::V2_2_0 => m.expires_at(wall_now() + 2.5),
+        LibAuth::V0_0_5 => m.expires_in(4.5),
+        LibAuth::V2_2_0 => m.expires_at(wall_now() + 4.5),
     });
     let exp = claims(&t)["exp"].as_f64().expect("exp is a number");
     let mut ws = session(&h, &t, "sink-expiry", &what);
@@ -384,8 +386,13 @@ fn closes_at_exp(issuer: Issuer) {
         exp - closed_at
     );
     assert!(
-        elapsed >= Duration::from_millis(2500) && elapsed <= Duration::from_millis(3500),
-        "{what}: closed {elapsed:?} after minting a token that expires 2.5 s after"
+        closed_at - exp <= 1.0,
+        "{what}: closed {:.3} s after the token's exp",
+        closed_at - exp
+    );
+    assert!(
+        elapsed >= Duration::from_millis(4500),
+        "{what}: closed {elapsed:?} after minting a token that expires 4.5 s after"
     );
     assert!(
         upstream::wait_until(Duration::from_secs(5), || !h

@@ -603,3 +603,22 @@ pub fn status_in(head: &str) -> u16 {
         .and_then(|c| c.parse().ok())
         .unwrap_or(0)
 }
+
+/// Segment counts are exact only if no thread involved is kept off the CPU for the kernel's
+/// 200 ms delayed-ACK and cork timers at the wrong moment, which a loaded machine can do once.
+/// So a count gets three tries: `attempt` returns the count seen, and the first that equals
+/// `want` passes. Code that sends a segment too many does so every time, and still fails.
+pub fn segments_within_three_tries(
+    want: u32,
+    mut attempt: impl FnMut() -> u32,
+) -> Result<(), Vec<u32>> {
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let n = attempt();
+        if n == want {
+            return Ok(());
+        }
+        seen.push(n);
+    }
+    Err(seen)
+}

@@ -1165,6 +1165,15 @@ fn close_and_wait<S: Conn>(ws: &mut Ws<S>, reason: &str) {
     }
 }
 
+/// A sink session's close code and result, recorded together: both are pushed while the
+/// `closes` lock is held, so a test that saw the close code also sees the result at the
+/// same index, whatever other sessions finish meanwhile.
+fn record(shared: &Shared, close: Option<u16>, result: (u64, u64)) {
+    let mut closes = lock(&shared.closes);
+    lock(&shared.sinks).push(result);
+    closes.push(close);
+}
+
 fn sink<S: Conn>(shared: &Shared, ws: &mut Ws<S>) {
     let mut bytes = 0u64;
     let mut sum = FNV_OFFSET;
@@ -1182,8 +1191,11 @@ fn sink<S: Conn>(shared: &Shared, ws: &mut Ws<S>) {
             Ok(Message::Close(frame)) if !recorded => {
                 // Record before the close reply goes out, so a client that saw the reply
                 // also sees the result.
-                lock(&shared.closes).push(Some(frame.map_or(1005, |f| u16::from(f.code))));
-                lock(&shared.sinks).push((bytes, sum));
+                record(
+                    shared,
+                    Some(frame.map_or(1005, |f| u16::from(f.code))),
+                    (bytes, sum),
+                );
                 recorded = true;
             }
             Ok(_) => {}
@@ -1196,8 +1208,7 @@ fn sink<S: Conn>(shared: &Shared, ws: &mut Ws<S>) {
         }
     }
     if !recorded {
-        lock(&shared.closes).push(None);
-        lock(&shared.sinks).push((bytes, sum));
+        record(shared, None, (bytes, sum));
     }
 }
 
