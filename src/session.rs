@@ -986,11 +986,14 @@ impl<S: Transport> Session<S> {
         let expires = if ctx.config.close_on_token_expiry {
             // exp is wall-clock time; the loop's timers are monotonic. The
             // fraction of exp counts: a token minted for 2.5 s ends at 2.5 s.
-            // What is left is counted from a monotonic instant read with the
-            // wall clock, not from `ctx.now`: the pass may have begun a while
-            // ago, and the session would end early by the pass's age.
+            // What is left is counted from a monotonic instant read just after
+            // the wall clock, not from `ctx.now`: the pass may have begun a
+            // while ago, and the session would end early by the pass's age.
+            // Wall first: time passing between the two reads can then only
+            // make the deadline later, never earlier.
             let leeway = std::time::Duration::from_secs(ctx.config.jwt.leeway_secs);
-            let (mono, wall) = (Instant::now(), std::time::SystemTime::now());
+            let wall = std::time::SystemTime::now();
+            let mono = Instant::now();
             let left = hs
                 .grant
                 .expires_at
