@@ -487,7 +487,9 @@ fn a_thousand_slow_clients_do_not_starve_real_sessions() {
         1000,
         2,
     );
-    let h = Harness::start(B::Echo);
+    // The slow clients must outlast the rounds however slow the machine: a
+    // 30 s handshake timeout (counted from accept), far past the bounds below.
+    let h = Harness::start_with(B::Echo, |c| c.handshake_timeout = Duration::from_secs(30));
     let mut slow: Vec<TcpStream> = (0..n)
         .map(|_| TcpStream::connect(h.addr).unwrap())
         .collect();

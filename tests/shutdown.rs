@@ -33,25 +33,6 @@ const PROMPT: Duration = Duration::from_secs(10);
 
 // ---- processes ----------------------------------------------------------
 
-/// Send signal `name` to `pid` with kill(2) itself: spawning `kill` took part of the
-/// bound a test times from before the signal.
-fn signal(pid: u32, name: &str) {
-    let sig = match name {
-        "TERM" => libc::SIGTERM,
-        "INT" => libc::SIGINT,
-        other => panic!("no signal {other} here"),
-    };
-    let pid = libc::pid_t::try_from(pid).expect("a pid");
-    // SAFETY: kill(2) takes two integers and touches no memory of ours.
-    let rc = unsafe { libc::kill(pid, sig) };
-    assert_eq!(
-        rc,
-        0,
-        "kill -{name} {pid}: {}",
-        std::io::Error::last_os_error()
-    );
-}
-
 /// Wait (bounded) for `child` to exit: its exit code (`None` for a signal)
 /// and when it was seen to have exited; `Err` when it is still running.
 fn wait_exit(child: &mut Child, within: Duration) -> Result<(Option<i32>, Instant), ()> {
@@ -81,7 +62,7 @@ fn proxy(standin: &StandIn) -> ProxyProcess {
 /// how long it took.
 fn terminate_within_bound(p: &mut ProxyProcess, min: Duration) -> Duration {
     let sent = Instant::now();
-    signal(p.child.id(), "TERM");
+    common::signal(p.child.id(), "TERM");
     let bound = GRACE + CLOSING_BOUND;
     let (code, at) = wait_exit(&mut p.child, bound + PROMPT).unwrap_or_else(|()| {
         panic!(
@@ -515,7 +496,7 @@ fn the_demo_drains_on_ctrl_c_and_logs_the_session_open_and_close() {
     );
 
     let sent = Instant::now();
-    signal(demo.child.id(), "INT");
+    common::signal(demo.child.id(), "INT");
     // Still served during the grace.
     ws.send(Message::text("during the grace")).unwrap();
     assert_eq!(ws.read().unwrap(), Message::text("during the grace"));
