@@ -1778,11 +1778,7 @@ mod tests {
                 ),
                 "{request}"
             );
-            let key = request
-                .lines()
-                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
-                .expect("a key");
-            let answer = http::switching_protocols(key, None);
+            let answer = switching_protocols_for(&request);
             self.upstream.borrow_mut().outbox.clear();
             self.upstream_sends(&answer);
             assert!(self.session.is_relaying());
@@ -2129,11 +2125,11 @@ mod tests {
         rig.drive();
         assert_eq!(rig.session.deadline, Some(started + timeout));
         let request = String::from_utf8(rig.upstream.borrow().outbox.clone()).expect("utf-8");
-        let key = request
-            .lines()
-            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
-            .expect("the upgrade went to the second address");
-        rig.upstream_sends(&http::switching_protocols(key, None));
+        assert!(
+            request.starts_with("GET "),
+            "the upgrade went to the second address"
+        );
+        rig.upstream_sends(&switching_protocols_for(&request));
         assert!(rig.session.is_relaying());
     }
 
@@ -2149,18 +2145,35 @@ mod tests {
         assert_eq!(attempt_deadline(now, now, 3), now);
     }
 
-    /// A TLS client of the session over the in-memory wire: the test's
-    /// rustls client on one end, the session's TLS server on the other.
-    struct TlsPeer {
-        tls: rustls::ClientConnection,
-        /// Plaintext the session sent, decrypted.
+    /// The test's TLS end on one `side` of the session, over the in-memory
+    /// wire: a rustls client facing the session's TLS server, or a rustls
+    /// server facing the session's upstream TLS client.
+    struct TlsEnd<C> {
+        tls: C,
+        side: Side,
+        /// Plaintext the session sent this way, decrypted.
         received: Vec<u8>,
     }
 
-    impl TlsPeer {
+    /// The session's TLS client (`tls_rig`).
+    type TlsPeer = TlsEnd<rustls::ClientConnection>;
+    /// The session's `wss://` upstream (`tls_upstream`).
+    type TlsUpstream = TlsEnd<rustls::ServerConnection>;
+
+    impl<C, D> TlsEnd<C>
+    where
+        C: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>,
+    {
         /// Shuttle records both ways until neither side has more to say.
         fn pump(&mut self, rig: &mut Rig) {
-            pump_tls(&mut self.tls, &mut self.received, rig, Side::Client);
+            pump_tls(&mut self.tls, &mut self.received, rig, self.side);
+        }
+
+        /// Write `plaintext` to the session, and pump.
+        fn send(&mut self, rig: &mut Rig, plaintext: &[u8]) {
+            std::io::Write::write_all(&mut self.tls.writer(), plaintext)
+                .unwrap_or_else(|e| panic!("{:?} side write: {e}", self.side));
+            self.pump(rig);
         }
 
         /// Take in records the session sent; keep what they decrypt to.
@@ -2168,6 +2181,13 @@ mod tests {
             decrypt(&mut self.tls, records, &mut self.received);
         }
 
+        /// The TLS records this end makes of `stream` (see `encrypt`).
+        fn records(&mut self, stream: &[u8], first: usize) -> Vec<u8> {
+            encrypt(&mut self.tls, stream, first)
+        }
+    }
+
+    impl TlsPeer {
         /// The TLS handshake, the upgrade, the dial and the upstream's 101:
         /// relaying, with nothing received yet.
         fn open(&mut self, rig: &mut Rig, what: &str) {
@@ -2179,28 +2199,23 @@ mod tests {
             rig.event(Side::Upstream, false, true);
             rig.drive();
             let request = String::from_utf8(rig.upstream.borrow().outbox.clone()).expect("utf-8");
-            let key = request
-                .lines()
-                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
-                .expect("a key")
-                .to_owned();
             rig.upstream.borrow_mut().outbox.clear();
-            rig.upstream_sends(&http::switching_protocols(&key, None));
+            rig.upstream_sends(&switching_protocols_for(&request));
             self.pump(rig);
             assert!(rig.session.is_relaying(), "{what}");
             assert!(self.received.starts_with(b"HTTP/1.1 101 "), "{what}");
             self.received.clear();
         }
+    }
 
-        fn send(&mut self, rig: &mut Rig, plaintext: &[u8]) {
-            std::io::Write::write_all(&mut self.tls.writer(), plaintext).expect("client write");
-            self.pump(rig);
-        }
-
-        /// The TLS records the client makes of `stream` (see `encrypt`).
-        fn records(&mut self, stream: &[u8], first: usize) -> Vec<u8> {
-            encrypt(&mut self.tls, stream, first)
-        }
+    /// The upstream's 101 for `request`, the session's upgrade: its
+    /// Sec-WebSocket-Key answered.
+    fn switching_protocols_for(request: &str) -> Vec<u8> {
+        let key = request
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .expect("a key in the upgrade request");
+        http::switching_protocols(key, None)
     }
 
     /// Shuttle records between a test peer's rustls on the session's `side`
@@ -2318,6 +2333,7 @@ mod tests {
         let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
         let peer = TlsPeer {
             tls: rustls::ClientConnection::new(Arc::new(config), name).expect("client"),
+            side: Side::Client,
             received: Vec::new(),
         };
         let accepted = server
@@ -2658,23 +2674,7 @@ mod tests {
     /// CA file loaded by `Credentials`, the server name from the URL, and
     /// `Conn::into_tls` in `check_dial`, as in-cluster mode reaches KubeVirt
     /// with the service-account CA.
-    struct TlsUpstream {
-        tls: rustls::ServerConnection,
-        /// Plaintext the session sent upstream, decrypted.
-        received: Vec<u8>,
-    }
-
     impl TlsUpstream {
-        /// Shuttle records both ways until neither side has more to say.
-        fn pump(&mut self, rig: &mut Rig) {
-            pump_tls(&mut self.tls, &mut self.received, rig, Side::Upstream);
-        }
-
-        fn send(&mut self, rig: &mut Rig, plaintext: &[u8]) {
-            std::io::Write::write_all(&mut self.tls.writer(), plaintext).expect("upstream write");
-            self.pump(rig);
-        }
-
         /// The dial completes: the TLS handshake, the session's upgrade
         /// request over it, and the 101. The client's side is the caller's.
         fn accept(&mut self, rig: &mut Rig) {
@@ -2690,12 +2690,7 @@ mod tests {
                 ),
                 "{request}"
             );
-            let key = request
-                .lines()
-                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
-                .expect("a key")
-                .to_owned();
-            self.send(rig, &http::switching_protocols(&key, None));
+            self.send(rig, &switching_protocols_for(&request));
             assert!(
                 matches!(&rig.session.state, State::Relaying(r) if r.upstream.is_tls()),
                 "{:?}",
@@ -2765,6 +2760,7 @@ mod tests {
                 .expect("server config");
         TlsUpstream {
             tls: rustls::ServerConnection::new(Arc::new(server)).expect("server"),
+            side: Side::Upstream,
             received: Vec::new(),
         }
     }
